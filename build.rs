@@ -1,0 +1,23 @@
+//! Compiles `proto/coordinator.proto` into Rust (tonic + prost) and a descriptor set for gRPC
+//! reflection. Uses the vendored `protoc` unless `PROTOC` points at another one.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Printing any rerun line turns off cargo's default "rerun on any change", so name every input.
+    println!("cargo:rerun-if-changed=proto");
+    println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-env-changed=PROTOC");
+
+    if env::var_os("PROTOC").is_none() {
+        let protoc = protoc_bin_vendored::protoc_bin_path()?;
+        // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
+        unsafe { env::set_var("PROTOC", protoc) };
+    }
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("coordinator_descriptor.bin"))
+        .compile_protos(&["proto/coordinator.proto"], &["proto"])?;
+    Ok(())
+}

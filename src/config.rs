@@ -1,0 +1,737 @@
+//! Configuration: defaults, then the YAML file, then environment overrides, then [`Config::validate`].
+//!
+//! Every leaf key can be overridden from the environment by its path joined with `_` and upper-cased:
+//! `COORDINATOR_GRPC_PORT=9091` overrides `coordinator.grpc_port`, `DATABASE_URL` overrides
+//! `database.url`, `GRPC_KEEPALIVE_INTERVAL=20s` overrides `grpc.keepalive.interval`. Durations are
+//! written `500ms`, `2s`, `5m`; sizes `10MiB`, `512KiB` or a plain byte count. Unknown keys are an
+//! error naming the key and its line.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_norway::Value;
+
+/// The file read when no `-config` flag is given.
+pub const DEFAULT_CONFIG_PATH: &str = "configs/coordinator.yaml";
+
+/// A start-up configuration mistake. Its `Display` is the single line printed before exiting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?}: {message}")]
+    Env { var: String, value: String, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// The whole configuration. Field docs live in `configs/coordinator.yaml`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub coordinator: CoordinatorConfig,
+    pub database: DatabaseConfig,
+    pub scheduler: SchedulerConfig,
+    pub tasks: TasksConfig,
+    pub grpc: GrpcConfig,
+    pub tls: TlsConfig,
+    pub auth: AuthConfig,
+    pub http: HttpConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub id: String,
+    pub bind_address: IpAddr,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub stale_task_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            id: "coordinator-local".into(),
+            bind_address: IpAddr::from([0, 0, 0, 0]),
+            grpc_port: 9090,
+            http_port: 8090,
+            poll_interval: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(30),
+            stale_task_timeout: Duration::from_secs(300),
+            cleanup_interval: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// How often workers are asked to heartbeat: three chances before `heartbeat_timeout`.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_timeout / 3
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://...` or `sqlite://path/to/file.db`.
+    pub url: String,
+    pub max_open_conns: u32,
+    pub max_idle_conns: u32,
+    #[serde(with = "humantime_serde")]
+    pub conn_max_lifetime: Duration,
+    #[serde(with = "humantime_serde")]
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/coordinator.db".into(),
+            max_open_conns: 25,
+            max_idle_conns: 5,
+            conn_max_lifetime: Duration::from_secs(300),
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    RoundRobin,
+    LeastLoaded,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    pub strategy: Strategy,
+    pub batch_size: u32,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { strategy: Strategy::RoundRobin, batch_size: 100 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    pub default_max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    pub max_payload_size: ByteSize,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        Self {
+            default_max_attempts: 3,
+            default_timeout: Duration::from_secs(3600),
+            retry_backoff_base: Duration::from_secs(1),
+            retry_backoff_max: Duration::from_secs(300),
+            max_payload_size: ByteSize(4 * MIB),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    pub max_recv_msg_size: ByteSize,
+    pub max_send_msg_size: ByteSize,
+    pub keepalive: KeepaliveConfig,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            max_recv_msg_size: ByteSize(10 * MIB),
+            max_send_msg_size: ByteSize(10 * MIB),
+            keepalive: KeepaliveConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// HTTP/2 PING interval on idle connections.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Close the connection when a PING is not answered within this.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// TCP keepalive on accepted sockets.
+    #[serde(with = "humantime_serde")]
+    pub tcp: Duration,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+            tcp: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    pub cert_file: String,
+    pub key_file: String,
+    /// CA bundle for client certificates (mTLS).
+    pub client_ca_file: String,
+    pub require_client_cert: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// JSON lines with ISO-8601 timestamps (production).
+    Json,
+    /// Human-readable text.
+    Text,
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// A `tracing` filter: `info`, `debug`, `coordinator=debug,sqlx=warn`. `RUST_LOG` wins.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Json }
+    }
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// A size in bytes, written `10MiB`, `512KiB`, `1GiB`, `1MB` or a plain number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n != 0 && n.is_multiple_of(GIB) {
+            write!(f, "{}GiB", n / GIB)
+        } else if n != 0 && n.is_multiple_of(MIB) {
+            write!(f, "{}MiB", n / MIB)
+        } else if n != 0 && n.is_multiple_of(KIB) {
+            write!(f, "{}KiB", n / KIB)
+        } else {
+            write!(f, "{n}")
+        }
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| format!("invalid size {s:?} (expected e.g. 10MiB)"))?;
+        let mult = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => KIB,
+            "MiB" => MIB,
+            "GiB" => GIB,
+            "KB" | "kB" => 1000,
+            "MB" => 1000 * 1000,
+            "GB" => 1000 * 1000 * 1000,
+            other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (defaults for absent keys), applies overrides from `env`, and validates.
+    pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config = Self::from_yaml(&text)
+            .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
+        let config = config.with_env(env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text over the defaults. An empty document is all defaults.
+    pub fn from_yaml(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_norway::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies environment overrides: every scalar key, by its path joined with `_`, upper-cased.
+    pub fn with_env(self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let mut tree = serde_norway::to_value(&self).expect("config serializes");
+        let mut leaves = Vec::new();
+        collect_leaves(&tree, &mut Vec::new(), &mut leaves);
+        let mut applied = Vec::new();
+        for path in leaves {
+            let var = path.join("_").to_uppercase();
+            let Some(raw) = env.get(&var) else { continue };
+            set_leaf(&mut tree, &path, scalar_from_env(raw));
+            // Check each override on its own so the error names the variable at fault.
+            serde_norway::from_value::<Config>(tree.clone()).map_err(|e| ConfigError::Env {
+                var: var.clone(),
+                value: raw.clone(),
+                message: e.to_string(),
+            })?;
+            applied.push(var);
+        }
+        if applied.is_empty() {
+            return Ok(self);
+        }
+        Ok(serde_norway::from_value(tree).expect("each override was checked"))
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.coordinator;
+        if c.id.trim().is_empty() {
+            return Err(invalid("coordinator.id", "must not be empty"));
+        }
+        if c.grpc_port != 0 && c.grpc_port == c.http_port {
+            return Err(invalid(
+                "coordinator.http_port",
+                format!("{} is also coordinator.grpc_port", c.http_port),
+            ));
+        }
+        for (key, d) in [
+            ("coordinator.poll_interval", c.poll_interval),
+            ("coordinator.heartbeat_timeout", c.heartbeat_timeout),
+            ("coordinator.stale_task_timeout", c.stale_task_timeout),
+            ("coordinator.cleanup_interval", c.cleanup_interval),
+            ("coordinator.shutdown_timeout", c.shutdown_timeout),
+            ("database.acquire_timeout", self.database.acquire_timeout),
+            ("tasks.default_timeout", self.tasks.default_timeout),
+            ("tasks.retry_backoff_base", self.tasks.retry_backoff_base),
+            ("http.read_timeout", self.http.read_timeout),
+            ("http.write_timeout", self.http.write_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        // A live worker heartbeats every heartbeat_timeout/3 and each heartbeat renews its leases,
+        // so a lease shorter than the heartbeat timeout could expire under a healthy worker.
+        if c.stale_task_timeout < c.heartbeat_timeout {
+            return Err(invalid(
+                "coordinator.stale_task_timeout",
+                format!(
+                    "{} is shorter than coordinator.heartbeat_timeout ({}); leases would expire under live workers",
+                    humantime::format_duration(c.stale_task_timeout),
+                    humantime::format_duration(c.heartbeat_timeout)
+                ),
+            ));
+        }
+        let db = &self.database;
+        if !(db.url.starts_with("postgres://")
+            || db.url.starts_with("postgresql://")
+            || db.url.starts_with("sqlite:"))
+        {
+            return Err(invalid(
+                "database.url",
+                format!("{:?} is not a postgres:// or sqlite: URL", redact_url(&db.url)),
+            ));
+        }
+        if db.max_open_conns == 0 {
+            return Err(invalid("database.max_open_conns", "must be at least 1"));
+        }
+        if db.max_idle_conns > db.max_open_conns {
+            return Err(invalid(
+                "database.max_idle_conns",
+                format!("{} is more than database.max_open_conns ({})", db.max_idle_conns, db.max_open_conns),
+            ));
+        }
+        if !(1..=10_000).contains(&self.scheduler.batch_size) {
+            return Err(invalid("scheduler.batch_size", "must be between 1 and 10000"));
+        }
+        let t = &self.tasks;
+        if !(1..=100).contains(&t.default_max_attempts) {
+            return Err(invalid("tasks.default_max_attempts", "must be between 1 and 100"));
+        }
+        if t.retry_backoff_max < t.retry_backoff_base {
+            return Err(invalid("tasks.retry_backoff_max", "is shorter than tasks.retry_backoff_base"));
+        }
+        let g = &self.grpc;
+        for (key, size) in
+            [("grpc.max_recv_msg_size", g.max_recv_msg_size), ("grpc.max_send_msg_size", g.max_send_msg_size)]
+        {
+            if size.0 < 64 * KIB || size.0 > GIB {
+                return Err(invalid(key, format!("{size} is outside 64KiB..1GiB")));
+            }
+        }
+        if t.max_payload_size.0 == 0 || t.max_payload_size >= g.max_recv_msg_size {
+            return Err(invalid(
+                "tasks.max_payload_size",
+                format!(
+                    "{} must be above 0 and below grpc.max_recv_msg_size ({})",
+                    t.max_payload_size, g.max_recv_msg_size
+                ),
+            ));
+        }
+        if g.keepalive.interval.is_zero() || g.keepalive.timeout.is_zero() {
+            return Err(invalid("grpc.keepalive", "interval and timeout must be greater than 0"));
+        }
+        let tls = &self.tls;
+        if tls.enabled {
+            for (key, file) in [("tls.cert_file", &tls.cert_file), ("tls.key_file", &tls.key_file)] {
+                check_readable(key, file)?;
+            }
+            if tls.require_client_cert || !tls.client_ca_file.is_empty() {
+                check_readable("tls.client_ca_file", &tls.client_ca_file)?;
+            }
+        } else if tls.require_client_cert {
+            return Err(invalid("tls.require_client_cert", "needs tls.enabled: true"));
+        }
+        if self.auth.enabled {
+            return Err(invalid(
+                "auth.enabled",
+                "token authentication is not available in this version; keep the port on a trusted network",
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            return Err(invalid("logging.level", format!("{:?}: {e}", self.logging.level)));
+        }
+        Ok(())
+    }
+
+    /// `true` when the database is Postgres.
+    pub fn is_postgres(&self) -> bool {
+        self.database.url.starts_with("postgres")
+    }
+}
+
+fn check_readable(key: &'static str, file: &str) -> Result<(), ConfigError> {
+    if file.is_empty() {
+        return Err(invalid(key, "must be set when tls.enabled is true"));
+    }
+    std::fs::metadata(file).map(|_| ()).map_err(|e| invalid(key, format!("{file}: {e}")))
+}
+
+/// Hides the password of a database URL for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+fn collect_leaves(v: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    match v {
+        Value::Mapping(m) => {
+            for (k, child) in m {
+                if let Some(k) = k.as_str() {
+                    path.push(k.to_owned());
+                    collect_leaves(child, path, out);
+                    path.pop();
+                }
+            }
+        }
+        Value::Sequence(_) => {} // lists are set in the file only
+        _ => out.push(path.clone()),
+    }
+}
+
+fn set_leaf(tree: &mut Value, path: &[String], value: Value) {
+    let mut node = tree;
+    for key in path {
+        node = node.get_mut(key.as_str()).expect("path was collected from this tree");
+    }
+    *node = value;
+}
+
+/// An environment value as YAML would read it: `true`, `9091`, `2s`, `text`.
+fn scalar_from_env(raw: &str) -> Value {
+    match serde_norway::from_str::<Value>(raw) {
+        Ok(v @ (Value::Bool(_) | Value::Number(_))) => v,
+        _ => Value::String(raw.to_owned()),
+    }
+}
+
+/// Turns `-config FILE` / `-config=FILE` (Go style) into `--config` so both spellings work.
+pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    args.into_iter()
+        .map(|a| {
+            if a == "-config" {
+                "--config".to_owned()
+            } else if let Some(rest) = a.strip_prefix("-config=") {
+                format!("--config={rest}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+/// The process environment as a map, for [`Config::load`].
+pub fn process_env() -> HashMap<String, String> {
+    std::env::vars().collect()
+}
+
+/// Variables that override keys, for the README's reference.
+pub fn env_overrides() -> BTreeMap<String, String> {
+    let tree = serde_norway::to_value(Config::default()).expect("config serializes");
+    let mut leaves = Vec::new();
+    collect_leaves(&tree, &mut Vec::new(), &mut leaves);
+    leaves.into_iter().map(|p| (p.join("_").to_uppercase(), p.join("."))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = Config::default();
+        assert_eq!(c.coordinator.grpc_port, 9090);
+        assert_eq!(c.coordinator.http_port, 8090);
+        assert_eq!(c.coordinator.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.coordinator.heartbeat_timeout, Duration::from_secs(30));
+        assert_eq!(c.coordinator.stale_task_timeout, Duration::from_secs(300));
+        assert_eq!(c.coordinator.cleanup_interval, Duration::from_secs(60));
+        assert_eq!(c.database.max_open_conns, 25);
+        assert_eq!(c.database.max_idle_conns, 5);
+        assert_eq!(c.database.conn_max_lifetime, Duration::from_secs(300));
+        assert_eq!(c.tasks.default_max_attempts, 3);
+        assert_eq!(c.grpc.max_send_msg_size, ByteSize(10 * MIB));
+        assert_eq!(c.http.read_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.write_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.scheduler.strategy, Strategy::RoundRobin);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn yaml_overrides_defaults_and_keeps_the_rest() {
+        let c = Config::from_yaml(
+            "coordinator:\n  grpc_port: 7000\n  poll_interval: 250ms\ngrpc:\n  max_recv_msg_size: 2MiB\nscheduler:\n  strategy: least_loaded\n",
+        )
+        .unwrap();
+        assert_eq!(c.coordinator.grpc_port, 7000);
+        assert_eq!(c.coordinator.poll_interval, Duration::from_millis(250));
+        assert_eq!(c.coordinator.http_port, 8090);
+        assert_eq!(c.grpc.max_recv_msg_size, ByteSize(2 * MIB));
+        assert_eq!(c.scheduler.strategy, Strategy::LeastLoaded);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let err = Config::from_yaml("coordinator:\n  id: x\n  grpc_prot: 1\n").unwrap_err();
+        assert!(err.contains("grpc_prot"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let err = Config::from_yaml("coordinator:\n  poll_interval: soon\n").unwrap_err();
+        assert!(err.contains("poll_interval"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_every_kind_of_key() {
+        let c = Config::default()
+            .with_env(&env(&[
+                ("COORDINATOR_GRPC_PORT", "9191"),
+                ("DATABASE_URL", "postgres://u:p@localhost/db"),
+                ("GRPC_KEEPALIVE_INTERVAL", "20s"),
+                ("GRPC_MAX_RECV_MSG_SIZE", "16MiB"),
+                ("TLS_ENABLED", "false"),
+                ("LOGGING_FORMAT", "text"),
+                ("COORDINATOR_ID", "1234"),
+                ("UNRELATED", "x"),
+            ]))
+            .unwrap();
+        assert_eq!(c.coordinator.grpc_port, 9191);
+        assert_eq!(c.database.url, "postgres://u:p@localhost/db");
+        assert_eq!(c.grpc.keepalive.interval, Duration::from_secs(20));
+        assert_eq!(c.grpc.max_recv_msg_size, ByteSize(16 * MIB));
+        assert_eq!(c.logging.format, LogFormat::Text);
+        // A numeric-looking value for a string key stays a string.
+        assert_eq!(c.coordinator.id, "1234");
+    }
+
+    #[test]
+    fn bad_env_value_names_the_variable() {
+        let err = Config::default().with_env(&env(&[("COORDINATOR_GRPC_PORT", "ninety")])).unwrap_err();
+        let line = err.to_string();
+        assert!(line.contains("COORDINATOR_GRPC_PORT"), "{line}");
+        assert!(line.contains("ninety"), "{line}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        type Mutation = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(&str, Mutation)> = vec![
+            ("coordinator.http_port", Box::new(|c| c.coordinator.http_port = 9090)),
+            (
+                "coordinator.stale_task_timeout",
+                Box::new(|c| c.coordinator.stale_task_timeout = Duration::from_secs(1)),
+            ),
+            ("database.url", Box::new(|c| c.database.url = "mysql://x".into())),
+            ("database.max_idle_conns", Box::new(|c| c.database.max_idle_conns = 99)),
+            ("scheduler.batch_size", Box::new(|c| c.scheduler.batch_size = 0)),
+            ("tasks.default_max_attempts", Box::new(|c| c.tasks.default_max_attempts = 0)),
+            ("coordinator.poll_interval", Box::new(|c| c.coordinator.poll_interval = Duration::ZERO)),
+            ("tls.cert_file", Box::new(|c| c.tls.enabled = true)),
+            ("grpc.max_recv_msg_size", Box::new(|c| c.grpc.max_recv_msg_size = ByteSize(10))),
+            ("logging.level", Box::new(|c| c.logging.level = "info,=[".into())),
+            ("auth.enabled", Box::new(|c| c.auth.enabled = true)),
+        ];
+        for (key, mutate) in cases {
+            let mut c = Config::default();
+            mutate(&mut c);
+            let err = c.validate().expect_err(key).to_string();
+            assert!(err.starts_with(&format!("config key {key}:")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn byte_sizes_parse_and_print() {
+        assert_eq!("10MiB".parse::<ByteSize>().unwrap(), ByteSize(10 * MIB));
+        assert_eq!("512KiB".parse::<ByteSize>().unwrap(), ByteSize(512 * KIB));
+        assert_eq!("1000".parse::<ByteSize>().unwrap(), ByteSize(1000));
+        assert_eq!("2MB".parse::<ByteSize>().unwrap(), ByteSize(2_000_000));
+        assert!("10 parsecs".parse::<ByteSize>().is_err());
+        assert!("MiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(10 * MIB).to_string(), "10MiB");
+    }
+
+    #[test]
+    fn go_style_flag_is_accepted() {
+        let args = normalize_args(["coordinator", "-config", "a.yaml"].map(String::from));
+        assert_eq!(args, ["coordinator", "--config", "a.yaml"]);
+        let args = normalize_args(["coordinator", "-config=b.yaml"].map(String::from));
+        assert_eq!(args, ["coordinator", "--config=b.yaml"]);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
+
+    #[test]
+    fn every_leaf_key_has_an_env_name() {
+        let vars = env_overrides();
+        assert_eq!(vars.get("COORDINATOR_GRPC_PORT").unwrap(), "coordinator.grpc_port");
+        assert_eq!(vars.get("DATABASE_URL").unwrap(), "database.url");
+        assert_eq!(vars.get("GRPC_KEEPALIVE_TIMEOUT").unwrap(), "grpc.keepalive.timeout");
+    }
+}

@@ -1,0 +1,389 @@
+//! Plain domain types shared by every component: identifiers, task and worker states, and the
+//! records the store returns. No I/O here.
+
+use std::{collections::BTreeMap, fmt, str::FromStr, time::Duration};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+/// A task's id: a UUIDv7, so ids sort by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(pub Uuid);
+
+impl TaskId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for TaskId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for TaskId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// A job's id (a batch of tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = uuid::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s).map(Self)
+    }
+}
+
+/// A worker's id, chosen by the worker and kept across its restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerId(pub String);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for WorkerId {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// The fencing token of a task: incremented on every assignment. A report carries it back, and a
+/// report for an attempt other than the current one changes nothing.
+pub type Attempt = u32;
+
+/// Where a task is in its lifecycle (see DESIGN.md, "Task lifecycle").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaskState {
+    Pending,
+    Assigned,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 6] = [
+        TaskState::Pending,
+        TaskState::Assigned,
+        TaskState::Running,
+        TaskState::Completed,
+        TaskState::Failed,
+        TaskState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Assigned => "assigned",
+            TaskState::Running => "running",
+            TaskState::Completed => "completed",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Completed | TaskState::Failed | TaskState::Cancelled)
+    }
+
+    /// Held by a worker: the states a lease applies to.
+    pub fn is_held(self) -> bool {
+        matches!(self, TaskState::Assigned | TaskState::Running)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown task state {0:?}")]
+pub struct UnknownState(pub String);
+
+impl FromStr for TaskState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A worker's liveness, driven by heartbeats in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WorkerState {
+    Active,
+    Suspect,
+    Dead,
+    /// Deregistered: no new work, may still report what it holds.
+    Draining,
+}
+
+impl WorkerState {
+    pub const ALL: [WorkerState; 4] =
+        [WorkerState::Active, WorkerState::Suspect, WorkerState::Dead, WorkerState::Draining];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Active => "active",
+            WorkerState::Suspect => "suspect",
+            WorkerState::Dead => "dead",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
+impl fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for WorkerState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        WorkerState::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A task to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub id: TaskId,
+    pub task_type: String,
+    pub payload: Vec<u8>,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+    pub idempotency_key: Option<String>,
+    pub job_id: Option<JobId>,
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    pub id: TaskId,
+    pub task_type: String,
+    pub payload: Vec<u8>,
+    pub state: TaskState,
+    pub priority: i32,
+    /// Current (or last) assignment's fencing token; 0 before the first assignment.
+    pub attempt: Attempt,
+    pub max_attempts: u32,
+    /// Attempts that counted against `max_attempts` (failed, or lost with their worker).
+    pub failures: u32,
+    pub timeout: Duration,
+    pub worker_id: Option<WorkerId>,
+    pub job_id: Option<JobId>,
+    pub idempotency_key: Option<String>,
+    pub result: Option<Vec<u8>>,
+    pub error: Option<String>,
+    pub run_after: DateTime<Utc>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A runnable task offered to placement: just what placement needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub id: TaskId,
+    pub task_type: String,
+    pub priority: i32,
+}
+
+/// A task handed to a worker: what goes down its stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    pub task_id: TaskId,
+    pub task_type: String,
+    pub payload: Vec<u8>,
+    pub attempt: Attempt,
+    pub worker_id: WorkerId,
+    pub priority: i32,
+    pub job_id: Option<JobId>,
+    pub deadline: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One row of the attempts history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRecord {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub worker_id: WorkerId,
+    pub assigned_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+}
+
+/// Why an attempt ended without a report from its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RequeueReason {
+    /// The lease ran out: no heartbeat renewed it within `stale_task_timeout`.
+    LeaseExpired,
+    /// The worker went DEAD.
+    WorkerDead,
+    /// Assigned but never delivered: the stream was gone. Not charged as an attempt.
+    Undelivered,
+}
+
+impl RequeueReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequeueReason::LeaseExpired => "lease_expired",
+            RequeueReason::WorkerDead => "worker_dead",
+            RequeueReason::Undelivered => "undelivered",
+        }
+    }
+}
+
+/// A worker as registered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRecord {
+    pub id: WorkerId,
+    pub state: WorkerState,
+    pub max_concurrent_tasks: u32,
+    pub capabilities: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub hostname: String,
+    pub session_id: Uuid,
+    pub coordinator_id: String,
+    pub registered_at: DateTime<Utc>,
+    pub last_heartbeat_at: DateTime<Utc>,
+    /// Tasks the store says this worker holds (assigned or running).
+    pub in_flight: u32,
+}
+
+/// Per-worker totals from the attempts history.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerStats {
+    pub tasks_completed: u64,
+    pub tasks_failed: u64,
+    pub total_duration: Duration,
+    pub in_flight: u32,
+}
+
+impl WorkerStats {
+    pub fn mean_duration(&self) -> Duration {
+        if self.tasks_completed + self.tasks_failed == 0 {
+            Duration::ZERO
+        } else {
+            self.total_duration / (self.tasks_completed + self.tasks_failed) as u32
+        }
+    }
+}
+
+/// A job and its progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub name: String,
+    pub total: u32,
+    pub counts: BTreeMap<TaskState, u32>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Job {
+    pub fn count(&self, state: TaskState) -> u32 {
+        self.counts.get(&state).copied().unwrap_or(0)
+    }
+
+    pub fn done(&self) -> bool {
+        let terminal: u32 = TaskState::ALL.iter().filter(|s| s.is_terminal()).map(|s| self.count(*s)).sum();
+        terminal >= self.total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_state_round_trips_through_its_name() {
+        for s in TaskState::ALL {
+            assert_eq!(s.as_str().parse::<TaskState>().unwrap(), s);
+        }
+        assert!("bogus".parse::<TaskState>().is_err());
+    }
+
+    #[test]
+    fn worker_state_round_trips_through_its_name() {
+        for s in WorkerState::ALL {
+            assert_eq!(s.as_str().parse::<WorkerState>().unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn terminal_and_held_states() {
+        assert!(TaskState::Completed.is_terminal());
+        assert!(TaskState::Cancelled.is_terminal());
+        assert!(!TaskState::Running.is_terminal());
+        assert!(TaskState::Assigned.is_held() && TaskState::Running.is_held());
+        assert!(!TaskState::Pending.is_held());
+    }
+
+    #[test]
+    fn task_ids_sort_by_creation() {
+        let a = TaskId::new();
+        let b = TaskId::new();
+        assert!(a < b);
+    }
+
+    #[test]
+    fn job_done_counts_terminal_states() {
+        let mut job = Job {
+            id: JobId::new(),
+            name: "j".into(),
+            total: 2,
+            counts: BTreeMap::new(),
+            created_at: Utc::now(),
+        };
+        job.counts.insert(TaskState::Completed, 1);
+        job.counts.insert(TaskState::Running, 1);
+        assert!(!job.done());
+        job.counts.insert(TaskState::Running, 0);
+        job.counts.insert(TaskState::Failed, 1);
+        assert!(job.done());
+    }
+}

@@ -1,0 +1,488 @@
+//! The store: every SQL statement of the project lives under this module, behind one [`Store`]
+//! API with two backends, Postgres ([`postgres`]) for production and several replicas, and SQLite
+//! ([`sqlite`]) as the embedded default. Migrations under `migrations/<backend>/` run at start-up.
+//!
+//! Every task transition is a conditional write that checks status, worker and attempt, and says
+//! whether it applied: a stale actor (an old attempt, another worker, a sweeper racing a report)
+//! changes nothing.
+
+pub mod postgres;
+pub mod sqlite;
+#[doc(hidden)]
+pub mod testing;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::{
+    config::{DatabaseConfig, redact_url},
+    domain::{
+        Assignment, Attempt, AttemptRecord, Candidate, Job, JobId, NewTask, RequeueReason, Task, TaskId,
+        TaskState, WorkerId, WorkerRecord, WorkerState, WorkerStats,
+    },
+};
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached at start-up (the message names the redacted URL).
+    #[error("cannot connect to database {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The database went away or timed out: callers should answer "unavailable".
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A row held a value this version cannot read.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("invalid database url {0:?}")]
+    BadUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => StoreError::Unavailable(e),
+            other => StoreError::Database(other),
+        }
+    }
+}
+
+impl StoreError {
+    /// True when the database is down or overloaded rather than the request being wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::Connect { .. })
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A task this worker holds under this attempt: the fence every worker-side write checks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Held {
+    pub task_id: TaskId,
+    pub worker_id: WorkerId,
+    pub attempt: Attempt,
+}
+
+/// A successful result reported by a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub held: Held,
+    pub result: Vec<u8>,
+}
+
+/// A failure reported by a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub held: Held,
+    pub error: String,
+    pub retriable: bool,
+}
+
+/// Exponential backoff for retriable failures: `base * 2^(failures-1)`, capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryPolicy {
+    /// The delay before the retry that follows the `failures`-th failure (1-based).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(30);
+        self.base.saturating_mul(1u32 << exp).min(self.max)
+    }
+}
+
+/// What became of a report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportOutcome {
+    /// This report changed the task; it is now in `state`.
+    Applied {
+        state: TaskState,
+    },
+    /// The same report was accepted before; nothing changed.
+    Duplicate {
+        state: TaskState,
+    },
+    /// The worker/attempt no longer holds the task; nothing changed.
+    Stale {
+        state: TaskState,
+        attempt: Attempt,
+    },
+    NotFound,
+}
+
+/// A task created (or found by its idempotency key).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    pub task: Task,
+    /// False when an existing task with the same idempotency key was returned.
+    pub created: bool,
+}
+
+/// A held task given back by the sweeper or a dropped stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requeued {
+    pub task_id: TaskId,
+    pub task_type: String,
+    pub worker_id: WorkerId,
+    pub attempt: Attempt,
+    /// `Pending` to run again, or `Failed` when out of attempts.
+    pub state: TaskState,
+    pub reason: RequeueReason,
+}
+
+/// The result of a cancel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cancelled {
+    pub task: Task,
+    /// The worker and attempt that held the task, to be told to stop.
+    pub held_by: Option<Held>,
+}
+
+/// Which task types a claim may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeFilter {
+    Any,
+    Only(Vec<String>),
+}
+
+/// Filter and page of `list_tasks`; pages are ordered by id (creation order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskFilter {
+    pub state: Option<TaskState>,
+    pub task_type: Option<String>,
+    pub job_id: Option<JobId>,
+    pub worker_id: Option<WorkerId>,
+    /// Return tasks with ids strictly after this one.
+    pub after: Option<TaskId>,
+    pub limit: u32,
+}
+
+/// A worker's registration as written on `RegisterWorker`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRegistration {
+    pub id: WorkerId,
+    pub max_concurrent_tasks: u32,
+    pub capabilities: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub hostname: String,
+    pub session_id: Uuid,
+    pub coordinator_id: String,
+}
+
+/// The store, with the backend chosen by the database URL. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Postgres(postgres::PgStore),
+    Sqlite(sqlite::SqliteStore),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self {
+            Store::Postgres($s) => $e,
+            Store::Sqlite($s) => $e,
+        }
+    };
+}
+
+impl Store {
+    /// Connects, creating the SQLite file if needed, and applies migrations.
+    pub async fn connect(cfg: &DatabaseConfig) -> Result<Store> {
+        let url = cfg.url.as_str();
+        let connect_err = |source| StoreError::Connect { url: redact_url(url), source };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let store = postgres::PgStore::connect(cfg).await.map_err(connect_err)?;
+            store.migrate().await?;
+            Ok(Store::Postgres(store))
+        } else if url.starts_with("sqlite:") {
+            let store = sqlite::SqliteStore::connect(cfg).await.map_err(connect_err)?;
+            store.migrate().await?;
+            Ok(Store::Sqlite(store))
+        } else {
+            Err(StoreError::BadUrl(redact_url(url)))
+        }
+    }
+
+    /// `"postgres"` or `"sqlite"`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// A round trip to the database, for `/health`.
+    pub async fn ping(&self) -> Result<()> {
+        dispatch!(self, s => s.ping().await)
+    }
+
+    /// Closes the pool; waits for connections in use to be returned.
+    pub async fn close(&self) {
+        dispatch!(self, s => s.close().await)
+    }
+
+    /// Pool sizes: (open, idle).
+    pub fn pool_stats(&self) -> (u32, u32) {
+        dispatch!(self, s => s.pool_stats())
+    }
+
+    // ---- tasks ----
+
+    /// Creates tasks in one transaction. A task whose idempotency key already exists is not
+    /// created; the existing task is returned with `created = false`.
+    pub async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
+        if tasks.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.create_tasks(tasks).await)
+    }
+
+    /// Creates a job and its tasks in one transaction.
+    pub async fn create_job(&self, name: &str, mut tasks: Vec<NewTask>) -> Result<(Job, Vec<Created>)> {
+        let job_id = JobId::new();
+        for t in &mut tasks {
+            t.job_id = Some(job_id);
+        }
+        dispatch!(self, s => s.create_job(job_id, name, &tasks).await)
+    }
+
+    pub async fn get_task(&self, id: TaskId) -> Result<Option<Task>> {
+        dispatch!(self, s => s.get_task(id).await)
+    }
+
+    pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>> {
+        dispatch!(self, s => s.list_tasks(filter).await)
+    }
+
+    /// Claims up to `limit` runnable tasks (pending, `run_after` passed, type allowed), highest
+    /// priority then oldest first, hands them to `place`, and assigns the tasks it placed:
+    /// status `assigned`, the chosen worker, `attempt + 1`, a lease of `lease`, and an attempts
+    /// row. Tasks `place` leaves out stay pending. On Postgres the candidates are locked with
+    /// `FOR UPDATE SKIP LOCKED`, so concurrent claimers (other replicas) never get the same task.
+    pub async fn claim<F>(
+        &self,
+        limit: u32,
+        types: &TypeFilter,
+        lease: Duration,
+        place: F,
+    ) -> Result<Vec<Assignment>>
+    where
+        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+    {
+        if limit == 0 || matches!(types, TypeFilter::Only(t) if t.is_empty()) {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.claim(limit, types, lease, place).await)
+    }
+
+    /// Marks delivered assignments `running` (assigned -> running). Returns how many applied.
+    pub async fn mark_running(&self, held: &[Held]) -> Result<u64> {
+        if held.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self, s => s.mark_running(held).await)
+    }
+
+    /// Renews the leases of tasks a worker reports as running, in one statement, and marks them
+    /// running. Returns the ids still held; the others were revoked (cancelled, requeued, done).
+    pub async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<TaskId>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.renew_leases(held, lease).await)
+    }
+
+    /// Completes tasks; one outcome per report, in order. Fenced by (task, worker, attempt).
+    pub async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.complete(reports).await)
+    }
+
+    /// Records a failure: back to pending after backoff while attempts remain and the failure is
+    /// retriable, else `failed`. Fenced by (task, worker, attempt).
+    pub async fn fail(&self, report: &Failure, policy: RetryPolicy) -> Result<ReportOutcome> {
+        dispatch!(self, s => s.fail(report, policy).await)
+    }
+
+    /// Cancels a task that is not yet terminal. `Ok(None)` when there is no such task.
+    pub async fn cancel(&self, id: TaskId, reason: &str) -> Result<Option<Cancelled>> {
+        dispatch!(self, s => s.cancel(id, reason).await)
+    }
+
+    /// Requeues (or fails, when out of attempts) up to `limit` held tasks whose lease ran out.
+    pub async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
+        dispatch!(self, s => s.requeue_expired(limit).await)
+    }
+
+    /// Requeues every task held by `worker` (it went DEAD), charging an attempt.
+    pub async fn requeue_worker(&self, worker: &WorkerId) -> Result<Vec<Requeued>> {
+        dispatch!(self, s => s.requeue_worker(worker).await)
+    }
+
+    /// Puts assignments that never reached their worker back to pending without charging an
+    /// attempt. Only tasks still `assigned` under the same worker and attempt move.
+    pub async fn requeue_undelivered(&self, held: &[Held]) -> Result<Vec<Requeued>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, s => s.requeue_undelivered(held).await)
+    }
+
+    /// The assignment history of a task, oldest first.
+    pub async fn attempts(&self, id: TaskId) -> Result<Vec<AttemptRecord>> {
+        dispatch!(self, s => s.attempts(id).await)
+    }
+
+    /// Number of tasks in each state.
+    pub async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        dispatch!(self, s => s.task_counts().await)
+    }
+
+    /// Pending tasks by type (runnable now or later), for the unschedulable gauge.
+    pub async fn pending_by_type(&self) -> Result<BTreeMap<String, u64>> {
+        dispatch!(self, s => s.pending_by_type().await)
+    }
+
+    // ---- workers ----
+
+    /// Inserts or replaces a worker's registration; state becomes `active`.
+    pub async fn upsert_worker(&self, w: &WorkerRegistration) -> Result<()> {
+        dispatch!(self, s => s.upsert_worker(w).await)
+    }
+
+    /// Sets a worker's state if `session` is still its session. Returns whether it applied.
+    pub async fn set_worker_state(&self, id: &WorkerId, session: Uuid, state: WorkerState) -> Result<bool> {
+        dispatch!(self, s => s.set_worker_state(id, session, state).await)
+    }
+
+    /// Writes the latest heartbeat time of many workers in one statement.
+    pub async fn flush_heartbeats(&self, beats: &[(WorkerId, DateTime<Utc>)]) -> Result<u64> {
+        if beats.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self, s => s.flush_heartbeats(beats).await)
+    }
+
+    pub async fn get_worker(&self, id: &WorkerId) -> Result<Option<WorkerRecord>> {
+        dispatch!(self, s => s.get_worker(id).await)
+    }
+
+    pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
+        dispatch!(self, s => s.list_workers().await)
+    }
+
+    /// Totals from the attempts history; `None` for an unknown worker.
+    pub async fn worker_stats(&self, id: &WorkerId) -> Result<Option<WorkerStats>> {
+        dispatch!(self, s => s.worker_stats(id).await)
+    }
+
+    // ---- jobs ----
+
+    pub async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
+        dispatch!(self, s => s.get_job(id).await)
+    }
+
+    /// A job's tasks, in submission order.
+    pub async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
+        dispatch!(self, s => s.job_tasks(id).await)
+    }
+}
+
+/// Decides the outcome of a report that matched no held row, from the task's current row and
+/// the attempts history (was this very report accepted before?).
+fn classify_unapplied(
+    task: Option<(TaskState, Attempt)>,
+    prior_outcome: Option<&str>,
+    reported: &str,
+) -> ReportOutcome {
+    match task {
+        None => ReportOutcome::NotFound,
+        Some((state, attempt)) => {
+            if prior_outcome == Some(reported) {
+                ReportOutcome::Duplicate { state }
+            } else {
+                ReportOutcome::Stale { state, attempt }
+            }
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn parse_state(s: &str) -> Result<TaskState> {
+    s.parse().map_err(|e: crate::domain::UnknownState| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse_worker_state(s: &str) -> Result<WorkerState> {
+    s.parse().map_err(|e: crate::domain::UnknownState| StoreError::Corrupt(e.to_string()))
+}
+
+fn encode_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad json {s:?}: {e}")))
+}
+
+/// Error text kept for a task that ran out of attempts without a report.
+fn lost_error(reason: RequeueReason, worker: &WorkerId, attempt: Attempt) -> String {
+    format!("attempt {attempt} lost: {} on worker {worker}", reason.as_str())
+}
+
+/// Keeps only placements of tasks that were offered (and locked) as candidates, once each.
+fn only_candidates(candidates: &[Candidate], placed: Vec<(TaskId, WorkerId)>) -> Vec<(TaskId, WorkerId)> {
+    let offered: std::collections::HashSet<TaskId> = candidates.iter().map(|c| c.id).collect();
+    let mut seen = std::collections::HashSet::new();
+    placed.into_iter().filter(|(t, _)| offered.contains(t) && seen.insert(*t)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RetryPolicy { base: Duration::from_millis(100), max: Duration::from_secs(1) };
+        assert_eq!(p.backoff(1), Duration::from_millis(100));
+        assert_eq!(p.backoff(2), Duration::from_millis(200));
+        assert_eq!(p.backoff(4), Duration::from_millis(800));
+        assert_eq!(p.backoff(5), Duration::from_secs(1));
+        assert_eq!(p.backoff(90), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_unapplied_report_is_a_duplicate_only_if_the_same_report_was_recorded() {
+        assert_eq!(classify_unapplied(None, None, "completed"), ReportOutcome::NotFound);
+        assert_eq!(
+            classify_unapplied(Some((TaskState::Completed, 1)), Some("completed"), "completed"),
+            ReportOutcome::Duplicate { state: TaskState::Completed }
+        );
+        assert_eq!(
+            classify_unapplied(Some((TaskState::Running, 2)), Some("lease_expired"), "completed"),
+            ReportOutcome::Stale { state: TaskState::Running, attempt: 2 }
+        );
+    }
+}

@@ -1,0 +1,84 @@
+//! Test databases: a fresh SQLite file in a temporary directory, and, when `TEST_DATABASE_URL` is
+//! set, a fresh Postgres schema on that server, so tests run in parallel without sharing rows.
+//! Used by the unit and integration tests; not part of the service.
+
+use std::time::Duration;
+
+use sqlx::Connection;
+use uuid::Uuid;
+
+use super::Store;
+use crate::config::DatabaseConfig;
+
+/// One test's private database.
+#[derive(Debug)]
+pub struct TestDb {
+    pub store: Store,
+    /// A URL that reaches the same database (and schema) from another process.
+    pub url: String,
+    /// Postgres schema to drop in [`TestDb::cleanup`].
+    schema: Option<(String, String)>,
+    /// Keeps the SQLite file's directory until the test ends.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// The Postgres server for tests, from `TEST_DATABASE_URL`; `None` when unset or empty.
+pub fn postgres_url() -> Option<String> {
+    std::env::var("TEST_DATABASE_URL").ok().filter(|u| !u.is_empty())
+}
+
+pub fn db_config(url: &str) -> DatabaseConfig {
+    DatabaseConfig {
+        url: url.to_owned(),
+        max_open_conns: 10,
+        max_idle_conns: 0,
+        acquire_timeout: Duration::from_secs(10),
+        ..DatabaseConfig::default()
+    }
+}
+
+impl TestDb {
+    /// A fresh SQLite database in a temporary directory.
+    pub async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("coordinator.db").display());
+        let store = Store::connect(&db_config(&url)).await.expect("open sqlite");
+        TestDb { store, url, schema: None, _dir: Some(dir) }
+    }
+
+    /// A fresh schema on the `TEST_DATABASE_URL` server, or `None` when it is not set.
+    pub async fn postgres() -> Option<TestDb> {
+        let base = postgres_url()?;
+        let schema = format!("t_{}", Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to TEST_DATABASE_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test schema");
+        conn.close().await.ok();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        let store = Store::connect(&db_config(&url)).await.expect("open postgres test schema");
+        Some(TestDb { store, url, schema: Some((base, schema)), _dir: None })
+    }
+
+    /// SQLite always, plus Postgres when `TEST_DATABASE_URL` is set.
+    pub async fn all() -> Vec<TestDb> {
+        let mut dbs = vec![TestDb::sqlite().await];
+        dbs.extend(TestDb::postgres().await);
+        dbs
+    }
+
+    /// Closes the pool and drops the Postgres schema.
+    pub async fn cleanup(self) {
+        self.store.close().await;
+        if let Some((base, schema)) = self.schema
+            && let Ok(mut conn) = sqlx::PgConnection::connect(&base).await
+        {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&mut conn)
+                .await;
+            conn.close().await.ok();
+        }
+    }
+}
