@@ -151,6 +151,8 @@ pub struct Requeued {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cancelled {
     pub task: Task,
+    /// False when the task was already terminal (it is returned unchanged).
+    pub applied: bool,
     /// The worker and attempt that held the task, to be told to stop.
     pub held_by: Option<Held>,
 }
@@ -346,6 +348,11 @@ impl Store {
             return Ok(Vec::new());
         }
         dispatch!(self, s => s.requeue_undelivered(held).await)
+    }
+
+    /// Tasks the store says `worker` holds (assigned or running), with their attempts.
+    pub async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
+        dispatch!(self, s => s.held_by(worker).await)
     }
 
     /// The assignment history of a task, oldest first.

@@ -470,7 +470,11 @@ impl PgStore {
             sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.0).bind(reason).fetch_optional(&mut *tx).await?;
         let Some(row) = row else {
             tx.rollback().await?;
-            return Ok(self.get_task(id).await?.map(|task| Cancelled { task, held_by: None }));
+            return Ok(self.get_task(id).await?.map(|task| Cancelled {
+                task,
+                applied: false,
+                held_by: None,
+            }));
         };
         let task = task_from_row(&row)?;
         // Pending tasks have no worker; a held one is told to stop.
@@ -488,7 +492,7 @@ impl PgStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(Some(Cancelled { task, held_by }))
+        Ok(Some(Cancelled { task, applied: true, held_by }))
     }
 
     pub(super) async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
@@ -577,6 +581,24 @@ impl PgStore {
                     attempt: r.try_get::<i32, _>("attempt")? as u32,
                     state: parse_state(r.try_get("status")?)?,
                     reason,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
+        let rows = sqlx::query(
+            "SELECT id, attempt FROM tasks WHERE worker_id = $1 AND status IN ('assigned', 'running') ORDER BY id",
+        )
+        .bind(&worker.0)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Held {
+                    task_id: TaskId(r.try_get("id")?),
+                    worker_id: worker.clone(),
+                    attempt: r.try_get::<i32, _>("attempt")? as u32,
                 })
             })
             .collect()

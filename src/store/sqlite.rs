@@ -420,7 +420,11 @@ impl SqliteStore {
             .await?;
         let Some(row) = row else {
             tx.rollback().await?;
-            return Ok(self.get_task(id).await?.map(|task| Cancelled { task, held_by: None }));
+            return Ok(self.get_task(id).await?.map(|task| Cancelled {
+                task,
+                applied: false,
+                held_by: None,
+            }));
         };
         let task = task_from_row(&row)?;
         let held_by =
@@ -429,7 +433,7 @@ impl SqliteStore {
             close_attempt(&mut tx, h, now, "cancelled", Some(reason)).await?;
         }
         tx.commit().await?;
-        Ok(Some(Cancelled { task, held_by }))
+        Ok(Some(Cancelled { task, applied: true, held_by }))
     }
 
     pub(super) async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
@@ -472,6 +476,17 @@ impl SqliteStore {
         let out = requeue(&mut tx, held, RequeueReason::Undelivered, now).await?;
         tx.commit().await?;
         Ok(out)
+    }
+
+    pub(super) async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
+        let rows = sqlx::query(
+            "SELECT id, attempt, worker_id FROM tasks
+             WHERE worker_id = ?1 AND status IN ('assigned', 'running') ORDER BY id",
+        )
+        .bind(&worker.0)
+        .fetch_all(&self.reader)
+        .await?;
+        held_from_rows(&rows)
     }
 
     pub(super) async fn attempts(&self, id: TaskId) -> Result<Vec<AttemptRecord>> {

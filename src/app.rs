@@ -1,0 +1,331 @@
+//! Wires store -> registry -> scheduler -> sweeper -> servers, and owns the shutdown order:
+//! stop assigning, end open task streams with `Unavailable` (workers reconnect elsewhere; their
+//! running tasks keep their leases), drain gRPC and HTTP within the deadline, stop the
+//! background loops (the registry flushes heartbeats), let the batched writes finish, close
+//! the pool.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tracing::{info, warn};
+
+use crate::{
+    batch::Batcher,
+    config::{Config, redact_url},
+    domain::TaskId,
+    events::Events,
+    grpc::{Batchers, Service, ServiceConfig, convert::SubmitLimits, layer::GrpcMetricsLayer},
+    http::{self, HttpState},
+    metrics,
+    proto::{self, coordinator_service_server::CoordinatorServiceServer},
+    registry::{Registry, RegistryConfig},
+    scheduler::{Scheduler, SchedulerConfig, SchedulerStats, Wake},
+    store::{Held, RetryPolicy, Store, StoreError},
+    sweeper::Sweeper,
+};
+
+/// Rows per batched statement for completions, lease renewals and deliveries.
+const BATCH_MAX: usize = 512;
+/// How often database-derived gauges (tasks by status, unschedulable, pool) are refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
+/// A coordinator whose database is open and migrated, ready to serve.
+#[derive(Debug)]
+pub struct App {
+    config: Config,
+    store: Store,
+}
+
+impl App {
+    /// Connects to the database and applies migrations.
+    pub async fn connect(config: Config) -> Result<App, StoreError> {
+        let store = Store::connect(&config.database).await?;
+        info!(database = %redact_url(&config.database.url), backend = store.backend(), "database ready");
+        Ok(App { config, store })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves on the given listeners until `shutdown` is cancelled, then shuts down in order.
+    pub async fn serve(
+        self,
+        grpc_listener: TcpListener,
+        http_listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let App { config, store } = self;
+        let started = Instant::now();
+        let prometheus = metrics::install();
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        let c = &config.coordinator;
+
+        let wake = Wake::default();
+        let events = Events::new();
+        let stats = Arc::new(SchedulerStats::default());
+        let (registry, dead_rx) = Registry::new(
+            RegistryConfig {
+                coordinator_id: c.id.clone(),
+                heartbeat_timeout: c.heartbeat_timeout,
+                cleanup_interval: c.cleanup_interval,
+            },
+            store.clone(),
+            wake.clone(),
+        );
+
+        // Tokens, in the order they fire.
+        let stop_assigning = CancellationToken::new();
+        let closing = CancellationToken::new();
+        let stop_servers = CancellationToken::new();
+        let stop_background = CancellationToken::new();
+
+        let lease = c.stale_task_timeout;
+        let (batchers, batch_handles) = spawn_batchers(&store, lease);
+        let service = Service::new(
+            ServiceConfig {
+                coordinator_id: c.id.clone(),
+                heartbeat_timeout: c.heartbeat_timeout,
+                retry: RetryPolicy {
+                    base: config.tasks.retry_backoff_base,
+                    max: config.tasks.retry_backoff_max,
+                },
+                limits: SubmitLimits {
+                    default_max_attempts: config.tasks.default_max_attempts,
+                    default_timeout: config.tasks.default_timeout,
+                    max_payload_size: config.tasks.max_payload_size.as_usize(),
+                },
+                watch_poll: c.poll_interval.max(Duration::from_millis(500)),
+            },
+            store.clone(),
+            registry.clone(),
+            wake.clone(),
+            events.clone(),
+            batchers,
+            closing.clone(),
+        );
+
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                strategy: config.scheduler.strategy,
+                batch_size: config.scheduler.batch_size,
+                poll_interval: c.poll_interval,
+                lease,
+            },
+            store.clone(),
+            registry.clone(),
+            wake.clone(),
+            events.clone(),
+            stats.clone(),
+        );
+        let sweeper = Sweeper::new(
+            store.clone(),
+            registry.clone(),
+            wake.clone(),
+            events.clone(),
+            c.cleanup_interval,
+            dead_rx,
+        );
+
+        let scheduler_task = tokio::spawn(scheduler.run(stop_assigning.clone()));
+        let background: Vec<JoinHandle<anyhow::Result<()>>> = vec![
+            tokio::spawn(sweeper.run(stop_background.clone())),
+            tokio::spawn(registry.clone().run(stop_background.clone())),
+            tokio::spawn(refresh_gauges(store.clone(), registry.clone(), stop_background.clone())),
+        ];
+
+        // gRPC: health and reflection beside the service, so grpcurl works without proto files.
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<CoordinatorServiceServer<Service>>().await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let max_recv = config.grpc.max_recv_msg_size.as_usize();
+        let max_send = config.grpc.max_send_msg_size.as_usize();
+        let coordinator_service = CoordinatorServiceServer::new(service)
+            .max_decoding_message_size(max_recv)
+            .max_encoding_message_size(max_send);
+        let ka = &config.grpc.keepalive;
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(ka.interval))
+            .http2_keepalive_timeout(Some(ka.timeout))
+            .tcp_nodelay(true);
+        if config.tls.enabled {
+            builder = builder.tls_config(server_tls(&config)?).context("tls configuration")?;
+        }
+        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(ka.tcp));
+        let grpc_stop = stop_servers.clone();
+        let grpc_server = tokio::spawn(
+            builder
+                .layer(GrpcMetricsLayer)
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(coordinator_service)
+                .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned()),
+        );
+
+        let http_state = HttpState {
+            coordinator_id: c.id.clone(),
+            store: store.clone(),
+            registry: registry.clone(),
+            scheduler: stats.clone(),
+            metrics: prometheus,
+            closing: closing.clone(),
+            grpc_addr,
+            started,
+        };
+        let router = http::router(http_state, config.http.write_timeout);
+        let http_server =
+            tokio::spawn(http::serve(http_listener, router, config.http.clone(), stop_servers.clone()));
+
+        info!(
+            coordinator_id = %c.id,
+            grpc_addr = %grpc_addr,
+            http_addr = %http_addr,
+            grpc_port = grpc_addr.port(),
+            http_port = http_addr.port(),
+            database = store.backend(),
+            tls = config.tls.enabled,
+            "coordinator ready"
+        );
+
+        shutdown.cancelled().await;
+        let deadline = c.shutdown_timeout;
+        info!(deadline_ms = deadline.as_millis() as u64, "shutting down");
+
+        // 1. Stop assigning.
+        stop_assigning.cancel();
+        let _ = scheduler_task.await;
+        // 2. Tell workers to go elsewhere: streams end with UNAVAILABLE, /health turns 503.
+        closing.cancel();
+        health_reporter.set_not_serving::<CoordinatorServiceServer<Service>>().await;
+        // 3. Drain both servers within the deadline.
+        stop_servers.cancel();
+        let drained = tokio::time::timeout(deadline, async {
+            if let Ok(Err(error)) = grpc_server.await {
+                warn!(%error, "grpc server error");
+            }
+            let _ = http_server.await;
+        })
+        .await;
+        if drained.is_err() {
+            warn!("servers did not drain within the deadline; closing anyway");
+        }
+        registry.close_streams();
+        // 4. Background loops; the registry flushes heartbeats on the way out.
+        stop_background.cancel();
+        for task in background {
+            if let Ok(Err(error)) = task.await {
+                warn!(%error, "background task failed");
+            }
+        }
+        // 5. Batched writes finish once the service (their last sender) is gone.
+        let flushed = tokio::time::timeout(Duration::from_secs(5), async {
+            for h in batch_handles {
+                let _ = h.await;
+            }
+        })
+        .await;
+        if flushed.is_err() {
+            warn!("batched writes did not finish in time");
+        }
+        // 6. Close the pool.
+        store.close().await;
+        info!("coordinator stopped");
+        Ok(())
+    }
+}
+
+fn spawn_batchers(store: &Store, lease: Duration) -> (Batchers, Vec<JoinHandle<()>>) {
+    let s = store.clone();
+    let (completions, h1) = Batcher::spawn(BATCH_MAX, move |items| {
+        let s = s.clone();
+        async move { s.complete(&items).await }
+    });
+    let s = store.clone();
+    let (renewals, h2) = Batcher::spawn(BATCH_MAX, move |requests: Vec<Vec<Held>>| {
+        let s = s.clone();
+        async move {
+            let all: Vec<Held> = requests.iter().flatten().cloned().collect();
+            let renewed: HashSet<TaskId> = s.renew_leases(&all, lease).await?.into_iter().collect();
+            Ok(requests
+                .iter()
+                .map(|r| r.iter().filter(|h| renewed.contains(&h.task_id)).map(|h| h.task_id).collect())
+                .collect())
+        }
+    });
+    let s = store.clone();
+    let (deliveries, h3) = Batcher::spawn(BATCH_MAX, move |items: Vec<Held>| {
+        let s = s.clone();
+        async move {
+            s.mark_running(&items).await?;
+            Ok(vec![(); items.len()])
+        }
+    });
+    (Batchers { completions, renewals, deliveries }, vec![h1, h2, h3])
+}
+
+fn server_tls(config: &Config) -> anyhow::Result<ServerTlsConfig> {
+    let t = &config.tls;
+    let cert = std::fs::read(&t.cert_file).with_context(|| format!("tls.cert_file {}", t.cert_file))?;
+    let key = std::fs::read(&t.key_file).with_context(|| format!("tls.key_file {}", t.key_file))?;
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if !t.client_ca_file.is_empty() {
+        let ca = std::fs::read(&t.client_ca_file)
+            .with_context(|| format!("tls.client_ca_file {}", t.client_ca_file))?;
+        tls = tls
+            .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+            .client_auth_optional(!t.require_client_cert);
+    }
+    Ok(tls)
+}
+
+/// Refreshes gauges that come from the database.
+async fn refresh_gauges(store: Store, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(GAUGE_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported: HashSet<String> = HashSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        let counts = store.task_counts().await;
+        let db_up = counts.is_ok();
+        let counts = counts.unwrap_or_default();
+        let pending = store.pending_by_type().await.unwrap_or_default();
+        let unschedulable: BTreeMap<String, u64> = match registry.known_types() {
+            None => BTreeMap::new(),
+            Some(known) => pending.into_iter().filter(|(t, _)| !known.contains(t)).collect(),
+        };
+        // Types that became schedulable drop to zero rather than keep their last value.
+        let mut series: Vec<(String, u64)> = unschedulable.iter().map(|(t, n)| (t.clone(), *n)).collect();
+        for gone in reported.iter().filter(|t| !unschedulable.contains_key(*t)) {
+            series.push((gone.clone(), 0));
+        }
+        reported = unschedulable.keys().cloned().collect();
+        metrics::set_store_gauges(&counts, &series, store.pool_stats(), db_up);
+        metrics::set_registry_gauges(&registry.counts());
+    }
+}
+
+/// Binds a listener with a message that names the address.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot bind {what} address {addr}"))
+}

@@ -1,0 +1,739 @@
+//! The gRPC service: thin handlers over the store, registry and scheduler. Validation and
+//! wire conversions live in [`convert`], error mapping in [`status`], call metrics in [`layer`].
+
+pub mod convert;
+pub mod layer;
+pub mod status;
+
+use std::{collections::HashSet, pin::Pin, sync::Arc, time::Duration};
+
+use chrono::Utc;
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::{
+    batch::Batcher,
+    domain::{Attempt, TaskId, TaskState, WorkerId, WorkerState},
+    events::Events,
+    metrics,
+    proto::{self, coordinator_service_server::CoordinatorService},
+    registry::{Push, Registry},
+    scheduler::Wake,
+    store::{Completion, Failure, Held, ReportOutcome, RetryPolicy, Store, TaskFilter, WorkerRegistration},
+};
+use convert::SubmitLimits;
+
+/// Settings the handlers need.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub coordinator_id: String,
+    pub heartbeat_timeout: Duration,
+    pub retry: RetryPolicy,
+    pub limits: SubmitLimits,
+    /// How often a `WatchTask` stream re-reads its task when no local event arrives (changes
+    /// made through another replica).
+    pub watch_poll: Duration,
+}
+
+/// The batched store writes the handlers share; the app spawns their loops and waits for them
+/// at shutdown.
+#[derive(Debug, Clone)]
+pub struct Batchers {
+    pub completions: Batcher<Completion, ReportOutcome>,
+    /// One heartbeat's running tasks in, the ones still held out.
+    pub renewals: Batcher<Vec<Held>, Vec<TaskId>>,
+    /// Assignments that left on a stream: assigned -> running.
+    pub deliveries: Batcher<Held, ()>,
+}
+
+/// The `CoordinatorService` implementation. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ServiceConfig,
+    store: Store,
+    registry: Registry,
+    wake: Wake,
+    events: Events,
+    batchers: Batchers,
+    /// Cancelled when shutdown begins: open streams end with `Unavailable` and new
+    /// registrations and streams are refused.
+    closing: CancellationToken,
+}
+
+impl Service {
+    pub fn new(
+        config: ServiceConfig,
+        store: Store,
+        registry: Registry,
+        wake: Wake,
+        events: Events,
+        batchers: Batchers,
+        closing: CancellationToken,
+    ) -> Self {
+        Self { inner: Arc::new(Inner { config, store, registry, wake, events, batchers, closing }) }
+    }
+
+    fn refuse_if_closing(&self) -> Result<(), Status> {
+        if self.inner.closing.is_cancelled() { Err(status::shutting_down()) } else { Ok(()) }
+    }
+
+    /// The state shown for a worker this replica has no session for, derived from its last
+    /// heartbeat, so a worker whose coordinator died does not look ACTIVE forever.
+    fn derived_state(&self, recorded: WorkerState, last_heartbeat: chrono::DateTime<Utc>) -> WorkerState {
+        let silent = (Utc::now() - last_heartbeat).to_std().unwrap_or_default();
+        let timeout = self.inner.config.heartbeat_timeout;
+        if recorded == WorkerState::Dead || silent > timeout * 3 {
+            WorkerState::Dead
+        } else if silent > timeout && recorded != WorkerState::Draining {
+            WorkerState::Suspect
+        } else {
+            recorded
+        }
+    }
+
+    fn after_report(&self, held: &Held, completed: bool) {
+        let released = self.inner.registry.release(&held.worker_id, held.task_id, held.attempt);
+        let (task_type, elapsed) = match &released {
+            Some(r) => (r.task_type.as_deref().unwrap_or("unknown"), Some(r.elapsed)),
+            None => ("unknown", None),
+        };
+        if completed {
+            metrics::task_completed(task_type, elapsed);
+        } else {
+            metrics::task_failed(task_type, elapsed);
+        }
+        self.inner.events.changed(held.task_id);
+        self.inner.wake.wake();
+    }
+}
+
+fn held(worker_id: &str, task_id: &str, attempt: u32) -> Result<Held, Status> {
+    Ok(Held {
+        worker_id: convert::worker_id("worker_id", worker_id)?,
+        task_id: convert::task_id("task_id", task_id)?,
+        attempt: convert::attempt("attempt", attempt)?,
+    })
+}
+
+fn stale(h: &Held, state: TaskState, current: Attempt) -> Status {
+    Status::failed_precondition(format!(
+        "task {} attempt {} is not held by worker {} (the task is {state} at attempt {current}); \
+         the result was not recorded",
+        h.task_id, h.attempt, h.worker_id
+    ))
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Owns a task stream's receiver. When the stream goes away (worker gone, replaced, shutdown),
+/// it detaches from the registry and puts assignments that never left back to pending.
+struct StreamGuard {
+    service: Service,
+    worker: WorkerId,
+    stream_id: u64,
+    /// The registry's session holds the sender.
+    rx: mpsc::Receiver<Push>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let inner = &self.service.inner;
+        inner.registry.detach(&self.worker, self.stream_id);
+        self.rx.close();
+        let mut undelivered = Vec::new();
+        while let Ok(push) = self.rx.try_recv() {
+            if let Push::Run(a) = push {
+                inner.registry.release(&a.worker_id, a.task_id, a.attempt);
+                undelivered.push(Held { task_id: a.task_id, worker_id: a.worker_id, attempt: a.attempt });
+            }
+        }
+        info!(worker_id = %self.worker, undelivered = undelivered.len(), "task stream closed");
+        if undelivered.is_empty() {
+            return;
+        }
+        let service = self.service.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let inner = &service.inner;
+                match inner.store.requeue_undelivered(&undelivered).await {
+                    Ok(requeued) => {
+                        for r in requeued {
+                            metrics::task_requeued(r.reason);
+                            inner.events.changed(r.task_id);
+                        }
+                        inner.wake.wake();
+                    }
+                    // Their leases run out and the sweeper takes them back.
+                    Err(error) => warn!(%error, "failed to requeue undelivered assignments"),
+                }
+            });
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorService for Service {
+    async fn register_worker(
+        &self,
+        request: Request<proto::RegisterWorkerRequest>,
+    ) -> Result<Response<proto::RegisterWorkerResponse>, Status> {
+        self.refuse_if_closing()?;
+        let req = request.into_inner();
+        let id = convert::worker_id("worker_id", &req.worker_id)?;
+        let max = match req.max_concurrent_tasks {
+            0 => 1,
+            n if n > convert::MAX_CONCURRENT_TASKS => {
+                return Err(status::invalid(
+                    "max_concurrent_tasks",
+                    format!("must be at most {}", convert::MAX_CONCURRENT_TASKS),
+                ));
+            }
+            n => n,
+        };
+        if req.capabilities.len() > convert::MAX_CAPABILITIES {
+            return Err(status::invalid("capabilities", format!("more than {}", convert::MAX_CAPABILITIES)));
+        }
+        let mut capabilities = Vec::with_capacity(req.capabilities.len());
+        for (i, c) in req.capabilities.iter().enumerate() {
+            capabilities.push(convert::task_type(&format!("capabilities[{i}]"), c)?);
+        }
+        capabilities.sort();
+        capabilities.dedup();
+        if req.labels.len() > convert::MAX_LABELS
+            || req
+                .labels
+                .iter()
+                .any(|(k, v)| k.len() > convert::MAX_LABEL_LEN || v.len() > convert::MAX_LABEL_LEN)
+        {
+            return Err(status::invalid(
+                "labels",
+                format!(
+                    "at most {} labels of at most {} bytes each",
+                    convert::MAX_LABELS,
+                    convert::MAX_LABEL_LEN
+                ),
+            ));
+        }
+        if req.version.len() > convert::MAX_LABEL_LEN || req.hostname.len() > convert::MAX_LABEL_LEN {
+            return Err(status::invalid("version", "version and hostname are at most 256 bytes"));
+        }
+        let reg = WorkerRegistration {
+            id: id.clone(),
+            max_concurrent_tasks: max,
+            capabilities,
+            labels: req.labels.into_iter().collect(),
+            version: req.version,
+            hostname: req.hostname,
+            session_id: Uuid::now_v7(),
+            coordinator_id: self.inner.config.coordinator_id.clone(),
+        };
+        let registered = self.inner.registry.register(reg).await.map_err(status::store)?;
+        info!(worker_id = %id, session_id = %registered.session_id, max_concurrent_tasks = max,
+              held = registered.held.len(), "worker registered");
+        Ok(Response::new(proto::RegisterWorkerResponse {
+            worker_id: id.0,
+            session_id: registered.session_id.to_string(),
+            heartbeat_interval_ms: (self.inner.config.heartbeat_timeout / 3).as_millis() as u64,
+            coordinator_id: self.inner.config.coordinator_id.clone(),
+        }))
+    }
+
+    async fn send_heartbeat(
+        &self,
+        request: Request<proto::HeartbeatRequest>,
+    ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let worker = convert::worker_id("worker_id", &req.worker_id)?;
+        if req.running_tasks.len() > convert::MAX_RUNNING_TASKS {
+            return Err(status::invalid(
+                "running_tasks",
+                format!("more than {}", convert::MAX_RUNNING_TASKS),
+            ));
+        }
+        let mut reported = Vec::with_capacity(req.running_tasks.len());
+        for (i, t) in req.running_tasks.iter().enumerate() {
+            reported.push(Held {
+                task_id: convert::task_id(&format!("running_tasks[{i}].task_id"), &t.task_id)?,
+                worker_id: worker.clone(),
+                attempt: convert::attempt(&format!("running_tasks[{i}].attempt"), t.attempt)?,
+            });
+        }
+        let state = self.inner.registry.heartbeat(&worker).await.map_err(status::registry)?;
+        let renewed: HashSet<TaskId> = if reported.is_empty() {
+            HashSet::new()
+        } else {
+            self.inner
+                .batchers
+                .renewals
+                .call(reported.clone())
+                .await
+                .map_err(status::batch)?
+                .into_iter()
+                .collect()
+        };
+        let (kept, revoked): (Vec<&Held>, Vec<&Held>) =
+            reported.iter().partition(|h| renewed.contains(&h.task_id));
+        let kept: Vec<(TaskId, Attempt)> = kept.iter().map(|h| (h.task_id, h.attempt)).collect();
+        let revoked: Vec<TaskId> = revoked.iter().map(|h| h.task_id).collect();
+        self.inner.registry.reconcile(&worker, &kept, &revoked);
+        if !revoked.is_empty() {
+            debug!(worker_id = %worker, count = revoked.len(), "heartbeat reported tasks it no longer holds");
+        }
+        Ok(Response::new(proto::HeartbeatResponse {
+            state: convert::worker_state(state) as i32,
+            revoked_task_ids: revoked.iter().map(|t| t.to_string()).collect(),
+        }))
+    }
+
+    type ReceiveTasksStream = BoxStream<proto::TaskAssignment>;
+
+    async fn receive_tasks(
+        &self,
+        request: Request<proto::ReceiveTasksRequest>,
+    ) -> Result<Response<Self::ReceiveTasksStream>, Status> {
+        self.refuse_if_closing()?;
+        let worker = convert::worker_id("worker_id", &request.get_ref().worker_id)?;
+        let (stream_id, rx) = self.inner.registry.attach(&worker).map_err(status::registry)?;
+        info!(worker_id = %worker, stream_id, "task stream opened");
+        let mut guard = StreamGuard { service: self.clone(), worker, stream_id, rx };
+        let closing = self.inner.closing.clone();
+        let stream = async_stream::stream! {
+            loop {
+                let push = tokio::select! {
+                    biased;
+                    _ = closing.cancelled() => {
+                        yield Err(status::shutting_down());
+                        break;
+                    }
+                    push = guard.rx.recv() => push,
+                };
+                // None: a newer stream replaced this one, or the worker was declared dead.
+                let Some(push) = push else { break };
+                if let Push::Run(a) = &push {
+                    let held = Held { task_id: a.task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
+                    guard.service.inner.batchers.deliveries.send(held).await;
+                }
+                yield Ok(proto::TaskAssignment::from(push));
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_completion(
+        &self,
+        request: Request<proto::ReportCompletionRequest>,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let req = request.into_inner();
+        let held = held(&req.worker_id, &req.task_id, req.attempt)?;
+        let outcome = self
+            .inner
+            .batchers
+            .completions
+            .call(Completion { held: held.clone(), result: req.result })
+            .await
+            .map_err(status::batch)?;
+        match outcome {
+            ReportOutcome::Applied { state } => {
+                debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, "task completed");
+                self.after_report(&held, true);
+                Ok(Response::new(proto::ReportResponse {
+                    duplicate: false,
+                    status: convert::task_state(state) as i32,
+                }))
+            }
+            ReportOutcome::Duplicate { state } => Ok(Response::new(proto::ReportResponse {
+                duplicate: true,
+                status: convert::task_state(state) as i32,
+            })),
+            ReportOutcome::Stale { state, attempt } => Err(stale(&held, state, attempt)),
+            ReportOutcome::NotFound => Err(Status::not_found(format!("task {} not found", held.task_id))),
+        }
+    }
+
+    async fn report_failure(
+        &self,
+        request: Request<proto::ReportFailureRequest>,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let req = request.into_inner();
+        let held = held(&req.worker_id, &req.task_id, req.attempt)?;
+        let failure = Failure {
+            held: held.clone(),
+            error: truncate(req.error, convert::MAX_ERROR_LEN),
+            retriable: req.retriable,
+        };
+        let outcome =
+            self.inner.store.fail(&failure, self.inner.config.retry).await.map_err(status::store)?;
+        match outcome {
+            ReportOutcome::Applied { state } => {
+                info!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt,
+                      retriable = req.retriable, next = %state, error = %failure.error, "task attempt failed");
+                self.after_report(&held, false);
+                Ok(Response::new(proto::ReportResponse {
+                    duplicate: false,
+                    status: convert::task_state(state) as i32,
+                }))
+            }
+            ReportOutcome::Duplicate { state } => Ok(Response::new(proto::ReportResponse {
+                duplicate: true,
+                status: convert::task_state(state) as i32,
+            })),
+            ReportOutcome::Stale { state, attempt } => Err(stale(&held, state, attempt)),
+            ReportOutcome::NotFound => Err(Status::not_found(format!("task {} not found", held.task_id))),
+        }
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<proto::DeregisterRequest>,
+    ) -> Result<Response<proto::DeregisterResponse>, Status> {
+        let req = request.into_inner();
+        let worker = convert::worker_id("worker_id", &req.worker_id)?;
+        let in_flight = self.inner.registry.deregister(&worker).await.map_err(status::registry)?;
+        info!(worker_id = %worker, in_flight, reason = %truncate(req.reason, 256), "worker deregistered");
+        Ok(Response::new(proto::DeregisterResponse { in_flight }))
+    }
+
+    async fn submit_task(
+        &self,
+        request: Request<proto::SubmitTaskRequest>,
+    ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
+        let task = convert::new_task("", request.into_inner(), &self.inner.config.limits)?;
+        let created = self.inner.store.create_tasks(&[task]).await.map_err(status::store)?;
+        let c = created.into_iter().next().ok_or_else(|| Status::internal("internal error"))?;
+        if c.created {
+            metrics::tasks_submitted(1);
+            self.inner.wake.wake();
+        }
+        Ok(Response::new(proto::SubmitTaskResponse {
+            task_id: c.task.id.to_string(),
+            created: c.created,
+            task: Some(c.task.into()),
+        }))
+    }
+
+    async fn submit_tasks(
+        &self,
+        request: Request<proto::SubmitTasksRequest>,
+    ) -> Result<Response<proto::SubmitTasksResponse>, Status> {
+        let req = request.into_inner();
+        if req.tasks.is_empty() || req.tasks.len() > convert::MAX_BATCH {
+            return Err(status::invalid("tasks", format!("must hold 1 to {} tasks", convert::MAX_BATCH)));
+        }
+        let tasks = req
+            .tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| convert::new_task(&format!("tasks[{i}]."), t, &self.inner.config.limits))
+            .collect::<Result<Vec<_>, _>>()?;
+        let created = self.inner.store.create_tasks(&tasks).await.map_err(status::store)?;
+        let n = created.iter().filter(|c| c.created).count();
+        if n > 0 {
+            metrics::tasks_submitted(n as u64);
+            self.inner.wake.wake();
+        }
+        Ok(Response::new(proto::SubmitTasksResponse {
+            results: created
+                .into_iter()
+                .map(|c| proto::SubmitTaskResponse {
+                    task_id: c.task.id.to_string(),
+                    created: c.created,
+                    task: Some(c.task.into()),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<proto::GetTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
+        let id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        match self.inner.store.get_task(id).await.map_err(status::store)? {
+            Some(t) => Ok(Response::new(t.into())),
+            None => Err(Status::not_found(format!("task {id} not found"))),
+        }
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<proto::ListTasksRequest>,
+    ) -> Result<Response<proto::ListTasksResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.page_size {
+            0 => convert::DEFAULT_PAGE_SIZE,
+            n if n > convert::MAX_PAGE_SIZE => {
+                return Err(status::invalid(
+                    "page_size",
+                    format!("must be at most {}", convert::MAX_PAGE_SIZE),
+                ));
+            }
+            n => n,
+        };
+        let filter = TaskFilter {
+            state: convert::task_state_filter("status", req.status)?,
+            task_type: (!req.task_type.is_empty())
+                .then(|| convert::task_type("task_type", &req.task_type))
+                .transpose()?,
+            job_id: (!req.job_id.is_empty()).then(|| convert::job_id("job_id", &req.job_id)).transpose()?,
+            worker_id: (!req.worker_id.is_empty())
+                .then(|| convert::worker_id("worker_id", &req.worker_id))
+                .transpose()?,
+            after: (!req.page_token.is_empty())
+                .then(|| convert::task_id("page_token", &req.page_token))
+                .transpose()?,
+            limit,
+        };
+        let tasks = self.inner.store.list_tasks(&filter).await.map_err(status::store)?;
+        let next_page_token = if tasks.len() as u32 == limit {
+            tasks.last().map(|t| t.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(proto::ListTasksResponse {
+            tasks: tasks.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: Request<proto::CancelTaskRequest>,
+    ) -> Result<Response<proto::CancelTaskResponse>, Status> {
+        let req = request.into_inner();
+        let id = convert::task_id("task_id", &req.task_id)?;
+        let reason = match truncate(req.reason, 1024) {
+            r if r.is_empty() => "cancelled by client".to_owned(),
+            r => r,
+        };
+        let Some(c) = self.inner.store.cancel(id, &reason).await.map_err(status::store)? else {
+            return Err(Status::not_found(format!("task {id} not found")));
+        };
+        if c.applied {
+            metrics::task_cancelled();
+            self.inner.events.changed(id);
+            if let Some(h) = &c.held_by {
+                let told = self.inner.registry.push_cancel(&h.worker_id, h.task_id, h.attempt);
+                info!(task_id = %id, worker_id = %h.worker_id, attempt = h.attempt, pushed = told, "cancelled a held task");
+            }
+        }
+        Ok(Response::new(proto::CancelTaskResponse { cancelled: c.applied, task: Some(c.task.into()) }))
+    }
+
+    type WatchTaskStream = BoxStream<proto::TaskEvent>;
+
+    async fn watch_task(
+        &self,
+        request: Request<proto::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        self.refuse_if_closing()?;
+        let id = convert::task_id("task_id", &request.get_ref().task_id)?;
+        // Subscribe before the first read so no change between the two is missed.
+        let mut events = self.inner.events.subscribe();
+        let first = self.inner.store.get_task(id).await.map_err(status::store)?;
+        let Some(first) = first else {
+            return Err(Status::not_found(format!("task {id} not found")));
+        };
+        let service = self.clone();
+        let stream = async_stream::stream! {
+            let inner = &service.inner;
+            let mut last = (first.state, first.attempt, first.worker_id.clone());
+            yield Ok(proto::TaskEvent::from(&first));
+            if first.state.is_terminal() {
+                return;
+            }
+            loop {
+                let wait = async {
+                    loop {
+                        match events.recv().await {
+                            Ok(changed) if changed == id => return,
+                            Ok(_) => continue,
+                            // Missed some: re-read to be safe.
+                            Err(broadcast::error::RecvError::Lagged(_)) => return,
+                            Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                        }
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    _ = inner.closing.cancelled() => {
+                        yield Err(status::shutting_down());
+                        return;
+                    }
+                    _ = wait => {}
+                    _ = tokio::time::sleep(inner.config.watch_poll) => {}
+                }
+                let task = match inner.store.get_task(id).await {
+                    Ok(Some(t)) => t,
+                    Ok(None) => {
+                        yield Err(Status::not_found(format!("task {id} not found")));
+                        return;
+                    }
+                    Err(e) => {
+                        yield Err(status::store(e));
+                        return;
+                    }
+                };
+                let now = (task.state, task.attempt, task.worker_id.clone());
+                if now != last {
+                    last = now;
+                    yield Ok(proto::TaskEvent::from(&task));
+                }
+                if task.state.is_terminal() {
+                    return;
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn submit_job(
+        &self,
+        request: Request<proto::SubmitJobRequest>,
+    ) -> Result<Response<proto::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        if req.tasks.is_empty() || req.tasks.len() > convert::MAX_BATCH {
+            return Err(status::invalid("tasks", format!("must hold 1 to {} tasks", convert::MAX_BATCH)));
+        }
+        if req.name.len() > convert::MAX_LABEL_LEN {
+            return Err(status::invalid("name", format!("longer than {} bytes", convert::MAX_LABEL_LEN)));
+        }
+        let tasks = req
+            .tasks
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| convert::new_task(&format!("tasks[{i}]."), t, &self.inner.config.limits))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (job, created) = self.inner.store.create_job(&req.name, tasks).await.map_err(status::store)?;
+        metrics::tasks_submitted(created.iter().filter(|c| c.created).count() as u64);
+        self.inner.wake.wake();
+        Ok(Response::new(proto::SubmitJobResponse {
+            job_id: job.id.to_string(),
+            task_ids: created.iter().map(|c| c.task.id.to_string()).collect(),
+        }))
+    }
+
+    async fn get_job(&self, request: Request<proto::GetJobRequest>) -> Result<Response<proto::Job>, Status> {
+        let req = request.into_inner();
+        let id = convert::job_id("job_id", &req.job_id)?;
+        let Some(job) = self.inner.store.get_job(id).await.map_err(status::store)? else {
+            return Err(Status::not_found(format!("job {id} not found")));
+        };
+        let results = if req.include_results {
+            self.inner
+                .store
+                .job_tasks(id)
+                .await
+                .map_err(status::store)?
+                .into_iter()
+                .map(|t| proto::JobTaskResult {
+                    task_id: t.id.to_string(),
+                    status: convert::task_state(t.state) as i32,
+                    duration_ms: match (t.started_at.or(t.assigned_at), t.finished_at) {
+                        (Some(s), Some(f)) => (f - s).num_milliseconds().max(0) as u64,
+                        _ => 0,
+                    },
+                    result: t.result.unwrap_or_default(),
+                    error: t.error.unwrap_or_default(),
+                    worker_id: t.worker_id.map(|w| w.0).unwrap_or_default(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(proto::Job {
+            job_id: job.id.to_string(),
+            name: job.name.clone(),
+            total: job.total,
+            pending: job.count(TaskState::Pending),
+            assigned: job.count(TaskState::Assigned),
+            running: job.count(TaskState::Running),
+            completed: job.count(TaskState::Completed),
+            failed: job.count(TaskState::Failed),
+            cancelled: job.count(TaskState::Cancelled),
+            done: job.done(),
+            created_at: Some(convert::timestamp(job.created_at)),
+            results,
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<proto::ListWorkersRequest>,
+    ) -> Result<Response<proto::ListWorkersResponse>, Status> {
+        let records = self.inner.store.list_workers().await.map_err(status::store)?;
+        let workers = records
+            .into_iter()
+            .map(|w| {
+                let live = self.inner.registry.session(&w.id).filter(|s| s.session_id == w.session_id);
+                let (state, connected, last) = match &live {
+                    Some(s) => (s.state, s.connected, s.last_seen_at),
+                    None => (self.derived_state(w.state, w.last_heartbeat_at), false, w.last_heartbeat_at),
+                };
+                proto::WorkerInfo {
+                    worker_id: w.id.0,
+                    state: convert::worker_state(state) as i32,
+                    max_concurrent_tasks: w.max_concurrent_tasks,
+                    in_flight: w.in_flight,
+                    capabilities: w.capabilities,
+                    labels: w.labels.into_iter().collect(),
+                    version: w.version,
+                    hostname: w.hostname,
+                    last_heartbeat: Some(convert::timestamp(last)),
+                    registered_at: Some(convert::timestamp(w.registered_at)),
+                    connected,
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::ListWorkersResponse { workers }))
+    }
+
+    async fn get_worker_stats(
+        &self,
+        request: Request<proto::GetWorkerStatsRequest>,
+    ) -> Result<Response<proto::WorkerStats>, Status> {
+        let id = convert::worker_id("worker_id", &request.get_ref().worker_id)?;
+        let Some(record) = self.inner.store.get_worker(&id).await.map_err(status::store)? else {
+            return Err(Status::not_found(format!("worker {id} not found")));
+        };
+        let stats = self
+            .inner
+            .store
+            .worker_stats(&id)
+            .await
+            .map_err(status::store)?
+            .ok_or_else(|| Status::not_found(format!("worker {id} not found")))?;
+        let state = match self.inner.registry.session(&id).filter(|s| s.session_id == record.session_id) {
+            Some(s) => s.state,
+            None => self.derived_state(record.state, record.last_heartbeat_at),
+        };
+        Ok(Response::new(proto::WorkerStats {
+            worker_id: id.0,
+            tasks_completed: stats.tasks_completed,
+            tasks_failed: stats.tasks_failed,
+            total_duration_ms: stats.total_duration.as_millis() as u64,
+            mean_duration_ms: stats.mean_duration().as_millis() as u64,
+            in_flight: stats.in_flight,
+            state: convert::worker_state(state) as i32,
+        }))
+    }
+}

@@ -1,0 +1,285 @@
+//! The HTTP side: `/health` (JSON; 200 when serving, 503 when the database is unreachable or
+//! shutdown has begun), `/health/live` (200 while the process runs), `/metrics` (Prometheus) and
+//! `/` (service info). Its own port, with a header-read timeout (a slow client cannot hold a
+//! connection), a per-request timeout and an idle-connection timeout.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpListener,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+use tracing::{debug, warn};
+
+use crate::{config::HttpConfig, metrics, registry::Registry, scheduler::SchedulerStats, store::Store};
+
+/// What the handlers read.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    pub coordinator_id: String,
+    pub store: Store,
+    pub registry: Registry,
+    pub scheduler: Arc<SchedulerStats>,
+    pub metrics: PrometheusHandle,
+    /// Cancelled when shutdown begins; `/health` turns 503 so load balancers stop sending work.
+    pub closing: CancellationToken,
+    pub grpc_addr: SocketAddr,
+    pub started: Instant,
+}
+
+pub fn router(state: HttpState, request_timeout: Duration) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/health/live", get(live))
+        .route("/metrics", get(metrics_text))
+        .route("/", get(info))
+        .fallback(not_found)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            request_timeout,
+        ))
+        .with_state(state)
+}
+
+#[derive(Debug, Serialize)]
+struct WorkersBody {
+    total: u32,
+    active: u32,
+    suspect: u32,
+    dead: u32,
+    draining: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct CapacityBody {
+    total: u32,
+    used: u32,
+    available: u32,
+}
+
+#[derive(Debug, Serialize)]
+struct SchedulerBody {
+    tasks_assigned: u64,
+    assignments_failed: u64,
+    poll_cycles: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct HealthBody {
+    status: &'static str,
+    coordinator_id: String,
+    workers: WorkersBody,
+    capacity: CapacityBody,
+    scheduler: SchedulerBody,
+    database: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// How long `/health` waits for the database before calling it unreachable.
+const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn health(State(s): State<HttpState>) -> Response {
+    let c = s.registry.counts();
+    let db_ok = matches!(tokio::time::timeout(DB_PROBE_TIMEOUT, s.store.ping()).await, Ok(Ok(())));
+    let closing = s.closing.is_cancelled();
+    let (status, reason) = match (closing, db_ok) {
+        (true, _) => ("shutting_down", Some("shutdown has begun".to_owned())),
+        (false, false) => ("unhealthy", Some("database unreachable".to_owned())),
+        (false, true) => ("healthy", None),
+    };
+    let body = HealthBody {
+        status,
+        coordinator_id: s.coordinator_id.clone(),
+        workers: WorkersBody {
+            total: c.total,
+            active: c.active,
+            suspect: c.suspect,
+            dead: c.dead,
+            draining: c.draining,
+        },
+        capacity: CapacityBody {
+            total: c.capacity_total,
+            used: c.capacity_used,
+            available: c.capacity_total.saturating_sub(c.capacity_used),
+        },
+        scheduler: SchedulerBody {
+            tasks_assigned: s.scheduler.tasks_assigned.load(Ordering::Relaxed),
+            assignments_failed: s.scheduler.assignments_failed.load(Ordering::Relaxed),
+            poll_cycles: s.scheduler.poll_cycles.load(Ordering::Relaxed),
+        },
+        database: if db_ok { "connected" } else { "unreachable" },
+        reason,
+    };
+    let code = if status == "healthy" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+async fn live() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "alive"}))
+}
+
+async fn metrics_text(State(s): State<HttpState>) -> Response {
+    // Registry gauges are cheap and exact at scrape time; database gauges come from the
+    // periodic refresh in the app.
+    let c = s.registry.counts();
+    metrics::set_registry_gauges(&c);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], s.metrics.render()).into_response()
+}
+
+async fn info(State(s): State<HttpState>) -> impl IntoResponse {
+    Json(serde_json::json!({
+        "service": "coordinator",
+        "version": env!("CARGO_PKG_VERSION"),
+        "coordinator_id": s.coordinator_id,
+        "database": s.store.backend(),
+        "grpc_port": s.grpc_addr.port(),
+        "uptime_seconds": s.started.elapsed().as_secs(),
+        "endpoints": {
+            "health": "/health",
+            "live": "/health/live",
+            "metrics": "/metrics",
+            "grpc": "coordinator.CoordinatorService",
+        },
+    }))
+}
+
+async fn not_found() -> impl IntoResponse {
+    (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "not found"})))
+}
+
+/// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
+pub async fn serve(listener: TcpListener, router: Router, cfg: HttpConfig, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let conn_shutdown = CancellationToken::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(error) => {
+                    warn!(%error, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let cfg = cfg.clone();
+        let stop = conn_shutdown.clone();
+        tracker.spawn(async move {
+            let activity = Arc::new(AtomicU64::new(0));
+            let epoch = Instant::now();
+            let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone(), epoch });
+            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                router.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(cfg.read_timeout).keep_alive(true);
+            builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(cfg.idle_timeout));
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            tokio::pin!(conn);
+            let mut watchdog = tokio::time::interval((cfg.idle_timeout / 4).max(Duration::from_millis(10)));
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(error) = result {
+                            debug!(%error, %peer, "http connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop.cancelled(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = watchdog.tick(), if !closing => {
+                        let idle = epoch.elapsed().saturating_sub(Duration::from_millis(activity.load(Ordering::Relaxed)));
+                        if idle > cfg.idle_timeout {
+                            debug!(%peer, "closing idle http connection");
+                            closing = true;
+                            conn.as_mut().graceful_shutdown();
+                        }
+                    }
+                }
+            }
+        });
+    }
+    conn_shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// A socket that notes when it last moved bytes, for the idle timeout.
+struct ActivityIo<T> {
+    inner: T,
+    /// Milliseconds since `epoch` of the last read or write.
+    activity: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<T> ActivityIo<T> {
+    fn touch(&self) {
+        self.activity.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ActivityIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ActivityIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,237 @@
+//! Every metric name in one place (Prometheus, `coordinator_` namespace, units in the names).
+//! The Grafana dashboard and the alert rules use exactly these names.
+
+use std::{sync::OnceLock, time::Duration};
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::{RequeueReason, TaskState, WorkerState};
+
+pub const WORKERS: &str = "coordinator_workers";
+pub const CAPACITY_SLOTS: &str = "coordinator_capacity_slots";
+pub const TASKS: &str = "coordinator_tasks";
+pub const TASKS_UNSCHEDULABLE: &str = "coordinator_tasks_unschedulable";
+pub const STREAMS_OPEN: &str = "coordinator_streams_open";
+pub const DB_POOL_CONNECTIONS: &str = "coordinator_db_pool_connections";
+pub const DB_UP: &str = "coordinator_database_up";
+pub const BUILD_INFO: &str = "coordinator_build_info";
+pub const TASKS_SUBMITTED: &str = "coordinator_tasks_submitted_total";
+pub const TASKS_ASSIGNED: &str = "coordinator_tasks_assigned_total";
+pub const TASKS_COMPLETED: &str = "coordinator_tasks_completed_total";
+pub const TASKS_FAILED: &str = "coordinator_tasks_failed_total";
+pub const TASKS_REQUEUED: &str = "coordinator_tasks_requeued_total";
+pub const TASKS_CANCELLED: &str = "coordinator_tasks_cancelled_total";
+pub const POLL_CYCLES: &str = "coordinator_scheduler_poll_cycles_total";
+pub const HEARTBEATS: &str = "coordinator_heartbeats_total";
+pub const WORKER_TRANSITIONS: &str = "coordinator_worker_transitions_total";
+pub const DISPATCH_LATENCY: &str = "coordinator_dispatch_latency_seconds";
+pub const TASK_DURATION: &str = "coordinator_task_duration_seconds";
+pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
+pub const GRPC_HANDLING: &str = "grpc_server_handling_seconds";
+
+/// Every name `/metrics` exposes once the coordinator has started (dashboards rely on these).
+pub const ALL: &[&str] = &[
+    WORKERS,
+    CAPACITY_SLOTS,
+    TASKS,
+    TASKS_UNSCHEDULABLE,
+    STREAMS_OPEN,
+    DB_POOL_CONNECTIONS,
+    DB_UP,
+    BUILD_INFO,
+    TASKS_SUBMITTED,
+    TASKS_ASSIGNED,
+    TASKS_COMPLETED,
+    TASKS_FAILED,
+    TASKS_REQUEUED,
+    TASKS_CANCELLED,
+    POLL_CYCLES,
+    HEARTBEATS,
+    WORKER_TRANSITIONS,
+    DISPATCH_LATENCY,
+    TASK_DURATION,
+    GRPC_HANDLED,
+    GRPC_HANDLING,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle) and
+/// registers every series so each name appears in the first scrape.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                // Dispatch: 100 µs .. 10 s.
+                .set_buckets_for_metric(
+                    Matcher::Full(DISPATCH_LATENCY.into()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                        1.0, 2.5, 10.0,
+                    ],
+                )
+                .and_then(|b| {
+                    // Task duration: 10 ms .. 4 h (proofs can take hours).
+                    b.set_buckets_for_metric(
+                        Matcher::Full(TASK_DURATION.into()),
+                        &[
+                            0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
+                            14400.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full(GRPC_HANDLING.into()),
+                        &[
+                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                            10.0,
+                        ],
+                    )
+                })
+                .expect("bucket lists are non-empty")
+                .install_recorder()
+                .expect("the metrics recorder is installed once");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(WORKERS, "Workers known to this coordinator, by state.");
+    describe_gauge!(CAPACITY_SLOTS, "Task slots of ACTIVE workers: total, used and available.");
+    describe_gauge!(TASKS, "Tasks in the database, by status.");
+    describe_gauge!(TASKS_UNSCHEDULABLE, "Pending tasks whose type no registered worker runs.");
+    describe_gauge!(STREAMS_OPEN, "Open ReceiveTasks streams.");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Database pool connections, by state (open, idle).");
+    describe_gauge!(DB_UP, "1 when the last database probe succeeded.");
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_counter!(TASKS_SUBMITTED, "Tasks created by submissions.");
+    describe_counter!(TASKS_ASSIGNED, "Assignments pushed to workers.");
+    describe_counter!(TASKS_COMPLETED, "Completions accepted.");
+    describe_counter!(TASKS_FAILED, "Failure reports accepted (retried or final).");
+    describe_counter!(TASKS_REQUEUED, "Tasks taken back from workers, by reason.");
+    describe_counter!(TASKS_CANCELLED, "Tasks cancelled by clients.");
+    describe_counter!(POLL_CYCLES, "Scheduler passes.");
+    describe_counter!(HEARTBEATS, "Heartbeats received.");
+    describe_counter!(WORKER_TRANSITIONS, "Worker state changes, by from and to.");
+    describe_histogram!(
+        DISPATCH_LATENCY,
+        metrics::Unit::Seconds,
+        "From submission to the push onto a worker stream."
+    );
+    describe_histogram!(TASK_DURATION, metrics::Unit::Seconds, "From push to accepted report, by task type.");
+    describe_counter!(GRPC_HANDLED, "gRPC calls completed, by method and code.");
+    describe_histogram!(GRPC_HANDLING, metrics::Unit::Seconds, "gRPC call duration, by method.");
+
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    for s in WorkerState::ALL {
+        gauge!(WORKERS, "state" => s.as_str()).set(0.0);
+    }
+    for kind in ["total", "used", "available"] {
+        gauge!(CAPACITY_SLOTS, "kind" => kind).set(0.0);
+    }
+    for s in TaskState::ALL {
+        gauge!(TASKS, "status" => s.as_str()).set(0.0);
+    }
+    gauge!(STREAMS_OPEN).set(0.0);
+    for state in ["open", "idle"] {
+        gauge!(DB_POOL_CONNECTIONS, "state" => state).set(0.0);
+    }
+    gauge!(DB_UP).set(0.0);
+    counter!(TASKS_SUBMITTED).absolute(0);
+    counter!(TASKS_ASSIGNED).absolute(0);
+    counter!(TASKS_COMPLETED).absolute(0);
+    counter!(TASKS_FAILED).absolute(0);
+    counter!(TASKS_CANCELLED).absolute(0);
+    for r in [RequeueReason::LeaseExpired, RequeueReason::WorkerDead, RequeueReason::Undelivered] {
+        counter!(TASKS_REQUEUED, "reason" => r.as_str()).absolute(0);
+    }
+    counter!(POLL_CYCLES).absolute(0);
+    counter!(HEARTBEATS).absolute(0);
+}
+
+pub fn heartbeat() {
+    counter!(HEARTBEATS).increment(1);
+}
+
+pub fn worker_transition(from: WorkerState, to: WorkerState) {
+    counter!(WORKER_TRANSITIONS, "from" => from.as_str(), "to" => to.as_str()).increment(1);
+}
+
+pub fn poll_cycle() {
+    counter!(POLL_CYCLES).increment(1);
+}
+
+pub fn tasks_submitted(n: u64) {
+    counter!(TASKS_SUBMITTED).increment(n);
+}
+
+pub fn task_assigned(dispatch_latency: Duration) {
+    counter!(TASKS_ASSIGNED).increment(1);
+    histogram!(DISPATCH_LATENCY).record(dispatch_latency.as_secs_f64());
+}
+
+pub fn task_completed(task_type: &str, duration: Option<Duration>) {
+    counter!(TASKS_COMPLETED).increment(1);
+    if let Some(d) = duration {
+        histogram!(TASK_DURATION, "task_type" => task_type.to_owned()).record(d.as_secs_f64());
+    }
+}
+
+pub fn task_failed(task_type: &str, duration: Option<Duration>) {
+    counter!(TASKS_FAILED).increment(1);
+    if let Some(d) = duration {
+        histogram!(TASK_DURATION, "task_type" => task_type.to_owned()).record(d.as_secs_f64());
+    }
+}
+
+pub fn task_cancelled() {
+    counter!(TASKS_CANCELLED).increment(1);
+}
+
+pub fn task_requeued(reason: RequeueReason) {
+    counter!(TASKS_REQUEUED, "reason" => reason.as_str()).increment(1);
+}
+
+pub fn grpc_call(method: &'static str, code: &'static str, elapsed: Duration) {
+    counter!(GRPC_HANDLED, "grpc_method" => method, "grpc_code" => code).increment(1);
+    histogram!(GRPC_HANDLING, "grpc_method" => method).record(elapsed.as_secs_f64());
+}
+
+/// Gauges read off the registry.
+pub fn set_registry_gauges(c: &crate::registry::Counts) {
+    for (state, n) in [
+        (WorkerState::Active, c.active),
+        (WorkerState::Suspect, c.suspect),
+        (WorkerState::Dead, c.dead),
+        (WorkerState::Draining, c.draining),
+    ] {
+        gauge!(WORKERS, "state" => state.as_str()).set(f64::from(n));
+    }
+    gauge!(CAPACITY_SLOTS, "kind" => "total").set(f64::from(c.capacity_total));
+    gauge!(CAPACITY_SLOTS, "kind" => "used").set(f64::from(c.capacity_used));
+    gauge!(CAPACITY_SLOTS, "kind" => "available")
+        .set(f64::from(c.capacity_total.saturating_sub(c.capacity_used)));
+    gauge!(STREAMS_OPEN).set(f64::from(c.streams_open));
+}
+
+/// Gauges read off the database, set by the app's periodic refresh.
+pub fn set_store_gauges(
+    tasks: &std::collections::BTreeMap<TaskState, u64>,
+    unschedulable: &[(String, u64)],
+    pool: (u32, u32),
+    db_up: bool,
+) {
+    for s in TaskState::ALL {
+        gauge!(TASKS, "status" => s.as_str()).set(tasks.get(&s).copied().unwrap_or(0) as f64);
+    }
+    for (t, n) in unschedulable {
+        gauge!(TASKS_UNSCHEDULABLE, "task_type" => t.clone()).set(*n as f64);
+    }
+    gauge!(DB_POOL_CONNECTIONS, "state" => "open").set(f64::from(pool.0));
+    gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(f64::from(pool.1));
+    gauge!(DB_UP).set(if db_up { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,601 @@
+//! The registry: live worker sessions in memory.
+//!
+//! `worker_id -> Session { session_id, sender, capabilities, max_concurrent_tasks, in_flight,
+//! state, last_seen }`. `RegisterWorker` creates a session (a re-registration replaces it);
+//! `ReceiveTasks` attaches a bounded channel whose receiver feeds the gRPC stream; a newer stream
+//! replaces an older one, and the older one's cleanup cannot remove the newer.
+//!
+//! The heartbeat state machine runs here on a timer, in memory:
+//! `ACTIVE --heartbeat_timeout--> SUSPECT --3x heartbeat_timeout--> DEAD`, and a heartbeat brings
+//! SUSPECT back to ACTIVE. The database hears of heartbeats in periodic batches (one statement for
+//! all workers) and of every state change at once. DEAD workers are reported to the sweeper (which
+//! requeues their tasks) and forgotten after `cleanup_interval`.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::{
+    domain::{Assignment, Attempt, TaskId, WorkerId, WorkerState},
+    metrics,
+    scheduler::{Wake, placement::WorkerSlot},
+    store::{Held, Store, WorkerRegistration},
+};
+
+/// What goes down a worker's task stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Push {
+    /// Run this task.
+    Run(Assignment),
+    /// Stop this task: a client cancelled it.
+    Cancel { task_id: TaskId, attempt: Attempt },
+}
+
+/// Why a push could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    #[error("worker is not registered")]
+    UnknownWorker,
+    #[error("worker has no open task stream")]
+    NoStream,
+    #[error("worker's task stream is full")]
+    Full,
+}
+
+/// A registry error surfaced to callers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("worker {0} is not registered")]
+    UnknownWorker(WorkerId),
+}
+
+/// Timings of the heartbeat machine.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    pub coordinator_id: String,
+    pub heartbeat_timeout: Duration,
+    pub cleanup_interval: Duration,
+}
+
+impl RegistryConfig {
+    /// How often the monitor looks at sessions: fine enough to notice a timeout within a tenth
+    /// of it, and never busier than every 10 ms.
+    fn check_every(&self) -> Duration {
+        (self.heartbeat_timeout / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// How often batched heartbeat times are written.
+    fn flush_every(&self) -> Duration {
+        (self.heartbeat_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+}
+
+/// The registry handle. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: RegistryConfig,
+    store: Store,
+    /// Wakes the scheduler when a worker becomes schedulable or frees capacity.
+    wake: Wake,
+    /// std Mutex: every critical section is a few map operations and is never held across an
+    /// `.await`; the guard is dropped before any send or I/O.
+    state: Mutex<State>,
+    /// The sweeper holds the receiver: DEAD workers whose tasks must be requeued now.
+    dead_tx: mpsc::UnboundedSender<WorkerId>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: HashMap<WorkerId, Session>,
+    next_stream_id: u64,
+}
+
+#[derive(Debug)]
+struct Session {
+    session_id: Uuid,
+    capabilities: Vec<String>,
+    max_concurrent_tasks: u32,
+    /// Tasks pushed to this worker and not yet reported, requeued or cancelled.
+    in_flight: HashMap<TaskId, InFlight>,
+    state: WorkerState,
+    last_seen: Instant,
+    /// Wall-clock time of the last heartbeat, and whether the database has it yet.
+    last_seen_at: DateTime<Utc>,
+    heartbeat_dirty: bool,
+    dead_since: Option<Instant>,
+    stream: Option<StreamSlot>,
+}
+
+#[derive(Debug, Clone)]
+struct InFlight {
+    attempt: Attempt,
+    /// Known for tasks pushed by this process; absent for tasks recovered after a restart.
+    task_type: Option<String>,
+    since: Instant,
+}
+
+impl InFlight {
+    fn recovered(attempt: Attempt) -> Self {
+        Self { attempt, task_type: None, since: Instant::now() }
+    }
+}
+
+/// A task released from a worker's slot: what the duration metric needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Released {
+    pub task_type: Option<String>,
+    pub elapsed: std::time::Duration,
+}
+
+#[derive(Debug)]
+struct StreamSlot {
+    id: u64,
+    /// The gRPC stream of this worker holds the receiver.
+    tx: mpsc::Sender<Push>,
+}
+
+impl Session {
+    fn free(&self) -> u32 {
+        self.max_concurrent_tasks.saturating_sub(self.in_flight.len() as u32)
+    }
+
+    fn schedulable(&self) -> bool {
+        self.state == WorkerState::Active && self.stream.as_ref().is_some_and(|s| !s.tx.is_closed())
+    }
+}
+
+/// A live worker as listed by the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionInfo {
+    pub worker_id: WorkerId,
+    pub session_id: Uuid,
+    pub state: WorkerState,
+    pub max_concurrent_tasks: u32,
+    pub in_flight: u32,
+    pub connected: bool,
+    pub last_seen_at: DateTime<Utc>,
+}
+
+/// Counts for `/health` and the gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub total: u32,
+    pub active: u32,
+    pub suspect: u32,
+    pub dead: u32,
+    pub draining: u32,
+    pub capacity_total: u32,
+    pub capacity_used: u32,
+    pub streams_open: u32,
+}
+
+/// A newly registered session.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub session_id: Uuid,
+    /// Tasks the store says this worker holds: they count against its capacity.
+    pub held: Vec<Held>,
+}
+
+impl Registry {
+    /// Creates the registry and the receiver of DEAD notifications (for the sweeper).
+    pub fn new(
+        config: RegistryConfig,
+        store: Store,
+        wake: Wake,
+    ) -> (Registry, mpsc::UnboundedReceiver<WorkerId>) {
+        let (dead_tx, dead_rx) = mpsc::unbounded_channel();
+        let shared = Shared { config, store, wake, state: Mutex::new(State::default()), dead_tx };
+        (Registry { shared: Arc::new(shared) }, dead_rx)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain maps behind; keep serving.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.shared.config
+    }
+
+    /// Registers a worker (or re-registers it after a restart): a new session, state ACTIVE,
+    /// persisted at once. Tasks the store says it still holds count against its capacity.
+    pub async fn register(&self, reg: WorkerRegistration) -> crate::store::Result<Registered> {
+        self.shared.store.upsert_worker(&reg).await?;
+        let held = self.shared.store.held_by(&reg.id).await?;
+        let now = Instant::now();
+        let mut state = self.lock();
+        let previous = state.sessions.remove(&reg.id);
+        let session = Session {
+            session_id: reg.session_id,
+            capabilities: reg.capabilities.clone(),
+            max_concurrent_tasks: reg.max_concurrent_tasks,
+            in_flight: held.iter().map(|h| (h.task_id, InFlight::recovered(h.attempt))).collect(),
+            state: WorkerState::Active,
+            last_seen: now,
+            last_seen_at: Utc::now(),
+            heartbeat_dirty: false,
+            dead_since: None,
+            // A stream opened by the previous session stays attached: the worker re-registered
+            // over a live connection and need not reopen it.
+            stream: previous.and_then(|p| p.stream),
+        };
+        state.sessions.insert(reg.id.clone(), session);
+        drop(state);
+        self.shared.wake.wake();
+        Ok(Registered { session_id: reg.session_id, held })
+    }
+
+    /// Records a heartbeat. `Err` when the worker is unknown or already DEAD (it must register
+    /// again). Brings a SUSPECT worker back to ACTIVE.
+    pub async fn heartbeat(&self, worker: &WorkerId) -> Result<WorkerState, RegistryError> {
+        let revived = {
+            let mut state = self.lock();
+            let Some(s) = state.sessions.get_mut(worker) else {
+                return Err(RegistryError::UnknownWorker(worker.clone()));
+            };
+            if s.state == WorkerState::Dead {
+                return Err(RegistryError::UnknownWorker(worker.clone()));
+            }
+            s.last_seen = Instant::now();
+            s.last_seen_at = Utc::now();
+            s.heartbeat_dirty = true;
+            let revived = s.state == WorkerState::Suspect;
+            if revived {
+                s.state = WorkerState::Active;
+            }
+            (revived.then_some(s.session_id), s.state)
+        };
+        metrics::heartbeat();
+        if let (Some(session), _) = revived {
+            info!(worker_id = %worker, "worker is active again");
+            metrics::worker_transition(WorkerState::Suspect, WorkerState::Active);
+            self.persist_state(worker, session, WorkerState::Active).await;
+            self.shared.wake.wake();
+        }
+        Ok(revived.1)
+    }
+
+    /// Adds tasks the worker says it runs (renewed in the store) to its in-flight set, and drops
+    /// those the store says it no longer holds.
+    pub fn reconcile(&self, worker: &WorkerId, held: &[(TaskId, Attempt)], revoked: &[TaskId]) {
+        let mut state = self.lock();
+        if let Some(s) = state.sessions.get_mut(worker) {
+            for (t, a) in held {
+                s.in_flight.entry(*t).or_insert_with(|| InFlight::recovered(*a));
+            }
+            for t in revoked {
+                s.in_flight.remove(t);
+            }
+        }
+    }
+
+    /// Drain: the worker takes no new work; it may still report what it runs.
+    pub async fn deregister(&self, worker: &WorkerId) -> Result<u32, RegistryError> {
+        let (session, in_flight, from) = {
+            let mut state = self.lock();
+            let Some(s) = state.sessions.get_mut(worker) else {
+                return Err(RegistryError::UnknownWorker(worker.clone()));
+            };
+            let from = s.state;
+            s.state = WorkerState::Draining;
+            (s.session_id, s.in_flight.len() as u32, from)
+        };
+        if from != WorkerState::Draining {
+            metrics::worker_transition(from, WorkerState::Draining);
+            info!(worker_id = %worker, in_flight, "worker is draining");
+            self.persist_state(worker, session, WorkerState::Draining).await;
+        }
+        Ok(in_flight)
+    }
+
+    /// Attaches a task stream; a previous stream of this worker is replaced (its sender dropped,
+    /// so it ends). Returns the stream's id, for [`Registry::detach`].
+    pub fn attach(&self, worker: &WorkerId) -> Result<(u64, mpsc::Receiver<Push>), RegistryError> {
+        let mut state = self.lock();
+        state.next_stream_id += 1;
+        let id = state.next_stream_id;
+        let Some(s) = state.sessions.get_mut(worker) else {
+            return Err(RegistryError::UnknownWorker(worker.clone()));
+        };
+        if s.state == WorkerState::Dead {
+            return Err(RegistryError::UnknownWorker(worker.clone()));
+        }
+        // Assignments never exceed max_concurrent_tasks in flight, so this never fills with them.
+        let (tx, rx) = mpsc::channel(s.max_concurrent_tasks.max(1) as usize);
+        s.stream = Some(StreamSlot { id, tx });
+        drop(state);
+        self.shared.wake.wake();
+        Ok((id, rx))
+    }
+
+    /// Detaches stream `stream_id` if it is still the worker's current one (a newer stream is
+    /// left alone).
+    pub fn detach(&self, worker: &WorkerId, stream_id: u64) {
+        let mut state = self.lock();
+        if let Some(s) = state.sessions.get_mut(worker)
+            && s.stream.as_ref().is_some_and(|slot| slot.id == stream_id)
+        {
+            s.stream = None;
+        }
+    }
+
+    /// Workers that may take work now: ACTIVE, stream open, free capacity.
+    pub fn schedulable(&self) -> Vec<WorkerSlot> {
+        let state = self.lock();
+        let mut slots: Vec<WorkerSlot> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.schedulable() && s.free() > 0)
+            .map(|(id, s)| WorkerSlot {
+                id: id.clone(),
+                capabilities: s.capabilities.clone(),
+                free: s.free(),
+                in_flight: s.in_flight.len() as u32,
+                max: s.max_concurrent_tasks,
+            })
+            .collect();
+        // A stable order makes round-robin fair across passes.
+        slots.sort_by(|a, b| a.id.cmp(&b.id));
+        slots
+    }
+
+    /// Task types some registered (not DEAD) worker can run; `None` means any type.
+    pub fn known_types(&self) -> Option<HashSet<String>> {
+        let state = self.lock();
+        let mut types = HashSet::new();
+        for s in state.sessions.values().filter(|s| s.state != WorkerState::Dead) {
+            if s.capabilities.is_empty() {
+                return None;
+            }
+            types.extend(s.capabilities.iter().cloned());
+        }
+        Some(types)
+    }
+
+    /// Pushes an assignment down its worker's stream and counts it in flight.
+    pub fn push(&self, a: Assignment) -> Result<(), PushError> {
+        let mut state = self.lock();
+        let Some(s) = state.sessions.get_mut(&a.worker_id) else {
+            return Err(PushError::UnknownWorker);
+        };
+        let Some(slot) = &s.stream else {
+            return Err(PushError::NoStream);
+        };
+        let (task_id, attempt, task_type) = (a.task_id, a.attempt, a.task_type.clone());
+        match slot.tx.try_send(Push::Run(a)) {
+            Ok(()) => {
+                s.in_flight
+                    .insert(task_id, InFlight { attempt, task_type: Some(task_type), since: Instant::now() });
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(PushError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::NoStream),
+        }
+    }
+
+    /// Tells a worker to stop a task (best effort: a worker that misses it learns from its next
+    /// heartbeat, whose answer lists the task as revoked).
+    pub fn push_cancel(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> bool {
+        let tx = {
+            let mut state = self.lock();
+            let Some(s) = state.sessions.get_mut(worker) else { return false };
+            s.in_flight.remove(&task_id);
+            s.stream.as_ref().map(|slot| slot.tx.clone())
+        };
+        self.shared.wake.wake();
+        let Some(tx) = tx else { return false };
+        match tx.try_send(Push::Cancel { task_id, attempt }) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(push)) => {
+                // The stream is busy; deliver the cancellation as soon as there is room.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), tx.send(push)).await;
+                });
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Frees a worker's slot for a task (reported, requeued or cancelled) and wakes the
+    /// scheduler.
+    /// Only the slot of that very attempt is freed: a late release of an older attempt leaves a
+    /// newer assignment of the same task alone.
+    pub fn release(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Option<Released> {
+        let freed = {
+            let mut state = self.lock();
+            let s = state.sessions.get_mut(worker)?;
+            if s.in_flight.get(&task_id).is_some_and(|f| f.attempt == attempt) {
+                s.in_flight.remove(&task_id)
+            } else {
+                None
+            }
+        };
+        let freed = freed?;
+        self.shared.wake.wake();
+        Some(Released { task_type: freed.task_type, elapsed: freed.since.elapsed() })
+    }
+
+    /// The live sessions.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let state = self.lock();
+        let mut out: Vec<SessionInfo> = state
+            .sessions
+            .iter()
+            .map(|(id, s)| SessionInfo {
+                worker_id: id.clone(),
+                session_id: s.session_id,
+                state: s.state,
+                max_concurrent_tasks: s.max_concurrent_tasks,
+                in_flight: s.in_flight.len() as u32,
+                connected: s.stream.as_ref().is_some_and(|slot| !slot.tx.is_closed()),
+                last_seen_at: s.last_seen_at,
+            })
+            .collect();
+        out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        out
+    }
+
+    pub fn session(&self, worker: &WorkerId) -> Option<SessionInfo> {
+        self.sessions().into_iter().find(|s| &s.worker_id == worker)
+    }
+
+    /// Counts by state and capacity, for `/health` and gauges. DEAD workers have no capacity.
+    pub fn counts(&self) -> Counts {
+        let state = self.lock();
+        let mut c = Counts::default();
+        for s in state.sessions.values() {
+            c.total += 1;
+            match s.state {
+                WorkerState::Active => c.active += 1,
+                WorkerState::Suspect => c.suspect += 1,
+                WorkerState::Dead => c.dead += 1,
+                WorkerState::Draining => c.draining += 1,
+            }
+            if s.stream.is_some() {
+                c.streams_open += 1;
+            }
+            if s.state == WorkerState::Active {
+                c.capacity_total += s.max_concurrent_tasks;
+                c.capacity_used += (s.in_flight.len() as u32).min(s.max_concurrent_tasks);
+            }
+        }
+        c
+    }
+
+    /// Closes every open task stream (their senders are dropped). Used at shutdown after the
+    /// streams were told to end.
+    pub fn close_streams(&self) {
+        let mut state = self.lock();
+        for s in state.sessions.values_mut() {
+            s.stream = None;
+        }
+    }
+
+    /// Writes batched heartbeat times to the store: one statement for all workers.
+    pub async fn flush_heartbeats(&self) -> crate::store::Result<()> {
+        let beats: Vec<(WorkerId, DateTime<Utc>)> = {
+            let mut state = self.lock();
+            state
+                .sessions
+                .iter_mut()
+                .filter(|(_, s)| s.heartbeat_dirty)
+                .map(|(id, s)| {
+                    s.heartbeat_dirty = false;
+                    (id.clone(), s.last_seen_at)
+                })
+                .collect()
+        };
+        if let Err(e) = self.shared.store.flush_heartbeats(&beats).await {
+            // Put them back so the next flush carries them.
+            let mut state = self.lock();
+            for (id, _) in &beats {
+                if let Some(s) = state.sessions.get_mut(id) {
+                    s.heartbeat_dirty = true;
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Runs the heartbeat machine and the batched heartbeat flush until `shutdown`; flushes once
+    /// more on the way out.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut check = tokio::time::interval(self.shared.config.check_every());
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut flush = tokio::time::interval(self.shared.config.flush_every());
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = check.tick() => self.check_liveness().await,
+                _ = flush.tick() => {
+                    if let Err(error) = self.flush_heartbeats().await {
+                        warn!(%error, "failed to flush heartbeats");
+                    }
+                }
+            }
+        }
+        if let Err(error) = self.flush_heartbeats().await {
+            warn!(%error, "failed to flush heartbeats at shutdown");
+        }
+        Ok(())
+    }
+
+    /// One pass of the state machine over every session.
+    pub async fn check_liveness(&self) {
+        let timeout = self.shared.config.heartbeat_timeout;
+        let cleanup = self.shared.config.cleanup_interval;
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        let mut removed = Vec::new();
+        {
+            let mut state = self.lock();
+            state.sessions.retain(|id, s| {
+                let silent = now.saturating_duration_since(s.last_seen);
+                let next = match s.state {
+                    WorkerState::Active | WorkerState::Draining if silent > timeout * 3 => {
+                        Some(WorkerState::Dead)
+                    }
+                    WorkerState::Active if silent > timeout => Some(WorkerState::Suspect),
+                    WorkerState::Suspect if silent > timeout * 3 => Some(WorkerState::Dead),
+                    WorkerState::Dead
+                        if s.dead_since.is_some_and(|d| now.saturating_duration_since(d) > cleanup) =>
+                    {
+                        removed.push(id.clone());
+                        return false;
+                    }
+                    _ => None,
+                };
+                if let Some(next) = next {
+                    changes.push((id.clone(), s.session_id, s.state, next));
+                    s.state = next;
+                    if next == WorkerState::Dead {
+                        s.dead_since = Some(now);
+                        s.stream = None;
+                        s.in_flight.clear();
+                    }
+                }
+                true
+            });
+        }
+        for id in removed {
+            info!(worker_id = %id, "forgot dead worker");
+        }
+        for (id, session, from, to) in changes {
+            metrics::worker_transition(from, to);
+            match to {
+                WorkerState::Dead => {
+                    warn!(worker_id = %id, "worker is dead: no heartbeat for 3x heartbeat_timeout")
+                }
+                _ => warn!(worker_id = %id, from = %from, to = %to, "worker missed its heartbeat"),
+            }
+            self.persist_state(&id, session, to).await;
+            if to == WorkerState::Dead {
+                let _ = self.shared.dead_tx.send(id);
+            }
+        }
+    }
+
+    async fn persist_state(&self, worker: &WorkerId, session: Uuid, to: WorkerState) {
+        if let Err(error) = self.shared.store.set_worker_state(worker, session, to).await {
+            warn!(%error, worker_id = %worker, state = %to, "failed to record worker state");
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The scheduler: a loop that wakes on a tick (`poll_interval`) and, far more often, on events
+//! (task submitted, capacity freed, worker became schedulable). Each pass claims a batch of
+//! runnable tasks the connected workers can take, places them ([`placement::place`], a pure
+//! function), persists the assignments in one transaction, then pushes each into its worker's
+//! stream. A push that fails puts its task back to pending at once.
+
+pub mod placement;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use chrono::Utc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{
+    config::Strategy,
+    events::Events,
+    metrics,
+    registry::Registry,
+    store::{Held, Store, TypeFilter},
+};
+
+/// Wakes the scheduler. Cheap to clone; a wake with no waiter is remembered, so none is lost.
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Arc<Notify>);
+
+impl Wake {
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    async fn notified(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// Counters shown on `/health`.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub tasks_assigned: AtomicU64,
+    pub assignments_failed: AtomicU64,
+    pub poll_cycles: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub strategy: Strategy,
+    pub batch_size: u32,
+    pub poll_interval: Duration,
+    /// The lease a new assignment gets (`stale_task_timeout`).
+    pub lease: Duration,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    store: Store,
+    registry: Registry,
+    wake: Wake,
+    events: Events,
+    stats: Arc<SchedulerStats>,
+    /// Round-robin position, kept across passes.
+    cursor: usize,
+}
+
+impl Scheduler {
+    pub fn new(
+        config: SchedulerConfig,
+        store: Store,
+        registry: Registry,
+        wake: Wake,
+        events: Events,
+        stats: Arc<SchedulerStats>,
+    ) -> Self {
+        Self { config, store, registry, wake, events, stats, cursor: 0 }
+    }
+
+    /// Runs passes on every tick and wake-up until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(self.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = self.wake.notified() => {}
+            }
+            // Keep going while passes come back full: there may be more runnable work.
+            loop {
+                if shutdown.is_cancelled() {
+                    break;
+                }
+                match self.pass().await {
+                    Ok(Pass::Full) => continue,
+                    Ok(Pass::Done) => break,
+                    Err(error) => {
+                        warn!(%error, "scheduler pass failed");
+                        // The database is down or busy: wait for the next tick rather than spin.
+                        break;
+                    }
+                }
+            }
+        }
+        debug!("scheduler stopped");
+        Ok(())
+    }
+
+    /// One pass: claim, place, persist, push.
+    pub async fn pass(&mut self) -> crate::store::Result<Pass> {
+        self.stats.poll_cycles.fetch_add(1, Ordering::Relaxed);
+        metrics::poll_cycle();
+        let workers = self.registry.schedulable();
+        let free: u32 = workers.iter().map(|w| w.free).sum();
+        if free == 0 {
+            return Ok(Pass::Done);
+        }
+        let types = if workers.iter().any(|w| w.capabilities.is_empty()) {
+            TypeFilter::Any
+        } else {
+            let mut t: Vec<String> = workers.iter().flat_map(|w| w.capabilities.iter().cloned()).collect();
+            t.sort();
+            t.dedup();
+            TypeFilter::Only(t)
+        };
+        let limit = free.min(self.config.batch_size);
+        let strategy = self.config.strategy;
+        let mut cursor = self.cursor;
+        let assignments = self
+            .store
+            .claim(limit, &types, self.config.lease, |candidates| {
+                placement::place(strategy, candidates, &workers, &mut cursor)
+            })
+            .await?;
+        self.cursor = cursor;
+        let claimed = assignments.len() as u32;
+        let mut undelivered = Vec::new();
+        let now = Utc::now();
+        for a in assignments {
+            let latency = (now - a.created_at).to_std().unwrap_or_default();
+            let task_id = a.task_id;
+            let held = Held { task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
+            match self.registry.push(a) {
+                Ok(()) => {
+                    self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
+                    metrics::task_assigned(latency);
+                    self.events.changed(task_id);
+                }
+                Err(error) => {
+                    self.stats.assignments_failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(task_id = %held.task_id, worker_id = %held.worker_id, %error, "push failed; requeueing");
+                    undelivered.push(held);
+                }
+            }
+        }
+        if !undelivered.is_empty() {
+            let n = undelivered.len();
+            let requeued = self.store.requeue_undelivered(&undelivered).await?;
+            for r in &requeued {
+                metrics::task_requeued(r.reason);
+                self.events.changed(r.task_id);
+            }
+            warn!(count = n, "assignments could not be pushed and went back to pending");
+            return Ok(Pass::Done);
+        }
+        Ok(if claimed == limit && claimed > 0 { Pass::Full } else { Pass::Done })
+    }
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    /// It claimed as many as it could take: run another.
+    Full,
+    Done,
+}

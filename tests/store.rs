@@ -1,0 +1,1780 @@
+//! The store's contract, run against every backend: SQLite always, and Postgres (a fresh schema per
+//! test) when `TEST_DATABASE_URL` is set.
+//!
+//! Each case is an `async fn(&Store)` in [`cases`]; `store_tests!` makes one `#[tokio::test]` per
+//! case that runs it on each backend in turn, with a fresh database each time. Assertion messages
+//! start with the backend's name.
+//!
+//! Waits never hope: where a test needs time to pass (a 1 ms lease, a backoff) it polls the clock
+//! against the stored timestamp, with a deadline.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use coordinator::{
+    domain::{
+        Assignment, AttemptRecord, Candidate, NewTask, RequeueReason, Task, TaskId, TaskState, WorkerId,
+        WorkerState,
+    },
+    store::{
+        Completion, Failure, Held, ReportOutcome, Requeued, RetryPolicy, Store, TaskFilter, TypeFilter,
+        WorkerRegistration, testing::TestDb,
+    },
+};
+use uuid::Uuid;
+
+/// One `#[tokio::test]` per case: the case runs on every backend, each with a fresh database.
+macro_rules! store_tests {
+    ($($case:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            for db in TestDb::all().await {
+                cases::$case(&db.store).await;
+                db.cleanup().await;
+            }
+        }
+    )*};
+}
+
+store_tests!(
+    // create_tasks
+    create_tasks_stores_every_field,
+    idempotency_key_returns_the_existing_task,
+    same_idempotency_key_twice_in_one_batch_creates_one_task,
+    tasks_without_idempotency_key_never_collide,
+    // claim
+    claim_orders_by_priority_then_age_and_honours_limit,
+    claim_skips_tasks_whose_run_after_is_in_the_future,
+    claim_type_filter_only_offers_those_types,
+    claim_leaves_tasks_that_place_omits_pending,
+    claim_ignores_placements_of_tasks_that_were_not_candidates,
+    claim_assigns_attempt_worker_lease_deadline_and_history,
+    // mark_running, renew_leases
+    mark_running_applies_only_for_the_holding_worker_and_attempt,
+    renew_leases_returns_only_tasks_still_held,
+    // complete
+    complete_applies_once_then_reports_duplicate,
+    complete_from_another_worker_is_stale_and_changes_nothing,
+    complete_from_an_old_attempt_is_stale,
+    complete_of_an_unknown_task_is_not_found,
+    complete_batch_returns_one_outcome_per_report_in_order,
+    complete_batch_with_a_stale_report_before_the_current_one_for_the_same_task,
+    // fail
+    fail_retriable_goes_back_to_pending_after_backoff,
+    fail_retriable_after_max_attempts_is_failed,
+    fail_non_retriable_is_failed_at_once,
+    fail_repeated_report_is_duplicate,
+    fail_from_a_stale_attempt_or_worker_is_stale,
+    // cancel
+    cancel_pending_task_has_no_holder,
+    cancel_held_task_names_its_holder_and_fences_later_reports,
+    cancel_of_a_terminal_task_returns_it_unchanged,
+    cancel_of_an_unknown_task_is_none,
+    // requeues
+    requeue_expired_returns_lapsed_leases_to_pending,
+    requeue_expired_fails_a_task_out_of_attempts,
+    requeue_expired_respects_its_limit,
+    requeue_expired_leaves_a_task_completed_before_it,
+    requeue_worker_gives_back_every_task_of_that_worker_only,
+    requeue_undelivered_moves_only_assigned_tasks_without_charging,
+    // races
+    concurrent_claimers_never_share_a_task,
+    completion_racing_requeue_worker_lands_exactly_once,
+    // workers
+    workers_register_and_list_with_in_flight_counts,
+    worker_reregistration_replaces_session_and_fences_state_changes,
+    flush_heartbeats_updates_many_workers_and_never_moves_backwards,
+    worker_stats_count_outcomes_and_duration,
+    // jobs, listings, counts
+    jobs_track_their_tasks_until_done,
+    list_tasks_filters_and_pages_in_id_order,
+    task_counts_and_pending_by_type,
+);
+
+// ---- helpers ----
+
+const LONG_LEASE: Duration = Duration::from_secs(600);
+const TINY_LEASE: Duration = Duration::from_millis(1);
+/// Slack for comparing a stored timestamp with the test's clock (Postgres keeps microseconds).
+const SLACK: TimeDelta = TimeDelta::milliseconds(5);
+
+fn ms(n: i64) -> TimeDelta {
+    TimeDelta::milliseconds(n)
+}
+
+fn td(d: Duration) -> TimeDelta {
+    TimeDelta::from_std(d).expect("duration fits")
+}
+
+fn w(id: &str) -> WorkerId {
+    WorkerId::from(id)
+}
+
+fn new_task(task_type: &str) -> NewTask {
+    NewTask {
+        id: TaskId::new(),
+        task_type: task_type.to_owned(),
+        payload: format!("payload of a {task_type}").into_bytes(),
+        priority: 0,
+        max_attempts: 3,
+        timeout: Duration::from_secs(60),
+        idempotency_key: None,
+        job_id: None,
+    }
+}
+
+fn with_attempts(mut t: NewTask, max_attempts: u32) -> NewTask {
+    t.max_attempts = max_attempts;
+    t
+}
+
+/// Creates tasks that must all be new; returns them as stored.
+async fn create(s: &Store, tasks: Vec<NewTask>) -> Vec<Task> {
+    let created = s.create_tasks(&tasks).await.expect("create_tasks");
+    assert_eq!(created.len(), tasks.len(), "{}: one Created per NewTask", s.backend());
+    created
+        .into_iter()
+        .map(|c| {
+            assert!(c.created, "{}: task {} should be new", s.backend(), c.task.id);
+            c.task
+        })
+        .collect()
+}
+
+async fn create_n(s: &Store, task_type: &str, n: usize) -> Vec<Task> {
+    create(s, (0..n).map(|_| new_task(task_type)).collect()).await
+}
+
+async fn create_one(s: &Store, t: NewTask) -> Task {
+    create(s, vec![t]).await.remove(0)
+}
+
+async fn get(s: &Store, id: TaskId) -> Task {
+    s.get_task(id).await.expect("get_task").unwrap_or_else(|| panic!("{}: task {id} is missing", s.backend()))
+}
+
+async fn attempts(s: &Store, id: TaskId) -> Vec<AttemptRecord> {
+    s.attempts(id).await.expect("attempts")
+}
+
+async fn all_tasks(s: &Store) -> Vec<Task> {
+    s.list_tasks(&TaskFilter { limit: 100_000, ..TaskFilter::default() }).await.expect("list_tasks")
+}
+
+fn held(a: &Assignment) -> Held {
+    Held { task_id: a.task_id, worker_id: a.worker_id.clone(), attempt: a.attempt }
+}
+
+fn held_as(task_id: TaskId, worker: &str, attempt: u32) -> Held {
+    Held { task_id, worker_id: w(worker), attempt }
+}
+
+fn completion(h: &Held, result: &[u8]) -> Completion {
+    Completion { held: h.clone(), result: result.to_vec() }
+}
+
+fn failure(h: &Held, error: &str, retriable: bool) -> Failure {
+    Failure { held: h.clone(), error: error.to_owned(), retriable }
+}
+
+fn policy(base_ms: u64) -> RetryPolicy {
+    RetryPolicy { base: Duration::from_millis(base_ms), max: Duration::from_secs(3600) }
+}
+
+/// Claims exactly `ids` (in any order) for `worker`; other candidates stay pending. Returns the
+/// assignments in the order of `ids`.
+async fn claim_ids(s: &Store, ids: &[TaskId], worker: &WorkerId, lease: Duration) -> Vec<Assignment> {
+    let want: HashSet<TaskId> = ids.iter().copied().collect();
+    let to = worker.clone();
+    let got = s
+        .claim(10_000, &TypeFilter::Any, lease, move |cands: &[Candidate]| {
+            cands.iter().filter(|c| want.contains(&c.id)).map(|c| (c.id, to.clone())).collect()
+        })
+        .await
+        .expect("claim");
+    assert_eq!(got.len(), ids.len(), "{}: claimed {got:?}, wanted {ids:?}", s.backend());
+    ids.iter().map(|id| got.iter().find(|a| a.task_id == *id).expect("claimed").clone()).collect()
+}
+
+async fn claim_one(s: &Store, id: TaskId, worker: &str, lease: Duration) -> Held {
+    held(&claim_ids(s, &[id], &w(worker), lease).await[0])
+}
+
+async fn complete_one(s: &Store, h: &Held, result: &[u8]) -> ReportOutcome {
+    let mut out = s.complete(&[completion(h, result)]).await.expect("complete");
+    assert_eq!(out.len(), 1, "{}: one outcome per report", s.backend());
+    out.remove(0)
+}
+
+async fn fail_one(s: &Store, h: &Held, error: &str, retriable: bool, p: RetryPolicy) -> ReportOutcome {
+    s.fail(&failure(h, error, retriable), p).await.expect("fail")
+}
+
+/// Polls the clock (bounded) until it is strictly past `t`.
+async fn wait_until_past(t: DateTime<Utc>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Utc::now() <= t {
+        assert!(Instant::now() < deadline, "the clock did not pass {t} within 10s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Waits until the lease of `id` has run out, by the stored `lease_expires_at`.
+async fn wait_for_lease_to_lapse(s: &Store, id: TaskId) {
+    let lease = get(s, id).await.lease_expires_at.expect("a held task has a lease");
+    wait_until_past(lease + ms(2)).await;
+}
+
+fn assert_within(b: &str, what: &str, t: DateTime<Utc>, lo: DateTime<Utc>, hi: DateTime<Utc>) {
+    assert!(lo <= t && t <= hi, "{b}: {what} = {t}, expected within [{lo}, {hi}]");
+}
+
+/// The single attempts row of a task's latest attempt.
+async fn last_attempt(s: &Store, id: TaskId) -> AttemptRecord {
+    attempts(s, id).await.pop().unwrap_or_else(|| panic!("{}: task {id} has no attempts row", s.backend()))
+}
+
+fn registration(id: &str, session: Uuid) -> WorkerRegistration {
+    WorkerRegistration {
+        id: w(id),
+        max_concurrent_tasks: 4,
+        capabilities: vec!["prove".into(), "verify".into()],
+        labels: BTreeMap::from([("gpu".into(), "a100".into()), ("zone".into(), "eu-west-1".into())]),
+        version: "1.2.3".into(),
+        hostname: format!("{id}.example"),
+        session_id: session,
+        coordinator_id: "coord-a".into(),
+    }
+}
+
+/// A timestamp with microsecond precision, as both backends store it.
+fn micros_precision(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(t.timestamp_micros()).expect("in range")
+}
+
+mod cases {
+    use super::*;
+
+    // ---- create_tasks ----
+
+    pub async fn create_tasks_stores_every_field(s: &Store) {
+        let b = s.backend();
+        let mut nt = new_task("prove");
+        nt.payload = vec![0, 1, 2, 254, 255];
+        nt.priority = -7;
+        nt.max_attempts = 5;
+        nt.timeout = Duration::from_millis(12_345);
+        nt.idempotency_key = Some("key-1".into());
+        let plain = new_task("verify");
+        let before = Utc::now();
+        let created = s.create_tasks(&[nt.clone(), plain.clone()]).await.expect("create_tasks");
+        let after = Utc::now();
+        assert_eq!(created.len(), 2, "{b}");
+        assert!(created.iter().all(|c| c.created), "{b}: both tasks are new");
+        let t = &created[0].task;
+        assert_eq!(t, &get(s, nt.id).await, "{b}: the returned task is the stored row");
+        assert_eq!(t.id, nt.id, "{b}");
+        assert_eq!(t.task_type, "prove", "{b}");
+        assert_eq!(t.payload, vec![0, 1, 2, 254, 255], "{b}");
+        assert_eq!(t.priority, -7, "{b}");
+        assert_eq!(t.max_attempts, 5, "{b}");
+        assert_eq!(t.timeout, Duration::from_millis(12_345), "{b}");
+        assert_eq!(t.idempotency_key.as_deref(), Some("key-1"), "{b}");
+        assert_eq!(t.state, TaskState::Pending, "{b}");
+        assert_eq!((t.attempt, t.failures), (0, 0), "{b}: attempt and failures start at 0");
+        assert_eq!(t.worker_id, None, "{b}");
+        assert_eq!(t.job_id, None, "{b}");
+        assert_eq!((&t.result, &t.error), (&None, &None), "{b}");
+        assert_eq!(t.lease_expires_at, None, "{b}");
+        assert_eq!((t.assigned_at, t.started_at, t.finished_at), (None, None, None), "{b}");
+        assert_within(b, "created_at", t.created_at, before - SLACK, after + SLACK);
+        assert_within(b, "run_after", t.run_after, before - SLACK, after + SLACK);
+        assert!(attempts(s, t.id).await.is_empty(), "{b}: no attempts before a claim");
+
+        let p = &created[1].task;
+        assert_eq!(p, &get(s, plain.id).await, "{b}");
+        assert_eq!((p.task_type.as_str(), p.idempotency_key.as_deref()), ("verify", None), "{b}");
+        assert_eq!(p.payload, plain.payload, "{b}");
+        assert_eq!((p.max_attempts, p.timeout), (3, Duration::from_secs(60)), "{b}");
+        assert_eq!(s.get_task(TaskId::new()).await.expect("get_task"), None, "{b}: unknown id");
+    }
+
+    pub async fn idempotency_key_returns_the_existing_task(s: &Store) {
+        let b = s.backend();
+        let mut first = new_task("prove");
+        first.idempotency_key = Some("order-42".into());
+        let original = create_one(s, first.clone()).await;
+
+        let mut again = new_task("verify");
+        again.payload = b"different".to_vec();
+        again.priority = 99;
+        again.idempotency_key = Some("order-42".into());
+        let fresh = NewTask { idempotency_key: Some("order-43".into()), ..new_task("prove") };
+        let out = s.create_tasks(&[again.clone(), fresh.clone()]).await.expect("create_tasks");
+        assert_eq!(out.len(), 2, "{b}");
+        assert!(!out[0].created, "{b}: a known key is not created again");
+        assert_eq!(out[0].task, original, "{b}: the existing task is returned as it is");
+        assert!(out[1].created, "{b}: a new key in the same batch is created");
+        assert_eq!(out[1].task.id, fresh.id, "{b}");
+        assert_eq!(s.get_task(again.id).await.expect("get_task"), None, "{b}: the duplicate was not stored");
+        assert_eq!(all_tasks(s).await.len(), 2, "{b}");
+
+        // Still the same task after it moved on: the key keeps returning it, in its current state.
+        let h = claim_one(s, original.id, "w1", LONG_LEASE).await;
+        let again2 = NewTask { idempotency_key: Some("order-42".into()), ..new_task("prove") };
+        let out = s.create_tasks(&[again2]).await.expect("create_tasks");
+        assert!(!out[0].created, "{b}");
+        assert_eq!(out[0].task.id, original.id, "{b}");
+        assert_eq!(out[0].task.state, TaskState::Assigned, "{b}");
+        assert_eq!(out[0].task.attempt, h.attempt, "{b}");
+    }
+
+    pub async fn same_idempotency_key_twice_in_one_batch_creates_one_task(s: &Store) {
+        let b = s.backend();
+        let one = NewTask { idempotency_key: Some("dup".into()), ..new_task("prove") };
+        let two =
+            NewTask { idempotency_key: Some("dup".into()), payload: b"second".to_vec(), ..new_task("prove") };
+        let out = s.create_tasks(&[one.clone(), two.clone()]).await.expect("create_tasks");
+        assert_eq!(out.len(), 2, "{b}: one Created per NewTask");
+        assert!(out[0].created, "{b}: the first task with the key is created");
+        assert!(!out[1].created, "{b}: the second returns the first");
+        assert_eq!(out[0].task.id, one.id, "{b}");
+        assert_eq!(out[1].task, out[0].task, "{b}: the second gets the first task");
+        assert_eq!(out[1].task.payload, one.payload, "{b}");
+        assert_eq!(s.get_task(two.id).await.expect("get_task"), None, "{b}");
+        assert_eq!(all_tasks(s).await.len(), 1, "{b}");
+    }
+
+    pub async fn tasks_without_idempotency_key_never_collide(s: &Store) {
+        let b = s.backend();
+        let same = new_task("prove");
+        let batch: Vec<NewTask> = (0..3).map(|_| NewTask { id: TaskId::new(), ..same.clone() }).collect();
+        let first = create(s, batch).await;
+        let batch: Vec<NewTask> = (0..3).map(|_| NewTask { id: TaskId::new(), ..same.clone() }).collect();
+        let second = create(s, batch).await;
+        let ids: BTreeSet<TaskId> = first.iter().chain(&second).map(|t| t.id).collect();
+        assert_eq!(ids.len(), 6, "{b}: six distinct tasks");
+        assert_eq!(all_tasks(s).await.len(), 6, "{b}");
+        assert!(first.iter().chain(&second).all(|t| t.idempotency_key.is_none()), "{b}");
+    }
+
+    // ---- claim ----
+
+    pub async fn claim_orders_by_priority_then_age_and_honours_limit(s: &Store) {
+        let b = s.backend();
+        let prios = [0, 5, 0, 10, 5, -1];
+        let tasks =
+            create(s, prios.iter().map(|&p| NewTask { priority: p, ..new_task("prove") }).collect()).await;
+        let id = |i: usize| tasks[i].id;
+
+        let mut offered = Vec::new();
+        let got = s
+            .claim(3, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
+                offered = c.to_vec();
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        let offered_ids: Vec<TaskId> = offered.iter().map(|c| c.id).collect();
+        assert_eq!(offered_ids, vec![id(3), id(1), id(4)], "{b}: priority 10, then the two 5s oldest first");
+        assert_eq!(
+            offered.iter().map(|c| (c.priority, c.task_type.as_str())).collect::<Vec<_>>(),
+            vec![(10, "prove"), (5, "prove"), (5, "prove")],
+            "{b}: candidates carry type and priority"
+        );
+        let got: BTreeSet<TaskId> = got.iter().map(|a| a.task_id).collect();
+        assert_eq!(got, BTreeSet::from([id(3), id(1), id(4)]), "{b}: limit 3 claims the top 3");
+
+        let mut offered = Vec::new();
+        let got = s
+            .claim(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
+                offered = c.iter().map(|c| c.id).collect();
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert_eq!(offered, vec![id(0), id(2), id(5)], "{b}: then the 0s oldest first, then -1");
+        assert_eq!(got.len(), 3, "{b}");
+        let none =
+            s.claim(10, &TypeFilter::Any, LONG_LEASE, |_| panic!("no candidates")).await.expect("claim");
+        assert!(none.is_empty(), "{b}: nothing left");
+        assert!(
+            s.claim(0, &TypeFilter::Any, LONG_LEASE, |_| Vec::new()).await.expect("claim").is_empty(),
+            "{b}: limit 0"
+        );
+    }
+
+    pub async fn claim_skips_tasks_whose_run_after_is_in_the_future(s: &Store) {
+        let b = s.backend();
+        let later = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, later.id, "w1", LONG_LEASE).await;
+        // A retriable failure with a one-minute backoff: pending, but not runnable for a minute.
+        let out = fail_one(s, &h, "transient", true, policy(60_000)).await;
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Pending }, "{b}");
+        let t = get(s, later.id).await;
+        assert_eq!(t.state, TaskState::Pending, "{b}");
+        assert!(
+            t.run_after > Utc::now() + TimeDelta::seconds(50),
+            "{b}: run_after {} is a minute out",
+            t.run_after
+        );
+
+        let now = create_one(s, new_task("prove")).await;
+        let mut offered = Vec::new();
+        let got = s
+            .claim(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
+                offered = c.iter().map(|c| c.id).collect();
+                c.iter().map(|c| (c.id, w("w2"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert_eq!(offered, vec![now.id], "{b}: only the runnable task is a candidate");
+        assert_eq!(got.iter().map(|a| a.task_id).collect::<Vec<_>>(), vec![now.id], "{b}");
+        let t = get(s, later.id).await;
+        assert_eq!(
+            (t.state, t.attempt, t.worker_id.clone()),
+            (TaskState::Pending, 1, None),
+            "{b}: untouched"
+        );
+    }
+
+    pub async fn claim_type_filter_only_offers_those_types(s: &Store) {
+        let b = s.backend();
+        let tasks = create(s, vec![new_task("a"), new_task("b"), new_task("c"), new_task("a")]).await;
+        let only = TypeFilter::Only(vec!["a".into(), "c".into()]);
+        let mut offered = Vec::new();
+        let got = s
+            .claim(10, &only, LONG_LEASE, |c: &[Candidate]| {
+                offered = c.to_vec();
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert!(offered.iter().all(|c| c.task_type != "b"), "{b}: no b offered: {offered:?}");
+        let got: BTreeSet<TaskId> = got.iter().map(|a| a.task_id).collect();
+        assert_eq!(got, BTreeSet::from([tasks[0].id, tasks[2].id, tasks[3].id]), "{b}");
+        let bt = get(s, tasks[1].id).await;
+        assert_eq!((bt.state, bt.attempt), (TaskState::Pending, 0), "{b}: the b task stays pending");
+
+        let none = TypeFilter::Only(vec!["zzz".into()]);
+        assert!(
+            s.claim(10, &none, LONG_LEASE, |_| panic!("nothing")).await.expect("claim").is_empty(),
+            "{b}"
+        );
+        let empty = TypeFilter::Only(Vec::new());
+        assert!(
+            s.claim(10, &empty, LONG_LEASE, |_| panic!("nothing")).await.expect("claim").is_empty(),
+            "{b}"
+        );
+        let only_b = TypeFilter::Only(vec!["b".into()]);
+        let got = s.claim(10, &only_b, LONG_LEASE, |c| c.iter().map(|c| (c.id, w("w2"))).collect()).await;
+        assert_eq!(
+            got.expect("claim").iter().map(|a| a.task_id).collect::<Vec<_>>(),
+            vec![tasks[1].id],
+            "{b}"
+        );
+    }
+
+    pub async fn claim_leaves_tasks_that_place_omits_pending(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 3).await;
+        let middle = tasks[1].id;
+        let got = s
+            .claim(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
+                assert_eq!(c.len(), 3);
+                vec![(middle, w("w1"))]
+            })
+            .await
+            .expect("claim");
+        assert_eq!(got.iter().map(|a| a.task_id).collect::<Vec<_>>(), vec![middle], "{b}");
+        for t in [&tasks[0], &tasks[2]] {
+            let now = get(s, t.id).await;
+            assert_eq!(&now, t, "{b}: task {} left out by place is unchanged", t.id);
+            assert_eq!((now.state, now.attempt, now.worker_id), (TaskState::Pending, 0, None), "{b}");
+            assert!(attempts(s, t.id).await.is_empty(), "{b}: no attempts row");
+        }
+        // Placing nothing at all claims nothing.
+        let got = s.claim(10, &TypeFilter::Any, LONG_LEASE, |_| Vec::new()).await.expect("claim");
+        assert!(got.is_empty(), "{b}");
+        assert_eq!(get(s, tasks[0].id).await, tasks[0], "{b}");
+        // They are still candidates next time.
+        let mut offered = Vec::new();
+        s.claim(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
+            offered = c.iter().map(|c| c.id).collect();
+            Vec::new()
+        })
+        .await
+        .expect("claim");
+        assert_eq!(offered, vec![tasks[0].id, tasks[2].id], "{b}");
+    }
+
+    pub async fn claim_ignores_placements_of_tasks_that_were_not_candidates(s: &Store) {
+        let b = s.backend();
+        let x = create_one(s, new_task("a")).await;
+        let y = create_one(s, new_task("b")).await;
+        let z = create_one(s, new_task("a")).await;
+        let hz = claim_one(s, z.id, "w1", LONG_LEASE).await;
+        let z_before = get(s, z.id).await;
+        let unknown = TaskId::new();
+        let got = s
+            .claim(10, &TypeFilter::Only(vec!["a".into()]), LONG_LEASE, |c: &[Candidate]| {
+                assert_eq!(c.iter().map(|c| c.id).collect::<Vec<_>>(), vec![x.id]);
+                vec![
+                    (y.id, w("w2")),    // pending, but filtered out by type
+                    (z.id, w("w2")),    // held by w1
+                    (unknown, w("w2")), // no such task
+                    (x.id, w("w2")),    // the candidate
+                    (x.id, w("w3")),    // the candidate again, to another worker
+                ]
+            })
+            .await
+            .expect("claim");
+        assert_eq!(got.len(), 1, "{b}: only the candidate is assigned: {got:?}");
+        assert_eq!((got[0].task_id, got[0].worker_id.clone(), got[0].attempt), (x.id, w("w2"), 1), "{b}");
+        let xt = get(s, x.id).await;
+        assert_eq!((xt.state, xt.worker_id, xt.attempt), (TaskState::Assigned, Some(w("w2")), 1), "{b}");
+        assert_eq!(attempts(s, x.id).await.len(), 1, "{b}: one attempts row for x");
+        assert_eq!(get(s, y.id).await, y, "{b}: y untouched");
+        assert_eq!(get(s, z.id).await, z_before, "{b}: z still held by w1");
+        assert_eq!(attempts(s, z.id).await.len(), 1, "{b}");
+        assert_eq!(hz.worker_id, w("w1"), "{b}");
+        assert_eq!(s.get_task(unknown).await.expect("get_task"), None, "{b}: nothing invented");
+    }
+
+    pub async fn claim_assigns_attempt_worker_lease_deadline_and_history(s: &Store) {
+        let b = s.backend();
+        let nt = NewTask {
+            priority: 3,
+            timeout: Duration::from_millis(90_500),
+            payload: vec![9, 8, 7],
+            ..new_task("prove")
+        };
+        let (job, _) = s.create_job("claim-job", vec![nt.clone()]).await.expect("create_job");
+        let created = get(s, nt.id).await;
+        let lease = Duration::from_secs(30);
+        let before = Utc::now();
+        let got = claim_ids(s, &[nt.id], &w("w1"), lease).await;
+        let after = Utc::now();
+        let a = &got[0];
+        let t = get(s, nt.id).await;
+
+        assert_eq!(t.state, TaskState::Assigned, "{b}");
+        assert_eq!(t.attempt, 1, "{b}");
+        assert_eq!(t.failures, 0, "{b}");
+        assert_eq!(t.worker_id, Some(w("w1")), "{b}");
+        let assigned_at = t.assigned_at.expect("assigned_at");
+        assert_within(b, "assigned_at", assigned_at, before - SLACK, after + SLACK);
+        assert_eq!(t.lease_expires_at, Some(assigned_at + td(lease)), "{b}: lease = assigned_at + lease");
+        assert_eq!(t.started_at, None, "{b}: not started until delivered");
+        assert_eq!(t.finished_at, None, "{b}");
+
+        assert_eq!(a.task_id, nt.id, "{b}");
+        assert_eq!(a.task_type, "prove", "{b}");
+        assert_eq!(a.payload, vec![9, 8, 7], "{b}");
+        assert_eq!(a.attempt, 1, "{b}");
+        assert_eq!(a.worker_id, w("w1"), "{b}");
+        assert_eq!(a.priority, 3, "{b}");
+        assert_eq!(a.job_id, Some(job.id), "{b}");
+        assert_eq!(a.created_at, created.created_at, "{b}");
+        assert_eq!(a.deadline, assigned_at + ms(90_500), "{b}: deadline = assigned_at + timeout");
+
+        let hist = attempts(s, nt.id).await;
+        assert_eq!(
+            hist,
+            vec![AttemptRecord {
+                task_id: nt.id,
+                attempt: 1,
+                worker_id: w("w1"),
+                assigned_at,
+                started_at: None,
+                finished_at: None,
+                outcome: None,
+                error: None,
+            }],
+            "{b}"
+        );
+    }
+
+    // ---- mark_running, renew_leases ----
+
+    pub async fn mark_running_applies_only_for_the_holding_worker_and_attempt(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let other = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        let before = get(s, t.id).await;
+
+        let refused = [
+            held_as(t.id, "w2", 1),          // another worker
+            held_as(t.id, "w1", 2),          // another attempt
+            held_as(other.id, "w1", 0),      // a pending task
+            held_as(TaskId::new(), "w1", 1), // no such task
+        ];
+        assert_eq!(s.mark_running(&refused).await.expect("mark_running"), 0, "{b}: nothing applies");
+        assert_eq!(get(s, t.id).await, before, "{b}: still assigned, unchanged");
+        assert_eq!(get(s, other.id).await, other, "{b}");
+
+        let t0 = Utc::now();
+        assert_eq!(s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running"), 1, "{b}");
+        let t1 = Utc::now();
+        let now = get(s, t.id).await;
+        assert_eq!(now.state, TaskState::Running, "{b}");
+        assert_eq!((now.attempt, now.worker_id.clone()), (1, Some(w("w1"))), "{b}");
+        assert_within(b, "started_at", now.started_at.expect("started_at"), t0 - SLACK, t1 + SLACK);
+        assert_eq!(now.lease_expires_at, before.lease_expires_at, "{b}: lease unchanged");
+        assert_eq!(last_attempt(s, t.id).await.started_at, now.started_at, "{b}: attempts row started too");
+
+        assert_eq!(s.mark_running(&[h]).await.expect("mark_running"), 0, "{b}: already running");
+        assert_eq!(get(s, t.id).await, now, "{b}");
+    }
+
+    pub async fn renew_leases_returns_only_tasks_still_held(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 6).await;
+        let [a, r, c, d, e, f] = [0, 1, 2, 3, 4, 5].map(|i| tasks[i].id);
+        let short = Duration::from_secs(5);
+        let got = claim_ids(s, &[a, r, c, d, e], &w("w1"), short).await;
+        let [ha, hr, hc, hd, he] = [0, 1, 2, 3, 4].map(|i| held(&got[i]));
+        let hf = claim_one(s, f, "w2", short).await;
+        s.mark_running(std::slice::from_ref(&hr)).await.expect("mark_running");
+        // c: given back undelivered, then assigned again to the same worker: attempt 2 holds it.
+        assert_eq!(s.requeue_undelivered(std::slice::from_ref(&hc)).await.expect("requeue").len(), 1, "{b}");
+        let hc2 = claim_one(s, c, "w1", short).await;
+        assert_eq!(hc2.attempt, 2, "{b}");
+        // d completed, e cancelled.
+        assert_eq!(
+            complete_one(s, &hd, b"done").await,
+            ReportOutcome::Applied { state: TaskState::Completed }
+        );
+        s.cancel(e, "not needed").await.expect("cancel").expect("exists");
+
+        let before_a = get(s, a).await;
+        let before_r = get(s, r).await;
+        let before_c = get(s, c).await;
+        let before_d = get(s, d).await;
+        let before_e = get(s, e).await;
+        let before_f = get(s, f).await;
+        let lease = Duration::from_secs(300);
+        let t0 = Utc::now();
+        let renewed = s
+            .renew_leases(
+                &[
+                    ha.clone(),
+                    hr.clone(),
+                    hc.clone(),
+                    hd,
+                    he,
+                    held_as(f, "w1", hf.attempt),
+                    held_as(TaskId::new(), "w1", 1),
+                ],
+                lease,
+            )
+            .await
+            .expect("renew_leases");
+        let t1 = Utc::now();
+        let renewed: BTreeSet<TaskId> = renewed.into_iter().collect();
+        assert_eq!(
+            renewed,
+            BTreeSet::from([a, r]),
+            "{b}: only a and r are still held by w1 at those attempts"
+        );
+
+        for (id, before) in [(a, &before_a), (r, &before_r)] {
+            let now = get(s, id).await;
+            assert_eq!(now.state, TaskState::Running, "{b}: a renewed task is running");
+            let lease_at = now.lease_expires_at.expect("lease");
+            assert!(lease_at > before.lease_expires_at.expect("lease"), "{b}: the lease moved forward");
+            assert_within(b, "renewed lease", lease_at, t0 + td(lease) - SLACK, t1 + td(lease) + SLACK);
+            assert!(now.started_at.is_some(), "{b}: started_at set");
+            assert_eq!((now.attempt, now.worker_id), (1, Some(w("w1"))), "{b}");
+        }
+        assert_eq!(before_a.state, TaskState::Assigned, "{b}: a was assigned before the renewal");
+        assert!(last_attempt(s, a).await.started_at.is_some(), "{b}: renewal starts the attempts row");
+        assert_eq!(get(s, r).await.started_at, before_r.started_at, "{b}: r keeps its start time");
+        assert_eq!(get(s, c).await, before_c, "{b}: attempt 2 of c is untouched by a renewal of attempt 1");
+        assert_eq!(get(s, d).await, before_d, "{b}: completed d untouched");
+        assert_eq!(get(s, e).await, before_e, "{b}: cancelled e untouched");
+        assert_eq!(get(s, f).await, before_f, "{b}: w2's task untouched by w1's renewal");
+        assert_eq!(get(s, d).await.lease_expires_at, None, "{b}");
+
+        // The current holder of c renews fine.
+        assert_eq!(s.renew_leases(&[hc2], lease).await.expect("renew_leases"), vec![c], "{b}");
+    }
+
+    // ---- complete ----
+
+    pub async fn complete_applies_once_then_reports_duplicate(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running");
+        let t0 = Utc::now();
+        let out = complete_one(s, &h, b"proof-bytes").await;
+        let t1 = Utc::now();
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Completed }, "{b}");
+        let done = get(s, t.id).await;
+        assert_eq!(done.state, TaskState::Completed, "{b}");
+        assert_eq!(done.result.as_deref(), Some(&b"proof-bytes"[..]), "{b}");
+        assert_eq!(done.error, None, "{b}");
+        assert_eq!((done.attempt, done.failures), (1, 0), "{b}");
+        assert_eq!(done.lease_expires_at, None, "{b}: no lease once completed");
+        assert_within(b, "finished_at", done.finished_at.expect("finished_at"), t0 - SLACK, t1 + SLACK);
+        let att = last_attempt(s, t.id).await;
+        assert_eq!((att.attempt, att.outcome.as_deref(), att.error), (1, Some("completed"), None), "{b}");
+        assert_within(b, "attempt finished_at", att.finished_at.expect("finished"), t0 - SLACK, t1 + SLACK);
+        assert!(att.started_at.is_some(), "{b}");
+
+        let again = complete_one(s, &h, b"proof-bytes").await;
+        assert_eq!(again, ReportOutcome::Duplicate { state: TaskState::Completed }, "{b}: same report again");
+        let other_bytes = complete_one(s, &h, b"something else").await;
+        assert_eq!(other_bytes, ReportOutcome::Duplicate { state: TaskState::Completed }, "{b}");
+        assert_eq!(get(s, t.id).await, done, "{b}: a duplicate changes nothing, result included");
+        assert_eq!(attempts(s, t.id).await.len(), 1, "{b}");
+    }
+
+    pub async fn complete_from_another_worker_is_stale_and_changes_nothing(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        let before = get(s, t.id).await;
+        let hist = attempts(s, t.id).await;
+        let out = complete_one(s, &held_as(t.id, "w2", h.attempt), b"forged").await;
+        assert_eq!(out, ReportOutcome::Stale { state: TaskState::Assigned, attempt: 1 }, "{b}");
+        assert_eq!(get(s, t.id).await, before, "{b}: nothing changed");
+        assert_eq!(attempts(s, t.id).await, hist, "{b}: history unchanged");
+        // The holder can still complete.
+        assert_eq!(
+            complete_one(s, &h, b"real").await,
+            ReportOutcome::Applied { state: TaskState::Completed }
+        );
+        assert_eq!(get(s, t.id).await.result.as_deref(), Some(&b"real"[..]), "{b}");
+    }
+
+    pub async fn complete_from_an_old_attempt_is_stale(s: &Store) {
+        let b = s.backend();
+        let x = create_one(s, new_task("prove")).await;
+        let y = create_one(s, new_task("prove")).await;
+        // x: attempt 1 on w1, lost with w1, attempt 2 on w2.
+        let hx1 = claim_one(s, x.id, "w1", LONG_LEASE).await;
+        assert_eq!(s.requeue_worker(&w("w1")).await.expect("requeue_worker").len(), 1, "{b}");
+        let hx2 = claim_one(s, x.id, "w2", LONG_LEASE).await;
+        assert_eq!(hx2.attempt, 2, "{b}");
+        // y: attempt 1 undelivered, attempt 2 on the same worker.
+        let hy1 = claim_one(s, y.id, "w3", LONG_LEASE).await;
+        s.requeue_undelivered(std::slice::from_ref(&hy1)).await.expect("requeue_undelivered");
+        let hy2 = claim_one(s, y.id, "w3", LONG_LEASE).await;
+        assert_eq!(hy2.attempt, 2, "{b}");
+
+        let bx = get(s, x.id).await;
+        let by = get(s, y.id).await;
+        let out =
+            s.complete(&[completion(&hx1, b"late"), completion(&hy1, b"late")]).await.expect("complete");
+        assert_eq!(
+            out,
+            vec![
+                ReportOutcome::Stale { state: TaskState::Assigned, attempt: 2 },
+                ReportOutcome::Stale { state: TaskState::Assigned, attempt: 2 },
+            ],
+            "{b}"
+        );
+        assert_eq!(get(s, x.id).await, bx, "{b}: x unchanged");
+        assert_eq!(get(s, y.id).await, by, "{b}: y unchanged");
+        let hist = attempts(s, x.id).await;
+        assert_eq!(hist[0].outcome.as_deref(), Some("worker_dead"), "{b}: attempt 1 keeps its outcome");
+        assert_eq!(hist[1].outcome, None, "{b}: attempt 2 still open");
+        assert_eq!(
+            complete_one(s, &hx2, b"ok").await,
+            ReportOutcome::Applied { state: TaskState::Completed }
+        );
+    }
+
+    pub async fn complete_of_an_unknown_task_is_not_found(s: &Store) {
+        let b = s.backend();
+        let out = complete_one(s, &held_as(TaskId::new(), "w1", 1), b"?").await;
+        assert_eq!(out, ReportOutcome::NotFound, "{b}");
+        assert!(all_tasks(s).await.is_empty(), "{b}");
+    }
+
+    pub async fn complete_batch_returns_one_outcome_per_report_in_order(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 4).await;
+        let [a, st, dup, d] = [0, 1, 2, 3].map(|i| tasks[i].id);
+        let got = claim_ids(s, &[a, st, dup, d], &w("w1"), LONG_LEASE).await;
+        let [ha, hst, hdup, hd] = [0, 1, 2, 3].map(|i| held(&got[i]));
+        assert_eq!(
+            complete_one(s, &hdup, b"early").await,
+            ReportOutcome::Applied { state: TaskState::Completed }
+        );
+        let unknown = held_as(TaskId::new(), "w1", 1);
+        let reports = vec![
+            completion(&ha, b"ra"),
+            completion(&held_as(st, "w9", hst.attempt), b"forged"),
+            completion(&hdup, b"again"),
+            completion(&unknown, b"?"),
+            completion(&hd, b"rd"),
+        ];
+        let out = s.complete(&reports).await.expect("complete");
+        assert_eq!(
+            out,
+            vec![
+                ReportOutcome::Applied { state: TaskState::Completed },
+                ReportOutcome::Stale { state: TaskState::Assigned, attempt: 1 },
+                ReportOutcome::Duplicate { state: TaskState::Completed },
+                ReportOutcome::NotFound,
+                ReportOutcome::Applied { state: TaskState::Completed },
+            ],
+            "{b}"
+        );
+        assert_eq!(get(s, a).await.result.as_deref(), Some(&b"ra"[..]), "{b}");
+        assert_eq!(get(s, d).await.result.as_deref(), Some(&b"rd"[..]), "{b}");
+        assert_eq!(
+            get(s, dup).await.result.as_deref(),
+            Some(&b"early"[..]),
+            "{b}: duplicate kept the first result"
+        );
+        let stt = get(s, st).await;
+        assert_eq!(
+            (stt.state, stt.result),
+            (TaskState::Assigned, None),
+            "{b}: the stale report changed nothing"
+        );
+        assert_eq!(last_attempt(s, st).await.outcome, None, "{b}");
+        for id in [a, dup, d] {
+            assert_eq!(last_attempt(s, id).await.outcome.as_deref(), Some("completed"), "{b}");
+        }
+        // The same report twice in one batch: applied once, then a duplicate.
+        let out = s.complete(&[completion(&hst, b"x"), completion(&hst, b"x")]).await.expect("complete");
+        assert_eq!(
+            out,
+            vec![
+                ReportOutcome::Applied { state: TaskState::Completed },
+                ReportOutcome::Duplicate { state: TaskState::Completed },
+            ],
+            "{b}"
+        );
+    }
+
+    /// Two reports for one task in one batch, the stale one (a late report of a lost attempt)
+    /// first: the stale one must be refused and the current one applied, as if sent one by one.
+    pub async fn complete_batch_with_a_stale_report_before_the_current_one_for_the_same_task(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let old = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        s.requeue_worker(&w("w1")).await.expect("requeue_worker");
+        let cur = claim_one(s, t.id, "w2", LONG_LEASE).await;
+        let out =
+            s.complete(&[completion(&old, b"late"), completion(&cur, b"current")]).await.expect("complete");
+        let task = get(s, t.id).await;
+        assert_eq!(
+            out,
+            vec![
+                ReportOutcome::Stale { state: TaskState::Completed, attempt: 2 },
+                ReportOutcome::Applied { state: TaskState::Completed },
+            ],
+            "{b}: outcomes, with the task now {:?} holding {:?}",
+            task.state,
+            task.result.as_deref().map(String::from_utf8_lossy)
+        );
+        assert_eq!(task.state, TaskState::Completed, "{b}: the current attempt's completion applies");
+        assert_eq!(task.result.as_deref(), Some(&b"current"[..]), "{b}");
+    }
+
+    // ---- fail ----
+
+    pub async fn fail_retriable_goes_back_to_pending_after_backoff(s: &Store) {
+        let b = s.backend();
+        let p = policy(100);
+        let t = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running");
+        let t0 = Utc::now();
+        let out = fail_one(s, &h, "gpu fell off the bus", true, p).await;
+        let t1 = Utc::now();
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Pending }, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!(now.state, TaskState::Pending, "{b}");
+        assert_eq!((now.failures, now.attempt), (1, 1), "{b}: failures+1, attempt kept");
+        assert_eq!(now.worker_id, None, "{b}: no worker while pending");
+        assert_eq!(now.lease_expires_at, None, "{b}");
+        assert_eq!(now.finished_at, None, "{b}: not finished");
+        assert_eq!(now.error.as_deref(), Some("gpu fell off the bus"), "{b}: last error kept");
+        assert!(now.run_after > t0, "{b}: run_after in the future");
+        assert_within(
+            b,
+            "run_after (backoff 100ms)",
+            now.run_after,
+            t0 + ms(100) - ms(1),
+            t1 + ms(100) + ms(1),
+        );
+        let att = last_attempt(s, t.id).await;
+        assert_eq!(att.outcome.as_deref(), Some("failed"), "{b}");
+        assert_eq!(att.error.as_deref(), Some("gpu fell off the bus"), "{b}");
+        assert!(att.finished_at.is_some(), "{b}");
+
+        // Runnable again once the backoff passed; the second failure backs off twice as long.
+        wait_until_past(now.run_after).await;
+        let h2 = claim_one(s, t.id, "w2", LONG_LEASE).await;
+        assert_eq!(h2.attempt, 2, "{b}");
+        let t0 = Utc::now();
+        let out = fail_one(s, &h2, "again", true, p).await;
+        let t1 = Utc::now();
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Pending }, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!((now.failures, now.attempt, now.state), (2, 2, TaskState::Pending), "{b}");
+        assert_within(
+            b,
+            "run_after (backoff 200ms)",
+            now.run_after,
+            t0 + ms(200) - ms(1),
+            t1 + ms(200) + ms(1),
+        );
+    }
+
+    pub async fn fail_retriable_after_max_attempts_is_failed(s: &Store) {
+        let b = s.backend();
+        let p = policy(1);
+        let t = create_one(s, with_attempts(new_task("prove"), 2)).await;
+        let h1 = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        assert_eq!(
+            fail_one(s, &h1, "e1", true, p).await,
+            ReportOutcome::Applied { state: TaskState::Pending }
+        );
+        wait_until_past(get(s, t.id).await.run_after).await;
+        let h2 = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        assert_eq!(h2.attempt, 2, "{b}");
+        let t0 = Utc::now();
+        let out = fail_one(s, &h2, "e2", true, p).await;
+        let t1 = Utc::now();
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Failed }, "{b}: out of attempts");
+        let now = get(s, t.id).await;
+        assert_eq!(now.state, TaskState::Failed, "{b}");
+        assert_eq!((now.failures, now.attempt), (2, 2), "{b}");
+        assert_eq!(now.error.as_deref(), Some("e2"), "{b}");
+        assert_eq!(now.lease_expires_at, None, "{b}");
+        assert_within(b, "finished_at", now.finished_at.expect("finished"), t0 - SLACK, t1 + SLACK);
+        let hist = attempts(s, t.id).await;
+        let outcomes: Vec<_> = hist.iter().map(|a| (a.outcome.as_deref(), a.error.as_deref())).collect();
+        assert_eq!(outcomes, vec![(Some("failed"), Some("e1")), (Some("failed"), Some("e2"))], "{b}");
+        let got =
+            s.claim(10, &TypeFilter::Any, LONG_LEASE, |_| panic!("a failed task is no candidate")).await;
+        assert!(got.expect("claim").is_empty(), "{b}");
+    }
+
+    pub async fn fail_non_retriable_is_failed_at_once(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, with_attempts(new_task("prove"), 5)).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        let out = fail_one(s, &h, "bad input", false, policy(100)).await;
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Failed }, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!((now.state, now.failures, now.attempt), (TaskState::Failed, 1, 1), "{b}");
+        assert_eq!(now.error.as_deref(), Some("bad input"), "{b}");
+        assert!(now.finished_at.is_some(), "{b}");
+        assert_eq!(now.result, None, "{b}");
+        let att = last_attempt(s, t.id).await;
+        assert_eq!(
+            (att.outcome.as_deref(), att.error.as_deref()),
+            (Some("failed"), Some("bad input")),
+            "{b}"
+        );
+    }
+
+    pub async fn fail_repeated_report_is_duplicate(s: &Store) {
+        let b = s.backend();
+        let p = policy(60_000);
+        let r = create_one(s, new_task("prove")).await;
+        let n = create_one(s, new_task("prove")).await;
+        let hr = claim_one(s, r.id, "w1", LONG_LEASE).await;
+        let hn = claim_one(s, n.id, "w1", LONG_LEASE).await;
+        assert_eq!(
+            fail_one(s, &hr, "flaky", true, p).await,
+            ReportOutcome::Applied { state: TaskState::Pending }
+        );
+        assert_eq!(
+            fail_one(s, &hn, "broken", false, p).await,
+            ReportOutcome::Applied { state: TaskState::Failed }
+        );
+        let br = get(s, r.id).await;
+        let bn = get(s, n.id).await;
+        let hist_r = attempts(s, r.id).await;
+        assert_eq!(
+            fail_one(s, &hr, "flaky", true, p).await,
+            ReportOutcome::Duplicate { state: TaskState::Pending }
+        );
+        assert_eq!(
+            fail_one(s, &hn, "broken", false, p).await,
+            ReportOutcome::Duplicate { state: TaskState::Failed }
+        );
+        assert_eq!(get(s, r.id).await, br, "{b}: no second failure charged");
+        assert_eq!(get(s, n.id).await, bn, "{b}");
+        assert_eq!(attempts(s, r.id).await, hist_r, "{b}");
+        // A completion for the failed attempt is a different report: stale, not a duplicate.
+        assert_eq!(
+            complete_one(s, &hn, b"late").await,
+            ReportOutcome::Stale { state: TaskState::Failed, attempt: 1 },
+            "{b}"
+        );
+        assert_eq!(get(s, n.id).await, bn, "{b}");
+    }
+
+    pub async fn fail_from_a_stale_attempt_or_worker_is_stale(s: &Store) {
+        let b = s.backend();
+        let p = policy(100);
+        let t = create_one(s, new_task("prove")).await;
+        let h1 = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        s.requeue_worker(&w("w1")).await.expect("requeue_worker");
+        let h2 = claim_one(s, t.id, "w2", LONG_LEASE).await;
+        let before = get(s, t.id).await;
+        let hist = attempts(s, t.id).await;
+        let stale = ReportOutcome::Stale { state: TaskState::Assigned, attempt: 2 };
+        assert_eq!(fail_one(s, &h1, "late", true, p).await, stale, "{b}: old attempt");
+        assert_eq!(fail_one(s, &h1, "late", false, p).await, stale, "{b}: old attempt, non-retriable");
+        assert_eq!(
+            fail_one(s, &held_as(t.id, "w3", 2), "forged", false, p).await,
+            stale,
+            "{b}: other worker"
+        );
+        assert_eq!(get(s, t.id).await, before, "{b}: nothing changed");
+        assert_eq!(attempts(s, t.id).await, hist, "{b}");
+        assert_eq!(
+            fail_one(s, &held_as(TaskId::new(), "w1", 1), "?", true, p).await,
+            ReportOutcome::NotFound
+        );
+        assert_eq!(h2.attempt, 2, "{b}");
+    }
+
+    // ---- cancel ----
+
+    pub async fn cancel_pending_task_has_no_holder(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let t0 = Utc::now();
+        let c = s.cancel(t.id, "user asked").await.expect("cancel").expect("known task");
+        let t1 = Utc::now();
+        assert_eq!(c.held_by, None, "{b}: nobody to tell");
+        assert_eq!(c.task.state, TaskState::Cancelled, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!(c.task, now, "{b}: the returned task is the stored row");
+        assert_eq!(now.error.as_deref(), Some("user asked"), "{b}");
+        assert_within(b, "finished_at", now.finished_at.expect("finished"), t0 - SLACK, t1 + SLACK);
+        assert_eq!((now.attempt, now.worker_id), (0, None), "{b}");
+        assert!(attempts(s, t.id).await.is_empty(), "{b}");
+        let got = s.claim(10, &TypeFilter::Any, LONG_LEASE, |_| panic!("cancelled is no candidate")).await;
+        assert!(got.expect("claim").is_empty(), "{b}");
+    }
+
+    pub async fn cancel_held_task_names_its_holder_and_fences_later_reports(s: &Store) {
+        let b = s.backend();
+        let a = create_one(s, new_task("prove")).await;
+        let r = create_one(s, new_task("prove")).await;
+        let ha = claim_one(s, a.id, "w1", LONG_LEASE).await;
+        let hr = claim_one(s, r.id, "w2", LONG_LEASE).await;
+        s.mark_running(std::slice::from_ref(&hr)).await.expect("mark_running");
+
+        let ca = s.cancel(a.id, "superseded").await.expect("cancel").expect("known");
+        assert_eq!(ca.held_by, Some(ha.clone()), "{b}: the assigned task names (w1, 1)");
+        assert_eq!(ca.task.state, TaskState::Cancelled, "{b}");
+        assert_eq!(ca.task.lease_expires_at, None, "{b}");
+        let cr = s.cancel(r.id, "superseded").await.expect("cancel").expect("known");
+        assert_eq!(cr.held_by, Some(hr.clone()), "{b}: the running task names (w2, 1)");
+        for id in [a.id, r.id] {
+            let att = last_attempt(s, id).await;
+            assert_eq!(att.outcome.as_deref(), Some("cancelled"), "{b}");
+            assert!(att.finished_at.is_some(), "{b}");
+        }
+
+        let after_a = get(s, a.id).await;
+        let after_r = get(s, r.id).await;
+        assert_eq!(
+            complete_one(s, &ha, b"too late").await,
+            ReportOutcome::Stale { state: TaskState::Cancelled, attempt: 1 },
+            "{b}"
+        );
+        assert_eq!(
+            fail_one(s, &hr, "too late", true, policy(100)).await,
+            ReportOutcome::Stale { state: TaskState::Cancelled, attempt: 1 },
+            "{b}"
+        );
+        assert!(
+            s.renew_leases(&[ha, hr], LONG_LEASE).await.expect("renew").is_empty(),
+            "{b}: leases revoked"
+        );
+        assert_eq!(get(s, a.id).await, after_a, "{b}: still cancelled, no result");
+        assert_eq!(get(s, r.id).await, after_r, "{b}");
+        assert_eq!(after_a.result, None, "{b}");
+    }
+
+    pub async fn cancel_of_a_terminal_task_returns_it_unchanged(s: &Store) {
+        let b = s.backend();
+        let done = create_one(s, new_task("prove")).await;
+        let failed = create_one(s, new_task("prove")).await;
+        let gone = create_one(s, new_task("prove")).await;
+        let hd = claim_one(s, done.id, "w1", LONG_LEASE).await;
+        complete_one(s, &hd, b"result").await;
+        let hf = claim_one(s, failed.id, "w1", LONG_LEASE).await;
+        fail_one(s, &hf, "fatal", false, policy(100)).await;
+        s.cancel(gone.id, "first").await.expect("cancel");
+
+        for (id, state) in
+            [(done.id, TaskState::Completed), (failed.id, TaskState::Failed), (gone.id, TaskState::Cancelled)]
+        {
+            let before = get(s, id).await;
+            let hist = attempts(s, id).await;
+            let c = s.cancel(id, "second").await.expect("cancel").expect("known");
+            assert_eq!(c.held_by, None, "{b}: {state} task has no holder to tell");
+            assert_eq!(c.task, before, "{b}: the {state} task is returned as it is");
+            assert_eq!(get(s, id).await, before, "{b}: the {state} task is unchanged");
+            assert_eq!(attempts(s, id).await, hist, "{b}");
+        }
+        assert_eq!(get(s, done.id).await.result.as_deref(), Some(&b"result"[..]), "{b}");
+        assert_eq!(get(s, gone.id).await.error.as_deref(), Some("first"), "{b}");
+    }
+
+    pub async fn cancel_of_an_unknown_task_is_none(s: &Store) {
+        let b = s.backend();
+        assert_eq!(s.cancel(TaskId::new(), "?").await.expect("cancel"), None, "{b}");
+    }
+
+    // ---- requeues ----
+
+    pub async fn requeue_expired_returns_lapsed_leases_to_pending(s: &Store) {
+        let b = s.backend();
+        let lapsed = create_one(s, new_task("prove")).await;
+        let kept = create_one(s, new_task("verify")).await;
+        let h = claim_one(s, lapsed.id, "w1", TINY_LEASE).await;
+        s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running");
+        claim_one(s, kept.id, "w1", LONG_LEASE).await;
+        let kept_before = get(s, kept.id).await;
+        wait_for_lease_to_lapse(s, lapsed.id).await;
+
+        let t0 = Utc::now();
+        let out = s.requeue_expired(100).await.expect("requeue_expired");
+        let t1 = Utc::now();
+        assert_eq!(
+            out,
+            vec![Requeued {
+                task_id: lapsed.id,
+                task_type: "prove".into(),
+                worker_id: w("w1"),
+                attempt: 1,
+                state: TaskState::Pending,
+                reason: RequeueReason::LeaseExpired,
+            }],
+            "{b}"
+        );
+        let now = get(s, lapsed.id).await;
+        assert_eq!(now.state, TaskState::Pending, "{b}");
+        assert_eq!((now.failures, now.attempt), (1, 1), "{b}: charged one failure");
+        assert_eq!(now.worker_id, None, "{b}");
+        assert_eq!(now.lease_expires_at, None, "{b}");
+        assert_eq!(now.finished_at, None, "{b}");
+        assert_within(b, "run_after", now.run_after, t0 - SLACK, t1 + SLACK);
+        let att = last_attempt(s, lapsed.id).await;
+        assert_eq!(att.outcome.as_deref(), Some("lease_expired"), "{b}");
+        assert!(att.finished_at.is_some(), "{b}");
+        assert_eq!(get(s, kept.id).await, kept_before, "{b}: the long lease is untouched");
+        assert!(s.requeue_expired(100).await.expect("requeue_expired").is_empty(), "{b}: nothing more");
+
+        let again = claim_one(s, lapsed.id, "w2", LONG_LEASE).await;
+        assert_eq!(again.attempt, 2, "{b}: runnable again, next attempt");
+        // The lost worker's report is now stale.
+        assert_eq!(
+            complete_one(s, &h, b"late").await,
+            ReportOutcome::Stale { state: TaskState::Assigned, attempt: 2 },
+            "{b}"
+        );
+    }
+
+    pub async fn requeue_expired_fails_a_task_out_of_attempts(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, with_attempts(new_task("prove"), 1)).await;
+        claim_one(s, t.id, "worker-xyz", TINY_LEASE).await;
+        wait_for_lease_to_lapse(s, t.id).await;
+        let out = s.requeue_expired(100).await.expect("requeue_expired");
+        assert_eq!(out.len(), 1, "{b}");
+        assert_eq!((out[0].task_id, out[0].state), (t.id, TaskState::Failed), "{b}: out of attempts");
+        assert_eq!((out[0].worker_id.clone(), out[0].attempt), (w("worker-xyz"), 1), "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!((now.state, now.failures), (TaskState::Failed, 1), "{b}");
+        let err = now.error.expect("an error is recorded");
+        assert!(err.contains("worker-xyz"), "{b}: error {err:?} names the worker");
+        assert!(err.contains("lease_expired"), "{b}: error {err:?} names the reason");
+        assert!(now.finished_at.is_some(), "{b}");
+        assert_eq!(now.lease_expires_at, None, "{b}");
+        assert_eq!(last_attempt(s, t.id).await.outcome.as_deref(), Some("lease_expired"), "{b}");
+        let got = s.claim(10, &TypeFilter::Any, LONG_LEASE, |_| panic!("failed is no candidate")).await;
+        assert!(got.expect("claim").is_empty(), "{b}");
+    }
+
+    pub async fn requeue_expired_respects_its_limit(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 3).await;
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+        claim_ids(s, &ids, &w("w1"), TINY_LEASE).await;
+        for id in &ids {
+            wait_for_lease_to_lapse(s, *id).await;
+        }
+        let first = s.requeue_expired(2).await.expect("requeue_expired");
+        assert_eq!(first.len(), 2, "{b}");
+        let second = s.requeue_expired(2).await.expect("requeue_expired");
+        assert_eq!(second.len(), 1, "{b}");
+        let all: BTreeSet<TaskId> = first.iter().chain(&second).map(|r| r.task_id).collect();
+        assert_eq!(all, ids.iter().copied().collect(), "{b}");
+    }
+
+    pub async fn requeue_expired_leaves_a_task_completed_before_it(s: &Store) {
+        let b = s.backend();
+        let won = create_one(s, new_task("prove")).await;
+        let control = create_one(s, new_task("prove")).await;
+        let got = claim_ids(s, &[won.id, control.id], &w("w1"), TINY_LEASE).await;
+        wait_for_lease_to_lapse(s, won.id).await;
+        wait_for_lease_to_lapse(s, control.id).await;
+        // The completion arrives after the lease ran out but before the sweeper: it wins.
+        assert_eq!(
+            complete_one(s, &held(&got[0]), b"just in time").await,
+            ReportOutcome::Applied { state: TaskState::Completed },
+            "{b}"
+        );
+        let done = get(s, won.id).await;
+        let out = s.requeue_expired(100).await.expect("requeue_expired");
+        let requeued: Vec<TaskId> = out.iter().map(|r| r.task_id).collect();
+        assert_eq!(requeued, vec![control.id], "{b}: only the control task had a lapsed lease");
+        assert_eq!(get(s, won.id).await, done, "{b}: the completed task is untouched");
+        assert_eq!(done.result.as_deref(), Some(&b"just in time"[..]), "{b}");
+        assert_eq!(last_attempt(s, won.id).await.outcome.as_deref(), Some("completed"), "{b}");
+    }
+
+    pub async fn requeue_worker_gives_back_every_task_of_that_worker_only(s: &Store) {
+        let b = s.backend();
+        let a = create_one(s, new_task("prove")).await;
+        let r = create_one(s, new_task("verify")).await;
+        let c = create_one(s, new_task("prove")).await;
+        let last = create_one(s, with_attempts(new_task("prove"), 1)).await;
+        let other = create_one(s, new_task("prove")).await;
+        let got = claim_ids(s, &[a.id, r.id, c.id, last.id], &w("w1"), LONG_LEASE).await;
+        s.mark_running(&[held(&got[1]), held(&got[3])]).await.expect("mark_running");
+        complete_one(s, &held(&got[2]), b"done").await;
+        claim_one(s, other.id, "w2", LONG_LEASE).await;
+        let c_before = get(s, c.id).await;
+        let other_before = get(s, other.id).await;
+
+        let mut out = s.requeue_worker(&w("w1")).await.expect("requeue_worker");
+        out.sort_by_key(|q| q.task_id);
+        let rq = |task_id, task_type: &str, state| Requeued {
+            task_id,
+            task_type: task_type.into(),
+            worker_id: w("w1"),
+            attempt: 1,
+            state,
+            reason: RequeueReason::WorkerDead,
+        };
+        let mut want = vec![
+            rq(a.id, "prove", TaskState::Pending),
+            rq(r.id, "verify", TaskState::Pending),
+            rq(last.id, "prove", TaskState::Failed),
+        ];
+        want.sort_by_key(|q| q.task_id);
+        assert_eq!(out, want, "{b}");
+        for id in [a.id, r.id] {
+            let now = get(s, id).await;
+            assert_eq!((now.state, now.failures, now.attempt), (TaskState::Pending, 1, 1), "{b}: charged");
+            assert_eq!((now.worker_id, now.lease_expires_at), (None, None), "{b}");
+            assert_eq!(last_attempt(s, id).await.outcome.as_deref(), Some("worker_dead"), "{b}");
+        }
+        let l = get(s, last.id).await;
+        assert_eq!((l.state, l.failures), (TaskState::Failed, 1), "{b}");
+        assert!(
+            l.error.as_deref().is_some_and(|e| e.contains("w1")),
+            "{b}: error {:?} names the worker",
+            l.error
+        );
+        assert_eq!(last_attempt(s, last.id).await.outcome.as_deref(), Some("worker_dead"), "{b}");
+        assert_eq!(get(s, c.id).await, c_before, "{b}: the completed task is untouched");
+        assert_eq!(get(s, other.id).await, other_before, "{b}: w2's task is untouched");
+        assert!(s.requeue_worker(&w("w1")).await.expect("requeue_worker").is_empty(), "{b}: nothing left");
+        assert!(s.requeue_worker(&w("nobody")).await.expect("requeue_worker").is_empty(), "{b}");
+    }
+
+    pub async fn requeue_undelivered_moves_only_assigned_tasks_without_charging(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 4).await;
+        let [a, r, x, y] = [0, 1, 2, 3].map(|i| tasks[i].id);
+        let got = claim_ids(s, &[a, r, x, y], &w("w1"), LONG_LEASE).await;
+        let [ha, hr, hx, hy] = [0, 1, 2, 3].map(|i| held(&got[i]));
+        s.mark_running(std::slice::from_ref(&hr)).await.expect("mark_running");
+        let before: Vec<Task> = futures::future::join_all([r, x, y].map(|id| get(s, id))).await;
+
+        let out = s
+            .requeue_undelivered(&[
+                ha.clone(),
+                hr,                               // running: it was delivered
+                held_as(x, "w1", hx.attempt + 1), // another attempt
+                held_as(y, "w2", hy.attempt),     // another worker
+                held_as(TaskId::new(), "w1", 1),  // unknown
+            ])
+            .await
+            .expect("requeue_undelivered");
+        assert_eq!(
+            out,
+            vec![Requeued {
+                task_id: a,
+                task_type: "prove".into(),
+                worker_id: w("w1"),
+                attempt: 1,
+                state: TaskState::Pending,
+                reason: RequeueReason::Undelivered,
+            }],
+            "{b}"
+        );
+        let now = get(s, a).await;
+        assert_eq!(now.state, TaskState::Pending, "{b}");
+        assert_eq!(now.failures, 0, "{b}: not charged");
+        assert_eq!(now.attempt, 1, "{b}: attempt number kept");
+        assert_eq!((now.worker_id, now.lease_expires_at), (None, None), "{b}");
+        assert_eq!(last_attempt(s, a).await.outcome.as_deref(), Some("undelivered"), "{b}");
+        let after: Vec<Task> = futures::future::join_all([r, x, y].map(|id| get(s, id))).await;
+        assert_eq!(after, before, "{b}: running, other-attempt and other-worker tasks untouched");
+
+        let next = claim_one(s, a, "w2", LONG_LEASE).await;
+        assert_eq!(next.attempt, 2, "{b}: the next claim is attempt 2");
+        assert_eq!(
+            complete_one(s, &ha, b"late").await,
+            ReportOutcome::Stale { state: TaskState::Assigned, attempt: 2 },
+            "{b}"
+        );
+    }
+
+    // ---- races ----
+
+    pub async fn concurrent_claimers_never_share_a_task(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 300).await;
+        let claimer = |name: &'static str| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = s
+                        .claim(10, &TypeFilter::Any, LONG_LEASE, |c| {
+                            c.iter().map(|c| (c.id, w(name))).collect()
+                        })
+                        .await
+                        .expect("claim");
+                    if got.is_empty() {
+                        break;
+                    }
+                    assert!(got.iter().all(|a| a.attempt == 1 && a.worker_id == w(name)));
+                    mine.extend(got.into_iter().map(|a| a.task_id));
+                }
+                mine
+            })
+        };
+        let (one, two) = (claimer("c1"), claimer("c2"));
+        let (one, two) = (one.await.expect("claimer 1"), two.await.expect("claimer 2"));
+        let set1: BTreeSet<TaskId> = one.iter().copied().collect();
+        let set2: BTreeSet<TaskId> = two.iter().copied().collect();
+        assert_eq!(set1.len(), one.len(), "{b}: claimer 1 got no task twice");
+        assert_eq!(set2.len(), two.len(), "{b}: claimer 2 got no task twice");
+        assert!(set1.is_disjoint(&set2), "{b}: shared: {:?}", set1.intersection(&set2).collect::<Vec<_>>());
+        let all: BTreeSet<TaskId> = tasks.iter().map(|t| t.id).collect();
+        let union: BTreeSet<TaskId> = set1.union(&set2).copied().collect();
+        assert_eq!(union, all, "{b}: every task claimed");
+        eprintln!("{b}: claimer 1 took {}, claimer 2 took {}", set1.len(), set2.len());
+        for t in all_tasks(s).await {
+            let want = if set1.contains(&t.id) { "c1" } else { "c2" };
+            assert_eq!((t.state, t.attempt, t.worker_id), (TaskState::Assigned, 1, Some(w(want))), "{b}");
+        }
+        for t in tasks.iter().take(20) {
+            assert_eq!(attempts(s, t.id).await.len(), 1, "{b}: one attempts row");
+        }
+    }
+
+    pub async fn completion_racing_requeue_worker_lands_exactly_once(s: &Store) {
+        let b = s.backend();
+        let (mut completed, mut requeued_total) = (0, 0);
+        for round in 0..50 {
+            let worker = WorkerId(format!("w-race-{round}"));
+            let tasks = create_n(s, "prove", 4).await;
+            let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+            let helds: Vec<Held> = claim_ids(s, &ids, &worker, LONG_LEASE).await.iter().map(held).collect();
+            s.mark_running(&helds[..2]).await.expect("mark_running");
+            let reports: Vec<Completion> =
+                helds.iter().map(|h| completion(h, h.task_id.0.as_bytes())).collect();
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let completer = {
+                let (s, barrier, reports) = (s.clone(), barrier.clone(), reports.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    if round % 2 == 0 {
+                        s.complete(&reports).await.expect("complete")
+                    } else {
+                        let mut out = Vec::new();
+                        for r in &reports {
+                            out.extend(s.complete(std::slice::from_ref(r)).await.expect("complete"));
+                        }
+                        out
+                    }
+                })
+            };
+            let requeuer = {
+                let (s, barrier, worker) = (s.clone(), barrier.clone(), worker.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    s.requeue_worker(&worker).await.expect("requeue_worker")
+                })
+            };
+            let outcomes = completer.await.expect("completer");
+            let requeued = requeuer.await.expect("requeuer");
+            assert_eq!(outcomes.len(), 4, "{b}");
+            for (i, h) in helds.iter().enumerate() {
+                let task = get(s, h.task_id).await;
+                let listed = requeued.iter().find(|r| r.task_id == h.task_id);
+                let last = last_attempt(s, h.task_id).await;
+                match (&outcomes[i], listed) {
+                    (ReportOutcome::Applied { state: TaskState::Completed }, None) => {
+                        completed += 1;
+                        assert_eq!(task.state, TaskState::Completed, "{b}: round {round} task {i}");
+                        assert_eq!(task.result.as_deref(), Some(h.task_id.0.as_bytes().as_slice()), "{b}");
+                        assert_eq!(task.failures, 0, "{b}: round {round} task {i}");
+                        assert_eq!(last.outcome.as_deref(), Some("completed"), "{b}: round {round} task {i}");
+                    }
+                    (ReportOutcome::Stale { state: TaskState::Pending, attempt: 1 }, Some(r)) => {
+                        requeued_total += 1;
+                        assert_eq!(
+                            (r.state, r.reason),
+                            (TaskState::Pending, RequeueReason::WorkerDead),
+                            "{b}"
+                        );
+                        assert_eq!(task.state, TaskState::Pending, "{b}: round {round} task {i}");
+                        assert_eq!((task.failures, task.worker_id.clone()), (1, None), "{b}");
+                        assert_eq!(task.result, None, "{b}: round {round} task {i}");
+                        assert_eq!(
+                            last.outcome.as_deref(),
+                            Some("worker_dead"),
+                            "{b}: round {round} task {i}"
+                        );
+                    }
+                    (outcome, listed) => panic!(
+                        "{b}: round {round} task {i}: completion said {outcome:?}, requeue listed {listed:?}, \
+                         task is {:?}: exactly one of them must win",
+                        task.state
+                    ),
+                }
+                assert_eq!(attempts(s, h.task_id).await.len(), 1, "{b}");
+            }
+        }
+        eprintln!("{b}: {completed} completions won, {requeued_total} requeues won");
+    }
+
+    // ---- workers ----
+
+    pub async fn workers_register_and_list_with_in_flight_counts(s: &Store) {
+        let b = s.backend();
+        let (s1, s2) = (Uuid::now_v7(), Uuid::now_v7());
+        let before = Utc::now();
+        s.upsert_worker(&registration("w-b", s2)).await.expect("upsert");
+        let mut reg_a = registration("w-a", s1);
+        reg_a.labels.insert("empty".into(), String::new());
+        reg_a.capabilities = vec!["prove".into()];
+        s.upsert_worker(&reg_a).await.expect("upsert");
+        let after = Utc::now();
+
+        let tasks = create_n(s, "prove", 4).await;
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+        let got = claim_ids(s, &ids[..3], &w("w-a"), LONG_LEASE).await;
+        s.mark_running(&[held(&got[0])]).await.expect("mark_running");
+        complete_one(s, &held(&got[2]), b"done").await;
+
+        let a = s.get_worker(&w("w-a")).await.expect("get_worker").expect("registered");
+        assert_eq!(a.id, w("w-a"), "{b}");
+        assert_eq!(a.state, WorkerState::Active, "{b}");
+        assert_eq!(a.max_concurrent_tasks, 4, "{b}");
+        assert_eq!(a.capabilities, vec!["prove".to_string()], "{b}");
+        assert_eq!(a.labels, reg_a.labels, "{b}: labels round-trip");
+        assert_eq!((a.version.as_str(), a.hostname.as_str()), ("1.2.3", "w-a.example"), "{b}");
+        assert_eq!(a.session_id, s1, "{b}");
+        assert_eq!(a.coordinator_id, "coord-a", "{b}");
+        assert_within(b, "registered_at", a.registered_at, before - SLACK, after + SLACK);
+        assert_within(b, "last_heartbeat_at", a.last_heartbeat_at, before - SLACK, after + SLACK);
+        assert_eq!(a.in_flight, 2, "{b}: one assigned + one running; the completed one does not count");
+
+        let all = s.list_workers().await.expect("list_workers");
+        assert_eq!(all.iter().map(|w| w.id.0.as_str()).collect::<Vec<_>>(), vec!["w-a", "w-b"], "{b}: by id");
+        assert_eq!(all[0], a, "{b}: list and get agree");
+        let wb = &all[1];
+        assert_eq!(wb.capabilities, vec!["prove".to_string(), "verify".to_string()], "{b}");
+        assert_eq!(wb.labels, registration("w-b", s2).labels, "{b}");
+        assert_eq!((wb.session_id, wb.in_flight), (s2, 0), "{b}");
+        assert_eq!(s.get_worker(&w("nobody")).await.expect("get_worker"), None, "{b}");
+        assert_eq!(s.worker_stats(&w("nobody")).await.expect("worker_stats"), None, "{b}");
+    }
+
+    pub async fn worker_reregistration_replaces_session_and_fences_state_changes(s: &Store) {
+        let b = s.backend();
+        let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
+        s.upsert_worker(&registration("w1", old)).await.expect("upsert");
+        assert!(s.set_worker_state(&w("w1"), old, WorkerState::Suspect).await.expect("set"), "{b}");
+        assert_eq!(s.get_worker(&w("w1")).await.unwrap().unwrap().state, WorkerState::Suspect, "{b}");
+
+        let mut again = registration("w1", new);
+        again.capabilities = vec!["verify".into()];
+        again.version = "2.0.0".into();
+        again.max_concurrent_tasks = 8;
+        s.upsert_worker(&again).await.expect("upsert");
+        let rec = s.get_worker(&w("w1")).await.unwrap().unwrap();
+        assert_eq!(rec.session_id, new, "{b}: the new session replaces the old");
+        assert_eq!(rec.state, WorkerState::Active, "{b}: re-registration makes it active");
+        assert_eq!(
+            (rec.capabilities, rec.version, rec.max_concurrent_tasks),
+            (vec!["verify".into()], "2.0.0".into(), 8)
+        );
+        assert_eq!(s.list_workers().await.expect("list").len(), 1, "{b}: still one worker");
+
+        assert!(
+            !s.set_worker_state(&w("w1"), old, WorkerState::Dead).await.expect("set"),
+            "{b}: old session"
+        );
+        assert_eq!(
+            s.get_worker(&w("w1")).await.unwrap().unwrap().state,
+            WorkerState::Active,
+            "{b}: unchanged"
+        );
+        assert!(s.set_worker_state(&w("w1"), new, WorkerState::Draining).await.expect("set"), "{b}");
+        assert_eq!(s.get_worker(&w("w1")).await.unwrap().unwrap().state, WorkerState::Draining, "{b}");
+        assert!(!s.set_worker_state(&w("nobody"), new, WorkerState::Dead).await.expect("set"), "{b}");
+    }
+
+    pub async fn flush_heartbeats_updates_many_workers_and_never_moves_backwards(s: &Store) {
+        let b = s.backend();
+        let names = ["w1", "w2", "w3", "w4", "w5"];
+        for n in names {
+            s.upsert_worker(&registration(n, Uuid::now_v7())).await.expect("upsert");
+        }
+        let t1 = micros_precision(Utc::now() + TimeDelta::seconds(1));
+        let mut beats: Vec<(WorkerId, DateTime<Utc>)> = names.iter().map(|n| (w(n), t1)).collect();
+        beats.push((w("ghost"), t1));
+        assert_eq!(s.flush_heartbeats(&beats).await.expect("flush"), 5, "{b}: five workers in one call");
+        for rec in s.list_workers().await.expect("list") {
+            assert_eq!(rec.last_heartbeat_at, t1, "{b}: {}", rec.id);
+        }
+        assert_eq!(s.get_worker(&w("ghost")).await.expect("get"), None, "{b}: no worker invented");
+
+        let t2 = t1 + TimeDelta::seconds(1);
+        let older = t1 - TimeDelta::seconds(10);
+        let n = s.flush_heartbeats(&[(w("w1"), older), (w("w2"), t2), (w("w3"), t1)]).await.expect("flush");
+        assert_eq!(n, 1, "{b}: only w2 moved forward");
+        let hb =
+            |id: &'static str| async move { s.get_worker(&w(id)).await.unwrap().unwrap().last_heartbeat_at };
+        assert_eq!(hb("w1").await, t1, "{b}: an older heartbeat does not move it back");
+        assert_eq!(hb("w2").await, t2, "{b}");
+        assert_eq!(hb("w3").await, t1, "{b}");
+        assert_eq!(s.flush_heartbeats(&[]).await.expect("flush"), 0, "{b}");
+    }
+
+    pub async fn worker_stats_count_outcomes_and_duration(s: &Store) {
+        let b = s.backend();
+        s.upsert_worker(&registration("w1", Uuid::now_v7())).await.expect("upsert");
+        s.upsert_worker(&registration("w2", Uuid::now_v7())).await.expect("upsert");
+        let empty = s.worker_stats(&w("w1")).await.expect("stats").expect("known");
+        assert_eq!((empty.tasks_completed, empty.tasks_failed, empty.in_flight), (0, 0, 0), "{b}");
+        assert_eq!(empty.total_duration, Duration::ZERO, "{b}");
+
+        let tasks = create_n(s, "prove", 6).await;
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+        let got = claim_ids(s, &ids[..5], &w("w1"), LONG_LEASE).await;
+        let h: Vec<Held> = got.iter().map(held).collect();
+        s.mark_running(&h[..3]).await.expect("mark_running");
+        let started = get(s, ids[0]).await.started_at.expect("started");
+        wait_until_past(started + ms(20)).await;
+        complete_one(s, &h[0], b"ok").await;
+        complete_one(s, &h[1], b"ok").await;
+        fail_one(s, &h[2], "boom", true, policy(60_000)).await;
+        s.cancel(ids[3], "no").await.expect("cancel");
+        // h[4] stays assigned; ids[5] goes to w2 and completes there.
+        let hw2 = claim_one(s, ids[5], "w2", LONG_LEASE).await;
+        complete_one(s, &hw2, b"ok").await;
+
+        let st = s.worker_stats(&w("w1")).await.expect("stats").expect("known");
+        assert_eq!(st.tasks_completed, 2, "{b}");
+        assert_eq!(st.tasks_failed, 1, "{b}");
+        assert_eq!(st.in_flight, 1, "{b}: the one still assigned");
+        let mut want = TimeDelta::zero();
+        for id in &ids[..3] {
+            let a = last_attempt(s, *id).await;
+            want += a.finished_at.expect("finished") - a.started_at.unwrap_or(a.assigned_at);
+        }
+        let want = want.to_std().expect("positive");
+        assert!(want >= Duration::from_millis(20), "{b}: the first attempt ran 20ms or more");
+        let diff = st.total_duration.abs_diff(want);
+        assert!(
+            diff <= Duration::from_millis(2),
+            "{b}: total_duration {:?}, attempts say {want:?}",
+            st.total_duration
+        );
+        let w2 = s.worker_stats(&w("w2")).await.expect("stats").expect("known");
+        assert_eq!((w2.tasks_completed, w2.tasks_failed, w2.in_flight), (1, 0, 0), "{b}");
+    }
+
+    // ---- jobs, listings, counts ----
+
+    pub async fn jobs_track_their_tasks_until_done(s: &Store) {
+        let b = s.backend();
+        let news: Vec<NewTask> = (0..3).map(|_| new_task("prove")).collect();
+        let before = Utc::now();
+        let (job, created) = s.create_job("nightly", news.clone()).await.expect("create_job");
+        let after = Utc::now();
+        assert_eq!((job.name.as_str(), job.total), ("nightly", 3), "{b}");
+        assert_eq!(job.count(TaskState::Pending), 3, "{b}");
+        assert!(!job.done(), "{b}");
+        assert_within(b, "job created_at", job.created_at, before - SLACK, after + SLACK);
+        assert_eq!(created.len(), 3, "{b}");
+        for (c, n) in created.iter().zip(&news) {
+            assert!(c.created, "{b}");
+            assert_eq!(c.task.id, n.id, "{b}");
+            assert_eq!(c.task.job_id, Some(job.id), "{b}: job_id set on the returned task");
+            assert_eq!(get(s, n.id).await.job_id, Some(job.id), "{b}: and stored");
+        }
+        assert_eq!(s.get_job(job.id).await.expect("get_job"), Some(job.clone()), "{b}");
+        let order: Vec<TaskId> = s.job_tasks(job.id).await.expect("job_tasks").iter().map(|t| t.id).collect();
+        assert_eq!(order, news.iter().map(|n| n.id).collect::<Vec<_>>(), "{b}: submission order");
+
+        let other = create_one(s, new_task("prove")).await;
+        let h0 = claim_one(s, news[0].id, "w1", LONG_LEASE).await;
+        let j = s.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!((j.count(TaskState::Pending), j.count(TaskState::Assigned)), (2, 1), "{b}");
+        complete_one(s, &h0, b"ok").await;
+        let j = s.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!((j.count(TaskState::Pending), j.count(TaskState::Completed)), (2, 1), "{b}");
+        assert!(!j.done(), "{b}");
+        let h1 = claim_one(s, news[1].id, "w1", LONG_LEASE).await;
+        fail_one(s, &h1, "fatal", false, policy(100)).await;
+        let j = s.get_job(job.id).await.unwrap().unwrap();
+        assert!(!j.done(), "{b}: one still pending");
+        s.cancel(news[2].id, "enough").await.expect("cancel");
+        let j = s.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(
+            [TaskState::Completed, TaskState::Failed, TaskState::Cancelled].map(|st| j.count(st)),
+            [1, 1, 1],
+            "{b}"
+        );
+        assert_eq!(j.count(TaskState::Pending), 0, "{b}");
+        assert!(j.done(), "{b}: all terminal");
+        assert_eq!((j.total, j.created_at), (3, job.created_at), "{b}");
+        assert_eq!(get(s, other.id).await.job_id, None, "{b}: other tasks are not in the job");
+        assert_eq!(s.job_tasks(job.id).await.expect("job_tasks").len(), 3, "{b}");
+        assert_eq!(s.get_job(coordinator::domain::JobId::new()).await.expect("get_job"), None, "{b}");
+        assert!(s.job_tasks(coordinator::domain::JobId::new()).await.expect("job_tasks").is_empty(), "{b}");
+    }
+
+    pub async fn list_tasks_filters_and_pages_in_id_order(s: &Store) {
+        let b = s.backend();
+        let (job, _) = s.create_job("j", vec![new_task("a"), new_task("b")]).await.expect("create_job");
+        let loose =
+            create(s, vec![new_task("a"), new_task("b"), new_task("a"), new_task("c"), new_task("a")]).await;
+        let all = all_tasks(s).await;
+        assert_eq!(all.len(), 7, "{b}");
+        let mut sorted: Vec<TaskId> = all.iter().map(|t| t.id).collect();
+        sorted.sort();
+        assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), sorted, "{b}: ordered by id");
+        claim_ids(s, &[loose[0].id, loose[1].id], &w("w1"), LONG_LEASE).await;
+        claim_ids(s, &[loose[2].id], &w("w2"), LONG_LEASE).await;
+
+        let ids = |f: TaskFilter| async move {
+            s.list_tasks(&TaskFilter { limit: 100, ..f })
+                .await
+                .expect("list_tasks")
+                .iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>()
+        };
+        let by_type = ids(TaskFilter { task_type: Some("a".into()), ..TaskFilter::default() }).await;
+        let want_a: Vec<TaskId> = all.iter().filter(|t| t.task_type == "a").map(|t| t.id).collect();
+        assert_eq!(by_type, want_a, "{b}: type a");
+        let by_state = ids(TaskFilter { state: Some(TaskState::Assigned), ..TaskFilter::default() }).await;
+        assert_eq!(by_state, vec![loose[0].id, loose[1].id, loose[2].id], "{b}: assigned");
+        let by_job = ids(TaskFilter { job_id: Some(job.id), ..TaskFilter::default() }).await;
+        assert_eq!(by_job.len(), 2, "{b}: job");
+        assert!(by_job.iter().all(|id| all.iter().any(|t| t.id == *id && t.job_id == Some(job.id))), "{b}");
+        let by_worker = ids(TaskFilter { worker_id: Some(w("w1")), ..TaskFilter::default() }).await;
+        assert_eq!(by_worker, vec![loose[0].id, loose[1].id], "{b}: worker w1");
+        let combined = ids(TaskFilter {
+            state: Some(TaskState::Pending),
+            task_type: Some("a".into()),
+            ..TaskFilter::default()
+        })
+        .await;
+        let want: Vec<TaskId> = all
+            .iter()
+            .filter(|t| t.task_type == "a" && ![loose[0].id, loose[2].id].contains(&t.id))
+            .map(|t| t.id)
+            .collect();
+        assert_eq!(combined, want, "{b}: pending a");
+        assert!(
+            ids(TaskFilter { task_type: Some("zzz".into()), ..TaskFilter::default() }).await.is_empty(),
+            "{b}"
+        );
+        let none = s.list_tasks(&TaskFilter { limit: 0, ..TaskFilter::default() }).await.expect("list_tasks");
+        assert!(none.is_empty(), "{b}: limit 0");
+
+        // Pages of 3 walk every task exactly once, in id order.
+        let mut walked = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page =
+                s.list_tasks(&TaskFilter { after, limit: 3, ..TaskFilter::default() }).await.expect("list");
+            assert!(page.len() <= 3, "{b}");
+            pages += 1;
+            assert!(pages <= 10, "{b}: paging does not end");
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            walked.extend(page.iter().map(|t| t.id));
+        }
+        assert_eq!(walked, sorted, "{b}: every task once, in id order");
+        // Paging composes with a filter.
+        let page = s
+            .list_tasks(&TaskFilter {
+                task_type: Some("a".into()),
+                after: Some(want_a[0]),
+                limit: 2,
+                ..TaskFilter::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(page.iter().map(|t| t.id).collect::<Vec<_>>(), want_a[1..3].to_vec(), "{b}");
+    }
+
+    pub async fn task_counts_and_pending_by_type(s: &Store) {
+        let b = s.backend();
+        assert!(s.task_counts().await.expect("counts").is_empty(), "{b}: empty store");
+        assert!(s.pending_by_type().await.expect("pending").is_empty(), "{b}");
+        let a = create_n(s, "a", 4).await;
+        let bt = create_n(s, "b", 3).await;
+        let c = create_n(s, "c", 1).await;
+        let got = claim_ids(s, &[a[0].id, a[1].id, a[2].id, bt[0].id, bt[1].id], &w("w1"), LONG_LEASE).await;
+        let h: Vec<Held> = got.iter().map(held).collect();
+        s.mark_running(&[h[1].clone()]).await.expect("mark_running"); // a1 running, a0 assigned
+        complete_one(s, &h[2], b"ok").await; // a2 completed
+        fail_one(s, &h[3], "later", true, policy(60_000)).await; // b0 pending, not runnable yet
+        fail_one(s, &h[4], "fatal", false, policy(60_000)).await; // b1 failed
+        s.cancel(c[0].id, "no").await.expect("cancel"); // c0 cancelled
+
+        let counts = s.task_counts().await.expect("task_counts");
+        let want = BTreeMap::from([
+            (TaskState::Pending, 3), // a3, b0, b2
+            (TaskState::Assigned, 1),
+            (TaskState::Running, 1),
+            (TaskState::Completed, 1),
+            (TaskState::Failed, 1),
+            (TaskState::Cancelled, 1),
+        ]);
+        assert_eq!(counts, want, "{b}");
+        let pending = s.pending_by_type().await.expect("pending_by_type");
+        let want = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);
+        assert_eq!(pending, want, "{b}: includes the pending task waiting out its backoff; no c");
+    }
+}
