@@ -13,7 +13,7 @@
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
 //! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`) ·
 //! [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`events`] · [`domain`] ·
-//! [`proto`] generated code
+//! [`worker`] the worker side · [`proto`] generated code
 #![warn(missing_debug_implementations)]
 
 pub mod app;
@@ -30,3 +30,4 @@ pub mod scheduler;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod worker;

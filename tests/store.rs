@@ -28,14 +28,21 @@ use coordinator::{
 use uuid::Uuid;
 
 /// One `#[tokio::test]` per case: the case runs on every backend, each with a fresh database.
+/// A backend's failure does not skip the others (its panic message is printed as it happens), and
+/// every database is cleaned up; the test then fails naming the backends that failed.
 macro_rules! store_tests {
     ($($case:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $case() {
+            let mut failed = Vec::new();
             for db in TestDb::all().await {
-                cases::$case(&db.store).await;
+                let store = db.store.clone();
+                if tokio::spawn(async move { cases::$case(&store).await }).await.is_err() {
+                    failed.push(db.store.backend());
+                }
                 db.cleanup().await;
             }
+            assert!(failed.is_empty(), "{} failed on {failed:?}", stringify!($case));
         }
     )*};
 }
@@ -81,6 +88,7 @@ store_tests!(
     requeue_expired_leaves_a_task_completed_before_it,
     requeue_worker_gives_back_every_task_of_that_worker_only,
     requeue_undelivered_moves_only_assigned_tasks_without_charging,
+    held_by_lists_what_a_worker_holds,
     // races
     concurrent_claimers_never_share_a_task,
     completion_racing_requeue_worker_lands_exactly_once,
@@ -91,6 +99,7 @@ store_tests!(
     worker_stats_count_outcomes_and_duration,
     // jobs, listings, counts
     jobs_track_their_tasks_until_done,
+    job_resubmitted_with_known_idempotency_keys_is_done_when_its_tasks_are,
     list_tasks_filters_and_pages_in_id_order,
     task_counts_and_pending_by_type,
 );
@@ -746,6 +755,14 @@ mod cases {
         assert_eq!(out, ReportOutcome::Stale { state: TaskState::Assigned, attempt: 1 }, "{b}");
         assert_eq!(get(s, t.id).await, before, "{b}: nothing changed");
         assert_eq!(attempts(s, t.id).await, hist, "{b}: history unchanged");
+        // A report for a task that was never claimed is stale too.
+        let never = create_one(s, new_task("prove")).await;
+        assert_eq!(
+            complete_one(s, &held_as(never.id, "w1", 0), b"forged").await,
+            ReportOutcome::Stale { state: TaskState::Pending, attempt: 0 },
+            "{b}"
+        );
+        assert_eq!(get(s, never.id).await, never, "{b}");
         // The holder can still complete.
         assert_eq!(
             complete_one(s, &h, b"real").await,
@@ -869,15 +886,19 @@ mod cases {
         let out =
             s.complete(&[completion(&old, b"late"), completion(&cur, b"current")]).await.expect("complete");
         let task = get(s, t.id).await;
+        let shown = (task.state, task.result.as_deref().map(String::from_utf8_lossy));
+        assert_eq!(out.len(), 2, "{b}");
+        // The stale report's `state` is the task's state when it was classified, which may be
+        // before or after the current report applied; the attempt that holds it is 2 either way.
+        assert!(
+            matches!(out[0], ReportOutcome::Stale { attempt: 2, .. }),
+            "{b}: the late report of attempt 1 is stale, got {:?} (task now {shown:?})",
+            out[0]
+        );
         assert_eq!(
-            out,
-            vec![
-                ReportOutcome::Stale { state: TaskState::Completed, attempt: 2 },
-                ReportOutcome::Applied { state: TaskState::Completed },
-            ],
-            "{b}: outcomes, with the task now {:?} holding {:?}",
-            task.state,
-            task.result.as_deref().map(String::from_utf8_lossy)
+            out[1],
+            ReportOutcome::Applied { state: TaskState::Completed },
+            "{b}: the current report applies (task now {shown:?})"
         );
         assert_eq!(task.state, TaskState::Completed, "{b}: the current attempt's completion applies");
         assert_eq!(task.result.as_deref(), Some(&b"current"[..]), "{b}");
@@ -1055,6 +1076,7 @@ mod cases {
         let t0 = Utc::now();
         let c = s.cancel(t.id, "user asked").await.expect("cancel").expect("known task");
         let t1 = Utc::now();
+        assert!(c.applied, "{b}: the cancel applied");
         assert_eq!(c.held_by, None, "{b}: nobody to tell");
         assert_eq!(c.task.state, TaskState::Cancelled, "{b}");
         let now = get(s, t.id).await;
@@ -1076,10 +1098,12 @@ mod cases {
         s.mark_running(std::slice::from_ref(&hr)).await.expect("mark_running");
 
         let ca = s.cancel(a.id, "superseded").await.expect("cancel").expect("known");
+        assert!(ca.applied, "{b}");
         assert_eq!(ca.held_by, Some(ha.clone()), "{b}: the assigned task names (w1, 1)");
         assert_eq!(ca.task.state, TaskState::Cancelled, "{b}");
         assert_eq!(ca.task.lease_expires_at, None, "{b}");
         let cr = s.cancel(r.id, "superseded").await.expect("cancel").expect("known");
+        assert!(cr.applied, "{b}");
         assert_eq!(cr.held_by, Some(hr.clone()), "{b}: the running task names (w2, 1)");
         for id in [a.id, r.id] {
             let att = last_attempt(s, id).await;
@@ -1125,6 +1149,7 @@ mod cases {
             let before = get(s, id).await;
             let hist = attempts(s, id).await;
             let c = s.cancel(id, "second").await.expect("cancel").expect("known");
+            assert!(!c.applied, "{b}: cancelling a {state} task does not apply");
             assert_eq!(c.held_by, None, "{b}: {state} task has no holder to tell");
             assert_eq!(c.task, before, "{b}: the {state} task is returned as it is");
             assert_eq!(get(s, id).await, before, "{b}: the {state} task is unchanged");
@@ -1346,6 +1371,29 @@ mod cases {
             ReportOutcome::Stale { state: TaskState::Assigned, attempt: 2 },
             "{b}"
         );
+    }
+
+    pub async fn held_by_lists_what_a_worker_holds(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 6).await;
+        let [a, r, done, failed, lost, other] = [0, 1, 2, 3, 4, 5].map(|i| tasks[i].id);
+        let got = claim_ids(s, &[a, r, done, failed, lost], &w("w1"), LONG_LEASE).await;
+        let h: Vec<Held> = got.iter().map(held).collect();
+        s.mark_running(&[h[1].clone()]).await.expect("mark_running");
+        complete_one(s, &h[2], b"ok").await;
+        fail_one(s, &h[3], "fatal", false, policy(100)).await;
+        s.requeue_undelivered(&[h[4].clone()]).await.expect("requeue_undelivered");
+        let again = claim_one(s, lost, "w1", LONG_LEASE).await; // attempt 2
+        claim_one(s, other, "w2", LONG_LEASE).await;
+
+        let mut want = vec![h[0].clone(), h[1].clone(), again];
+        want.sort_by_key(|h| h.task_id);
+        assert_eq!(s.held_by(&w("w1")).await.expect("held_by"), want, "{b}: assigned + running, by id");
+        assert_eq!(s.held_by(&w("w2")).await.expect("held_by"), vec![held_as(other, "w2", 1)], "{b}");
+        assert!(s.held_by(&w("nobody")).await.expect("held_by").is_empty(), "{b}");
+        assert!(want.iter().all(|h| h.task_id != done && h.task_id != failed), "{b}");
+        assert_eq!(want.iter().find(|h| h.task_id == lost).map(|h| h.attempt), Some(2), "{b}");
+        assert!(want.iter().any(|h| h.task_id == r) && want.iter().any(|h| h.task_id == a), "{b}");
     }
 
     // ---- races ----
@@ -1668,6 +1716,35 @@ mod cases {
         assert_eq!(s.job_tasks(job.id).await.expect("job_tasks").len(), 3, "{b}");
         assert_eq!(s.get_job(coordinator::domain::JobId::new()).await.expect("get_job"), None, "{b}");
         assert!(s.job_tasks(coordinator::domain::JobId::new()).await.expect("job_tasks").is_empty(), "{b}");
+    }
+
+    /// A client retries a job submission whose tasks carry idempotency keys: the tasks are not
+    /// created again, the existing ones are returned. Once every task the second submission
+    /// returned is terminal, the job it got back must report done; a job that can never be done
+    /// leaves anyone waiting on it waiting forever.
+    pub async fn job_resubmitted_with_known_idempotency_keys_is_done_when_its_tasks_are(s: &Store) {
+        let b = s.backend();
+        let keyed = |i: usize| NewTask { idempotency_key: Some(format!("job-key-{i}")), ..new_task("prove") };
+        let (first, _) = s.create_job("nightly", vec![keyed(0), keyed(1)]).await.expect("create_job");
+        let (again, created) = s.create_job("nightly", vec![keyed(0), keyed(1)]).await.expect("create_job");
+        assert!(created.iter().all(|c| !c.created), "{b}: the keyed tasks already exist");
+        for c in &created {
+            let h = claim_one(s, c.task.id, "w1", LONG_LEASE).await;
+            complete_one(s, &h, b"ok").await;
+        }
+        assert!(
+            s.get_job(first.id).await.expect("get_job").expect("job").done(),
+            "{b}: the first job is done"
+        );
+        let job = s.get_job(again.id).await.expect("get_job").expect("job");
+        assert!(
+            job.done(),
+            "{b}: all {} tasks the resubmission returned are completed, yet its job says total {} with \
+             counts {:?}, so it is never done",
+            created.len(),
+            job.total,
+            job.counts
+        );
     }
 
     pub async fn list_tasks_filters_and_pages_in_id_order(s: &Store) {

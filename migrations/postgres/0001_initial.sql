@@ -41,8 +41,18 @@ CREATE INDEX tasks_runnable ON tasks (priority DESC, id) WHERE status = 'pending
 CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE status IN ('assigned', 'running');
 -- Requeue all tasks of a worker; in-flight counts.
 CREATE INDEX tasks_worker ON tasks (worker_id) WHERE status IN ('assigned', 'running');
-CREATE INDEX tasks_job ON tasks (job_id) WHERE job_id IS NOT NULL;
 CREATE INDEX tasks_status ON tasks (status, id);
+
+-- Members of each job, in submission order. A task found by its idempotency key belongs to the
+-- job that created it (tasks.job_id) and to every job whose submission returned it.
+CREATE TABLE job_tasks (
+    job_id    UUID NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    position  INTEGER NOT NULL,
+    task_id   UUID NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    PRIMARY KEY (job_id, position)
+);
+
+CREATE INDEX job_tasks_task ON job_tasks (task_id);
 
 CREATE TABLE task_attempts (
     task_id      UUID NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,

@@ -111,6 +111,15 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
         let created = insert_tasks(&mut tx, tasks).await?;
+        let members: Vec<Uuid> = created.iter().map(|c| c.task.id.0).collect();
+        sqlx::query(
+            "INSERT INTO job_tasks (job_id, position, task_id)
+             SELECT $1, ord - 1, id FROM unnest($2::uuid[]) WITH ORDINALITY AS m(id, ord)",
+        )
+        .bind(job_id.0)
+        .bind(&members)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         let mut counts = BTreeMap::new();
         for c in &created {
@@ -138,7 +147,7 @@ impl PgStore {
             "SELECT {TASK_COLUMNS} FROM tasks
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR task_type = $2)
-               AND ($3::uuid IS NULL OR job_id = $3)
+               AND ($3::uuid IS NULL OR id IN (SELECT task_id FROM job_tasks WHERE job_id = $3))
                AND ($4::text IS NULL OR worker_id = $4)
                AND ($5::uuid IS NULL OR id > $5)
              ORDER BY id LIMIT $6"
@@ -325,8 +334,10 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         let applied = sqlx::query(
             "WITH r AS (
-                 SELECT DISTINCT ON (id) * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bytea[])
-                     AS r(id, worker_id, attempt, result)
+                 SELECT DISTINCT ON (id, worker_id, attempt) id, worker_id, attempt, result
+                 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bytea[]) WITH ORDINALITY
+                     AS r(id, worker_id, attempt, result, ord)
+                 ORDER BY id, worker_id, attempt, ord
              ),
              upd AS (
                  UPDATE tasks t
@@ -335,14 +346,14 @@ impl PgStore {
                  FROM r
                  WHERE t.id = r.id AND t.worker_id = r.worker_id AND t.attempt = r.attempt
                    AND t.status IN ('assigned', 'running')
-                 RETURNING t.id, t.attempt
+                 RETURNING t.id, t.attempt, t.worker_id
              ),
              att AS (
                  UPDATE task_attempts a
                  SET finished_at = now(), outcome = 'completed', started_at = COALESCE(a.started_at, now())
                  FROM upd WHERE a.task_id = upd.id AND a.attempt = upd.attempt
              )
-             SELECT id FROM upd",
+             SELECT id, attempt, worker_id FROM upd",
         )
         .bind(&ids)
         .bind(&workers)
@@ -350,27 +361,35 @@ impl PgStore {
         .bind(&results)
         .fetch_all(&mut *tx)
         .await?;
-        let applied: std::collections::HashSet<Uuid> =
-            applied.iter().map(|r| r.try_get("id")).collect::<std::result::Result<_, _>>()?;
+        let applied: std::collections::HashSet<Held> = applied
+            .iter()
+            .map(|r| {
+                Ok(Held {
+                    task_id: TaskId(r.try_get("id")?),
+                    worker_id: WorkerId(r.try_get("worker_id")?),
+                    attempt: r.try_get::<i32, _>("attempt")? as u32,
+                })
+            })
+            .collect::<Result<_>>()?;
         let outcomes = self.outcomes(&mut tx, &held, applied, "completed", |_| TaskState::Completed).await?;
         tx.commit().await?;
         Ok(outcomes)
     }
 
-    /// One outcome per report: `Applied` for the first report of each applied id, otherwise
-    /// classified from the task row and the attempts history.
+    /// One outcome per report: `Applied` for the first report of each applied (task, worker,
+    /// attempt), otherwise classified from the task row and the attempts history.
     async fn outcomes(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         held: &[Held],
-        mut applied: std::collections::HashSet<Uuid>,
+        mut applied: std::collections::HashSet<Held>,
         reported: &str,
         applied_state: impl Fn(&Held) -> TaskState,
     ) -> Result<Vec<ReportOutcome>> {
         let mut out = Vec::with_capacity(held.len());
         let mut rest = Vec::new();
         for (i, h) in held.iter().enumerate() {
-            if applied.remove(&h.task_id.0) {
+            if applied.remove(h) {
                 out.push(Some(ReportOutcome::Applied { state: applied_state(h) }));
             } else {
                 out.push(None);
@@ -743,13 +762,16 @@ impl PgStore {
         else {
             return Ok(None);
         };
-        let counts = sqlx::query("SELECT status, count(*) AS n FROM tasks WHERE job_id = $1 GROUP BY status")
-            .bind(id.0)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| Ok((parse_state(r.try_get("status")?)?, r.try_get::<i64, _>("n")? as u32)))
-            .collect::<Result<_>>()?;
+        let counts = sqlx::query(
+            "SELECT t.status, count(*) AS n FROM job_tasks j JOIN tasks t ON t.id = j.task_id
+             WHERE j.job_id = $1 GROUP BY t.status",
+        )
+        .bind(id.0)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| Ok((parse_state(r.try_get("status")?)?, r.try_get::<i64, _>("n")? as u32)))
+        .collect::<Result<_>>()?;
         Ok(Some(Job {
             id,
             name: row.try_get("name")?,
@@ -760,7 +782,12 @@ impl PgStore {
     }
 
     pub(super) async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
-        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = $1 ORDER BY id");
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM (
+                 SELECT t.*, j.position AS job_position FROM tasks t JOIN job_tasks j ON j.task_id = t.id
+                 WHERE j.job_id = $1
+             ) AS members ORDER BY job_position"
+        );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.0).fetch_all(&self.pool).await?;
         rows.iter().map(task_from_row).collect()
     }

@@ -147,6 +147,14 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
         let created = insert_tasks(&mut tx, tasks).await?;
+        for (position, c) in created.iter().enumerate() {
+            sqlx::query("INSERT INTO job_tasks (job_id, position, task_id) VALUES (?1, ?2, ?3)")
+                .bind(job_id.to_string())
+                .bind(position as i64)
+                .bind(c.task.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         let mut counts = BTreeMap::new();
         for c in &created {
@@ -176,7 +184,7 @@ impl SqliteStore {
             "SELECT {TASK_COLUMNS} FROM tasks
              WHERE (?1 IS NULL OR status = ?1)
                AND (?2 IS NULL OR task_type = ?2)
-               AND (?3 IS NULL OR job_id = ?3)
+               AND (?3 IS NULL OR id IN (SELECT task_id FROM job_tasks WHERE job_id = ?3))
                AND (?4 IS NULL OR worker_id = ?4)
                AND (?5 IS NULL OR id > ?5)
              ORDER BY id LIMIT ?6"
@@ -305,7 +313,8 @@ impl SqliteStore {
         let until = now + duration_ms(lease).saturating_mul(1000);
         let mut tx = self.writer.begin().await?;
         let mut renewed = Vec::new();
-        for h in held {
+        let mut seen = HashSet::new();
+        for h in held.iter().filter(|h| seen.insert(h.task_id)) {
             let r = sqlx::query(
                 "UPDATE tasks SET lease_expires_at = ?4, status = 'running',
                      started_at = COALESCE(started_at, ?5), updated_at = ?5
@@ -631,13 +640,16 @@ impl SqliteStore {
         else {
             return Ok(None);
         };
-        let counts = sqlx::query("SELECT status, count(*) AS n FROM tasks WHERE job_id = ?1 GROUP BY status")
-            .bind(id.to_string())
-            .fetch_all(&self.reader)
-            .await?
-            .iter()
-            .map(|r| Ok((parse_state(r.try_get("status")?)?, r.try_get::<i64, _>("n")? as u32)))
-            .collect::<Result<_>>()?;
+        let counts = sqlx::query(
+            "SELECT t.status, count(*) AS n FROM job_tasks j JOIN tasks t ON t.id = j.task_id
+             WHERE j.job_id = ?1 GROUP BY t.status",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|r| Ok((parse_state(r.try_get("status")?)?, r.try_get::<i64, _>("n")? as u32)))
+        .collect::<Result<_>>()?;
         Ok(Some(Job {
             id,
             name: row.try_get("name")?,
@@ -648,7 +660,12 @@ impl SqliteStore {
     }
 
     pub(super) async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
-        let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE job_id = ?1 ORDER BY id");
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM (
+                 SELECT t.*, j.position AS job_position FROM tasks t JOIN job_tasks j ON j.task_id = t.id
+                 WHERE j.job_id = ?1
+             ) AS members ORDER BY job_position"
+        );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.to_string()).fetch_all(&self.reader).await?;
         rows.iter().map(task_from_row).collect()
     }

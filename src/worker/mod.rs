@@ -1,0 +1,554 @@
+//! The worker side: registers with a coordinator, holds the `ReceiveTasks` stream, runs tasks
+//! through a [`Handler`] (at most `max_concurrent` at once), heartbeats with the tasks it holds,
+//! and reports each result with the attempt it was given.
+//!
+//! It survives the coordinator: on a dropped stream or a coordinator restart it reconnects with
+//! exponential backoff and full jitter, registers again under the same id and carries on with
+//! its running tasks; a result it could not deliver is retried until the coordinator accepts or
+//! refuses it, so a finished proof is never thrown away. A stream that ends while heartbeats
+//! still succeed is reopened. On shutdown it deregisters (drain), lets running tasks finish
+//! within a grace period, reports them, and gives back what did not finish.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Code, Status,
+    transport::{Channel, Endpoint},
+};
+use tracing::{debug, info, warn};
+
+use crate::proto::{self, coordinator_service_client::CoordinatorServiceClient};
+
+/// How a worker connects and behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `http://host:9090` (or `https://` with TLS).
+    pub endpoint: String,
+    pub worker_id: String,
+    pub max_concurrent: u32,
+    /// Task types this worker runs; empty means any.
+    pub capabilities: Vec<String>,
+    pub labels: HashMap<String, String>,
+    /// Overrides the interval the coordinator asks for.
+    pub heartbeat_interval: Option<Duration>,
+    /// Reconnect backoff: full jitter over `base * 2^n`, capped at `max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long running tasks may take to finish after shutdown begins.
+    pub drain_grace: Duration,
+    /// gRPC message limit, both ways.
+    pub max_message_size: usize,
+}
+
+impl WorkerOptions {
+    pub fn new(endpoint: impl Into<String>, worker_id: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            worker_id: worker_id.into(),
+            max_concurrent: 1,
+            capabilities: Vec::new(),
+            labels: HashMap::new(),
+            heartbeat_interval: None,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            drain_grace: Duration::from_secs(30),
+            max_message_size: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// A task as the handler sees it.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    pub task_id: String,
+    pub task_type: String,
+    pub payload: Vec<u8>,
+    pub attempt: u32,
+    pub deadline: Option<SystemTime>,
+    /// Cancelled when the coordinator cancels the task or it is revoked; handlers that run
+    /// long should watch it (the worker also stops waiting for them).
+    pub cancelled: CancellationToken,
+}
+
+/// Why a task failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    pub message: String,
+    /// Retriable failures go back to the queue (with backoff) while attempts remain.
+    pub retriable: bool,
+}
+
+impl TaskFailure {
+    pub fn retriable(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retriable: true }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retriable: false }
+    }
+}
+
+/// Runs tasks.
+#[tonic::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    async fn run(&self, task: TaskContext) -> Result<Vec<u8>, TaskFailure>;
+}
+
+/// A [`Handler`] from an async closure.
+pub fn handler_fn<F, Fut>(f: F) -> Arc<dyn Handler>
+where
+    F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<u8>, TaskFailure>> + Send + 'static,
+{
+    struct FnHandler<F>(F);
+    #[tonic::async_trait]
+    impl<F, Fut> Handler for FnHandler<F>
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<u8>, TaskFailure>> + Send + 'static,
+    {
+        async fn run(&self, task: TaskContext) -> Result<Vec<u8>, TaskFailure> {
+            (self.0)(task).await
+        }
+    }
+    Arc::new(FnHandler(f))
+}
+
+/// Full-jitter exponential backoff: a random delay in `[0, min(max, base * 2^n)]`.
+pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << n.min(20)).min(max);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+type Client = CoordinatorServiceClient<Channel>;
+
+#[derive(Debug)]
+struct Running {
+    attempt: u32,
+    /// Cancels the handler (client cancel, revoked by the coordinator).
+    cancel: CancellationToken,
+}
+
+/// A worker. [`Worker::run`] drives it until shutdown.
+pub struct Worker {
+    opts: WorkerOptions,
+    handler: Arc<dyn Handler>,
+    client: Client,
+    /// std Mutex: short map operations only, never held across `.await`.
+    running: Arc<Mutex<HashMap<String, Running>>>,
+    slots: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("opts", &self.opts).finish_non_exhaustive()
+    }
+}
+
+/// How a session with the coordinator ended.
+enum SessionEnd {
+    Shutdown,
+    /// Stream ended or the coordinator forgot us: reconnect.
+    Reconnect,
+}
+
+impl Worker {
+    pub fn new(opts: WorkerOptions, handler: Arc<dyn Handler>) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(opts.endpoint.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let client = CoordinatorServiceClient::new(channel)
+            .max_decoding_message_size(opts.max_message_size)
+            .max_encoding_message_size(opts.max_message_size);
+        let slots = Arc::new(Semaphore::new(opts.max_concurrent.max(1) as usize));
+        Ok(Self { opts, handler, client, running: Arc::default(), slots })
+    }
+
+    /// Ids and attempts of the tasks this worker holds (running or waiting to be reported).
+    pub fn running(&self) -> Vec<(String, u32)> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.iter().map(|(id, r)| (id.clone(), r.attempt)).collect()
+    }
+
+    /// Runs until `shutdown`, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let this = Arc::new(self);
+        let mut tasks = JoinSet::new();
+        // Until the coordinator says how often it wants heartbeats, send them every second.
+        let heartbeat_interval =
+            Arc::new(Mutex::new(this.opts.heartbeat_interval.unwrap_or(Duration::from_secs(1))));
+        let reregister = Arc::new(tokio::sync::Notify::new());
+        // Kicked after every registration: the first heartbeat of a session goes out at once,
+        // renewing the leases of tasks carried over from before a reconnect.
+        let kick = Arc::new(tokio::sync::Notify::new());
+        // Heartbeats run for the whole life of the worker (also while draining) so leases of
+        // running tasks never lapse.
+        let stop_heartbeats = CancellationToken::new();
+        let hb = tokio::spawn(this.clone().heartbeats(
+            heartbeat_interval.clone(),
+            reregister.clone(),
+            kick.clone(),
+            stop_heartbeats.clone(),
+        ));
+
+        let mut failures = 0u32;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            match this.session(&mut tasks, &heartbeat_interval, &reregister, &kick, &shutdown).await {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Reconnect) => failures = 0,
+                Err(status) => {
+                    failures += 1;
+                    let delay = backoff(this.opts.backoff_base, this.opts.backoff_max, failures);
+                    warn!(worker_id = %this.opts.worker_id, code = ?status.code(), error = %status.message(),
+                          attempt = failures, delay_ms = delay.as_millis() as u64, "coordinator unreachable; reconnecting");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
+            // A clean end (stream closed): reconnect soon, with a little jitter.
+            let delay = backoff(this.opts.backoff_base, this.opts.backoff_max, 1);
+            info!(worker_id = %this.opts.worker_id, delay_ms = delay.as_millis() as u64, "task stream ended; reconnecting");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        this.drain(&mut tasks).await;
+        stop_heartbeats.cancel();
+        let _ = hb.await;
+        info!(worker_id = %this.opts.worker_id, "worker stopped");
+        Ok(())
+    }
+
+    /// Register, open the stream, run what arrives until the stream ends.
+    async fn session(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<()>,
+        heartbeat_interval: &Arc<Mutex<Duration>>,
+        reregister: &Arc<tokio::sync::Notify>,
+        kick: &Arc<tokio::sync::Notify>,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, Status> {
+        let mut client = self.client.clone();
+        let resp = client
+            .register_worker(proto::RegisterWorkerRequest {
+                worker_id: self.opts.worker_id.clone(),
+                max_concurrent_tasks: self.opts.max_concurrent,
+                capabilities: self.opts.capabilities.clone(),
+                labels: self.opts.labels.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                hostname: hostname(),
+            })
+            .await?
+            .into_inner();
+        if self.opts.heartbeat_interval.is_none() && resp.heartbeat_interval_ms > 0 {
+            *heartbeat_interval.lock().unwrap_or_else(|e| e.into_inner()) =
+                Duration::from_millis(resp.heartbeat_interval_ms);
+        }
+        let mut stream = client
+            .receive_tasks(proto::ReceiveTasksRequest { worker_id: self.opts.worker_id.clone() })
+            .await?
+            .into_inner();
+        info!(worker_id = %self.opts.worker_id, coordinator_id = %resp.coordinator_id,
+              session_id = %resp.session_id, "registered; task stream open");
+        kick.notify_one();
+        loop {
+            // Reap finished task runners so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                _ = reregister.notified() => {
+                    info!(worker_id = %self.opts.worker_id, "coordinator does not know this worker; registering again");
+                    return Ok(SessionEnd::Reconnect);
+                }
+                msg = stream.message() => match msg? {
+                    Some(a) => self.dispatch(a, tasks),
+                    None => return Ok(SessionEnd::Reconnect),
+                },
+            }
+        }
+    }
+
+    fn dispatch(self: &Arc<Self>, a: proto::TaskAssignment, tasks: &mut JoinSet<()>) {
+        let kind = proto::AssignmentKind::try_from(a.kind).unwrap_or(proto::AssignmentKind::Unspecified);
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        match kind {
+            proto::AssignmentKind::Cancel => {
+                if let Some(r) = running.get(&a.task_id).filter(|r| r.attempt == a.attempt) {
+                    info!(task_id = %a.task_id, attempt = a.attempt, "task cancelled by the coordinator");
+                    r.cancel.cancel();
+                }
+            }
+            proto::AssignmentKind::Run => {
+                if running.get(&a.task_id).is_some_and(|r| r.attempt >= a.attempt) {
+                    debug!(task_id = %a.task_id, attempt = a.attempt, "duplicate assignment ignored");
+                    return;
+                }
+                if let Some(old) = running.remove(&a.task_id) {
+                    old.cancel.cancel();
+                }
+                let cancel = CancellationToken::new();
+                running.insert(a.task_id.clone(), Running { attempt: a.attempt, cancel: cancel.clone() });
+                drop(running);
+                tasks.spawn(self.clone().execute(a, cancel));
+            }
+            proto::AssignmentKind::Unspecified => {
+                warn!(task_id = %a.task_id, "assignment of unknown kind ignored")
+            }
+        }
+    }
+
+    /// Runs one task and delivers its result.
+    async fn execute(self: Arc<Self>, a: proto::TaskAssignment, cancel: CancellationToken) {
+        let Ok(_permit) = self.slots.clone().acquire_owned().await else { return };
+        let deadline = a.deadline.as_ref().and_then(|t| {
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+        });
+        let ctx = TaskContext {
+            task_id: a.task_id.clone(),
+            task_type: a.task_type.clone(),
+            payload: a.payload,
+            attempt: a.attempt,
+            deadline,
+            cancelled: cancel.clone(),
+        };
+        let time_left = deadline
+            .map(|d| d.duration_since(SystemTime::now()).unwrap_or_default())
+            .unwrap_or(Duration::from_secs(365 * 24 * 3600));
+        debug!(task_id = %a.task_id, attempt = a.attempt, task_type = %a.task_type, "task started");
+        let outcome = tokio::select! {
+            r = self.handler.run(ctx) => r,
+            _ = tokio::time::sleep(time_left) => Err(TaskFailure::retriable(format!(
+                "deadline exceeded: the task ran past its deadline ({} ms)", time_left.as_millis()))),
+            _ = cancel.cancelled() => {
+                self.forget(&a.task_id, a.attempt);
+                return;
+            }
+        };
+        self.deliver(&a.task_id, a.attempt, outcome, &cancel).await;
+        self.forget(&a.task_id, a.attempt);
+    }
+
+    fn forget(&self, task_id: &str, attempt: u32) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.get(task_id).is_some_and(|r| r.attempt == attempt) {
+            running.remove(task_id);
+        }
+    }
+
+    /// Sends a result until the coordinator accepts or refuses it.
+    async fn deliver(
+        &self,
+        task_id: &str,
+        attempt: u32,
+        outcome: Result<Vec<u8>, TaskFailure>,
+        cancel: &CancellationToken,
+    ) {
+        let mut tries = 0u32;
+        loop {
+            let mut client = self.client.clone();
+            let sent = match &outcome {
+                Ok(result) => {
+                    client
+                        .report_completion(proto::ReportCompletionRequest {
+                            worker_id: self.opts.worker_id.clone(),
+                            task_id: task_id.to_owned(),
+                            attempt,
+                            result: result.clone(),
+                        })
+                        .await
+                }
+                Err(f) => {
+                    client
+                        .report_failure(proto::ReportFailureRequest {
+                            worker_id: self.opts.worker_id.clone(),
+                            task_id: task_id.to_owned(),
+                            attempt,
+                            error: f.message.clone(),
+                            retriable: f.retriable,
+                        })
+                        .await
+                }
+            };
+            match sent {
+                Ok(resp) => {
+                    debug!(
+                        task_id,
+                        attempt,
+                        ok = outcome.is_ok(),
+                        duplicate = resp.get_ref().duplicate,
+                        "result accepted"
+                    );
+                    return;
+                }
+                Err(s) if refused(&s) => {
+                    warn!(task_id, attempt, code = ?s.code(), error = %s.message(), "result refused by the coordinator");
+                    return;
+                }
+                Err(s) => {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    tries += 1;
+                    let delay = backoff(
+                        self.opts.backoff_base,
+                        self.opts.backoff_max.min(Duration::from_secs(5)),
+                        tries,
+                    );
+                    warn!(task_id, attempt, code = ?s.code(), error = %s.message(), retry_in_ms = delay.as_millis() as u64,
+                          "could not deliver result; keeping it and retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn heartbeats(
+        self: Arc<Self>,
+        interval: Arc<Mutex<Duration>>,
+        reregister: Arc<tokio::sync::Notify>,
+        kick: Arc<tokio::sync::Notify>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let every = *interval.lock().unwrap_or_else(|e| e.into_inner());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+                _ = kick.notified() => {}
+            }
+            let running_tasks = self
+                .running()
+                .into_iter()
+                .map(|(task_id, attempt)| proto::RunningTask { task_id, attempt })
+                .collect();
+            let mut client = self.client.clone();
+            let req = proto::HeartbeatRequest { worker_id: self.opts.worker_id.clone(), running_tasks };
+            match tokio::time::timeout(every.max(Duration::from_secs(1)), client.send_heartbeat(req)).await {
+                Ok(Ok(resp)) => {
+                    let revoked = resp.into_inner().revoked_task_ids;
+                    if !revoked.is_empty() {
+                        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                        for id in &revoked {
+                            if let Some(r) = running.get(id) {
+                                warn!(task_id = %id, "task revoked by the coordinator; stopping it");
+                                r.cancel.cancel();
+                            }
+                        }
+                    }
+                }
+                Ok(Err(s)) if s.code() == Code::NotFound => reregister.notify_one(),
+                Ok(Err(s)) => debug!(code = ?s.code(), error = %s.message(), "heartbeat failed"),
+                Err(_) => debug!("heartbeat timed out"),
+            }
+        }
+    }
+
+    /// Deregisters, lets running tasks finish within the grace period (their results are
+    /// delivered), and gives back whatever did not finish.
+    async fn drain(&self, tasks: &mut JoinSet<()>) {
+        let in_flight = self.running().len();
+        info!(worker_id = %self.opts.worker_id, in_flight, "draining");
+        let mut client = self.client.clone();
+        let req =
+            proto::DeregisterRequest { worker_id: self.opts.worker_id.clone(), reason: "shutdown".into() };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.deregister(req)).await {
+            debug!(error = %e, "deregister timed out");
+        }
+        let finished =
+            tokio::time::timeout(self.opts.drain_grace, async { while tasks.join_next().await.is_some() {} })
+                .await;
+        if finished.is_ok() {
+            return;
+        }
+        // Out of time: stop what is left and hand it back so another worker takes it now.
+        let left: Vec<(String, u32, CancellationToken)> = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            running.iter().map(|(id, r)| (id.clone(), r.attempt, r.cancel.clone())).collect()
+        };
+        warn!(count = left.len(), "grace period over; giving unfinished tasks back");
+        for (id, attempt, cancel) in left {
+            cancel.cancel();
+            let mut client = self.client.clone();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.report_failure(proto::ReportFailureRequest {
+                    worker_id: self.opts.worker_id.clone(),
+                    task_id: id,
+                    attempt,
+                    error: "worker shut down before the task finished".into(),
+                    retriable: true,
+                }),
+            )
+            .await;
+        }
+        tasks.abort_all();
+    }
+}
+
+/// Codes that mean the coordinator will never accept this report: stop retrying.
+fn refused(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::FailedPrecondition
+            | Code::NotFound
+            | Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::OutOfRange
+            | Code::ResourceExhausted
+    )
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(2);
+        for n in 0..30 {
+            let d = backoff(base, max, n);
+            assert!(d <= max);
+            assert!(d <= base * (1 << n.min(20)));
+        }
+        // Full jitter spreads retries: many draws are not all the same.
+        let draws: std::collections::HashSet<u128> =
+            (0..50).map(|_| backoff(base, max, 5).as_micros()).collect();
+        assert!(draws.len() > 10);
+    }
+
+    #[test]
+    fn refusals_stop_retries_and_outages_do_not() {
+        assert!(refused(&Status::failed_precondition("stale")));
+        assert!(refused(&Status::not_found("gone")));
+        assert!(!refused(&Status::unavailable("down")));
+        assert!(!refused(&Status::unknown("transport")));
+    }
+}

@@ -1,0 +1,317 @@
+//! Test harness: a real coordinator on loopback port 0 over a real database (SQLite always,
+//! Postgres when `TEST_DATABASE_URL` is set), raw gRPC workers whose every step the test
+//! drives, and small helpers that wait for a condition with a deadline.
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use coordinator::{
+    app::App,
+    config::{Config, LogFormat},
+    proto::{self, coordinator_service_client::CoordinatorServiceClient},
+    store::{Store, testing},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use coordinator::store::testing::TestDb;
+
+pub type Client = CoordinatorServiceClient<Channel>;
+
+/// Short timings so time-based behaviour shows up in tests without long waits.
+pub fn test_config(url: &str) -> Config {
+    let mut c = Config::default();
+    c.coordinator.id = "coordinator-test".into();
+    c.coordinator.bind_address = [127, 0, 0, 1].into();
+    c.coordinator.poll_interval = Duration::from_millis(200);
+    c.coordinator.heartbeat_timeout = Duration::from_secs(2);
+    c.coordinator.stale_task_timeout = Duration::from_secs(10);
+    c.coordinator.cleanup_interval = Duration::from_millis(500);
+    c.coordinator.shutdown_timeout = Duration::from_secs(5);
+    c.database = testing::db_config(url);
+    c.tasks.retry_backoff_base = Duration::from_millis(50);
+    c.tasks.retry_backoff_max = Duration::from_millis(400);
+    c.logging.level = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
+    c.logging.format = LogFormat::Text;
+    c
+}
+
+/// A coordinator running in this process.
+pub struct TestCoordinator {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub store: Store,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestCoordinator {
+    pub async fn start(db: &TestDb, tweak: impl FnOnce(&mut Config)) -> TestCoordinator {
+        Self::start_url(&db.url, tweak).await
+    }
+
+    pub async fn start_url(url: &str, tweak: impl FnOnce(&mut Config)) -> TestCoordinator {
+        let mut config = test_config(url);
+        tweak(&mut config);
+        config.validate().expect("test config is valid");
+        if std::env::var("TEST_LOG").is_ok() {
+            coordinator::telemetry::init(&config.logging);
+        }
+        let app = App::connect(config).await.expect("coordinator connects");
+        let store = app.store().clone();
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = grpc_listener.local_addr().unwrap();
+        let http = http_listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(app.serve(grpc_listener, http_listener, shutdown.clone()));
+        let tc = TestCoordinator { grpc, http, store, shutdown, handle };
+        wait_until("coordinator answers /health/live", Duration::from_secs(10), || async {
+            http_get(tc.http, "/health/live").await.map(|(code, _)| code == 200).unwrap_or(false)
+        })
+        .await;
+        tc
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub async fn client(&self) -> Client {
+        client(&self.endpoint()).await
+    }
+
+    /// Graceful shutdown; returns what `serve` returned.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await.expect("serve task")
+    }
+}
+
+pub async fn client(endpoint: &str) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    CoordinatorServiceClient::new(channel)
+}
+
+/// Waits until `check` is true, polling every 20 ms; panics naming `what` after `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A GET over a fresh HTTP/1.1 connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::other("http read timed out"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    // Undo chunked transfer encoding if present.
+    let body =
+        if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A worker driven step by step by the test: it registers, holds a task stream, and does
+/// nothing else (no heartbeats, no reports) unless the test says so.
+pub struct RawWorker {
+    pub id: String,
+    pub client: Client,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<proto::TaskAssignment, tonic::Status>>,
+    reader: JoinHandle<()>,
+}
+
+impl RawWorker {
+    pub async fn connect(endpoint: &str, id: &str, max: u32, capabilities: &[&str]) -> RawWorker {
+        let mut client = client(endpoint).await;
+        client
+            .register_worker(proto::RegisterWorkerRequest {
+                worker_id: id.into(),
+                max_concurrent_tasks: max,
+                capabilities: capabilities.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            })
+            .await
+            .expect("register");
+        let mut stream = client
+            .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into() })
+            .await
+            .expect("open task stream")
+            .into_inner();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) => {
+                        if tx.send(Ok(m)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = tx.send(Err(s));
+                        return;
+                    }
+                }
+            }
+        });
+        RawWorker { id: id.into(), client, rx, reader }
+    }
+
+    /// The next message on the stream, or `None` if none arrives within `limit`.
+    pub async fn next_within(
+        &mut self,
+        limit: Duration,
+    ) -> Option<Result<proto::TaskAssignment, tonic::Status>> {
+        tokio::time::timeout(limit, self.rx.recv()).await.ok().flatten()
+    }
+
+    /// The next assignment; panics if none arrives within `limit`.
+    pub async fn next(&mut self, limit: Duration) -> proto::TaskAssignment {
+        match self.next_within(limit).await {
+            Some(Ok(a)) => a,
+            Some(Err(s)) => panic!("{}: stream error {s:?}", self.id),
+            None => panic!("{}: no assignment within {limit:?}", self.id),
+        }
+    }
+
+    pub async fn heartbeat(
+        &mut self,
+        running: &[(&str, u32)],
+    ) -> Result<proto::HeartbeatResponse, tonic::Status> {
+        self.client
+            .send_heartbeat(proto::HeartbeatRequest {
+                worker_id: self.id.clone(),
+                running_tasks: running
+                    .iter()
+                    .map(|(t, a)| proto::RunningTask { task_id: t.to_string(), attempt: *a })
+                    .collect(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn complete(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        result: &[u8],
+    ) -> Result<proto::ReportResponse, tonic::Status> {
+        self.client
+            .report_completion(proto::ReportCompletionRequest {
+                worker_id: self.id.clone(),
+                task_id: task_id.into(),
+                attempt,
+                result: result.to_vec(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn fail(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        retriable: bool,
+    ) -> Result<proto::ReportResponse, tonic::Status> {
+        self.client
+            .report_failure(proto::ReportFailureRequest {
+                worker_id: self.id.clone(),
+                task_id: task_id.into(),
+                attempt,
+                error: "boom".into(),
+                retriable,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Drops the stream (as a crashed worker would).
+    pub fn disconnect(self) {
+        self.reader.abort();
+    }
+}
+
+pub async fn submit(client: &mut Client, task_type: &str, payload: &[u8]) -> String {
+    client
+        .submit_task(proto::SubmitTaskRequest {
+            task_type: task_type.into(),
+            payload: payload.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .task_id
+}
+
+pub async fn get_task(client: &mut Client, id: &str) -> proto::Task {
+    client.get_task(proto::GetTaskRequest { task_id: id.into() }).await.expect("get task").into_inner()
+}
+
+pub async fn task_status(client: &mut Client, id: &str) -> proto::TaskStatus {
+    proto::TaskStatus::try_from(get_task(client, id).await.status).unwrap()
+}
+
+/// Waits until the worker has an open stream on the coordinator (so pushes reach it).
+pub async fn wait_connected(client: &Client, ids: &[&str]) {
+    let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    wait_until("workers are connected", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let ids = ids.clone();
+        async move {
+            let Ok(resp) = client.list_workers(proto::ListWorkersRequest {}).await else { return false };
+            let workers = resp.into_inner().workers;
+            ids.iter().all(|id| workers.iter().any(|w| &w.worker_id == id && w.connected))
+        }
+    })
+    .await;
+}
+
+pub async fn worker_state(client: &mut Client, id: &str) -> proto::WorkerState {
+    let workers =
+        client.list_workers(proto::ListWorkersRequest {}).await.expect("list workers").into_inner().workers;
+    let w = workers.into_iter().find(|w| w.worker_id == id).expect("worker listed");
+    proto::WorkerState::try_from(w.state).unwrap()
+}

@@ -1,0 +1,753 @@
+//! The coordinator runtime over real gRPC on loopback: push dispatch, round-robin placement,
+//! capacity, the heartbeat machine, failover, leases, report fencing, retries, cancellation,
+//! health, metrics and reflection. Each test runs on SQLite, and on Postgres when
+//! `TEST_DATABASE_URL` is set.
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use coordinator::{
+    domain::{TaskId, TaskState},
+    proto,
+    worker::{Worker, WorkerOptions, handler_fn},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+/// Runs `$name(&TestDb)` as two tests: `$name::sqlite` and `$name::postgres`.
+macro_rules! on_every_backend {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let db = super::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                let Some(db) = super::TestDb::postgres().await else {
+                    eprintln!("TEST_DATABASE_URL is not set: skipping the Postgres run");
+                    return;
+                };
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        }
+    };
+}
+
+const T: Duration = Duration::from_secs(5);
+
+/// Every task completed, with exactly one accepted (completed) attempt in the history.
+async fn assert_completed_exactly_once(db: &TestDb, ids: &[String]) {
+    for id in ids {
+        let tid: TaskId = id.parse().unwrap();
+        let task = db.store.get_task(tid).await.unwrap().expect("task exists");
+        assert_eq!(task.state, TaskState::Completed, "task {id}");
+        let attempts = db.store.attempts(tid).await.unwrap();
+        let completed = attempts.iter().filter(|a| a.outcome.as_deref() == Some("completed")).count();
+        assert_eq!(completed, 1, "task {id} attempts: {attempts:?}");
+    }
+}
+
+async fn held_by(db: &TestDb, worker: &str) -> usize {
+    db.store.held_by(&worker.into()).await.unwrap().len()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+on_every_backend!(one_batch_is_spread_round_robin);
+async fn one_batch_is_spread_round_robin(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut workers = Vec::new();
+    for id in ["rr-a", "rr-b", "rr-c"] {
+        workers.push(RawWorker::connect(&c.endpoint(), id, 10, &[]).await);
+    }
+    wait_connected(&client, &["rr-a", "rr-b", "rr-c"]).await;
+    let tasks = (0..9)
+        .map(|i| proto::SubmitTaskRequest {
+            task_type: "noop".into(),
+            payload: vec![i],
+            ..Default::default()
+        })
+        .collect();
+    client.submit_tasks(proto::SubmitTasksRequest { tasks }).await.unwrap();
+    for w in &mut workers {
+        for _ in 0..3 {
+            w.next(T).await;
+        }
+    }
+    for w in &workers {
+        assert_eq!(held_by(db, &w.id).await, 3, "{} holds 3 of 9", w.id);
+    }
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(three_workers_share_work_within_capacity_exactly_once);
+async fn three_workers_share_work_within_capacity_exactly_once(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let ids = ["cap-a", "cap-b", "cap-c"];
+    let mut workers = Vec::new();
+    for id in ids {
+        workers.push(RawWorker::connect(&c.endpoint(), id, 2, &["prove"]).await);
+    }
+    wait_connected(&client, &ids).await;
+    const N: usize = 31;
+    let tasks = (0..N)
+        .map(|i| proto::SubmitTaskRequest {
+            task_type: "prove".into(),
+            payload: vec![i as u8],
+            ..Default::default()
+        })
+        .collect();
+    let submitted: Vec<String> = client
+        .submit_tasks(proto::SubmitTasksRequest { tasks })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.task_id)
+        .collect();
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    let mut seen = HashSet::new();
+    let mut done = 0;
+    while done < N {
+        // Each round: every worker fills up to its capacity (or the queue runs dry).
+        let mut round: Vec<(usize, proto::TaskAssignment)> = Vec::new();
+        for (i, w) in workers.iter_mut().enumerate() {
+            let expected = 2.min(N - done - round.len());
+            for _ in 0..expected.min(2) {
+                if round.len() + done >= N {
+                    break;
+                }
+                if let Some(Ok(a)) = w.next_within(Duration::from_millis(1500)).await {
+                    round.push((i, a));
+                }
+            }
+        }
+        assert!(!round.is_empty(), "no progress with {done} of {N} done");
+        for w in &workers {
+            let held = held_by(db, &w.id).await;
+            assert!(held <= 2, "{} holds {held} tasks, over its capacity of 2", w.id);
+        }
+        for (i, a) in round {
+            assert!(seen.insert(a.task_id.clone()), "task {} pushed twice", a.task_id);
+            let w = &mut workers[i];
+            let r = w.complete(&a.task_id, a.attempt, b"ok").await.unwrap();
+            assert!(!r.duplicate);
+            *per_worker.entry(w.id.clone()).or_default() += 1;
+            done += 1;
+        }
+    }
+    for id in ids {
+        let n = per_worker.get(id).copied().unwrap_or(0);
+        assert!((N / 3 - 1..=N / 3 + 1).contains(&n), "{id} ran {n} of {N}: {per_worker:?}");
+    }
+    assert_completed_exactly_once(db, &submitted).await;
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_submitted_task_is_pushed_without_waiting_for_the_poll_tick);
+async fn a_submitted_task_is_pushed_without_waiting_for_the_poll_tick(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| cfg.coordinator.poll_interval = Duration::from_secs(30)).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "event-w", 1, &[]).await;
+    wait_connected(&client, &["event-w"]).await;
+    // Let the scheduler's first (immediate) tick pass, so only an event can wake it now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = submit(&mut client, "noop", b"{}").await;
+    let a =
+        w.next_within(Duration::from_secs(1)).await.expect("pushed within 1 s, long before the 30 s tick");
+    assert_eq!(a.unwrap().task_id, id);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_silent_worker_goes_suspect_then_dead_and_its_task_moves);
+async fn a_silent_worker_goes_suspect_then_dead_and_its_task_moves(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| {
+        cfg.coordinator.heartbeat_timeout = Duration::from_millis(400);
+        cfg.coordinator.stale_task_timeout = Duration::from_secs(30);
+        cfg.coordinator.cleanup_interval = Duration::from_secs(30);
+    })
+    .await;
+    let mut client = c.client().await;
+    let mut silent = RawWorker::connect(&c.endpoint(), "silent", 1, &["prove"]).await;
+    let registered = Instant::now();
+    wait_connected(&client, &["silent"]).await;
+    let id = submit(&mut client, "prove", b"block-1").await;
+    let first = silent.next(T).await;
+    assert_eq!((first.task_id.as_str(), first.attempt), (id.as_str(), 1));
+
+    wait_until("silent worker is SUSPECT", T, || {
+        let mut client = client.clone();
+        async move { worker_state(&mut client, "silent").await == proto::WorkerState::Suspect }
+    })
+    .await;
+    assert!(registered.elapsed() >= Duration::from_millis(400), "SUSPECT only after heartbeat_timeout");
+    wait_until("silent worker is DEAD", T, || {
+        let mut client = client.clone();
+        async move { worker_state(&mut client, "silent").await == proto::WorkerState::Dead }
+    })
+    .await;
+    assert!(registered.elapsed() >= Duration::from_millis(1200), "DEAD only after 3x heartbeat_timeout");
+
+    // The task went back at once and runs on a healthy worker.
+    let mut healthy = RawWorker::connect(&c.endpoint(), "healthy", 1, &["prove"]).await;
+    let second = healthy.next(T).await;
+    assert_eq!((second.task_id.as_str(), second.attempt), (id.as_str(), 2));
+    healthy.complete(&id, 2, b"proof").await.unwrap();
+
+    // The dead worker's late report changes nothing.
+    let late = silent.complete(&id, 1, b"late proof").await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    let task = get_task(&mut client, &id).await;
+    assert_eq!(task.result, b"proof");
+    assert_eq!(task.worker_id, "healthy");
+    let attempts = db.store.attempts(id.parse().unwrap()).await.unwrap();
+    let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome.clone().unwrap_or_default()).collect();
+    assert_eq!(outcomes, ["worker_dead", "completed"]);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_heartbeating_worker_keeps_a_task_longer_than_the_lease);
+async fn a_heartbeating_worker_keeps_a_task_longer_than_the_lease(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| {
+        cfg.coordinator.heartbeat_timeout = Duration::from_millis(300);
+        cfg.coordinator.stale_task_timeout = Duration::from_millis(600);
+        cfg.coordinator.cleanup_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = c.client().await;
+    let shutdown = CancellationToken::new();
+    let mut opts = WorkerOptions::new(c.endpoint(), "long-runner");
+    opts.max_concurrent = 1;
+    // A "proof" that runs for more than three leases.
+    let handler = handler_fn(|_t| async {
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        Ok(b"long proof".to_vec())
+    });
+    let worker = tokio::spawn(Worker::new(opts, handler).unwrap().run(shutdown.clone()));
+    wait_connected(&client, &["long-runner"]).await;
+    let id = submit(&mut client, "prove", b"big block").await;
+    wait_until("long task completes", Duration::from_secs(15), || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move { task_status(&mut client, &id).await == proto::TaskStatus::Completed }
+    })
+    .await;
+    let task = get_task(&mut client, &id).await;
+    assert_eq!(task.attempt, 1, "never requeued");
+    assert_eq!(task.failures, 0);
+    assert_completed_exactly_once(db, &[id]).await;
+    shutdown.cancel();
+    worker.await.unwrap().unwrap();
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(reports_are_fenced_by_worker_and_attempt);
+async fn reports_are_fenced_by_worker_and_attempt(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "fence-a", 1, &[]).await;
+    let mut other = RawWorker::connect(&c.endpoint(), "fence-b", 1, &["nothing-matches"]).await;
+    wait_connected(&client, &["fence-a"]).await;
+    let id = submit(&mut client, "noop", b"x").await;
+    let a = w.next(T).await;
+
+    let e = other.complete(&id, a.attempt, b"stolen").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "another worker");
+    let e = w.complete(&id, a.attempt + 1, b"future").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "an attempt it does not hold");
+    assert_eq!(task_status(&mut client, &id).await, proto::TaskStatus::Running);
+
+    let first = w.complete(&id, a.attempt, b"result").await.unwrap();
+    assert!(!first.duplicate);
+    let again = w.complete(&id, a.attempt, b"result").await.unwrap();
+    assert!(again.duplicate, "a repeat of the accepted report answers success, marked duplicate");
+    assert_eq!(again.status, proto::TaskStatus::Completed as i32);
+    let e = w.fail(&id, a.attempt, true).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "a failure after the completion");
+    let e = w.complete(&TaskId::new().to_string(), 1, b"?").await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = w.complete("not-a-uuid", 1, b"?").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let task = get_task(&mut client, &id).await;
+    assert_eq!(task.result, b"result");
+    assert_completed_exactly_once(db, &[id]).await;
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(retriable_failures_back_off_until_max_attempts_then_fail);
+async fn retriable_failures_back_off_until_max_attempts_then_fail(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| {
+        cfg.coordinator.poll_interval = Duration::from_millis(50);
+        cfg.tasks.retry_backoff_base = Duration::from_millis(150);
+        cfg.tasks.retry_backoff_max = Duration::from_millis(300);
+    })
+    .await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "flaky", 1, &[]).await;
+    wait_connected(&client, &["flaky"]).await;
+    let id = client
+        .submit_task(proto::SubmitTaskRequest {
+            task_type: "prove".into(),
+            max_attempts: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let mut failed_at = None;
+    for attempt in 1..=3u32 {
+        let a = w.next(T).await;
+        assert_eq!((a.task_id.as_str(), a.attempt), (id.as_str(), attempt));
+        if let Some(at) = failed_at {
+            let waited = Instant::now() - at;
+            assert!(
+                waited >= Duration::from_millis(140),
+                "attempt {attempt} came {waited:?} after the failure"
+            );
+        }
+        let r = w.fail(&id, attempt, true).await.unwrap();
+        failed_at = Some(Instant::now());
+        let expected = if attempt < 3 { proto::TaskStatus::Pending } else { proto::TaskStatus::Failed };
+        assert_eq!(r.status, expected as i32, "after attempt {attempt}");
+    }
+    let task = get_task(&mut client, &id).await;
+    assert_eq!((task.status, task.failures), (proto::TaskStatus::Failed as i32, 3));
+    assert!(w.next_within(Duration::from_millis(300)).await.is_none(), "a failed task is not retried");
+
+    // A non-retriable failure is final at once.
+    let id2 = submit(&mut client, "prove", b"bad input").await;
+    let a = w.next(T).await;
+    assert_eq!(a.task_id, id2);
+    let r = w.fail(&id2, a.attempt, false).await.unwrap();
+    assert_eq!(r.status, proto::TaskStatus::Failed as i32);
+    let task = get_task(&mut client, &id2).await;
+    assert_eq!((task.attempt, task.failures, task.error.as_str()), (1, 1, "boom"));
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(cancel_reaches_the_worker_and_a_later_report_changes_nothing);
+async fn cancel_reaches_the_worker_and_a_later_report_changes_nothing(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "cancel-w", 1, &["prove"]).await;
+    wait_connected(&client, &["cancel-w"]).await;
+    let id = submit(&mut client, "prove", b"x").await;
+    let a = w.next(T).await;
+    let r = client
+        .cancel_task(proto::CancelTaskRequest { task_id: id.clone(), reason: "no longer needed".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.cancelled);
+    let msg = w.next(T).await;
+    assert_eq!(msg.kind, proto::AssignmentKind::Cancel as i32);
+    assert_eq!((msg.task_id.as_str(), msg.attempt), (id.as_str(), a.attempt));
+    assert_eq!(task_status(&mut client, &id).await, proto::TaskStatus::Cancelled);
+    let e = w.complete(&id, a.attempt, b"too late").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert_eq!(task_status(&mut client, &id).await, proto::TaskStatus::Cancelled);
+
+    // The cancelled task freed the worker's slot: the next task is pushed.
+    let next = submit(&mut client, "prove", b"y").await;
+    assert_eq!(w.next(T).await.task_id, next);
+
+    // A pending task (nobody runs its type) is cancelled too; cancelling twice is harmless.
+    let pending = submit(&mut client, "nobody-runs-this", b"z").await;
+    let r = client
+        .cancel_task(proto::CancelTaskRequest { task_id: pending.clone(), reason: String::new() })
+        .await
+        .unwrap();
+    assert!(r.into_inner().cancelled);
+    let r = client
+        .cancel_task(proto::CancelTaskRequest { task_id: pending.clone(), reason: String::new() })
+        .await
+        .unwrap();
+    assert!(!r.into_inner().cancelled);
+    let e = client
+        .cancel_task(proto::CancelTaskRequest { task_id: TaskId::new().to_string(), reason: String::new() })
+        .await;
+    assert_eq!(e.unwrap_err().code(), Code::NotFound);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_heartbeat_from_an_unknown_worker_is_not_found);
+async fn a_heartbeat_from_an_unknown_worker_is_not_found(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let e = client
+        .send_heartbeat(proto::HeartbeatRequest { worker_id: "stranger".into(), running_tasks: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e =
+        client.receive_tasks(proto::ReceiveTasksRequest { worker_id: "stranger".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(watch_streams_states_until_terminal_and_jobs_report_progress);
+async fn watch_streams_states_until_terminal_and_jobs_report_progress(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let job = client
+        .submit_job(proto::SubmitJobRequest {
+            name: "primes".into(),
+            tasks: (0..3)
+                .map(|i| proto::SubmitTaskRequest {
+                    task_type: "slice".into(),
+                    payload: vec![i],
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.task_ids.len(), 3);
+    let mut watch = client
+        .watch_task(proto::WatchTaskRequest { task_id: job.task_ids[0].clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, proto::TaskStatus::Pending as i32);
+
+    let mut w = RawWorker::connect(&c.endpoint(), "job-w", 3, &["slice"]).await;
+    for _ in 0..3 {
+        let a = w.next(T).await;
+        w.complete(&a.task_id, a.attempt, format!("done {}", a.payload[0]).as_bytes()).await.unwrap();
+    }
+    let mut statuses = vec![first.status];
+    while let Some(ev) = tokio::time::timeout(T, watch.message()).await.expect("watch ends").unwrap() {
+        statuses.push(ev.status);
+        if ev.status == proto::TaskStatus::Completed as i32 {
+            assert_eq!(ev.result, b"done 0");
+        }
+    }
+    assert_eq!(*statuses.last().unwrap(), proto::TaskStatus::Completed as i32, "{statuses:?}");
+
+    let got = client
+        .get_job(proto::GetJobRequest { job_id: job.job_id.clone(), include_results: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((got.total, got.completed, got.done), (3, 3, true));
+    let results: Vec<_> =
+        got.results.iter().map(|r| String::from_utf8_lossy(&r.result).into_owned()).collect();
+    assert_eq!(results, ["done 0", "done 1", "done 2"]);
+    assert!(got.results.iter().all(|r| r.worker_id == "job-w"));
+
+    let stats =
+        client.get_worker_stats(proto::GetWorkerStatsRequest { worker_id: "job-w".into() }).await.unwrap();
+    assert_eq!(stats.into_inner().tasks_completed, 3);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_dropped_stream_gives_undelivered_work_back);
+async fn a_dropped_stream_gives_undelivered_work_back(db: &TestDb) {
+    let c =
+        TestCoordinator::start(db, |cfg| cfg.coordinator.stale_task_timeout = Duration::from_secs(60)).await;
+    let mut client = c.client().await;
+    let w = RawWorker::connect(&c.endpoint(), "dropper", 1, &["prove"]).await;
+    wait_connected(&client, &["dropper"]).await;
+    w.disconnect();
+    // Wait until the coordinator has seen the stream go.
+    wait_until("stream closed", T, || {
+        let mut client = client.clone();
+        async move {
+            let workers =
+                client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+            workers.iter().any(|w| w.worker_id == "dropper" && !w.connected)
+        }
+    })
+    .await;
+    let id = submit(&mut client, "prove", b"x").await;
+    // Nobody can take it now: it stays pending (not stuck as assigned to a gone stream).
+    let mut w2 = RawWorker::connect(&c.endpoint(), "dropper", 1, &["prove"]).await;
+    let a = w2.next(T).await;
+    assert_eq!(a.task_id, id);
+    w2.complete(&id, a.attempt, b"ok").await.unwrap();
+    assert_completed_exactly_once(db, &[id]).await;
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(graceful_shutdown_ends_open_streams_with_unavailable);
+async fn graceful_shutdown_ends_open_streams_with_unavailable(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| cfg.coordinator.shutdown_timeout = Duration::from_secs(5)).await;
+    let client = c.client().await;
+    let mut workers = Vec::new();
+    for id in ["sd-a", "sd-b", "sd-c"] {
+        workers.push(RawWorker::connect(&c.endpoint(), id, 1, &[]).await);
+    }
+    wait_connected(&client, &["sd-a", "sd-b", "sd-c"]).await;
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), c.stop()).await.expect("shutdown finishes").unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    for w in &mut workers {
+        match w.next_within(T).await {
+            Some(Err(s)) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
+            other => panic!("expected UNAVAILABLE, got {other:?}"),
+        }
+    }
+}
+
+on_every_backend!(health_and_metrics_show_the_fleet);
+async fn health_and_metrics_show_the_fleet(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "hm-w", 2, &["prove"]).await;
+    wait_connected(&client, &["hm-w"]).await;
+    let id = submit(&mut client, "prove", b"x").await;
+    let a = w.next(T).await;
+    let (code, body) = http_get(c.http, "/health").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let h: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "healthy");
+    assert_eq!(h["database"], "connected");
+    assert_eq!(h["coordinator_id"], "coordinator-test");
+    assert_eq!(h["workers"]["total"], 1);
+    assert_eq!(h["workers"]["active"], 1);
+    assert_eq!(h["capacity"]["total"], 2);
+    assert_eq!(h["capacity"]["used"], 1);
+    assert_eq!(h["capacity"]["available"], 1);
+    assert!(h["scheduler"]["tasks_assigned"].as_u64().unwrap() >= 1);
+    assert!(h["scheduler"]["poll_cycles"].as_u64().unwrap() >= 1);
+    w.complete(&id, a.attempt, b"done").await.unwrap();
+
+    let (code, _) = http_get(c.http, "/health/live").await.unwrap();
+    assert_eq!(code, 200);
+    let (code, body) = http_get(c.http, "/").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("coordinator-test"));
+    let (code, _) = http_get(c.http, "/no/such/page").await.unwrap();
+    assert_eq!(code, 404);
+
+    let (code, text) = http_get(c.http, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    // Every name DESIGN.md lists (dashboards and alerts use exactly these).
+    for name in [
+        "coordinator_workers",
+        "coordinator_capacity_slots",
+        "coordinator_tasks",
+        "coordinator_tasks_submitted_total",
+        "coordinator_tasks_assigned_total",
+        "coordinator_tasks_completed_total",
+        "coordinator_tasks_failed_total",
+        "coordinator_tasks_requeued_total",
+        "coordinator_scheduler_poll_cycles_total",
+        "coordinator_dispatch_latency_seconds",
+        "coordinator_task_duration_seconds",
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ', '_'])),
+            "/metrics lacks {name}"
+        );
+    }
+    assert!(text.contains(r#"grpc_server_handled_total{grpc_method="SubmitTask",grpc_code="OK"}"#), "{text}");
+    assert!(text.contains(r#"coordinator_workers{state="active"} 1"#));
+    c.stop().await.unwrap();
+}
+
+/// `/health` follows the database: 503 while it is unreachable, 200 again when it returns.
+/// The coordinator reaches Postgres through a TCP proxy the test can cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_turns_503_while_the_database_is_unreachable() {
+    let Some(db) = TestDb::postgres().await else {
+        eprintln!("TEST_DATABASE_URL is not set: skipping (needs a Postgres server to cut off)");
+        return;
+    };
+    let target = url_host_port(&db.url);
+    let proxy = Proxy::start(target.clone()).await;
+    let proxied = db.url.replacen(&target, &proxy.addr.to_string(), 1);
+    let c = TestCoordinator::start_url(&proxied, |cfg| {
+        cfg.database.acquire_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (code, _) = http_get(c.http, "/health").await.unwrap();
+    assert_eq!(code, 200);
+    proxy.cut();
+    wait_until("/health is 503", Duration::from_secs(15), || async {
+        matches!(http_get(c.http, "/health").await, Ok((503, b)) if b.contains("unreachable"))
+    })
+    .await;
+    proxy.restore();
+    wait_until("/health is 200 again", Duration::from_secs(15), || async {
+        matches!(http_get(c.http, "/health").await, Ok((200, _)))
+    })
+    .await;
+    c.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+fn url_host_port(url: &str) -> String {
+    let after = url.split_once('@').map(|(_, r)| r).unwrap_or_else(|| url.split_once("://").unwrap().1);
+    after.split(['/', '?']).next().unwrap().to_owned()
+}
+
+/// A loopback TCP proxy that can refuse and drop connections on demand.
+struct Proxy {
+    addr: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (gen_tx, _) = tokio::sync::watch::channel(0u64);
+        let generation = Arc::new(gen_tx);
+        let (up2, gen2) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !up2.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let mut cut = gen2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, up, generation }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+on_every_backend!(register_worker_accepts_grpcurl_style_json_through_reflection);
+async fn register_worker_accepts_grpcurl_style_json_through_reflection(db: &TestDb) {
+    use prost::Message;
+    use prost_reflect::{DescriptorPool, DynamicMessage};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+
+    let c = TestCoordinator::start(db, |_| {}).await;
+    // 1. Ask the server (not a local .proto) for the service's file descriptor, as grpcurl does.
+    let channel = tonic::transport::Endpoint::from_shared(c.endpoint()).unwrap().connect().await.unwrap();
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::FileContainingSymbol("coordinator.CoordinatorService".into())),
+    };
+    let mut responses =
+        reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+    let resp = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = resp.message_response else {
+        panic!("no file descriptor: {resp:?}")
+    };
+    let mut set = prost_types::FileDescriptorSet::default();
+    for bytes in &files.file_descriptor_proto {
+        set.file.push(prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap());
+    }
+    // The timestamp import is served too when asked; add it from prost-types if absent.
+    if !set.file.iter().any(|f| f.name() == "google/protobuf/timestamp.proto") {
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into())),
+        };
+        let mut r =
+            reflection.server_reflection_info(tokio_stream::iter(vec![request])).await.unwrap().into_inner();
+        if let Some(MessageResponse::FileDescriptorResponse(f)) =
+            r.message().await.unwrap().unwrap().message_response
+        {
+            for bytes in &f.file_descriptor_proto {
+                set.file.insert(0, prost_types::FileDescriptorProto::decode(bytes.as_slice()).unwrap());
+            }
+        }
+    }
+    let pool = DescriptorPool::from_file_descriptor_set(set).unwrap();
+    let service = pool.get_service_by_name("coordinator.CoordinatorService").unwrap();
+    let method = service.methods().find(|m| m.name() == "RegisterWorker").unwrap();
+
+    // 2. Build the request from grpcurl's JSON and send it as raw bytes.
+    let mut de = serde_json::Deserializer::from_str(r#"{"worker_id":"worker-1","max_concurrent_tasks":2}"#);
+    let msg = DynamicMessage::deserialize(method.input(), &mut de).unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/coordinator.CoordinatorService/RegisterWorker");
+    let resp: tonic::Response<Vec<u8>> =
+        grpc.unary(tonic::Request::new(msg.encode_to_vec()), path, RawCodec).await.unwrap();
+    let reply = DynamicMessage::decode(method.output(), resp.into_inner().as_slice()).unwrap();
+    let json = serde_json::to_value(&reply).unwrap();
+    assert_eq!(json["workerId"], "worker-1", "{json}");
+
+    let mut client = c.client().await;
+    let workers = client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let w = workers.iter().find(|w| w.worker_id == "worker-1").expect("registered");
+    assert_eq!(w.max_concurrent_tasks, 2);
+    c.stop().await.unwrap();
+}
+
+/// Passes protobuf bytes through unchanged.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
