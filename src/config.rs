@@ -374,7 +374,8 @@ impl Config {
         for path in leaves {
             let var = path.join("_").to_uppercase();
             let Some(raw) = env.get(&var) else { continue };
-            set_leaf(&mut tree, &path, scalar_from_env(raw));
+            let typed = scalar_from_env(raw, get_leaf(&tree, &path));
+            set_leaf(&mut tree, &path, typed);
             // Check each override on its own so the error names the variable at fault.
             serde_norway::from_value::<Config>(tree.clone()).map_err(|e| ConfigError::Env {
                 var: var.clone(),
@@ -545,6 +546,14 @@ fn collect_leaves(v: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>)
     }
 }
 
+fn get_leaf<'a>(tree: &'a Value, path: &[String]) -> &'a Value {
+    let mut node = tree;
+    for key in path {
+        node = node.get(key.as_str()).expect("path was collected from this tree");
+    }
+    node
+}
+
 fn set_leaf(tree: &mut Value, path: &[String], value: Value) {
     let mut node = tree;
     for key in path {
@@ -553,10 +562,14 @@ fn set_leaf(tree: &mut Value, path: &[String], value: Value) {
     *node = value;
 }
 
-/// An environment value as YAML would read it: `true`, `9091`, `2s`, `text`.
-fn scalar_from_env(raw: &str) -> Value {
-    match serde_norway::from_str::<Value>(raw) {
-        Ok(v @ (Value::Bool(_) | Value::Number(_))) => v,
+/// An environment value read as the type the key already has: a number or boolean key parses
+/// it (`9091`, `true`), every other key takes the text as it is (`2s`, `10MiB`, `1234`).
+fn scalar_from_env(raw: &str, current: &Value) -> Value {
+    match current {
+        Value::Bool(_) | Value::Number(_) => serde_norway::from_str::<Value>(raw)
+            .ok()
+            .filter(|v| matches!(v, Value::Bool(_) | Value::Number(_)))
+            .unwrap_or_else(|| Value::String(raw.to_owned())),
         _ => Value::String(raw.to_owned()),
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod app;
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod events;

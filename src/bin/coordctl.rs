@@ -1,1 +1,687 @@
-fn main() {}
+//! `coordctl`: the coordinator's client. Submit, read, watch and cancel tasks and jobs, list
+//! workers, fan a prime count out over the fleet, and benchmark (`coordctl bench`).
+
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use coordinator::{
+    bench::{self, BenchOptions},
+    proto::{self, coordinator_service_client::CoordinatorServiceClient},
+};
+use serde_json::json;
+use tonic::transport::Channel;
+
+type Client = CoordinatorServiceClient<Channel>;
+
+/// Client of the coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordctl", version)]
+struct Cli {
+    /// Coordinator gRPC URL.
+    #[arg(long, global = true, env = "COORDCTL_COORDINATOR", default_value = "http://127.0.0.1:9090")]
+    coordinator: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Submit a task; prints its id, or its result with --wait.
+    Submit {
+        #[arg(long = "type")]
+        task_type: String,
+        /// The payload, or @FILE to read it from a file.
+        #[arg(long, default_value = "")]
+        payload: String,
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Per-attempt deadline, e.g. 30s or 2h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Wait until the task ends and print its result.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one task.
+    Get { task_id: String },
+    /// Stream a task's state changes until it ends.
+    Watch { task_id: String },
+    /// Cancel a task.
+    Cancel {
+        task_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List tasks.
+    Tasks {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long = "type")]
+        task_type: Option<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// List workers.
+    Workers,
+    /// A worker's totals.
+    Stats { worker_id: String },
+    /// Jobs: batches of tasks.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Count primes in [low, high) as a job of slices spread over the workers.
+    Primes {
+        #[arg(long)]
+        low: u64,
+        #[arg(long)]
+        high: u64,
+        #[arg(long, default_value_t = 8)]
+        slices: u64,
+    },
+    /// Test numbers for primality on the workers.
+    IsPrime { numbers: Vec<u64> },
+    /// Load generator: W workers, N tasks; prints throughput and latency.
+    Bench {
+        #[arg(long, default_value_t = 20_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Tasks each worker runs at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Tasks per submission.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Tasks in the one-at-a-time latency phase.
+        #[arg(long, default_value_t = 200)]
+        trickle: usize,
+        /// Start a coordinator in this process (SQLite in a temp dir unless --database-url).
+        #[arg(long)]
+        embedded: bool,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// Submit a job from a JSON-lines file: one `{"type":..,"payload":..}` per line.
+    Submit { file: PathBuf },
+    /// Show a job's progress (and results).
+    Get {
+        job_id: String,
+        #[arg(long)]
+        results: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = coordinator::config::LoggingConfig {
+        level: "warn".into(),
+        format: coordinator::config::LogFormat::Text,
+    };
+    coordinator::telemetry::init(&quiet);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coordctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coordctl: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A gRPC status as "CODE: message"; other errors with their causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        return format!("{:?}: {}", s.code(), s.message());
+    }
+    format!("{e:#}")
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<Client> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
+        .with_context(|| format!("bad coordinator URL {endpoint:?}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {endpoint}"))?;
+    Ok(Client::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let json_out = cli.json;
+    if let Cmd::Bench { tasks, workers, concurrency, batch, trickle, embedded, database_url } = cli.cmd {
+        let report = bench::run(BenchOptions {
+            tasks,
+            workers,
+            concurrency,
+            batch,
+            trickle,
+            endpoint: cli.coordinator.clone(),
+            embedded,
+            database_url: if embedded { database_url } else { None },
+        })
+        .await?;
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", report.render());
+        }
+        return Ok(if report.exactly_once { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    let mut c = connect(&cli.coordinator).await?;
+    match cli.cmd {
+        Cmd::Submit { task_type, payload, priority, max_attempts, idempotency_key, timeout, wait } => {
+            let payload = read_payload(&payload)?;
+            let resp = c
+                .submit_task(proto::SubmitTaskRequest {
+                    task_type,
+                    payload,
+                    priority,
+                    max_attempts,
+                    idempotency_key: idempotency_key.unwrap_or_default(),
+                    timeout_ms: timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            if !wait {
+                if json_out {
+                    println!("{}", json!({"task_id": resp.task_id, "created": resp.created}));
+                } else {
+                    println!("{}", resp.task_id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let task = wait_task(&mut c, &resp.task_id).await?;
+            print_task(&task, json_out);
+            Ok(exit_for(&task))
+        }
+        Cmd::Get { task_id } => {
+            let task = c.get_task(proto::GetTaskRequest { task_id }).await?.into_inner();
+            print_task(&task, json_out);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch { task_id } => {
+            let mut stream = c.watch_task(proto::WatchTaskRequest { task_id }).await?.into_inner();
+            let mut last = None;
+            while let Some(ev) = stream.message().await? {
+                if json_out {
+                    println!("{}", event_json(&ev));
+                } else {
+                    let worker =
+                        if ev.worker_id.is_empty() { String::new() } else { format!(" on {}", ev.worker_id) };
+                    let err = if ev.error.is_empty() { String::new() } else { format!(" ({})", ev.error) };
+                    println!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
+                }
+                last = Some(ev.status);
+            }
+            Ok(if last == Some(proto::TaskStatus::Completed as i32) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Cancel { task_id, reason } => {
+            let r = c.cancel_task(proto::CancelTaskRequest { task_id, reason }).await?.into_inner();
+            let task = r.task.unwrap_or_default();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"task_id": task.task_id, "cancelled": r.cancelled, "status": status_name(task.status)})
+                );
+            } else if r.cancelled {
+                println!("cancelled {}", task.task_id);
+            } else {
+                println!("{} was already {}", task.task_id, status_name(task.status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tasks { status, task_type, job, limit } => {
+            let status = match status.as_deref() {
+                None => 0,
+                Some(s) => parse_status(s)? as i32,
+            };
+            let tasks = c
+                .list_tasks(proto::ListTasksRequest {
+                    status,
+                    task_type: task_type.unwrap_or_default(),
+                    job_id: job.unwrap_or_default(),
+                    page_size: limit.clamp(1, 1000),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .tasks;
+            if json_out {
+                println!("{}", serde_json::Value::Array(tasks.iter().map(task_json).collect()));
+            } else {
+                println!("{:<36}  {:<16}  {:<10}  {:>7}  WORKER", "TASK", "TYPE", "STATUS", "ATTEMPT");
+                for t in &tasks {
+                    println!(
+                        "{:<36}  {:<16}  {:<10}  {:>7}  {}",
+                        t.task_id,
+                        t.task_type,
+                        status_name(t.status),
+                        t.attempt,
+                        t.worker_id
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Workers => {
+            let workers = c.list_workers(proto::ListWorkersRequest {}).await?.into_inner().workers;
+            if json_out {
+                let v: Vec<_> = workers
+                    .iter()
+                    .map(|w| {
+                        json!({"worker_id": w.worker_id, "state": worker_state_name(w.state),
+                               "max_concurrent_tasks": w.max_concurrent_tasks, "in_flight": w.in_flight,
+                               "capabilities": w.capabilities, "connected": w.connected, "version": w.version,
+                               "hostname": w.hostname,
+                               "last_heartbeat": w.last_heartbeat.as_ref().map(ts_string)})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<28}  {:<9}  {:>9}  {:<9}  {:<25}  CAPABILITIES",
+                    "WORKER", "STATE", "IN FLIGHT", "STREAM", "LAST HEARTBEAT"
+                );
+                for w in &workers {
+                    println!(
+                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<9}  {:<25}  {}",
+                        w.worker_id,
+                        worker_state_name(w.state),
+                        w.in_flight,
+                        w.max_concurrent_tasks,
+                        if w.connected { "open" } else { "-" },
+                        w.last_heartbeat.as_ref().map(ts_string).unwrap_or_default(),
+                        if w.capabilities.is_empty() { "(any)".to_owned() } else { w.capabilities.join(",") }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stats { worker_id } => {
+            let s = c.get_worker_stats(proto::GetWorkerStatsRequest { worker_id }).await?.into_inner();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"worker_id": s.worker_id, "state": worker_state_name(s.state),
+                           "tasks_completed": s.tasks_completed, "tasks_failed": s.tasks_failed,
+                           "total_duration_ms": s.total_duration_ms, "mean_duration_ms": s.mean_duration_ms,
+                           "in_flight": s.in_flight})
+                );
+            } else {
+                println!("worker          {}", s.worker_id);
+                println!("state           {}", worker_state_name(s.state));
+                println!("completed       {}", s.tasks_completed);
+                println!("failed          {}", s.tasks_failed);
+                println!("in flight       {}", s.in_flight);
+                println!("total duration  {} ms", s.total_duration_ms);
+                println!("mean duration   {} ms", s.mean_duration_ms);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Job(JobCmd::Submit { file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let mut tasks = Vec::new();
+            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", file.display(), n + 1))?;
+                let task_type = v["type"]
+                    .as_str()
+                    .with_context(|| format!("{} line {}: no \"type\"", file.display(), n + 1))?;
+                let payload = match &v["payload"] {
+                    serde_json::Value::Null => Vec::new(),
+                    serde_json::Value::String(s) => s.clone().into_bytes(),
+                    other => other.to_string().into_bytes(),
+                };
+                tasks.push(proto::SubmitTaskRequest {
+                    task_type: task_type.into(),
+                    payload,
+                    priority: v["priority"].as_i64().unwrap_or(0) as i32,
+                    max_attempts: v["max_attempts"].as_u64().unwrap_or(0) as u32,
+                    idempotency_key: v["idempotency_key"].as_str().unwrap_or_default().into(),
+                    timeout_ms: 0,
+                });
+            }
+            let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let r = c.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
+            if json_out {
+                println!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids}));
+            } else {
+                println!("{} ({} tasks)", r.job_id, r.task_ids.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Job(JobCmd::Get { job_id, results }) => {
+            let j = c.get_job(proto::GetJobRequest { job_id, include_results: results }).await?.into_inner();
+            if json_out {
+                println!("{}", job_json(&j));
+            } else {
+                println!(
+                    "job {} ({}): {} tasks; {} pending, {} assigned, {} running, {} completed, {} failed, {} cancelled{}",
+                    j.job_id,
+                    j.name,
+                    j.total,
+                    j.pending,
+                    j.assigned,
+                    j.running,
+                    j.completed,
+                    j.failed,
+                    j.cancelled,
+                    if j.done { "; done" } else { "" }
+                );
+                for r in &j.results {
+                    let body = if r.error.is_empty() {
+                        String::from_utf8_lossy(&r.result).into_owned()
+                    } else {
+                        r.error.clone()
+                    };
+                    println!(
+                        "  {}  {:<10} {:<24} {:>6} ms  {}",
+                        r.task_id,
+                        status_name(r.status),
+                        r.worker_id,
+                        r.duration_ms,
+                        body
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Primes { low, high, slices } => primes(&mut c, low, high, slices, json_out).await,
+        Cmd::IsPrime { numbers } => is_prime(&mut c, &numbers, json_out).await,
+        Cmd::Bench { .. } => unreachable!("handled above"),
+    }
+}
+
+fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read(path).with_context(|| format!("payload file {path}")),
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
+/// Waits for a task to end (watching its state), showing progress on a terminal.
+async fn wait_task(c: &mut Client, task_id: &str) -> anyhow::Result<proto::Task> {
+    let mut stream = c.watch_task(proto::WatchTaskRequest { task_id: task_id.into() }).await?.into_inner();
+    let tty = std::io::stderr().is_terminal();
+    while let Some(ev) = stream.message().await? {
+        if tty {
+            eprint!("\r\x1b[2K{task_id}: {} (attempt {})", status_name(ev.status), ev.attempt);
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    Ok(c.get_task(proto::GetTaskRequest { task_id: task_id.into() }).await?.into_inner())
+}
+
+async fn primes(
+    c: &mut Client,
+    low: u64,
+    high: u64,
+    slices: u64,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    if high <= low || slices == 0 {
+        bail!("need --low < --high and --slices >= 1");
+    }
+    let slices = slices.min(high - low);
+    let width = (high - low).div_ceil(slices);
+    let mut ranges = Vec::new();
+    let mut a = low;
+    while a < high {
+        let b = (a + width).min(high);
+        ranges.push((a, b));
+        a = b;
+    }
+    let tasks = ranges
+        .iter()
+        .map(|(a, b)| proto::SubmitTaskRequest {
+            task_type: "prime_count".into(),
+            payload: json!({"low": a, "high": b}).to_string().into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    let job = c
+        .submit_job(proto::SubmitJobRequest { name: format!("primes {low}..{high}"), tasks })
+        .await?
+        .into_inner();
+    let j = wait_job(c, &job.job_id).await?;
+    let mut total = 0u64;
+    let mut failures = Vec::new();
+    let mut rows = Vec::new();
+    for (r, (a, b)) in j.results.iter().zip(&ranges) {
+        let count =
+            serde_json::from_slice::<serde_json::Value>(&r.result).ok().and_then(|v| v["count"].as_u64());
+        match (r.status == proto::TaskStatus::Completed as i32, count) {
+            (true, Some(n)) => total += n,
+            _ => failures.push(format!(
+                "slice {a}..{b}: {} {}",
+                status_name(r.status),
+                if r.error.is_empty() { "(no count in the result)" } else { &r.error }
+            )),
+        }
+        rows.push(json!({"low": a, "high": b, "count": count, "worker_id": r.worker_id,
+                         "duration_ms": r.duration_ms, "status": status_name(r.status), "error": r.error}));
+    }
+    if json_out {
+        println!(
+            "{}",
+            json!({"job_id": j.job_id, "low": low, "high": high, "total": if failures.is_empty() { Some(total) } else { None },
+                   "slices": rows, "failures": failures})
+        );
+    } else {
+        for row in &rows {
+            println!(
+                "  [{:>12}, {:>12})  {:>9}  {:<24} {:>6} ms",
+                row["low"],
+                row["high"],
+                row["count"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                row["worker_id"].as_str().unwrap_or_default(),
+                row["duration_ms"]
+            );
+        }
+        if failures.is_empty() {
+            println!("{total} primes in [{low}, {high})");
+        } else {
+            println!(
+                "partial result: {total} primes counted in the slices that completed; {} of {} slices failed:",
+                failures.len(),
+                ranges.len()
+            );
+            for f in &failures {
+                println!("  {f}");
+            }
+        }
+    }
+    Ok(if failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Polls a job until it is done, showing progress on a terminal.
+async fn wait_job(c: &mut Client, job_id: &str) -> anyhow::Result<proto::Job> {
+    let tty = std::io::stderr().is_terminal();
+    loop {
+        let j = c
+            .get_job(proto::GetJobRequest { job_id: job_id.into(), include_results: false })
+            .await?
+            .into_inner();
+        if tty {
+            eprint!(
+                "\r\x1b[2K{}/{} done ({} running)",
+                j.completed + j.failed + j.cancelled,
+                j.total,
+                j.running + j.assigned
+            );
+        }
+        if j.done {
+            if tty {
+                eprintln!();
+            }
+            return Ok(c
+                .get_job(proto::GetJobRequest { job_id: job_id.into(), include_results: true })
+                .await?
+                .into_inner());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Result<ExitCode> {
+    if numbers.is_empty() {
+        bail!("give at least one number");
+    }
+    let tasks = numbers
+        .iter()
+        .map(|n| proto::SubmitTaskRequest {
+            task_type: "is_prime".into(),
+            payload: json!({"number": n}).to_string().into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    let job = c.submit_job(proto::SubmitJobRequest { name: "is-prime".into(), tasks }).await?.into_inner();
+    let j = wait_job(c, &job.job_id).await?;
+    let mut ok = true;
+    let mut out = Vec::new();
+    for (n, r) in numbers.iter().zip(&j.results) {
+        let answer =
+            serde_json::from_slice::<serde_json::Value>(&r.result).ok().and_then(|v| v["is_prime"].as_bool());
+        match answer {
+            Some(p) if r.status == proto::TaskStatus::Completed as i32 => {
+                if json_out {
+                    out.push(json!({"number": n, "is_prime": p, "worker_id": r.worker_id}));
+                } else {
+                    println!("{n} is prime: {p} (processed by {})", r.worker_id);
+                }
+            }
+            _ => {
+                ok = false;
+                if json_out {
+                    out.push(json!({"number": n, "error": r.error, "status": status_name(r.status)}));
+                } else {
+                    println!("{n}: {} {}", status_name(r.status), r.error);
+                }
+            }
+        }
+    }
+    if json_out {
+        println!("{}", serde_json::Value::Array(out));
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn exit_for(t: &proto::Task) -> ExitCode {
+    if t.status == proto::TaskStatus::Completed as i32 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn status_name(s: i32) -> &'static str {
+    match proto::TaskStatus::try_from(s).unwrap_or(proto::TaskStatus::Unspecified) {
+        proto::TaskStatus::Unspecified => "unknown",
+        proto::TaskStatus::Pending => "pending",
+        proto::TaskStatus::Assigned => "assigned",
+        proto::TaskStatus::Running => "running",
+        proto::TaskStatus::Completed => "completed",
+        proto::TaskStatus::Failed => "failed",
+        proto::TaskStatus::Cancelled => "cancelled",
+    }
+}
+
+fn parse_status(s: &str) -> anyhow::Result<proto::TaskStatus> {
+    Ok(match s {
+        "pending" => proto::TaskStatus::Pending,
+        "assigned" => proto::TaskStatus::Assigned,
+        "running" => proto::TaskStatus::Running,
+        "completed" => proto::TaskStatus::Completed,
+        "failed" => proto::TaskStatus::Failed,
+        "cancelled" => proto::TaskStatus::Cancelled,
+        other => bail!("--status {other:?}: use pending, assigned, running, completed, failed or cancelled"),
+    })
+}
+
+fn worker_state_name(s: i32) -> &'static str {
+    match proto::WorkerState::try_from(s).unwrap_or(proto::WorkerState::Unspecified) {
+        proto::WorkerState::Unspecified => "unknown",
+        proto::WorkerState::Active => "active",
+        proto::WorkerState::Suspect => "suspect",
+        proto::WorkerState::Dead => "dead",
+        proto::WorkerState::Draining => "draining",
+    }
+}
+
+fn ts_string(t: &prost_types::Timestamp) -> String {
+    chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}
+
+fn bytes_text(b: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_owned())),
+        Err(_) => json!({"bytes": b.len()}),
+    }
+}
+
+fn task_json(t: &proto::Task) -> serde_json::Value {
+    json!({"task_id": t.task_id, "type": t.task_type, "status": status_name(t.status), "attempt": t.attempt,
+           "max_attempts": t.max_attempts, "failures": t.failures, "priority": t.priority,
+           "worker_id": t.worker_id, "job_id": t.job_id, "result": bytes_text(&t.result), "error": t.error,
+           "created_at": t.created_at.as_ref().map(ts_string), "finished_at": t.finished_at.as_ref().map(ts_string)})
+}
+
+fn event_json(e: &proto::TaskEvent) -> serde_json::Value {
+    json!({"task_id": e.task_id, "status": status_name(e.status), "attempt": e.attempt, "worker_id": e.worker_id,
+           "error": e.error, "at": e.at.as_ref().map(ts_string)})
+}
+
+fn job_json(j: &proto::Job) -> serde_json::Value {
+    json!({"job_id": j.job_id, "name": j.name, "total": j.total, "pending": j.pending, "assigned": j.assigned,
+           "running": j.running, "completed": j.completed, "failed": j.failed, "cancelled": j.cancelled,
+           "done": j.done,
+           "results": j.results.iter().map(|r| json!({"task_id": r.task_id, "status": status_name(r.status),
+               "result": bytes_text(&r.result), "error": r.error, "worker_id": r.worker_id,
+               "duration_ms": r.duration_ms})).collect::<Vec<_>>()})
+}
+
+fn print_task(t: &proto::Task, json_out: bool) {
+    if json_out {
+        println!("{}", task_json(t));
+        return;
+    }
+    println!("task      {}", t.task_id);
+    println!("type      {}", t.task_type);
+    println!("status    {}", status_name(t.status));
+    println!("attempt   {} of {} ({} failed)", t.attempt, t.max_attempts, t.failures);
+    if !t.worker_id.is_empty() {
+        println!("worker    {}", t.worker_id);
+    }
+    if !t.job_id.is_empty() {
+        println!("job       {}", t.job_id);
+    }
+    if !t.error.is_empty() {
+        println!("error     {}", t.error);
+    }
+    if !t.result.is_empty() {
+        println!("result    {}", String::from_utf8_lossy(&t.result));
+    }
+}

@@ -1,1 +1,116 @@
-fn main() {}
+//! `worker -config configs/worker.yaml`: registers with a coordinator, runs the tasks pushed to
+//! it through the enabled handlers, and drains on SIGTERM.
+
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::Parser;
+use coordinator::{
+    config::normalize_args,
+    telemetry,
+    worker::{Worker, config::WorkerConfig, handlers::Handlers},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// A worker of the coordinator's fleet.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version)]
+struct Cli {
+    /// Configuration file (`-config FILE` works too). Flags and environment win over it.
+    #[arg(long, short = 'c', env = "WORKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator gRPC URL, e.g. http://coordinator:9090.
+    #[arg(long, env = "WORKER_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Worker id (default: hostname plus a short random suffix).
+    #[arg(long, env = "WORKER_ID")]
+    worker_id: Option<String>,
+    /// Tasks run at once.
+    #[arg(long, env = "WORKER_MAX_CONCURRENT")]
+    max_concurrent: Option<u32>,
+    /// Built-in handlers to enable, comma-separated (echo,noop,sleep,prime_count,is_prime,merkle_proof).
+    #[arg(long, env = "WORKER_HANDLERS", value_delimiter = ',')]
+    handlers: Option<Vec<String>>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(normalize_args(std::env::args()));
+    let mut config = match &cli.config {
+        Some(path) => match WorkerConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
+        None => WorkerConfig::default(),
+    };
+    if let Some(v) = cli.coordinator {
+        config.coordinator = v;
+    }
+    if let Some(v) = cli.worker_id {
+        config.worker_id = v;
+    }
+    if let Some(v) = cli.max_concurrent {
+        config.max_concurrent = v;
+    }
+    if let Some(v) = cli.handlers {
+        config.handlers = v.into_iter().filter(|s| !s.is_empty()).collect();
+    }
+    if let Err(e) = config.validate() {
+        return fail(e);
+    }
+    telemetry::init(&config.logging);
+    let mut handlers = match Handlers::builtin(&config.handlers) {
+        Ok(h) => h,
+        Err(e) => return fail(format!("handlers: {e}")),
+    };
+    for exec in config.exec_configs() {
+        handlers = handlers.with_exec(exec);
+    }
+    let worker_id = config.resolved_worker_id();
+    let capabilities = handlers.task_types();
+    let options = config.options(worker_id.clone(), capabilities.clone());
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(async move {
+        let worker = match Worker::new(options, Arc::new(handlers)) {
+            Ok(w) => w,
+            Err(e) => return fail(format!("coordinator: {e:#}")),
+        };
+        info!(%worker_id, coordinator = %config.coordinator, ?capabilities, max_concurrent = config.max_concurrent,
+              "worker starting");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        match worker.run(shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(format!("{e:#}")),
+        }
+    })
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("worker: {message}");
+    ExitCode::FAILURE
+}
+
+/// First SIGINT or SIGTERM drains (deregister, finish, report); a second one exits at once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("signal received: draining");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    warn!("second signal: exiting now");
+    std::process::exit(130);
+}

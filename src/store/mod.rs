@@ -157,6 +157,15 @@ pub struct Cancelled {
     pub held_by: Option<Held>,
 }
 
+/// See [`Store::audit`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Audit {
+    pub tasks: u64,
+    pub completed: u64,
+    /// Tasks with more than one completed attempt: must be 0.
+    pub accepted_twice: u64,
+}
+
 /// Which task types a claim may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TypeFilter {
@@ -363,6 +372,12 @@ impl Store {
     /// Number of tasks in each state.
     pub async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
         dispatch!(self, s => s.task_counts().await)
+    }
+
+    /// Whole-table acceptance audit: how many tasks are completed, and how many have more than
+    /// one accepted (completed) attempt, which must never happen.
+    pub async fn audit(&self) -> Result<Audit> {
+        dispatch!(self, s => s.audit().await)
     }
 
     /// Pending tasks by type (runnable now or later), for the unschedulable gauge.

@@ -531,6 +531,22 @@ impl SqliteStore {
             .collect()
     }
 
+    pub(super) async fn audit(&self) -> Result<super::Audit> {
+        let r = sqlx::query(
+            "SELECT (SELECT count(*) FROM tasks) AS tasks,
+                    (SELECT count(*) FROM tasks WHERE status = 'completed') AS completed,
+                    (SELECT count(*) FROM (SELECT task_id FROM task_attempts WHERE outcome = 'completed'
+                                           GROUP BY task_id HAVING count(*) > 1) AS twice) AS twice",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(super::Audit {
+            tasks: r.try_get::<i64, _>("tasks")? as u64,
+            completed: r.try_get::<i64, _>("completed")? as u64,
+            accepted_twice: r.try_get::<i64, _>("twice")? as u64,
+        })
+    }
+
     pub(super) async fn pending_by_type(&self) -> Result<BTreeMap<String, u64>> {
         let rows = sqlx::query(
             "SELECT task_type, count(*) AS n FROM tasks WHERE status = 'pending' GROUP BY task_type",

@@ -26,6 +26,9 @@ use tracing::{debug, info, warn};
 
 use crate::proto::{self, coordinator_service_client::CoordinatorServiceClient};
 
+pub mod config;
+pub mod handlers;
+
 /// How a worker connects and behaves.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -136,6 +139,19 @@ struct Running {
     cancel: CancellationToken,
 }
 
+/// What a worker has done, for logs, benchmarks and tests.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// Results the coordinator accepted for the first time.
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// Results the coordinator had already accepted (a retry after a lost answer).
+    pub duplicates: std::sync::atomic::AtomicU64,
+    /// Results the coordinator refused (the attempt was no longer this worker's).
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Sessions opened (registrations); more than one means it reconnected.
+    pub sessions: std::sync::atomic::AtomicU64,
+}
+
 /// A worker. [`Worker::run`] drives it until shutdown.
 pub struct Worker {
     opts: WorkerOptions,
@@ -144,6 +160,7 @@ pub struct Worker {
     /// std Mutex: short map operations only, never held across `.await`.
     running: Arc<Mutex<HashMap<String, Running>>>,
     slots: Arc<Semaphore>,
+    counters: Arc<WorkerCounters>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -172,7 +189,12 @@ impl Worker {
             .max_decoding_message_size(opts.max_message_size)
             .max_encoding_message_size(opts.max_message_size);
         let slots = Arc::new(Semaphore::new(opts.max_concurrent.max(1) as usize));
-        Ok(Self { opts, handler, client, running: Arc::default(), slots })
+        Ok(Self { opts, handler, client, running: Arc::default(), slots, counters: Arc::default() })
+    }
+
+    /// Counters shared with the running worker.
+    pub fn counters(&self) -> Arc<WorkerCounters> {
+        self.counters.clone()
     }
 
     /// Ids and attempts of the tasks this worker holds (running or waiting to be reported).
@@ -269,6 +291,7 @@ impl Worker {
         info!(worker_id = %self.opts.worker_id, coordinator_id = %resp.coordinator_id,
               session_id = %resp.session_id, "registered; task stream open");
         kick.notify_one();
+        self.counters.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             // Reap finished task runners so the set does not grow.
             while tasks.try_join_next().is_some() {}

@@ -1,0 +1,397 @@
+//! `coordctl bench`: a load generator. It starts W workers as real gRPC streams (in this
+//! process, with the `noop` handler) against a running coordinator, or against one it starts
+//! in-process (`--embedded`, on SQLite or `--database-url`), then measures:
+//!
+//! - a trickle phase with idle workers: one task at a time, submit -> worker start latency;
+//! - a bulk phase: N tasks submitted in jobs of `batch`, submit rate, end-to-end tasks/s (first
+//!   submit to last accepted report), and submit -> worker start latency percentiles;
+//!
+//! and checks that every task completed and was accepted exactly once.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{
+    app::App,
+    config::{Config, LogFormat},
+    proto::{self, coordinator_service_client::CoordinatorServiceClient},
+    store::Store,
+    worker::{Worker, WorkerCounters, WorkerOptions, handler_fn},
+};
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub tasks: usize,
+    pub workers: usize,
+    /// Tasks each worker runs at once.
+    pub concurrency: u32,
+    /// Tasks per submission (one job each).
+    pub batch: usize,
+    /// Tasks in the one-at-a-time latency phase.
+    pub trickle: usize,
+    /// A running coordinator (`http://host:9090`); ignored with `embedded`.
+    pub endpoint: String,
+    /// Start a coordinator in this process.
+    pub embedded: bool,
+    /// Database of the embedded coordinator (default: SQLite in a temporary directory).
+    pub database_url: Option<String>,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(mut v: Vec<Duration>) -> Percentiles {
+        if v.is_empty() {
+            return Percentiles::default();
+        }
+        v.sort();
+        let at = |p: f64| {
+            let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+            v[i].as_secs_f64() * 1000.0
+        };
+        Percentiles {
+            samples: v.len(),
+            p50_ms: at(0.50),
+            p90_ms: at(0.90),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub backend: String,
+    pub tasks: usize,
+    pub workers: usize,
+    pub concurrency: u32,
+    pub batch: usize,
+    pub submit_seconds: f64,
+    pub submit_per_second: f64,
+    pub end_to_end_seconds: f64,
+    pub end_to_end_per_second: f64,
+    pub latency: Percentiles,
+    pub trickle_latency: Percentiles,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub refused: u64,
+    /// Handler runs (a task may run twice if a lease was lost; it is accepted once).
+    pub runs: u64,
+    pub exactly_once: bool,
+    pub verification: String,
+}
+
+type Client = CoordinatorServiceClient<Channel>;
+
+struct Probe {
+    /// First time a worker started each task.
+    started: Mutex<HashMap<String, Instant>>,
+    runs: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
+    if opts.tasks == 0 || opts.workers == 0 || opts.batch == 0 {
+        bail!("--tasks, --workers and --batch must be at least 1");
+    }
+    // An embedded coordinator on loopback, or the one given.
+    let mut embedded: Option<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>, Store)> = None;
+    let _dir;
+    let endpoint = if opts.embedded {
+        let dir = tempfile::tempdir()?;
+        let url = opts
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
+        _dir = Some(dir);
+        let mut config = Config::default();
+        config.coordinator.id = "coordinator-bench".into();
+        config.database.url = url;
+        config.database.max_open_conns = 16;
+        config.database.max_idle_conns = 4;
+        config.scheduler.batch_size = 1000;
+        config.logging.format = LogFormat::Text;
+        config.validate()?;
+        let app = App::connect(config).await.context("embedded coordinator")?;
+        let store = app.store().clone();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = grpc.local_addr()?;
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(app.serve(grpc, http, stop.clone()));
+        embedded = Some((stop, handle, store));
+        format!("http://{addr}")
+    } else {
+        _dir = None;
+        opts.endpoint.clone()
+    };
+    let backend = match &embedded {
+        Some((_, _, store)) => format!("embedded {}", store.backend()),
+        None => format!("remote {endpoint}"),
+    };
+
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {endpoint}"))?;
+    let mut client =
+        Client::new(channel).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
+
+    // Workers: real gRPC streams, noop handler that notes when each task starts.
+    let probe =
+        Arc::new(Probe { started: Mutex::default(), runs: AtomicU64::new(0), notify: Default::default() });
+    let stop_workers = CancellationToken::new();
+    let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let mut counters: Vec<Arc<WorkerCounters>> = Vec::new();
+    let mut worker_tasks = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..opts.workers {
+        let id = format!("bench-{run_id}-{i}");
+        let mut o = WorkerOptions::new(endpoint.clone(), id.clone());
+        o.max_concurrent = opts.concurrency;
+        o.capabilities = vec!["noop".into()];
+        let probe = probe.clone();
+        let handler = handler_fn(move |t| {
+            let probe = probe.clone();
+            async move {
+                let now = Instant::now();
+                probe.runs.fetch_add(1, Ordering::Relaxed);
+                probe.started.lock().unwrap_or_else(|e| e.into_inner()).entry(t.task_id).or_insert(now);
+                probe.notify.notify_waiters();
+                Ok(Vec::new())
+            }
+        });
+        let w = Worker::new(o, handler)?;
+        counters.push(w.counters());
+        worker_tasks.push(tokio::spawn(w.run(stop_workers.clone())));
+        ids.push(id);
+    }
+    wait_connected(&mut client, &ids).await?;
+    let accepted = || counters.iter().map(|c| c.accepted.load(Ordering::Relaxed)).sum::<u64>();
+
+    // Trickle: one task at a time into idle workers.
+    let mut trickle = Vec::with_capacity(opts.trickle);
+    for _ in 0..opts.trickle {
+        let t0 = Instant::now();
+        let id = client
+            .submit_task(proto::SubmitTaskRequest { task_type: "noop".into(), ..Default::default() })
+            .await?
+            .into_inner()
+            .task_id;
+        let started = wait_started(&probe, &id, Duration::from_secs(30)).await?;
+        trickle.push(started - t0);
+        // Wait for its report too, so the next one finds the workers idle.
+        let target = trickle.len() as u64;
+        wait_for(Duration::from_secs(30), || accepted() >= target).await?;
+    }
+    let before_bulk = accepted();
+
+    // Bulk: N tasks in jobs of `batch`.
+    let t0 = Instant::now();
+    let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
+    let mut jobs = Vec::new();
+    let mut left = opts.tasks;
+    while left > 0 {
+        let n = left.min(opts.batch);
+        left -= n;
+        let at = Instant::now();
+        let tasks = (0..n)
+            .map(|_| proto::SubmitTaskRequest { task_type: "noop".into(), ..Default::default() })
+            .collect();
+        let resp = client
+            .submit_job(proto::SubmitJobRequest { name: format!("bench-{run_id}"), tasks })
+            .await?
+            .into_inner();
+        jobs.push(resp.job_id);
+        submitted_at.push((resp.task_ids, at));
+    }
+    let submit = t0.elapsed();
+    let target = before_bulk + opts.tasks as u64;
+    wait_for(Duration::from_secs(600), || accepted() >= target).await.context("waiting for every report")?;
+    let end_to_end = t0.elapsed();
+
+    let latency = {
+        let started = probe.started.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v = Vec::with_capacity(opts.tasks);
+        for (ids, at) in &submitted_at {
+            for id in ids {
+                if let Some(s) = started.get(id) {
+                    v.push(s.saturating_duration_since(*at));
+                }
+            }
+        }
+        Percentiles::of(v)
+    };
+
+    // Verification: every task of the run completed; nothing accepted twice.
+    let mut completed = 0u64;
+    for job in &jobs {
+        let j = client
+            .get_job(proto::GetJobRequest { job_id: job.clone(), include_results: false })
+            .await?
+            .into_inner();
+        completed += u64::from(j.completed);
+    }
+    let duplicates: u64 = counters.iter().map(|c| c.duplicates.load(Ordering::Relaxed)).sum();
+    let refused: u64 = counters.iter().map(|c| c.refused.load(Ordering::Relaxed)).sum();
+    let total_accepted = accepted();
+    let mut exactly_once =
+        completed == opts.tasks as u64 && total_accepted == (opts.tasks + opts.trickle) as u64;
+    let mut verification = format!(
+        "{completed}/{} bulk tasks completed; {total_accepted} reports accepted for {} tasks",
+        opts.tasks,
+        opts.tasks + opts.trickle
+    );
+    if let Some((_, _, store)) = &embedded {
+        let audit = store.audit().await?;
+        exactly_once &= audit.accepted_twice == 0 && audit.completed == audit.tasks;
+        verification.push_str(&format!(
+            "; database: {} of {} tasks completed, {} accepted more than once",
+            audit.completed, audit.tasks, audit.accepted_twice
+        ));
+    }
+
+    stop_workers.cancel();
+    for w in worker_tasks {
+        let _ = w.await;
+    }
+    if let Some((stop, handle, _)) = embedded {
+        stop.cancel();
+        handle.await??;
+    }
+    Ok(BenchReport {
+        backend,
+        tasks: opts.tasks,
+        workers: opts.workers,
+        concurrency: opts.concurrency,
+        batch: opts.batch,
+        submit_seconds: submit.as_secs_f64(),
+        submit_per_second: opts.tasks as f64 / submit.as_secs_f64(),
+        end_to_end_seconds: end_to_end.as_secs_f64(),
+        end_to_end_per_second: opts.tasks as f64 / end_to_end.as_secs_f64(),
+        latency,
+        trickle_latency: Percentiles::of(trickle),
+        accepted: total_accepted,
+        duplicates,
+        refused,
+        runs: probe.runs.load(Ordering::Relaxed),
+        exactly_once,
+        verification,
+    })
+}
+
+async fn wait_connected(client: &mut Client, ids: &[String]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let workers = client.list_workers(proto::ListWorkersRequest {}).await?.into_inner().workers;
+        if ids.iter().all(|id| workers.iter().any(|w| &w.worker_id == id && w.connected)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("workers did not connect within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_started(probe: &Probe, id: &str, limit: Duration) -> anyhow::Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let notified = probe.notify.notified();
+        if let Some(at) = probe.started.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
+            return Ok(*at);
+        }
+        if Instant::now() > deadline {
+            bail!("task {id} did not start within {limit:?}");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+}
+
+async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("not done within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+impl BenchReport {
+    /// The human summary.
+    pub fn render(&self) -> String {
+        let l = &self.latency;
+        let t = &self.trickle_latency;
+        format!(
+            "backend           {}\n\
+             tasks             {} ({} workers x {} slots, jobs of {})\n\
+             submit            {:.0} tasks/s ({:.2} s)\n\
+             end to end        {:.0} tasks/s ({:.2} s, first submit to last accepted report)\n\
+             latency (bulk)    p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (submit -> worker start)\n\
+             latency (trickle) p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} tasks one at a time)\n\
+             reports           {} accepted, {} duplicate, {} refused; {} handler runs\n\
+             exactly once      {} ({})\n",
+            self.backend,
+            self.tasks,
+            self.workers,
+            self.concurrency,
+            self.batch,
+            self.submit_per_second,
+            self.submit_seconds,
+            self.end_to_end_per_second,
+            self.end_to_end_seconds,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.max_ms,
+            t.p50_ms,
+            t.p90_ms,
+            t.p99_ms,
+            t.max_ms,
+            t.samples,
+            self.accepted,
+            self.duplicates,
+            self.refused,
+            self.runs,
+            if self.exactly_once { "yes" } else { "NO" },
+            self.verification,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_pick_nearest_rank() {
+        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let p = Percentiles::of(v);
+        assert_eq!((p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(Percentiles::of(vec![]).samples, 0);
+        assert_eq!(Percentiles::of(vec![Duration::from_millis(7)]).p99_ms, 7.0);
+    }
+}

@@ -1,0 +1,156 @@
+//! The worker's configuration: defaults, then `configs/worker.yaml` (or `-config FILE`), then
+//! environment variables and flags (`--coordinator`, `--worker-id`, `--max-concurrent`,
+//! `--handlers`), which win.
+
+use std::{collections::HashMap, path::Path, time::Duration};
+
+use serde::{Deserialize, Serialize};
+
+use super::{WorkerOptions, handlers::ExecConfig};
+use crate::config::{ByteSize, LoggingConfig};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// `http://host:9090`.
+    pub coordinator: String,
+    /// Empty: the hostname plus a short random suffix, new on every start.
+    pub worker_id: String,
+    pub max_concurrent: u32,
+    /// Built-in handlers to enable; their names are the task types this worker takes.
+    pub handlers: Vec<String>,
+    /// External commands, one per task type (e.g. a prover CLI).
+    pub exec: Vec<ExecEntry>,
+    pub labels: HashMap<String, String>,
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    pub max_message_size: ByteSize,
+    pub logging: LoggingConfig,
+}
+
+/// An `exec` handler as written in the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecEntry {
+    pub task_type: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub retriable_exit_codes: Vec<i32>,
+    #[serde(default)]
+    pub env: HashMap<String, String>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            coordinator: "http://127.0.0.1:9090".into(),
+            worker_id: String::new(),
+            max_concurrent: 4,
+            handlers: super::handlers::BUILTIN.iter().map(|s| s.to_string()).collect(),
+            exec: Vec::new(),
+            labels: HashMap::new(),
+            drain_grace: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            max_message_size: ByteSize(10 * 1024 * 1024),
+            logging: LoggingConfig::default(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// Reads a YAML file over the defaults; errors name the file and the key.
+    pub fn load(path: &Path) -> Result<WorkerConfig, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        if text.trim().is_empty() {
+            return Ok(WorkerConfig::default());
+        }
+        serde_norway::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.coordinator.starts_with("http://") || self.coordinator.starts_with("https://")) {
+            return Err(format!("coordinator: {:?} is not an http:// or https:// URL", self.coordinator));
+        }
+        if self.max_concurrent == 0 || self.max_concurrent > 10_000 {
+            return Err("max_concurrent: must be between 1 and 10000".into());
+        }
+        if self.handlers.is_empty() && self.exec.is_empty() {
+            return Err("handlers: enable at least one handler or exec entry".into());
+        }
+        for (i, e) in self.exec.iter().enumerate() {
+            if e.command.is_empty() {
+                return Err(format!("exec[{i}].command: must name a program"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The worker id: configured, or the hostname plus a random suffix (unique per boot).
+    pub fn resolved_worker_id(&self) -> String {
+        if !self.worker_id.is_empty() {
+            return self.worker_id.clone();
+        }
+        let host = super::hostname();
+        let host: String =
+            host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(100).collect();
+        let host = if host.is_empty() { "worker".to_owned() } else { host };
+        format!("{host}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+    }
+
+    pub fn exec_configs(&self) -> Vec<ExecConfig> {
+        self.exec
+            .iter()
+            .map(|e| ExecConfig {
+                task_type: e.task_type.clone(),
+                command: e.command.clone(),
+                retriable_exit_codes: e.retriable_exit_codes.clone(),
+                env: e.env.clone(),
+                // Results travel in one gRPC message; leave room for the envelope.
+                max_output: self.max_message_size.as_usize().saturating_sub(64 * 1024),
+            })
+            .collect()
+    }
+
+    pub fn options(&self, worker_id: String, capabilities: Vec<String>) -> WorkerOptions {
+        let mut o = WorkerOptions::new(self.coordinator.clone(), worker_id);
+        o.max_concurrent = self.max_concurrent;
+        o.capabilities = capabilities;
+        o.labels = self.labels.clone();
+        o.drain_grace = self.drain_grace;
+        o.backoff_base = self.backoff_base;
+        o.backoff_max = self.backoff_max;
+        o.max_message_size = self.max_message_size.as_usize();
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_ids_are_unique_per_boot() {
+        let c = WorkerConfig::default();
+        c.validate().unwrap();
+        assert_ne!(c.resolved_worker_id(), c.resolved_worker_id());
+        let named = WorkerConfig { worker_id: "w-1".into(), ..WorkerConfig::default() };
+        assert_eq!(named.resolved_worker_id(), "w-1");
+    }
+
+    #[test]
+    fn the_file_shape_parses_and_unknown_keys_are_refused() {
+        let c: WorkerConfig = serde_norway::from_str(
+            "coordinator: http://c:9090\nmax_concurrent: 2\nhandlers: [echo]\nexec:\n  - task_type: prove\n    command: [prover, --stdin]\n    retriable_exit_codes: [75]\n",
+        )
+        .unwrap();
+        assert_eq!(c.exec[0].retriable_exit_codes, [75]);
+        let e = serde_norway::from_str::<WorkerConfig>("max_concurent: 2\n").unwrap_err().to_string();
+        assert!(e.contains("max_concurent"), "{e}");
+    }
+}

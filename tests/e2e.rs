@@ -1,0 +1,361 @@
+//! End to end with the real binaries: a coordinator process, three worker processes and
+//! coordctl, on SQLite (and on Postgres when `TEST_DATABASE_URL` is set).
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use coordinator::domain::{TaskId, TaskState};
+use sha2::{Digest, Sha256};
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("process did not exit within {limit:?}; log:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    endpoint: String,
+    coordinator: Option<Proc>,
+    workers: Vec<(String, Proc)>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_logged(bin: &str, args: &[&str], log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info,sqlx=warn,h2=warn,tonic=warn,hyper=warn,tower=warn")
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+}
+
+fn wait_log(p: &Proc, needle: &str, limit: Duration) {
+    let start = Instant::now();
+    while !p.log_text().contains(needle) {
+        assert!(start.elapsed() < limit, "no {needle:?} within {limit:?}; log:\n{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Fleet {
+    fn start(db: &TestDb) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let (grpc, http) = (free_port(), free_port());
+        let config = dir.path().join("coordinator.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "coordinator:
+  id: e2e
+  bind_address: 127.0.0.1
+  grpc_port: {grpc}
+  http_port: {http}
+  poll_interval: 200ms
+  heartbeat_timeout: 1s
+  stale_task_timeout: 5s
+  cleanup_interval: 500ms
+  shutdown_timeout: 5s
+database:
+  url: {:?}
+  max_open_conns: 8
+  max_idle_conns: 1
+logging:
+  format: json
+",
+                db.url
+            ),
+        )
+        .unwrap();
+        let mut fleet = Fleet {
+            dir,
+            config,
+            endpoint: format!("http://127.0.0.1:{grpc}"),
+            coordinator: None,
+            workers: vec![],
+        };
+        fleet.start_coordinator();
+        for i in 1..=3 {
+            fleet.start_worker(&format!("worker-{i}"));
+        }
+        fleet
+    }
+
+    fn start_coordinator(&mut self) {
+        let log = self.dir.path().join(format!("coordinator-{}.log", Instant::now().elapsed().as_nanos()));
+        let child = spawn_logged(
+            env!("CARGO_BIN_EXE_coordinator"),
+            &["-config", self.config.to_str().unwrap()],
+            &log,
+        );
+        let p = Proc { child, log };
+        wait_log(&p, "coordinator ready", Duration::from_secs(30));
+        self.coordinator = Some(p);
+    }
+
+    fn start_worker(&mut self, id: &str) {
+        let log = self.dir.path().join(format!("{id}.log"));
+        let child = spawn_logged(
+            env!("CARGO_BIN_EXE_worker"),
+            &["--coordinator", &self.endpoint, "--worker-id", id, "--max-concurrent", "2"],
+            &log,
+        );
+        let p = Proc { child, log };
+        wait_log(&p, "task stream open", Duration::from_secs(30));
+        self.workers.push((id.to_owned(), p));
+    }
+
+    fn worker(&mut self, id: &str) -> &mut Proc {
+        &mut self.workers.iter_mut().find(|(w, _)| w == id).unwrap().1
+    }
+
+    fn coordctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_coordctl"))
+            .arg("--coordinator")
+            .arg(&self.endpoint)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn coordctl_ok(&self, args: &[&str]) -> String {
+        let out = self.coordctl(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "coordctl {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+async fn wait_task_state(
+    db: &TestDb,
+    id: &str,
+    state: TaskState,
+    limit: Duration,
+) -> coordinator::domain::Task {
+    let tid: TaskId = id.parse().unwrap();
+    let start = Instant::now();
+    loop {
+        let t = db.store.get_task(tid).await.unwrap().unwrap();
+        if t.state == state {
+            return t;
+        }
+        assert!(start.elapsed() < limit, "task {id} not {state} within {limit:?}: {t:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn accepted_once(db: &TestDb, id: &str) {
+    let attempts = db.store.attempts(id.parse().unwrap()).await.unwrap();
+    let n = attempts.iter().filter(|a| a.outcome.as_deref() == Some("completed")).count();
+    assert_eq!(n, 1, "task {id} accepted once: {attempts:?}");
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    let s = s.trim_start_matches("0x");
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+async fn fleet_end_to_end(db: &TestDb) {
+    let mut fleet = Fleet::start(db);
+
+    // primes: 9592 below 100000, fanned out over the workers.
+    let out = fleet.coordctl_ok(&["primes", "--low", "0", "--high", "100000", "--slices", "8"]);
+    assert!(out.contains("9592 primes in [0, 100000)"), "{out}");
+    let used: std::collections::HashSet<&str> =
+        ["worker-1", "worker-2", "worker-3"].into_iter().filter(|w| out.contains(w)).collect();
+    assert!(used.len() >= 2, "slices ran on several workers: {out}");
+
+    // is-prime, with the worker that answered.
+    let out = fleet.coordctl_ok(&["is-prime", "17", "18", "19"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("17 is prime: true (processed by worker-"), "{out}");
+    assert!(lines[1].starts_with("18 is prime: false (processed by worker-"), "{out}");
+    assert!(lines[2].starts_with("19 is prime: true (processed by worker-"), "{out}");
+
+    // A Merkle proof from a worker verifies independently.
+    let leaves: Vec<String> = (0..5u8).map(|i| format!("0x{:02x}{:02x}", i, i * 3)).collect();
+    let payload = serde_json::json!({"leaves": leaves, "leaf_index": 3}).to_string();
+    let out =
+        fleet.coordctl_ok(&["--json", "submit", "--type", "merkle_proof", "--payload", &payload, "--wait"]);
+    let task: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(task["status"], "completed", "{out}");
+    let proof = &task["result"];
+    let mut node: Vec<u8> = Sha256::digest(hex_decode(&leaves[3])).to_vec();
+    for step in proof["proof"].as_array().unwrap() {
+        let sibling = hex_decode(step["hash"].as_str().unwrap());
+        let mut h = Sha256::new();
+        if step["position"] == "left" {
+            h.update(&sibling);
+            h.update(&node);
+        } else {
+            h.update(&node);
+            h.update(&sibling);
+        }
+        node = h.finalize().to_vec();
+    }
+    assert_eq!(hex_decode(proof["root"].as_str().unwrap()), node, "proof verifies to the root");
+    // And the root is the root of those leaves.
+    let mut level: Vec<Vec<u8>> = leaves.iter().map(|l| Sha256::digest(hex_decode(l)).to_vec()).collect();
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|p| {
+                let r = p.get(1).unwrap_or(&p[0]);
+                Sha256::digest([p[0].as_slice(), r.as_slice()].concat()).to_vec()
+            })
+            .collect();
+    }
+    assert_eq!(level[0], node);
+
+    // kill -9 of a worker in the middle of a task: it completes on another worker, once.
+    let id =
+        fleet.coordctl_ok(&["submit", "--type", "sleep", "--payload", r#"{"ms":1500}"#]).trim().to_owned();
+    let running = wait_task_state(db, &id, TaskState::Running, Duration::from_secs(10)).await;
+    let victim = running.worker_id.clone().unwrap().0;
+    fleet.worker(&victim).signal("-KILL");
+    let done = wait_task_state(db, &id, TaskState::Completed, Duration::from_secs(30)).await;
+    assert_ne!(done.worker_id.unwrap().0, victim, "completed on another worker");
+    assert_eq!(done.attempt, 2);
+    accepted_once(db, &id).await;
+    fleet.workers.retain(|(w, _)| *w != victim);
+    fleet.start_worker(&victim);
+
+    // SIGTERM of a worker: its running tasks finish and are accepted, none requeued, exit 0.
+    let ids: Vec<String> = (0..6)
+        .map(|_| {
+            fleet.coordctl_ok(&["submit", "--type", "sleep", "--payload", r#"{"ms":800}"#]).trim().to_owned()
+        })
+        .collect();
+    let mut draining = None;
+    for id in &ids {
+        let t = wait_task_state(db, id, TaskState::Running, Duration::from_secs(10)).await;
+        draining.get_or_insert(t.worker_id.unwrap().0);
+    }
+    let draining = draining.unwrap();
+    let held: Vec<String> = {
+        let mut v = Vec::new();
+        for id in &ids {
+            let t = db.store.get_task(id.parse().unwrap()).await.unwrap().unwrap();
+            if t.worker_id.as_ref().map(|w| w.0.as_str()) == Some(draining.as_str()) && t.state.is_held() {
+                v.push(id.clone());
+            }
+        }
+        v
+    };
+    assert!(!held.is_empty());
+    fleet.worker(&draining).signal("-TERM");
+    let status = fleet.worker(&draining).wait(Duration::from_secs(20));
+    assert!(status.success(), "drained worker exits 0: {status:?}");
+    for id in &held {
+        let t = wait_task_state(db, id, TaskState::Completed, Duration::from_secs(10)).await;
+        assert_eq!(t.attempt, 1, "finished by the draining worker, not requeued");
+        assert_eq!(t.worker_id.unwrap().0, draining);
+    }
+    for id in &ids {
+        wait_task_state(db, id, TaskState::Completed, Duration::from_secs(20)).await;
+        accepted_once(db, id).await;
+    }
+    fleet.workers.retain(|(w, _)| *w != draining);
+    fleet.start_worker(&draining);
+
+    // Coordinator killed while workers hold tasks: they reconnect with backoff, their buffered
+    // results are accepted, nothing lost or doubled.
+    let ids: Vec<String> = (0..6)
+        .map(|_| {
+            fleet.coordctl_ok(&["submit", "--type", "sleep", "--payload", r#"{"ms":700}"#]).trim().to_owned()
+        })
+        .collect();
+    for id in &ids {
+        wait_task_state(db, id, TaskState::Running, Duration::from_secs(10)).await;
+    }
+    let mut old = fleet.coordinator.take().unwrap();
+    old.signal("-KILL");
+    old.wait(Duration::from_secs(10));
+    // The tasks finish while the coordinator is down; the workers keep the results.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    fleet.start_coordinator();
+    for id in &ids {
+        let t = wait_task_state(db, id, TaskState::Completed, Duration::from_secs(30)).await;
+        assert_eq!(t.attempt, 1, "the result from before the restart was accepted");
+        accepted_once(db, id).await;
+    }
+    let logs: String = fleet.workers.iter().map(|(_, p)| p.log_text()).collect();
+    assert!(logs.contains("coordinator unreachable; reconnecting"), "workers logged their reconnects");
+    assert!(logs.contains("delay_ms"), "with their backoff delays");
+    let audit = db.store.audit().await.unwrap();
+    assert_eq!(audit.accepted_twice, 0);
+
+    // Graceful stop of everything.
+    for (_, w) in &mut fleet.workers {
+        w.signal("-TERM");
+        assert!(w.wait(Duration::from_secs(20)).success());
+    }
+    let c = fleet.coordinator.as_mut().unwrap();
+    c.signal("-TERM");
+    assert!(c.wait(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_fleet_end_to_end() {
+    let db = TestDb::sqlite().await;
+    fleet_end_to_end(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_fleet_end_to_end() {
+    let Some(db) = TestDb::postgres().await else {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the Postgres run");
+        return;
+    };
+    fleet_end_to_end(&db).await;
+    db.cleanup().await;
+}
