@@ -332,16 +332,23 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Str(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 10MiB, 512KiB or a byte count")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom(format!("size {v} is negative")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -409,6 +416,8 @@ impl Config {
             ("coordinator.cleanup_interval", c.cleanup_interval),
             ("coordinator.shutdown_timeout", c.shutdown_timeout),
             ("database.acquire_timeout", self.database.acquire_timeout),
+            ("database.conn_max_lifetime", self.database.conn_max_lifetime),
+            ("grpc.keepalive.tcp", self.grpc.keepalive.tcp),
             ("tasks.default_timeout", self.tasks.default_timeout),
             ("tasks.retry_backoff_base", self.tasks.retry_backoff_base),
             ("http.read_timeout", self.http.read_timeout),
@@ -516,17 +525,35 @@ fn check_readable(key: &'static str, file: &str) -> Result<(), ConfigError> {
     std::fs::metadata(file).map(|_| ()).map_err(|e| invalid(key, format!("{file}: {e}")))
 }
 
-/// Hides the password of a database URL for messages and logs.
+/// Hides the password of a database URL (`user:password@` and a `password=` parameter) for
+/// messages and logs.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_owned();
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_owned(),
+            },
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    match query {
+        None => base,
+        Some(q) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", q.join("&"))
+        }
     }
 }
 
@@ -652,6 +679,16 @@ mod tests {
     }
 
     #[test]
+    fn bad_size_names_the_key_and_its_line() {
+        let err = Config::from_yaml("grpc:\n  max_send_msg_size: 10MiB\n  max_recv_msg_size: 10 parsecs\n")
+            .unwrap_err();
+        assert!(
+            err.contains("max_recv_msg_size") && err.contains("line 3") && err.contains("parsecs"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn bad_duration_names_the_key() {
         let err = Config::from_yaml("coordinator:\n  poll_interval: soon\n").unwrap_err();
         assert!(err.contains("poll_interval"), "{err}");
@@ -738,6 +775,11 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=pw"),
+            "postgres://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(redact_url("postgres://u:a@b@h/db"), "postgres://u:***@h/db");
     }
 
     #[test]

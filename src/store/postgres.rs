@@ -57,6 +57,13 @@ macro_rules! retry_conflicts {
 impl PgStore {
     pub(super) async fn connect(cfg: &DatabaseConfig) -> std::result::Result<Self, sqlx::Error> {
         let options = PgConnectOptions::from_str(&cfg.url)?.application_name("coordinator");
+        // One direct connection first: an unreachable or misconfigured server fails at once with
+        // its real cause (refused, bad password, no such database) rather than a pool timeout.
+        use sqlx::{ConnectOptions, Connection};
+        let probe = tokio::time::timeout(cfg.acquire_timeout, options.connect())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        probe.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_open_conns)
             .min_connections(cfg.max_idle_conns)
