@@ -413,16 +413,14 @@ impl Worker {
             };
             match sent {
                 Ok(resp) => {
-                    debug!(
-                        task_id,
-                        attempt,
-                        ok = outcome.is_ok(),
-                        duplicate = resp.get_ref().duplicate,
-                        "result accepted"
-                    );
+                    let duplicate = resp.get_ref().duplicate;
+                    let counter = if duplicate { &self.counters.duplicates } else { &self.counters.accepted };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    debug!(task_id, attempt, ok = outcome.is_ok(), duplicate, "result accepted");
                     return;
                 }
                 Err(s) if refused(&s) => {
+                    self.counters.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(task_id, attempt, code = ?s.code(), error = %s.message(), "result refused by the coordinator");
                     return;
                 }
