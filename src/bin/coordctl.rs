@@ -496,11 +496,11 @@ async fn primes(
         for row in &rows {
             println!(
                 "  [{:>12}, {:>12})  {:>9}  {:<24} {:>6} ms",
-                row["low"],
-                row["high"],
+                row["low"].as_u64().unwrap_or_default(),
+                row["high"].as_u64().unwrap_or_default(),
                 row["count"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
                 row["worker_id"].as_str().unwrap_or_default(),
-                row["duration_ms"]
+                row["duration_ms"].as_u64().unwrap_or_default()
             );
         }
         if failures.is_empty() {
