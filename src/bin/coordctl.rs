@@ -210,7 +210,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let task = wait_task(&mut c, &resp.task_id).await?;
-            print_task(&task, json_out);
+            if json_out {
+                print_task(&task, true);
+            } else if task.status == proto::TaskStatus::Completed as i32 {
+                println!("{}", String::from_utf8_lossy(&task.result));
+            } else {
+                eprintln!("task {} {}: {}", task.task_id, status_name(task.status), task.error);
+            }
             Ok(exit_for(&task))
         }
         Cmd::Get { task_id } => {
