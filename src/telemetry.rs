@@ -7,8 +7,18 @@ use tracing_subscriber::{EnvFilter, fmt::time::ChronoUtc};
 
 use crate::config::{LogFormat, LoggingConfig};
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing).
+/// Installs the global subscriber, writing to stdout. Safe to call more than once (later calls
+/// do nothing).
 pub fn init(cfg: &LoggingConfig) {
+    init_to(cfg, false);
+}
+
+/// Like [`init`], writing to stderr (for command-line tools whose stdout is their output).
+pub fn init_stderr(cfg: &LoggingConfig) {
+    init_to(cfg, true);
+}
+
+fn init_to(cfg: &LoggingConfig, stderr: bool) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.is_empty())
@@ -19,7 +29,13 @@ pub fn init(cfg: &LoggingConfig) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_timer(ChronoUtc::rfc_3339());
+    let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {
+        if stderr { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) }
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_timer(ChronoUtc::rfc_3339())
+        .with_writer(writer);
     let _ = if json {
         builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init()
     } else {

@@ -269,7 +269,19 @@ async fn reports_are_fenced_by_worker_and_attempt(db: &TestDb) {
     assert_eq!(e.code(), Code::FailedPrecondition, "another worker");
     let e = w.complete(&id, a.attempt + 1, b"future").await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "an attempt it does not hold");
-    assert_eq!(task_status(&mut client, &id).await, proto::TaskStatus::Running);
+    // Delivered tasks are marked running shortly after they leave on the stream.
+    wait_until("the delivered task shows running", T, || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move { task_status(&mut client, &id).await == proto::TaskStatus::Running }
+    })
+    .await;
+    let task = get_task(&mut client, &id).await;
+    assert_eq!(
+        (task.attempt, task.worker_id.as_str(), task.result.len()),
+        (a.attempt, "fence-a", 0),
+        "unchanged"
+    );
 
     let first = w.complete(&id, a.attempt, b"result").await.unwrap();
     assert!(!first.duplicate);

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
         level: "warn".into(),
         format: coordinator::config::LogFormat::Text,
     };
-    coordinator::telemetry::init(&quiet);
+    coordinator::telemetry::init_stderr(&quiet);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -46,8 +46,8 @@ pub struct Batchers {
     pub completions: Batcher<Completion, ReportOutcome>,
     /// One heartbeat's running tasks in, the ones still held out.
     pub renewals: Batcher<Vec<Held>, Vec<TaskId>>,
-    /// Assignments that left on a stream: assigned -> running.
-    pub deliveries: Batcher<Held, ()>,
+    /// Assignments that left on a stream, and when: assigned -> running, a little later.
+    pub deliveries: Batcher<(Held, std::time::Instant), ()>,
 }
 
 /// The `CoordinatorService` implementation. Cheap to clone.
@@ -331,7 +331,9 @@ impl CoordinatorService for Service {
                 let Some(push) = push else { break };
                 if let Push::Run(a) = &push {
                     let held = Held { task_id: a.task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
-                    guard.service.inner.batchers.deliveries.send(held).await;
+                    // Best effort: when the queue is full the task shows `running` from its
+                    // first heartbeat instead; the stream never waits on bookkeeping.
+                    guard.service.inner.batchers.deliveries.try_send((held, std::time::Instant::now()));
                 }
                 yield Ok(proto::TaskAssignment::from(push));
             }
