@@ -340,3 +340,26 @@ async fn refresh_gauges(store: Store, registry: Registry, shutdown: Cancellation
 pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot bind {what} address {addr}"))
 }
+
+/// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits the process at once
+/// (status 130).
+pub async fn shutdown_on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("signal received: shutting down (a second signal exits at once)");
+    shutdown.cancel();
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    warn!("second signal: exiting now");
+    std::process::exit(130);
+}

@@ -10,7 +10,6 @@ use coordinator::{
     worker::{Worker, WorkerOptions, handlers::Handlers},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 /// Streaming task-push coordinator: stores tasks in Postgres (or SQLite) and pushes them to
 /// workers over gRPC streams.
@@ -117,7 +116,7 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
         };
         let (grpc_addr, http_addr) = (grpc.local_addr().ok(), http.local_addr().ok());
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
         let stop_server = CancellationToken::new();
         let server = tokio::spawn(app.serve(grpc, http, stop_server.clone()));
         let endpoint = format!("http://{}", grpc_addr.map(|a| a.to_string()).unwrap_or_default());
@@ -180,30 +179,9 @@ async fn run(config: Config) -> ExitCode {
         Err(e) => return fail(format!("{e:#}")),
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
+    tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
     match app.serve(grpc, http, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
     }
-}
-
-/// First SIGINT or SIGTERM starts the graceful shutdown; a second one exits at once.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    warn!("second signal: exiting now");
-    std::process::exit(130);
 }

@@ -5,12 +5,13 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
 use coordinator::{
+    app,
     config::normalize_args,
     telemetry,
     worker::{Worker, config::WorkerConfig, handlers::Handlers},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 /// A worker of the coordinator's fleet.
 #[derive(Debug, Parser)]
@@ -80,7 +81,7 @@ fn main() -> ExitCode {
         info!(%worker_id, coordinator = %config.coordinator, ?capabilities, max_concurrent = config.max_concurrent,
               "worker starting");
         let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
+        tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
         match worker.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(format!("{e:#}")),
@@ -91,26 +92,4 @@ fn main() -> ExitCode {
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("worker: {message}");
     ExitCode::FAILURE
-}
-
-/// First SIGINT or SIGTERM drains (deregister, finish, report); a second one exits at once.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    info!("signal received: draining");
-    shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    warn!("second signal: exiting now");
-    std::process::exit(130);
 }

@@ -100,6 +100,28 @@ impl Service {
         }
     }
 
+    /// The answer to a report: success for the first and for a repeat of it, otherwise the
+    /// status saying why nothing changed.
+    fn answer_report(
+        &self,
+        held: &Held,
+        outcome: ReportOutcome,
+        completed: bool,
+    ) -> Result<Response<proto::ReportResponse>, Status> {
+        let (duplicate, state) = match outcome {
+            ReportOutcome::Applied { state } => {
+                self.after_report(held, completed);
+                (false, state)
+            }
+            ReportOutcome::Duplicate { state } => (true, state),
+            ReportOutcome::Stale { state, attempt } => return Err(stale(held, state, attempt)),
+            ReportOutcome::NotFound => {
+                return Err(Status::not_found(format!("task {} not found", held.task_id)));
+            }
+        };
+        Ok(Response::new(proto::ReportResponse { duplicate, status: convert::task_state(state) as i32 }))
+    }
+
     fn after_report(&self, held: &Held, completed: bool) {
         let released = self.inner.registry.release(&held.worker_id, held.task_id, held.attempt);
         let (task_type, elapsed) = match &released {
@@ -354,22 +376,10 @@ impl CoordinatorService for Service {
             .call(Completion { held: held.clone(), result: req.result })
             .await
             .map_err(status::batch)?;
-        match outcome {
-            ReportOutcome::Applied { state } => {
-                debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, "task completed");
-                self.after_report(&held, true);
-                Ok(Response::new(proto::ReportResponse {
-                    duplicate: false,
-                    status: convert::task_state(state) as i32,
-                }))
-            }
-            ReportOutcome::Duplicate { state } => Ok(Response::new(proto::ReportResponse {
-                duplicate: true,
-                status: convert::task_state(state) as i32,
-            })),
-            ReportOutcome::Stale { state, attempt } => Err(stale(&held, state, attempt)),
-            ReportOutcome::NotFound => Err(Status::not_found(format!("task {} not found", held.task_id))),
+        if matches!(outcome, ReportOutcome::Applied { .. }) {
+            debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, "task completed");
         }
+        self.answer_report(&held, outcome, true)
     }
 
     async fn report_failure(
@@ -385,23 +395,11 @@ impl CoordinatorService for Service {
         };
         let outcome =
             self.inner.store.fail(&failure, self.inner.config.retry).await.map_err(status::store)?;
-        match outcome {
-            ReportOutcome::Applied { state } => {
-                info!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt,
-                      retriable = req.retriable, next = %state, error = %failure.error, "task attempt failed");
-                self.after_report(&held, false);
-                Ok(Response::new(proto::ReportResponse {
-                    duplicate: false,
-                    status: convert::task_state(state) as i32,
-                }))
-            }
-            ReportOutcome::Duplicate { state } => Ok(Response::new(proto::ReportResponse {
-                duplicate: true,
-                status: convert::task_state(state) as i32,
-            })),
-            ReportOutcome::Stale { state, attempt } => Err(stale(&held, state, attempt)),
-            ReportOutcome::NotFound => Err(Status::not_found(format!("task {} not found", held.task_id))),
+        if let ReportOutcome::Applied { state } = &outcome {
+            info!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt,
+                  retriable = req.retriable, next = %state, error = %failure.error, "task attempt failed");
         }
+        self.answer_report(&held, outcome, false)
     }
 
     async fn deregister(
