@@ -333,8 +333,10 @@ async fn retriable_failures_back_off_until_max_attempts_then_fail(db: &TestDb) {
                 "attempt {attempt} came {waited:?} after the failure"
             );
         }
+        // The backoff runs from when the coordinator handled the failure, which is after it was sent.
+        let sent = Instant::now();
         let r = w.fail(&id, attempt, true).await.unwrap();
-        failed_at = Some(Instant::now());
+        failed_at = Some(sent);
         let expected = if attempt < 3 { proto::TaskStatus::Pending } else { proto::TaskStatus::Failed };
         assert_eq!(r.status, expected as i32, "after attempt {attempt}");
     }
