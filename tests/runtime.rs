@@ -182,8 +182,9 @@ async fn a_silent_worker_goes_suspect_then_dead_and_its_task_moves(db: &TestDb) 
     })
     .await;
     let mut client = c.client().await;
-    let mut silent = RawWorker::connect(&c.endpoint(), "silent", 1, &["prove"]).await;
+    // Taken before registering: the coordinator's clock for this worker starts later.
     let registered = Instant::now();
+    let mut silent = RawWorker::connect(&c.endpoint(), "silent", 1, &["prove"]).await;
     wait_connected(&client, &["silent"]).await;
     let id = submit(&mut client, "prove", b"block-1").await;
     let first = silent.next(T).await;
