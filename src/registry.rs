@@ -269,18 +269,29 @@ impl Registry {
         Ok(revived.1)
     }
 
-    /// Adds tasks the worker says it runs (renewed in the store) to its in-flight set, and drops
-    /// those the store says it no longer holds.
-    pub fn reconcile(&self, worker: &WorkerId, held: &[(TaskId, Attempt)], revoked: &[TaskId]) {
+    /// Drops tasks the store says the worker no longer holds from its in-flight set.
+    ///
+    /// Nothing is added here: every held task entered the set when it was pushed, or when the
+    /// worker registered (from the store). Adding the heartbeat's list back would race a report
+    /// that released the task between the lease renewal and this call, and leak the slot.
+    pub fn forget_revoked(&self, worker: &WorkerId, revoked: &[TaskId]) {
+        if revoked.is_empty() {
+            return;
+        }
         let mut state = self.lock();
         if let Some(s) = state.sessions.get_mut(worker) {
-            for (t, a) in held {
-                s.in_flight.entry(*t).or_insert_with(|| InFlight::recovered(*a));
-            }
             for t in revoked {
                 s.in_flight.remove(t);
             }
         }
+        drop(state);
+        self.shared.wake.wake();
+    }
+
+    /// True while `stream_id` is the worker's current task stream.
+    pub fn is_current_stream(&self, worker: &WorkerId, stream_id: u64) -> bool {
+        let state = self.lock();
+        state.sessions.get(worker).and_then(|s| s.stream.as_ref()).is_some_and(|slot| slot.id == stream_id)
     }
 
     /// Drain: the worker takes no new work; it may still report what it runs.

@@ -205,6 +205,7 @@ async fn a_silent_worker_goes_suspect_then_dead_and_its_task_moves(db: &TestDb) 
 
     // The task went back at once and runs on a healthy worker.
     let mut healthy = RawWorker::connect(&c.endpoint(), "healthy", 1, &["prove"]).await;
+    let beating = healthy.keep_alive(Duration::from_millis(100));
     let second = healthy.next(T).await;
     assert_eq!((second.task_id.as_str(), second.attempt), (id.as_str(), 2));
     healthy.complete(&id, 2, b"proof").await.unwrap();
@@ -218,6 +219,7 @@ async fn a_silent_worker_goes_suspect_then_dead_and_its_task_moves(db: &TestDb) 
     let attempts = db.store.attempts(id.parse().unwrap()).await.unwrap();
     let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome.clone().unwrap_or_default()).collect();
     assert_eq!(outcomes, ["worker_dead", "completed"]);
+    beating.abort();
     c.stop().await.unwrap();
 }
 

@@ -175,6 +175,8 @@ struct StreamGuard {
     stream_id: u64,
     /// The registry's session holds the sender.
     rx: mpsc::Receiver<Push>,
+    /// Assignments taken off the channel after this stream was replaced: requeued on drop.
+    replaced: Vec<Held>,
 }
 
 impl Drop for StreamGuard {
@@ -182,7 +184,7 @@ impl Drop for StreamGuard {
         let inner = &self.service.inner;
         inner.registry.detach(&self.worker, self.stream_id);
         self.rx.close();
-        let mut undelivered = Vec::new();
+        let mut undelivered = std::mem::take(&mut self.replaced);
         while let Ok(push) = self.rx.try_recv() {
             if let Push::Run(a) = push {
                 inner.registry.release(&a.worker_id, a.task_id, a.attempt);
@@ -313,11 +315,9 @@ impl CoordinatorService for Service {
                 .into_iter()
                 .collect()
         };
-        let (kept, revoked): (Vec<&Held>, Vec<&Held>) =
-            reported.iter().partition(|h| renewed.contains(&h.task_id));
-        let kept: Vec<(TaskId, Attempt)> = kept.iter().map(|h| (h.task_id, h.attempt)).collect();
-        let revoked: Vec<TaskId> = revoked.iter().map(|h| h.task_id).collect();
-        self.inner.registry.reconcile(&worker, &kept, &revoked);
+        let revoked: Vec<TaskId> =
+            reported.iter().filter(|h| !renewed.contains(&h.task_id)).map(|h| h.task_id).collect();
+        self.inner.registry.forget_revoked(&worker, &revoked);
         if !revoked.is_empty() {
             debug!(worker_id = %worker, count = revoked.len(), "heartbeat reported tasks it no longer holds");
         }
@@ -337,7 +337,7 @@ impl CoordinatorService for Service {
         let worker = convert::worker_id("worker_id", &request.get_ref().worker_id)?;
         let (stream_id, rx) = self.inner.registry.attach(&worker).map_err(status::registry)?;
         info!(worker_id = %worker, stream_id, "task stream opened");
-        let mut guard = StreamGuard { service: self.clone(), worker, stream_id, rx };
+        let mut guard = StreamGuard { service: self.clone(), worker, stream_id, rx, replaced: Vec::new() };
         let closing = self.inner.closing.clone();
         let stream = async_stream::stream! {
             loop {
@@ -351,6 +351,15 @@ impl CoordinatorService for Service {
                 };
                 // None: a newer stream replaced this one, or the worker was declared dead.
                 let Some(push) = push else { break };
+                // Replaced while this push waited: it goes back to the queue (in the guard's
+                // drop) rather than down a stream the worker has given up on.
+                if !guard.service.inner.registry.is_current_stream(&guard.worker, guard.stream_id) {
+                    if let Push::Run(a) = push {
+                        guard.service.inner.registry.release(&a.worker_id, a.task_id, a.attempt);
+                        guard.replaced.push(Held { task_id: a.task_id, worker_id: a.worker_id, attempt: a.attempt });
+                    }
+                    break;
+                }
                 if let Push::Run(a) = &push {
                     let held = Held { task_id: a.task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
                     // Best effort: when the queue is full the task shows `running` from its

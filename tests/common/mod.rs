@@ -33,8 +33,10 @@ pub fn test_config(url: &str) -> Config {
     c.coordinator.id = "coordinator-test".into();
     c.coordinator.bind_address = [127, 0, 0, 1].into();
     c.coordinator.poll_interval = Duration::from_millis(200);
-    c.coordinator.heartbeat_timeout = Duration::from_secs(2);
-    c.coordinator.stale_task_timeout = Duration::from_secs(10);
+    // Raw workers in tests do not heartbeat unless told to: only the tests about liveness use
+    // short heartbeat timeouts, so a slow machine cannot turn a quiet worker SUSPECT mid-test.
+    c.coordinator.heartbeat_timeout = Duration::from_secs(30);
+    c.coordinator.stale_task_timeout = Duration::from_secs(60);
     c.coordinator.cleanup_interval = Duration::from_millis(500);
     c.coordinator.shutdown_timeout = Duration::from_secs(5);
     c.database = testing::db_config(url);
@@ -265,6 +267,22 @@ impl RawWorker {
             })
             .await
             .map(|r| r.into_inner())
+    }
+
+    /// Heartbeats (with no running tasks) every `every` in the background, so the worker stays
+    /// ACTIVE under short heartbeat timeouts. Stops when the handle is aborted or dropped with
+    /// the test's runtime.
+    pub fn keep_alive(&self, every: Duration) -> JoinHandle<()> {
+        let mut client = self.client.clone();
+        let id = self.id.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = client
+                    .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), running_tasks: vec![] })
+                    .await;
+                tokio::time::sleep(every).await;
+            }
+        })
     }
 
     /// Drops the stream (as a crashed worker would).
