@@ -27,6 +27,8 @@ pub const HEARTBEATS: &str = "coordinator_heartbeats_total";
 pub const WORKER_TRANSITIONS: &str = "coordinator_worker_transitions_total";
 pub const DISPATCH_LATENCY: &str = "coordinator_dispatch_latency_seconds";
 pub const TASK_DURATION: &str = "coordinator_task_duration_seconds";
+pub const AUTH_FAILURES: &str = "coordinator_auth_failures_total";
+pub const DB_QUERY: &str = "coordinator_db_query_seconds";
 pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
 pub const GRPC_HANDLING: &str = "grpc_server_handling_seconds";
 
@@ -51,9 +53,15 @@ pub const ALL: &[&str] = &[
     WORKER_TRANSITIONS,
     DISPATCH_LATENCY,
     TASK_DURATION,
+    AUTH_FAILURES,
+    DB_QUERY,
     GRPC_HANDLED,
     GRPC_HANDLING,
 ];
+
+/// Reasons an auth check refuses a call (`coordinator_auth_failures_total{reason}`).
+pub const AUTH_FAILURE_REASONS: &[&str] =
+    &["missing_token", "malformed_header", "unknown_token", "wrong_role", "identity_mismatch"];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -78,6 +86,16 @@ pub fn install() -> PrometheusHandle {
                         &[
                             0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0,
                             14400.0,
+                        ],
+                    )
+                })
+                .and_then(|b| {
+                    // Database statements: 100 µs .. 10 s.
+                    b.set_buckets_for_metric(
+                        Matcher::Full(DB_QUERY.into()),
+                        &[
+                            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                            1.0, 2.5, 10.0,
                         ],
                     )
                 })
@@ -123,6 +141,8 @@ fn describe() {
         "From submission to the push onto a worker stream."
     );
     describe_histogram!(TASK_DURATION, metrics::Unit::Seconds, "From push to accepted report, by task type.");
+    describe_counter!(AUTH_FAILURES, "Calls refused by the auth check, by reason.");
+    describe_histogram!(DB_QUERY, metrics::Unit::Seconds, "Database statement duration, by operation.");
     describe_counter!(GRPC_HANDLED, "gRPC calls completed, by method and code.");
     describe_histogram!(GRPC_HANDLING, metrics::Unit::Seconds, "gRPC call duration, by method.");
 
@@ -151,6 +171,17 @@ fn describe() {
     }
     counter!(POLL_CYCLES).absolute(0);
     counter!(HEARTBEATS).absolute(0);
+    for reason in AUTH_FAILURE_REASONS {
+        counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
+    }
+}
+
+pub fn auth_failure(reason: &'static str) {
+    counter!(AUTH_FAILURES, "reason" => reason).increment(1);
+}
+
+pub fn db_query(op: &'static str, elapsed: Duration) {
+    histogram!(DB_QUERY, "op" => op).record(elapsed.as_secs_f64());
 }
 
 pub fn heartbeat() {
