@@ -14,22 +14,27 @@ use std::{
 use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::{Server, server::TcpIncoming};
 use tracing::{info, warn};
 
 use crate::{
+    auth::Authenticator,
     batch::Batcher,
     config::{Config, redact_url},
     domain::TaskId,
     events::Events,
-    grpc::{Batchers, Service, ServiceConfig, convert::SubmitLimits, layer::GrpcMetricsLayer},
+    grpc::{
+        Batchers, Service, ServiceConfig, auth::GrpcAuthLayer, convert::SubmitLimits, layer::GrpcMetricsLayer,
+    },
     http::{self, HttpState},
     metrics,
     proto::{self, coordinator_service_server::CoordinatorServiceServer},
     registry::{Registry, RegistryConfig},
+    rest::RestState,
     scheduler::{Scheduler, SchedulerConfig, SchedulerStats, Wake},
     store::{Held, RetryPolicy, Store, StoreError},
     sweeper::Sweeper,
+    tls::{self, ReloadingConfig},
 };
 
 /// Rows per batched statement for completions and lease renewals.
@@ -72,6 +77,28 @@ impl App {
     ) -> anyhow::Result<()> {
         let App { config, store } = self;
         let started = Instant::now();
+        tls::install_crypto_provider();
+        let auth = Authenticator::from_config(&config.auth)?;
+        if !auth.enabled() {
+            warn!(
+                "authentication is off (auth.enabled: false): any caller that reaches the ports may \
+                 submit, report and list; keep them on a trusted network"
+            );
+        }
+        let (grpc_tls, http_tls) = if config.tls.enabled {
+            let grpc = ReloadingConfig::load(&config.tls, tls::Port::Grpc)?;
+            let http = if config.http.tls {
+                Some(ReloadingConfig::load(&config.tls, tls::Port::Http)?)
+            } else {
+                None
+            };
+            (Some(grpc), http)
+        } else {
+            (None, None)
+        };
+        // Per instance, so replicas started together do not recycle connections together.
+        let connection_age = (!config.grpc.max_connection_age.is_zero())
+            .then(|| config.grpc.max_connection_age.mul_f64(rand::random_range(0.9..1.1)));
         let prometheus = metrics::install();
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
@@ -112,6 +139,7 @@ impl App {
                     max_payload_size: config.tasks.max_payload_size.as_usize(),
                 },
                 watch_poll: c.poll_interval.max(Duration::from_millis(500)),
+                stream_max_age: connection_age,
             },
             store.clone(),
             registry.clone(),
@@ -163,7 +191,7 @@ impl App {
             .build_v1alpha()?;
         let max_recv = config.grpc.max_recv_msg_size.as_usize();
         let max_send = config.grpc.max_send_msg_size.as_usize();
-        let coordinator_service = CoordinatorServiceServer::new(service)
+        let coordinator_service = CoordinatorServiceServer::new(service.clone())
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(max_send);
         let ka = &config.grpc.keepalive;
@@ -171,20 +199,35 @@ impl App {
             .http2_keepalive_interval(Some(ka.interval))
             .http2_keepalive_timeout(Some(ka.timeout))
             .tcp_nodelay(true);
-        if config.tls.enabled {
-            builder = builder.tls_config(server_tls(&config)?).context("tls configuration")?;
+        if let Some(age) = connection_age {
+            builder = builder
+                .max_connection_age(age)
+                .max_connection_age_grace(config.grpc.max_connection_age_grace);
         }
-        let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(ka.tcp));
-        let grpc_stop = stop_servers.clone();
-        let grpc_server = tokio::spawn(
-            builder
-                .layer(GrpcMetricsLayer)
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(coordinator_service)
-                .serve_with_incoming_shutdown(incoming, grpc_stop.cancelled_owned()),
-        );
+        let routes = builder
+            // Outermost first: refused calls are counted in the gRPC metrics too.
+            .layer(GrpcMetricsLayer)
+            .layer(GrpcAuthLayer::new(auth.clone(), config.grpc.client_rate_limit))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(coordinator_service);
+        let grpc_stop = stop_servers.clone().cancelled_owned();
+        let grpc_server = match &grpc_tls {
+            Some(tls_config) => {
+                tokio::spawn(tls_config.clone().watch(config.tls.reload_interval, stop_background.clone()));
+                let incoming = tls::incoming(grpc_listener, tls_config.clone(), ka.tcp);
+                tokio::spawn(routes.serve_with_incoming_shutdown(incoming, grpc_stop))
+            }
+            None => {
+                let incoming =
+                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(ka.tcp));
+                tokio::spawn(routes.serve_with_incoming_shutdown(incoming, grpc_stop))
+            }
+        };
+        if let Some(t) = &http_tls {
+            tokio::spawn(t.clone().watch(config.tls.reload_interval, stop_background.clone()));
+        }
 
         let http_state = HttpState {
             coordinator_id: c.id.clone(),
@@ -195,10 +238,17 @@ impl App {
             closing: closing.clone(),
             grpc_addr,
             started,
+            auth: auth.clone(),
         };
-        let router = http::router(http_state, config.http.write_timeout);
-        let http_server =
-            tokio::spawn(http::serve(http_listener, router, config.http.clone(), stop_servers.clone()));
+        let api = RestState { service: service.clone(), auth: auth.clone() };
+        let router = http::router(http_state, api, config.http.write_timeout, max_recv);
+        let http_server = tokio::spawn(http::serve(
+            http_listener,
+            router,
+            config.http.clone(),
+            http_tls,
+            stop_servers.clone(),
+        ));
 
         info!(
             coordinator_id = %c.id,
@@ -208,6 +258,8 @@ impl App {
             http_port = http_addr.port(),
             database = store.backend(),
             tls = config.tls.enabled,
+            mtls = config.tls.enabled && !config.tls.client_ca_file.is_empty(),
+            auth = auth.enabled(),
             "coordinator ready"
         );
 
@@ -289,21 +341,6 @@ fn spawn_batchers(store: &Store, lease: Duration) -> (Batchers, Vec<JoinHandle<(
         }
     });
     (Batchers { completions, renewals, deliveries }, vec![h1, h2, h3])
-}
-
-fn server_tls(config: &Config) -> anyhow::Result<ServerTlsConfig> {
-    let t = &config.tls;
-    let cert = std::fs::read(&t.cert_file).with_context(|| format!("tls.cert_file {}", t.cert_file))?;
-    let key = std::fs::read(&t.key_file).with_context(|| format!("tls.key_file {}", t.key_file))?;
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    if !t.client_ca_file.is_empty() {
-        let ca = std::fs::read(&t.client_ca_file)
-            .with_context(|| format!("tls.client_ca_file {}", t.client_ca_file))?;
-        tls = tls
-            .client_ca_root(tonic::transport::Certificate::from_pem(ca))
-            .client_auth_optional(!t.require_client_cert);
-    }
-    Ok(tls)
 }
 
 /// Refreshes gauges that come from the database.

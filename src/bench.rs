@@ -130,6 +130,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         config.database.max_idle_conns = 4;
         config.scheduler.batch_size = 1000;
         config.logging.format = LogFormat::Text;
+        // On loopback, for this process's own load generator only.
+        config.auth.enabled = false;
         config.validate()?;
         let app = App::connect(config).await.context("embedded coordinator")?;
         let store = app.store().clone();

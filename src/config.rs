@@ -36,6 +36,8 @@ pub enum ConfigError {
     Env { var: String, value: String, message: String },
     #[error("config key {key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error("config key auth.tokens: auth token {name}: {message}")]
+    Token { name: String, message: String },
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
@@ -175,6 +177,16 @@ pub struct GrpcConfig {
     pub max_recv_msg_size: ByteSize,
     pub max_send_msg_size: ByteSize,
     pub keepalive: KeepaliveConfig,
+    /// Connections (and task streams) older than this, give or take 10 % chosen per instance,
+    /// are asked to go away so clients rebalance across replicas. 0 turns it off.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// How long calls still open on an aged connection may go on before it is closed.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+    /// Client RPCs (submit, get, list, ...) per second allowed from one peer address; 0: no
+    /// limit. Bursts of twice the rate pass.
+    pub client_rate_limit: u32,
 }
 
 impl Default for GrpcConfig {
@@ -183,6 +195,9 @@ impl Default for GrpcConfig {
             max_recv_msg_size: ByteSize(10 * MIB),
             max_send_msg_size: ByteSize(10 * MIB),
             keepalive: KeepaliveConfig::default(),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(60),
+            client_rate_limit: 0,
         }
     }
 }
@@ -211,7 +226,7 @@ impl Default for KeepaliveConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     pub enabled: bool,
@@ -220,12 +235,69 @@ pub struct TlsConfig {
     /// CA bundle for client certificates (mTLS).
     pub client_ca_file: String,
     pub require_client_cert: bool,
+    /// How often the files are checked for a new certificate (rotation without a restart).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cert_file: String::new(),
+            key_file: String::new(),
+            client_ca_file: String::new(),
+            require_client_cert: false,
+            reload_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
+    /// On unless the config says `enabled: false` (then a warning is logged at start).
     pub enabled: bool,
+    /// Ask for a token (any role) on `/metrics` too.
+    pub metrics_require_token: bool,
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { enabled: true, metrics_require_token: false, tokens: Vec::new() }
+    }
+}
+
+/// One accepted token. Exactly one of `env`, `file` and `sha256` says where it comes from: the
+/// token itself is never written in the YAML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenConfig {
+    /// A label for logs (never the token).
+    pub name: String,
+    pub role: crate::auth::Role,
+    /// Environment variable holding the token.
+    pub env: String,
+    /// File holding the token (a mounted Secret).
+    pub file: String,
+    /// SHA-256 hex digest of the token.
+    pub sha256: String,
+    /// For a worker token: the only worker id it may act for.
+    pub worker_id: String,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            role: crate::auth::Role::Client,
+            env: String::new(),
+            file: String::new(),
+            sha256: String::new(),
+            worker_id: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +309,11 @@ pub struct HttpConfig {
     pub write_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Open connections beyond this wait to be accepted.
+    pub max_connections: u32,
+    /// Serve HTTPS with the `tls` certificate (client certificates are never asked for here,
+    /// so probes and Prometheus need none).
+    pub tls: bool,
 }
 
 impl Default for HttpConfig {
@@ -245,6 +322,8 @@ impl Default for HttpConfig {
             read_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            tls: false,
         }
     }
 }
@@ -497,14 +576,33 @@ impl Config {
             if tls.require_client_cert || !tls.client_ca_file.is_empty() {
                 check_readable("tls.client_ca_file", &tls.client_ca_file)?;
             }
+            if tls.reload_interval.is_zero() {
+                return Err(invalid("tls.reload_interval", "must be greater than 0"));
+            }
         } else if tls.require_client_cert {
             return Err(invalid("tls.require_client_cert", "needs tls.enabled: true"));
+        } else if self.http.tls {
+            return Err(invalid("http.tls", "needs tls.enabled: true (it serves the tls certificate)"));
         }
-        if self.auth.enabled {
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be at least 1"));
+        }
+        if self.auth.enabled && self.auth.tokens.is_empty() {
             return Err(invalid(
-                "auth.enabled",
-                "token authentication is not available in this version; keep the port on a trusted network",
+                "auth.tokens",
+                "no tokens configured: add tokens, or set auth.enabled: false to accept every caller",
             ));
+        }
+        for (i, t) in self.auth.tokens.iter().enumerate() {
+            if t.name.is_empty() {
+                return Err(invalid("auth.tokens", format!("token {i} has no name")));
+            }
+            if !t.worker_id.is_empty() && t.role != crate::auth::Role::Worker {
+                return Err(ConfigError::Token {
+                    name: t.name.clone(),
+                    message: "worker_id binds worker tokens only".into(),
+                });
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             return Err(invalid("logging.level", format!("{:?}: {e}", self.logging.level)));
@@ -655,6 +753,11 @@ mod tests {
         assert_eq!(c.http.write_timeout, Duration::from_secs(10));
         assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.scheduler.strategy, Strategy::RoundRobin);
+        // Auth is on unless turned off, and on with no tokens it refuses to start.
+        assert!(c.auth.enabled);
+        assert!(c.validate().unwrap_err().to_string().starts_with("config key auth.tokens:"));
+        let mut c = c;
+        c.auth.enabled = false;
         c.validate().unwrap();
     }
 
@@ -742,10 +845,11 @@ mod tests {
             ("tls.cert_file", Box::new(|c| c.tls.enabled = true)),
             ("grpc.max_recv_msg_size", Box::new(|c| c.grpc.max_recv_msg_size = ByteSize(10))),
             ("logging.level", Box::new(|c| c.logging.level = "info,=[".into())),
-            ("auth.enabled", Box::new(|c| c.auth.enabled = true)),
+            ("auth.tokens", Box::new(|c| c.auth.enabled = true)),
         ];
         for (key, mutate) in cases {
             let mut c = Config::default();
+            c.auth.enabled = false;
             mutate(&mut c);
             let err = c.validate().expect_err(key).to_string();
             assert!(err.starts_with(&format!("config key {key}:")), "{key}: {err}");

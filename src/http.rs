@@ -32,7 +32,16 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
 use tracing::{debug, warn};
 
-use crate::{config::HttpConfig, metrics, registry::Registry, scheduler::SchedulerStats, store::Store};
+use crate::{
+    auth::Authenticator,
+    config::HttpConfig,
+    metrics,
+    registry::Registry,
+    rest::{self, RestState},
+    scheduler::SchedulerStats,
+    store::Store,
+    tls::{self, ReloadingConfig},
+};
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
@@ -46,20 +55,26 @@ pub struct HttpState {
     pub closing: CancellationToken,
     pub grpc_addr: SocketAddr,
     pub started: Instant,
+    /// Guards `/metrics` when `auth.metrics_require_token` is set.
+    pub auth: Authenticator,
 }
 
-pub fn router(state: HttpState, request_timeout: Duration) -> Router {
+/// Every route: the open ones here, the REST API from [`rest`]. Unknown routes get a JSON 404,
+/// known routes with the wrong method a JSON 405.
+pub fn router(state: HttpState, api: RestState, request_timeout: Duration, max_body: usize) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/health/live", get(live))
         .route("/metrics", get(metrics_text))
         .route("/", get(info))
+        .with_state(state)
+        .merge(rest::routes(api, max_body))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
-        .with_state(state)
 }
 
 #[derive(Debug, Serialize)]
@@ -140,7 +155,11 @@ async fn live() -> impl IntoResponse {
     Json(serde_json::json!({"status": "alive"}))
 }
 
-async fn metrics_text(State(s): State<HttpState>) -> Response {
+async fn metrics_text(State(s): State<HttpState>, req: axum::extract::Request) -> Response {
+    let auth_header = req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes());
+    if let Err(r) = s.auth.check(auth_header, s.auth.metrics_access()) {
+        return rest::refused_http(&rest::peer(&req), "/metrics", &r);
+    }
     // Registry gauges are cheap and exact at scrape time; database gauges come from the
     // periodic refresh in the app.
     let c = s.registry.counts();
@@ -166,14 +185,37 @@ async fn info(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn not_found() -> impl IntoResponse {
-    (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "not found"})))
+    (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": "not_found", "message": "no such route"})))
 }
 
-/// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
-pub async fn serve(listener: TcpListener, router: Router, cfg: HttpConfig, shutdown: CancellationToken) {
+async fn method_not_allowed() -> impl IntoResponse {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(
+            serde_json::json!({"error": "method_not_allowed", "message": "method not allowed on this route"}),
+        ),
+    )
+}
+
+/// Serves `router` on `listener` (over TLS when `tls` is given) until `shutdown`, then lets
+/// in-flight requests finish. At most `cfg.max_connections` connections are open at once; the
+/// next ones wait in the listen backlog.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    cfg: HttpConfig,
+    tls: Option<ReloadingConfig>,
+    shutdown: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let conn_shutdown = CancellationToken::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections as usize));
     loop {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -186,43 +228,23 @@ pub async fn serve(listener: TcpListener, router: Router, cfg: HttpConfig, shutd
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        tls::tune_socket(&stream, Duration::from_secs(60));
         let router = router.clone();
         let cfg = cfg.clone();
         let stop = conn_shutdown.clone();
+        let tls = tls.clone();
         tracker.spawn(async move {
-            let activity = Arc::new(AtomicU64::new(0));
-            let epoch = Instant::now();
-            let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone(), epoch });
-            let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                router.clone().oneshot(req.map(axum::body::Body::new))
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(cfg.read_timeout).keep_alive(true);
-            builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(cfg.idle_timeout));
-            let conn = builder.serve_connection_with_upgrades(io, service);
-            tokio::pin!(conn);
-            let mut watchdog = tokio::time::interval((cfg.idle_timeout / 4).max(Duration::from_millis(10)));
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    result = conn.as_mut() => {
-                        if let Err(error) = result {
-                            debug!(%error, %peer, "http connection ended with an error");
-                        }
-                        break;
-                    }
-                    _ = stop.cancelled(), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = watchdog.tick(), if !closing => {
-                        let idle = epoch.elapsed().saturating_sub(Duration::from_millis(activity.load(Ordering::Relaxed)));
-                        if idle > cfg.idle_timeout {
-                            debug!(%peer, "closing idle http connection");
-                            closing = true;
-                            conn.as_mut().graceful_shutdown();
-                        }
+            let _permit = permit;
+            match tls {
+                None => serve_connection(stream, peer, router, cfg, stop).await,
+                Some(tls) => {
+                    // The handshake gets the header-read timeout too: a client that stalls in
+                    // it holds nothing for longer than one that stalls in its headers.
+                    let accepted = tokio::time::timeout(cfg.read_timeout, tls.accept(stream)).await;
+                    match accepted {
+                        Ok(Ok(stream)) => serve_connection(stream, peer, router, cfg, stop).await,
+                        Ok(Err(error)) => debug!(%error, %peer, "http tls handshake failed"),
+                        Err(_) => debug!(%peer, "http tls handshake timed out"),
                     }
                 }
             }
@@ -231,6 +253,53 @@ pub async fn serve(listener: TcpListener, router: Router, cfg: HttpConfig, shutd
     conn_shutdown.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+async fn serve_connection<T>(
+    stream: T,
+    peer: SocketAddr,
+    router: Router,
+    cfg: HttpConfig,
+    stop: CancellationToken,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(AtomicU64::new(0));
+    let epoch = Instant::now();
+    let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone(), epoch });
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        router.clone().oneshot(req.map(axum::body::Body::new))
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(cfg.read_timeout).keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(cfg.idle_timeout));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut watchdog = tokio::time::interval((cfg.idle_timeout / 4).max(Duration::from_millis(10)));
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    debug!(%error, %peer, "http connection ended with an error");
+                }
+                break;
+            }
+            _ = stop.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = watchdog.tick(), if !closing => {
+                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(activity.load(Ordering::Relaxed)));
+                if idle > cfg.idle_timeout {
+                    debug!(%peer, "closing idle http connection");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
 }
 
 /// A socket that notes when it last moved bytes, for the idle timeout.

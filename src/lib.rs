@@ -17,8 +17,10 @@
 #![warn(missing_debug_implementations)]
 
 pub mod app;
+pub mod auth;
 pub mod batch;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod events;
@@ -27,8 +29,10 @@ pub mod http;
 pub mod metrics;
 pub mod proto;
 pub mod registry;
+pub mod rest;
 pub mod scheduler;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;

@@ -147,7 +147,8 @@ fn tempdir() -> tempfile::TempDir {
 fn good_config(dir: &Path) -> String {
     format!(
         "coordinator:\n  id: cli-test\n  bind_address: 127.0.0.1\n  grpc_port: 0\n  http_port: 0\n  \
-         shutdown_timeout: 5s\ndatabase:\n  url: sqlite://{}/data/c.db\nlogging:\n  level: info\n  format: json\n",
+         shutdown_timeout: 5s\ndatabase:\n  url: sqlite://{}/data/c.db\nlogging:\n  level: info\n  format: json\n\
+         auth:\n  enabled: false\n",
         dir.display()
     )
 }
@@ -168,7 +169,11 @@ fn shipped_configs_load_and_validate() {
     let prod = Config::load(&manifest_path("configs/coordinator.yaml"), &HashMap::new()).unwrap();
     assert!(prod.is_postgres(), "configs/coordinator.yaml is the Postgres configuration");
     assert_eq!(prod.database.url, "postgres://coordinator@127.0.0.1:5432/coordinator");
-    assert!(!prod.auth.enabled);
+    assert!(prod.auth.enabled);
+    assert_eq!(
+        prod.auth.tokens.iter().map(|t| t.role.as_str()).collect::<Vec<_>>(),
+        ["worker", "client", "admin"]
+    );
     let dev = Config::load(&manifest_path("configs/dev.yaml"), &HashMap::new()).unwrap();
     assert!(!dev.is_postgres(), "configs/dev.yaml is the SQLite configuration");
 }
@@ -278,7 +283,7 @@ fn unreachable_postgres_config(dir: &Path) -> String {
         dir,
         "c.yaml",
         "coordinator:\n  bind_address: 127.0.0.1\n  grpc_port: 0\n  http_port: 0\ndatabase:\n  \
-         url: postgres://coordinator@127.0.0.1:1/none\n  acquire_timeout: 2s\n",
+         url: postgres://coordinator@127.0.0.1:1/none\n  acquire_timeout: 2s\nauth:\n  enabled: false\n",
     )
 }
 

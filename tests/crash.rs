@@ -44,6 +44,8 @@ database:
 logging:
   level: warn
   format: json
+auth:
+  enabled: false
 "
     );
     std::fs::write(&path, yaml).unwrap();

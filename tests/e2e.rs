@@ -105,6 +105,8 @@ database:
   max_idle_conns: 1
 logging:
   format: json
+auth:
+  enabled: false
 ",
                 db.url
             ),

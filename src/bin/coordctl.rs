@@ -7,12 +7,11 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use coordinator::{
     bench::{self, BenchOptions},
-    proto::{self, coordinator_service_client::CoordinatorServiceClient},
+    client::{Client, ClientSecurity},
+    config::ByteSize,
+    proto,
 };
 use serde_json::json;
-use tonic::transport::Channel;
-
-type Client = CoordinatorServiceClient<Channel>;
 
 /// Client of the coordinator.
 #[derive(Debug, Parser)]
@@ -24,6 +23,25 @@ struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
+    /// Bearer token (client or admin role). Prefer COORDCTL_TOKEN or --token-file: flags show
+    /// in `ps`.
+    #[arg(long, global = true, env = "COORDCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "COORDCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA bundle that signed the coordinator's certificate (use an https:// URL).
+    #[arg(long, global = true, env = "COORDCTL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate, for mTLS.
+    #[arg(long, global = true, env = "COORDCTL_CERT_FILE")]
+    cert_file: Option<PathBuf>,
+    /// PEM key of --cert-file.
+    #[arg(long, global = true, env = "COORDCTL_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Largest gRPC message sent or accepted.
+    #[arg(long, global = true, default_value = "10MiB")]
+    max_message_size: ByteSize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -155,14 +173,15 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}")
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<Client> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .with_context(|| format!("bad coordinator URL {endpoint:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {endpoint}"))?;
-    Ok(Client::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let security = ClientSecurity {
+        token: ClientSecurity::read_token(cli.token.clone(), cli.token_file.as_deref())?,
+        ca_file: cli.ca_file.clone(),
+        cert_file: cli.cert_file.clone(),
+        key_file: cli.key_file.clone(),
+        server_name: None,
+    };
+    coordinator::client::connect(&cli.coordinator, &security, cli.max_message_size.as_usize()).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -186,7 +205,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(if report.exactly_once { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
-    let mut c = connect(&cli.coordinator).await?;
+    let mut c = connect(&cli).await?;
     match cli.cmd {
         Cmd::Submit { task_type, payload, priority, max_attempts, idempotency_key, timeout, wait } => {
             let payload = read_payload(&payload)?;

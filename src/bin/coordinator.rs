@@ -79,6 +79,8 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
     config.coordinator.cleanup_interval = std::time::Duration::from_secs(10);
     config.logging.format = LogFormat::Text;
     config.logging.level = "info,sqlx=warn".into();
+    // Loopback only, for trying things out: no tokens to set up (a warning says so at start).
+    config.auth.enabled = false;
     let temp = if ephemeral {
         match tempfile::tempdir() {
             Ok(d) => Some(d),

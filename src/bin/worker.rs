@@ -32,6 +32,21 @@ struct Cli {
     /// Built-in handlers to enable, comma-separated (echo,noop,sleep,prime_count,is_prime,merkle_proof).
     #[arg(long, env = "WORKER_HANDLERS", value_delimiter = ',')]
     handlers: Option<Vec<String>>,
+    /// Bearer token (the worker role). Prefer WORKER_TOKEN or --token-file: flags show in `ps`.
+    #[arg(long, env = "WORKER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long)]
+    token_file: Option<String>,
+    /// PEM CA bundle that signed the coordinator's certificate (use an https:// URL).
+    #[arg(long)]
+    ca_file: Option<String>,
+    /// PEM client certificate naming this worker's id, for mTLS.
+    #[arg(long)]
+    cert_file: Option<String>,
+    /// PEM key of --cert-file.
+    #[arg(long)]
+    key_file: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -55,9 +70,23 @@ fn main() -> ExitCode {
     if let Some(v) = cli.handlers {
         config.handlers = v.into_iter().filter(|s| !s.is_empty()).collect();
     }
+    for (flag, field) in [
+        (cli.token_file, &mut config.token_file),
+        (cli.ca_file, &mut config.tls.ca_file),
+        (cli.cert_file, &mut config.tls.cert_file),
+        (cli.key_file, &mut config.tls.key_file),
+    ] {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
     if let Err(e) = config.validate() {
         return fail(e);
     }
+    let security = match config.security(cli.token) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
     telemetry::init(&config.logging);
     let mut handlers = match Handlers::builtin(&config.handlers) {
         Ok(h) => h,
@@ -68,7 +97,8 @@ fn main() -> ExitCode {
     }
     let worker_id = config.resolved_worker_id();
     let capabilities = handlers.task_types();
-    let options = config.options(worker_id.clone(), capabilities.clone());
+    let mut options = config.options(worker_id.clone(), capabilities.clone());
+    options.security = security;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),

@@ -1,6 +1,7 @@
 //! The gRPC service: thin handlers over the store, registry and scheduler. Validation and
 //! wire conversions live in [`convert`], error mapping in [`status`], call metrics in [`layer`].
 
+pub mod auth;
 pub mod convert;
 pub mod layer;
 pub mod status;
@@ -37,6 +38,10 @@ pub struct ServiceConfig {
     /// How often a `WatchTask` stream re-reads its task when no local event arrives (changes
     /// made through another replica).
     pub watch_poll: Duration,
+    /// A task stream open this long ends cleanly (status OK) and the worker opens a new one,
+    /// on a new connection once this one was asked to go away: connections rebalance across
+    /// replicas without cutting a push in half.
+    pub stream_max_age: Option<Duration>,
 }
 
 /// The batched store writes the handlers share; the app spawns their loops and waits for them
@@ -222,6 +227,7 @@ impl CoordinatorService for Service {
         request: Request<proto::RegisterWorkerRequest>,
     ) -> Result<Response<proto::RegisterWorkerResponse>, Status> {
         self.refuse_if_closing()?;
+        auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let id = convert::worker_id("worker_id", &req.worker_id)?;
         let max = match req.max_concurrent_tasks {
@@ -286,6 +292,7 @@ impl CoordinatorService for Service {
         &self,
         request: Request<proto::HeartbeatRequest>,
     ) -> Result<Response<proto::HeartbeatResponse>, Status> {
+        auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let worker = convert::worker_id("worker_id", &req.worker_id)?;
         if req.running_tasks.len() > convert::MAX_RUNNING_TASKS {
@@ -334,17 +341,26 @@ impl CoordinatorService for Service {
         request: Request<proto::ReceiveTasksRequest>,
     ) -> Result<Response<Self::ReceiveTasksStream>, Status> {
         self.refuse_if_closing()?;
+        auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let worker = convert::worker_id("worker_id", &request.get_ref().worker_id)?;
         let (stream_id, rx) = self.inner.registry.attach(&worker).map_err(status::registry)?;
         info!(worker_id = %worker, stream_id, "task stream opened");
         let mut guard = StreamGuard { service: self.clone(), worker, stream_id, rx, replaced: Vec::new() };
         let closing = self.inner.closing.clone();
+        let aged = match self.inner.config.stream_max_age {
+            Some(age) => tokio::time::Instant::now() + age,
+            None => tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400),
+        };
         let stream = async_stream::stream! {
             loop {
                 let push = tokio::select! {
                     biased;
                     _ = closing.cancelled() => {
                         yield Err(status::shutting_down());
+                        break;
+                    }
+                    _ = tokio::time::sleep_until(aged) => {
+                        debug!(worker_id = %guard.worker, "task stream reached its maximum age");
                         break;
                     }
                     push = guard.rx.recv() => push,
@@ -376,6 +392,7 @@ impl CoordinatorService for Service {
         &self,
         request: Request<proto::ReportCompletionRequest>,
     ) -> Result<Response<proto::ReportResponse>, Status> {
+        auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let held = held(&req.worker_id, &req.task_id, req.attempt)?;
         let outcome = self
@@ -395,6 +412,7 @@ impl CoordinatorService for Service {
         &self,
         request: Request<proto::ReportFailureRequest>,
     ) -> Result<Response<proto::ReportResponse>, Status> {
+        auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let held = held(&req.worker_id, &req.task_id, req.attempt)?;
         let failure = Failure {
@@ -415,6 +433,7 @@ impl CoordinatorService for Service {
         &self,
         request: Request<proto::DeregisterRequest>,
     ) -> Result<Response<proto::DeregisterResponse>, Status> {
+        auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let worker = convert::worker_id("worker_id", &req.worker_id)?;
         let in_flight = self.inner.registry.deregister(&worker).await.map_err(status::registry)?;

@@ -7,7 +7,10 @@ use std::{collections::HashMap, path::Path, time::Duration};
 use serde::{Deserialize, Serialize};
 
 use super::{WorkerOptions, handlers::ExecConfig};
-use crate::config::{ByteSize, LoggingConfig};
+use crate::{
+    client::ClientSecurity,
+    config::{ByteSize, LoggingConfig},
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -29,7 +32,23 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
     pub max_message_size: ByteSize,
+    /// File holding this worker's bearer token (`WORKER_TOKEN` or `--token` win over it).
+    pub token_file: String,
+    pub tls: WorkerTls,
     pub logging: LoggingConfig,
+}
+
+/// TLS towards the coordinator (`coordinator: https://...`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerTls {
+    /// PEM CA bundle that signed the coordinator's certificate.
+    pub ca_file: String,
+    /// PEM client certificate and key, for mTLS; the certificate names this worker's id.
+    pub cert_file: String,
+    pub key_file: String,
+    /// Name to verify in the coordinator's certificate when it differs from the URL's host.
+    pub server_name: String,
 }
 
 /// An `exec` handler as written in the file.
@@ -57,6 +76,8 @@ impl Default for WorkerConfig {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             max_message_size: ByteSize(10 * 1024 * 1024),
+            token_file: String::new(),
+            tls: WorkerTls::default(),
             logging: LoggingConfig::default(),
         }
     }
@@ -115,6 +136,21 @@ impl WorkerConfig {
                 max_output: self.max_message_size.as_usize().saturating_sub(64 * 1024),
             })
             .collect()
+    }
+
+    /// The token and TLS files as the client wants them; `token` (flag or env) wins over
+    /// `token_file`.
+    pub fn security(&self, token: Option<String>) -> Result<ClientSecurity, String> {
+        let path = |s: &str| (!s.is_empty()).then(|| std::path::PathBuf::from(s));
+        let token_file = path(&self.token_file);
+        let token = ClientSecurity::read_token(token, token_file.as_deref()).map_err(|e| format!("{e:#}"))?;
+        Ok(ClientSecurity {
+            token,
+            ca_file: path(&self.tls.ca_file),
+            cert_file: path(&self.tls.cert_file),
+            key_file: path(&self.tls.key_file),
+            server_name: (!self.tls.server_name.is_empty()).then(|| self.tls.server_name.clone()),
+        })
     }
 
     pub fn options(&self, worker_id: String, capabilities: Vec<String>) -> WorkerOptions {

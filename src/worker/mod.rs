@@ -18,13 +18,10 @@ use std::{
 
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Code, Status,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use crate::proto::{self, coordinator_service_client::CoordinatorServiceClient};
+use crate::proto;
 
 pub mod config;
 pub mod handlers;
@@ -48,6 +45,8 @@ pub struct WorkerOptions {
     pub drain_grace: Duration,
     /// gRPC message limit, both ways.
     pub max_message_size: usize,
+    /// Token and TLS towards the coordinator.
+    pub security: ClientSecurity,
 }
 
 impl WorkerOptions {
@@ -62,7 +61,8 @@ impl WorkerOptions {
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             drain_grace: Duration::from_secs(30),
-            max_message_size: 10 * 1024 * 1024,
+            max_message_size: crate::client::DEFAULT_MAX_MESSAGE,
+            security: ClientSecurity::default(),
         }
     }
 }
@@ -130,7 +130,7 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     ceiling.mul_f64(rand::random::<f64>())
 }
 
-type Client = CoordinatorServiceClient<Channel>;
+use crate::client::{Client, ClientSecurity};
 
 #[derive(Debug)]
 struct Running {
@@ -178,16 +178,7 @@ enum SessionEnd {
 
 impl Worker {
     pub fn new(opts: WorkerOptions, handler: Arc<dyn Handler>) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(opts.endpoint.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
-        let client = CoordinatorServiceClient::new(channel)
-            .max_decoding_message_size(opts.max_message_size)
-            .max_encoding_message_size(opts.max_message_size);
+        let client = crate::client::connect_lazy(&opts.endpoint, &opts.security, opts.max_message_size)?;
         let slots = Arc::new(Semaphore::new(opts.max_concurrent.max(1) as usize));
         Ok(Self { opts, handler, client, running: Arc::default(), slots, counters: Arc::default() })
     }
@@ -385,6 +376,7 @@ impl Worker {
         outcome: Result<Vec<u8>, TaskFailure>,
         cancel: &CancellationToken,
     ) {
+        let mut outcome = oversize_as_failure(outcome, self.opts.max_message_size);
         let mut tries = 0u32;
         loop {
             let mut client = self.client.clone();
@@ -418,6 +410,18 @@ impl Worker {
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     debug!(task_id, attempt, ok = outcome.is_ok(), duplicate, "result accepted");
                     return;
+                }
+                // The coordinator's limit is lower than ours: the result can never arrive, so
+                // the task fails for good instead of staying held until its lease ends.
+                Err(s)
+                    if outcome.is_ok() && matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted) =>
+                {
+                    let size = outcome.as_ref().map(Vec::len).unwrap_or_default();
+                    warn!(task_id, attempt, size, error = %s.message(), "result refused as too large; reporting a failure");
+                    outcome = Err(TaskFailure::permanent(format!(
+                        "result of {size} bytes refused by the coordinator: {}",
+                        s.message()
+                    )));
                 }
                 Err(s) if refused(&s) => {
                     self.counters.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -525,6 +529,24 @@ impl Worker {
     }
 }
 
+/// Room for the report's other fields and the gRPC framing around a result.
+const REPORT_ENVELOPE: usize = 4 * 1024;
+
+/// A result too large to fit in one message becomes a non-retriable failure that says so (a
+/// retry would produce the same result).
+fn oversize_as_failure(
+    outcome: Result<Vec<u8>, TaskFailure>,
+    max_message: usize,
+) -> Result<Vec<u8>, TaskFailure> {
+    match outcome {
+        Ok(result) if result.len() + REPORT_ENVELOPE > max_message => Err(TaskFailure::permanent(format!(
+            "result of {} bytes exceeds the message limit of {max_message} bytes",
+            result.len()
+        ))),
+        other => other,
+    }
+}
+
 /// Codes that mean the coordinator will never accept this report: stop retrying.
 fn refused(s: &Status) -> bool {
     matches!(
@@ -563,6 +585,17 @@ mod tests {
         let draws: std::collections::HashSet<u128> =
             (0..50).map(|_| backoff(base, max, 5).as_micros()).collect();
         assert!(draws.len() > 10);
+    }
+
+    #[test]
+    fn an_oversize_result_becomes_a_permanent_failure() {
+        let max = 64 * 1024;
+        assert_eq!(oversize_as_failure(Ok(vec![1; 1000]), max).unwrap().len(), 1000);
+        let f = oversize_as_failure(Ok(vec![0; max]), max).unwrap_err();
+        assert!(!f.retriable);
+        assert!(f.message.contains(&format!("exceeds the message limit of {max} bytes")), "{}", f.message);
+        let kept = oversize_as_failure(Err(TaskFailure::retriable("x")), max).unwrap_err();
+        assert!(kept.retriable);
     }
 
     #[test]

@@ -44,6 +44,7 @@ pub fn test_config(url: &str) -> Config {
     c.tasks.retry_backoff_max = Duration::from_millis(400);
     c.logging.level = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
     c.logging.format = LogFormat::Text;
+    c.auth.enabled = false;
     c
 }
 

@@ -1,0 +1,263 @@
+//! TLS for both ports: server configs built from PEM files and rebuilt when the files change
+//! (cert-manager rotates them in place), a TLS accept loop for tonic, and the names a client
+//! certificate speaks for (mTLS identity).
+//!
+//! A rotation only affects new connections: an open connection keeps the session it made, so
+//! long-lived task streams are not dropped.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use rustls::{
+    ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer},
+    server::WebPkiClientVerifier,
+};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::TlsConfig;
+
+/// Installs ring as the process's rustls crypto provider. Call once at start-up, before any
+/// TLS config is built (a second call is harmless).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// How long a client may take to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which port a config is for: gRPC asks for client certificates when configured; HTTP never
+/// does (probes and Prometheus do not carry them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Grpc,
+    Http,
+}
+
+/// A server config that follows its files. Cheap to clone; every clone sees reloads.
+#[derive(Clone)]
+pub struct ReloadingConfig {
+    files: TlsConfig,
+    port: Port,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+    fingerprint: Arc<RwLock<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for ReloadingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingConfig").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+impl ReloadingConfig {
+    /// Reads the files now; an error names the file or what is wrong with it.
+    pub fn load(files: &TlsConfig, port: Port) -> anyhow::Result<Self> {
+        let (config, fingerprint) = build(files, port)?;
+        Ok(Self {
+            files: files.clone(),
+            port,
+            current: Arc::new(RwLock::new(Arc::new(config))),
+            fingerprint: Arc::new(RwLock::new(fingerprint)),
+        })
+    }
+
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.current.read().expect("tls config lock").clone()
+    }
+
+    /// Re-reads the files; swaps the config in when they changed and still make a valid one.
+    /// Returns whether a new config was installed.
+    pub fn reload(&self) -> bool {
+        match fingerprint(&self.files) {
+            Ok(f) if f == *self.fingerprint.read().expect("tls fingerprint lock") => return false,
+            Ok(_) => {}
+            Err(error) => {
+                warn!(error = format!("{error:#}"), "tls files unreadable; keeping the current certificate");
+                return false;
+            }
+        }
+        match build(&self.files, self.port) {
+            Ok((config, f)) => {
+                *self.current.write().expect("tls config lock") = Arc::new(config);
+                *self.fingerprint.write().expect("tls fingerprint lock") = f;
+                info!(port = ?self.port, cert_file = %self.files.cert_file, "tls certificates reloaded");
+                true
+            }
+            Err(error) => {
+                warn!(
+                    error = format!("{error:#}"),
+                    "new tls files are not usable; keeping the current certificate"
+                );
+                false
+            }
+        }
+    }
+
+    /// Checks the files every `interval` until `stop`.
+    pub async fn watch(self, interval: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    self.reload();
+                }
+            }
+        }
+    }
+
+    /// Completes a server handshake on `tcp` with the current config, within
+    /// [`HANDSHAKE_TIMEOUT`].
+    pub async fn accept(&self, tcp: TcpStream) -> io::Result<TlsStream<TcpStream>> {
+        let acceptor = TlsAcceptor::from(self.current());
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "tls handshake timed out")),
+        }
+    }
+}
+
+fn read(key: &str, path: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{key} {path}"))
+}
+
+fn fingerprint(files: &TlsConfig) -> anyhow::Result<[u8; 32]> {
+    let mut h = Sha256::new();
+    h.update(read("tls.cert_file", &files.cert_file)?);
+    h.update(read("tls.key_file", &files.key_file)?);
+    if !files.client_ca_file.is_empty() {
+        h.update(read("tls.client_ca_file", &files.client_ca_file)?);
+    }
+    Ok(h.finalize().into())
+}
+
+/// PEM certificates from `path`; at least one.
+pub fn load_certs(key: &str, path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = read(key, path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("{key} {path}: not PEM"))?;
+    anyhow::ensure!(!certs.is_empty(), "{key} {path}: no certificate in the file");
+    Ok(certs)
+}
+
+fn load_key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = read("tls.key_file", path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .with_context(|| format!("tls.key_file {path}: not PEM"))?
+        .with_context(|| format!("tls.key_file {path}: no private key in the file"))
+}
+
+fn build(files: &TlsConfig, port: Port) -> anyhow::Result<(ServerConfig, [u8; 32])> {
+    install_crypto_provider();
+    let f = fingerprint(files)?;
+    let certs = load_certs("tls.cert_file", &files.cert_file)?;
+    let key = load_key(&files.key_file)?;
+    let builder = ServerConfig::builder();
+    let builder = if port == Port::Grpc && !files.client_ca_file.is_empty() {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in load_certs("tls.client_ca_file", &files.client_ca_file)? {
+            roots.add(ca).with_context(|| format!("tls.client_ca_file {}", files.client_ca_file))?;
+        }
+        let verifier = WebPkiClientVerifier::builder(Arc::new(roots));
+        let verifier = if files.require_client_cert { verifier } else { verifier.allow_unauthenticated() };
+        builder.with_client_cert_verifier(
+            verifier.build().with_context(|| format!("tls.client_ca_file {}", files.client_ca_file))?,
+        )
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .with_context(|| format!("tls.cert_file {} and tls.key_file {}", files.cert_file, files.key_file))?;
+    config.alpn_protocols = match port {
+        Port::Grpc => vec![b"h2".to_vec()],
+        Port::Http => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
+    Ok((config, f))
+}
+
+/// Accepts TCP connections on `listener`, completes TLS handshakes concurrently (a slow client
+/// holds only its own task) and yields the finished streams, for tonic's
+/// `serve_with_incoming`. Ends when the receiver is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: ReloadingConfig,
+    tcp_keepalive: Duration,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(error) => {
+                        warn!(%error, "grpc accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            tune_socket(&tcp, tcp_keepalive);
+            let tls = tls.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tls.accept(tcp).await {
+                    Ok(stream) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Err(error) => debug!(%error, %peer, "tls handshake failed"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// `TCP_NODELAY` and TCP keepalive on an accepted socket.
+pub fn tune_socket(tcp: &TcpStream, keepalive: Duration) {
+    let _ = tcp.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new().with_time(keepalive).with_interval(keepalive);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+}
+
+/// The names a client certificate speaks for: its subject CN and its DNS and URI SANs.
+pub fn cert_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::*;
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> =
+        cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok().map(str::to_owned)).collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                GeneralName::DNSName(s) | GeneralName::URI(s) => names.push((*s).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    names
+}
+
+/// The peer address and client-certificate names of a call, from tonic's connect info.
+pub fn peer_of(ext: &http::Extensions) -> (Option<SocketAddr>, Option<Vec<String>>) {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    if let Some(info) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
+        let names = info.peer_certs().and_then(|c| c.first().map(|leaf| cert_names(leaf)));
+        return (info.get_ref().remote_addr(), names);
+    }
+    (ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()), None)
+}
