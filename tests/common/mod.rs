@@ -12,7 +12,7 @@ use std::{
 use coordinator::{
     app::App,
     config::{Config, LogFormat},
-    proto::{self, coordinator_service_client::CoordinatorServiceClient},
+    proto,
     store::{Store, testing},
 };
 use tokio::{
@@ -21,11 +21,10 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 pub use coordinator::store::testing::TestDb;
 
-pub type Client = CoordinatorServiceClient<Channel>;
+pub type Client = coordinator::client::Client;
 
 /// Short timings so time-based behaviour shows up in tests without long waits.
 pub fn test_config(url: &str) -> Config {
@@ -101,11 +100,8 @@ impl TestCoordinator {
 }
 
 pub async fn client(endpoint: &str) -> Client {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    CoordinatorServiceClient::new(channel)
+    let security = coordinator::client::ClientSecurity::default();
+    coordinator::client::connect_lazy(endpoint, &security, coordinator::client::DEFAULT_MAX_MESSAGE).unwrap()
 }
 
 /// Waits until `check` is true, polling every 20 ms; panics naming `what` after `limit`.
