@@ -62,10 +62,19 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Tokens of the three roles: the coordinator reads the worker one from its environment, the
+/// client one from a file and knows the admin one by its SHA-256; the worker binary takes
+/// `WORKER_TOKEN` and coordctl `--token-file`.
+const WORKER_TOKEN: &str = "e2e-worker-token-0123456789";
+const CLIENT_TOKEN: &str = "e2e-client-token-0123456789";
+const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
+
 fn spawn_logged(bin: &str, args: &[&str], log: &Path) -> Child {
     let file = std::fs::File::create(log).unwrap();
     Command::new(bin)
         .args(args)
+        .env("E2E_WORKER_TOKEN", WORKER_TOKEN)
+        .env("WORKER_TOKEN", WORKER_TOKEN)
         .env("RUST_LOG", "info,sqlx=warn,h2=warn,tonic=warn,hyper=warn,tower=warn")
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
@@ -106,12 +115,24 @@ database:
 logging:
   format: json
 auth:
-  enabled: false
+  tokens:
+    - name: fleet
+      role: worker
+      env: E2E_WORKER_TOKEN
+    - name: cli
+      role: client
+      file: {:?}
+    - name: ops
+      role: admin
+      sha256: {}
 ",
-                db.url
+                db.url,
+                dir.path().join("client.token").display().to_string(),
+                coordinator::auth::sha256_hex(ADMIN_TOKEN),
             ),
         )
         .unwrap();
+        std::fs::write(dir.path().join("client.token"), format!("{CLIENT_TOKEN}\n")).unwrap();
         let mut fleet = Fleet {
             dir,
             config,
@@ -158,6 +179,8 @@ auth:
         Command::new(env!("CARGO_BIN_EXE_coordctl"))
             .arg("--coordinator")
             .arg(&self.endpoint)
+            .arg("--token-file")
+            .arg(self.dir.path().join("client.token"))
             .args(args)
             .output()
             .unwrap()
@@ -206,6 +229,29 @@ fn hex_decode(s: &str) -> Vec<u8> {
 
 async fn fleet_end_to_end(db: &TestDb) {
     let mut fleet = Fleet::start(db);
+
+    // Roles: without a token coordctl is refused; the client token may not list workers; the
+    // admin token (from COORDCTL_TOKEN) may.
+    let coordctl = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordctl"));
+        cmd.arg("--coordinator").arg(&fleet.endpoint).args(args).env_remove("COORDCTL_TOKEN");
+        if let Some(t) = token {
+            cmd.env("COORDCTL_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = coordctl(None, &["tasks"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{out:?}"
+    );
+    let out = fleet.coordctl(&["workers"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("PermissionDenied"),
+        "{out:?}"
+    );
+    let out = coordctl(Some(ADMIN_TOKEN), &["workers"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("worker-1"), "{out:?}");
 
     // primes: 9592 below 100000, fanned out over the workers.
     let out = fleet.coordctl_ok(&["primes", "--low", "0", "--high", "100000", "--slices", "8"]);
