@@ -276,7 +276,8 @@ async fn serve_connection<T>(
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(cfg.idle_timeout));
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let mut watchdog = tokio::time::interval((cfg.idle_timeout / 4).max(Duration::from_millis(10)));
+    let tick = (cfg.idle_timeout.min(cfg.read_timeout) / 4).max(Duration::from_millis(10));
+    let mut watchdog = tokio::time::interval(tick);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -291,7 +292,14 @@ async fn serve_connection<T>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = watchdog.tick(), if !closing => {
-                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(activity.load(Ordering::Relaxed)));
+                let last = activity.load(Ordering::Relaxed);
+                // A client that connects and sends nothing is held to the header timeout too
+                // (hyper starts that clock at the first byte).
+                if last == 0 && epoch.elapsed() > cfg.read_timeout {
+                    debug!(%peer, "closing a connection that sent nothing");
+                    break;
+                }
+                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last));
                 if idle > cfg.idle_timeout {
                     debug!(%peer, "closing idle http connection");
                     closing = true;
@@ -305,14 +313,14 @@ async fn serve_connection<T>(
 /// A socket that notes when it last moved bytes, for the idle timeout.
 struct ActivityIo<T> {
     inner: T,
-    /// Milliseconds since `epoch` of the last read or write.
+    /// Milliseconds since `epoch` of the last read or write, plus one; 0 until the first.
     activity: Arc<AtomicU64>,
     epoch: Instant,
 }
 
 impl<T> ActivityIo<T> {
     fn touch(&self) {
-        self.activity.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity.store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
     }
 }
 

@@ -641,6 +641,21 @@ async fn an_11_mib_submit_is_refused_and_the_connection_goes_on() {
     let c = TestCoordinator::start(&db, |_| {}).await;
     // A client whose own limit would let it through: the server's 10 MiB is what refuses it.
     let mut client = client::connect(&c.endpoint(), &ClientSecurity::default(), 64 << 20).await.unwrap();
+    // Another call open on the same connection: a task stream of a worker on this channel.
+    client
+        .register_worker(proto::RegisterWorkerRequest {
+            worker_id: "same-connection".into(),
+            max_concurrent_tasks: 2,
+            capabilities: vec!["echo".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = client
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "same-connection".into() })
+        .await
+        .unwrap()
+        .into_inner();
     let big = proto::SubmitTaskRequest {
         task_type: "echo".into(),
         payload: vec![7u8; 11 * 1024 * 1024],
@@ -658,8 +673,12 @@ async fn an_11_mib_submit_is_refused_and_the_connection_goes_on() {
         })
         .await
         .unwrap();
-    assert!(small.into_inner().created);
+    let small = small.into_inner();
+    assert!(small.created);
     assert_eq!(c.store.task_counts().await.unwrap().values().sum::<u64>(), 1);
+    // The stream opened before the refusal still delivers.
+    let a = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(a.task_id, small.task_id);
     c.stop().await.unwrap();
 }
 
@@ -868,6 +887,32 @@ async fn a_slow_http_client_is_cut_off_while_health_keeps_answering() {
     assert!(held < Duration::from_secs(10), "disconnected after {held:?} (header timeout 2 s)");
     assert!(held >= Duration::from_millis(1500), "disconnected after only {held:?}");
     assert!(answered >= 3, "/health answered {answered} times meanwhile");
+    c.stop().await.unwrap();
+}
+
+/// Connections beyond `http.max_connections` wait to be accepted: with one slot held by a silent
+/// client, a request is answered only once the header timeout frees the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_connections_beyond_the_limit_wait_for_a_free_slot() {
+    let db = TestDb::sqlite().await;
+    let c = TestCoordinator::start(&db, |cfg| {
+        cfg.http.max_connections = 1;
+        cfg.http.read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // The start-up probe's connection may still be closing: wait until a request goes through.
+    wait_until("a free slot", Duration::from_secs(5), || async {
+        http_get(c.http, "/health/live").await.is_ok_and(|(code, _)| code == 200)
+    })
+    .await;
+    let silent = tokio::net::TcpStream::connect(c.http).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = Instant::now();
+    let (code, _) = http_get(c.http, "/health/live").await.unwrap();
+    let waited = start.elapsed();
+    assert_eq!(code, 200);
+    assert!(waited >= Duration::from_millis(500), "answered after {waited:?} while the only slot was held");
+    drop(silent);
     c.stop().await.unwrap();
 }
 
