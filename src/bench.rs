@@ -20,12 +20,12 @@ use std::{
 use anyhow::{Context, bail};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::{
     app::App,
+    client::{Client, ClientSecurity},
     config::{Config, LogFormat},
-    proto::{self, coordinator_service_client::CoordinatorServiceClient},
+    proto,
     store::Store,
     worker::{Worker, WorkerCounters, WorkerOptions, handler_fn},
 };
@@ -46,6 +46,9 @@ pub struct BenchOptions {
     pub embedded: bool,
     /// Database of the embedded coordinator (default: SQLite in a temporary directory).
     pub database_url: Option<String>,
+    /// Token and TLS towards a remote coordinator. The token needs the admin role (the
+    /// benchmark submits, lists workers and runs workers); ignored with `embedded`.
+    pub security: ClientSecurity,
 }
 
 /// Latency percentiles in milliseconds.
@@ -100,8 +103,6 @@ pub struct BenchReport {
     pub verification: String,
 }
 
-type Client = CoordinatorServiceClient<Channel>;
-
 struct Probe {
     /// First time a worker started each task.
     started: Mutex<HashMap<String, Instant>>,
@@ -151,14 +152,8 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         None => format!("remote {endpoint}"),
     };
 
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach {endpoint}"))?;
-    let mut client =
-        Client::new(channel).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20);
+    let security = if embedded.is_some() { ClientSecurity::default() } else { opts.security.clone() };
+    let mut client = crate::client::connect(&endpoint, &security, 64 << 20).await?;
 
     // Workers: real gRPC streams, noop handler that notes when each task starts.
     let probe =
@@ -173,6 +168,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         let mut o = WorkerOptions::new(endpoint.clone(), id.clone());
         o.max_concurrent = opts.concurrency;
         o.capabilities = vec!["noop".into()];
+        o.security = security.clone();
         let probe = probe.clone();
         let handler = handler_fn(move |t| {
             let probe = probe.clone();

@@ -173,19 +173,23 @@ fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}")
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<Client> {
-    let security = ClientSecurity {
+fn security(cli: &Cli) -> anyhow::Result<ClientSecurity> {
+    Ok(ClientSecurity {
         token: ClientSecurity::read_token(cli.token.clone(), cli.token_file.as_deref())?,
         ca_file: cli.ca_file.clone(),
         cert_file: cli.cert_file.clone(),
         key_file: cli.key_file.clone(),
         server_name: None,
-    };
-    coordinator::client::connect(&cli.coordinator, &security, cli.max_message_size.as_usize()).await
+    })
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    coordinator::client::connect(&cli.coordinator, &security(cli)?, cli.max_message_size.as_usize()).await
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json_out = cli.json;
+    let bench_security = security(&cli)?;
     if let Cmd::Bench { tasks, workers, concurrency, batch, trickle, embedded, database_url } = cli.cmd {
         let report = bench::run(BenchOptions {
             tasks,
@@ -196,6 +200,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             endpoint: cli.coordinator.clone(),
             embedded,
             database_url: if embedded { database_url } else { None },
+            security: bench_security,
         })
         .await?;
         if json_out {
