@@ -100,7 +100,7 @@ impl Sweeper {
             metrics::task_requeued(r.reason);
             if r.state == TaskState::Failed {
                 metrics::task_failed(&r.task_type, None);
-                warn!(task_id = %r.task_id, "task failed: out of attempts");
+                warn!(task_id = %r.task_id, worker_id = %r.worker_id, attempt = r.attempt, "task failed: out of attempts");
             }
             self.events.changed(r.task_id);
         }

@@ -155,7 +155,7 @@ impl Scheduler {
                 }
                 Err(error) => {
                     self.stats.assignments_failed.fetch_add(1, Ordering::Relaxed);
-                    debug!(task_id = %held.task_id, worker_id = %held.worker_id, %error, "push failed; requeueing");
+                    debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, %error, "push failed; requeueing");
                     undelivered.push(held);
                 }
             }

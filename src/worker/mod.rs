@@ -307,13 +307,13 @@ impl Worker {
         match kind {
             proto::AssignmentKind::Cancel => {
                 if let Some(r) = running.get(&a.task_id).filter(|r| r.attempt == a.attempt) {
-                    info!(task_id = %a.task_id, attempt = a.attempt, "task cancelled by the coordinator");
+                    info!(worker_id = %self.opts.worker_id, task_id = %a.task_id, attempt = a.attempt, "task cancelled by the coordinator");
                     r.cancel.cancel();
                 }
             }
             proto::AssignmentKind::Run => {
                 if running.get(&a.task_id).is_some_and(|r| r.attempt >= a.attempt) {
-                    debug!(task_id = %a.task_id, attempt = a.attempt, "duplicate assignment ignored");
+                    debug!(worker_id = %self.opts.worker_id, task_id = %a.task_id, attempt = a.attempt, "duplicate assignment ignored");
                     return;
                 }
                 if let Some(old) = running.remove(&a.task_id) {
@@ -325,7 +325,7 @@ impl Worker {
                 tasks.spawn(self.clone().execute(a, cancel));
             }
             proto::AssignmentKind::Unspecified => {
-                warn!(task_id = %a.task_id, "assignment of unknown kind ignored")
+                warn!(worker_id = %self.opts.worker_id, task_id = %a.task_id, attempt = a.attempt, "assignment of unknown kind ignored")
             }
         }
     }
@@ -347,7 +347,7 @@ impl Worker {
         let time_left = deadline
             .map(|d| d.duration_since(SystemTime::now()).unwrap_or_default())
             .unwrap_or(Duration::from_secs(365 * 24 * 3600));
-        debug!(task_id = %a.task_id, attempt = a.attempt, task_type = %a.task_type, "task started");
+        debug!(worker_id = %self.opts.worker_id, task_id = %a.task_id, attempt = a.attempt, task_type = %a.task_type, "task started");
         let outcome = tokio::select! {
             r = self.handler.run(ctx) => r,
             _ = tokio::time::sleep(time_left) => Err(TaskFailure::retriable(format!(
@@ -408,7 +408,7 @@ impl Worker {
                     let duplicate = resp.get_ref().duplicate;
                     let counter = if duplicate { &self.counters.duplicates } else { &self.counters.accepted };
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    debug!(task_id, attempt, ok = outcome.is_ok(), duplicate, "result accepted");
+                    debug!(worker_id = %self.opts.worker_id, task_id, attempt, ok = outcome.is_ok(), duplicate, "result accepted");
                     return;
                 }
                 // The coordinator's limit is lower than ours: the result can never arrive, so
@@ -417,7 +417,7 @@ impl Worker {
                     if outcome.is_ok() && matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted) =>
                 {
                     let size = outcome.as_ref().map(Vec::len).unwrap_or_default();
-                    warn!(task_id, attempt, size, error = %s.message(), "result refused as too large; reporting a failure");
+                    warn!(worker_id = %self.opts.worker_id, task_id, attempt, size, error = %s.message(), "result refused as too large; reporting a failure");
                     outcome = Err(TaskFailure::permanent(format!(
                         "result of {size} bytes refused by the coordinator: {}",
                         s.message()
@@ -425,7 +425,7 @@ impl Worker {
                 }
                 Err(s) if refused(&s) => {
                     self.counters.refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(task_id, attempt, code = ?s.code(), error = %s.message(), "result refused by the coordinator");
+                    warn!(worker_id = %self.opts.worker_id, task_id, attempt, code = ?s.code(), error = %s.message(), "result refused by the coordinator");
                     return;
                 }
                 Err(s) => {
@@ -438,7 +438,7 @@ impl Worker {
                         self.opts.backoff_max.min(Duration::from_secs(5)),
                         tries,
                     );
-                    warn!(task_id, attempt, code = ?s.code(), error = %s.message(), retry_in_ms = delay.as_millis() as u64,
+                    warn!(worker_id = %self.opts.worker_id, task_id, attempt, code = ?s.code(), error = %s.message(), retry_in_ms = delay.as_millis() as u64,
                           "could not deliver result; keeping it and retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -474,7 +474,7 @@ impl Worker {
                         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
                         for id in &revoked {
                             if let Some(r) = running.get(id) {
-                                warn!(task_id = %id, "task revoked by the coordinator; stopping it");
+                                warn!(worker_id = %self.opts.worker_id, task_id = %id, attempt = r.attempt, "task revoked by the coordinator; stopping it");
                                 r.cancel.cancel();
                             }
                         }
