@@ -214,6 +214,17 @@ macro_rules! dispatch {
     };
 }
 
+/// [`dispatch!`] for a database call, timed into `coordinator_db_query_seconds{op}` (errors
+/// included: a slow failure is still time the caller waited).
+macro_rules! timed {
+    ($op:literal, $self:ident, $s:ident => $e:expr) => {{
+        let start = std::time::Instant::now();
+        let r = dispatch!($self, $s => $e);
+        crate::metrics::db_query($op, start.elapsed());
+        r
+    }};
+}
+
 impl Store {
     /// Connects, creating the SQLite file if needed, and applies migrations.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store> {
@@ -242,7 +253,7 @@ impl Store {
 
     /// A round trip to the database, for `/health`.
     pub async fn ping(&self) -> Result<()> {
-        dispatch!(self, s => s.ping().await)
+        timed!("ping", self, s => s.ping().await)
     }
 
     /// Closes the pool; waits for connections in use to be returned.
@@ -263,7 +274,7 @@ impl Store {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self, s => s.create_tasks(tasks).await)
+        timed!("create_tasks", self, s => s.create_tasks(tasks).await)
     }
 
     /// Creates a job and its tasks in one transaction.
@@ -272,15 +283,15 @@ impl Store {
         for t in &mut tasks {
             t.job_id = Some(job_id);
         }
-        dispatch!(self, s => s.create_job(job_id, name, &tasks).await)
+        timed!("create_job", self, s => s.create_job(job_id, name, &tasks).await)
     }
 
     pub async fn get_task(&self, id: TaskId) -> Result<Option<Task>> {
-        dispatch!(self, s => s.get_task(id).await)
+        timed!("get_task", self, s => s.get_task(id).await)
     }
 
     pub async fn list_tasks(&self, filter: &TaskFilter) -> Result<Vec<Task>> {
-        dispatch!(self, s => s.list_tasks(filter).await)
+        timed!("list_tasks", self, s => s.list_tasks(filter).await)
     }
 
     /// Claims up to `limit` runnable tasks (pending, `run_after` passed, type allowed), highest
@@ -301,7 +312,7 @@ impl Store {
         if limit == 0 || matches!(types, TypeFilter::Only(t) if t.is_empty()) {
             return Ok(Vec::new());
         }
-        dispatch!(self, s => s.claim(limit, types, lease, place).await)
+        timed!("claim", self, s => s.claim(limit, types, lease, place).await)
     }
 
     /// Marks delivered assignments `running` (assigned -> running). Returns how many applied.
@@ -309,7 +320,7 @@ impl Store {
         if held.is_empty() {
             return Ok(0);
         }
-        dispatch!(self, s => s.mark_running(held).await)
+        timed!("mark_running", self, s => s.mark_running(held).await)
     }
 
     /// Renews the leases of tasks a worker reports as running, in one statement, and marks them
@@ -318,7 +329,7 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self, s => s.renew_leases(held, lease).await)
+        timed!("renew_leases", self, s => s.renew_leases(held, lease).await)
     }
 
     /// Completes tasks; one outcome per report, in order. Fenced by (task, worker, attempt).
@@ -326,28 +337,28 @@ impl Store {
         if reports.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self, s => s.complete(reports).await)
+        timed!("complete", self, s => s.complete(reports).await)
     }
 
     /// Records a failure: back to pending after backoff while attempts remain and the failure is
     /// retriable, else `failed`. Fenced by (task, worker, attempt).
     pub async fn fail(&self, report: &Failure, policy: RetryPolicy) -> Result<ReportOutcome> {
-        dispatch!(self, s => s.fail(report, policy).await)
+        timed!("fail", self, s => s.fail(report, policy).await)
     }
 
     /// Cancels a task that is not yet terminal. `Ok(None)` when there is no such task.
     pub async fn cancel(&self, id: TaskId, reason: &str) -> Result<Option<Cancelled>> {
-        dispatch!(self, s => s.cancel(id, reason).await)
+        timed!("cancel", self, s => s.cancel(id, reason).await)
     }
 
     /// Requeues (or fails, when out of attempts) up to `limit` held tasks whose lease ran out.
     pub async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
-        dispatch!(self, s => s.requeue_expired(limit).await)
+        timed!("requeue_expired", self, s => s.requeue_expired(limit).await)
     }
 
     /// Requeues every task held by `worker` (it went DEAD), charging an attempt.
     pub async fn requeue_worker(&self, worker: &WorkerId) -> Result<Vec<Requeued>> {
-        dispatch!(self, s => s.requeue_worker(worker).await)
+        timed!("requeue_worker", self, s => s.requeue_worker(worker).await)
     }
 
     /// Puts assignments that never reached their worker back to pending without charging an
@@ -356,45 +367,45 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        dispatch!(self, s => s.requeue_undelivered(held).await)
+        timed!("requeue_undelivered", self, s => s.requeue_undelivered(held).await)
     }
 
     /// Tasks the store says `worker` holds (assigned or running), with their attempts.
     pub async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
-        dispatch!(self, s => s.held_by(worker).await)
+        timed!("held_by", self, s => s.held_by(worker).await)
     }
 
     /// The assignment history of a task, oldest first.
     pub async fn attempts(&self, id: TaskId) -> Result<Vec<AttemptRecord>> {
-        dispatch!(self, s => s.attempts(id).await)
+        timed!("attempts", self, s => s.attempts(id).await)
     }
 
     /// Number of tasks in each state.
     pub async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
-        dispatch!(self, s => s.task_counts().await)
+        timed!("task_counts", self, s => s.task_counts().await)
     }
 
     /// Whole-table acceptance audit: how many tasks are completed, and how many have more than
     /// one accepted (completed) attempt, which must never happen.
     pub async fn audit(&self) -> Result<Audit> {
-        dispatch!(self, s => s.audit().await)
+        timed!("audit", self, s => s.audit().await)
     }
 
     /// Pending tasks by type (runnable now or later), for the unschedulable gauge.
     pub async fn pending_by_type(&self) -> Result<BTreeMap<String, u64>> {
-        dispatch!(self, s => s.pending_by_type().await)
+        timed!("pending_by_type", self, s => s.pending_by_type().await)
     }
 
     // ---- workers ----
 
     /// Inserts or replaces a worker's registration; state becomes `active`.
     pub async fn upsert_worker(&self, w: &WorkerRegistration) -> Result<()> {
-        dispatch!(self, s => s.upsert_worker(w).await)
+        timed!("upsert_worker", self, s => s.upsert_worker(w).await)
     }
 
     /// Sets a worker's state if `session` is still its session. Returns whether it applied.
     pub async fn set_worker_state(&self, id: &WorkerId, session: Uuid, state: WorkerState) -> Result<bool> {
-        dispatch!(self, s => s.set_worker_state(id, session, state).await)
+        timed!("set_worker_state", self, s => s.set_worker_state(id, session, state).await)
     }
 
     /// Writes the latest heartbeat time of many workers in one statement.
@@ -402,31 +413,31 @@ impl Store {
         if beats.is_empty() {
             return Ok(0);
         }
-        dispatch!(self, s => s.flush_heartbeats(beats).await)
+        timed!("flush_heartbeats", self, s => s.flush_heartbeats(beats).await)
     }
 
     pub async fn get_worker(&self, id: &WorkerId) -> Result<Option<WorkerRecord>> {
-        dispatch!(self, s => s.get_worker(id).await)
+        timed!("get_worker", self, s => s.get_worker(id).await)
     }
 
     pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
-        dispatch!(self, s => s.list_workers().await)
+        timed!("list_workers", self, s => s.list_workers().await)
     }
 
     /// Totals from the attempts history; `None` for an unknown worker.
     pub async fn worker_stats(&self, id: &WorkerId) -> Result<Option<WorkerStats>> {
-        dispatch!(self, s => s.worker_stats(id).await)
+        timed!("worker_stats", self, s => s.worker_stats(id).await)
     }
 
     // ---- jobs ----
 
     pub async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
-        dispatch!(self, s => s.get_job(id).await)
+        timed!("get_job", self, s => s.get_job(id).await)
     }
 
     /// A job's tasks, in submission order.
     pub async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
-        dispatch!(self, s => s.job_tasks(id).await)
+        timed!("job_tasks", self, s => s.job_tasks(id).await)
     }
 }
 
