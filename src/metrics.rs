@@ -171,6 +171,11 @@ fn describe() {
     }
     counter!(POLL_CYCLES).absolute(0);
     counter!(HEARTBEATS).absolute(0);
+    for from in WorkerState::ALL {
+        for to in WorkerState::ALL.into_iter().filter(|to| *to != from) {
+            counter!(WORKER_TRANSITIONS, "from" => from.as_str(), "to" => to.as_str()).absolute(0);
+        }
+    }
     for reason in AUTH_FAILURE_REASONS {
         counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
     }
