@@ -178,6 +178,43 @@ fn shipped_configs_load_and_validate() {
     assert!(!dev.is_postgres(), "configs/dev.yaml is the SQLite configuration");
 }
 
+/// The configurations shipped for Kubernetes (the ConfigMap) and for compose load and validate
+/// with the environment those deployments give them.
+#[test]
+fn deploy_configs_load_and_validate() {
+    use coordinator::worker::config::WorkerConfig;
+    let dir = tempdir();
+    let cm: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(manifest_path("deploy/k8s/configmap.yaml")).unwrap())
+            .unwrap();
+    let coordinator_yaml =
+        cm["data"]["coordinator.yaml"].as_str().expect("coordinator.yaml in the ConfigMap");
+    let worker_yaml = cm["data"]["worker.yaml"].as_str().expect("worker.yaml in the ConfigMap");
+    let env: HashMap<String, String> = [
+        ("COORDINATOR_ID", "coordinator-7f9c-0"),
+        ("DATABASE_URL", "postgres://coordinator:secret@postgres:5432/coordinator"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    for (name, text) in [
+        ("k8s", coordinator_yaml.to_owned()),
+        ("compose", std::fs::read_to_string(manifest_path("deploy/compose/coordinator.yaml")).unwrap()),
+    ] {
+        let path = write(dir.path(), &format!("{name}.yaml"), &text);
+        let c = Config::load(Path::new(&path), &env).unwrap_or_else(|e| panic!("{name}: {e}"));
+        c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(c.is_postgres() && c.auth.enabled && c.auth.tokens.len() == 3, "{name}");
+    }
+    for (name, text) in [
+        ("k8s", worker_yaml.to_owned()),
+        ("compose", std::fs::read_to_string(manifest_path("deploy/compose/worker.yaml")).unwrap()),
+    ] {
+        let w: WorkerConfig = serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{name} worker: {e}"));
+        w.validate().unwrap_or_else(|e| panic!("{name} worker: {e}"));
+    }
+}
+
 /// Every key of the schema is written out in `configs/coordinator.yaml` with its variable.
 #[test]
 fn production_config_lists_every_key_and_its_variable() {
