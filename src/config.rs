@@ -349,7 +349,7 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Json }
+        Self { level: "info".into(), format: LogFormat::Auto }
     }
 }
 
