@@ -219,14 +219,7 @@ pub async fn serve(
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(error) => {
-                    warn!(%error, "http accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = tls::accept(&listener, "http") => accepted,
         };
         tls::tune_socket(&stream, Duration::from_secs(60));
         let router = router.clone();

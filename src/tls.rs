@@ -201,14 +201,7 @@ pub fn incoming(
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(error) => {
-                        warn!(%error, "grpc accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = accept(&listener, "grpc") => accepted,
             };
             tune_socket(&tcp, tcp_keepalive);
             let tls = tls.clone();
@@ -224,6 +217,20 @@ pub fn incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// The next connection on `listener`. Accept errors (out of file descriptors, a connection
+/// reset before it was accepted) are logged and retried after a short pause.
+pub async fn accept(listener: &TcpListener, port: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(a) => return a,
+            Err(error) => {
+                warn!(%error, port, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// `TCP_NODELAY` and TCP keepalive on an accepted socket.
