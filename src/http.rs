@@ -30,7 +30,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     auth::Authenticator,
