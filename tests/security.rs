@@ -192,6 +192,28 @@ async fn tls_refuses_plaintext_and_unknown_cas_and_serves_worker_and_coordctl() 
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // The worker binary with --ca-file connects and opens its task stream.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args([
+            "--coordinator",
+            &https(&c),
+            "--worker-id",
+            "tls-worker-bin",
+            "--handlers",
+            "echo",
+            "--ca-file",
+        ])
+        .arg(&ca_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = client::connect(&https(&c), &security(Some(&ca_file), None), client::DEFAULT_MAX_MESSAGE)
+        .await
+        .unwrap();
+    wait_connected(&client, &["tls-worker-bin"]).await;
+    let _ = child.kill();
+    let _ = child.wait();
     stop.cancel();
     run.await.unwrap().unwrap();
     c.stop().await.unwrap();
