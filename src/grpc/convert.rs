@@ -108,7 +108,7 @@ pub fn new_task(
             limits.max_payload_size
         )));
     }
-    if req.priority.abs() > MAX_PRIORITY {
+    if req.priority.unsigned_abs() > MAX_PRIORITY.unsigned_abs() {
         return Err(invalid(&format!("{field}priority"), format!("must be within ±{MAX_PRIORITY}")));
     }
     if req.max_attempts > MAX_ATTEMPTS {
