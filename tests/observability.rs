@@ -396,17 +396,7 @@ async fn observe(db: &TestDb, backend: &str) {
     let mut o = WorkerOptions::new(c.endpoint(), &worker_id);
     o.capabilities = vec!["echo".into()];
     o.max_concurrent = 4;
-    let worker = Worker::new(
-        o,
-        handler_fn(|t| async move {
-            if t.payload == b"fail" {
-                Err(coordinator::worker::TaskFailure::permanent("asked to fail"))
-            } else {
-                Ok(t.payload)
-            }
-        }),
-    )
-    .unwrap();
+    let worker = echo_or_fail(o);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
     let mut client = c.client().await;
@@ -633,17 +623,7 @@ async fn json_logs_carry_timestamps_levels_targets_and_task_fields() {
     let endpoint = format!("http://127.0.0.1:{}", c.grpc);
     let mut o = WorkerOptions::new(endpoint.clone(), "logged-worker");
     o.capabilities = vec!["echo".into()];
-    let worker = Worker::new(
-        o,
-        handler_fn(|t| async move {
-            if t.payload == b"fail" {
-                Err(coordinator::worker::TaskFailure::permanent("asked to fail"))
-            } else {
-                Ok(t.payload)
-            }
-        }),
-    )
-    .unwrap();
+    let worker = echo_or_fail(o);
     let stop = CancellationToken::new();
     let run = tokio::spawn(worker.run(stop.clone()));
     let mut client = client(&endpoint).await;
@@ -697,4 +677,19 @@ async fn logging_level_and_format_apply_without_rust_log() {
     assert!(ready.contains(" INFO ") && ready.contains("grpc_port="), "{ready}");
     let ts = ready.split_whitespace().next().unwrap();
     chrono::DateTime::parse_from_rfc3339(ts).unwrap_or_else(|e| panic!("{ts:?} is not ISO-8601: {e}"));
+}
+
+/// An echo worker whose task fails for good when its payload is `fail`.
+fn echo_or_fail(o: WorkerOptions) -> Worker {
+    Worker::new(
+        o,
+        handler_fn(|t| async move {
+            if t.payload == b"fail" {
+                Err(coordinator::worker::TaskFailure::permanent("asked to fail"))
+            } else {
+                Ok(t.payload)
+            }
+        }),
+    )
+    .unwrap()
 }
