@@ -21,7 +21,7 @@ use crate::{
     auth::Authenticator,
     batch::Batcher,
     config::{Config, redact_url},
-    domain::TaskId,
+    effects::{Effects, Reported},
     events::Events,
     grpc::{
         Batchers, Service, ServiceConfig, auth::GrpcAuthLayer, convert::SubmitLimits, layer::GrpcMetricsLayer,
@@ -35,6 +35,7 @@ use crate::{
     store::{Held, RetryPolicy, Store, StoreError},
     sweeper::Sweeper,
     tls::{self, ReloadingConfig},
+    wakeups::Wakeups,
 };
 
 /// Rows per batched statement for completions and lease renewals.
@@ -123,8 +124,11 @@ impl App {
         let stop_servers = CancellationToken::new();
         let stop_background = CancellationToken::new();
 
+        let (notifier, wakeups) = Wakeups::new(store.clone());
+        let effects = Effects::new(registry.clone(), wake.clone(), events.clone(), notifier);
+
         let lease = c.stale_task_timeout;
-        let (batchers, batch_handles) = spawn_batchers(&store, lease);
+        let (batchers, batch_handles) = spawn_batchers(&store, lease, &effects);
         let service = Service::new(
             ServiceConfig {
                 coordinator_id: c.id.clone(),
@@ -143,7 +147,7 @@ impl App {
             },
             store.clone(),
             registry.clone(),
-            wake.clone(),
+            effects.clone(),
             events.clone(),
             batchers,
             closing.clone(),
@@ -160,23 +164,56 @@ impl App {
             registry.clone(),
             wake.clone(),
             events.clone(),
+            effects.clone(),
             stats.clone(),
         );
-        let sweeper = Sweeper::new(
-            store.clone(),
-            registry.clone(),
-            wake.clone(),
-            events.clone(),
-            c.cleanup_interval,
-            dead_rx,
-        );
+        let sweeper =
+            Sweeper::new(store.clone(), effects.clone(), c.cleanup_interval, c.heartbeat_timeout, dead_rx);
 
-        let scheduler_task = tokio::spawn(scheduler.run(stop_assigning.clone()));
-        let background: Vec<JoinHandle<anyhow::Result<()>>> = vec![
-            tokio::spawn(sweeper.run(stop_background.clone())),
-            tokio::spawn(registry.clone().run(stop_background.clone())),
-            tokio::spawn(refresh_gauges(store.clone(), registry.clone(), stop_background.clone())),
+        // Every loop is supervised: one that panics or ends early turns /health/live red (the
+        // kubelet restarts the process) and is counted.
+        let liveness = Liveness::default();
+        let scheduler_task = supervise(
+            "scheduler",
+            liveness.clone(),
+            stop_assigning.clone(),
+            scheduler.run(stop_assigning.clone()),
+        );
+        let (listen_wakeups, notify_wakeups) = wakeups.split();
+        let background: Vec<JoinHandle<()>> = vec![
+            supervise(
+                "sweeper",
+                liveness.clone(),
+                stop_background.clone(),
+                sweeper.run(stop_background.clone()),
+            ),
+            supervise(
+                "registry",
+                liveness.clone(),
+                stop_background.clone(),
+                registry.clone().run(stop_background.clone()),
+            ),
+            supervise(
+                "gauges",
+                liveness.clone(),
+                stop_background.clone(),
+                refresh_gauges(store.clone(), registry.clone(), stop_background.clone()),
+            ),
+            supervise(
+                "listener",
+                liveness.clone(),
+                stop_background.clone(),
+                listen_wakeups.run_listener(wake.clone(), events.clone(), stop_background.clone()),
+            ),
         ];
+        // The notifier outlives the servers and the loops: it sends what they did last.
+        let stop_notifier = CancellationToken::new();
+        let notifier_task = supervise(
+            "notifier",
+            liveness.clone(),
+            stop_notifier.clone(),
+            notify_wakeups.run_notifier(stop_notifier.clone()),
+        );
 
         // gRPC: health and reflection beside the service, so grpcurl works without proto files.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -239,6 +276,7 @@ impl App {
             grpc_addr,
             started,
             auth: auth.clone(),
+            liveness: liveness.clone(),
         };
         let api = RestState { service: service.clone(), auth: auth.clone() };
         let router = http::router(http_state, api, config.http.write_timeout, max_recv);
@@ -289,9 +327,7 @@ impl App {
         // 4. Background loops; the registry flushes heartbeats on the way out.
         stop_background.cancel();
         for task in background {
-            if let Ok(Err(error)) = task.await {
-                warn!(%error, "background task failed");
-            }
+            let _ = task.await;
         }
         // 5. Batched writes finish once the service (their last sender) is gone.
         let flushed = tokio::time::timeout(Duration::from_secs(5), async {
@@ -303,29 +339,39 @@ impl App {
         if flushed.is_err() {
             warn!("batched writes did not finish in time");
         }
-        // 6. Close the pool.
+        // 6. Tell the other replicas what happened last, then close the pool.
+        stop_notifier.cancel();
+        let _ = notifier_task.await;
         store.close().await;
         info!("coordinator stopped");
         Ok(())
     }
 }
 
-fn spawn_batchers(store: &Store, lease: Duration) -> (Batchers, Vec<JoinHandle<()>>) {
+fn spawn_batchers(store: &Store, lease: Duration, effects: &Effects) -> (Batchers, Vec<JoinHandle<()>>) {
     let s = store.clone();
-    let (completions, h1) = Batcher::spawn(BATCH_MAX, move |items| {
+    let fx = effects.clone();
+    // The effects of each completion run here, in the batch loop, right after the commit: a
+    // report whose request was dropped meanwhile still frees its slot.
+    let (completions, h1) = Batcher::spawn(BATCH_MAX, move |items: Vec<crate::store::Completion>| {
         let s = s.clone();
-        async move { s.complete(&items).await }
+        let fx = fx.clone();
+        async move {
+            let outcomes = s.complete(&items).await?;
+            for (item, outcome) in items.iter().zip(&outcomes) {
+                fx.reported(&item.held, outcome, Reported::Completed);
+            }
+            Ok(outcomes)
+        }
     });
     let s = store.clone();
     let (renewals, h2) = Batcher::spawn(BATCH_MAX, move |requests: Vec<Vec<Held>>| {
         let s = s.clone();
         async move {
             let all: Vec<Held> = requests.iter().flatten().cloned().collect();
-            let renewed: HashSet<TaskId> = s.renew_leases(&all, lease).await?.into_iter().collect();
-            Ok(requests
-                .iter()
-                .map(|r| r.iter().filter(|h| renewed.contains(&h.task_id)).map(|h| h.task_id).collect())
-                .collect())
+            // Matched by (task, worker, attempt): one worker's renewal never answers another's.
+            let renewed: HashSet<Held> = s.renew_leases(&all, lease).await?.into_iter().collect();
+            Ok(requests.iter().map(|r| r.iter().filter(|h| renewed.contains(h)).cloned().collect()).collect())
         }
     });
     let s = store.clone();
@@ -341,6 +387,44 @@ fn spawn_batchers(store: &Store, lease: Duration) -> (Batchers, Vec<JoinHandle<(
         }
     });
     (Batchers { completions, renewals, deliveries }, vec![h1, h2, h3])
+}
+
+/// Whether every background loop still runs; `/health/live` answers 503 once one stopped.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness(Arc<std::sync::Mutex<Option<&'static str>>>);
+
+impl Liveness {
+    /// The loop that failed, if one did.
+    pub fn failed(&self) -> Option<&'static str> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, task: &'static str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(task);
+    }
+}
+
+/// Spawns a background loop and watches it: a panic, an error, or an end before `stop` was
+/// cancelled marks the process not live and is counted.
+pub fn supervise(
+    task: &'static str,
+    liveness: Liveness,
+    stop: CancellationToken,
+    run: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> JoinHandle<()> {
+    let handle = tokio::spawn(run);
+    tokio::spawn(async move {
+        let ended = handle.await;
+        let early = !stop.is_cancelled();
+        match ended {
+            Ok(Ok(())) if !early => return,
+            Ok(Ok(())) => tracing::error!(task, "background loop stopped before shutdown"),
+            Ok(Err(error)) => tracing::error!(task, %error, "background loop failed"),
+            Err(error) => tracing::error!(task, %error, "background loop panicked"),
+        }
+        metrics::background_failure(task);
+        liveness.fail(task);
+    })
 }
 
 /// Refreshes gauges that come from the database.

@@ -265,14 +265,22 @@ pub enum RequeueReason {
     WorkerDead,
     /// Assigned but never delivered: the stream was gone. Not charged as an attempt.
     Undelivered,
+    /// Handed back unfinished by a draining worker. Not charged as an attempt.
+    Released,
 }
 
 impl RequeueReason {
+    /// True when the lost attempt counts against `max_attempts`.
+    pub fn charged(self) -> bool {
+        matches!(self, RequeueReason::LeaseExpired | RequeueReason::WorkerDead)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RequeueReason::LeaseExpired => "lease_expired",
             RequeueReason::WorkerDead => "worker_dead",
             RequeueReason::Undelivered => "undelivered",
+            RequeueReason::Released => "released",
         }
     }
 }

@@ -1,10 +1,14 @@
 //! Task change notifications inside one coordinator, for `WatchTask`. Watchers re-read the task
-//! from the store on a notification (and on a slow timer, so changes made by another replica
-//! are seen too), so a lagging watcher never misses a final state.
+//! from the store on a notification (changes made by another replica arrive through
+//! [`crate::wakeups`], and a slow timer covers lost notifications), so a lagging watcher never
+//! misses a final state.
 
 use tokio::sync::broadcast;
 
 use crate::domain::TaskId;
+
+/// Sent by [`Events::everything`]: matches every watcher.
+pub const ANY_TASK: TaskId = TaskId(uuid::Uuid::nil());
 
 /// Sender side; cheap to clone.
 #[derive(Debug, Clone)]
@@ -29,6 +33,14 @@ impl Events {
     pub fn changed(&self, id: TaskId) {
         if self.tx.receiver_count() > 0 {
             let _ = self.tx.send(id);
+        }
+    }
+
+    /// Says that any task may have changed (notifications from other replicas were lost):
+    /// every watcher re-reads its task.
+    pub fn everything(&self) {
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(ANY_TASK);
         }
     }
 

@@ -57,6 +57,8 @@ pub struct HttpState {
     pub started: Instant,
     /// Guards `/metrics` when `auth.metrics_require_token` is set.
     pub auth: Authenticator,
+    /// Set by the supervisor when a background loop stopped: `/health/live` answers 503.
+    pub liveness: crate::app::Liveness,
 }
 
 /// Every route: the open ones here, the REST API from [`rest`]. Unknown routes get a JSON 404,
@@ -151,8 +153,13 @@ async fn health(State(s): State<HttpState>) -> Response {
     (code, Json(body)).into_response()
 }
 
-async fn live() -> impl IntoResponse {
-    Json(serde_json::json!({"status": "alive"}))
+async fn live(State(s): State<HttpState>) -> axum::response::Response {
+    if let Some(task) = s.liveness.failed() {
+        let body =
+            serde_json::json!({"status": "failed", "reason": format!("background loop {task} stopped")});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(serde_json::json!({"status": "alive"})).into_response()
 }
 
 async fn metrics_text(State(s): State<HttpState>, req: axum::extract::Request) -> Response {

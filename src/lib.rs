@@ -12,7 +12,8 @@
 //! # Layout
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
 //! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`) ·
-//! [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`events`] · [`domain`] ·
+//! [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each task
+//! transition · [`events`] · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
 //! [`worker`] the worker side · [`proto`] generated code
 #![warn(missing_debug_implementations)]
 
@@ -23,6 +24,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod domain;
+pub mod effects;
 pub mod events;
 pub mod grpc;
 pub mod http;
@@ -35,4 +37,5 @@ pub mod store;
 pub mod sweeper;
 pub mod telemetry;
 pub mod tls;
+pub mod wakeups;
 pub mod worker;

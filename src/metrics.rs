@@ -29,6 +29,9 @@ pub const DISPATCH_LATENCY: &str = "coordinator_dispatch_latency_seconds";
 pub const TASK_DURATION: &str = "coordinator_task_duration_seconds";
 pub const AUTH_FAILURES: &str = "coordinator_auth_failures_total";
 pub const DB_QUERY: &str = "coordinator_db_query_seconds";
+pub const INFLIGHT_CORRECTIONS: &str = "coordinator_inflight_corrections_total";
+pub const BACKGROUND_FAILURES: &str = "coordinator_background_failures_total";
+pub const NOTIFICATIONS: &str = "coordinator_notifications_total";
 pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
 pub const GRPC_HANDLING: &str = "grpc_server_handling_seconds";
 
@@ -55,9 +58,18 @@ pub const ALL: &[&str] = &[
     TASK_DURATION,
     AUTH_FAILURES,
     DB_QUERY,
+    INFLIGHT_CORRECTIONS,
+    BACKGROUND_FAILURES,
+    NOTIFICATIONS,
     GRPC_HANDLED,
     GRPC_HANDLING,
 ];
+
+/// Kinds of `coordinator_inflight_corrections_total{kind}`.
+pub const CORRECTION_KINDS: &[&str] =
+    &["stale_slot", "missing_slot", "orphan_assignment", "superseded_session"];
+/// Background loops watched by the supervisor (`coordinator_background_failures_total{task}`).
+pub const BACKGROUND_TASKS: &[&str] = &["scheduler", "sweeper", "registry", "gauges", "notifier", "listener"];
 
 /// Reasons an auth check refuses a call (`coordinator_auth_failures_total{reason}`).
 pub const AUTH_FAILURE_REASONS: &[&str] =
@@ -134,6 +146,12 @@ fn describe() {
     describe_counter!(TASKS_CANCELLED, "Tasks cancelled by clients.");
     describe_counter!(POLL_CYCLES, "Scheduler passes.");
     describe_counter!(HEARTBEATS, "Heartbeats received.");
+    describe_counter!(
+        INFLIGHT_CORRECTIONS,
+        "Worker slots the reconciliation corrected against the database, by kind (expected 0)."
+    );
+    describe_counter!(BACKGROUND_FAILURES, "Background loops that panicked or stopped early, by task.");
+    describe_counter!(NOTIFICATIONS, "Cross-replica notifications (Postgres NOTIFY), sent and received.");
     describe_counter!(WORKER_TRANSITIONS, "Worker state changes, by from and to.");
     describe_histogram!(
         DISPATCH_LATENCY,
@@ -166,7 +184,12 @@ fn describe() {
     counter!(TASKS_COMPLETED).absolute(0);
     counter!(TASKS_FAILED).absolute(0);
     counter!(TASKS_CANCELLED).absolute(0);
-    for r in [RequeueReason::LeaseExpired, RequeueReason::WorkerDead, RequeueReason::Undelivered] {
+    for r in [
+        RequeueReason::LeaseExpired,
+        RequeueReason::WorkerDead,
+        RequeueReason::Undelivered,
+        RequeueReason::Released,
+    ] {
         counter!(TASKS_REQUEUED, "reason" => r.as_str()).absolute(0);
     }
     counter!(POLL_CYCLES).absolute(0);
@@ -179,6 +202,32 @@ fn describe() {
     for reason in AUTH_FAILURE_REASONS {
         counter!(AUTH_FAILURES, "reason" => *reason).absolute(0);
     }
+    for kind in CORRECTION_KINDS {
+        counter!(INFLIGHT_CORRECTIONS, "kind" => *kind).absolute(0);
+    }
+    for task in BACKGROUND_TASKS {
+        counter!(BACKGROUND_FAILURES, "task" => *task).absolute(0);
+    }
+    for dir in ["sent", "received"] {
+        counter!(NOTIFICATIONS, "direction" => dir).absolute(0);
+    }
+}
+
+/// Corrections made by the registry's reconciliation (expected to stay 0).
+pub fn inflight_corrections(kind: &'static str, n: u64) {
+    if n > 0 {
+        counter!(INFLIGHT_CORRECTIONS, "kind" => kind).increment(n);
+    }
+}
+
+/// A background loop that panicked or ended before shutdown.
+pub fn background_failure(task: &'static str) {
+    counter!(BACKGROUND_FAILURES, "task" => task).increment(1);
+}
+
+/// Cross-replica notifications sent or received.
+pub fn notifications(direction: &'static str, n: u64) {
+    counter!(NOTIFICATIONS, "direction" => direction).increment(n);
 }
 
 pub fn auth_failure(reason: &'static str) {

@@ -8,8 +8,14 @@
 //! The heartbeat state machine runs here on a timer, in memory:
 //! `ACTIVE --heartbeat_timeout--> SUSPECT --3x heartbeat_timeout--> DEAD`, and a heartbeat brings
 //! SUSPECT back to ACTIVE. The database hears of heartbeats in periodic batches (one statement for
-//! all workers) and of every state change at once. DEAD workers are reported to the sweeper (which
-//! requeues their tasks) and forgotten after `cleanup_interval`.
+//! all workers) and of every state change at once. DEAD sessions are reported to the sweeper
+//! (which requeues their tasks while the session is still the worker's current one in the
+//! database) and forgotten after `cleanup_interval`.
+//!
+//! Ownership is by session: a registration writes a new session and adopts the worker's held
+//! tasks in one transaction, and installs the session here atomically with respect to pushes and
+//! releases that raced it. A periodic reconciliation compares each session's in-memory slots with
+//! the database, drops sessions another replica took over, and counts every correction.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,10 +30,10 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::{
-    domain::{Assignment, Attempt, TaskId, WorkerId, WorkerState},
+    domain::{Assignment, Attempt, TaskId, TaskState, WorkerId, WorkerState},
     metrics,
     scheduler::{Wake, placement::WorkerSlot},
-    store::{Held, Store, WorkerRegistration},
+    store::{Held, HeldRow, Store, WorkerRegistration},
 };
 
 /// What goes down a worker's task stream.
@@ -76,6 +82,50 @@ impl RegistryConfig {
     fn flush_every(&self) -> Duration {
         (self.heartbeat_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
+
+    /// How often in-memory slots are reconciled with the database: a leaked slot costs a worker
+    /// capacity for at most two of these.
+    fn reconcile_every(&self) -> Duration {
+        self.heartbeat_timeout.clamp(Duration::from_millis(500), Duration::from_secs(30))
+    }
+}
+
+/// A difference between memory and database seen once, corrected when seen again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Suspect {
+    worker: WorkerId,
+    task: TaskId,
+    attempt: Attempt,
+    kind: CorrectionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum CorrectionKind {
+    StaleSlot,
+    MissingSlot,
+    Orphan,
+}
+
+/// What one reconciliation corrected; all zero in a healthy coordinator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Corrections {
+    /// Slots held for attempts the database no longer gives the worker (freed).
+    pub stale_slots: u64,
+    /// Running tasks of the worker that held no slot (counted).
+    pub missing_slots: u64,
+    /// Assignments that never reached the worker (back to pending, uncharged).
+    pub orphans: u64,
+    /// Sessions another registration replaced (dropped).
+    pub superseded: u64,
+}
+
+impl Corrections {
+    fn record(&self) {
+        metrics::inflight_corrections("stale_slot", self.stale_slots);
+        metrics::inflight_corrections("missing_slot", self.missing_slots);
+        metrics::inflight_corrections("orphan_assignment", self.orphans);
+        metrics::inflight_corrections("superseded_session", self.superseded);
+    }
 }
 
 /// The registry handle. Cheap to clone.
@@ -93,14 +143,56 @@ struct Shared {
     /// std Mutex: every critical section is a few map operations and is never held across an
     /// `.await`; the guard is dropped before any send or I/O.
     state: Mutex<State>,
-    /// The sweeper holds the receiver: DEAD workers whose tasks must be requeued now.
-    dead_tx: mpsc::UnboundedSender<WorkerId>,
+    /// The sweeper holds the receiver: DEAD sessions whose tasks must be requeued now.
+    dead_tx: mpsc::UnboundedSender<DeadSession>,
+    /// Wakes the reconciliation at once (after a claim or requeue whose outcome is unknown).
+    reconcile_now: tokio::sync::Notify,
+}
+
+/// A session the heartbeat machine declared DEAD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadSession {
+    pub worker_id: WorkerId,
+    pub session_id: Uuid,
 }
 
 #[derive(Debug, Default)]
 struct State {
     sessions: HashMap<WorkerId, Session>,
     next_stream_id: u64,
+    /// Stamps in-flight entries and releases, so a registration or reconciliation that read the
+    /// database can tell what changed while it waited.
+    seq: u64,
+    /// Registrations waiting on the database, per worker: releases made meanwhile.
+    registering: HashMap<WorkerId, Window>,
+    /// Releases per worker, for reconciliation: the seq of the latest.
+    last_release: HashMap<WorkerId, u64>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    /// Registrations of this worker in progress.
+    open: u32,
+    /// Seq when the first of them began.
+    since: u64,
+    released: HashSet<(TaskId, Attempt)>,
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Notes that (task, attempt) left `worker`'s slots, for registrations and reconciliations
+    /// in progress.
+    fn note_release(&mut self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) {
+        let seq = self.next_seq();
+        self.last_release.insert(worker.clone(), seq);
+        if let Some(w) = self.registering.get_mut(worker) {
+            w.released.insert((task_id, attempt));
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -125,11 +217,13 @@ struct InFlight {
     /// Known for tasks pushed by this process; absent for tasks recovered after a restart.
     task_type: Option<String>,
     since: Instant,
+    /// `State::seq` when the entry was made.
+    seq: u64,
 }
 
 impl InFlight {
-    fn recovered(attempt: Attempt) -> Self {
-        Self { attempt, task_type: None, since: Instant::now() }
+    fn recovered(attempt: Attempt, seq: u64) -> Self {
+        Self { attempt, task_type: None, since: Instant::now(), seq }
     }
 }
 
@@ -143,8 +237,15 @@ pub struct Released {
 #[derive(Debug)]
 struct StreamSlot {
     id: u64,
-    /// The gRPC stream of this worker holds the receiver.
-    tx: mpsc::Sender<Push>,
+    /// The gRPC stream of this worker holds the receiver. `None` once the worker deregistered:
+    /// the stream sends what is queued, then ends cleanly.
+    tx: Option<mpsc::Sender<Push>>,
+}
+
+impl StreamSlot {
+    fn open(&self) -> Option<&mpsc::Sender<Push>> {
+        self.tx.as_ref().filter(|tx| !tx.is_closed())
+    }
 }
 
 impl Session {
@@ -153,7 +254,7 @@ impl Session {
     }
 
     fn schedulable(&self) -> bool {
-        self.state == WorkerState::Active && self.stream.as_ref().is_some_and(|s| !s.tx.is_closed())
+        self.state == WorkerState::Active && self.stream.as_ref().is_some_and(|s| s.open().is_some())
     }
 }
 
@@ -196,9 +297,16 @@ impl Registry {
         config: RegistryConfig,
         store: Store,
         wake: Wake,
-    ) -> (Registry, mpsc::UnboundedReceiver<WorkerId>) {
+    ) -> (Registry, mpsc::UnboundedReceiver<DeadSession>) {
         let (dead_tx, dead_rx) = mpsc::unbounded_channel();
-        let shared = Shared { config, store, wake, state: Mutex::new(State::default()), dead_tx };
+        let shared = Shared {
+            config,
+            store,
+            wake,
+            state: Mutex::new(State::default()),
+            dead_tx,
+            reconcile_now: tokio::sync::Notify::new(),
+        };
         (Registry { shared: Arc::new(shared) }, dead_rx)
     }
 
@@ -212,29 +320,69 @@ impl Registry {
     }
 
     /// Registers a worker (or re-registers it after a restart): a new session, state ACTIVE,
-    /// persisted at once. Tasks the store says it still holds count against its capacity.
+    /// persisted at once together with the adoption of the tasks the worker still holds; those
+    /// count against its capacity. The previous session's stream is retired (its queued pushes
+    /// go back to pending): the worker opens a new one.
+    ///
+    /// The session is installed atomically with respect to pushes and releases that happen while
+    /// the database call runs: a task released meanwhile is not counted, a task pushed meanwhile
+    /// is.
     pub async fn register(&self, reg: WorkerRegistration) -> crate::store::Result<Registered> {
-        self.shared.store.upsert_worker(&reg).await?;
-        let held = self.shared.store.held_by(&reg.id).await?;
-        let now = Instant::now();
+        {
+            let mut state = self.lock();
+            let seq = state.seq;
+            let w = state.registering.entry(reg.id.clone()).or_default();
+            if w.open == 0 {
+                w.since = seq;
+                w.released.clear();
+            }
+            w.open += 1;
+        }
+        let held = self.shared.store.register_worker(&reg).await;
         let mut state = self.lock();
+        let window = match state.registering.get_mut(&reg.id) {
+            Some(w) if w.open > 1 => {
+                w.open -= 1;
+                Window { open: 0, since: w.since, released: w.released.clone() }
+            }
+            _ => state.registering.remove(&reg.id).unwrap_or_default(),
+        };
+        let held = match held {
+            Ok(h) => h,
+            Err(e) => return Err(e),
+        };
+        let seq = state.next_seq();
         let previous = state.sessions.remove(&reg.id);
+        let mut in_flight: HashMap<TaskId, InFlight> = held
+            .iter()
+            .filter(|h| !window.released.contains(&(h.task_id, h.attempt)))
+            .map(|h| (h.task_id, InFlight::recovered(h.attempt, seq)))
+            .collect();
+        // Pushed to the previous session while the registration ran: still on their way.
+        if let Some(p) = &previous {
+            for (task_id, f) in &p.in_flight {
+                if f.seq > window.since && !window.released.contains(&(*task_id, f.attempt)) {
+                    in_flight.insert(*task_id, f.clone());
+                }
+            }
+        }
         let session = Session {
             session_id: reg.session_id,
             capabilities: reg.capabilities.clone(),
             max_concurrent_tasks: reg.max_concurrent_tasks,
-            in_flight: held.iter().map(|h| (h.task_id, InFlight::recovered(h.attempt))).collect(),
+            in_flight,
             state: WorkerState::Active,
-            last_seen: now,
+            last_seen: Instant::now(),
             last_seen_at: Utc::now(),
             heartbeat_dirty: false,
             dead_since: None,
-            // A stream opened by the previous session stays attached: the worker re-registered
-            // over a live connection and need not reopen it.
-            stream: previous.and_then(|p| p.stream),
+            // The previous session's stream (dropped with `previous`) ends; the worker opens a
+            // new one after registering, and pushes never go down a connection it gave up.
+            stream: None,
         };
         state.sessions.insert(reg.id.clone(), session);
         drop(state);
+        drop(previous);
         self.shared.wake.wake();
         Ok(Registered { session_id: reg.session_id, held })
     }
@@ -269,19 +417,25 @@ impl Registry {
         Ok(revived.1)
     }
 
-    /// Drops tasks the store says the worker no longer holds from its in-flight set.
+    /// Drops attempts the store says the worker no longer holds from its in-flight set. Only
+    /// the very attempt is dropped: a newer attempt of the same task keeps its slot.
     ///
     /// Nothing is added here: every held task entered the set when it was pushed, or when the
     /// worker registered (from the store). Adding the heartbeat's list back would race a report
     /// that released the task between the lease renewal and this call, and leak the slot.
-    pub fn forget_revoked(&self, worker: &WorkerId, revoked: &[TaskId]) {
+    pub fn forget_revoked(&self, worker: &WorkerId, revoked: &[Held]) {
         if revoked.is_empty() {
             return;
         }
         let mut state = self.lock();
-        if let Some(s) = state.sessions.get_mut(worker) {
-            for t in revoked {
-                s.in_flight.remove(t);
+        for h in revoked {
+            let removed = state
+                .sessions
+                .get_mut(worker)
+                .filter(|s| s.in_flight.get(&h.task_id).is_some_and(|f| f.attempt == h.attempt))
+                .and_then(|s| s.in_flight.remove(&h.task_id));
+            if removed.is_some() {
+                state.note_release(worker, h.task_id, h.attempt);
             }
         }
         drop(state);
@@ -294,7 +448,8 @@ impl Registry {
         state.sessions.get(worker).and_then(|s| s.stream.as_ref()).is_some_and(|slot| slot.id == stream_id)
     }
 
-    /// Drain: the worker takes no new work; it may still report what it runs.
+    /// Drain: the worker takes no new work; it may still report what it runs. Its task stream
+    /// sends what is already queued, then ends cleanly.
     pub async fn deregister(&self, worker: &WorkerId) -> Result<u32, RegistryError> {
         let (session, in_flight, from) = {
             let mut state = self.lock();
@@ -303,6 +458,9 @@ impl Registry {
             };
             let from = s.state;
             s.state = WorkerState::Draining;
+            if let Some(slot) = &mut s.stream {
+                slot.tx = None;
+            }
             (s.session_id, s.in_flight.len() as u32, from)
         };
         if from != WorkerState::Draining {
@@ -327,7 +485,7 @@ impl Registry {
         }
         // Assignments never exceed max_concurrent_tasks in flight, so this never fills with them.
         let (tx, rx) = mpsc::channel(s.max_concurrent_tasks.max(1) as usize);
-        s.stream = Some(StreamSlot { id, tx });
+        s.stream = Some(StreamSlot { id, tx: Some(tx) });
         drop(state);
         self.shared.wake.wake();
         Ok((id, rx))
@@ -344,9 +502,16 @@ impl Registry {
         }
     }
 
-    /// Workers that may take work now: ACTIVE, stream open, free capacity.
-    pub fn schedulable(&self) -> Vec<WorkerSlot> {
+    /// Workers that may take work now (ACTIVE, stream open, free capacity), and the session
+    /// each assignment to them is fenced by.
+    pub fn schedulable(&self) -> (Vec<WorkerSlot>, HashMap<WorkerId, Uuid>) {
         let state = self.lock();
+        let sessions = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.schedulable() && s.free() > 0)
+            .map(|(id, s)| (id.clone(), s.session_id))
+            .collect();
         let mut slots: Vec<WorkerSlot> = state
             .sessions
             .iter()
@@ -361,7 +526,7 @@ impl Registry {
             .collect();
         // A stable order makes round-robin fair across passes.
         slots.sort_by(|a, b| a.id.cmp(&b.id));
-        slots
+        (slots, sessions)
     }
 
     /// Task types some registered (not DEAD) worker can run; `None` means any type.
@@ -377,20 +542,28 @@ impl Registry {
         Some(types)
     }
 
-    /// Pushes an assignment down its worker's stream and counts it in flight.
-    pub fn push(&self, a: Assignment) -> Result<(), PushError> {
+    /// Pushes an assignment down its worker's stream and counts it in flight. `session` is the
+    /// session the assignment was made under: a push for a session that has been replaced since
+    /// is refused (its task goes back to pending).
+    pub fn push(&self, a: Assignment, session: Uuid) -> Result<(), PushError> {
         let mut state = self.lock();
+        let seq = state.next_seq();
         let Some(s) = state.sessions.get_mut(&a.worker_id) else {
             return Err(PushError::UnknownWorker);
         };
-        let Some(slot) = &s.stream else {
+        if s.session_id != session {
+            return Err(PushError::UnknownWorker);
+        }
+        let Some(tx) = s.stream.as_ref().and_then(|slot| slot.tx.as_ref()) else {
             return Err(PushError::NoStream);
         };
         let (task_id, attempt, task_type) = (a.task_id, a.attempt, a.task_type.clone());
-        match slot.tx.try_send(Push::Run(a)) {
+        match tx.try_send(Push::Run(a)) {
             Ok(()) => {
-                s.in_flight
-                    .insert(task_id, InFlight { attempt, task_type: Some(task_type), since: Instant::now() });
+                s.in_flight.insert(
+                    task_id,
+                    InFlight { attempt, task_type: Some(task_type), since: Instant::now(), seq },
+                );
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => Err(PushError::Full),
@@ -404,8 +577,15 @@ impl Registry {
         let tx = {
             let mut state = self.lock();
             let Some(s) = state.sessions.get_mut(worker) else { return false };
-            s.in_flight.remove(&task_id);
-            s.stream.as_ref().map(|slot| slot.tx.clone())
+            let held = s.in_flight.get(&task_id).is_some_and(|f| f.attempt == attempt);
+            if held {
+                s.in_flight.remove(&task_id);
+            }
+            let tx = s.stream.as_ref().and_then(|slot| slot.tx.clone());
+            if held {
+                state.note_release(worker, task_id, attempt);
+            }
+            tx
         };
         self.shared.wake.wake();
         let Some(tx) = tx else { return false };
@@ -429,6 +609,9 @@ impl Registry {
     pub fn release(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Option<Released> {
         let freed = {
             let mut state = self.lock();
+            // Noted even when this process holds no slot for it: a registration of this worker
+            // in progress must not count it.
+            state.note_release(worker, task_id, attempt);
             let s = state.sessions.get_mut(worker)?;
             if s.in_flight.get(&task_id).is_some_and(|f| f.attempt == attempt) {
                 s.in_flight.remove(&task_id)
@@ -453,7 +636,7 @@ impl Registry {
                 state: s.state,
                 max_concurrent_tasks: s.max_concurrent_tasks,
                 in_flight: s.in_flight.len() as u32,
-                connected: s.stream.as_ref().is_some_and(|slot| !slot.tx.is_closed()),
+                connected: s.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
                 last_seen_at: s.last_seen_at,
             })
             .collect();
@@ -462,7 +645,16 @@ impl Registry {
     }
 
     pub fn session(&self, worker: &WorkerId) -> Option<SessionInfo> {
-        self.sessions().into_iter().find(|s| &s.worker_id == worker)
+        let state = self.lock();
+        state.sessions.get(worker).map(|s| SessionInfo {
+            worker_id: worker.clone(),
+            session_id: s.session_id,
+            state: s.state,
+            max_concurrent_tasks: s.max_concurrent_tasks,
+            in_flight: s.in_flight.len() as u32,
+            connected: s.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
+            last_seen_at: s.last_seen_at,
+        })
     }
 
     /// Counts by state and capacity, for `/health` and gauges. DEAD workers have no capacity.
@@ -524,13 +716,137 @@ impl Registry {
         Ok(())
     }
 
-    /// Runs the heartbeat machine and the batched heartbeat flush until `shutdown`; flushes once
-    /// more on the way out.
+    /// Asks the reconciliation to run now (a claim or requeue whose outcome is unknown).
+    pub fn request_reconcile(&self) {
+        self.shared.reconcile_now.notify_one();
+    }
+
+    /// Compares each live session's in-memory slots with what the database says the worker
+    /// holds. A difference must be seen by two passes in a row (`suspects` carries the first
+    /// sighting) before it is corrected, so a report or push in progress is never mistaken for
+    /// one: a slot whose attempt the database no longer holds is freed; a running task the
+    /// database gives the session takes a slot; an assignment that never reached the worker
+    /// goes back to pending, uncharged. A session the database says another registration
+    /// replaced (the worker moved to another replica) is dropped without touching its tasks.
+    pub async fn reconcile(&self, suspects: &mut HashSet<Suspect>) -> crate::store::Result<Corrections> {
+        let (workers, seq0) = {
+            let state = self.lock();
+            let w: Vec<(WorkerId, Uuid)> = state
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.state != WorkerState::Dead)
+                .map(|(id, s)| (id.clone(), s.session_id))
+                .collect();
+            (w, state.seq)
+        };
+        let mut c = Corrections::default();
+        if workers.is_empty() {
+            suspects.clear();
+            return Ok(c);
+        }
+        let ids: Vec<WorkerId> = workers.iter().map(|(w, _)| w.clone()).collect();
+        let own = self.shared.store.ownership(&ids).await?;
+        let mut db_held: HashMap<&WorkerId, HashMap<TaskId, &HeldRow>> = HashMap::new();
+        for r in &own.held {
+            db_held.entry(&r.held.worker_id).or_default().insert(r.held.task_id, r);
+        }
+        let mut seen: HashSet<Suspect> = HashSet::new();
+        let mut orphans = Vec::new();
+        let mut superseded = Vec::new();
+        {
+            let mut state = self.lock();
+            let seq = state.next_seq();
+            for (id, session_id) in &workers {
+                if state.registering.contains_key(id) {
+                    continue;
+                }
+                let released_since = state.last_release.get(id).is_some_and(|&r| r > seq0);
+                let Some(s) = state.sessions.get_mut(id).filter(|s| s.session_id == *session_id) else {
+                    continue;
+                };
+                if own.sessions.get(id).is_some_and(|db| db != session_id) {
+                    superseded.push(id.clone());
+                    continue;
+                }
+                let empty = HashMap::new();
+                let held = db_held.get(id).unwrap_or(&empty);
+                let stale: Vec<(TaskId, Attempt)> = s
+                    .in_flight
+                    .iter()
+                    .filter(|(t, f)| {
+                        f.seq <= seq0 && held.get(t).is_none_or(|r| r.held.attempt != f.attempt)
+                    })
+                    .map(|(t, f)| (*t, f.attempt))
+                    .collect();
+                for (t, attempt) in stale {
+                    let key =
+                        Suspect { worker: id.clone(), task: t, attempt, kind: CorrectionKind::StaleSlot };
+                    if suspects.contains(&key) {
+                        s.in_flight.remove(&t);
+                        c.stale_slots += 1;
+                        warn!(worker_id = %id, task_id = %t, attempt, "reconciliation freed a slot the database no longer holds");
+                    } else {
+                        seen.insert(key);
+                    }
+                }
+                if released_since {
+                    continue;
+                }
+                for (t, r) in held {
+                    if s.in_flight.get(t).is_some_and(|f| f.attempt == r.held.attempt) {
+                        continue;
+                    }
+                    let kind = match r.state {
+                        TaskState::Running => CorrectionKind::MissingSlot,
+                        _ => CorrectionKind::Orphan,
+                    };
+                    let key = Suspect { worker: id.clone(), task: *t, attempt: r.held.attempt, kind };
+                    if !suspects.contains(&key) {
+                        seen.insert(key);
+                    } else if kind == CorrectionKind::MissingSlot {
+                        s.in_flight.insert(*t, InFlight::recovered(r.held.attempt, seq));
+                        c.missing_slots += 1;
+                        warn!(worker_id = %id, task_id = %t, attempt = r.held.attempt, "reconciliation counted a running task the worker holds");
+                    } else {
+                        orphans.push(r.held.clone());
+                    }
+                }
+            }
+            for id in &superseded {
+                state.sessions.remove(id);
+            }
+        }
+        *suspects = seen;
+        for id in &superseded {
+            c.superseded += 1;
+            info!(worker_id = %id, "worker registered a newer session elsewhere; dropped this one");
+        }
+        if !orphans.is_empty() {
+            let requeued = self.shared.store.requeue_undelivered(&orphans).await?;
+            c.orphans += requeued.len() as u64;
+            for r in &requeued {
+                warn!(task_id = %r.task_id, worker_id = %r.worker_id, attempt = r.attempt,
+                      "reconciliation returned an assignment that never reached its worker");
+                metrics::task_requeued(r.reason);
+            }
+            if !requeued.is_empty() {
+                self.shared.wake.wake();
+            }
+        }
+        c.record();
+        Ok(c)
+    }
+
+    /// Runs the heartbeat machine, the batched heartbeat flush and the reconciliation until
+    /// `shutdown`; flushes once more on the way out.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut check = tokio::time::interval(self.shared.config.check_every());
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut flush = tokio::time::interval(self.shared.config.flush_every());
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconcile = tokio::time::interval(self.shared.config.reconcile_every());
+        reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut suspects = HashSet::new();
         loop {
             tokio::select! {
                 biased;
@@ -539,6 +855,21 @@ impl Registry {
                 _ = flush.tick() => {
                     if let Err(error) = self.flush_heartbeats().await {
                         warn!(%error, "failed to flush heartbeats");
+                    }
+                }
+                _ = reconcile.tick() => {
+                    if let Err(error) = self.reconcile(&mut suspects).await {
+                        warn!(%error, "failed to reconcile worker slots");
+                    }
+                }
+                _ = self.shared.reconcile_now.notified() => {
+                    // Two passes: a difference is corrected only when the second sees it too.
+                    for _ in 0..2 {
+                        tokio::time::sleep(self.shared.config.check_every()).await;
+                        if let Err(error) = self.reconcile(&mut suspects).await {
+                            warn!(%error, "failed to reconcile worker slots");
+                            break;
+                        }
                     }
                 }
             }
@@ -599,7 +930,7 @@ impl Registry {
             }
             self.persist_state(&id, session, to).await;
             if to == WorkerState::Dead {
-                let _ = self.shared.dead_tx.send(id);
+                let _ = self.shared.dead_tx.send(DeadSession { worker_id: id, session_id: session });
             }
         }
     }

@@ -9,12 +9,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use std::time::Duration;
+
 use crate::{
-    domain::{TaskState, WorkerId},
-    events::Events,
-    metrics,
-    registry::Registry,
-    scheduler::Wake,
+    effects::Effects,
+    registry::DeadSession,
     store::{Requeued, Store},
 };
 
@@ -24,24 +23,25 @@ const BATCH: u32 = 500;
 #[derive(Debug)]
 pub struct Sweeper {
     store: Store,
-    registry: Registry,
-    wake: Wake,
-    events: Events,
-    interval: std::time::Duration,
-    /// The registry holds the sender: workers that just went DEAD.
-    dead_rx: mpsc::UnboundedReceiver<WorkerId>,
+    effects: Effects,
+    interval: Duration,
+    /// After the database was unreachable, expired leases are left alone this long, so workers
+    /// that kept heartbeating through the outage renew them first (`heartbeat_timeout`: every
+    /// live worker heartbeats three times in it).
+    outage_hold: Duration,
+    /// The registry holds the sender: sessions that just went DEAD.
+    dead_rx: mpsc::UnboundedReceiver<DeadSession>,
 }
 
 impl Sweeper {
     pub fn new(
         store: Store,
-        registry: Registry,
-        wake: Wake,
-        events: Events,
-        interval: std::time::Duration,
-        dead_rx: mpsc::UnboundedReceiver<WorkerId>,
+        effects: Effects,
+        interval: Duration,
+        outage_hold: Duration,
+        dead_rx: mpsc::UnboundedReceiver<DeadSession>,
     ) -> Self {
-        Self { store, registry, wake, events, interval, dead_rx }
+        Self { store, effects, interval, outage_hold, dead_rx }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -51,19 +51,20 @@ impl Sweeper {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(worker) = self.dead_rx.recv() => self.worker_dead(&worker).await,
+                Some(dead) = self.dead_rx.recv() => self.worker_dead(&dead).await,
                 _ = tick.tick() => self.sweep_expired().await,
             }
         }
         Ok(())
     }
 
-    /// Requeues every task of a DEAD worker.
-    pub async fn worker_dead(&self, worker: &WorkerId) {
-        match self.store.requeue_worker(worker).await {
+    /// Requeues every task of a DEAD session, if it is still the worker's current one.
+    pub async fn worker_dead(&self, dead: &DeadSession) {
+        let worker = &dead.worker_id;
+        match self.store.requeue_worker(worker, dead.session_id).await {
             Ok(requeued) => {
                 if !requeued.is_empty() {
-                    info!(worker_id = %worker, count = requeued.len(), "requeued tasks of a dead worker");
+                    info!(worker_id = %worker, session_id = %dead.session_id, count = requeued.len(), "requeued tasks of a dead worker");
                 }
                 self.after(&requeued);
             }
@@ -74,6 +75,10 @@ impl Sweeper {
 
     /// Requeues tasks whose lease expired, in batches until none is left.
     pub async fn sweep_expired(&self) {
+        if self.store.health().unavailable_within(self.outage_hold) {
+            // Leases could not be renewed during the outage; give live workers time to renew.
+            return;
+        }
         loop {
             match self.store.requeue_expired(BATCH).await {
                 Ok(requeued) => {
@@ -95,17 +100,6 @@ impl Sweeper {
     }
 
     fn after(&self, requeued: &[Requeued]) {
-        for r in requeued {
-            self.registry.release(&r.worker_id, r.task_id, r.attempt);
-            metrics::task_requeued(r.reason);
-            if r.state == TaskState::Failed {
-                metrics::task_failed(&r.task_type, None);
-                warn!(task_id = %r.task_id, worker_id = %r.worker_id, attempt = r.attempt, "task failed: out of attempts");
-            }
-            self.events.changed(r.task_id);
-        }
-        if !requeued.is_empty() {
-            self.wake.wake();
-        }
+        self.effects.requeued(requeued);
     }
 }

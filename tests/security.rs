@@ -269,6 +269,7 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
             attempt: assignment.attempt,
             error: "x".into(),
             retriable: false,
+            release: false,
         })
         .await
         .map(|_| ()),

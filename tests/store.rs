@@ -9,7 +9,7 @@
 //! against the stored timestamp, with a deadline.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -87,6 +87,12 @@ store_tests!(
     requeue_expired_respects_its_limit,
     requeue_expired_leaves_a_task_completed_before_it,
     requeue_worker_gives_back_every_task_of_that_worker_only,
+    // sessions
+    a_dead_notice_for_a_replaced_session_takes_nothing,
+    a_fenced_claim_for_a_replaced_session_assigns_nothing,
+    a_reconnect_racing_a_dead_session_cleanup_never_loses_or_double_counts,
+    renewals_in_one_batch_match_the_whole_fence,
+    a_released_task_is_pending_again_and_not_charged,
     requeue_undelivered_moves_only_assigned_tasks_without_charging,
     held_by_lists_what_a_worker_holds,
     // races
@@ -245,6 +251,20 @@ fn assert_within(b: &str, what: &str, t: DateTime<Utc>, lo: DateTime<Utc>, hi: D
 /// The single attempts row of a task's latest attempt.
 async fn last_attempt(s: &Store, id: TaskId) -> AttemptRecord {
     attempts(s, id).await.pop().unwrap_or_else(|| panic!("{}: task {id} has no attempts row", s.backend()))
+}
+
+/// Declares `worker` DEAD under its current session (registering one first, so the session
+/// fence has a session to check) and requeues its tasks.
+async fn requeue_dead(s: &Store, worker: &WorkerId) -> coordinator::store::Result<Vec<Requeued>> {
+    let session = match s.get_worker(worker).await? {
+        Some(r) => r.session_id,
+        None => {
+            let session = Uuid::now_v7();
+            s.upsert_worker(&registration(&worker.0, session)).await?;
+            session
+        }
+    };
+    s.requeue_worker(worker, session).await
 }
 
 fn registration(id: &str, session: Uuid) -> WorkerRegistration {
@@ -685,7 +705,7 @@ mod cases {
             .await
             .expect("renew_leases");
         let t1 = Utc::now();
-        let renewed: BTreeSet<TaskId> = renewed.into_iter().collect();
+        let renewed: BTreeSet<TaskId> = renewed.into_iter().map(|h| h.task_id).collect();
         assert_eq!(
             renewed,
             BTreeSet::from([a, r]),
@@ -711,7 +731,7 @@ mod cases {
         assert_eq!(get(s, d).await.lease_expires_at, None, "{b}");
 
         // The current holder of c renews fine.
-        assert_eq!(s.renew_leases(&[hc2], lease).await.expect("renew_leases"), vec![c], "{b}");
+        assert_eq!(s.renew_leases(std::slice::from_ref(&hc2), lease).await.expect("renew_leases"), vec![hc2], "{b}");
     }
 
     // ---- complete ----
@@ -777,7 +797,7 @@ mod cases {
         let y = create_one(s, new_task("prove")).await;
         // x: attempt 1 on w1, lost with w1, attempt 2 on w2.
         let hx1 = claim_one(s, x.id, "w1", LONG_LEASE).await;
-        assert_eq!(s.requeue_worker(&w("w1")).await.expect("requeue_worker").len(), 1, "{b}");
+        assert_eq!(requeue_dead(s, &w("w1")).await.expect("requeue_worker").len(), 1, "{b}");
         let hx2 = claim_one(s, x.id, "w2", LONG_LEASE).await;
         assert_eq!(hx2.attempt, 2, "{b}");
         // y: attempt 1 undelivered, attempt 2 on the same worker.
@@ -881,7 +901,7 @@ mod cases {
         let b = s.backend();
         let t = create_one(s, new_task("prove")).await;
         let old = claim_one(s, t.id, "w1", LONG_LEASE).await;
-        s.requeue_worker(&w("w1")).await.expect("requeue_worker");
+        requeue_dead(s, &w("w1")).await.expect("requeue_worker");
         let cur = claim_one(s, t.id, "w2", LONG_LEASE).await;
         let out =
             s.complete(&[completion(&old, b"late"), completion(&cur, b"current")]).await.expect("complete");
@@ -1047,7 +1067,7 @@ mod cases {
         let p = policy(100);
         let t = create_one(s, new_task("prove")).await;
         let h1 = claim_one(s, t.id, "w1", LONG_LEASE).await;
-        s.requeue_worker(&w("w1")).await.expect("requeue_worker");
+        requeue_dead(s, &w("w1")).await.expect("requeue_worker");
         let h2 = claim_one(s, t.id, "w2", LONG_LEASE).await;
         let before = get(s, t.id).await;
         let hist = attempts(s, t.id).await;
@@ -1287,7 +1307,7 @@ mod cases {
         let c_before = get(s, c.id).await;
         let other_before = get(s, other.id).await;
 
-        let mut out = s.requeue_worker(&w("w1")).await.expect("requeue_worker");
+        let mut out = requeue_dead(s, &w("w1")).await.expect("requeue_worker");
         out.sort_by_key(|q| q.task_id);
         let rq = |task_id, task_type: &str, state| Requeued {
             task_id,
@@ -1320,8 +1340,8 @@ mod cases {
         assert_eq!(last_attempt(s, last.id).await.outcome.as_deref(), Some("worker_dead"), "{b}");
         assert_eq!(get(s, c.id).await, c_before, "{b}: the completed task is untouched");
         assert_eq!(get(s, other.id).await, other_before, "{b}: w2's task is untouched");
-        assert!(s.requeue_worker(&w("w1")).await.expect("requeue_worker").is_empty(), "{b}: nothing left");
-        assert!(s.requeue_worker(&w("nobody")).await.expect("requeue_worker").is_empty(), "{b}");
+        assert!(requeue_dead(s, &w("w1")).await.expect("requeue_worker").is_empty(), "{b}: nothing left");
+        assert!(requeue_dead(s, &w("nobody")).await.expect("requeue_worker").is_empty(), "{b}");
     }
 
     pub async fn requeue_undelivered_moves_only_assigned_tasks_without_charging(s: &Store) {
@@ -1472,7 +1492,7 @@ mod cases {
                 let (s, barrier, worker) = (s.clone(), barrier.clone(), worker.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    s.requeue_worker(&worker).await.expect("requeue_worker")
+                    requeue_dead(&s, &worker).await.expect("requeue_worker")
                 })
             };
             let outcomes = completer.await.expect("completer");
@@ -1853,5 +1873,158 @@ mod cases {
         let pending = s.pending_by_type().await.expect("pending_by_type");
         let want = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);
         assert_eq!(pending, want, "{b}: includes the pending task waiting out its backoff; no c");
+    }
+
+    // ---- sessions ----
+
+    /// Replica A declared a worker DEAD under the session it knew; the worker had already
+    /// registered again (on replica B): nothing is taken from it, on any backend.
+    pub async fn a_dead_notice_for_a_replaced_session_takes_nothing(s: &Store) {
+        let b = s.backend();
+        let (s1, s2) = (Uuid::now_v7(), Uuid::now_v7());
+        s.register_worker(&registration("w1", s1)).await.expect("register s1");
+        let t = create_one(s, new_task("prove")).await;
+        let sessions = HashMap::from([(w("w1"), s1)]);
+        let got = s
+            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, |c: &[Candidate]| {
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert_eq!(got.len(), 1, "{b}");
+        // The worker moves: a new session adopts what it holds.
+        let held = s.register_worker(&registration("w1", s2)).await.expect("register s2");
+        assert_eq!(held, vec![held_as(t.id, "w1", 1)], "{b}: the new session adopts the task");
+        assert!(s.requeue_worker(&w("w1"), s1).await.expect("requeue").is_empty(), "{b}: stale session");
+        let now = get(s, t.id).await;
+        assert_eq!((now.state, now.failures, now.attempt), (TaskState::Assigned, 0, 1), "{b}: untouched");
+        // The current session's death takes it.
+        let out = s.requeue_worker(&w("w1"), s2).await.expect("requeue");
+        assert_eq!(out.len(), 1, "{b}");
+        assert_eq!(get(s, t.id).await.failures, 1, "{b}: charged once");
+    }
+
+    pub async fn a_fenced_claim_for_a_replaced_session_assigns_nothing(s: &Store) {
+        let b = s.backend();
+        let (s1, s2) = (Uuid::now_v7(), Uuid::now_v7());
+        s.register_worker(&registration("w1", s1)).await.expect("register s1");
+        s.register_worker(&registration("w1", s2)).await.expect("register s2");
+        let t = create_one(s, new_task("prove")).await;
+        let stale = HashMap::from([(w("w1"), s1)]);
+        let got = s
+            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &stale, |c: &[Candidate]| {
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert!(got.is_empty(), "{b}: a replica holding the old session assigns nothing");
+        assert_eq!(get(s, t.id).await.state, TaskState::Pending, "{b}");
+        let current = HashMap::from([(w("w1"), s2)]);
+        let got = s
+            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &current, |c: &[Candidate]| {
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert_eq!(got.len(), 1, "{b}: the current session gets it");
+    }
+
+    /// A worker registers a new session while the sweeper acts on its old session's death, many
+    /// times over: either the cleanup ran first (the tasks were requeued, charged once, and the
+    /// new session holds none of them) or the registration did (nothing requeued, the new
+    /// session holds them all). Never both, never neither.
+    pub async fn a_reconnect_racing_a_dead_session_cleanup_never_loses_or_double_counts(s: &Store) {
+        let b = s.backend();
+        for round in 0..20 {
+            let worker = format!("race-{round}");
+            let (s1, s2) = (Uuid::now_v7(), Uuid::now_v7());
+            s.register_worker(&registration(&worker, s1)).await.expect("register s1");
+            let ids: Vec<TaskId> = {
+                let mut v = Vec::new();
+                for _ in 0..3 {
+                    v.push(create_one(s, new_task("prove")).await.id);
+                }
+                v
+            };
+            let sessions = HashMap::from([(w(&worker), s1)]);
+            let want = ids.clone();
+            let wk = worker.clone();
+            let got = s
+                .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, move |c: &[Candidate]| {
+                    c.iter().filter(|c| want.contains(&c.id)).map(|c| (c.id, w(&wk))).collect()
+                })
+                .await
+                .expect("claim");
+            assert_eq!(got.len(), 3, "{b}");
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let reg = {
+                let (s, barrier, worker) = (s.clone(), barrier.clone(), worker.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    s.register_worker(&registration(&worker, s2)).await.expect("register s2")
+                })
+            };
+            let sweep = {
+                let (s, barrier, worker) = (s.clone(), barrier.clone(), worker.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    s.requeue_worker(&w(&worker), s1).await.expect("requeue")
+                })
+            };
+            let adopted = reg.await.expect("register");
+            let requeued = sweep.await.expect("requeue");
+            assert_eq!(adopted.len() + requeued.len(), 3, "{b} round {round}: each task exactly once");
+            assert!(adopted.is_empty() || requeued.is_empty(), "{b} round {round}: one side wins whole");
+            for id in &ids {
+                let t = get(s, *id).await;
+                if requeued.is_empty() {
+                    assert_eq!(
+                        (t.state, t.failures),
+                        (TaskState::Assigned, 0),
+                        "{b}: kept by the new session"
+                    );
+                } else {
+                    assert_eq!((t.state, t.failures), (TaskState::Pending, 1), "{b}: requeued once");
+                }
+            }
+            // Pending tasks of this round must not leak into the next one's claim.
+            for id in &ids {
+                s.cancel(*id, "round over").await.expect("cancel");
+            }
+        }
+    }
+
+    /// A stale holder's renewal listed before the current holder's in the same batch must not
+    /// hide it (SQLite once deduplicated by task id alone).
+    pub async fn renewals_in_one_batch_match_the_whole_fence(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let old = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        requeue_dead(s, &w("w1")).await.expect("requeue");
+        let cur = claim_one(s, t.id, "w2", Duration::from_secs(5)).await;
+        let before = get(s, t.id).await.lease_expires_at.expect("lease");
+        let renewed = s.renew_leases(&[old.clone(), cur.clone()], LONG_LEASE).await.expect("renew");
+        assert_eq!(renewed, vec![cur.clone()], "{b}: only the current attempt is renewed");
+        let after = get(s, t.id).await.lease_expires_at.expect("lease");
+        assert!(after > before, "{b}: the current holder's lease moved forward");
+    }
+
+    pub async fn a_released_task_is_pending_again_and_not_charged(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, with_attempts(new_task("prove"), 1)).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running");
+        let stale = held_as(t.id, "w1", 7);
+        assert!(s.requeue_released(&[stale]).await.expect("release").is_empty(), "{b}: fenced by attempt");
+        let out = s.requeue_released(std::slice::from_ref(&h)).await.expect("release");
+        assert_eq!(out.len(), 1, "{b}");
+        assert_eq!((out[0].state, out[0].reason), (TaskState::Pending, RequeueReason::Released), "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!(
+            (now.state, now.failures, now.worker_id),
+            (TaskState::Pending, 0, None),
+            "{b}: not charged"
+        );
+        assert_eq!(last_attempt(s, t.id).await.outcome.as_deref(), Some("released"), "{b}");
     }
 }

@@ -18,12 +18,11 @@ use uuid::Uuid;
 
 use crate::{
     batch::Batcher,
-    domain::{Attempt, TaskId, TaskState, WorkerId, WorkerState},
-    events::Events,
-    metrics,
+    domain::{Attempt, TaskState, WorkerId, WorkerState},
+    effects::{Effects, Reported},
+    events::{ANY_TASK, Events},
     proto::{self, coordinator_service_server::CoordinatorService},
     registry::{Push, Registry},
-    scheduler::Wake,
     store::{Completion, Failure, Held, ReportOutcome, RetryPolicy, Store, TaskFilter, WorkerRegistration},
 };
 use convert::SubmitLimits;
@@ -48,9 +47,11 @@ pub struct ServiceConfig {
 /// at shutdown.
 #[derive(Debug, Clone)]
 pub struct Batchers {
+    /// Completions in, their outcomes out; the batch loop applies each one's effects after the
+    /// commit, whatever became of the request that sent it.
     pub completions: Batcher<Completion, ReportOutcome>,
     /// One heartbeat's running tasks in, the ones still held out.
-    pub renewals: Batcher<Vec<Held>, Vec<TaskId>>,
+    pub renewals: Batcher<Vec<Held>, Vec<Held>>,
     /// Assignments that left on a stream, and when: assigned -> running, a little later.
     pub deliveries: Batcher<(Held, std::time::Instant), ()>,
 }
@@ -66,7 +67,7 @@ struct Inner {
     config: ServiceConfig,
     store: Store,
     registry: Registry,
-    wake: Wake,
+    effects: Effects,
     events: Events,
     batchers: Batchers,
     /// Cancelled when shutdown begins: open streams end with `Unavailable` and new
@@ -79,12 +80,12 @@ impl Service {
         config: ServiceConfig,
         store: Store,
         registry: Registry,
-        wake: Wake,
+        effects: Effects,
         events: Events,
         batchers: Batchers,
         closing: CancellationToken,
     ) -> Self {
-        Self { inner: Arc::new(Inner { config, store, registry, wake, events, batchers, closing }) }
+        Self { inner: Arc::new(Inner { config, store, registry, effects, events, batchers, closing }) }
     }
 
     fn refuse_if_closing(&self) -> Result<(), Status> {
@@ -105,19 +106,11 @@ impl Service {
         }
     }
 
-    /// The answer to a report: success for the first and for a repeat of it, otherwise the
-    /// status saying why nothing changed.
-    fn answer_report(
-        &self,
-        held: &Held,
-        outcome: ReportOutcome,
-        completed: bool,
-    ) -> Result<Response<proto::ReportResponse>, Status> {
+    /// The answer to a report (its effects already ran): success for the first and for a
+    /// repeat of it, otherwise the status saying why nothing changed.
+    fn answer_report(held: &Held, outcome: ReportOutcome) -> Result<Response<proto::ReportResponse>, Status> {
         let (duplicate, state) = match outcome {
-            ReportOutcome::Applied { state } => {
-                self.after_report(held, completed);
-                (false, state)
-            }
+            ReportOutcome::Applied { state } => (false, state),
             ReportOutcome::Duplicate { state } => (true, state),
             ReportOutcome::Stale { state, attempt } => return Err(stale(held, state, attempt)),
             ReportOutcome::NotFound => {
@@ -125,21 +118,6 @@ impl Service {
             }
         };
         Ok(Response::new(proto::ReportResponse { duplicate, status: convert::task_state(state) as i32 }))
-    }
-
-    fn after_report(&self, held: &Held, completed: bool) {
-        let released = self.inner.registry.release(&held.worker_id, held.task_id, held.attempt);
-        let (task_type, elapsed) = match &released {
-            Some(r) => (r.task_type.as_deref().unwrap_or("unknown"), Some(r.elapsed)),
-            None => ("unknown", None),
-        };
-        if completed {
-            metrics::task_completed(task_type, elapsed);
-        } else {
-            metrics::task_failed(task_type, elapsed);
-        }
-        self.inner.events.changed(held.task_id);
-        self.inner.wake.wake();
     }
 }
 
@@ -205,15 +183,12 @@ impl Drop for StreamGuard {
             rt.spawn(async move {
                 let inner = &service.inner;
                 match inner.store.requeue_undelivered(&undelivered).await {
-                    Ok(requeued) => {
-                        for r in requeued {
-                            metrics::task_requeued(r.reason);
-                            inner.events.changed(r.task_id);
-                        }
-                        inner.wake.wake();
+                    Ok(requeued) => inner.effects.requeued(&requeued),
+                    // The reconciliation finds them and tries again.
+                    Err(error) => {
+                        warn!(%error, "failed to requeue undelivered assignments");
+                        inner.registry.request_reconcile();
                     }
-                    // Their leases run out and the sweeper takes them back.
-                    Err(error) => warn!(%error, "failed to requeue undelivered assignments"),
                 }
             });
         }
@@ -310,7 +285,7 @@ impl CoordinatorService for Service {
             });
         }
         let state = self.inner.registry.heartbeat(&worker).await.map_err(status::registry)?;
-        let renewed: HashSet<TaskId> = if reported.is_empty() {
+        let renewed: HashSet<Held> = if reported.is_empty() {
             HashSet::new()
         } else {
             self.inner
@@ -322,15 +297,19 @@ impl CoordinatorService for Service {
                 .into_iter()
                 .collect()
         };
-        let revoked: Vec<TaskId> =
-            reported.iter().filter(|h| !renewed.contains(&h.task_id)).map(|h| h.task_id).collect();
+        // Attempt-exact: a stale attempt is revoked, the current attempt of the same task is not.
+        let revoked: Vec<Held> = reported.into_iter().filter(|h| !renewed.contains(h)).collect();
         self.inner.registry.forget_revoked(&worker, &revoked);
         if !revoked.is_empty() {
             debug!(worker_id = %worker, count = revoked.len(), "heartbeat reported tasks it no longer holds");
         }
         Ok(Response::new(proto::HeartbeatResponse {
             state: convert::worker_state(state) as i32,
-            revoked_task_ids: revoked.iter().map(|t| t.to_string()).collect(),
+            revoked_task_ids: revoked.iter().map(|h| h.task_id.to_string()).collect(),
+            revoked: revoked
+                .iter()
+                .map(|h| proto::RunningTask { task_id: h.task_id.to_string(), attempt: h.attempt })
+                .collect(),
         }))
     }
 
@@ -405,7 +384,7 @@ impl CoordinatorService for Service {
         if matches!(outcome, ReportOutcome::Applied { .. }) {
             debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, "task completed");
         }
-        self.answer_report(&held, outcome, true)
+        Self::answer_report(&held, outcome)
     }
 
     async fn report_failure(
@@ -415,18 +394,55 @@ impl CoordinatorService for Service {
         auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let held = held(&req.worker_id, &req.task_id, req.attempt)?;
+        let inner = self.inner.clone();
+        if req.release {
+            // Handed back unfinished by a draining worker: not charged.
+            let h = held.clone();
+            let requeued = Effects::detached(async move {
+                let r = inner.store.requeue_released(std::slice::from_ref(&h)).await;
+                if let Ok(requeued) = &r {
+                    inner.effects.requeued(requeued);
+                }
+                r
+            })
+            .await
+            .map_err(|_| status::internal_error())?
+            .map_err(status::store)?;
+            if requeued.is_empty() {
+                let task = self.inner.store.get_task(held.task_id).await.map_err(status::store)?;
+                return match task {
+                    None => Err(Status::not_found(format!("task {} not found", held.task_id))),
+                    Some(t) => Err(stale(&held, t.state, t.attempt)),
+                };
+            }
+            info!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, "task handed back by a draining worker");
+            return Ok(Response::new(proto::ReportResponse {
+                duplicate: false,
+                status: convert::task_state(requeued[0].state) as i32,
+            }));
+        }
         let failure = Failure {
             held: held.clone(),
             error: truncate(req.error, convert::MAX_ERROR_LEN),
             retriable: req.retriable,
         };
-        let outcome =
-            self.inner.store.fail(&failure, self.inner.config.retry).await.map_err(status::store)?;
-        if let ReportOutcome::Applied { state } = &outcome {
-            info!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt,
-                  retriable = req.retriable, next = %state, error = %failure.error, "task attempt failed");
-        }
-        self.answer_report(&held, outcome, false)
+        let retry = self.inner.config.retry;
+        let outcome = Effects::detached(async move {
+            let r = inner.store.fail(&failure, retry).await;
+            if let Ok(outcome) = &r {
+                inner.effects.reported(&failure.held, outcome, Reported::Failed);
+                if let ReportOutcome::Applied { state } = outcome {
+                    info!(task_id = %failure.held.task_id, worker_id = %failure.held.worker_id,
+                          attempt = failure.held.attempt, retriable = failure.retriable, next = %state,
+                          error = %failure.error, "task attempt failed");
+                }
+            }
+            r
+        })
+        .await
+        .map_err(|_| status::internal_error())?
+        .map_err(status::store)?;
+        Self::answer_report(&held, outcome)
     }
 
     async fn deregister(
@@ -447,11 +463,8 @@ impl CoordinatorService for Service {
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
         let task = convert::new_task("", request.into_inner(), &self.inner.config.limits)?;
         let created = self.inner.store.create_tasks(&[task]).await.map_err(status::store)?;
-        let c = created.into_iter().next().ok_or_else(|| Status::internal("internal error"))?;
-        if c.created {
-            metrics::tasks_submitted(1);
-            self.inner.wake.wake();
-        }
+        let c = created.into_iter().next().ok_or_else(status::internal_error)?;
+        self.inner.effects.submitted(usize::from(c.created));
         Ok(Response::new(proto::SubmitTaskResponse {
             task_id: c.task.id.to_string(),
             created: c.created,
@@ -474,11 +487,7 @@ impl CoordinatorService for Service {
             .map(|(i, t)| convert::new_task(&format!("tasks[{i}]."), t, &self.inner.config.limits))
             .collect::<Result<Vec<_>, _>>()?;
         let created = self.inner.store.create_tasks(&tasks).await.map_err(status::store)?;
-        let n = created.iter().filter(|c| c.created).count();
-        if n > 0 {
-            metrics::tasks_submitted(n as u64);
-            self.inner.wake.wake();
-        }
+        self.inner.effects.submitted(created.iter().filter(|c| c.created).count());
         Ok(Response::new(proto::SubmitTasksResponse {
             results: created
                 .into_iter()
@@ -553,17 +562,19 @@ impl CoordinatorService for Service {
             r if r.is_empty() => "cancelled by client".to_owned(),
             r => r,
         };
-        let Some(c) = self.inner.store.cancel(id, &reason).await.map_err(status::store)? else {
+        let inner = self.inner.clone();
+        let cancelled = Effects::detached(async move {
+            let r = inner.store.cancel(id, &reason).await;
+            if let Ok(Some(c)) = &r {
+                inner.effects.cancelled(c);
+            }
+            r
+        })
+        .await
+        .map_err(|_| status::internal_error())?;
+        let Some(c) = cancelled.map_err(status::store)? else {
             return Err(Status::not_found(format!("task {id} not found")));
         };
-        if c.applied {
-            metrics::task_cancelled();
-            self.inner.events.changed(id);
-            if let Some(h) = &c.held_by {
-                let told = self.inner.registry.push_cancel(&h.worker_id, h.task_id, h.attempt);
-                info!(task_id = %id, worker_id = %h.worker_id, attempt = h.attempt, pushed = told, "cancelled a held task");
-            }
-        }
         Ok(Response::new(proto::CancelTaskResponse { cancelled: c.applied, task: Some(c.task.into()) }))
     }
 
@@ -593,7 +604,7 @@ impl CoordinatorService for Service {
                 let wait = async {
                     loop {
                         match events.recv().await {
-                            Ok(changed) if changed == id => return,
+                            Ok(changed) if changed == id || changed == ANY_TASK => return,
                             Ok(_) => continue,
                             // Missed some: re-read to be safe.
                             Err(broadcast::error::RecvError::Lagged(_)) => return,
@@ -652,8 +663,7 @@ impl CoordinatorService for Service {
             .map(|(i, t)| convert::new_task(&format!("tasks[{i}]."), t, &self.inner.config.limits))
             .collect::<Result<Vec<_>, _>>()?;
         let (job, created) = self.inner.store.create_job(&req.name, tasks).await.map_err(status::store)?;
-        metrics::tasks_submitted(created.iter().filter(|c| c.created).count() as u64);
-        self.inner.wake.wake();
+        self.inner.effects.submitted(created.iter().filter(|c| c.created).count());
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: job.id.to_string(),
             task_ids: created.iter().map(|c| c.task.id.to_string()).collect(),

@@ -42,3 +42,8 @@ pub fn registry(e: RegistryError) -> Status {
 pub fn shutting_down() -> Status {
     Status::unavailable("coordinator is shutting down; reconnect to another replica")
 }
+
+/// A failure with nothing to tell the caller (a task of ours panicked; logged where it happened).
+pub fn internal_error() -> Status {
+    Status::internal("internal error")
+}

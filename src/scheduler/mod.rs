@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Strategy,
+    effects::Effects,
     events::Events,
     metrics,
     registry::Registry,
@@ -65,6 +66,7 @@ pub struct Scheduler {
     registry: Registry,
     wake: Wake,
     events: Events,
+    effects: Effects,
     stats: Arc<SchedulerStats>,
     /// Round-robin position, kept across passes.
     cursor: usize,
@@ -77,9 +79,10 @@ impl Scheduler {
         registry: Registry,
         wake: Wake,
         events: Events,
+        effects: Effects,
         stats: Arc<SchedulerStats>,
     ) -> Self {
-        Self { config, store, registry, wake, events, stats, cursor: 0 }
+        Self { config, store, registry, wake, events, effects, stats, cursor: 0 }
     }
 
     /// Runs passes on every tick and wake-up until `shutdown`.
@@ -117,7 +120,7 @@ impl Scheduler {
     pub async fn pass(&mut self) -> crate::store::Result<Pass> {
         self.stats.poll_cycles.fetch_add(1, Ordering::Relaxed);
         metrics::poll_cycle();
-        let workers = self.registry.schedulable();
+        let (workers, sessions) = self.registry.schedulable();
         let free: u32 = workers.iter().map(|w| w.free).sum();
         if free == 0 {
             return Ok(Pass::Done);
@@ -133,12 +136,21 @@ impl Scheduler {
         let limit = free.min(self.config.batch_size);
         let strategy = self.config.strategy;
         let mut cursor = self.cursor;
-        let assignments = self
+        let assignments = match self
             .store
-            .claim(limit, &types, self.config.lease, |candidates| {
+            .claim_fenced(limit, &types, self.config.lease, &sessions, |candidates| {
                 placement::place(strategy, candidates, &workers, &mut cursor)
             })
-            .await?;
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                // The commit's outcome may be unknown: tasks may be assigned to workers that
+                // will never hear of them. The reconciliation finds and returns them.
+                self.registry.request_reconcile();
+                return Err(e);
+            }
+        };
         self.cursor = cursor;
         let claimed = assignments.len() as u32;
         let mut undelivered = Vec::new();
@@ -147,7 +159,11 @@ impl Scheduler {
             let latency = (now - a.created_at).to_std().unwrap_or_default();
             let task_id = a.task_id;
             let held = Held { task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
-            match self.registry.push(a) {
+            let Some(session) = sessions.get(&a.worker_id).copied() else {
+                undelivered.push(held);
+                continue;
+            };
+            match self.registry.push(a, session) {
                 Ok(()) => {
                     self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
                     metrics::task_assigned(latency);
@@ -162,10 +178,12 @@ impl Scheduler {
         }
         if !undelivered.is_empty() {
             let n = undelivered.len();
-            let requeued = self.store.requeue_undelivered(&undelivered).await?;
-            for r in &requeued {
-                metrics::task_requeued(r.reason);
-                self.events.changed(r.task_id);
+            match self.store.requeue_undelivered(&undelivered).await {
+                Ok(requeued) => self.effects.requeued(&requeued),
+                Err(e) => {
+                    self.registry.request_reconcile();
+                    return Err(e);
+                }
             }
             warn!(count = n, "assignments could not be pushed and went back to pending");
             return Ok(Pass::Done);

@@ -11,7 +11,14 @@ pub mod sqlite;
 #[doc(hidden)]
 pub mod testing;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -56,7 +63,50 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Tls(_) => StoreError::Unavailable(e),
+            sqlx::Error::Database(ref d) if d.code().as_deref().is_some_and(connection_class) => {
+                StoreError::Unavailable(e)
+            }
             other => StoreError::Database(other),
+        }
+    }
+}
+
+/// SQLSTATEs that mean "the server is going away, starting up or full", not "the request is
+/// wrong": class 08 (connection exception), 57P01..57P03 (admin or crash shutdown, cannot
+/// connect now), 53300 (too many connections). A retry can fix them.
+fn connection_class(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
+/// When the database last failed as unreachable, as seen by this process's store calls.
+#[derive(Debug)]
+pub struct DbHealth {
+    origin: Instant,
+    /// Milliseconds after `origin` of the last "unavailable" failure, plus one; 0 = never.
+    last_unavailable_ms: AtomicU64,
+}
+
+impl Default for DbHealth {
+    fn default() -> Self {
+        Self { origin: Instant::now(), last_unavailable_ms: AtomicU64::new(0) }
+    }
+}
+
+impl DbHealth {
+    fn note<T>(&self, r: &Result<T>) {
+        if let Err(e) = r
+            && e.is_unavailable()
+        {
+            let ms = self.origin.elapsed().as_millis() as u64 + 1;
+            self.last_unavailable_ms.fetch_max(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// True when a store call failed as unavailable within the last `window`.
+    pub fn unavailable_within(&self, window: Duration) -> bool {
+        match self.last_unavailable_ms.load(Ordering::Relaxed) {
+            0 => false,
+            ms => self.origin.elapsed().saturating_sub(Duration::from_millis(ms - 1)) < window,
         }
     }
 }
@@ -69,6 +119,9 @@ impl StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The Postgres channel replicas wake each other on.
+pub const NOTIFY_CHANNEL: &str = "coordinator_events";
 
 /// A task this worker holds under this attempt: the fence every worker-side write checks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -157,6 +210,22 @@ pub struct Cancelled {
     pub held_by: Option<Held>,
 }
 
+/// A task a worker holds as the store sees it, for reconciliation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldRow {
+    pub held: Held,
+    pub session: Option<Uuid>,
+    pub state: TaskState,
+    pub assigned_at: Option<DateTime<Utc>>,
+}
+
+/// See [`Store::ownership`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ownership {
+    pub sessions: HashMap<WorkerId, Uuid>,
+    pub held: Vec<HeldRow>,
+}
+
 /// See [`Store::audit`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Audit {
@@ -221,6 +290,7 @@ macro_rules! timed {
         let start = std::time::Instant::now();
         let r = dispatch!($self, $s => $e);
         crate::metrics::db_query($op, start.elapsed());
+        $self.health().note(&r);
         r
     }};
 }
@@ -261,9 +331,33 @@ impl Store {
         dispatch!(self, s => s.close().await)
     }
 
+    /// When the database last failed as unreachable.
+    pub fn health(&self) -> &Arc<DbHealth> {
+        dispatch!(self, s => &s.health)
+    }
+
     /// Pool sizes: (open, idle).
     pub fn pool_stats(&self) -> (u32, u32) {
         dispatch!(self, s => s.pool_stats())
+    }
+
+    /// Sends notifications to every replica listening on [`NOTIFY_CHANNEL`] (Postgres), in
+    /// one statement. SQLite serves one process: nothing to tell.
+    pub async fn notify(&self, payloads: &[String]) -> Result<()> {
+        match self {
+            Store::Postgres(s) if !payloads.is_empty() => {
+                timed!("notify", self, _s => s.notify(payloads).await)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A dedicated connection listening on [`NOTIFY_CHANNEL`]; `None` on SQLite.
+    pub async fn listen(&self) -> Option<Result<sqlx::postgres::PgListener>> {
+        match self {
+            Store::Postgres(s) => Some(s.listen().await),
+            Store::Sqlite(_) => None,
+        }
     }
 
     // ---- tasks ----
@@ -309,10 +403,28 @@ impl Store {
     where
         F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
     {
+        self.claim_fenced(limit, types, lease, &HashMap::new(), place).await
+    }
+
+    /// [`Store::claim`] for registered sessions: a placement on a worker named in `sessions` is
+    /// made only while that session is still the worker's current one in the database, and the
+    /// assignment records it. (A placement on a worker absent from `sessions` records no session
+    /// and is not fenced: tools and tests that assign directly.)
+    pub async fn claim_fenced<F>(
+        &self,
+        limit: u32,
+        types: &TypeFilter,
+        lease: Duration,
+        sessions: &HashMap<WorkerId, Uuid>,
+        place: F,
+    ) -> Result<Vec<Assignment>>
+    where
+        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+    {
         if limit == 0 || matches!(types, TypeFilter::Only(t) if t.is_empty()) {
             return Ok(Vec::new());
         }
-        timed!("claim", self, s => s.claim(limit, types, lease, place).await)
+        timed!("claim", self, s => s.claim(limit, types, lease, sessions, place).await)
     }
 
     /// Marks delivered assignments `running` (assigned -> running). Returns how many applied.
@@ -323,9 +435,10 @@ impl Store {
         timed!("mark_running", self, s => s.mark_running(held).await)
     }
 
-    /// Renews the leases of tasks a worker reports as running, in one statement, and marks them
-    /// running. Returns the ids still held; the others were revoked (cancelled, requeued, done).
-    pub async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<TaskId>> {
+    /// Renews the leases of tasks workers report as running, in one statement, and marks them
+    /// running. Returns the (task, worker, attempt) still held; the others were revoked
+    /// (cancelled, requeued, done, or a newer attempt).
+    pub async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<Held>> {
         if held.is_empty() {
             return Ok(Vec::new());
         }
@@ -356,9 +469,21 @@ impl Store {
         timed!("requeue_expired", self, s => s.requeue_expired(limit).await)
     }
 
-    /// Requeues every task held by `worker` (it went DEAD), charging an attempt.
-    pub async fn requeue_worker(&self, worker: &WorkerId) -> Result<Vec<Requeued>> {
-        timed!("requeue_worker", self, s => s.requeue_worker(worker).await)
+    /// Requeues every task `worker` holds under `session` (it went DEAD), charging an attempt,
+    /// but only while `session` is still the worker's current session in the database: a worker
+    /// that registered again (here or on another replica) keeps its tasks. Tasks assigned
+    /// without a recorded session count as the current session's.
+    pub async fn requeue_worker(&self, worker: &WorkerId, session: Uuid) -> Result<Vec<Requeued>> {
+        timed!("requeue_worker", self, s => s.requeue_worker(worker, session).await)
+    }
+
+    /// Puts tasks a draining worker hands back unfinished to pending without charging an
+    /// attempt (outcome `released`). Fenced by (task, worker, attempt).
+    pub async fn requeue_released(&self, held: &[Held]) -> Result<Vec<Requeued>> {
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        timed!("requeue_released", self, s => s.requeue_released(held).await)
     }
 
     /// Puts assignments that never reached their worker back to pending without charging an
@@ -373,6 +498,15 @@ impl Store {
     /// Tasks the store says `worker` holds (assigned or running), with their attempts.
     pub async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
         timed!("held_by", self, s => s.held_by(worker).await)
+    }
+
+    /// What the store says these workers hold, and each worker's current session: the
+    /// registry's reconciliation compares it with its in-memory slots.
+    pub async fn ownership(&self, workers: &[WorkerId]) -> Result<Ownership> {
+        if workers.is_empty() {
+            return Ok(Ownership::default());
+        }
+        timed!("ownership", self, s => s.ownership(workers).await)
     }
 
     /// The assignment history of a task, oldest first.
@@ -401,6 +535,13 @@ impl Store {
     /// Inserts or replaces a worker's registration; state becomes `active`.
     pub async fn upsert_worker(&self, w: &WorkerRegistration) -> Result<()> {
         timed!("upsert_worker", self, s => s.upsert_worker(w).await)
+    }
+
+    /// Registers a worker's new session in one transaction: the registration is written, the
+    /// tasks the worker still holds move to the new session, and they are returned. A DEAD
+    /// notice about an older session is a no-op from then on.
+    pub async fn register_worker(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+        timed!("register_worker", self, s => s.register_worker(w).await)
     }
 
     /// Sets a worker's state if `session` is still its session. Returns whether it applied.

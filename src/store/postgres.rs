@@ -1,7 +1,12 @@
 //! The Postgres backend. Claims lock candidates with `FOR UPDATE SKIP LOCKED`, so replicas never
 //! claim the same task; batch operations take arrays and `unnest` them, one statement per batch.
 
-use std::{collections::BTreeMap, str::FromStr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use sqlx::{
@@ -11,9 +16,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Cancelled, Completion, Created, Failure, Held, ReportOutcome, Requeued, Result, RetryPolicy, StoreError,
-    TaskFilter, TypeFilter, WorkerRegistration, classify_unapplied, decode_json, duration_ms, encode_json,
-    parse_state, parse_worker_state,
+    Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, NOTIFY_CHANNEL, Ownership,
+    ReportOutcome, Requeued, Result, RetryPolicy, StoreError, TaskFilter, TypeFilter, WorkerRegistration,
+    classify_unapplied, decode_json, duration_ms, encode_json, parse_state, parse_worker_state,
 };
 use crate::{
     config::DatabaseConfig,
@@ -33,6 +38,7 @@ const TASK_COLUMNS: &str = "id, task_type, payload, status, priority, attempt, m
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    pub(super) health: Arc<DbHealth>,
 }
 
 /// Runs a statement group again when Postgres aborted it to break a deadlock or a serialization
@@ -71,7 +77,7 @@ impl PgStore {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, health: Arc::default() })
     }
 
     pub(super) async fn migrate(&self) -> Result<()> {
@@ -176,6 +182,7 @@ impl PgStore {
         limit: u32,
         types: &TypeFilter,
         lease: Duration,
+        sessions: &HashMap<WorkerId, Uuid>,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
@@ -227,16 +234,35 @@ impl PgStore {
             tx.rollback().await?;
             return Ok(Vec::new());
         }
-        let (ids, workers): (Vec<Uuid>, Vec<String>) = placed.into_iter().map(|(t, w)| (t.0, w.0)).unzip();
+        let mut ids = Vec::with_capacity(placed.len());
+        let mut workers = Vec::with_capacity(placed.len());
+        let mut session_ids: Vec<Option<Uuid>> = Vec::with_capacity(placed.len());
+        for (t, w) in placed {
+            ids.push(t.0);
+            session_ids.push(sessions.get(&w).copied());
+            workers.push(w.0);
+        }
+        // The session fence: the worker row is share-locked, so a registration of a new session
+        // (which updates that row) either commits first and the placement is dropped, or waits
+        // for this claim and then adopts what it assigned.
         let rows = sqlx::query(
-            "WITH a AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS a(id, worker_id)),
+            "WITH a AS (SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[]) AS a(id, worker_id, session_id)),
+             fence AS (
+                 SELECT w.id, w.session_id FROM workers w
+                 WHERE w.id IN (SELECT worker_id FROM a WHERE session_id IS NOT NULL)
+                 ORDER BY w.id
+                 FOR SHARE
+             ),
              upd AS (
                  UPDATE tasks t
                  SET status = 'assigned', worker_id = a.worker_id, attempt = t.attempt + 1,
+                     session_id = a.session_id,
                      assigned_at = now(), started_at = NULL, updated_at = now(),
                      lease_expires_at = now() + $3::bigint * interval '1 millisecond'
                  FROM a
                  WHERE t.id = a.id AND t.status = 'pending'
+                   AND (a.session_id IS NULL
+                        OR EXISTS (SELECT 1 FROM fence f WHERE f.id = a.worker_id AND f.session_id = a.session_id))
                  RETURNING t.id, t.task_type, t.payload, t.attempt, t.worker_id, t.priority, t.job_id,
                            t.timeout_ms, t.created_at, t.assigned_at
              ),
@@ -249,6 +275,7 @@ impl PgStore {
         .bind(&ids)
         .bind(&workers)
         .bind(duration_ms(lease))
+        .bind(&session_ids)
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -299,7 +326,7 @@ impl PgStore {
         )
     }
 
-    pub(super) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<TaskId>> {
+    pub(super) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<Held>> {
         let (ids, workers, attempts) = held_arrays(held);
         let rows = retry_conflicts!(
             sqlx::query(
@@ -311,13 +338,13 @@ impl PgStore {
                      FROM h
                      WHERE t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
                        AND t.status IN ('assigned', 'running')
-                     RETURNING t.id, t.attempt
+                     RETURNING t.id, t.attempt, t.worker_id
                  ),
                  att AS (
                      UPDATE task_attempts a SET started_at = COALESCE(a.started_at, now())
                      FROM upd WHERE a.task_id = upd.id AND a.attempt = upd.attempt AND a.started_at IS NULL
                  )
-                 SELECT id FROM upd",
+                 SELECT id, attempt, worker_id FROM upd",
             )
             .bind(&ids)
             .bind(&workers)
@@ -327,7 +354,7 @@ impl PgStore {
             .await
             .map_err(StoreError::from)
         )?;
-        rows.iter().map(|r| Ok(TaskId(r.try_get("id")?))).collect()
+        rows.iter().map(held_from_row).collect()
     }
 
     pub(super) async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
@@ -532,15 +559,35 @@ impl PgStore {
         .await
     }
 
-    pub(super) async fn requeue_worker(&self, worker: &WorkerId) -> Result<Vec<Requeued>> {
+    pub(super) async fn requeue_worker(&self, worker: &WorkerId, session: Uuid) -> Result<Vec<Requeued>> {
         let worker = worker.0.clone();
+        // The worker row is locked first: a registration of a new session (which updates it)
+        // either committed before, and nothing here matches, or waits until this is done.
         retry_conflicts!(
             self.requeue(
-                "SELECT id, attempt, worker_id FROM tasks
-                 WHERE status IN ('assigned', 'running') AND worker_id = $1
-                 ORDER BY id FOR UPDATE",
+                "SELECT t.id, t.attempt, t.worker_id FROM tasks t
+                 WHERE t.status IN ('assigned', 'running') AND t.worker_id = $1
+                   AND (t.session_id = $2 OR t.session_id IS NULL)
+                   AND EXISTS (SELECT 1 FROM workers w WHERE w.id = $1 AND w.session_id = $2 FOR UPDATE)
+                 ORDER BY t.id FOR UPDATE OF t",
                 RequeueReason::WorkerDead,
-                |q| q.bind(worker.clone()),
+                |q| q.bind(worker.clone()).bind(session),
+            )
+            .await
+        )
+    }
+
+    pub(super) async fn requeue_released(&self, held: &[Held]) -> Result<Vec<Requeued>> {
+        let (ids, workers, attempts) = held_arrays(held);
+        retry_conflicts!(
+            self.requeue(
+                "SELECT t.id, t.attempt, t.worker_id
+                 FROM tasks t JOIN unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)
+                   ON t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
+                 WHERE t.status IN ('assigned', 'running')
+                 ORDER BY t.id FOR UPDATE OF t",
+                RequeueReason::Released,
+                |q| q.bind(ids.clone()).bind(workers.clone()).bind(attempts.clone()),
             )
             .await
         )
@@ -572,8 +619,14 @@ impl PgStore {
             sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
         ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     ) -> Result<Vec<Requeued>> {
-        let charge = i32::from(reason != RequeueReason::Undelivered);
-        let n = victims.matches('$').count();
+        let charge = i32::from(reason.charged());
+        // The highest parameter number the victims statement uses; charge and reason follow it.
+        let n = victims
+            .split('$')
+            .skip(1)
+            .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
         let sql = format!(
             "WITH v AS ({victims}),
              upd AS (
@@ -584,7 +637,8 @@ impl PgStore {
                          THEN 'attempt ' || v.attempt || ' lost: ' || ${r} || ' on worker ' || v.worker_id
                          ELSE t.error END,
                      finished_at = CASE WHEN t.failures + ${c} >= t.max_attempts THEN now() ELSE NULL END,
-                     worker_id = NULL, lease_expires_at = NULL, run_after = now(), updated_at = now()
+                     worker_id = NULL, session_id = NULL, lease_expires_at = NULL, run_after = now(),
+                     updated_at = now()
                  FROM v WHERE t.id = v.id
                  RETURNING t.id, t.task_type, t.status, v.attempt, v.worker_id
              ),
@@ -628,6 +682,50 @@ impl PgStore {
                 })
             })
             .collect()
+    }
+
+    pub(super) async fn ownership(&self, workers: &[WorkerId]) -> Result<Ownership> {
+        let ids: Vec<&str> = workers.iter().map(|w| w.0.as_str()).collect();
+        let sessions = sqlx::query("SELECT id, session_id FROM workers WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((WorkerId(r.try_get("id")?), r.try_get("session_id")?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let held = sqlx::query(
+            "SELECT id, attempt, worker_id, session_id, status, assigned_at FROM tasks
+             WHERE worker_id = ANY($1) AND status IN ('assigned', 'running')",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(HeldRow {
+                held: held_from_row(r)?,
+                session: r.try_get("session_id")?,
+                state: parse_state(r.try_get("status")?)?,
+                assigned_at: r.try_get("assigned_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok(Ownership { sessions, held })
+    }
+
+    pub(super) async fn notify(&self, payloads: &[String]) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(NOTIFY_CHANNEL)
+            .bind(payloads)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn listen(&self) -> Result<sqlx::postgres::PgListener> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        Ok(listener)
     }
 
     pub(super) async fn attempts(&self, id: TaskId) -> Result<Vec<AttemptRecord>> {
@@ -689,28 +787,29 @@ impl PgStore {
     }
 
     pub(super) async fn upsert_worker(&self, w: &WorkerRegistration) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
-                                  session_id, coordinator_id, registered_at, last_heartbeat_at, updated_at)
-             VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, now(), now(), now())
-             ON CONFLICT (id) DO UPDATE SET
-                 state = 'active', max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
-                 capabilities = EXCLUDED.capabilities, labels = EXCLUDED.labels, version = EXCLUDED.version,
-                 hostname = EXCLUDED.hostname, session_id = EXCLUDED.session_id,
-                 coordinator_id = EXCLUDED.coordinator_id, registered_at = now(),
-                 last_heartbeat_at = now(), updated_at = now()",
+        upsert_worker(&self.pool, w).await
+    }
+
+    pub(super) async fn register_worker(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+        retry_conflicts!(self.register_worker_once(w).await)
+    }
+
+    async fn register_worker_once(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+        let mut tx = self.pool.begin().await?;
+        upsert_worker(&mut *tx, w).await?;
+        let rows = sqlx::query(
+            "UPDATE tasks SET session_id = $2
+             WHERE worker_id = $1 AND status IN ('assigned', 'running')
+             RETURNING id, attempt, worker_id",
         )
         .bind(&w.id.0)
-        .bind(w.max_concurrent_tasks as i32)
-        .bind(encode_json(&w.capabilities))
-        .bind(encode_json(&w.labels))
-        .bind(&w.version)
-        .bind(&w.hostname)
         .bind(w.session_id)
-        .bind(&w.coordinator_id)
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        let mut held = rows.iter().map(held_from_row).collect::<Result<Vec<_>>>()?;
+        held.sort_by_key(|h| h.task_id);
+        Ok(held)
     }
 
     pub(super) async fn set_worker_state(
@@ -883,6 +982,39 @@ async fn insert_tasks(
                 .ok_or_else(|| StoreError::Corrupt(format!("task {} was neither inserted nor found", t.id)))
         })
         .collect()
+}
+
+async fn upsert_worker<'e>(exec: impl sqlx::PgExecutor<'e>, w: &WorkerRegistration) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
+                              session_id, coordinator_id, registered_at, last_heartbeat_at, updated_at)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, now(), now(), now())
+         ON CONFLICT (id) DO UPDATE SET
+             state = 'active', max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
+             capabilities = EXCLUDED.capabilities, labels = EXCLUDED.labels, version = EXCLUDED.version,
+             hostname = EXCLUDED.hostname, session_id = EXCLUDED.session_id,
+             coordinator_id = EXCLUDED.coordinator_id, registered_at = now(),
+             last_heartbeat_at = now(), updated_at = now()",
+    )
+    .bind(&w.id.0)
+    .bind(w.max_concurrent_tasks as i32)
+    .bind(encode_json(&w.capabilities))
+    .bind(encode_json(&w.labels))
+    .bind(&w.version)
+    .bind(&w.hostname)
+    .bind(w.session_id)
+    .bind(&w.coordinator_id)
+    .execute(exec)
+    .await?;
+    Ok(())
+}
+
+fn held_from_row(r: &PgRow) -> Result<Held> {
+    Ok(Held {
+        task_id: TaskId(r.try_get("id")?),
+        worker_id: WorkerId(r.try_get("worker_id")?),
+        attempt: r.try_get::<i32, _>("attempt")? as u32,
+    })
 }
 
 fn held_arrays(held: &[Held]) -> (Vec<Uuid>, Vec<String>, Vec<i32>) {

@@ -5,8 +5,9 @@
 //! beside the writer. One coordinator process per database file (replicas need Postgres).
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     str::FromStr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -18,9 +19,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Cancelled, Completion, Created, Failure, Held, ReportOutcome, Requeued, Result, RetryPolicy, StoreError,
-    TaskFilter, TypeFilter, WorkerRegistration, classify_unapplied, decode_json, duration_ms, encode_json,
-    lost_error, parse_state, parse_worker_state,
+    Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, Ownership, ReportOutcome, Requeued,
+    Result, RetryPolicy, StoreError, TaskFilter, TypeFilter, WorkerRegistration, classify_unapplied,
+    decode_json, duration_ms, encode_json, lost_error, parse_state, parse_worker_state,
 };
 use crate::{
     config::DatabaseConfig,
@@ -43,6 +44,7 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Readers; WAL mode lets them read beside the writer.
     reader: SqlitePool,
+    pub(super) health: Arc<DbHealth>,
 }
 
 fn micros(t: DateTime<Utc>) -> i64 {
@@ -97,7 +99,7 @@ impl SqliteStore {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        Ok(Self { writer, reader, health: Arc::default() })
     }
 
     pub(super) async fn migrate(&self) -> Result<()> {
@@ -206,6 +208,7 @@ impl SqliteStore {
         limit: u32,
         types: &TypeFilter,
         lease: Duration,
+        sessions: &HashMap<WorkerId, Uuid>,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
@@ -245,9 +248,31 @@ impl SqliteStore {
         let placed = super::only_candidates(&candidates, place(&candidates));
         let lease_until = micros(now) + duration_ms(lease).saturating_mul(1000);
         let mut out = Vec::with_capacity(placed.len());
+        // The session fence: one writer runs at a time, so the session read here is the
+        // worker's current one until this transaction commits.
+        let mut current: HashMap<WorkerId, bool> = HashMap::new();
         for (task_id, worker_id) in placed {
+            let session = sessions.get(&worker_id).copied();
+            if let Some(session) = session {
+                let fenced = match current.get(&worker_id) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = sqlx::query("SELECT 1 FROM workers WHERE id = ?1 AND session_id = ?2")
+                            .bind(&worker_id.0)
+                            .bind(session.to_string())
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .is_some();
+                        current.insert(worker_id.clone(), ok);
+                        ok
+                    }
+                };
+                if !fenced {
+                    continue;
+                }
+            }
             let row = sqlx::query(
-                "UPDATE tasks SET status = 'assigned', worker_id = ?2, attempt = attempt + 1,
+                "UPDATE tasks SET status = 'assigned', worker_id = ?2, attempt = attempt + 1, session_id = ?5,
                      assigned_at = ?3, started_at = NULL, updated_at = ?3, lease_expires_at = ?4
                  WHERE id = ?1 AND status = 'pending'
                  RETURNING task_type, payload, attempt, priority, job_id, timeout_ms, created_at",
@@ -256,6 +281,7 @@ impl SqliteStore {
             .bind(&worker_id.0)
             .bind(micros(now))
             .bind(lease_until)
+            .bind(session.map(|s| s.to_string()))
             .fetch_optional(&mut *tx)
             .await?;
             let Some(r) = row else { continue };
@@ -308,13 +334,15 @@ impl SqliteStore {
         Ok(n)
     }
 
-    pub(super) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<TaskId>> {
+    pub(super) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<Held>> {
         let now = micros(Utc::now());
         let until = now + duration_ms(lease).saturating_mul(1000);
         let mut tx = self.writer.begin().await?;
         let mut renewed = Vec::new();
         let mut seen = HashSet::new();
-        for h in held.iter().filter(|h| seen.insert(h.task_id)) {
+        // Deduplicated by the whole fence: a stale holder listed first must not hide the
+        // current holder of the same task in the same batch.
+        for h in held.iter().filter(|h| seen.insert((*h).clone())) {
             let r = sqlx::query(
                 "UPDATE tasks SET lease_expires_at = ?4, status = 'running',
                      started_at = COALESCE(started_at, ?5), updated_at = ?5
@@ -328,7 +356,7 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
             if r.rows_affected() == 1 {
-                renewed.push(h.task_id);
+                renewed.push(h.clone());
                 set_attempt_started(&mut tx, h, now).await?;
             }
         }
@@ -463,14 +491,18 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(super) async fn requeue_worker(&self, worker: &WorkerId) -> Result<Vec<Requeued>> {
+    pub(super) async fn requeue_worker(&self, worker: &WorkerId, session: Uuid) -> Result<Vec<Requeued>> {
         let now = micros(Utc::now());
         let mut tx = self.writer.begin().await?;
         let victims = sqlx::query(
             "SELECT id, attempt, worker_id FROM tasks
-             WHERE status IN ('assigned', 'running') AND worker_id = ?1 ORDER BY id",
+             WHERE status IN ('assigned', 'running') AND worker_id = ?1
+               AND (session_id = ?2 OR session_id IS NULL)
+               AND EXISTS (SELECT 1 FROM workers WHERE id = ?1 AND session_id = ?2)
+             ORDER BY id",
         )
         .bind(&worker.0)
+        .bind(session.to_string())
         .fetch_all(&mut *tx)
         .await?;
         let held = held_from_rows(&victims)?;
@@ -485,6 +517,48 @@ impl SqliteStore {
         let out = requeue(&mut tx, held, RequeueReason::Undelivered, now).await?;
         tx.commit().await?;
         Ok(out)
+    }
+
+    pub(super) async fn requeue_released(&self, held: &[Held]) -> Result<Vec<Requeued>> {
+        let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        let out = requeue(&mut tx, held, RequeueReason::Released, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(super) async fn ownership(&self, workers: &[WorkerId]) -> Result<Ownership> {
+        let ids = encode_json(&workers.iter().map(|w| w.0.as_str()).collect::<Vec<_>>());
+        let sessions =
+            sqlx::query("SELECT id, session_id FROM workers WHERE id IN (SELECT value FROM json_each(?1))")
+                .bind(&ids)
+                .fetch_all(&self.reader)
+                .await?
+                .iter()
+                .map(|r| Ok((WorkerId(r.try_get("id")?), uuid_col(r, "session_id")?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+        let held = sqlx::query(
+            "SELECT id, attempt, worker_id, session_id, status, assigned_at FROM tasks
+             WHERE worker_id IN (SELECT value FROM json_each(?1)) AND status IN ('assigned', 'running')",
+        )
+        .bind(&ids)
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(HeldRow {
+                held: Held {
+                    task_id: TaskId(uuid_col(r, "id")?),
+                    attempt: r.try_get::<i64, _>("attempt")? as u32,
+                    worker_id: WorkerId(r.try_get("worker_id")?),
+                },
+                session: opt_uuid_col(r, "session_id")?,
+                state: parse_state(r.try_get("status")?)?,
+                assigned_at: opt_time(r, "assigned_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+        Ok(Ownership { sessions, held })
     }
 
     pub(super) async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
@@ -557,30 +631,25 @@ impl SqliteStore {
     }
 
     pub(super) async fn upsert_worker(&self, w: &WorkerRegistration) -> Result<()> {
-        let now = micros(Utc::now());
-        sqlx::query(
-            "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
-                                  session_id, coordinator_id, registered_at, last_heartbeat_at, updated_at)
-             VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)
-             ON CONFLICT (id) DO UPDATE SET
-                 state = 'active', max_concurrent_tasks = excluded.max_concurrent_tasks,
-                 capabilities = excluded.capabilities, labels = excluded.labels, version = excluded.version,
-                 hostname = excluded.hostname, session_id = excluded.session_id,
-                 coordinator_id = excluded.coordinator_id, registered_at = excluded.registered_at,
-                 last_heartbeat_at = excluded.last_heartbeat_at, updated_at = excluded.updated_at",
+        upsert_worker(&self.writer, w).await
+    }
+
+    pub(super) async fn register_worker(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+        let mut tx = self.writer.begin().await?;
+        upsert_worker(&mut *tx, w).await?;
+        let rows = sqlx::query(
+            "UPDATE tasks SET session_id = ?2
+             WHERE worker_id = ?1 AND status IN ('assigned', 'running')
+             RETURNING id, attempt, worker_id",
         )
         .bind(&w.id.0)
-        .bind(i64::from(w.max_concurrent_tasks))
-        .bind(encode_json(&w.capabilities))
-        .bind(encode_json(&w.labels))
-        .bind(&w.version)
-        .bind(&w.hostname)
         .bind(w.session_id.to_string())
-        .bind(&w.coordinator_id)
-        .bind(now)
-        .execute(&self.writer)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        let mut held = held_from_rows(&rows)?;
+        held.sort_by_key(|h| h.task_id);
+        Ok(held)
     }
 
     pub(super) async fn set_worker_state(
@@ -789,6 +858,33 @@ async fn classify(tx: &mut Tx<'_>, h: &Held, reported: &str) -> Result<ReportOut
     Ok(classify_unapplied(task, prior.as_deref(), reported))
 }
 
+async fn upsert_worker<'e>(exec: impl sqlx::SqliteExecutor<'e>, w: &WorkerRegistration) -> Result<()> {
+    let now = micros(Utc::now());
+    sqlx::query(
+        "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
+                              session_id, coordinator_id, registered_at, last_heartbeat_at, updated_at)
+         VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)
+         ON CONFLICT (id) DO UPDATE SET
+             state = 'active', max_concurrent_tasks = excluded.max_concurrent_tasks,
+             capabilities = excluded.capabilities, labels = excluded.labels, version = excluded.version,
+             hostname = excluded.hostname, session_id = excluded.session_id,
+             coordinator_id = excluded.coordinator_id, registered_at = excluded.registered_at,
+             last_heartbeat_at = excluded.last_heartbeat_at, updated_at = excluded.updated_at",
+    )
+    .bind(&w.id.0)
+    .bind(i64::from(w.max_concurrent_tasks))
+    .bind(encode_json(&w.capabilities))
+    .bind(encode_json(&w.labels))
+    .bind(&w.version)
+    .bind(&w.hostname)
+    .bind(w.session_id.to_string())
+    .bind(&w.coordinator_id)
+    .bind(now)
+    .execute(exec)
+    .await?;
+    Ok(())
+}
+
 fn held_from_rows(rows: &[SqliteRow]) -> Result<Vec<Held>> {
     rows.iter()
         .map(|r| {
@@ -804,12 +900,12 @@ fn held_from_rows(rows: &[SqliteRow]) -> Result<Vec<Held>> {
 /// Gives held tasks back: pending again, or failed when out of attempts. Each update is fenced by
 /// (task, worker, attempt) and a held status, so a completion that won the race is untouched.
 async fn requeue(tx: &mut Tx<'_>, held: &[Held], reason: RequeueReason, now: i64) -> Result<Vec<Requeued>> {
-    let charge = i64::from(reason != RequeueReason::Undelivered);
+    let charge = i64::from(reason.charged());
     let only_assigned = reason == RequeueReason::Undelivered;
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for h in held {
-        if !seen.insert(h.task_id) {
+        if !seen.insert(h.clone()) {
             continue;
         }
         let row = sqlx::query(
@@ -817,7 +913,7 @@ async fn requeue(tx: &mut Tx<'_>, held: &[Held], reason: RequeueReason, now: i64
                  status = CASE WHEN failures + ?4 >= max_attempts THEN 'failed' ELSE 'pending' END,
                  error = CASE WHEN failures + ?4 >= max_attempts THEN ?5 ELSE error END,
                  finished_at = CASE WHEN failures + ?4 >= max_attempts THEN ?6 ELSE NULL END,
-                 worker_id = NULL, lease_expires_at = NULL, run_after = ?6, updated_at = ?6
+                 worker_id = NULL, session_id = NULL, lease_expires_at = NULL, run_after = ?6, updated_at = ?6
              WHERE id = ?1 AND worker_id = ?2 AND attempt = ?3
                AND (status = 'assigned' OR (status = 'running' AND NOT ?7))
              RETURNING task_type, status",

@@ -161,7 +161,12 @@ pub struct Worker {
     running: Arc<Mutex<HashMap<String, Running>>>,
     slots: Arc<Semaphore>,
     counters: Arc<WorkerCounters>,
+    /// Set once the worker told the coordinator it is draining.
+    deregistered: std::sync::atomic::AtomicBool,
 }
+
+/// After deregistering, how long the worker reads what its task stream still sends.
+const DRAIN_READ: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,7 +185,15 @@ impl Worker {
     pub fn new(opts: WorkerOptions, handler: Arc<dyn Handler>) -> anyhow::Result<Self> {
         let client = crate::client::connect_lazy(&opts.endpoint, &opts.security, opts.max_message_size)?;
         let slots = Arc::new(Semaphore::new(opts.max_concurrent.max(1) as usize));
-        Ok(Self { opts, handler, client, running: Arc::default(), slots, counters: Arc::default() })
+        Ok(Self {
+            opts,
+            handler,
+            client,
+            running: Arc::default(),
+            slots,
+            counters: Arc::default(),
+            deregistered: Default::default(),
+        })
     }
 
     /// Counters shared with the running worker.
@@ -288,7 +301,21 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+                _ = shutdown.cancelled() => {
+                    // Deregister first: no new work. The stream then sends what was already on
+                    // its way and ends; read it to the end, so nothing assigned is lost in
+                    // transit (those tasks run within the drain's grace period).
+                    self.deregister().await;
+                    let rest = async {
+                        while let Ok(Some(a)) = stream.message().await {
+                            self.dispatch(a, tasks);
+                        }
+                    };
+                    if tokio::time::timeout(DRAIN_READ, rest).await.is_err() {
+                        debug!(worker_id = %self.opts.worker_id, "task stream did not end after deregistering");
+                    }
+                    return Ok(SessionEnd::Shutdown);
+                }
                 _ = reregister.notified() => {
                     info!(worker_id = %self.opts.worker_id, "coordinator does not know this worker; registering again");
                     return Ok(SessionEnd::Reconnect);
@@ -399,6 +426,7 @@ impl Worker {
                             attempt,
                             error: f.message.clone(),
                             retriable: f.retriable,
+                            release: false,
                         })
                         .await
                 }
@@ -469,11 +497,20 @@ impl Worker {
             let req = proto::HeartbeatRequest { worker_id: self.opts.worker_id.clone(), running_tasks };
             match tokio::time::timeout(every.max(Duration::from_secs(1)), client.send_heartbeat(req)).await {
                 Ok(Ok(resp)) => {
-                    let revoked = resp.into_inner().revoked_task_ids;
+                    let resp = resp.into_inner();
+                    // Attempt-exact: only the attempt named is stopped. A coordinator that
+                    // names task ids only is older; what it revokes is what was reported.
+                    let revoked: Vec<(String, Option<u32>)> = if resp.revoked.is_empty() {
+                        resp.revoked_task_ids.into_iter().map(|id| (id, None)).collect()
+                    } else {
+                        resp.revoked.into_iter().map(|t| (t.task_id, Some(t.attempt))).collect()
+                    };
                     if !revoked.is_empty() {
                         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-                        for id in &revoked {
-                            if let Some(r) = running.get(id) {
+                        for (id, attempt) in &revoked {
+                            if let Some(r) =
+                                running.get(id).filter(|r| attempt.is_none_or(|a| a == r.attempt))
+                            {
                                 warn!(worker_id = %self.opts.worker_id, task_id = %id, attempt = r.attempt, "task revoked by the coordinator; stopping it");
                                 r.cancel.cancel();
                             }
@@ -487,17 +524,29 @@ impl Worker {
         }
     }
 
+    /// Tells the coordinator this worker takes no new work (once).
+    async fn deregister(&self) {
+        if self.deregistered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut client = self.client.clone();
+        let req =
+            proto::DeregisterRequest { worker_id: self.opts.worker_id.clone(), reason: "shutdown".into() };
+        match tokio::time::timeout(Duration::from_secs(5), client.deregister(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(s)) => {
+                debug!(worker_id = %self.opts.worker_id, code = ?s.code(), error = %s.message(), "deregister failed")
+            }
+            Err(_) => debug!(worker_id = %self.opts.worker_id, "deregister timed out"),
+        }
+    }
+
     /// Deregisters, lets running tasks finish within the grace period (their results are
     /// delivered), and gives back whatever did not finish.
     async fn drain(&self, tasks: &mut JoinSet<()>) {
         let in_flight = self.running().len();
         info!(worker_id = %self.opts.worker_id, in_flight, "draining");
-        let mut client = self.client.clone();
-        let req =
-            proto::DeregisterRequest { worker_id: self.opts.worker_id.clone(), reason: "shutdown".into() };
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.deregister(req)).await {
-            debug!(error = %e, "deregister timed out");
-        }
+        self.deregister().await;
         let finished =
             tokio::time::timeout(self.opts.drain_grace, async { while tasks.join_next().await.is_some() {} })
                 .await;
@@ -509,10 +558,11 @@ impl Worker {
             let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             running.iter().map(|(id, r)| (id.clone(), r.attempt, r.cancel.clone())).collect()
         };
-        warn!(count = left.len(), "grace period over; giving unfinished tasks back");
+        warn!(worker_id = %self.opts.worker_id, count = left.len(), "grace period over; handing unfinished tasks back");
         for (id, attempt, cancel) in left {
             cancel.cancel();
             let mut client = self.client.clone();
+            // Released, not failed: the attempt is not charged and the task runs elsewhere now.
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
                 client.report_failure(proto::ReportFailureRequest {
@@ -521,6 +571,7 @@ impl Worker {
                     attempt,
                     error: "worker shut down before the task finished".into(),
                     retriable: true,
+                    release: true,
                 }),
             )
             .await;

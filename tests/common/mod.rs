@@ -261,6 +261,7 @@ impl RawWorker {
                 attempt,
                 error: "boom".into(),
                 retriable,
+                release: false,
             })
             .await
             .map(|r| r.into_inner())

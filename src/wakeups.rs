@@ -1,0 +1,273 @@
+//! Wake-ups across replicas: Postgres LISTEN/NOTIFY on one dedicated connection per replica.
+//!
+//! Submissions and requeues say "there is runnable work" (every replica's scheduler wakes), and
+//! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them). The
+//! [`Notifier`] coalesces what happened since its last statement into one `pg_notify` call, so
+//! a busy replica sends a few notifications per batch rather than one per task. The listener
+//! reconnects by itself; when it was away, notifications may have been lost, so it wakes
+//! everything once, and `poll_interval` stays the fallback. On SQLite (one process) both are
+//! no-ops.
+//!
+//! PgBouncer in transaction pooling mode does not carry LISTEN: point the coordinator at
+//! Postgres directly or through session pooling, or it works on `poll_interval` alone.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::{domain::TaskId, events::Events, metrics, scheduler::Wake, store::Store};
+
+/// Task ids per notification: 36-byte ids stay well under Postgres' 8,000-byte payload limit.
+const IDS_PER_NOTIFICATION: usize = 150;
+/// Backoff of the listener's reconnects.
+const RECONNECT_MIN: Duration = Duration::from_millis(200);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+enum Note {
+    Runnable,
+    Finished(TaskId),
+}
+
+/// Sends notifications to the other replicas. Cheap to clone; never blocks.
+#[derive(Debug, Clone)]
+pub struct Notifier {
+    /// The notifier loop holds the receiver; `None` when there is nobody to tell (SQLite).
+    tx: Option<mpsc::UnboundedSender<Note>>,
+}
+
+impl Notifier {
+    /// A notifier that tells nobody (SQLite, tests).
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    /// There is runnable work: a submission, or a task back to pending.
+    pub fn runnable(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Note::Runnable);
+        }
+    }
+
+    /// A task reached a terminal state.
+    pub fn finished(&self, id: TaskId) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Note::Finished(id));
+        }
+    }
+}
+
+/// The two loops of cross-replica wake-ups, for the app to spawn.
+#[derive(Debug)]
+pub struct Wakeups {
+    /// This process's id in payloads, so it ignores its own notifications.
+    origin: String,
+    store: Store,
+    rx: Option<mpsc::UnboundedReceiver<Note>>,
+}
+
+impl Wakeups {
+    /// The notifier handle and the loops' state; on SQLite the notifier is disabled.
+    pub fn new(store: Store) -> (Notifier, Wakeups) {
+        let origin = Uuid::now_v7().simple().to_string();
+        if store.backend() != "postgres" {
+            return (Notifier::disabled(), Wakeups { origin, store, rx: None });
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Notifier { tx: Some(tx) }, Wakeups { origin, store, rx: Some(rx) })
+    }
+
+    /// The listener's part and the notifier's part, to run as two loops.
+    pub fn split(self) -> (Wakeups, Wakeups) {
+        let listener = Wakeups { origin: self.origin.clone(), store: self.store.clone(), rx: None };
+        (listener, self)
+    }
+
+    /// Sends what the notifier collected until `shutdown` (and the rest after it).
+    pub async fn run_notifier(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Some(mut rx) = self.rx.take() else {
+            // Nobody to tell (SQLite): idle until shutdown, like every supervised loop.
+            shutdown.cancelled().await;
+            return Ok(());
+        };
+        let mut notes = Vec::new();
+        loop {
+            let n = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    rx.close();
+                    rx.recv_many(&mut notes, usize::MAX).await
+                }
+                n = rx.recv_many(&mut notes, 4096) => n,
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            let payloads = encode(&self.origin, notes.drain(..));
+            if let Err(error) = self.store.notify(&payloads).await {
+                // Lost notifications cost latency only: the other replicas poll.
+                debug!(%error, "failed to notify other replicas");
+            } else {
+                metrics::notifications("sent", payloads.len() as u64);
+            }
+            if shutdown.is_cancelled() && rx.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Listens until `shutdown`, waking the scheduler and watchers.
+    pub async fn run_listener(
+        self,
+        wake: Wake,
+        events: Events,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        if self.store.backend() != "postgres" {
+            shutdown.cancelled().await;
+            return Ok(());
+        }
+        let mut delay = RECONNECT_MIN;
+        loop {
+            let listener = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                l = self.store.listen() => l,
+            };
+            let mut listener = match listener {
+                Some(Ok(l)) => l,
+                Some(Err(error)) => {
+                    warn!(%error, retry_in_ms = delay.as_millis() as u64, "cannot listen for other replicas; polling meanwhile");
+                    tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(RECONNECT_MAX);
+                    continue;
+                }
+                None => {
+                    shutdown.cancelled().await;
+                    return Ok(());
+                }
+            };
+            delay = RECONNECT_MIN;
+            info!("listening for other replicas");
+            // Whatever was sent while nobody listened: look again.
+            wake.wake();
+            events.everything();
+            loop {
+                let got = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(()),
+                    n = listener.try_recv() => n,
+                };
+                match got {
+                    Ok(Some(n)) => {
+                        metrics::notifications("received", 1);
+                        match decode(&self.origin, n.payload()) {
+                            Decoded::Own => {}
+                            Decoded::Runnable => wake.wake(),
+                            Decoded::Finished(ids) => {
+                                for id in ids {
+                                    events.changed(id);
+                                }
+                            }
+                            Decoded::Unknown => debug!(payload = n.payload(), "unknown notification ignored"),
+                        }
+                    }
+                    // The connection dropped; the next try_recv reconnects. Notifications sent
+                    // meanwhile are lost: wake everything once.
+                    Ok(None) => {
+                        warn!("lost the notification connection; reconnecting");
+                        wake.wake();
+                        events.everything();
+                    }
+                    Err(error) => {
+                        warn!(%error, "notification connection failed; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Payloads: `<origin> r` (runnable work) and `<origin> f <id>,<id>,...` (finished tasks).
+fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
+    let mut runnable = false;
+    let mut finished = BTreeSet::new();
+    for n in notes {
+        match n {
+            Note::Runnable => runnable = true,
+            Note::Finished(id) => {
+                finished.insert(id);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if runnable {
+        out.push(format!("{origin} r"));
+    }
+    let ids: Vec<String> = finished.into_iter().map(|id| id.to_string()).collect();
+    for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
+        out.push(format!("{origin} f {}", chunk.join(",")));
+    }
+    out
+}
+
+#[derive(Debug, PartialEq)]
+enum Decoded {
+    Own,
+    Runnable,
+    Finished(Vec<TaskId>),
+    Unknown,
+}
+
+fn decode(origin: &str, payload: &str) -> Decoded {
+    let mut parts = payload.splitn(3, ' ');
+    let (Some(from), Some(kind)) = (parts.next(), parts.next()) else { return Decoded::Unknown };
+    if from == origin {
+        return Decoded::Own;
+    }
+    match (kind, parts.next()) {
+        ("r", None) => Decoded::Runnable,
+        ("f", Some(ids)) => Decoded::Finished(ids.split(',').filter_map(|s| s.parse().ok()).collect()),
+        _ => Decoded::Unknown,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_coalesce_and_round_trip() {
+        let ids: Vec<TaskId> = (0..400).map(|_| TaskId::new()).collect();
+        let notes = std::iter::repeat_with(|| Note::Runnable)
+            .take(50)
+            .chain(ids.iter().map(|id| Note::Finished(*id)))
+            .chain(ids.iter().take(10).map(|id| Note::Finished(*id)));
+        let payloads = encode("a", notes);
+        // One runnable, 400 distinct ids in chunks of 150.
+        assert_eq!(payloads.len(), 1 + 3);
+        assert!(payloads.iter().all(|p| p.len() < 8000));
+        assert_eq!(decode("b", &payloads[0]), Decoded::Runnable);
+        let mut back = Vec::new();
+        for p in &payloads[1..] {
+            match decode("b", p) {
+                Decoded::Finished(ids) => back.extend(ids),
+                other => panic!("{other:?}"),
+            }
+        }
+        back.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(back, want);
+        assert_eq!(decode("a", &payloads[0]), Decoded::Own, "own notifications are ignored");
+        assert_eq!(decode("b", "garbage"), Decoded::Unknown);
+    }
+}
