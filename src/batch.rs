@@ -171,14 +171,17 @@ mod tests {
         assert!(calls.load(Ordering::SeqCst) <= 200);
     }
 
+    /// Every batch the closure was given, in order. std Mutex: held only to push or copy, never
+    /// across an await.
+    type Seen = Arc<std::sync::Mutex<Vec<Vec<u32>>>>;
+
     /// A batcher whose first call (item 0) holds the loop until `open` is notified, so that
     /// the calls queued meanwhile make up the next batch. Every batch `run` is given is noted.
     fn gated(
         fail: impl Fn(&[u32]) -> Option<StoreError> + Send + 'static,
-    ) -> (Batcher<u32, u32>, Arc<tokio::sync::Notify>, Arc<std::sync::Mutex<Vec<Vec<u32>>>>) {
+    ) -> (Batcher<u32, u32>, Arc<tokio::sync::Notify>, Seen) {
         let open = Arc::new(tokio::sync::Notify::new());
-        // std Mutex: held only to push or copy, never across an await.
-        let seen = Arc::new(std::sync::Mutex::new(Vec::<Vec<u32>>::new()));
+        let seen = Seen::default();
         let (gate, log) = (open.clone(), seen.clone());
         let (b, _h) = Batcher::<u32, u32>::spawn(64, move |items| {
             log.lock().unwrap().push(items.clone());

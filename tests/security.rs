@@ -1108,7 +1108,7 @@ async fn idle_http2_and_http1_connections_are_closed_and_free_their_slots() {
     }
     let tcp = tokio::net::TcpStream::connect(c.http).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
-    connections.push(tokio::spawn(async move { conn.await }));
+    connections.push(tokio::spawn(conn));
     let resp = send.send_request(get("/health/live")).await.unwrap();
     assert_eq!(resp.status(), 200);
     drop(resp);
