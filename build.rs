@@ -17,6 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Answers a request that does not decode with InvalidArgument naming the field, where
+        // tonic's default codec answers Internal with the decoder's text.
+        .codec_path("crate::grpc::codec::ProtoCodec")
         .file_descriptor_set_path(out_dir.join("coordinator_descriptor.bin"))
         .compile_protos(&["proto/coordinator.proto"], &["proto"])?;
     Ok(())

@@ -24,7 +24,10 @@ use crate::{
     effects::{Effects, Reported},
     events::Events,
     grpc::{
-        Batchers, Service, ServiceConfig, auth::GrpcAuthLayer, convert::SubmitLimits, layer::GrpcMetricsLayer,
+        Batchers, Service, ServiceConfig,
+        auth::{GrpcAuthLayer, RateLimiter},
+        convert::SubmitLimits,
+        layer::GrpcMetricsLayer,
     },
     http::{self, HttpState},
     metrics,
@@ -231,6 +234,8 @@ impl App {
         let coordinator_service = CoordinatorServiceServer::new(service.clone())
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(max_send);
+        // One budget per peer for client calls, over gRPC and REST alike.
+        let client_limiter = RateLimiter::for_rate(config.grpc.client_rate_limit);
         let ka = &config.grpc.keepalive;
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(ka.interval))
@@ -244,7 +249,7 @@ impl App {
         let routes = builder
             // Outermost first: refused calls are counted in the gRPC metrics too.
             .layer(GrpcMetricsLayer)
-            .layer(GrpcAuthLayer::new(auth.clone(), config.grpc.client_rate_limit))
+            .layer(GrpcAuthLayer::with_limiter(auth.clone(), client_limiter.clone()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -278,7 +283,7 @@ impl App {
             auth: auth.clone(),
             liveness: liveness.clone(),
         };
-        let api = RestState { service: service.clone(), auth: auth.clone() };
+        let api = RestState { service: service.clone(), auth: auth.clone(), limiter: client_limiter };
         let router = http::router(http_state, api, config.http.write_timeout, max_recv);
         let http_server = tokio::spawn(http::serve(
             http_listener,

@@ -26,7 +26,7 @@ impl From<&StoreError> for BatchError {
     }
 }
 
-type Job<I, O> = (I, Option<oneshot::Sender<Result<O, BatchError>>>);
+type Job<I, O> = (I, Reply<O>);
 
 /// Handle to a batching loop; cheap to clone. The loop ends when every handle is dropped, after
 /// finishing what was queued.
@@ -42,8 +42,13 @@ impl<I, O> Clone for Batcher<I, O> {
     }
 }
 
-impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+impl<I: Clone + Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Spawns the loop. `run` gets a batch of items and returns one output per item, in order.
+    ///
+    /// A batch that fails with an error other than "database unavailable" may have failed for
+    /// one bad item (a constraint or a value the database refuses): it is split in halves and
+    /// each half run again, down to single items, so only the callers of bad items get the
+    /// error. An unavailable database fails every caller at once, with no retries.
     pub fn spawn<F, Fut>(max_batch: usize, mut run: F) -> (Self, JoinHandle<()>)
     where
         F: FnMut(Vec<I>) -> Fut + Send + 'static,
@@ -54,22 +59,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             let mut jobs = Vec::with_capacity(max_batch);
             while rx.recv_many(&mut jobs, max_batch).await > 0 {
                 let (items, replies): (Vec<I>, Vec<_>) = jobs.drain(..).unzip();
-                match run(items).await {
-                    Ok(outputs) => {
-                        for (reply, out) in replies.into_iter().zip(outputs) {
-                            if let Some(reply) = reply {
-                                let _ = reply.send(Ok(out));
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let err = BatchError::from(&e);
-                        tracing::warn!(error = %e, "batched store call failed");
-                        for reply in replies.into_iter().flatten() {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                    }
-                }
+                run_batch(&mut run, items, replies).await;
             }
         });
         (Self { tx }, handle)
@@ -86,6 +76,60 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// queue is full or closed.
     pub fn try_send(&self, item: I) -> bool {
         self.tx.try_send((item, None)).is_ok()
+    }
+}
+
+type Reply<O> = Option<oneshot::Sender<Result<O, BatchError>>>;
+
+/// Runs one batch and answers its callers, splitting it on a failure that may be one item's
+/// (see [`Batcher::spawn`]). Halves run one after the other, the first half first.
+async fn run_batch<I, O, F, Fut>(run: &mut F, items: Vec<I>, replies: Vec<Reply<O>>)
+where
+    I: Clone,
+    F: FnMut(Vec<I>) -> Fut,
+    Fut: Future<Output = Result<Vec<O>, StoreError>>,
+{
+    let mut pending = vec![(items, replies)];
+    while let Some((items, mut replies)) = pending.pop() {
+        let len = items.len();
+        // Kept only when a failure could be split further: a lone item is not copied.
+        let retry = (len > 1).then(|| items.clone());
+        match run(items).await {
+            Ok(outputs) => {
+                for (reply, out) in replies.into_iter().zip(outputs) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(out));
+                    }
+                }
+            }
+            Err(e) if e.is_unavailable() => {
+                // Whatever is left would meet the same database: fail it all now.
+                let err = BatchError::from(&e);
+                let callers = len + pending.iter().map(|(i, _)| i.len()).sum::<usize>();
+                tracing::warn!(error = %e, callers, "batched store call failed");
+                let rest = pending.drain(..).flat_map(|(_, r)| r);
+                for reply in replies.into_iter().chain(rest).flatten() {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                return;
+            }
+            Err(e) => match retry {
+                Some(mut first) => {
+                    tracing::warn!(error = %e, items = len, "batched store call failed; retrying it in halves");
+                    let second = first.split_off(len / 2);
+                    let second_replies = replies.split_off(len / 2);
+                    pending.push((second, second_replies));
+                    pending.push((first, replies));
+                }
+                None => {
+                    tracing::warn!(error = %e, "batched store call failed for one item");
+                    let err = BatchError::from(&e);
+                    for reply in replies.into_iter().flatten() {
+                        let _ = reply.send(Err(err.clone()));
+                    }
+                }
+            },
+        }
     }
 }
 
@@ -125,6 +169,112 @@ mod tests {
         drop(b);
         handle.await.unwrap();
         assert!(calls.load(Ordering::SeqCst) <= 200);
+    }
+
+    /// Every batch the closure was given, in order. std Mutex: held only to push or copy, never
+    /// across an await.
+    type Seen = Arc<std::sync::Mutex<Vec<Vec<u32>>>>;
+
+    /// A batcher whose first call (item 0) holds the loop until `open` is notified, so that
+    /// the calls queued meanwhile make up the next batch. Every batch `run` is given is noted.
+    fn gated(
+        fail: impl Fn(&[u32]) -> Option<StoreError> + Send + 'static,
+    ) -> (Batcher<u32, u32>, Arc<tokio::sync::Notify>, Seen) {
+        let open = Arc::new(tokio::sync::Notify::new());
+        let seen = Seen::default();
+        let (gate, log) = (open.clone(), seen.clone());
+        let (b, _h) = Batcher::<u32, u32>::spawn(64, move |items| {
+            log.lock().unwrap().push(items.clone());
+            let outcome = fail(&items);
+            let gate = gate.clone();
+            async move {
+                if items == [0] {
+                    gate.notified().await;
+                }
+                match outcome {
+                    Some(e) => Err(e),
+                    None => Ok(items.into_iter().map(|i| i * 10).collect()),
+                }
+            }
+        });
+        (b, open, seen)
+    }
+
+    /// Starts the gate call and calls for `items` behind it; returns their answers once the gate
+    /// opens, in the order of `items`.
+    async fn behind_the_gate(
+        b: &Batcher<u32, u32>,
+        open: &tokio::sync::Notify,
+        seen: &std::sync::Mutex<Vec<Vec<u32>>>,
+        items: &[u32],
+    ) -> Vec<Result<u32, BatchError>> {
+        let gate = tokio::spawn({
+            let b = b.clone();
+            async move { b.call(0).await }
+        });
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while seen.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "the gate call never ran");
+            tokio::task::yield_now().await;
+        }
+        let joins: Vec<_> = items
+            .iter()
+            .map(|&i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.call(i).await })
+            })
+            .collect();
+        while b.tx.max_capacity() - b.tx.capacity() < items.len() {
+            assert!(tokio::time::Instant::now() < deadline, "the calls were never queued");
+            tokio::task::yield_now().await;
+        }
+        open.notify_one();
+        assert_eq!(gate.await.unwrap().unwrap(), 0);
+        let mut out = Vec::new();
+        for j in joins {
+            out.push(j.await.unwrap());
+        }
+        out
+    }
+
+    fn data_error() -> StoreError {
+        StoreError::Database(sqlx::Error::Protocol("value out of range".into()))
+    }
+
+    #[tokio::test]
+    async fn one_bad_item_fails_only_its_own_caller() {
+        let (b, open, seen) = gated(|items| items.contains(&5).then(data_error));
+        let items: Vec<u32> = (1..=8).collect();
+        let answers = behind_the_gate(&b, &open, &seen, &items).await;
+        for (i, answer) in items.iter().zip(&answers) {
+            match answer {
+                Ok(out) => assert_eq!(*out, i * 10),
+                Err(e) => {
+                    assert_eq!(*i, 5, "item {i} failed: {e}");
+                    assert!(!e.unavailable);
+                }
+            }
+        }
+        assert_eq!(answers.iter().filter(|a| a.is_err()).count(), 1);
+        let seen = seen.lock().unwrap().clone();
+        let mut whole = seen[1].clone();
+        whole.sort_unstable();
+        assert_eq!(whole, items, "the calls behind the gate went as one batch: {seen:?}");
+        assert!(seen.iter().any(|batch| batch == &[5]), "the bad item ran alone: {seen:?}");
+        // Split in halves, not item by item: 1 gate + 1 whole + at most 2 per level of 3.
+        assert!(seen.len() <= 2 + 2 * 3, "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unavailable_database_fails_every_caller_without_retries() {
+        let (b, open, seen) =
+            gated(|items| (items != [0]).then(|| StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        let answers = behind_the_gate(&b, &open, &seen, &(1..=8).collect::<Vec<_>>()).await;
+        for answer in &answers {
+            assert!(answer.as_ref().is_err_and(|e| e.unavailable), "{answer:?}");
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "one call for the gate, one for the batch: {seen:?}");
     }
 
     #[tokio::test]

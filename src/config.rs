@@ -184,8 +184,9 @@ pub struct GrpcConfig {
     /// How long calls still open on an aged connection may go on before it is closed.
     #[serde(with = "humantime_serde")]
     pub max_connection_age_grace: Duration,
-    /// Client RPCs (submit, get, list, ...) per second allowed from one peer address; 0: no
-    /// limit. Bursts of twice the rate pass.
+    /// Client RPCs (submit, get, list, ...) per second allowed from one peer address, REST
+    /// client requests included (one budget for both); 0: no limit. Bursts of twice the rate
+    /// pass.
     pub client_rate_limit: u32,
 }
 
@@ -307,6 +308,7 @@ pub struct HttpConfig {
     pub read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Open connections beyond this wait to be accepted.

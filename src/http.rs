@@ -1,7 +1,8 @@
 //! The HTTP side: `/health` (JSON; 200 when serving, 503 when the database is unreachable or
 //! shutdown has begun), `/health/live` (200 while the process runs), `/metrics` (Prometheus) and
 //! `/` (service info). Its own port, with a header-read timeout (a slow client cannot hold a
-//! connection), a per-request timeout and an idle-connection timeout.
+//! connection), a per-request timeout and an idle-connection timeout (no request in flight for
+//! `http.idle_timeout`, whatever keepalive PINGs pass meanwhile).
 
 use std::{
     net::SocketAddr,
@@ -267,9 +268,17 @@ async fn serve_connection<T>(
     let activity = Arc::new(AtomicU64::new(0));
     let epoch = Instant::now();
     let io = TokioIo::new(ActivityIo { inner: stream, activity: activity.clone(), epoch });
+    let requests = Arc::new(Requests::new(epoch));
+    let counted = requests.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-        router.clone().oneshot(req.map(axum::body::Body::new))
+        let in_flight = InFlight::start(counted.clone());
+        let answer = router.clone().oneshot(req.map(axum::body::Body::new));
+        async move {
+            let resp = answer.await;
+            drop(in_flight);
+            resp
+        }
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(cfg.read_timeout).keep_alive(true);
@@ -299,8 +308,9 @@ async fn serve_connection<T>(
                     debug!(%peer, "closing a connection that sent nothing");
                     break;
                 }
-                let idle = epoch.elapsed().saturating_sub(Duration::from_millis(last));
-                if idle > cfg.idle_timeout {
+                // Idle means no request in flight, not a quiet socket: HTTP/2 keepalive PINGs
+                // move bytes on a connection that serves nothing.
+                if requests.idle_for().is_some_and(|idle| idle > cfg.idle_timeout) {
                     debug!(%peer, "closing idle http connection");
                     closing = true;
                     conn.as_mut().graceful_shutdown();
@@ -310,7 +320,52 @@ async fn serve_connection<T>(
     }
 }
 
-/// A socket that notes when it last moved bytes, for the idle timeout.
+/// Requests in flight on one connection and when the last one ended, for the idle timeout.
+#[derive(Debug)]
+struct Requests {
+    epoch: Instant,
+    in_flight: AtomicU64,
+    /// Milliseconds since `epoch` when the last request ended; 0 (the connection's start) until
+    /// one has.
+    last_done: AtomicU64,
+}
+
+impl Requests {
+    fn new(epoch: Instant) -> Self {
+        Self { epoch, in_flight: AtomicU64::new(0), last_done: AtomicU64::new(0) }
+    }
+
+    /// How long no request has been in flight; `None` while one is.
+    fn idle_for(&self) -> Option<Duration> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let last = Duration::from_millis(self.last_done.load(Ordering::SeqCst));
+        Some(self.epoch.elapsed().saturating_sub(last))
+    }
+}
+
+/// One request in flight, from its headers to its answer (the body may still be streaming:
+/// a graceful shutdown lets it finish).
+struct InFlight(Arc<Requests>);
+
+impl InFlight {
+    fn start(requests: Arc<Requests>) -> Self {
+        requests.in_flight.fetch_add(1, Ordering::SeqCst);
+        Self(requests)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        // The end time first: a watchdog that sees nothing in flight reads a fresh one.
+        let now = self.0.epoch.elapsed().as_millis() as u64;
+        self.0.last_done.fetch_max(now, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A socket that notes when it last moved bytes, for closing a connection that never sent any.
 struct ActivityIo<T> {
     inner: T,
     /// Milliseconds since `epoch` of the last read or write, plus one; 0 until the first.

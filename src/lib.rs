@@ -11,7 +11,7 @@
 //!
 //! # Layout
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
-//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`) ·
+//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `codec`) ·
 //! [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each task
 //! transition · [`events`] · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
 //! [`worker`] the worker side · [`proto`] generated code

@@ -16,9 +16,17 @@
 //! | `GET /api/v1/workers/{id}/stats` | GetWorkerStats | admin |
 //!
 //! Errors are JSON: `{"error": "invalid_argument", "message": "..."}`, with the HTTP status that
-//! matches the gRPC code (400 bad input or bad JSON, 401, 403, 404, 409, 413, 429, 503).
+//! matches the gRPC code (400 bad input or bad JSON, 401, 403, 404, 409, 413 a body or payload
+//! over its limit, 429, 503).
+//!
+//! The client routes share the per-peer limiter of the gRPC client RPCs
+//! (`grpc.client_rate_limit`): over it they answer 429 with `Retry-After`.
 
-use std::{collections::HashMap, sync::LazyLock};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, LazyLock},
+};
 
 use axum::{
     Json, Router,
@@ -35,7 +43,7 @@ use tonic::{Code, Status};
 
 use crate::{
     auth::{Access, Authenticator, Refusal, Role},
-    grpc::Service,
+    grpc::{Service, auth::RateLimiter},
     metrics,
     proto::{self, coordinator_service_server::CoordinatorService},
 };
@@ -81,12 +89,23 @@ named!(
 pub struct RestState {
     pub service: Service,
     pub auth: Authenticator,
+    /// Client calls per second per peer address, shared with the gRPC auth layer; `None`: no
+    /// limit.
+    pub limiter: Option<Arc<RateLimiter>>,
+}
+
+/// What the client-route check needs.
+#[derive(Debug, Clone)]
+struct ClientGate {
+    auth: Authenticator,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 /// The `/api/v1` routes. Unknown routes fall through to the caller's 404; a known route with
 /// the wrong method answers 405.
 pub fn routes(state: RestState, max_body: usize) -> Router {
-    let client = axum::middleware::from_fn_with_state(state.auth.clone(), require_client);
+    let gate = ClientGate { auth: state.auth.clone(), limiter: state.limiter.clone() };
+    let client = axum::middleware::from_fn_with_state(gate, require_client);
     let admin = axum::middleware::from_fn_with_state(state.auth.clone(), require_admin);
     let client_routes = Router::new()
         .route("/api/v1/tasks", post(submit_task).get(list_tasks))
@@ -107,8 +126,15 @@ pub fn routes(state: RestState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-async fn require_client(State(auth): State<Authenticator>, req: Request, next: Next) -> Response {
-    authorize(&auth, Access::Role(Role::Client), req, next).await
+/// The rate limit first, as on gRPC, then the role.
+async fn require_client(State(gate): State<ClientGate>, req: Request, next: Next) -> Response {
+    if let (Some(limiter), Some(peer)) = (&gate.limiter, peer_addr(&req))
+        && let Err(wait) = limiter.take(peer.ip())
+    {
+        tracing::debug!(%peer, path = req.uri().path(), "client request over the per-peer rate limit");
+        return too_many_requests(wait);
+    }
+    authorize(&gate.auth, Access::Role(Role::Client), req, next).await
 }
 
 async fn require_admin(State(auth): State<Authenticator>, req: Request, next: Next) -> Response {
@@ -126,10 +152,23 @@ pub async fn authorize(auth: &Authenticator, access: Access, req: Request, next:
 
 /// The client address of a request, for logs.
 pub fn peer(req: &Request) -> String {
-    req.extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.to_string())
-        .unwrap_or_else(|| "unknown".into())
+    peer_addr(req).map(|p| p.to_string()).unwrap_or_else(|| "unknown".into())
+}
+
+fn peer_addr(req: &Request) -> Option<SocketAddr> {
+    req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>().map(|c| c.0)
+}
+
+/// 429 with `Retry-After`: whole seconds until the peer's bucket holds a token again.
+fn too_many_requests(wait: std::time::Duration) -> Response {
+    let mut resp = json_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "resource_exhausted",
+        "too many requests from this address; retry later",
+    );
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
 }
 
 /// Logs and counts a refusal and answers 401 or 403.
@@ -154,7 +193,8 @@ fn json_error(code: StatusCode, error: &str, message: &str) -> Response {
 fn http_status(code: Code) -> (StatusCode, &'static str) {
     match code {
         Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
-        Code::OutOfRange => (StatusCode::BAD_REQUEST, "out_of_range"),
+        // A payload over `tasks.max_payload_size`: the same answer as a body over its limit.
+        Code::OutOfRange => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
         Code::NotFound => (StatusCode::NOT_FOUND, "not_found"),
         Code::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
         Code::FailedPrecondition => (StatusCode::CONFLICT, "failed_precondition"),

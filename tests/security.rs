@@ -789,6 +789,9 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
 
     // REST: bad JSON, unknown fields, wrong types, unknown routes, wrong methods, big bodies.
     let big = format!(r#"{{"task_type":"echo","payload":"{}"}}"#, "A".repeat(11 * 1024 * 1024));
+    // Under grpc.max_recv_msg_size as a body, over tasks.max_payload_size (1 MiB) as a payload.
+    let over_payload_limit =
+        format!(r#"{{"task_type":"echo","payload":"{}"}}"#, "A".repeat(4 * (1024 * 1024 / 3 + 1)));
     for (method, path, body, code, error) in [
         ("POST", "/api/v1/tasks", "{not json", 400, "invalid_json"),
         ("POST", "/api/v1/tasks", r#"{"task_type":"echo","colour":"red"}"#, 400, "invalid_json"),
@@ -796,6 +799,7 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
         ("POST", "/api/v1/tasks", r#"{"task_type":""}"#, 400, "invalid_argument"),
         ("POST", "/api/v1/tasks", r#"{"task_type":"echo","max_attempts":101}"#, 400, "invalid_argument"),
         ("POST", "/api/v1/tasks", big.as_str(), 413, "payload_too_large"),
+        ("POST", "/api/v1/tasks", over_payload_limit.as_str(), 413, "payload_too_large"),
         ("GET", "/api/v1/tasks/not-a-uuid", "", 400, "invalid_argument"),
         ("GET", "/api/v1/tasks?page_size=5000", "", 400, "invalid_argument"),
         ("GET", "/api/v1/tasks?status=bogus", "", 400, "invalid_json"),
@@ -820,6 +824,151 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     assert_eq!(code, 200, "{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!((v["payload"].as_str(), v["status"].as_str()), (Some("aGk="), Some("TASK_STATUS_PENDING")));
+    c.stop().await.unwrap();
+}
+
+/// Sends hand-encoded protobuf bytes as they are, and takes the answer's bytes as they are.
+#[derive(Debug, Default, Clone)]
+struct RawCodec;
+
+#[derive(Debug)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(buf);
+        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+/// A unary call of `method` with `body` as the encoded request.
+async fn raw_unary(endpoint: &str, method: &str, body: Vec<u8>) -> Result<Vec<u8>, tonic::Status> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path: http::uri::PathAndQuery = format!("/coordinator.CoordinatorService/{method}").parse().unwrap();
+    grpc.unary(tonic::Request::new(body), path, RawCodec).await.map(|r| r.into_inner())
+}
+
+/// Bytes that are not UTF-8 in a string field are the client's mistake: `InvalidArgument`
+/// naming the message and field, no decoder internals, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_string_field_that_is_not_utf8_is_refused_naming_the_field() {
+    let db = TestDb::sqlite().await;
+    let c = TestCoordinator::start(&db, |_| {}).await;
+    // Field 1, length-delimited, two bytes that are not UTF-8.
+    let bad_string = vec![0x0a, 0x02, 0xff, 0xfe];
+    let mut nested = vec![0x0a, bad_string.len() as u8];
+    nested.extend_from_slice(&bad_string);
+    for (method, body, field) in [
+        ("SubmitTask", bad_string.clone(), "SubmitTaskRequest.task_type"),
+        ("SubmitTasks", nested, "SubmitTasksRequest.tasks.task_type"),
+        ("RegisterWorker", bad_string.clone(), "RegisterWorkerRequest.worker_id"),
+        ("SendHeartbeat", bad_string.clone(), "HeartbeatRequest.worker_id"),
+    ] {
+        let err = raw_unary(&c.endpoint(), method, body).await.expect_err(method);
+        assert_eq!(err.code(), Code::InvalidArgument, "{method}: {err:?}");
+        assert_eq!(err.message(), format!("invalid {field}: not valid UTF-8"), "{method}");
+    }
+    // A body that is not protobuf at all: still the client's mistake, still no internals.
+    let err = raw_unary(&c.endpoint(), "SubmitTask", vec![0xff]).await.expect_err("garbage");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(!err.message().contains("Protobuf"), "{err:?}");
+    // The same bytes made valid go through: the refusal was about the bytes, not the route.
+    let ok = raw_unary(&c.endpoint(), "SubmitTask", b"\x0a\x04echo".to_vec()).await;
+    assert!(ok.is_ok(), "{ok:?}");
+    assert_eq!(c.store.task_counts().await.unwrap().values().sum::<u64>(), 1, "only the good task stored");
+    let mut client = c.client().await;
+    let workers = client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert!(workers.is_empty(), "no worker stored: {workers:?}");
+    c.stop().await.unwrap();
+}
+
+/// One HTTP/1.1 GET on a fresh connection: (status, head, body).
+async fn http_get_with_head(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (code, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// The REST client routes are held to `grpc.client_rate_limit` per peer, as the gRPC client
+/// RPCs are: 429 with `Retry-After` and a JSON body; the probes are not limited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rest_client_routes_are_rate_limited_per_peer_with_retry_after() {
+    let db = TestDb::sqlite().await;
+    // One call a second, bursts of two: 20 calls in a row cannot all pass.
+    let c = TestCoordinator::start(&db, |cfg| cfg.grpc.client_rate_limit = 1).await;
+    let mut answers = Vec::new();
+    let limited = loop {
+        let (code, head, body) = http_get_with_head(c.http, "/api/v1/tasks").await;
+        if code == 429 {
+            break (head, body);
+        }
+        assert_eq!(code, 200, "{head} {body}");
+        answers.push(code);
+        assert!(answers.len() < 20, "20 requests at a limit of 1/s and none refused");
+    };
+    let (head, body) = limited;
+    let retry_after = head
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after:"))
+        .unwrap_or_else(|| panic!("no retry-after: {head}"));
+    let secs: u64 = retry_after.trim().parse().unwrap_or_else(|_| panic!("retry-after {retry_after:?}"));
+    assert!((1..=2).contains(&secs), "retry-after {secs}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    assert_eq!(v["error"], "resource_exhausted", "{body}");
+    // Probes are not client calls.
+    assert_eq!(http_get(c.http, "/health").await.unwrap().0, 200);
+    assert_eq!(http_get(c.http, "/health/live").await.unwrap().0, 200);
+    // gRPC client calls are held to the same limit.
+    let mut client = c.client().await;
+    let mut passed = 0;
+    loop {
+        match client.list_tasks(proto::ListTasksRequest::default()).await {
+            Ok(_) => passed += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                break;
+            }
+        }
+        assert!(passed < 20, "20 gRPC calls at a limit of 1/s and none refused");
+    }
     c.stop().await.unwrap();
 }
 
@@ -919,6 +1068,64 @@ async fn http_connections_beyond_the_limit_wait_for_a_free_slot() {
     assert_eq!(code, 200);
     assert!(waited >= Duration::from_millis(500), "answered after {waited:?} while the only slot was held");
     drop(silent);
+    c.stop().await.unwrap();
+}
+
+/// A connection with no request in flight for `http.idle_timeout` is closed even while HTTP/2
+/// keepalive PINGs go back and forth, so idle clients cannot hold every slot and starve the
+/// probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_http2_and_http1_connections_are_closed_and_free_their_slots() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let db = TestDb::sqlite().await;
+    let c = TestCoordinator::start(&db, |cfg| {
+        cfg.http.idle_timeout = Duration::from_secs(1);
+        cfg.http.max_connections = 3;
+    })
+    .await;
+    let uri = |path: &str| format!("http://{}{path}", c.http);
+    let get = |path: &str| {
+        http::Request::get(uri(path)).header("host", "test").body(axum::body::Body::empty()).unwrap()
+    };
+    // The start-up probe's connection may still be closing: wait until a request goes through.
+    wait_until("a free slot", Duration::from_secs(5), || async {
+        http_get(c.http, "/health/live").await.is_ok_and(|(code, _)| code == 200)
+    })
+    .await;
+    // Every slot: two HTTP/2 (prior knowledge) and one HTTP/1.1 keep-alive connection, each
+    // making one request and then staying open with nothing to ask. The request senders stay
+    // alive, so the clients never close on their own.
+    let mut senders = Vec::new();
+    let mut connections = Vec::new();
+    for _ in 0..2 {
+        let tcp = tokio::net::TcpStream::connect(c.http).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        connections.push(tokio::spawn(conn));
+        let resp = send.send_request(get("/health/live")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        senders.push(Box::new(send) as Box<dyn std::any::Any + Send>);
+    }
+    let tcp = tokio::net::TcpStream::connect(c.http).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    connections.push(tokio::spawn(conn));
+    let resp = send.send_request(get("/health/live")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    senders.push(Box::new(send));
+
+    // The server closes each of them (a few idle timeouts at most; never, before the fix).
+    for (i, conn) in connections.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(15), conn).await {
+            Ok(joined) => joined.unwrap().unwrap_or_else(|e| panic!("connection {i} ended with {e}")),
+            Err(_) => panic!("idle connection {i} is still open after 15 s (idle timeout 1 s)"),
+        }
+    }
+    // The slots are free again: the readiness probe gets in.
+    let (code, _) = http_get(c.http, "/health").await.unwrap();
+    assert_eq!(code, 200);
+    drop(senders);
     c.stop().await.unwrap();
 }
 

@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use tonic::Status;
@@ -68,10 +68,12 @@ fn refused(peer: Option<SocketAddr>, method: &str, r: &Refusal) {
     warn!(%peer, method, reason = r.reason, "call refused by the auth check");
 }
 
-/// Token buckets per peer address for client RPCs: `rate` per second, bursts of `2 * rate`.
+/// Token buckets per peer address for client calls (gRPC client RPCs and the REST client
+/// routes): `rate` per second, bursts of `2 * rate`.
 #[derive(Debug)]
 pub struct RateLimiter {
     rate: f64,
+    /// std Mutex: plain state, held for a few arithmetic steps and never across an await.
     buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
 }
 
@@ -83,8 +85,18 @@ impl RateLimiter {
         Self { rate: f64::from(per_second), buckets: Mutex::new(HashMap::new()) }
     }
 
+    /// The limiter for `client_rate_limit` calls per second per peer; `None` for 0 (no limit).
+    pub fn for_rate(per_second: u32) -> Option<Arc<Self>> {
+        (per_second > 0).then(|| Arc::new(Self::new(per_second)))
+    }
+
     /// Takes one token for `peer`; `false` when its bucket is empty.
     pub fn allow(&self, peer: IpAddr) -> bool {
+        self.take(peer).is_ok()
+    }
+
+    /// Takes one token for `peer`; when its bucket is empty, how long until it holds one again.
+    pub fn take(&self, peer: IpAddr) -> Result<(), Duration> {
         let now = Instant::now();
         let burst = self.rate * 2.0;
         let mut buckets = self.buckets.lock().expect("rate limiter lock");
@@ -97,9 +109,9 @@ impl RateLimiter {
         *at = now;
         if *tokens >= 1.0 {
             *tokens -= 1.0;
-            true
+            Ok(())
         } else {
-            false
+            Err(Duration::from_secs_f64((1.0 - *tokens) / self.rate))
         }
     }
 }
@@ -113,7 +125,11 @@ pub struct GrpcAuthLayer {
 impl GrpcAuthLayer {
     /// `client_rate_limit`: client RPCs per second per peer address; 0 for none.
     pub fn new(auth: Authenticator, client_rate_limit: u32) -> Self {
-        let limiter = (client_rate_limit > 0).then(|| Arc::new(RateLimiter::new(client_rate_limit)));
+        Self::with_limiter(auth, RateLimiter::for_rate(client_rate_limit))
+    }
+
+    /// With a limiter shared with the REST API, so a peer has one budget for both.
+    pub fn with_limiter(auth: Authenticator, limiter: Option<Arc<RateLimiter>>) -> Self {
         Self { auth, limiter }
     }
 }
@@ -184,6 +200,8 @@ mod tests {
         // A burst of 2 x rate, plus what refilled during the loop (microseconds: none).
         assert_eq!(allowed, 10);
         assert!(l.allow(b), "another peer has its own bucket");
+        let wait = l.take(a).expect_err("the bucket is empty");
+        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(200), "{wait:?}");
         std::thread::sleep(std::time::Duration::from_millis(450));
         assert!(l.allow(a), "the bucket refills at the rate");
     }

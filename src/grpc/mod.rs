@@ -2,6 +2,7 @@
 //! wire conversions live in [`convert`], error mapping in [`status`], call metrics in [`layer`].
 
 pub mod auth;
+pub mod codec;
 pub mod convert;
 pub mod layer;
 pub mod status;
