@@ -194,7 +194,10 @@ impl App {
             .build_v1alpha()?;
         let max_recv = config.grpc.max_recv_msg_size.as_usize();
         let max_send = config.grpc.max_send_msg_size.as_usize();
-        let coordinator_service = CoordinatorServiceServer::new(service.clone())
+        // The REST API gets its clone first; the gRPC service takes the last one, so once both
+        // servers are done nothing holds the batchers' senders and their loops end.
+        let api = RestState { service: service.clone(), auth: auth.clone() };
+        let coordinator_service = CoordinatorServiceServer::new(service)
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(max_send);
         let routes = tonic::service::Routes::new(health_service)
@@ -241,7 +244,6 @@ impl App {
             started,
             auth: auth.clone(),
         };
-        let api = RestState { service: service.clone(), auth: auth.clone() };
         let router = http::router(http_state, api, config.http.write_timeout, max_recv);
         let http_server = tokio::spawn(http::serve(
             http_listener,
@@ -292,7 +294,8 @@ impl App {
                 warn!(%error, "background task failed");
             }
         }
-        // 5. Batched writes finish once the service (their last sender) is gone.
+        // 5. Batched writes finish once their last senders are gone: the servers held the only
+        //    clones of the service, and have ended.
         let flushed = tokio::time::timeout(Duration::from_secs(5), async {
             for h in batch_handles {
                 let _ = h.await;
