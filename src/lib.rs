@@ -11,7 +11,7 @@
 //!
 //! # Layout
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
-//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`) ·
+//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `serve`) ·
 //! [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`events`] · [`domain`] ·
 //! [`worker`] the worker side · [`proto`] generated code
 #![warn(missing_debug_implementations)]

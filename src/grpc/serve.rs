@@ -211,7 +211,8 @@ where
                     cut.as_mut().reset(Instant::now() + grace);
                 }
                 _ = &mut cut, if ageing => {
-                    debug!(%peer, grace_ms = grace.as_millis() as u64, "aged connection still open after its grace period; closing it");
+                    debug!(%peer, grace_ms = grace.as_millis() as u64,
+                           "aged connection still open after its grace period; closing it");
                     return;
                 }
                 ended = conn.as_mut() => {
