@@ -250,6 +250,64 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    /// `/slow` answers after 600 ms; `/stream` answers once its connection is draining.
+    async fn answer(req: http::Request<Incoming>) -> Result<http::Response<tonic::body::Body>, Infallible> {
+        if req.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        } else {
+            req.extensions()
+                .get::<ConnectionDraining>()
+                .expect("each request has its connection's token")
+                .0
+                .cancelled()
+                .await;
+        }
+        Ok(http::Response::new(tonic::body::Body::empty()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_aged_connection_finishes_its_calls_ends_its_streams_and_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = ServeConfig {
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            tcp_keepalive: Duration::from_secs(60),
+            max_connection_age: Some(Duration::from_millis(300)),
+            // Long: the connection must close because its calls finished, not be cut.
+            max_connection_age_grace: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(5),
+        };
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(listener, None, tower::service_fn(answer), cfg, shutdown.clone()));
+
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let call = |path: &'static str| {
+            let mut send = send.clone();
+            let req = http::Request::builder()
+                .uri(format!("http://{addr}{path}"))
+                .body(tonic::body::Body::empty())
+                .unwrap();
+            tokio::spawn(async move { send.send_request(req).await.map(|r| r.status()) })
+        };
+        // Both are open when the connection reaches its age.
+        let (stream, slow) = (call("/stream"), call("/slow"));
+        let limit = Duration::from_secs(10);
+        let stream = tokio::time::timeout(limit, stream).await.expect("the stream ends at the age").unwrap();
+        assert_eq!(stream.unwrap(), http::StatusCode::OK);
+        let slow = tokio::time::timeout(limit, slow).await.expect("the call in flight finishes").unwrap();
+        assert_eq!(slow.unwrap(), http::StatusCode::OK, "a call in flight at GOAWAY completes");
+        let closed = tokio::time::timeout(limit, conn).await.expect("the connection closes within its grace");
+        let closed = closed.unwrap();
+        assert!(closed.is_ok(), "closed cleanly after GOAWAY: {closed:?}");
+
+        shutdown.cancel();
+        tokio::time::timeout(limit, server).await.expect("the server stops").unwrap();
+    }
+
     fn parse(v: &str) -> Option<Duration> {
         let mut h = http::HeaderMap::new();
         h.insert("grpc-timeout", v.parse().unwrap());
