@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, server::TcpIncoming};
+use tower::ServiceBuilder;
 use tracing::{info, warn};
 
 use crate::{
@@ -28,6 +28,7 @@ use crate::{
         auth::{GrpcAuthLayer, RateLimiter},
         convert::SubmitLimits,
         layer::GrpcMetricsLayer,
+        serve::{self, ServeConfig},
     },
     http::{self, HttpState},
     metrics,
@@ -146,7 +147,6 @@ impl App {
                     max_payload_size: config.tasks.max_payload_size.as_usize(),
                 },
                 watch_poll: c.poll_interval.max(Duration::from_millis(500)),
-                stream_max_age: connection_age,
             },
             store.clone(),
             registry.clone(),
@@ -231,42 +231,43 @@ impl App {
             .build_v1alpha()?;
         let max_recv = config.grpc.max_recv_msg_size.as_usize();
         let max_send = config.grpc.max_send_msg_size.as_usize();
-        let coordinator_service = CoordinatorServiceServer::new(service.clone())
-            .max_decoding_message_size(max_recv)
-            .max_encoding_message_size(max_send);
+        // The REST API gets its clone first; the gRPC service takes the last one, so once both
+        // servers are done nothing holds the batchers' senders and their loops end.
         // One budget per peer for client calls, over gRPC and REST alike.
         let client_limiter = RateLimiter::for_rate(config.grpc.client_rate_limit);
-        let ka = &config.grpc.keepalive;
-        let mut builder = Server::builder()
-            .http2_keepalive_interval(Some(ka.interval))
-            .http2_keepalive_timeout(Some(ka.timeout))
-            .tcp_nodelay(true);
-        if let Some(age) = connection_age {
-            builder = builder
-                .max_connection_age(age)
-                .max_connection_age_grace(config.grpc.max_connection_age_grace);
-        }
-        let routes = builder
+        let api = RestState { service: service.clone(), auth: auth.clone(), limiter: client_limiter.clone() };
+        let coordinator_service = CoordinatorServiceServer::new(service)
+            .max_decoding_message_size(max_recv)
+            .max_encoding_message_size(max_send);
+        let routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(coordinator_service)
+            .prepare();
+        let grpc_service = ServiceBuilder::new()
             // Outermost first: refused calls are counted in the gRPC metrics too.
             .layer(GrpcMetricsLayer)
             .layer(GrpcAuthLayer::with_limiter(auth.clone(), client_limiter.clone()))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(coordinator_service);
-        let grpc_stop = stop_servers.clone().cancelled_owned();
-        let grpc_server = match &grpc_tls {
-            Some(tls_config) => {
-                tokio::spawn(tls_config.clone().watch(config.tls.reload_interval, stop_background.clone()));
-                let incoming = tls::incoming(grpc_listener, tls_config.clone(), ka.tcp);
-                tokio::spawn(routes.serve_with_incoming_shutdown(incoming, grpc_stop))
-            }
-            None => {
-                let incoming =
-                    TcpIncoming::from(grpc_listener).with_nodelay(Some(true)).with_keepalive(Some(ka.tcp));
-                tokio::spawn(routes.serve_with_incoming_shutdown(incoming, grpc_stop))
-            }
+            .service(routes);
+        let ka = &config.grpc.keepalive;
+        let serve_config = ServeConfig {
+            keepalive_interval: ka.interval,
+            keepalive_timeout: ka.timeout,
+            tcp_keepalive: ka.tcp,
+            max_connection_age: connection_age,
+            max_connection_age_grace: config.grpc.max_connection_age_grace,
+            drain_timeout: c.shutdown_timeout,
         };
+        if let Some(t) = &grpc_tls {
+            tokio::spawn(t.clone().watch(config.tls.reload_interval, stop_background.clone()));
+        }
+        let grpc_server = tokio::spawn(serve::serve(
+            grpc_listener,
+            grpc_tls,
+            grpc_service,
+            serve_config,
+            stop_servers.clone(),
+        ));
         if let Some(t) = &http_tls {
             tokio::spawn(t.clone().watch(config.tls.reload_interval, stop_background.clone()));
         }
@@ -283,7 +284,6 @@ impl App {
             auth: auth.clone(),
             liveness: liveness.clone(),
         };
-        let api = RestState { service: service.clone(), auth: auth.clone(), limiter: client_limiter };
         let router = http::router(http_state, api, config.http.write_timeout, max_recv);
         let http_server = tokio::spawn(http::serve(
             http_listener,
@@ -319,9 +319,7 @@ impl App {
         // 3. Drain both servers within the deadline.
         stop_servers.cancel();
         let drained = tokio::time::timeout(deadline, async {
-            if let Ok(Err(error)) = grpc_server.await {
-                warn!(%error, "grpc server error");
-            }
+            let _ = grpc_server.await;
             let _ = http_server.await;
         })
         .await;
@@ -334,7 +332,8 @@ impl App {
         for task in background {
             let _ = task.await;
         }
-        // 5. Batched writes finish once the service (their last sender) is gone.
+        // 5. Batched writes finish once their last senders are gone: the servers held the only
+        //    clones of the service, and have ended.
         let flushed = tokio::time::timeout(Duration::from_secs(5), async {
             for h in batch_handles {
                 let _ = h.await;

@@ -177,8 +177,8 @@ pub struct GrpcConfig {
     pub max_recv_msg_size: ByteSize,
     pub max_send_msg_size: ByteSize,
     pub keepalive: KeepaliveConfig,
-    /// Connections (and task streams) older than this, give or take 10 % chosen per instance,
-    /// are asked to go away so clients rebalance across replicas. 0 turns it off.
+    /// Connections older than this, give or take 10 % chosen per instance, are sent GOAWAY and
+    /// their task streams end cleanly, so clients rebalance across replicas. 0 turns it off.
     #[serde(with = "humantime_serde")]
     pub max_connection_age: Duration,
     /// How long calls still open on an aged connection may go on before it is closed.

@@ -11,9 +11,9 @@
 //!
 //! # Layout
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
-//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `codec`) ·
-//! [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each task
-//! transition · [`events`] · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
+//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `codec`,
+//! `serve`) · [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each
+//! task transition · [`events`] · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
 //! [`worker`] the worker side · [`proto`] generated code
 #![warn(missing_debug_implementations)]
 

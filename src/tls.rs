@@ -1,6 +1,6 @@
 //! TLS for both ports: server configs built from PEM files and rebuilt when the files change
-//! (cert-manager rotates them in place), a TLS accept loop for tonic, and the names a client
-//! certificate speaks for (mTLS identity).
+//! (cert-manager rotates them in place), the accept helpers both ports share, and the names a
+//! client certificate speaks for (mTLS identity).
 //!
 //! A rotation only affects new connections: an open connection keeps the session it made, so
 //! long-lived task streams are not dropped.
@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::TlsConfig;
 
@@ -188,37 +188,6 @@ fn build(files: &TlsConfig, port: Port) -> anyhow::Result<(ServerConfig, [u8; 32
     Ok((config, f))
 }
 
-/// Accepts TCP connections on `listener`, completes TLS handshakes concurrently (a slow client
-/// holds only its own task) and yields the finished streams, for tonic's
-/// `serve_with_incoming`. Ends when the receiver is dropped.
-pub fn incoming(
-    listener: TcpListener,
-    tls: ReloadingConfig,
-    tcp_keepalive: Duration,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = tx.closed() => return,
-                accepted = accept(&listener, "grpc") => accepted,
-            };
-            tune_socket(&tcp, tcp_keepalive);
-            let tls = tls.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tls.accept(tcp).await {
-                    Ok(stream) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Err(error) => debug!(%error, %peer, "tls handshake failed"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
 /// The next connection on `listener`. Accept errors (out of file descriptors, a connection
 /// reset before it was accepted) are logged and retried after a short pause.
 pub async fn accept(listener: &TcpListener, port: &str) -> (TcpStream, SocketAddr) {
@@ -259,7 +228,8 @@ pub fn cert_names(der: &[u8]) -> Vec<String> {
     names
 }
 
-/// The peer address and client-certificate names of a call, from tonic's connect info.
+/// The peer address and client-certificate names of a call, from tonic's connect info (which
+/// [`crate::grpc::serve`] puts in every request).
 pub fn peer_of(ext: &http::Extensions) -> (Option<SocketAddr>, Option<Vec<String>>) {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     if let Some(info) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {

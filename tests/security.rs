@@ -1143,8 +1143,9 @@ async fn aged_connections_are_recycled_and_workers_lose_nothing() {
     let run = tokio::spawn(worker.run(stop.clone()));
     let mut client = c.client().await;
     // A call racing the close of an aged connection can fail with a transport error, as with
-    // any gRPC server that recycles connections; clients retry, and the idempotency key makes
-    // a retried submit safe.
+    // any gRPC server that recycles connections (hyper answers `Cancelled` for a call it handed
+    // to a connection in the instant it closed); clients retry, and the idempotency key makes a
+    // retried submit safe.
     let n = 60;
     let mut ids = Vec::new();
     for i in 0..n {
@@ -1158,7 +1159,12 @@ async fn aged_connections_are_recycled_and_workers_lose_nothing() {
         let id = loop {
             match client.submit_task(req.clone()).await {
                 Ok(r) => break r.into_inner().task_id,
-                Err(s) if tries < 5 && matches!(s.code(), Code::Unknown | Code::Unavailable) => tries += 1,
+                Err(s)
+                    if tries < 5
+                        && matches!(s.code(), Code::Unknown | Code::Unavailable | Code::Cancelled) =>
+                {
+                    tries += 1
+                }
                 Err(s) => panic!("submit {i}: {s:?}"),
             }
         };

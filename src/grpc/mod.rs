@@ -5,6 +5,7 @@ pub mod auth;
 pub mod codec;
 pub mod convert;
 pub mod layer;
+pub mod serve;
 pub mod status;
 
 use std::{collections::HashSet, pin::Pin, sync::Arc, time::Duration};
@@ -38,10 +39,6 @@ pub struct ServiceConfig {
     /// How often a `WatchTask` stream re-reads its task when no local event arrives (changes
     /// made through another replica).
     pub watch_poll: Duration,
-    /// A task stream open this long ends cleanly (status OK) and the worker opens a new one,
-    /// on a new connection once this one was asked to go away: connections rebalance across
-    /// replicas without cutting a push in half.
-    pub stream_max_age: Option<Duration>,
 }
 
 /// The batched store writes the handlers share; the app spawns their loops and waits for them
@@ -327,10 +324,10 @@ impl CoordinatorService for Service {
         info!(worker_id = %worker, stream_id, "task stream opened");
         let mut guard = StreamGuard { service: self.clone(), worker, stream_id, rx, replaced: Vec::new() };
         let closing = self.inner.closing.clone();
-        let aged = match self.inner.config.stream_max_age {
-            Some(age) => tokio::time::Instant::now() + age,
-            None => tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400),
-        };
+        // The connection reached its maximum age and was sent GOAWAY: the stream ends cleanly
+        // (status OK) and the worker opens a new one on a new connection, so connections
+        // rebalance across replicas without cutting a push in half.
+        let draining = serve::ConnectionDraining::of(&request);
         let stream = async_stream::stream! {
             loop {
                 let push = tokio::select! {
@@ -339,8 +336,8 @@ impl CoordinatorService for Service {
                         yield Err(status::shutting_down());
                         break;
                     }
-                    _ = tokio::time::sleep_until(aged) => {
-                        debug!(worker_id = %guard.worker, "task stream reached its maximum age");
+                    _ = draining.cancelled() => {
+                        debug!(worker_id = %guard.worker, "task stream ends: its connection reached its maximum age");
                         break;
                     }
                     push = guard.rx.recv() => push,

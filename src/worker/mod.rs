@@ -150,6 +150,9 @@ pub struct WorkerCounters {
     pub refused: std::sync::atomic::AtomicU64,
     /// Sessions opened (registrations); more than one means it reconnected.
     pub sessions: std::sync::atomic::AtomicU64,
+    /// Task streams that ended with an error (a cut connection, a protocol error, the
+    /// coordinator shutting down) rather than cleanly.
+    pub stream_errors: std::sync::atomic::AtomicU64,
 }
 
 /// A worker. [`Worker::run`] drives it until shutdown.
@@ -320,9 +323,13 @@ impl Worker {
                     info!(worker_id = %self.opts.worker_id, "coordinator does not know this worker; registering again");
                     return Ok(SessionEnd::Reconnect);
                 }
-                msg = stream.message() => match msg? {
-                    Some(a) => self.dispatch(a, tasks),
-                    None => return Ok(SessionEnd::Reconnect),
+                msg = stream.message() => match msg {
+                    Ok(Some(a)) => self.dispatch(a, tasks),
+                    Ok(None) => return Ok(SessionEnd::Reconnect),
+                    Err(status) => {
+                        self.counters.stream_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(status);
+                    }
                 },
             }
         }
