@@ -488,3 +488,35 @@ pub async fn shutdown_on_signals(shutdown: CancellationToken) {
     warn!("second signal: exiting now");
     std::process::exit(130);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_loop_marks_the_process_not_live_and_a_clean_stop_does_not() {
+        let live = Liveness::default();
+        let stop = CancellationToken::new();
+        let quiet = supervise("sweeper", live.clone(), stop.clone(), {
+            let stop = stop.clone();
+            async move {
+                stop.cancelled().await;
+                Ok(())
+            }
+        });
+        let crashed = supervise("scheduler", live.clone(), CancellationToken::new(), async {
+            tokio::task::yield_now().await;
+            panic!("a defect in a loop");
+        });
+        crashed.await.unwrap();
+        assert_eq!(live.failed(), Some("scheduler"));
+        stop.cancel();
+        quiet.await.unwrap();
+        assert_eq!(live.failed(), Some("scheduler"), "the first failure is kept");
+
+        let live = Liveness::default();
+        let early = supervise("registry", live.clone(), CancellationToken::new(), async { Ok(()) });
+        early.await.unwrap();
+        assert_eq!(live.failed(), Some("registry"), "a loop that ends before shutdown is a failure too");
+    }
+}

@@ -773,9 +773,7 @@ impl Registry {
                 let stale: Vec<(TaskId, Attempt)> = s
                     .in_flight
                     .iter()
-                    .filter(|(t, f)| {
-                        f.seq <= seq0 && held.get(t).is_none_or(|r| r.held.attempt != f.attempt)
-                    })
+                    .filter(|(t, f)| f.seq <= seq0 && held.get(t).is_none_or(|r| r.held.attempt != f.attempt))
                     .map(|(t, f)| (*t, f.attempt))
                     .collect();
                 for (t, attempt) in stale {

@@ -731,7 +731,11 @@ mod cases {
         assert_eq!(get(s, d).await.lease_expires_at, None, "{b}");
 
         // The current holder of c renews fine.
-        assert_eq!(s.renew_leases(std::slice::from_ref(&hc2), lease).await.expect("renew_leases"), vec![hc2], "{b}");
+        assert_eq!(
+            s.renew_leases(std::slice::from_ref(&hc2), lease).await.expect("renew_leases"),
+            vec![hc2],
+            "{b}"
+        );
     }
 
     // ---- complete ----

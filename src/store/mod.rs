@@ -638,6 +638,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn connection_class_errors_are_unavailable_and_others_are_not() {
+        for code in ["08006", "08001", "08P01", "57P01", "57P02", "57P03", "53300"] {
+            assert!(connection_class(code), "{code}");
+        }
+        for code in ["23505", "40001", "22P02", "42P01"] {
+            assert!(!connection_class(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn health_remembers_the_last_outage_for_a_window() {
+        let h = DbHealth::default();
+        assert!(!h.unavailable_within(Duration::from_secs(3600)), "never failed");
+        h.note::<()>(&Err(StoreError::Database(sqlx::Error::RowNotFound)));
+        assert!(!h.unavailable_within(Duration::from_secs(3600)), "a bad request is no outage");
+        h.note::<()>(&Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
+        assert!(h.unavailable_within(Duration::from_secs(1)));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!h.unavailable_within(Duration::from_millis(10)), "the window has passed");
+    }
+
+    #[test]
     fn backoff_doubles_and_caps() {
         let p = RetryPolicy { base: Duration::from_millis(100), max: Duration::from_secs(1) };
         assert_eq!(p.backoff(1), Duration::from_millis(100));

@@ -1,0 +1,139 @@
+//! Two coordinators on one Postgres database, in this process: a submission to one replica
+//! wakes the other at once (LISTEN/NOTIFY), a watcher on one sees a completion made on the
+//! other, and a replica a worker has left never takes that worker's tasks back. The scheduler
+//! tick and the watch poll are set to a minute, so only a notification can explain a prompt
+//! answer. Postgres only: each test says so and returns when `TEST_DATABASE_URL` is unset.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use coordinator::{domain::TaskState, proto};
+
+/// Long enough that the poll tick cannot be what moved the task.
+const SLOW_POLL: Duration = Duration::from_secs(60);
+
+async fn pair(
+    db: &TestDb,
+    tweak: impl Fn(&mut coordinator::config::Config),
+) -> (TestCoordinator, TestCoordinator) {
+    let a = TestCoordinator::start(db, |c| {
+        c.coordinator.id = "replica-a".into();
+        c.coordinator.poll_interval = SLOW_POLL;
+        tweak(c);
+    })
+    .await;
+    let b = TestCoordinator::start(db, |c| {
+        c.coordinator.id = "replica-b".into();
+        c.coordinator.poll_interval = SLOW_POLL;
+        tweak(c);
+    })
+    .await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_to_one_replica_wakes_the_other_and_its_watchers() {
+    let Some(db) = TestDb::postgres().await else {
+        println!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    };
+    let (a, b) = pair(&db, |_| {}).await;
+    let mut on_b = RawWorker::connect(&b.endpoint(), "w-b", 1, &["prove"]).await;
+    wait_connected(&b.client().await, &["w-b"]).await;
+    // Past the first tick of both schedulers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client_a = a.client().await;
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        let id = submit(&mut client_a, "prove", b"x").await;
+        let mut watch = client_a
+            .watch_task(proto::WatchTaskRequest { task_id: id.clone() })
+            .await
+            .expect("watch on a")
+            .into_inner();
+        let got = on_b.next(Duration::from_secs(10)).await;
+        assert_eq!(got.task_id, id, "round {round}");
+        let pushed = started.elapsed();
+        on_b.complete(&got.task_id, got.attempt, b"done").await.expect("complete on b");
+        // The watcher on A sees the completion made on B without waiting for its poll.
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(ev) = watch.message().await.expect("watch stream") {
+                if ev.status == proto::TaskStatus::Completed as i32 {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(seen, Ok(true), "round {round}: watcher on A saw the completion on B");
+        println!(
+            "round {round}: submit on A -> pushed on B in {pushed:?}; completion seen on A after {:?}",
+            started.elapsed()
+        );
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// The worker's connection moves from replica A to replica B while it runs a task. A later
+/// declares its old session DEAD; the task must stay with the worker, uncharged, and its result
+/// is accepted through B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_the_worker_left_never_takes_its_tasks_back() {
+    let Some(db) = TestDb::postgres().await else {
+        println!("skipped: TEST_DATABASE_URL is not set");
+        return;
+    };
+    let (a, b) = pair(&db, |c| {
+        c.coordinator.heartbeat_timeout = Duration::from_millis(500);
+        c.coordinator.stale_task_timeout = Duration::from_secs(60);
+        c.coordinator.cleanup_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut on_a = RawWorker::connect(&a.endpoint(), "mover", 1, &["prove"]).await;
+    let beats_a = on_a.keep_alive(Duration::from_millis(100));
+    wait_connected(&a.client().await, &["mover"]).await;
+    let id = submit(&mut a.client().await, "prove", b"x").await;
+    let task = on_a.next(Duration::from_secs(70)).await;
+    assert_eq!((task.task_id.as_str(), task.attempt), (id.as_str(), 1));
+    // The connection moves: A hears nothing more from this worker.
+    beats_a.abort();
+    on_a.disconnect();
+    let mut on_b = RawWorker::connect(&b.endpoint(), "mover", 1, &["prove"]).await;
+    let beats = {
+        let mut client = on_b.client.clone();
+        let (tid, attempt) = (task.task_id.clone(), task.attempt);
+        tokio::spawn(async move {
+            loop {
+                let _ = client
+                    .send_heartbeat(proto::HeartbeatRequest {
+                        worker_id: "mover".into(),
+                        running_tasks: vec![proto::RunningTask { task_id: tid.clone(), attempt }],
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+        })
+    };
+    // A declares its old session DEAD after 3x heartbeat_timeout (1.5 s) and its sweeper acts
+    // on it at once (or its reconciliation drops the session first): either way, nothing may
+    // happen to the task. Four times that is a generous bound for "never".
+    let mut client_a = a.client().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let t = get_task(&mut client_a, &id).await;
+    assert_eq!(t.status, proto::TaskStatus::Running as i32, "the task stays with the live worker: {t:?}");
+    assert_eq!(t.attempt, 1, "no new attempt: {t:?}");
+    let resp = on_b.complete(&task.task_id, task.attempt, b"proof").await.expect("accepted through B");
+    assert!(!resp.duplicate);
+    beats.abort();
+    let stored = db.store.get_task(id.parse().unwrap()).await.unwrap().unwrap();
+    assert_eq!((stored.state, stored.failures, stored.attempt), (TaskState::Completed, 0, 1));
+    let attempts = db.store.attempts(stored.id).await.unwrap();
+    assert_eq!(attempts.len(), 1, "one attempt, never charged: {attempts:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
