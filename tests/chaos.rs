@@ -11,9 +11,9 @@
 //!
 //! `cargo test --test chaos -- --ignored --nocapture` runs the cross-replica dispatch benchmark.
 
-mod common;
 #[path = "common/cluster.rs"]
 mod cluster;
+mod common;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -59,45 +59,56 @@ async fn bounded(what: &str, f: impl std::future::Future<Output = ()>) {
     }
 }
 
-/// Two replicas on one database, workers behind a round-robin proxy in front of both.
+/// Two replicas on one database; each worker reaches them through a round-robin proxy of its
+/// own, so each of its reconnections moves it to the other replica.
 struct Cluster {
     pool: PgPool,
     a: Replica,
     b: Replica,
-    proxy: Proxy,
+    /// One per worker, in front of both replicas.
+    proxies: Vec<Proxy>,
     /// Worker id -> its process.
     workers: HashMap<String, Proc>,
     clients: Vec<Client>,
-    /// `(base URL, schema)` to drop at the end, for a schema on the shared server.
-    schema: Option<(String, String)>,
+    /// The schema on the shared server, dropped after the processes above are killed.
+    schema: Option<SchemaGuard>,
     dir: tempfile::TempDir,
 }
 
 impl Cluster {
-    /// Replica A, then B (so migrations run once), the proxy, and `workers` worker processes
-    /// of `max_concurrent` slots connected through the proxy.
+    /// Replica A, then B (so migrations run once), and `workers` worker processes of
+    /// `max_concurrent` slots, each connected through its proxy.
     async fn start(url: &str, t: Timings, workers: usize, max_concurrent: u32) -> Cluster {
         let dir = tempfile::Builder::new().prefix("chaos").tempdir().unwrap();
         let mut a = Replica::new(dir.path(), "replica-a", url, t);
         let mut b = Replica::new(dir.path(), "replica-b", url, t);
         a.start().await;
         b.start().await;
-        let proxy = Proxy::start(vec![a.grpc_addr(), b.grpc_addr()]).await;
         let clients = clients(&[&a, &b]).await;
-        let mut cluster =
-            Cluster { pool: check_pool(url), a, b, proxy, workers: HashMap::new(), clients, schema: None, dir };
-        let endpoint = cluster.proxy.endpoint();
-        cluster.add_workers(&endpoint, workers, max_concurrent).await;
+        let mut cluster = Cluster {
+            pool: check_pool(url),
+            a,
+            b,
+            proxies: Vec::new(),
+            workers: HashMap::new(),
+            clients,
+            schema: None,
+            dir,
+        };
+        cluster.add_workers(workers, max_concurrent).await;
         cluster
     }
 
-    /// Starts workers `chaos-w<i>` connected to `endpoint` and waits until each has a task
-    /// stream open on one of the replicas.
-    async fn add_workers(&mut self, endpoint: &str, n: usize, max_concurrent: u32) {
+    /// Starts workers `chaos-w<i>`, each behind a proxy of its own, and waits until each has a
+    /// task stream open on one of the replicas.
+    async fn add_workers(&mut self, n: usize, max_concurrent: u32) {
         let first = self.workers.len();
         for i in first..first + n {
             let id = format!("chaos-w{i}");
-            let proc = spawn_worker(self.dir.path(), &id, endpoint, max_concurrent);
+            // Even workers start on A, odd ones on B.
+            let proxy = Proxy::start(vec![self.a.grpc_addr(), self.b.grpc_addr()], i).await;
+            let proc = spawn_worker(self.dir.path(), &id, &proxy.endpoint(), max_concurrent);
+            self.proxies.push(proxy);
             self.workers.insert(id, proc);
         }
         let ids: Vec<String> = self.workers.keys().cloned().collect();
@@ -119,7 +130,8 @@ impl Cluster {
         for c in &self.clients {
             let mut c = c.clone();
             if let Ok(Ok(r)) =
-                tokio::time::timeout(Duration::from_secs(3), c.list_workers(proto::ListWorkersRequest {})).await
+                tokio::time::timeout(Duration::from_secs(3), c.list_workers(proto::ListWorkersRequest {}))
+                    .await
             {
                 out.extend(r.into_inner().workers.into_iter().filter(|w| w.connected).map(|w| w.worker_id));
             }
@@ -127,9 +139,16 @@ impl Cluster {
         out
     }
 
-    /// Moves of the workers' task streams between replicas so far.
+    /// Worker connections that went to another replica than the worker's previous one.
     fn moves(&self) -> usize {
-        moves(&self.workers.values().collect::<Vec<_>>())
+        self.proxies.iter().map(Proxy::moves).sum()
+    }
+
+    /// Worker connections relayed to replica A and to B.
+    fn proxied(&self) -> Vec<usize> {
+        self.proxies
+            .iter()
+            .fold(vec![0, 0], |acc, p| acc.iter().zip(p.counts(2)).map(|(x, y)| x + y).collect())
     }
 
     async fn completed(&self) -> i64 {
@@ -150,7 +169,9 @@ impl Cluster {
         let deadline = Instant::now() + limit;
         loop {
             let running: Result<(i64,), _> =
-                sqlx::query_as("SELECT count(*) FROM tasks WHERE status = 'running'").fetch_one(&self.pool).await;
+                sqlx::query_as("SELECT count(*) FROM tasks WHERE status = 'running'")
+                    .fetch_one(&self.pool)
+                    .await;
             if matches!(running, Ok((r,)) if r >= n) {
                 return;
             }
@@ -159,25 +180,23 @@ impl Cluster {
         }
     }
 
-    /// Stops every process it started and drops the schema.
+    /// Stops every process it started and drops the schema (dropping it does the same).
     async fn finish(mut self) {
-        for (_, mut w) in self.workers.drain() {
+        for w in self.workers.values_mut() {
             w.kill9();
         }
         self.a.kill9();
         self.b.kill9();
         self.pool.close().await;
-        if let Some((base, schema)) = self.schema.take() {
-            drop_schema(&base, &schema).await;
-        }
     }
 }
 
 /// A cluster on a fresh schema of the shared `TEST_DATABASE_URL` server.
 async fn shared_cluster(base: &str, t: Timings, workers: usize, max_concurrent: u32) -> Cluster {
     let (url, schema) = fresh_schema(base).await;
+    let guard = SchemaGuard { base: base.to_owned(), schema };
     let mut c = Cluster::start(&url, t, workers, max_concurrent).await;
-    c.schema = Some((base.to_owned(), schema));
+    c.schema = Some(guard);
     c
 }
 
@@ -204,7 +223,7 @@ fn assert_nothing_taken_back(t: &Tally) {
     assert_eq!(t.failures, 0, "attempts charged (sum of tasks.failures): {t:?}");
 }
 
-/// 1. Connections aged every ~3 s while 8 tasks of 15-20 s run on 4 workers behind the proxy:
+/// 1. Connections aged every ~3 s while 8 tasks of 15-20 s run on 4 workers behind proxies:
 /// workers move between the replicas again and again, and no task is taken from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
@@ -221,7 +240,7 @@ async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
             &format!(
                 "elapsed_ms={} proxied_connections={:?} worker_moves={}",
                 started.elapsed().as_millis(),
-                c.proxy.counts(),
+                c.proxied(),
                 c.moves()
             ),
         ));
@@ -252,7 +271,7 @@ async fn aged_connections_short_tasks_complete_exactly_once() {
             &format!(
                 "elapsed_ms={} proxied_connections={:?} worker_moves={}",
                 started.elapsed().as_millis(),
-                c.proxy.counts(),
+                c.proxied(),
                 c.moves()
             ),
         ));
@@ -316,7 +335,7 @@ async fn replica_killed_under_load_loses_nothing() {
                 "completed_at_kill={completed_at_kill} restarted_after_ms={restarted_ms} elapsed_ms={} \
                  proxied_connections={:?}",
                 started.elapsed().as_millis(),
-                c.proxy.counts()
+                c.proxied()
             ),
         ));
         assert!(completed_at_kill < n as i64, "the kill landed mid-run");
@@ -482,7 +501,8 @@ async fn postgres_outage_longer_than_the_lease_charges_nothing() {
         let c = Cluster::start(&pg.url(), timings, 3, 2).await;
         let n = 6;
         let started = Instant::now();
-        submit_all(&c.clients, sleep_tasks("pg-outage", (0..n).map(|_| 20_000)), 2, Duration::from_secs(30)).await;
+        submit_all(&c.clients, sleep_tasks("pg-outage", (0..n).map(|_| 20_000)), 2, Duration::from_secs(30))
+            .await;
         c.wait_running(n as i64, Duration::from_secs(30)).await;
         let outage = timings.stale_task_timeout * 3 / 2;
         pg.stop();
@@ -514,6 +534,7 @@ async fn postgres_outage_longer_than_the_lease_charges_nothing() {
 async fn bench_cross_replica_dispatch() {
     let Some((_serial, base)) = serial().await else { return };
     let (url, schema) = fresh_schema(&base).await;
+    let _schema = SchemaGuard { base: base.clone(), schema };
     let dir = tempfile::Builder::new().prefix("chaos-bench").tempdir().unwrap();
     let t = Timings::default();
     let mut a = Replica::new(dir.path(), "replica-a", &url, t);
@@ -609,5 +630,4 @@ async fn bench_cross_replica_dispatch() {
     a.kill9();
     b.kill9();
     pool.close().await;
-    drop_schema(&base, &schema).await;
 }

@@ -9,10 +9,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -44,7 +41,9 @@ impl Proc {
         let err = out.try_clone().unwrap();
         cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err)).stdin(Stdio::null());
         // The test's environment must not override the configuration files.
-        for var in ["DATABASE_URL", "RUST_LOG", "COORDINATOR_ID", "WORKER_COORDINATOR", "WORKER_ID", "WORKER_TOKEN"] {
+        for var in
+            ["DATABASE_URL", "RUST_LOG", "COORDINATOR_ID", "WORKER_COORDINATOR", "WORKER_ID", "WORKER_TOKEN"]
+        {
             cmd.env_remove(var);
         }
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
@@ -72,28 +71,10 @@ impl Proc {
     }
 }
 
-/// How many times each worker's task stream moved to another replica, from the
-/// `registered; task stream open` lines of its log (their `coordinator_id`).
-pub fn moves(workers: &[&Proc]) -> usize {
-    workers
-        .iter()
-        .map(|w| {
-            let text = std::fs::read_to_string(&w.log).unwrap_or_default();
-            let seq: Vec<String> = text
-                .lines()
-                .filter(|l| l.contains("task stream open"))
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| v.get("coordinator_id").and_then(|c| c.as_str()).map(str::to_owned))
-                .collect();
-            seq.windows(2).filter(|p| p[0] != p[1]).count()
-        })
-        .sum()
-}
-
 impl Drop for Proc {
     fn drop(&mut self) {
         if std::thread::panicking() && self.child.is_some() {
-            eprintln!("--- last lines of {} ---\n{}", self.name, self.tail(15));
+            eprintln!("--- last lines of {} ---\n{}", self.name, self.tail(10));
         }
         self.kill9();
     }
@@ -244,46 +225,53 @@ logging:
     Proc::spawn(id, cmd, dir.join(format!("{id}.log")))
 }
 
-/// A TCP proxy on 127.0.0.1:0 that hands each new connection to a backend picked at random with
-/// equal odds, as a Kubernetes Service does (kube-proxy's default mode), and to the next one in
-/// turn when that backend refuses. (A strict global round-robin is no good here: workers that
-/// reconnect in step, an even number per round, land on the same replica every time.)
+/// A TCP proxy on 127.0.0.1:0 in front of the replicas that hands each new connection to the
+/// next backend in turn (round-robin, as a Kubernetes Service in IPVS `rr` mode), or to the one
+/// after it when that backend refuses. The suite puts one in front of each worker, so every
+/// reconnection of a worker lands on the other replica: each aged connection is a move. (One
+/// proxy shared by all workers is no good: workers that reconnect in step, an even number per
+/// round, land on the same replica every time.)
 pub struct Proxy {
     pub addr: SocketAddr,
-    /// Connections handed to each backend so far.
-    pub per_backend: Arc<Vec<AtomicUsize>>,
+    /// Backend index of every connection relayed so far, in order. A std mutex: plain state,
+    /// locked only to push or copy, never across an await.
+    history: Arc<std::sync::Mutex<Vec<usize>>>,
     /// Cancelled on drop: ends the accept loop and every relayed connection.
     stop: CancellationToken,
     accept: JoinHandle<()>,
 }
 
 impl Proxy {
-    pub async fn start(backends: Vec<SocketAddr>) -> Proxy {
+    /// A proxy whose first connection goes to `backends[first % len]`.
+    pub async fn start(backends: Vec<SocketAddr>, first: usize) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let per_backend = Arc::new(backends.iter().map(|_| AtomicUsize::new(0)).collect::<Vec<_>>());
-        let (stop2, counts) = (stop.clone(), per_backend.clone());
+        let history = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop2, history2) = (stop.clone(), history.clone());
         let accept = tokio::spawn(async move {
+            let mut next = first;
             loop {
                 let (mut inbound, _) = tokio::select! {
                     biased;
                     _ = stop2.cancelled() => return,
                     r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
                 };
-                let (backends, counts, stop) = (backends.clone(), counts.clone(), stop2.clone());
+                let first = next;
+                next += 1;
+                let (backends, history, stop) = (backends.clone(), history2.clone(), stop2.clone());
                 tokio::spawn(async move {
-                    let start = rand::random::<u32>() as usize;
                     for k in 0..backends.len() {
-                        let i = (start + k) % backends.len();
+                        let i = (first + k) % backends.len();
                         let connect = tokio::net::TcpStream::connect(backends[i]);
-                        let Ok(Ok(mut outbound)) = tokio::time::timeout(Duration::from_secs(1), connect).await
+                        let Ok(Ok(mut outbound)) =
+                            tokio::time::timeout(Duration::from_secs(1), connect).await
                         else {
                             continue;
                         };
                         let _ = outbound.set_nodelay(true);
                         let _ = inbound.set_nodelay(true);
-                        counts[i].fetch_add(1, Ordering::Relaxed);
+                        history.lock().unwrap_or_else(|e| e.into_inner()).push(i);
                         tokio::select! {
                             _ = stop.cancelled() => {}
                             _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
@@ -293,15 +281,29 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, per_backend, stop, accept }
+        Proxy { addr, history, stop, accept }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub fn counts(&self) -> Vec<usize> {
-        self.per_backend.iter().map(|c| c.load(Ordering::Relaxed)).collect()
+    fn history(&self) -> Vec<usize> {
+        self.history.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Connections relayed to each of `n` backends.
+    pub fn counts(&self, n: usize) -> Vec<usize> {
+        let mut out = vec![0; n];
+        for i in self.history() {
+            out[i] += 1;
+        }
+        out
+    }
+
+    /// How many times a new connection went to another backend than the one before it.
+    pub fn moves(&self) -> usize {
+        self.history().windows(2).filter(|p| p[0] != p[1]).count()
     }
 }
 
@@ -350,7 +352,8 @@ impl OwnPostgres {
     }
 
     fn run(&self, program: &str, args: &[&str]) {
-        let out = self.command(program).args(args).stdin(Stdio::null()).output().expect("run a postgres tool");
+        let out =
+            self.command(program).args(args).stdin(Stdio::null()).output().expect("run a postgres tool");
         assert!(
             out.status.success(),
             "{program} {args:?} failed: {}{}",
@@ -368,7 +371,10 @@ impl OwnPostgres {
             assert!(ok.map(|s| s.success()).unwrap_or(false), "chown the postgres directory");
         }
         let pg = OwnPostgres { port: free_port(), bin, data, dir };
-        pg.run("initdb", &["-D", pg.data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"]);
+        pg.run(
+            "initdb",
+            &["-D", pg.data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],
+        );
         pg.start();
         pg
     }
@@ -386,7 +392,18 @@ impl OwnPostgres {
         let log = self.dir.path().join("postgres.log");
         self.run(
             "pg_ctl",
-            &["-D", self.data.to_str().unwrap(), "-l", log.to_str().unwrap(), "-o", &opts, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         );
     }
 
@@ -420,9 +437,31 @@ pub async fn fresh_schema(base: &str) -> (String, String) {
     (format!("{base}{sep}options=-c%20search_path%3D{schema}"), schema)
 }
 
+/// Drops its schema when it goes out of scope, on panic too (after the processes using it were
+/// killed, when it is declared after them).
+pub struct SchemaGuard {
+    pub base: String,
+    pub schema: String,
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        let (base, schema) = (self.base.clone(), self.schema.clone());
+        // A runtime of its own on a thread of its own: this may run inside the test's runtime.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(drop_schema(&base, &schema));
+            }
+        })
+        .join();
+    }
+}
+
 pub async fn drop_schema(base: &str, schema: &str) {
     if let Ok(mut conn) = sqlx::PgConnection::connect(base).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&mut conn).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&mut conn)
+            .await;
         conn.close().await.ok();
     }
 }
@@ -528,7 +567,10 @@ pub async fn wait_settled(pool: &PgPool, expected: i64, limit: Duration) -> Tall
 }
 
 /// `sleep` tasks, each with an idempotency key `<prefix>-<i>`.
-pub fn sleep_tasks(prefix: &str, durations_ms: impl IntoIterator<Item = u64>) -> Vec<proto::SubmitTaskRequest> {
+pub fn sleep_tasks(
+    prefix: &str,
+    durations_ms: impl IntoIterator<Item = u64>,
+) -> Vec<proto::SubmitTaskRequest> {
     durations_ms
         .into_iter()
         .enumerate()
