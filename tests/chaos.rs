@@ -528,7 +528,8 @@ async fn postgres_outage_longer_than_the_lease_charges_nothing() {
 
 /// Cross-replica dispatch, idle: every worker is connected to replica B, tasks are submitted to
 /// replica A one at a time. Reports submit -> assignment (task_attempts.assigned_at) p50/p99
-/// over 200 `noop` tasks, and how long `WatchTask` on A takes to see a completion made on B.
+/// over 200 `noop` tasks (and over 50 submitted to B itself, for comparison), and how long
+/// `WatchTask` on A takes to see a completion made on B (event received - tasks.finished_at).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: cargo test --test chaos -- --ignored --nocapture"]
 async fn bench_cross_replica_dispatch() {
@@ -548,35 +549,11 @@ async fn bench_cross_replica_dispatch() {
     common::wait_connected(&clients[1], &ids.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let pool = check_pool(&url);
 
-    let mut dispatch_ms = Vec::new();
-    for i in 0..200 {
-        let req = proto::SubmitTaskRequest {
-            task_type: "noop".into(),
-            idempotency_key: format!("bench-{i}"),
-            ..Default::default()
-        };
-        let sent = Utc::now();
-        let id = clients[0].clone().submit_task(req).await.expect("submit").into_inner().task_id;
-        let id: uuid::Uuid = id.parse().unwrap();
-        let limit = Instant::now() + Duration::from_secs(30);
-        loop {
-            let done: Option<(DateTime<Utc>,)> = sqlx::query_as(
-                "SELECT a.assigned_at FROM tasks t JOIN task_attempts a ON a.task_id = t.id AND a.attempt = 1
-                 WHERE t.id = $1 AND t.status = 'completed'",
-            )
-            .bind(id)
-            .fetch_optional(&pool)
-            .await
-            .unwrap();
-            if let Some((at,)) = done {
-                dispatch_ms.push((at - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
-                break;
-            }
-            assert!(Instant::now() < limit, "task {id} not completed within 30 s");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    }
-    dispatch_ms.sort_by(f64::total_cmp);
+    // Arrivals at random moments (an idle gap uniform in [0, poll_interval) before each), so
+    // the submissions do not fall in step with a replica's scheduler tick.
+    let dispatch_ms = dispatch_latencies(&clients[0], &pool, "bench-ab", 200, t.poll_interval).await;
+    // The same path within one replica, for comparison: submitted to B, where the workers are.
+    let same_ms = dispatch_latencies(&clients[1], &pool, "bench-bb", 50, t.poll_interval).await;
 
     let mut watch_ms = Vec::new();
     for i in 0..20 {
@@ -613,12 +590,16 @@ async fn bench_cross_replica_dispatch() {
     watch_ms.sort_by(f64::total_cmp);
 
     report(&format!(
-        "chaos bench_cross_replica: dispatch_tasks={} submit_to_assigned_ms p50={:.1} p99={:.1} max={:.1}; \
-         watch_on_a_of_completion_on_b tasks={} p50={:.1} p99={:.1} max={:.1}",
+        "chaos bench_cross_replica: submit_on_a_to_assigned_on_b tasks={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}; \
+         same_replica tasks={} p50_ms={:.1} p99_ms={:.1}; \
+         watch_on_a_of_completion_on_b tasks={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
         dispatch_ms.len(),
         percentile(&dispatch_ms, 50.0),
         percentile(&dispatch_ms, 99.0),
         dispatch_ms.last().copied().unwrap_or(0.0),
+        same_ms.len(),
+        percentile(&same_ms, 50.0),
+        percentile(&same_ms, 99.0),
         watch_ms.len(),
         percentile(&watch_ms, 50.0),
         percentile(&watch_ms, 99.0),
@@ -630,4 +611,48 @@ async fn bench_cross_replica_dispatch() {
     a.kill9();
     b.kill9();
     pool.close().await;
+}
+
+/// Submits `n` `noop` tasks one at a time through `client`, each after a random idle gap below
+/// `max_gap` and once the previous one completed; returns submit -> `assigned_at` of each, in
+/// milliseconds, sorted.
+async fn dispatch_latencies(
+    client: &Client,
+    pool: &PgPool,
+    prefix: &str,
+    n: usize,
+    max_gap: Duration,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let gap = rand::random::<u64>() % max_gap.as_millis().max(1) as u64;
+        tokio::time::sleep(Duration::from_millis(gap)).await;
+        let req = proto::SubmitTaskRequest {
+            task_type: "noop".into(),
+            idempotency_key: format!("{prefix}-{i}"),
+            ..Default::default()
+        };
+        let sent = Utc::now();
+        let id = client.clone().submit_task(req).await.expect("submit").into_inner().task_id;
+        let id: uuid::Uuid = id.parse().unwrap();
+        let limit = Instant::now() + Duration::from_secs(30);
+        loop {
+            let done: Option<(DateTime<Utc>,)> = sqlx::query_as(
+                "SELECT a.assigned_at FROM tasks t JOIN task_attempts a ON a.task_id = t.id AND a.attempt = 1
+                 WHERE t.id = $1 AND t.status = 'completed'",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+            if let Some((at,)) = done {
+                out.push((at - sent).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                break;
+            }
+            assert!(Instant::now() < limit, "task {id} not completed within 30 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    out
 }
