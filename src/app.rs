@@ -170,8 +170,13 @@ impl App {
             effects.clone(),
             stats.clone(),
         );
-        let sweeper =
-            Sweeper::new(store.clone(), effects.clone(), c.cleanup_interval, c.heartbeat_timeout, dead_rx);
+        let sweeper = Sweeper::new(
+            store.clone(),
+            effects.clone(),
+            c.cleanup_interval,
+            c.heartbeat_timeout * 2,
+            dead_rx,
+        );
 
         // Every loop is supervised: one that panics or ends early turns /health/live red (the
         // kubelet restarts the process) and is counted.
@@ -492,6 +497,72 @@ pub async fn shutdown_on_signals(shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        domain::{NewTask, WorkerId},
+        registry::RegistryConfig,
+        store::{Completion, TypeFilter, WorkerRegistration, testing::TestDb},
+        wakeups::Notifier,
+    };
+
+    /// A report whose request is dropped once it is queued (a client that hung up, a connection
+    /// cut) still frees its worker's slot: the effects run in the batch loop after the commit.
+    #[tokio::test]
+    async fn a_report_dropped_after_it_was_queued_still_frees_the_slot() {
+        let db = TestDb::sqlite().await;
+        let store = db.store.clone();
+        let wake = Wake::default();
+        let config = RegistryConfig {
+            coordinator_id: "c".into(),
+            heartbeat_timeout: Duration::from_secs(30),
+            cleanup_interval: Duration::from_secs(30),
+        };
+        let (registry, _dead) = Registry::new(config, store.clone(), wake.clone());
+        let worker = WorkerId::from("w1");
+        let registration = WorkerRegistration {
+            id: worker.clone(),
+            max_concurrent_tasks: 1,
+            capabilities: Vec::new(),
+            labels: Default::default(),
+            version: String::new(),
+            hostname: String::new(),
+            session_id: uuid::Uuid::now_v7(),
+            coordinator_id: "c".into(),
+        };
+        let session = registry.register(registration).await.unwrap().session_id;
+        let (_stream, _rx) = registry.attach(&worker).unwrap();
+        let task = NewTask {
+            id: crate::domain::TaskId::new(),
+            task_type: "prove".into(),
+            payload: b"x".to_vec(),
+            priority: 0,
+            max_attempts: 3,
+            timeout: Duration::from_secs(60),
+            idempotency_key: None,
+            job_id: None,
+        };
+        store.create_tasks(&[task]).await.unwrap();
+        let w = worker.clone();
+        let a = store
+            .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])
+            .await
+            .unwrap()
+            .remove(0);
+        let held = Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt };
+        registry.push(a, session).unwrap();
+        assert_eq!(registry.session(&worker).unwrap().in_flight, 1);
+
+        let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
+        let (batchers, _handles) = spawn_batchers(&store, Duration::from_secs(60), &effects);
+        let mut call = Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec() }));
+        assert!(futures::poll!(&mut call).is_pending(), "queued, waiting for its answer");
+        drop(call);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while registry.session(&worker).unwrap().in_flight != 0 {
+            assert!(Instant::now() < deadline, "the slot was never freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        db.cleanup().await;
+    }
 
     #[tokio::test]
     async fn a_panicked_loop_marks_the_process_not_live_and_a_clean_stop_does_not() {

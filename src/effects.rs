@@ -86,6 +86,12 @@ impl Effects {
         }
     }
 
+    /// The worker's attempt is no longer held (a hand-back that found it gone): its slot, if
+    /// this process still counted one for that attempt, is free.
+    pub fn not_held(&self, held: &Held) {
+        self.registry.release(&held.worker_id, held.task_id, held.attempt);
+    }
+
     /// Held tasks were given back (lease expired, worker dead, undelivered, released).
     pub fn requeued(&self, requeued: &[Requeued]) {
         for r in requeued {

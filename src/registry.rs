@@ -165,8 +165,6 @@ struct State {
     seq: u64,
     /// Registrations waiting on the database, per worker: releases made meanwhile.
     registering: HashMap<WorkerId, Window>,
-    /// Releases per worker, for reconciliation: the seq of the latest.
-    last_release: HashMap<WorkerId, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -184,13 +182,20 @@ impl State {
         self.seq
     }
 
-    /// Notes that (task, attempt) left `worker`'s slots, for registrations and reconciliations
-    /// in progress.
-    fn note_release(&mut self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) {
+    /// Frees `worker`'s slot for (task, attempt), if it holds one for that very attempt (a late
+    /// release of an older attempt leaves a newer assignment of the same task alone). The
+    /// release is noted for registrations and reconciliations in progress either way.
+    fn free_slot(&mut self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Option<InFlight> {
         let seq = self.next_seq();
-        self.last_release.insert(worker.clone(), seq);
         if let Some(w) = self.registering.get_mut(worker) {
             w.released.insert((task_id, attempt));
+        }
+        let s = self.sessions.get_mut(worker)?;
+        s.released_seq = seq;
+        if s.in_flight.get(&task_id).is_some_and(|f| f.attempt == attempt) {
+            s.in_flight.remove(&task_id)
+        } else {
+            None
         }
     }
 }
@@ -209,6 +214,8 @@ struct Session {
     heartbeat_dirty: bool,
     dead_since: Option<Instant>,
     stream: Option<StreamSlot>,
+    /// `State::seq` of the latest release from this session's slots (for reconciliation).
+    released_seq: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -255,6 +262,18 @@ impl Session {
 
     fn schedulable(&self) -> bool {
         self.state == WorkerState::Active && self.stream.as_ref().is_some_and(|s| s.open().is_some())
+    }
+
+    fn info(&self, id: &WorkerId) -> SessionInfo {
+        SessionInfo {
+            worker_id: id.clone(),
+            session_id: self.session_id,
+            state: self.state,
+            max_concurrent_tasks: self.max_concurrent_tasks,
+            in_flight: self.in_flight.len() as u32,
+            connected: self.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
+            last_seen_at: self.last_seen_at,
+        }
     }
 }
 
@@ -347,10 +366,7 @@ impl Registry {
             }
             _ => state.registering.remove(&reg.id).unwrap_or_default(),
         };
-        let held = match held {
-            Ok(h) => h,
-            Err(e) => return Err(e),
-        };
+        let held = held?;
         let seq = state.next_seq();
         let previous = state.sessions.remove(&reg.id);
         let mut in_flight: HashMap<TaskId, InFlight> = held
@@ -376,6 +392,7 @@ impl Registry {
             last_seen_at: Utc::now(),
             heartbeat_dirty: false,
             dead_since: None,
+            released_seq: seq,
             // The previous session's stream (dropped with `previous`) ends; the worker opens a
             // new one after registering, and pushes never go down a connection it gave up.
             stream: None,
@@ -429,14 +446,7 @@ impl Registry {
         }
         let mut state = self.lock();
         for h in revoked {
-            let removed = state
-                .sessions
-                .get_mut(worker)
-                .filter(|s| s.in_flight.get(&h.task_id).is_some_and(|f| f.attempt == h.attempt))
-                .and_then(|s| s.in_flight.remove(&h.task_id));
-            if removed.is_some() {
-                state.note_release(worker, h.task_id, h.attempt);
-            }
+            state.free_slot(worker, h.task_id, h.attempt);
         }
         drop(state);
         self.shared.wake.wake();
@@ -506,24 +516,18 @@ impl Registry {
     /// each assignment to them is fenced by.
     pub fn schedulable(&self) -> (Vec<WorkerSlot>, HashMap<WorkerId, Uuid>) {
         let state = self.lock();
-        let sessions = state
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.schedulable() && s.free() > 0)
-            .map(|(id, s)| (id.clone(), s.session_id))
-            .collect();
-        let mut slots: Vec<WorkerSlot> = state
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.schedulable() && s.free() > 0)
-            .map(|(id, s)| WorkerSlot {
+        let mut sessions = HashMap::new();
+        let mut slots = Vec::new();
+        for (id, s) in state.sessions.iter().filter(|(_, s)| s.schedulable() && s.free() > 0) {
+            sessions.insert(id.clone(), s.session_id);
+            slots.push(WorkerSlot {
                 id: id.clone(),
                 capabilities: s.capabilities.clone(),
                 free: s.free(),
                 in_flight: s.in_flight.len() as u32,
                 max: s.max_concurrent_tasks,
-            })
-            .collect();
+            });
+        }
         // A stable order makes round-robin fair across passes.
         slots.sort_by(|a, b| a.id.cmp(&b.id));
         (slots, sessions)
@@ -576,16 +580,9 @@ impl Registry {
     pub fn push_cancel(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> bool {
         let tx = {
             let mut state = self.lock();
-            let Some(s) = state.sessions.get_mut(worker) else { return false };
-            let held = s.in_flight.get(&task_id).is_some_and(|f| f.attempt == attempt);
-            if held {
-                s.in_flight.remove(&task_id);
-            }
-            let tx = s.stream.as_ref().and_then(|slot| slot.tx.clone());
-            if held {
-                state.note_release(worker, task_id, attempt);
-            }
-            tx
+            state.free_slot(worker, task_id, attempt);
+            let Some(s) = state.sessions.get(worker) else { return false };
+            s.stream.as_ref().and_then(|slot| slot.tx.clone())
         };
         self.shared.wake.wake();
         let Some(tx) = tx else { return false };
@@ -607,19 +604,7 @@ impl Registry {
     /// Only the slot of that very attempt is freed: a late release of an older attempt leaves a
     /// newer assignment of the same task alone.
     pub fn release(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Option<Released> {
-        let freed = {
-            let mut state = self.lock();
-            // Noted even when this process holds no slot for it: a registration of this worker
-            // in progress must not count it.
-            state.note_release(worker, task_id, attempt);
-            let s = state.sessions.get_mut(worker)?;
-            if s.in_flight.get(&task_id).is_some_and(|f| f.attempt == attempt) {
-                s.in_flight.remove(&task_id)
-            } else {
-                None
-            }
-        };
-        let freed = freed?;
+        let freed = self.lock().free_slot(worker, task_id, attempt)?;
         self.shared.wake.wake();
         Some(Released { task_type: freed.task_type, elapsed: freed.since.elapsed() })
     }
@@ -627,34 +612,14 @@ impl Registry {
     /// The live sessions.
     pub fn sessions(&self) -> Vec<SessionInfo> {
         let state = self.lock();
-        let mut out: Vec<SessionInfo> = state
-            .sessions
-            .iter()
-            .map(|(id, s)| SessionInfo {
-                worker_id: id.clone(),
-                session_id: s.session_id,
-                state: s.state,
-                max_concurrent_tasks: s.max_concurrent_tasks,
-                in_flight: s.in_flight.len() as u32,
-                connected: s.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
-                last_seen_at: s.last_seen_at,
-            })
-            .collect();
+        let mut out: Vec<SessionInfo> = state.sessions.iter().map(|(id, s)| s.info(id)).collect();
         out.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
         out
     }
 
+    /// One worker's session: a map lookup, so listing a large fleet stays linear.
     pub fn session(&self, worker: &WorkerId) -> Option<SessionInfo> {
-        let state = self.lock();
-        state.sessions.get(worker).map(|s| SessionInfo {
-            worker_id: worker.clone(),
-            session_id: s.session_id,
-            state: s.state,
-            max_concurrent_tasks: s.max_concurrent_tasks,
-            in_flight: s.in_flight.len() as u32,
-            connected: s.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
-            last_seen_at: s.last_seen_at,
-        })
+        self.lock().sessions.get(worker).map(|s| s.info(worker))
     }
 
     /// Counts by state and capacity, for `/health` and gauges. DEAD workers have no capacity.
@@ -760,10 +725,10 @@ impl Registry {
                 if state.registering.contains_key(id) {
                     continue;
                 }
-                let released_since = state.last_release.get(id).is_some_and(|&r| r > seq0);
                 let Some(s) = state.sessions.get_mut(id).filter(|s| s.session_id == *session_id) else {
                     continue;
                 };
+                let released_since = s.released_seq > seq0;
                 if own.sessions.get(id).is_some_and(|db| db != session_id) {
                     superseded.push(id.clone());
                     continue;

@@ -25,9 +25,9 @@ pub struct Sweeper {
     store: Store,
     effects: Effects,
     interval: Duration,
-    /// After the database was unreachable, expired leases are left alone this long, so workers
-    /// that kept heartbeating through the outage renew them first (`heartbeat_timeout`: every
-    /// live worker heartbeats three times in it).
+    /// After the database was unreachable, expired leases are left alone this long after it
+    /// came back, so workers that kept heartbeating through the outage renew them first
+    /// (2x `heartbeat_timeout`: every live worker heartbeats six times in it).
     outage_hold: Duration,
     /// The registry holds the sender: sessions that just went DEAD.
     dead_rx: mpsc::UnboundedReceiver<DeadSession>,
@@ -75,8 +75,16 @@ impl Sweeper {
 
     /// Requeues tasks whose lease expired, in batches until none is left.
     pub async fn sweep_expired(&self) {
-        if self.store.health().unavailable_within(self.outage_hold) {
-            // Leases could not be renewed during the outage; give live workers time to renew.
+        // Leases cannot be renewed during an outage: after one, live workers get time to renew
+        // them before any is taken back. A probe first, with a deadline: during an outage calls
+        // often hang on a connection rather than fail, and a sweep that hung would run the
+        // moment the database returned, before anybody could renew.
+        let health = self.store.health();
+        if tokio::time::timeout(self.outage_hold / 2, self.store.ping()).await.is_err() {
+            health.mark_down();
+            return;
+        }
+        if health.unavailable_within(self.outage_hold) {
             return;
         }
         loop {

@@ -2,3 +2,6 @@
 -- work back from a dead session takes exactly that session's tasks. A registration adopts the
 -- tasks its worker still holds.
 ALTER TABLE tasks ADD COLUMN session_id TEXT;
+
+-- Claims take candidates per task type, so one type's backlog never hides another's tasks.
+CREATE INDEX tasks_runnable_by_type ON tasks (task_type, priority DESC, id) WHERE status = 'pending';

@@ -398,8 +398,10 @@ impl CoordinatorService for Service {
             let h = held.clone();
             let requeued = Effects::detached(async move {
                 let r = inner.store.requeue_released(std::slice::from_ref(&h)).await;
-                if let Ok(requeued) = &r {
-                    inner.effects.requeued(requeued);
+                match &r {
+                    Ok(requeued) if requeued.is_empty() => inner.effects.not_held(&h),
+                    Ok(requeued) => inner.effects.requeued(requeued),
+                    Err(_) => {}
                 }
                 r
             })

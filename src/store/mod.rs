@@ -15,7 +15,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -78,33 +78,48 @@ fn connection_class(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
 }
 
-/// When the database last failed as unreachable, as seen by this process's store calls.
+/// Whether the database is reachable, as this process's store calls see it, and when it last
+/// came back.
 #[derive(Debug)]
 pub struct DbHealth {
     origin: Instant,
-    /// Milliseconds after `origin` of the last "unavailable" failure, plus one; 0 = never.
-    last_unavailable_ms: AtomicU64,
+    /// True from an "unavailable" failure until the next call that succeeds.
+    down: AtomicBool,
+    /// Milliseconds after `origin` of the first success after an outage, plus one; 0 = never.
+    recovered_ms: AtomicU64,
 }
 
 impl Default for DbHealth {
     fn default() -> Self {
-        Self { origin: Instant::now(), last_unavailable_ms: AtomicU64::new(0) }
+        Self { origin: Instant::now(), down: AtomicBool::new(false), recovered_ms: AtomicU64::new(0) }
     }
 }
 
 impl DbHealth {
     fn note<T>(&self, r: &Result<T>) {
-        if let Err(e) = r
-            && e.is_unavailable()
-        {
-            let ms = self.origin.elapsed().as_millis() as u64 + 1;
-            self.last_unavailable_ms.fetch_max(ms, Ordering::Relaxed);
+        match r {
+            Err(e) if e.is_unavailable() => self.down.store(true, Ordering::Relaxed),
+            Err(_) => {}
+            Ok(_) => {
+                if self.down.swap(false, Ordering::Relaxed) {
+                    let ms = self.origin.elapsed().as_millis() as u64 + 1;
+                    self.recovered_ms.store(ms, Ordering::Relaxed);
+                }
+            }
         }
     }
 
-    /// True when a store call failed as unavailable within the last `window`.
+    /// Records an outage seen without an error (a call that hung instead of failing).
+    pub fn mark_down(&self) {
+        self.down.store(true, Ordering::Relaxed);
+    }
+
+    /// True while the database is down (as last seen), and for `window` after it came back.
     pub fn unavailable_within(&self, window: Duration) -> bool {
-        match self.last_unavailable_ms.load(Ordering::Relaxed) {
+        if self.down.load(Ordering::Relaxed) {
+            return true;
+        }
+        match self.recovered_ms.load(Ordering::Relaxed) {
             0 => false,
             ms => self.origin.elapsed().saturating_sub(Duration::from_millis(ms - 1)) < window,
         }
@@ -483,7 +498,7 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        timed!("requeue_released", self, s => s.requeue_released(held).await)
+        timed!("requeue_released", self, s => s.requeue_held(held, RequeueReason::Released).await)
     }
 
     /// Puts assignments that never reached their worker back to pending without charging an
@@ -492,7 +507,7 @@ impl Store {
         if held.is_empty() {
             return Ok(Vec::new());
         }
-        timed!("requeue_undelivered", self, s => s.requeue_undelivered(held).await)
+        timed!("requeue_undelivered", self, s => s.requeue_held(held, RequeueReason::Undelivered).await)
     }
 
     /// Tasks the store says `worker` holds (assigned or running), with their attempts.
@@ -648,15 +663,19 @@ mod tests {
     }
 
     #[test]
-    fn health_remembers_the_last_outage_for_a_window() {
+    fn health_holds_while_down_and_for_a_window_after_the_first_success() {
         let h = DbHealth::default();
-        assert!(!h.unavailable_within(Duration::from_secs(3600)), "never failed");
+        let window = Duration::from_millis(40);
+        assert!(!h.unavailable_within(window), "never failed");
         h.note::<()>(&Err(StoreError::Database(sqlx::Error::RowNotFound)));
-        assert!(!h.unavailable_within(Duration::from_secs(3600)), "a bad request is no outage");
+        assert!(!h.unavailable_within(window), "a bad request is no outage");
         h.note::<()>(&Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut)));
-        assert!(h.unavailable_within(Duration::from_secs(1)));
-        std::thread::sleep(Duration::from_millis(30));
-        assert!(!h.unavailable_within(Duration::from_millis(10)), "the window has passed");
+        std::thread::sleep(window * 2);
+        assert!(h.unavailable_within(window), "still down, however long ago it failed");
+        h.note(&Ok(()));
+        assert!(h.unavailable_within(window), "just came back");
+        std::thread::sleep(window * 2);
+        assert!(!h.unavailable_within(window), "the window after recovery has passed");
     }
 
     #[test]

@@ -202,13 +202,20 @@ impl PgStore {
                 .fetch_all(&mut *tx)
                 .await?
             }
+            // Up to `limit` candidates of each type, so older tasks of one type can never fill
+            // the list and hide the tasks another free worker could run.
             TypeFilter::Only(types) => {
                 sqlx::query(
-                    "SELECT id, task_type, priority FROM tasks
-                     WHERE status = 'pending' AND run_after <= now() AND task_type = ANY($2)
-                     ORDER BY priority DESC, id
-                     LIMIT $1
-                     FOR UPDATE SKIP LOCKED",
+                    "SELECT c.id, c.task_type, c.priority
+                     FROM unnest($2::text[]) AS ty(name),
+                     LATERAL (
+                         SELECT id, task_type, priority FROM tasks
+                         WHERE status = 'pending' AND run_after <= now() AND task_type = ty.name
+                         ORDER BY priority DESC, id
+                         LIMIT $1
+                         FOR UPDATE SKIP LOCKED
+                     ) AS c
+                     ORDER BY c.priority DESC, c.id",
                 )
                 .bind(i64::from(limit))
                 .bind(types)
@@ -577,33 +584,20 @@ impl PgStore {
         )
     }
 
-    pub(super) async fn requeue_released(&self, held: &[Held]) -> Result<Vec<Requeued>> {
+    /// Gives back held tasks named by (task, worker, attempt), uncharged: `Undelivered` only
+    /// while still `assigned` (they never reached the worker), `Released` also when running.
+    pub(super) async fn requeue_held(&self, held: &[Held], reason: RequeueReason) -> Result<Vec<Requeued>> {
         let (ids, workers, attempts) = held_arrays(held);
+        let only_assigned = reason == RequeueReason::Undelivered;
         retry_conflicts!(
             self.requeue(
                 "SELECT t.id, t.attempt, t.worker_id
                  FROM tasks t JOIN unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)
                    ON t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
-                 WHERE t.status IN ('assigned', 'running')
+                 WHERE t.status = 'assigned' OR (t.status = 'running' AND NOT $4)
                  ORDER BY t.id FOR UPDATE OF t",
-                RequeueReason::Released,
-                |q| q.bind(ids.clone()).bind(workers.clone()).bind(attempts.clone()),
-            )
-            .await
-        )
-    }
-
-    pub(super) async fn requeue_undelivered(&self, held: &[Held]) -> Result<Vec<Requeued>> {
-        let (ids, workers, attempts) = held_arrays(held);
-        retry_conflicts!(
-            self.requeue(
-                "SELECT t.id, t.attempt, t.worker_id
-                 FROM tasks t JOIN unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)
-                   ON t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
-                 WHERE t.status = 'assigned'
-                 ORDER BY t.id FOR UPDATE OF t",
-                RequeueReason::Undelivered,
-                |q| q.bind(ids.clone()).bind(workers.clone()).bind(attempts.clone()),
+                reason,
+                |q| q.bind(ids.clone()).bind(workers.clone()).bind(attempts.clone()).bind(only_assigned),
             )
             .await
         )

@@ -216,23 +216,29 @@ impl SqliteStore {
     {
         let now = Utc::now();
         let mut tx = self.writer.begin().await?;
-        let type_list = match types {
-            TypeFilter::Any => None,
-            TypeFilter::Only(t) => Some(encode_json(t)),
+        // Up to `limit` candidates of each type, so older tasks of one type can never fill the
+        // list and hide the tasks another free worker could run.
+        let one_type: Vec<Option<&str>> = match types {
+            TypeFilter::Any => vec![None],
+            TypeFilter::Only(t) => t.iter().map(|t| Some(t.as_str())).collect(),
         };
-        let rows = sqlx::query(
-            "SELECT id, task_type, priority FROM tasks
-             WHERE status = 'pending' AND run_after <= ?1
-               AND (?3 IS NULL OR task_type IN (SELECT value FROM json_each(?3)))
-             ORDER BY priority DESC, id
-             LIMIT ?2",
-        )
-        .bind(micros(now))
-        .bind(i64::from(limit))
-        .bind(type_list)
-        .fetch_all(&mut *tx)
-        .await?;
-        let candidates = rows
+        let mut rows = Vec::new();
+        for task_type in one_type {
+            rows.extend(
+                sqlx::query(
+                    "SELECT id, task_type, priority FROM tasks
+                     WHERE status = 'pending' AND run_after <= ?1 AND (?3 IS NULL OR task_type = ?3)
+                     ORDER BY priority DESC, id
+                     LIMIT ?2",
+                )
+                .bind(micros(now))
+                .bind(i64::from(limit))
+                .bind(task_type)
+                .fetch_all(&mut *tx)
+                .await?,
+            );
+        }
+        let mut candidates = rows
             .iter()
             .map(|r| {
                 Ok(Candidate {
@@ -245,6 +251,7 @@ impl SqliteStore {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
+        candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
         let placed = super::only_candidates(&candidates, place(&candidates));
         let lease_until = micros(now) + duration_ms(lease).saturating_mul(1000);
         let mut out = Vec::with_capacity(placed.len());
@@ -511,18 +518,10 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(super) async fn requeue_undelivered(&self, held: &[Held]) -> Result<Vec<Requeued>> {
+    pub(super) async fn requeue_held(&self, held: &[Held], reason: RequeueReason) -> Result<Vec<Requeued>> {
         let now = micros(Utc::now());
         let mut tx = self.writer.begin().await?;
-        let out = requeue(&mut tx, held, RequeueReason::Undelivered, now).await?;
-        tx.commit().await?;
-        Ok(out)
-    }
-
-    pub(super) async fn requeue_released(&self, held: &[Held]) -> Result<Vec<Requeued>> {
-        let now = micros(Utc::now());
-        let mut tx = self.writer.begin().await?;
-        let out = requeue(&mut tx, held, RequeueReason::Released, now).await?;
+        let out = requeue(&mut tx, held, reason, now).await?;
         tx.commit().await?;
         Ok(out)
     }
