@@ -180,6 +180,11 @@ impl Cluster {
         }
     }
 
+    /// Slot corrections made by both replicas' reconciliation (see `Replica::slot_corrections`).
+    async fn slot_corrections(&self) -> u64 {
+        self.a.slot_corrections().await.unwrap_or(0) + self.b.slot_corrections().await.unwrap_or(0)
+    }
+
     /// Stops every process it started and drops the schema (dropping it does the same).
     async fn finish(mut self) {
         for w in self.workers.values_mut() {
@@ -235,16 +240,18 @@ async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
         let tasks = sleep_tasks("aged-long", (0..n).map(|i| 15_000 + i * 700));
         submit_all(&c.clients, tasks, 1, Duration::from_secs(30)).await;
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(75)).await;
+        let corrections = c.slot_corrections().await;
         report(&t.line(
             "aged_connections_long_tasks",
             &format!(
-                "elapsed_ms={} proxied_connections={:?} worker_moves={}",
+                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections}",
                 started.elapsed().as_millis(),
                 c.proxied(),
                 c.moves()
             ),
         ));
         assert!(c.moves() > 0, "the workers moved between the replicas");
+        assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
         assert_all_completed_once(&t, n as i64);
         assert_nothing_taken_back(&t);
         c.finish().await;
@@ -266,16 +273,18 @@ async fn aged_connections_short_tasks_complete_exactly_once() {
         let submitted = submit_in_background(c.clients.clone(), tasks, 20, Duration::from_millis(500));
         assert_eq!(submitted.await.expect("submitter"), n as usize);
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(90)).await;
+        let corrections = c.slot_corrections().await;
         report(&t.line(
             "aged_connections_short_tasks",
             &format!(
-                "elapsed_ms={} proxied_connections={:?} worker_moves={}",
+                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections}",
                 started.elapsed().as_millis(),
                 c.proxied(),
                 c.moves()
             ),
         ));
         assert!(c.moves() > 0, "the workers moved between the replicas");
+        assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
         assert_all_completed_once(&t, n as i64);
         assert_nothing_taken_back(&t);
         c.finish().await;

@@ -768,3 +768,58 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(out))
     }
 }
+
+on_every_backend!(a_backlog_of_one_type_never_hides_a_task_another_free_worker_runs);
+/// Five older tasks of type b fill what the old claim offered (two candidates for two free
+/// slots); the one task of type a must still reach the free a-worker in the same pass, not at
+/// the next poll tick (a minute away here).
+async fn a_backlog_of_one_type_never_hides_a_task_another_free_worker_runs(db: &TestDb) {
+    let c = TestCoordinator::start(db, |c| c.coordinator.poll_interval = Duration::from_secs(60)).await;
+    let mut wb = RawWorker::connect(&c.endpoint(), "wb", 1, &["b"]).await;
+    let mut wa = RawWorker::connect(&c.endpoint(), "wa", 1, &["a"]).await;
+    let mut client = c.client().await;
+    wait_connected(&client, &["wa", "wb"]).await;
+    let task = |t: &str| proto::SubmitTaskRequest {
+        task_type: t.into(),
+        payload: b"x".to_vec(),
+        ..Default::default()
+    };
+    let tasks = vec![task("b"), task("b"), task("b"), task("b"), task("b"), task("a")];
+    client.submit_tasks(proto::SubmitTasksRequest { tasks }).await.expect("submit");
+    assert_eq!(wb.next(T).await.task_type, "b");
+    assert_eq!(wa.next(T).await.task_type, "a", "the a task was not hidden behind the b backlog");
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_stale_revocation_leaves_the_current_attempt_of_the_same_task_alone);
+/// The worker's heartbeat was built before attempt 2 of its task arrived and still names
+/// attempt 1: the answer revokes attempt 1 only, and attempt 2 keeps its slot and its result.
+async fn a_stale_revocation_leaves_the_current_attempt_of_the_same_task_alone(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut w = RawWorker::connect(&c.endpoint(), "w1", 2, &["prove"]).await;
+    let mut client = c.client().await;
+    wait_connected(&client, &["w1"]).await;
+    let id = submit(&mut client, "prove", b"x").await;
+    let first = w.next(T).await;
+    assert_eq!((first.task_id.as_str(), first.attempt), (id.as_str(), 1));
+    // Attempt 1 is taken back (as the sweeper does when a lease runs out) and the task comes
+    // back to the same worker as attempt 2.
+    let session = db.store.get_worker(&"w1".into()).await.unwrap().expect("worker row").session_id;
+    assert_eq!(db.store.requeue_worker(&"w1".into(), session).await.unwrap().len(), 1);
+    let second = w.next(T).await;
+    assert_eq!((second.task_id.as_str(), second.attempt), (id.as_str(), 2));
+    let used = || async {
+        let (_, body) = http_get(c.http, "/health").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["capacity"]["used"].as_u64().unwrap()
+    };
+    assert_eq!(used().await, 1, "one slot: attempt 2 took the task's place");
+    let resp = w.heartbeat(&[(&id, 1)]).await.expect("heartbeat");
+    assert_eq!(resp.revoked, vec![proto::RunningTask { task_id: id.clone(), attempt: 1 }]);
+    assert_eq!(resp.revoked_task_ids, vec![id.clone()], "older workers still read the task id");
+    assert_eq!(used().await, 1, "attempt 2 keeps its slot");
+    let done = w.complete(&id, 2, b"ok").await.expect("attempt 2 is accepted");
+    assert!(!done.duplicate);
+    assert_eq!(used().await, 0);
+    c.stop().await.unwrap();
+}

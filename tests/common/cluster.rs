@@ -195,6 +195,22 @@ auth:
         }
     }
 
+    /// The slot corrections this replica's reconciliation made (`superseded_session` left out:
+    /// a worker moving away is normal), read off `/metrics`; `None` when it does not answer.
+    pub async fn slot_corrections(&self) -> Option<u64> {
+        let (_, body) = tokio::time::timeout(Duration::from_secs(3), http_get(self.http_addr(), "/metrics"))
+            .await
+            .ok()?
+            .ok()?;
+        Some(
+            body.lines()
+                .filter(|l| l.starts_with("coordinator_inflight_corrections_total{"))
+                .filter(|l| !l.contains("superseded_session"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64,
+        )
+    }
+
     pub fn kill9(&mut self) {
         if let Some(p) = self.proc.as_mut() {
             p.kill9();
