@@ -128,3 +128,79 @@ impl Effects {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        domain::{NewTask, TaskId, WorkerId},
+        registry::RegistryConfig,
+        store::{TypeFilter, WorkerRegistration, testing::TestDb},
+    };
+
+    /// A retried report answered `Duplicate` (its first answer was lost with the slot still
+    /// counted) frees the slot of that attempt, and a `Stale` one frees nothing else.
+    #[tokio::test]
+    async fn duplicate_and_stale_answers_free_only_that_attempts_slot() {
+        let db = TestDb::sqlite().await;
+        let wake = Wake::default();
+        let config = RegistryConfig {
+            coordinator_id: "c".into(),
+            heartbeat_timeout: Duration::from_secs(30),
+            cleanup_interval: Duration::from_secs(30),
+        };
+        let (registry, _dead) = Registry::new(config, db.store.clone(), wake.clone());
+        let w = WorkerId::from("w1");
+        let reg = WorkerRegistration {
+            id: w.clone(),
+            max_concurrent_tasks: 2,
+            capabilities: Vec::new(),
+            labels: Default::default(),
+            version: String::new(),
+            hostname: String::new(),
+            session_id: uuid::Uuid::now_v7(),
+            coordinator_id: "c".into(),
+        };
+        let session = registry.register(reg).await.unwrap().session_id;
+        let (_, _rx) = registry.attach(&w).unwrap();
+        let task = NewTask {
+            id: TaskId::new(),
+            task_type: "prove".into(),
+            payload: Vec::new(),
+            priority: 0,
+            max_attempts: 3,
+            timeout: Duration::from_secs(60),
+            idempotency_key: None,
+            job_id: None,
+        };
+        db.store.create_tasks(&[task]).await.unwrap();
+        let wid = w.clone();
+        let a = db
+            .store
+            .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, wid)])
+            .await
+            .unwrap()
+            .remove(0);
+        let held = Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
+        registry.push(a, session).unwrap();
+        let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
+        let in_flight = || registry.session(&w).unwrap().in_flight;
+
+        let older = Held { attempt: held.attempt - 1, ..held.clone() };
+        effects.reported(
+            &older,
+            &ReportOutcome::Stale { state: TaskState::Assigned, attempt: 1 },
+            Reported::Completed,
+        );
+        assert_eq!(in_flight(), 1, "a stale report of another attempt leaves the slot alone");
+        effects.reported(
+            &held,
+            &ReportOutcome::Duplicate { state: TaskState::Completed },
+            Reported::Completed,
+        );
+        assert_eq!(in_flight(), 0, "the duplicate frees the slot its lost answer never freed");
+        db.cleanup().await;
+    }
+}

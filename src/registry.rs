@@ -904,3 +904,144 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{
+        domain::NewTask,
+        store::{TypeFilter, testing::TestDb},
+    };
+
+    fn config() -> RegistryConfig {
+        RegistryConfig {
+            coordinator_id: "c".into(),
+            heartbeat_timeout: Duration::from_secs(30),
+            cleanup_interval: Duration::from_secs(30),
+        }
+    }
+
+    fn registration(id: &str) -> WorkerRegistration {
+        WorkerRegistration {
+            id: WorkerId::from(id),
+            max_concurrent_tasks: 4,
+            capabilities: Vec::new(),
+            labels: Default::default(),
+            version: String::new(),
+            hostname: String::new(),
+            session_id: Uuid::now_v7(),
+            coordinator_id: "c".into(),
+        }
+    }
+
+    /// Creates a task and assigns it to `worker` in the store (no push).
+    async fn assign(store: &Store, worker: &WorkerId) -> Assignment {
+        let task = NewTask {
+            id: TaskId::new(),
+            task_type: "prove".into(),
+            payload: Vec::new(),
+            priority: 0,
+            max_attempts: 3,
+            timeout: Duration::from_secs(60),
+            idempotency_key: None,
+            job_id: None,
+        };
+        let id = task.id;
+        store.create_tasks(&[task]).await.unwrap();
+        let w = worker.clone();
+        store
+            .claim(10, &TypeFilter::Any, Duration::from_secs(60), move |c| {
+                c.iter().filter(|c| c.id == id).map(|c| (c.id, w.clone())).collect()
+            })
+            .await
+            .unwrap()
+            .remove(0)
+    }
+
+    fn in_flight(r: &Registry, w: &WorkerId) -> u32 {
+        r.session(w).map(|s| s.in_flight).unwrap_or_default()
+    }
+
+    /// A report's release that lands while a registration of the same worker waits on the
+    /// database must not be undone by the held set the registration read.
+    #[tokio::test]
+    async fn a_release_during_a_registration_is_not_counted_back() {
+        let db = TestDb::sqlite().await;
+        let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
+        let w = WorkerId::from("w1");
+        r.register(registration("w1")).await.unwrap();
+        let a = assign(&db.store, &w).await;
+        let Store::Sqlite(sqlite) = &db.store else { unreachable!() };
+        // Hold the only writer connection: the registration below waits on it.
+        let blocker = sqlite.writer_pool().acquire().await.unwrap();
+        let mut register = Box::pin(r.register(registration("w1")));
+        assert!(futures::poll!(&mut register).is_pending(), "waiting for the writer");
+        // The report of the task commits and frees its slot meanwhile.
+        r.release(&w, a.task_id, a.attempt);
+        drop(blocker);
+        let held = register.await.unwrap().held;
+        assert_eq!(held.len(), 1, "the database still said held when the registration read it");
+        assert_eq!(in_flight(&r, &w), 0, "the released slot stays free");
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_registration_retires_the_previous_stream() {
+        let db = TestDb::sqlite().await;
+        let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
+        r.register(registration("w1")).await.unwrap();
+        let (_, mut old) = r.attach(&WorkerId::from("w1")).unwrap();
+        r.register(registration("w1")).await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), old.recv()).await;
+        assert!(matches!(ended, Ok(None)), "the old stream ends: {ended:?}");
+        db.cleanup().await;
+    }
+
+    /// Reconciliation: a slot the database no longer holds is freed, and an assignment that
+    /// never reached the worker goes back to pending uncharged, each only when two passes in a
+    /// row see it; a session another registration replaced is dropped without touching tasks.
+    #[tokio::test]
+    async fn reconciliation_corrects_what_two_passes_see_and_drops_replaced_sessions() {
+        let db = TestDb::sqlite().await;
+        let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
+        let w = WorkerId::from("w1");
+        let session = r.register(registration("w1")).await.unwrap().session_id;
+        let (_, _rx) = r.attach(&w).unwrap();
+        // A pushed task whose completion the database has but whose release never ran.
+        let leaked = assign(&db.store, &w).await;
+        let leaked_held = Held { task_id: leaked.task_id, worker_id: w.clone(), attempt: leaked.attempt };
+        r.push(leaked, session).unwrap();
+        db.store
+            .complete(&[crate::store::Completion { held: leaked_held, result: Vec::new() }])
+            .await
+            .unwrap();
+        // An assignment in the database that was never pushed (a claim whose outcome was lost).
+        let orphan = assign(&db.store, &w).await;
+        assert_eq!(in_flight(&r, &w), 1);
+
+        let mut suspects = HashSet::new();
+        let first = r.reconcile(&mut suspects).await.unwrap();
+        assert_eq!(first, Corrections::default(), "one sighting corrects nothing");
+        assert_eq!(in_flight(&r, &w), 1);
+        let second = r.reconcile(&mut suspects).await.unwrap();
+        assert_eq!((second.stale_slots, second.orphans), (1, 1), "{second:?}");
+        assert_eq!(in_flight(&r, &w), 0);
+        let t = db.store.get_task(orphan.task_id).await.unwrap().unwrap();
+        assert_eq!((t.state, t.failures), (TaskState::Pending, 0), "back to pending, uncharged");
+        assert_eq!(r.reconcile(&mut suspects).await.unwrap(), Corrections::default(), "nothing left");
+
+        // The worker registers on another replica (a new session in the database).
+        let moved = assign(&db.store, &w).await;
+        let mut elsewhere = registration("w1");
+        elsewhere.session_id = Uuid::now_v7();
+        db.store.register_worker(&elsewhere).await.unwrap();
+        let third = r.reconcile(&mut suspects).await.unwrap();
+        assert_eq!(third.superseded, 1);
+        assert!(r.session(&w).is_none(), "this replica forgot its old session");
+        let t = db.store.get_task(moved.task_id).await.unwrap().unwrap();
+        assert_eq!((t.state, t.failures), (TaskState::Assigned, 0), "its tasks untouched");
+        db.cleanup().await;
+    }
+}

@@ -180,6 +180,15 @@ impl Cluster {
         }
     }
 
+    /// Lines of the workers' logs that contain `needle`.
+    fn worker_log_lines(&self, needle: &str) -> usize {
+        self.workers
+            .values()
+            .filter_map(|w| std::fs::read_to_string(&w.log).ok())
+            .map(|log| log.lines().filter(|l| l.contains(needle)).count())
+            .sum()
+    }
+
     /// Slot corrections made by both replicas' reconciliation (see `Replica::slot_corrections`).
     async fn slot_corrections(&self) -> u64 {
         self.a.slot_corrections().await.unwrap_or(0) + self.b.slot_corrections().await.unwrap_or(0)
@@ -241,10 +250,13 @@ async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
         submit_all(&c.clients, tasks, 1, Duration::from_secs(30)).await;
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(75)).await;
         let corrections = c.slot_corrections().await;
+        let protocol_errors = c.worker_log_lines("protocol error");
+        let unreachable = c.worker_log_lines("coordinator unreachable");
         report(&t.line(
             "aged_connections_long_tasks",
             &format!(
-                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections}",
+                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
+                 worker_protocol_errors={protocol_errors} worker_unreachable_lines={unreachable}",
                 started.elapsed().as_millis(),
                 c.proxied(),
                 c.moves()
@@ -252,6 +264,10 @@ async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
         ));
         assert!(c.moves() > 0, "the workers moved between the replicas");
         assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
+        assert_eq!(
+            protocol_errors, 0,
+            "no task stream or call ended with a protocol error in the workers' logs"
+        );
         assert_all_completed_once(&t, n as i64);
         assert_nothing_taken_back(&t);
         c.finish().await;
@@ -274,10 +290,13 @@ async fn aged_connections_short_tasks_complete_exactly_once() {
         assert_eq!(submitted.await.expect("submitter"), n as usize);
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(90)).await;
         let corrections = c.slot_corrections().await;
+        let protocol_errors = c.worker_log_lines("protocol error");
+        let unreachable = c.worker_log_lines("coordinator unreachable");
         report(&t.line(
             "aged_connections_short_tasks",
             &format!(
-                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections}",
+                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
+                 worker_protocol_errors={protocol_errors} worker_unreachable_lines={unreachable}",
                 started.elapsed().as_millis(),
                 c.proxied(),
                 c.moves()
@@ -285,6 +304,10 @@ async fn aged_connections_short_tasks_complete_exactly_once() {
         ));
         assert!(c.moves() > 0, "the workers moved between the replicas");
         assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
+        assert_eq!(
+            protocol_errors, 0,
+            "no task stream or call ended with a protocol error in the workers' logs"
+        );
         assert_all_completed_once(&t, n as i64);
         assert_nothing_taken_back(&t);
         c.finish().await;

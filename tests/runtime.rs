@@ -823,3 +823,40 @@ async fn a_stale_revocation_leaves_the_current_attempt_of_the_same_task_alone(db
     assert_eq!(used().await, 0);
     c.stop().await.unwrap();
 }
+
+on_every_backend!(a_draining_worker_out_of_time_hands_its_task_back_uncharged);
+/// A worker stopped while its task still runs deregisters, waits out its grace period, then
+/// hands the task back: pending at once, no attempt charged, outcome `released`.
+async fn a_draining_worker_out_of_time_hands_its_task_back_uncharged(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let shutdown = CancellationToken::new();
+    let mut opts = WorkerOptions::new(c.endpoint(), "drainer");
+    opts.drain_grace = Duration::from_millis(300);
+    let handler = handler_fn(|t| async move {
+        t.cancelled.cancelled().await;
+        Err(coordinator::worker::TaskFailure::retriable("stopped"))
+    });
+    let worker = tokio::spawn(Worker::new(opts, handler).unwrap().run(shutdown.clone()));
+    wait_connected(&client, &["drainer"]).await;
+    let id = submit(&mut client, "prove", b"x").await;
+    wait_until("the task runs", T, || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move {
+            matches!(
+                task_status(&mut client, &id).await,
+                proto::TaskStatus::Assigned | proto::TaskStatus::Running
+            )
+        }
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap().unwrap();
+    let tid: TaskId = id.parse().unwrap();
+    let task = db.store.get_task(tid).await.unwrap().unwrap();
+    assert_eq!((task.state, task.failures), (TaskState::Pending, 0), "handed back, not charged: {task:?}");
+    let attempts = db.store.attempts(tid).await.unwrap();
+    assert_eq!(attempts.last().and_then(|a| a.outcome.as_deref()), Some("released"), "{attempts:?}");
+    c.stop().await.unwrap();
+}

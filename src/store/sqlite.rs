@@ -102,6 +102,11 @@ impl SqliteStore {
         Ok(Self { writer, reader, health: Arc::default() })
     }
 
+    /// The single writer connection's pool: a test that holds it makes every write wait.
+    pub fn writer_pool(&self) -> &SqlitePool {
+        &self.writer
+    }
+
     pub(super) async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.writer).await?;
         Ok(())

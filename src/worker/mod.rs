@@ -382,14 +382,17 @@ impl Worker {
             .map(|d| d.duration_since(SystemTime::now()).unwrap_or_default())
             .unwrap_or(Duration::from_secs(365 * 24 * 3600));
         debug!(worker_id = %self.opts.worker_id, task_id = %a.task_id, attempt = a.attempt, task_type = %a.task_type, "task started");
+        // Cancellation first: a handler that returns because it was cancelled (revoked,
+        // cancelled by a client, or handed back by a drain) must not report that as a result.
         let outcome = tokio::select! {
-            r = self.handler.run(ctx) => r,
-            _ = tokio::time::sleep(time_left) => Err(TaskFailure::retriable(format!(
-                "deadline exceeded: the task ran past its deadline ({} ms)", time_left.as_millis()))),
+            biased;
             _ = cancel.cancelled() => {
                 self.forget(&a.task_id, a.attempt);
                 return;
             }
+            r = self.handler.run(ctx) => r,
+            _ = tokio::time::sleep(time_left) => Err(TaskFailure::retriable(format!(
+                "deadline exceeded: the task ran past its deadline ({} ms)", time_left.as_millis()))),
         };
         self.deliver(&a.task_id, a.attempt, outcome, &cancel).await;
         self.forget(&a.task_id, a.attempt);
