@@ -498,9 +498,12 @@ pub async fn shutdown_on_signals(shutdown: CancellationToken) {
 mod tests {
     use super::*;
     use crate::{
-        domain::{NewTask, WorkerId},
+        domain::WorkerId,
         registry::RegistryConfig,
-        store::{Completion, TypeFilter, WorkerRegistration, testing::TestDb},
+        store::{
+            Completion, TypeFilter,
+            testing::{self, TestDb},
+        },
         wakeups::Notifier,
     };
 
@@ -518,29 +521,9 @@ mod tests {
         };
         let (registry, _dead) = Registry::new(config, store.clone(), wake.clone());
         let worker = WorkerId::from("w1");
-        let registration = WorkerRegistration {
-            id: worker.clone(),
-            max_concurrent_tasks: 1,
-            capabilities: Vec::new(),
-            labels: Default::default(),
-            version: String::new(),
-            hostname: String::new(),
-            session_id: uuid::Uuid::now_v7(),
-            coordinator_id: "c".into(),
-        };
-        let session = registry.register(registration).await.unwrap().session_id;
+        let session = registry.register(testing::registration("w1", 1)).await.unwrap().session_id;
         let (_stream, _rx) = registry.attach(&worker).unwrap();
-        let task = NewTask {
-            id: crate::domain::TaskId::new(),
-            task_type: "prove".into(),
-            payload: b"x".to_vec(),
-            priority: 0,
-            max_attempts: 3,
-            timeout: Duration::from_secs(60),
-            idempotency_key: None,
-            job_id: None,
-        };
-        store.create_tasks(&[task]).await.unwrap();
+        store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
         let w = worker.clone();
         let a = store
             .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])

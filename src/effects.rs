@@ -135,9 +135,12 @@ mod tests {
 
     use super::*;
     use crate::{
-        domain::{NewTask, TaskId, WorkerId},
+        domain::WorkerId,
         registry::RegistryConfig,
-        store::{TypeFilter, WorkerRegistration, testing::TestDb},
+        store::{
+            TypeFilter,
+            testing::{self, TestDb},
+        },
     };
 
     /// A retried report answered `Duplicate` (its first answer was lost with the slot still
@@ -153,29 +156,9 @@ mod tests {
         };
         let (registry, _dead) = Registry::new(config, db.store.clone(), wake.clone());
         let w = WorkerId::from("w1");
-        let reg = WorkerRegistration {
-            id: w.clone(),
-            max_concurrent_tasks: 2,
-            capabilities: Vec::new(),
-            labels: Default::default(),
-            version: String::new(),
-            hostname: String::new(),
-            session_id: uuid::Uuid::now_v7(),
-            coordinator_id: "c".into(),
-        };
-        let session = registry.register(reg).await.unwrap().session_id;
+        let session = registry.register(testing::registration("w1", 2)).await.unwrap().session_id;
         let (_, _rx) = registry.attach(&w).unwrap();
-        let task = NewTask {
-            id: TaskId::new(),
-            task_type: "prove".into(),
-            payload: Vec::new(),
-            priority: 0,
-            max_attempts: 3,
-            timeout: Duration::from_secs(60),
-            idempotency_key: None,
-            job_id: None,
-        };
-        db.store.create_tasks(&[task]).await.unwrap();
+        db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
         let wid = w.clone();
         let a = db
             .store

@@ -910,9 +910,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        domain::NewTask,
-        store::{TypeFilter, testing::TestDb},
+    use crate::store::{
+        TypeFilter,
+        testing::{self, TestDb},
     };
 
     fn config() -> RegistryConfig {
@@ -924,30 +924,12 @@ mod tests {
     }
 
     fn registration(id: &str) -> WorkerRegistration {
-        WorkerRegistration {
-            id: WorkerId::from(id),
-            max_concurrent_tasks: 4,
-            capabilities: Vec::new(),
-            labels: Default::default(),
-            version: String::new(),
-            hostname: String::new(),
-            session_id: Uuid::now_v7(),
-            coordinator_id: "c".into(),
-        }
+        testing::registration(id, 4)
     }
 
     /// Creates a task and assigns it to `worker` in the store (no push).
     async fn assign(store: &Store, worker: &WorkerId) -> Assignment {
-        let task = NewTask {
-            id: TaskId::new(),
-            task_type: "prove".into(),
-            payload: Vec::new(),
-            priority: 0,
-            max_attempts: 3,
-            timeout: Duration::from_secs(60),
-            idempotency_key: None,
-            job_id: None,
-        };
+        let task = testing::new_task("prove");
         let id = task.id;
         store.create_tasks(&[task]).await.unwrap();
         let w = worker.clone();

@@ -237,6 +237,31 @@ fn assert_nothing_taken_back(t: &Tally) {
     assert_eq!(t.failures, 0, "attempts charged (sum of tasks.failures): {t:?}");
 }
 
+/// What both ageing scenarios require once their tasks settled: the workers moved, every task
+/// completed once with nothing taken back, both replicas' slot corrections stayed 0, and no
+/// worker logged a protocol error.
+async fn check_aged(c: Cluster, t: &Tally, n: i64, name: &str, started: Instant) {
+    let corrections = c.slot_corrections().await;
+    let protocol_errors = c.worker_log_lines("protocol error");
+    let unreachable = c.worker_log_lines("coordinator unreachable");
+    report(&t.line(
+        name,
+        &format!(
+            "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
+             worker_protocol_errors={protocol_errors} worker_unreachable_lines={unreachable}",
+            started.elapsed().as_millis(),
+            c.proxied(),
+            c.moves()
+        ),
+    ));
+    assert!(c.moves() > 0, "the workers moved between the replicas");
+    assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
+    assert_eq!(protocol_errors, 0, "no task stream or call ended with a protocol error in the workers' logs");
+    assert_all_completed_once(t, n);
+    assert_nothing_taken_back(t);
+    c.finish().await;
+}
+
 /// 1. Connections aged every ~3 s while 8 tasks of 15-20 s run on 4 workers behind proxies:
 /// workers move between the replicas again and again, and no task is taken from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,28 +274,7 @@ async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
         let tasks = sleep_tasks("aged-long", (0..n).map(|i| 15_000 + i * 700));
         submit_all(&c.clients, tasks, 1, Duration::from_secs(30)).await;
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(75)).await;
-        let corrections = c.slot_corrections().await;
-        let protocol_errors = c.worker_log_lines("protocol error");
-        let unreachable = c.worker_log_lines("coordinator unreachable");
-        report(&t.line(
-            "aged_connections_long_tasks",
-            &format!(
-                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
-                 worker_protocol_errors={protocol_errors} worker_unreachable_lines={unreachable}",
-                started.elapsed().as_millis(),
-                c.proxied(),
-                c.moves()
-            ),
-        ));
-        assert!(c.moves() > 0, "the workers moved between the replicas");
-        assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
-        assert_eq!(
-            protocol_errors, 0,
-            "no task stream or call ended with a protocol error in the workers' logs"
-        );
-        assert_all_completed_once(&t, n as i64);
-        assert_nothing_taken_back(&t);
-        c.finish().await;
+        check_aged(c, &t, n as i64, "aged_connections_long_tasks", started).await;
     })
     .await;
 }
@@ -289,28 +293,7 @@ async fn aged_connections_short_tasks_complete_exactly_once() {
         let submitted = submit_in_background(c.clients.clone(), tasks, 20, Duration::from_millis(500));
         assert_eq!(submitted.await.expect("submitter"), n as usize);
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(90)).await;
-        let corrections = c.slot_corrections().await;
-        let protocol_errors = c.worker_log_lines("protocol error");
-        let unreachable = c.worker_log_lines("coordinator unreachable");
-        report(&t.line(
-            "aged_connections_short_tasks",
-            &format!(
-                "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
-                 worker_protocol_errors={protocol_errors} worker_unreachable_lines={unreachable}",
-                started.elapsed().as_millis(),
-                c.proxied(),
-                c.moves()
-            ),
-        ));
-        assert!(c.moves() > 0, "the workers moved between the replicas");
-        assert_eq!(corrections, 0, "in-memory slots and the database agreed throughout");
-        assert_eq!(
-            protocol_errors, 0,
-            "no task stream or call ended with a protocol error in the workers' logs"
-        );
-        assert_all_completed_once(&t, n as i64);
-        assert_nothing_taken_back(&t);
-        c.finish().await;
+        check_aged(c, &t, n as i64, "aged_connections_short_tasks", started).await;
     })
     .await;
 }

@@ -7,8 +7,39 @@ use std::time::Duration;
 use sqlx::Connection;
 use uuid::Uuid;
 
-use super::Store;
-use crate::config::DatabaseConfig;
+use super::{Store, WorkerRegistration};
+use crate::{
+    config::DatabaseConfig,
+    domain::{NewTask, TaskId, WorkerId},
+};
+
+/// A task of `task_type` with an empty payload, 3 attempts and a minute's timeout.
+pub fn new_task(task_type: &str) -> NewTask {
+    NewTask {
+        id: TaskId::new(),
+        task_type: task_type.into(),
+        payload: Vec::new(),
+        priority: 0,
+        max_attempts: 3,
+        timeout: Duration::from_secs(60),
+        idempotency_key: None,
+        job_id: None,
+    }
+}
+
+/// A registration of `id` with `max` slots, any task type, and a fresh session.
+pub fn registration(id: &str, max: u32) -> WorkerRegistration {
+    WorkerRegistration {
+        id: WorkerId::from(id),
+        max_concurrent_tasks: max,
+        capabilities: Vec::new(),
+        labels: Default::default(),
+        version: String::new(),
+        hostname: String::new(),
+        session_id: Uuid::now_v7(),
+        coordinator_id: "c".into(),
+    }
+}
 
 /// One test's private database.
 #[derive(Debug)]
