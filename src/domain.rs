@@ -267,12 +267,29 @@ pub enum RequeueReason {
     Undelivered,
     /// Handed back unfinished by a draining worker. Not charged as an attempt.
     Released,
+    /// The worker's process registered again without it: it never arrived (lost with a
+    /// connection or a replica). Not charged as an attempt.
+    NotReceived,
+    /// The worker registered again from a new process: the attempt died with the old one.
+    WorkerRestarted,
 }
 
 impl RequeueReason {
+    pub const ALL: [RequeueReason; 6] = [
+        RequeueReason::LeaseExpired,
+        RequeueReason::WorkerDead,
+        RequeueReason::Undelivered,
+        RequeueReason::Released,
+        RequeueReason::NotReceived,
+        RequeueReason::WorkerRestarted,
+    ];
+
     /// True when the lost attempt counts against `max_attempts`.
     pub fn charged(self) -> bool {
-        matches!(self, RequeueReason::LeaseExpired | RequeueReason::WorkerDead)
+        matches!(
+            self,
+            RequeueReason::LeaseExpired | RequeueReason::WorkerDead | RequeueReason::WorkerRestarted
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -281,6 +298,8 @@ impl RequeueReason {
             RequeueReason::WorkerDead => "worker_dead",
             RequeueReason::Undelivered => "undelivered",
             RequeueReason::Released => "released",
+            RequeueReason::NotReceived => "not_received",
+            RequeueReason::WorkerRestarted => "worker_restarted",
         }
     }
 }

@@ -184,12 +184,7 @@ fn describe() {
     counter!(TASKS_COMPLETED).absolute(0);
     counter!(TASKS_FAILED).absolute(0);
     counter!(TASKS_CANCELLED).absolute(0);
-    for r in [
-        RequeueReason::LeaseExpired,
-        RequeueReason::WorkerDead,
-        RequeueReason::Undelivered,
-        RequeueReason::Released,
-    ] {
+    for r in RequeueReason::ALL {
         counter!(TASKS_REQUEUED, "reason" => r.as_str()).absolute(0);
     }
     counter!(POLL_CYCLES).absolute(0);

@@ -33,7 +33,7 @@ use crate::{
     domain::{Assignment, Attempt, TaskId, TaskState, WorkerId, WorkerState},
     metrics,
     scheduler::{Wake, placement::WorkerSlot},
-    store::{Held, HeldRow, Store, WorkerRegistration},
+    store::{Held, HeldRow, Registration, Requeued, Store, WorkerRegistration},
 };
 
 /// What goes down a worker's task stream.
@@ -308,6 +308,8 @@ pub struct Registered {
     pub session_id: Uuid,
     /// Tasks the store says this worker holds: they count against its capacity.
     pub held: Vec<Held>,
+    /// Tasks the store had for the worker that it says it does not hold, given back.
+    pub requeued: Vec<Requeued>,
 }
 
 impl Registry {
@@ -366,7 +368,9 @@ impl Registry {
             }
             _ => state.registering.remove(&reg.id).unwrap_or_default(),
         };
-        let held = held?;
+        let Registration { held, requeued } = held?;
+        let given_back: HashSet<(TaskId, Attempt)> =
+            requeued.iter().map(|r| (r.task_id, r.attempt)).collect();
         let seq = state.next_seq();
         let previous = state.sessions.remove(&reg.id);
         let mut in_flight: HashMap<TaskId, InFlight> = held
@@ -377,7 +381,10 @@ impl Registry {
         // Pushed to the previous session while the registration ran: still on their way.
         if let Some(p) = &previous {
             for (task_id, f) in &p.in_flight {
-                if f.seq > window.since && !window.released.contains(&(*task_id, f.attempt)) {
+                if f.seq > window.since
+                    && !window.released.contains(&(*task_id, f.attempt))
+                    && !given_back.contains(&(*task_id, f.attempt))
+                {
                     in_flight.insert(*task_id, f.clone());
                 }
             }
@@ -401,7 +408,7 @@ impl Registry {
         drop(state);
         drop(previous);
         self.shared.wake.wake();
-        Ok(Registered { session_id: reg.session_id, held })
+        Ok(Registered { session_id: reg.session_id, held, requeued })
     }
 
     /// Records a heartbeat. `Err` when the worker is unknown or already DEAD (it must register

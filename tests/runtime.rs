@@ -860,3 +860,60 @@ async fn a_draining_worker_out_of_time_hands_its_task_back_uncharged(db: &TestDb
     assert_eq!(attempts.last().and_then(|a| a.outcome.as_deref()), Some("released"), "{attempts:?}");
     c.stop().await.unwrap();
 }
+
+on_every_backend!(a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_registers_again);
+/// An assignment the worker never received (its push was lost with a connection or a replica)
+/// is given back, uncharged, as soon as the worker registers again listing what it holds; it
+/// does not wait out its lease and cost an attempt. The lost push is made by assigning a task
+/// in the store behind the coordinator's back; connection ageing makes the worker register
+/// again within seconds, while the lease is a minute.
+async fn a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_registers_again(db: &TestDb) {
+    use coordinator::{
+        domain::{Candidate, WorkerId},
+        store::TypeFilter,
+    };
+    let c = TestCoordinator::start(db, |cfg| {
+        cfg.grpc.max_connection_age = Duration::from_secs(2);
+        cfg.grpc.max_connection_age_grace = Duration::from_secs(1);
+    })
+    .await;
+    let client = c.client().await;
+    let shutdown = CancellationToken::new();
+    let mut opts = WorkerOptions::new(c.endpoint(), "mover");
+    opts.capabilities = vec!["prove".into()];
+    let worker = Worker::new(opts, handler_fn(|t| async move { Ok(t.payload) })).unwrap();
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    wait_connected(&client, &["mover"]).await;
+
+    // Assigned to the worker under its current session, and never pushed: a type no worker
+    // runs keeps the scheduler away from it.
+    let mover = WorkerId::from("mover");
+    let session = db.store.get_worker(&mover).await.unwrap().expect("registered").session_id;
+    let mut task = coordinator::store::testing::new_task("lost");
+    task.max_attempts = 1;
+    let id = task.id;
+    db.store.create_tasks(&[task]).await.unwrap();
+    let sessions = HashMap::from([(mover.clone(), session)]);
+    let claimed = db
+        .store
+        .claim_fenced(10, &TypeFilter::Any, Duration::from_secs(60), &sessions, |c: &[Candidate]| {
+            c.iter().filter(|c| c.id == id).map(|c| (c.id, mover.clone())).collect()
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+
+    wait_until("the task is given back", Duration::from_secs(20), || async {
+        db.store.get_task(id).await.unwrap().is_some_and(|t| t.state == TaskState::Pending)
+    })
+    .await;
+    let task = db.store.get_task(id).await.unwrap().unwrap();
+    assert_eq!((task.failures, task.worker_id.clone()), (0, None), "not charged (max_attempts 1): {task:?}");
+    // Only a registration gives a task back with this outcome.
+    let attempts = db.store.attempts(id).await.unwrap();
+    assert_eq!(attempts.last().and_then(|a| a.outcome.as_deref()), Some("not_received"), "{attempts:?}");
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap().unwrap();
+    c.stop().await.unwrap();
+}

@@ -21,8 +21,8 @@ use coordinator::{
         WorkerState,
     },
     store::{
-        Completion, Failure, Held, ReportOutcome, Requeued, RetryPolicy, Store, TaskFilter, TypeFilter,
-        WorkerRegistration, testing::TestDb,
+        Completion, Failure, Held, Holding, ReportOutcome, Requeued, RetryPolicy, Store, TaskFilter,
+        TypeFilter, WorkerRegistration, testing::TestDb,
     },
 };
 use uuid::Uuid;
@@ -89,6 +89,7 @@ store_tests!(
     requeue_worker_gives_back_every_task_of_that_worker_only,
     // sessions
     a_dead_notice_for_a_replaced_session_takes_nothing,
+    a_registration_gives_back_what_the_worker_does_not_hold,
     a_fenced_claim_for_a_replaced_session_assigns_nothing,
     a_reconnect_racing_a_dead_session_cleanup_never_loses_or_double_counts,
     renewals_in_one_batch_match_the_whole_fence,
@@ -277,6 +278,7 @@ fn registration(id: &str, session: Uuid) -> WorkerRegistration {
         hostname: format!("{id}.example"),
         session_id: session,
         coordinator_id: "coord-a".into(),
+        holding: None,
     }
 }
 
@@ -1881,6 +1883,79 @@ mod cases {
 
     // ---- sessions ----
 
+    /// A worker that registers again lists what it holds. What the store has beyond the list is
+    /// given back at once: uncharged from the same process (it never arrived: lost with a
+    /// connection or a replica), charged from a new process (it died with the old one). A worker
+    /// that does not list adopts everything, as before.
+    pub async fn a_registration_gives_back_what_the_worker_does_not_hold(s: &Store) {
+        let b = s.backend();
+        let holding = |instance: &str, running: Vec<(TaskId, u32)>| {
+            Some(Holding { instance: instance.into(), running })
+        };
+        let (s1, s2, s3, s4) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let mut reg = registration("w1", s1);
+        reg.holding = holding("p1", Vec::new());
+        s.register_worker(&reg).await.expect("register s1");
+        let (t1, t2, t3) = (
+            create_one(s, new_task("prove")).await,
+            create_one(s, new_task("prove")).await,
+            create_one(s, new_task("prove")).await,
+        );
+        let sessions = HashMap::from([(w("w1"), s1)]);
+        let got = s
+            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, |c: &[Candidate]| {
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+            .await
+            .expect("claim");
+        assert_eq!(got.len(), 3, "{b}");
+        s.mark_running(&[held_as(t3.id, "w1", 1)]).await.expect("mark running");
+
+        // Same process: t1 arrived, t2 and t3 (running in the store) never did.
+        let mut reg = registration("w1", s2);
+        reg.holding = holding("p1", vec![(t1.id, 1)]);
+        let r = s.register_worker(&reg).await.expect("register s2");
+        assert_eq!(r.held, vec![held_as(t1.id, "w1", 1)], "{b}: keeps what it listed");
+        let mut back: Vec<(TaskId, RequeueReason, TaskState)> =
+            r.requeued.iter().map(|q| (q.task_id, q.reason, q.state)).collect();
+        back.sort_by_key(|q| q.0);
+        let mut want = vec![
+            (t2.id, RequeueReason::NotReceived, TaskState::Pending),
+            (t3.id, RequeueReason::NotReceived, TaskState::Pending),
+        ];
+        want.sort_by_key(|q| q.0);
+        assert_eq!(back, want, "{b}");
+        for t in [&t2, &t3] {
+            let now = get(s, t.id).await;
+            assert_eq!(
+                (now.state, now.failures, now.worker_id.clone()),
+                (TaskState::Pending, 0, None),
+                "{b}: uncharged"
+            );
+            assert_eq!(last_attempt(s, t.id).await.outcome.as_deref(), Some("not_received"), "{b}");
+        }
+        assert_eq!(get(s, t1.id).await.state, TaskState::Assigned, "{b}: t1 untouched");
+
+        // A new process lists nothing: t1 died with the old one, and that attempt is charged.
+        let mut reg = registration("w1", s3);
+        reg.holding = holding("p2", Vec::new());
+        let r = s.register_worker(&reg).await.expect("register s3");
+        assert!(r.held.is_empty(), "{b}");
+        assert_eq!(
+            r.requeued.iter().map(|q| (q.task_id, q.reason)).collect::<Vec<_>>(),
+            vec![(t1.id, RequeueReason::WorkerRestarted)],
+            "{b}"
+        );
+        let now = get(s, t1.id).await;
+        assert_eq!((now.state, now.failures), (TaskState::Pending, 1), "{b}: charged");
+        assert_eq!(last_attempt(s, t1.id).await.outcome.as_deref(), Some("worker_restarted"), "{b}");
+
+        // A worker that does not list (an older client) adopts what the store has.
+        let again = claim_one(s, t1.id, "w1", LONG_LEASE).await;
+        let r = s.register_worker(&registration("w1", s4)).await.expect("register s4");
+        assert_eq!((r.held, r.requeued), (vec![again], Vec::new()), "{b}");
+    }
+
     /// Replica A declared a worker DEAD under the session it knew; the worker had already
     /// registered again (on replica B): nothing is taken from it, on any backend.
     pub async fn a_dead_notice_for_a_replaced_session_takes_nothing(s: &Store) {
@@ -1897,7 +1972,7 @@ mod cases {
             .expect("claim");
         assert_eq!(got.len(), 1, "{b}");
         // The worker moves: a new session adopts what it holds.
-        let held = s.register_worker(&registration("w1", s2)).await.expect("register s2");
+        let held = s.register_worker(&registration("w1", s2)).await.expect("register s2").held;
         assert_eq!(held, vec![held_as(t.id, "w1", 1)], "{b}: the new session adopts the task");
         assert!(s.requeue_worker(&w("w1"), s1).await.expect("requeue").is_empty(), "{b}: stale session");
         let now = get(s, t.id).await;
@@ -1965,7 +2040,7 @@ mod cases {
                 let (s, barrier, worker) = (s.clone(), barrier.clone(), worker.clone());
                 tokio::spawn(async move {
                     barrier.wait().await;
-                    s.register_worker(&registration(&worker, s2)).await.expect("register s2")
+                    s.register_worker(&registration(&worker, s2)).await.expect("register s2").held
                 })
             };
             let sweep = {

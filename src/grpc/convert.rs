@@ -87,6 +87,26 @@ pub fn attempt(field: &str, a: u32) -> Result<domain::Attempt, Status> {
     Ok(a)
 }
 
+/// A worker's list of the tasks it runs (heartbeats, registrations), at most
+/// [`MAX_RUNNING_TASKS`].
+pub fn running_tasks(
+    field: &str,
+    list: &[proto::RunningTask],
+) -> Result<Vec<(TaskId, domain::Attempt)>, Status> {
+    if list.len() > MAX_RUNNING_TASKS {
+        return Err(invalid(field, format!("more than {MAX_RUNNING_TASKS}")));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Ok((
+                task_id(&format!("{field}[{i}].task_id"), &t.task_id)?,
+                attempt(&format!("{field}[{i}].attempt"), t.attempt)?,
+            ))
+        })
+        .collect()
+}
+
 /// Defaults and limits applied to submissions.
 #[derive(Debug, Clone)]
 pub struct SubmitLimits {

@@ -25,7 +25,9 @@ use crate::{
     events::{ANY_TASK, Events},
     proto::{self, coordinator_service_server::CoordinatorService},
     registry::{Push, Registry},
-    store::{Completion, Failure, Held, ReportOutcome, RetryPolicy, Store, TaskFilter, WorkerRegistration},
+    store::{
+        Completion, Failure, Held, Holding, ReportOutcome, RetryPolicy, Store, TaskFilter, WorkerRegistration,
+    },
 };
 use convert::SubmitLimits;
 
@@ -240,6 +242,17 @@ impl CoordinatorService for Service {
         if req.version.len() > convert::MAX_LABEL_LEN || req.hostname.len() > convert::MAX_LABEL_LEN {
             return Err(status::invalid("version", "version and hostname are at most 256 bytes"));
         }
+        if req.instance_id.len() > convert::MAX_LABEL_LEN {
+            return Err(status::invalid("instance_id", "is at most 256 bytes"));
+        }
+        let holding = if req.instance_id.is_empty() {
+            None
+        } else {
+            Some(Holding {
+                instance: req.instance_id,
+                running: convert::running_tasks("running_tasks", &req.running_tasks)?,
+            })
+        };
         let reg = WorkerRegistration {
             id: id.clone(),
             max_concurrent_tasks: max,
@@ -249,8 +262,23 @@ impl CoordinatorService for Service {
             hostname: req.hostname,
             session_id: Uuid::now_v7(),
             coordinator_id: self.inner.config.coordinator_id.clone(),
+            holding,
         };
-        let registered = self.inner.registry.register(reg).await.map_err(status::store)?;
+        // Detached: tasks given back by the registration get their effects whatever happens to
+        // this request.
+        let inner = self.inner.clone();
+        let registered = Effects::detached(async move {
+            let registered = inner.registry.register(reg).await?;
+            inner.effects.requeued(&registered.requeued);
+            Ok::<_, crate::store::StoreError>(registered)
+        })
+        .await
+        .map_err(|_| status::internal_error())?
+        .map_err(status::store)?;
+        if !registered.requeued.is_empty() {
+            info!(worker_id = %id, count = registered.requeued.len(), reason = registered.requeued[0].reason.as_str(),
+                  "gave back tasks the worker does not hold");
+        }
         info!(worker_id = %id, session_id = %registered.session_id, max_concurrent_tasks = max,
               held = registered.held.len(), "worker registered");
         Ok(Response::new(proto::RegisterWorkerResponse {
@@ -268,20 +296,10 @@ impl CoordinatorService for Service {
         auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
         let req = request.into_inner();
         let worker = convert::worker_id("worker_id", &req.worker_id)?;
-        if req.running_tasks.len() > convert::MAX_RUNNING_TASKS {
-            return Err(status::invalid(
-                "running_tasks",
-                format!("more than {}", convert::MAX_RUNNING_TASKS),
-            ));
-        }
-        let mut reported = Vec::with_capacity(req.running_tasks.len());
-        for (i, t) in req.running_tasks.iter().enumerate() {
-            reported.push(Held {
-                task_id: convert::task_id(&format!("running_tasks[{i}].task_id"), &t.task_id)?,
-                worker_id: worker.clone(),
-                attempt: convert::attempt(&format!("running_tasks[{i}].attempt"), t.attempt)?,
-            });
-        }
+        let reported: Vec<Held> = convert::running_tasks("running_tasks", &req.running_tasks)?
+            .into_iter()
+            .map(|(task_id, attempt)| Held { task_id, worker_id: worker.clone(), attempt })
+            .collect();
         let state = self.inner.registry.heartbeat(&worker).await.map_err(status::registry)?;
         let renewed: HashSet<Held> = if reported.is_empty() {
             HashSet::new()

@@ -12,7 +12,7 @@ pub mod sqlite;
 pub mod testing;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -280,6 +280,46 @@ pub struct WorkerRegistration {
     pub hostname: String,
     pub session_id: Uuid,
     pub coordinator_id: String,
+    /// What the worker holds, when it says so; `None` for a worker that does not list its
+    /// tasks: then every task the store has for it is adopted by the new session.
+    pub holding: Option<Holding>,
+}
+
+/// A registering worker's own account of what it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holding {
+    /// Names the worker's process; a new value means the worker restarted.
+    pub instance: String,
+    /// Every (task, attempt) the process runs or is still reporting.
+    pub running: Vec<(TaskId, Attempt)>,
+}
+
+impl Holding {
+    /// Splits the tasks the store has for the worker into those it holds and those it does not,
+    /// and says how the latter are given back: never received by the same process (uncharged),
+    /// or lost with a process that is gone (charged).
+    pub fn split(
+        &self,
+        previous_instance: Option<&str>,
+        assigned: Vec<Held>,
+    ) -> (Vec<Held>, Vec<Held>, RequeueReason) {
+        let running: HashSet<(TaskId, Attempt)> = self.running.iter().copied().collect();
+        let (held, missing) = assigned.into_iter().partition(|h| running.contains(&(h.task_id, h.attempt)));
+        let reason = if previous_instance == Some(self.instance.as_str()) {
+            RequeueReason::NotReceived
+        } else {
+            RequeueReason::WorkerRestarted
+        };
+        (held, missing, reason)
+    }
+}
+
+/// What a registration found: the tasks the new session holds, and those given back because the
+/// worker does not hold them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registration {
+    pub held: Vec<Held>,
+    pub requeued: Vec<Requeued>,
 }
 
 /// The store, with the backend chosen by the database URL. Cheap to clone.
@@ -555,7 +595,7 @@ impl Store {
     /// Registers a worker's new session in one transaction: the registration is written, the
     /// tasks the worker still holds move to the new session, and they are returned. A DEAD
     /// notice about an older session is a no-op from then on.
-    pub async fn register_worker(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+    pub async fn register_worker(&self, w: &WorkerRegistration) -> Result<Registration> {
         timed!("register_worker", self, s => s.register_worker(w).await)
     }
 

@@ -17,8 +17,9 @@ use uuid::Uuid;
 
 use super::{
     Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, NOTIFY_CHANNEL, Ownership,
-    ReportOutcome, Requeued, Result, RetryPolicy, StoreError, TaskFilter, TypeFilter, WorkerRegistration,
-    classify_unapplied, decode_json, duration_ms, encode_json, parse_state, parse_worker_state,
+    Registration, ReportOutcome, Requeued, Result, RetryPolicy, StoreError, TaskFilter, TypeFilter,
+    WorkerRegistration, classify_unapplied, decode_json, duration_ms, encode_json, parse_state,
+    parse_worker_state,
 };
 use crate::{
     config::DatabaseConfig,
@@ -556,7 +557,8 @@ impl PgStore {
     }
 
     pub(super) async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
-        self.requeue(
+        requeue(
+            &self.pool,
             "SELECT id, attempt, worker_id FROM tasks
              WHERE status IN ('assigned', 'running') AND lease_expires_at < now()
              ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
@@ -571,7 +573,8 @@ impl PgStore {
         // The worker row is locked first: a registration of a new session (which updates it)
         // either committed before, and nothing here matches, or waits until this is done.
         retry_conflicts!(
-            self.requeue(
+            requeue(
+                &self.pool,
                 "SELECT t.id, t.attempt, t.worker_id FROM tasks t
                  WHERE t.status IN ('assigned', 'running') AND t.worker_id = $1
                    AND (t.session_id = $2 OR t.session_id IS NULL)
@@ -584,80 +587,10 @@ impl PgStore {
         )
     }
 
-    /// Gives back held tasks named by (task, worker, attempt), uncharged: `Undelivered` only
-    /// while still `assigned` (they never reached the worker), `Released` also when running.
+    /// Gives back held tasks named by (task, worker, attempt): `Undelivered` only while still
+    /// `assigned` (they never reached the worker), the other reasons also when running.
     pub(super) async fn requeue_held(&self, held: &[Held], reason: RequeueReason) -> Result<Vec<Requeued>> {
-        let (ids, workers, attempts) = held_arrays(held);
-        let only_assigned = reason == RequeueReason::Undelivered;
-        retry_conflicts!(
-            self.requeue(
-                "SELECT t.id, t.attempt, t.worker_id
-                 FROM tasks t JOIN unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)
-                   ON t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
-                 WHERE t.status = 'assigned' OR (t.status = 'running' AND NOT $4)
-                 ORDER BY t.id FOR UPDATE OF t",
-                reason,
-                |q| q.bind(ids.clone()).bind(workers.clone()).bind(attempts.clone()).bind(only_assigned),
-            )
-            .await
-        )
-    }
-
-    /// Shared requeue: `victims` selects and locks (id, attempt, worker_id); those tasks go back
-    /// to pending, or to failed when out of attempts, and their attempt rows are closed.
-    async fn requeue<'q>(
-        &self,
-        victims: &'static str,
-        reason: RequeueReason,
-        bind: impl FnOnce(
-            sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-        ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
-    ) -> Result<Vec<Requeued>> {
-        let charge = i32::from(reason.charged());
-        // The highest parameter number the victims statement uses; charge and reason follow it.
-        let n = victims
-            .split('$')
-            .skip(1)
-            .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok())
-            .max()
-            .unwrap_or(0);
-        let sql = format!(
-            "WITH v AS ({victims}),
-             upd AS (
-                 UPDATE tasks t
-                 SET failures = t.failures + ${c},
-                     status = CASE WHEN t.failures + ${c} >= t.max_attempts THEN 'failed' ELSE 'pending' END,
-                     error = CASE WHEN t.failures + ${c} >= t.max_attempts
-                         THEN 'attempt ' || v.attempt || ' lost: ' || ${r} || ' on worker ' || v.worker_id
-                         ELSE t.error END,
-                     finished_at = CASE WHEN t.failures + ${c} >= t.max_attempts THEN now() ELSE NULL END,
-                     worker_id = NULL, session_id = NULL, lease_expires_at = NULL, run_after = now(),
-                     updated_at = now()
-                 FROM v WHERE t.id = v.id
-                 RETURNING t.id, t.task_type, t.status, v.attempt, v.worker_id
-             ),
-             att AS (
-                 UPDATE task_attempts a SET finished_at = now(), outcome = ${r}
-                 FROM upd WHERE a.task_id = upd.id AND a.attempt = upd.attempt
-             )
-             SELECT * FROM upd",
-            c = n + 1,
-            r = n + 2,
-        );
-        let q = bind(sqlx::query(sqlx::AssertSqlSafe(sql))).bind(charge).bind(reason.as_str());
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(Requeued {
-                    task_id: TaskId(r.try_get("id")?),
-                    task_type: r.try_get("task_type")?,
-                    worker_id: WorkerId(r.try_get("worker_id")?),
-                    attempt: r.try_get::<i32, _>("attempt")? as u32,
-                    state: parse_state(r.try_get("status")?)?,
-                    reason,
-                })
-            })
-            .collect()
+        retry_conflicts!(requeue_held_in(&self.pool, held, reason).await)
     }
 
     pub(super) async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
@@ -784,12 +717,19 @@ impl PgStore {
         upsert_worker(&self.pool, w).await
     }
 
-    pub(super) async fn register_worker(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+    pub(super) async fn register_worker(&self, w: &WorkerRegistration) -> Result<Registration> {
         retry_conflicts!(self.register_worker_once(w).await)
     }
 
-    async fn register_worker_once(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+    /// One transaction: the worker row (its new session), the tasks it holds moved to that
+    /// session, and those it says it does not hold given back.
+    async fn register_worker_once(&self, w: &WorkerRegistration) -> Result<Registration> {
         let mut tx = self.pool.begin().await?;
+        let previous: Option<Option<String>> =
+            sqlx::query_scalar("SELECT instance_id FROM workers WHERE id = $1 FOR UPDATE")
+                .bind(&w.id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
         upsert_worker(&mut *tx, w).await?;
         let rows = sqlx::query(
             "UPDATE tasks SET session_id = $2
@@ -800,10 +740,18 @@ impl PgStore {
         .bind(w.session_id)
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
         let mut held = rows.iter().map(held_from_row).collect::<Result<Vec<_>>>()?;
+        let mut requeued = Vec::new();
+        if let Some(holding) = &w.holding {
+            let (kept, missing, reason) = holding.split(previous.flatten().as_deref(), held);
+            held = kept;
+            if !missing.is_empty() {
+                requeued = requeue_held_in(&mut *tx, &missing, reason).await?;
+            }
+        }
+        tx.commit().await?;
         held.sort_by_key(|h| h.task_id);
-        Ok(held)
+        Ok(Registration { held, requeued })
     }
 
     pub(super) async fn set_worker_state(
@@ -978,17 +926,96 @@ async fn insert_tasks(
         .collect()
 }
 
+/// Shared requeue: `victims` selects and locks (id, attempt, worker_id); those tasks go back
+/// to pending, or to failed when out of attempts, and their attempt rows are closed.
+async fn requeue<'q, 'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    victims: &'static str,
+    reason: RequeueReason,
+    bind: impl FnOnce(
+        sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<Vec<Requeued>> {
+    let charge = i32::from(reason.charged());
+    // The highest parameter number the victims statement uses; charge and reason follow it.
+    let n = victims
+        .split('$')
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    let sql = format!(
+        "WITH v AS ({victims}),
+         upd AS (
+             UPDATE tasks t
+             SET failures = t.failures + ${c},
+                 status = CASE WHEN t.failures + ${c} >= t.max_attempts THEN 'failed' ELSE 'pending' END,
+                 error = CASE WHEN t.failures + ${c} >= t.max_attempts
+                     THEN 'attempt ' || v.attempt || ' lost: ' || ${r} || ' on worker ' || v.worker_id
+                     ELSE t.error END,
+                 finished_at = CASE WHEN t.failures + ${c} >= t.max_attempts THEN now() ELSE NULL END,
+                 worker_id = NULL, session_id = NULL, lease_expires_at = NULL, run_after = now(),
+                 updated_at = now()
+             FROM v WHERE t.id = v.id
+             RETURNING t.id, t.task_type, t.status, v.attempt, v.worker_id
+         ),
+         att AS (
+             UPDATE task_attempts a SET finished_at = now(), outcome = ${r}
+             FROM upd WHERE a.task_id = upd.id AND a.attempt = upd.attempt
+         )
+         SELECT * FROM upd",
+        c = n + 1,
+        r = n + 2,
+    );
+    let q = bind(sqlx::query(sqlx::AssertSqlSafe(sql))).bind(charge).bind(reason.as_str());
+    let rows = q.fetch_all(exec).await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Requeued {
+                task_id: TaskId(r.try_get("id")?),
+                task_type: r.try_get("task_type")?,
+                worker_id: WorkerId(r.try_get("worker_id")?),
+                attempt: r.try_get::<i32, _>("attempt")? as u32,
+                state: parse_state(r.try_get("status")?)?,
+                reason,
+            })
+        })
+        .collect()
+}
+
+/// [`requeue`] of the tasks named by (task, worker, attempt).
+async fn requeue_held_in<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    held: &[Held],
+    reason: RequeueReason,
+) -> Result<Vec<Requeued>> {
+    let (ids, workers, attempts) = held_arrays(held);
+    let only_assigned = reason == RequeueReason::Undelivered;
+    requeue(
+        exec,
+        "SELECT t.id, t.attempt, t.worker_id
+         FROM tasks t JOIN unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)
+           ON t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
+         WHERE t.status = 'assigned' OR (t.status = 'running' AND NOT $4)
+         ORDER BY t.id FOR UPDATE OF t",
+        reason,
+        |q| q.bind(ids).bind(workers).bind(attempts).bind(only_assigned),
+    )
+    .await
+}
+
 async fn upsert_worker<'e>(exec: impl sqlx::PgExecutor<'e>, w: &WorkerRegistration) -> Result<()> {
     sqlx::query(
         "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
-                              session_id, coordinator_id, registered_at, last_heartbeat_at, updated_at)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, now(), now(), now())
+                              session_id, coordinator_id, instance_id, registered_at, last_heartbeat_at,
+                              updated_at)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, now(), now(), now())
          ON CONFLICT (id) DO UPDATE SET
              state = 'active', max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
              capabilities = EXCLUDED.capabilities, labels = EXCLUDED.labels, version = EXCLUDED.version,
              hostname = EXCLUDED.hostname, session_id = EXCLUDED.session_id,
-             coordinator_id = EXCLUDED.coordinator_id, registered_at = now(),
-             last_heartbeat_at = now(), updated_at = now()",
+             coordinator_id = EXCLUDED.coordinator_id, instance_id = EXCLUDED.instance_id,
+             registered_at = now(), last_heartbeat_at = now(), updated_at = now()",
     )
     .bind(&w.id.0)
     .bind(w.max_concurrent_tasks as i32)
@@ -998,6 +1025,7 @@ async fn upsert_worker<'e>(exec: impl sqlx::PgExecutor<'e>, w: &WorkerRegistrati
     .bind(&w.hostname)
     .bind(w.session_id)
     .bind(&w.coordinator_id)
+    .bind(w.holding.as_ref().map(|h| h.instance.as_str()))
     .execute(exec)
     .await?;
     Ok(())

@@ -19,9 +19,9 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, Ownership, ReportOutcome, Requeued,
-    Result, RetryPolicy, StoreError, TaskFilter, TypeFilter, WorkerRegistration, classify_unapplied,
-    decode_json, duration_ms, encode_json, lost_error, parse_state, parse_worker_state,
+    Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, Ownership, Registration, ReportOutcome,
+    Requeued, Result, RetryPolicy, StoreError, TaskFilter, TypeFilter, WorkerRegistration,
+    classify_unapplied, decode_json, duration_ms, encode_json, lost_error, parse_state, parse_worker_state,
 };
 use crate::{
     config::DatabaseConfig,
@@ -638,8 +638,15 @@ impl SqliteStore {
         upsert_worker(&self.writer, w).await
     }
 
-    pub(super) async fn register_worker(&self, w: &WorkerRegistration) -> Result<Vec<Held>> {
+    /// One transaction: the worker row (its new session), the tasks it holds moved to that
+    /// session, and those it says it does not hold given back.
+    pub(super) async fn register_worker(&self, w: &WorkerRegistration) -> Result<Registration> {
         let mut tx = self.writer.begin().await?;
+        let previous: Option<Option<String>> =
+            sqlx::query_scalar("SELECT instance_id FROM workers WHERE id = ?1")
+                .bind(&w.id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
         upsert_worker(&mut *tx, w).await?;
         let rows = sqlx::query(
             "UPDATE tasks SET session_id = ?2
@@ -650,10 +657,18 @@ impl SqliteStore {
         .bind(w.session_id.to_string())
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
         let mut held = held_from_rows(&rows)?;
+        let mut requeued = Vec::new();
+        if let Some(holding) = &w.holding {
+            let (kept, missing, reason) = holding.split(previous.flatten().as_deref(), held);
+            held = kept;
+            if !missing.is_empty() {
+                requeued = requeue(&mut tx, &missing, reason, micros(Utc::now())).await?;
+            }
+        }
+        tx.commit().await?;
         held.sort_by_key(|h| h.task_id);
-        Ok(held)
+        Ok(Registration { held, requeued })
     }
 
     pub(super) async fn set_worker_state(
@@ -866,14 +881,16 @@ async fn upsert_worker<'e>(exec: impl sqlx::SqliteExecutor<'e>, w: &WorkerRegist
     let now = micros(Utc::now());
     sqlx::query(
         "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
-                              session_id, coordinator_id, registered_at, last_heartbeat_at, updated_at)
-         VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?9)
+                              session_id, coordinator_id, instance_id, registered_at, last_heartbeat_at,
+                              updated_at)
+         VALUES (?1, 'active', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?10, ?9, ?9, ?9)
          ON CONFLICT (id) DO UPDATE SET
              state = 'active', max_concurrent_tasks = excluded.max_concurrent_tasks,
              capabilities = excluded.capabilities, labels = excluded.labels, version = excluded.version,
              hostname = excluded.hostname, session_id = excluded.session_id,
-             coordinator_id = excluded.coordinator_id, registered_at = excluded.registered_at,
-             last_heartbeat_at = excluded.last_heartbeat_at, updated_at = excluded.updated_at",
+             coordinator_id = excluded.coordinator_id, instance_id = excluded.instance_id,
+             registered_at = excluded.registered_at, last_heartbeat_at = excluded.last_heartbeat_at,
+             updated_at = excluded.updated_at",
     )
     .bind(&w.id.0)
     .bind(i64::from(w.max_concurrent_tasks))
@@ -884,6 +901,7 @@ async fn upsert_worker<'e>(exec: impl sqlx::SqliteExecutor<'e>, w: &WorkerRegist
     .bind(w.session_id.to_string())
     .bind(&w.coordinator_id)
     .bind(now)
+    .bind(w.holding.as_ref().map(|h| h.instance.as_str()))
     .execute(exec)
     .await?;
     Ok(())

@@ -38,6 +38,7 @@ pub fn registration(id: &str, max: u32) -> WorkerRegistration {
         hostname: String::new(),
         session_id: Uuid::now_v7(),
         coordinator_id: "c".into(),
+        holding: None,
     }
 }
 

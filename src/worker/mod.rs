@@ -166,6 +166,9 @@ pub struct Worker {
     counters: Arc<WorkerCounters>,
     /// Set once the worker told the coordinator it is draining.
     deregistered: std::sync::atomic::AtomicBool,
+    /// Names this process to the coordinator: a registration from the same instance that does
+    /// not list a task means the task never arrived (given back uncharged).
+    instance_id: String,
 }
 
 /// After deregistering, how long the worker reads what its task stream still sends.
@@ -196,7 +199,13 @@ impl Worker {
             slots,
             counters: Arc::default(),
             deregistered: Default::default(),
+            instance_id: uuid::Uuid::now_v7().to_string(),
         })
+    }
+
+    /// [`Worker::running`] as the wire names it.
+    fn running_tasks(&self) -> Vec<proto::RunningTask> {
+        self.running().into_iter().map(|(task_id, attempt)| proto::RunningTask { task_id, attempt }).collect()
     }
 
     /// Counters shared with the running worker.
@@ -284,6 +293,11 @@ impl Worker {
                 labels: self.opts.labels.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 hostname: hostname(),
+                // Everything received on earlier streams has been dispatched by now (a session
+                // reads its stream to the end before the next registers), so this list is
+                // complete: what the coordinator has beyond it never arrived.
+                instance_id: self.instance_id.clone(),
+                running_tasks: self.running_tasks(),
             })
             .await?
             .into_inner();
@@ -498,11 +512,7 @@ impl Worker {
                 _ = tokio::time::sleep(every) => {}
                 _ = kick.notified() => {}
             }
-            let running_tasks = self
-                .running()
-                .into_iter()
-                .map(|(task_id, attempt)| proto::RunningTask { task_id, attempt })
-                .collect();
+            let running_tasks = self.running_tasks();
             let mut client = self.client.clone();
             let req = proto::HeartbeatRequest { worker_id: self.opts.worker_id.clone(), running_tasks };
             match tokio::time::timeout(every.max(Duration::from_secs(1)), client.send_heartbeat(req)).await {

@@ -503,7 +503,8 @@ pub struct Tally {
     pub unfinished: i64,
     /// Sum of `tasks.failures`: attempts charged against `max_attempts`.
     pub failures: i64,
-    /// `task_attempts` rows with outcome `lease_expired` or `worker_dead`.
+    /// `task_attempts` rows with a charged outcome: `lease_expired`, `worker_dead` or
+    /// `worker_restarted`.
     pub taken_back: i64,
     /// Tasks with more than one attempt whose outcome is `completed`.
     pub accepted_twice: i64,
@@ -523,7 +524,7 @@ impl Tally {
         .fetch_one(pool)
         .await?;
         let (taken_back, attempts): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE outcome IN ('lease_expired', 'worker_dead')), count(*)
+            "SELECT count(*) FILTER (WHERE outcome IN ('lease_expired', 'worker_dead', 'worker_restarted')), count(*)
              FROM task_attempts",
         )
         .fetch_one(pool)
