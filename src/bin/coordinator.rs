@@ -256,3 +256,26 @@ async fn run(config: Config) -> ExitCode {
         Err(e) => fail(format!("{e:#}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_paste_as_one_argument() {
+        assert_eq!(shell_word("target/debug/coordctl"), "target/debug/coordctl");
+        assert_eq!(shell_word("http://127.0.0.1:9091"), "http://127.0.0.1:9091");
+        assert_eq!(shell_word("/home/me/my builds/coordctl"), "'/home/me/my builds/coordctl'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
+
+    #[test]
+    fn the_coordinator_flag_is_added_only_off_coordctls_default() {
+        assert_eq!(with_endpoint("coordctl".into(), COORDCTL_DEFAULT_ENDPOINT), "coordctl");
+        assert_eq!(
+            with_endpoint("coordctl".into(), "http://127.0.0.1:9091"),
+            "coordctl --coordinator http://127.0.0.1:9091"
+        );
+    }
+}
