@@ -9,6 +9,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=migrations");
     println!("cargo:rerun-if-env-changed=PROTOC");
 
+    // tests/python_worker.rs runs examples/python/worker.py with the python3 named by
+    // TEST_PYTHON (one with grpcio and grpcio-tools); without it that test is reported as
+    // ignored, never as passed.
+    println!("cargo::rustc-check-cfg=cfg(test_python)");
+    println!("cargo::rerun-if-env-changed=TEST_PYTHON");
+    if env::var_os("TEST_PYTHON").is_some_and(|p| !p.is_empty()) {
+        println!("cargo::rustc-cfg=test_python");
+    }
+
     if env::var_os("PROTOC").is_none() {
         let protoc = protoc_bin_vendored::protoc_bin_path()?;
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.

@@ -137,11 +137,21 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
                 Err(e) => return fail(format!("{e:#}")),
             }
         }
+        let http_addr = http_addr.map(|a| a.to_string()).unwrap_or_default();
+        let coordctl = coordctl_hint(&endpoint);
+        let mut try_these = String::new();
+        for args in [
+            "primes --low 0 --high 100000 --slices 8",
+            "is-prime 17 18 19",
+            "submit --type echo --payload hello --wait",
+            "workers",
+        ] {
+            try_these.push_str(&format!("  {} {args}\n", coordctl.command));
+        }
         println!(
-            "\ncoordinator dev is running\n  gRPC     {endpoint}\n  HTTP     http://{}\n  database {database}\n  workers  {workers} local (dev-worker-1..{workers}), handlers: {}\n\ntry:\n  coordctl primes --low 0 --high 100000 --slices 8\n  coordctl is-prime 17 18 19\n  coordctl submit --type echo --payload hello --wait\n  coordctl workers\n  curl -s http://{}/health\n\nCtrl-C stops it.\n",
-            http_addr.map(|a| a.to_string()).unwrap_or_default(),
+            "\ncoordinator dev is running\n  gRPC     {endpoint}\n  HTTP     http://{http_addr}\n  database {database}\n  workers  {workers} local (dev-worker-1..{workers}), handlers: {}\n\ntry, in another terminal in this directory:\n{try_these}  curl -s http://{http_addr}/health\n{}\nCtrl-C stops it.\n",
             builtin_names().join(", "),
-            http_addr.map(|a| a.to_string()).unwrap_or_default(),
+            coordctl.note.map(|n| format!("({n})\n")).unwrap_or_default(),
         );
         // Ctrl-C: the local workers drain first (their results land), then the coordinator.
         shutdown.cancelled().await;
@@ -158,6 +168,65 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
             Err(e) => fail(e),
         }
     })
+}
+
+/// coordctl's default `--coordinator`.
+const COORDCTL_DEFAULT_ENDPOINT: &str = "http://127.0.0.1:9090";
+
+/// How to run coordctl from here, as the start-up hint prints it.
+struct CoordctlHint {
+    /// The program (and `--coordinator URL` when `endpoint` is not coordctl's default), ready
+    /// to paste into a shell in the current directory.
+    command: String,
+    /// Said when the coordctl binary is not built yet.
+    note: Option<String>,
+}
+
+/// The coordctl binary sits beside this one (cargo builds both into the same directory, `cargo
+/// install` installs both into one). It is shown as `coordctl` when that is what PATH finds,
+/// as a path relative to the current directory when it lies under it (`target/debug/coordctl`
+/// from the repository root), and as an absolute path otherwise.
+fn coordctl_hint(endpoint: &str) -> CoordctlHint {
+    let name = format!("coordctl{}", std::env::consts::EXE_SUFFIX);
+    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join(&name)));
+    let Some(beside) = beside else {
+        return CoordctlHint { command: with_endpoint("coordctl".into(), endpoint), note: None };
+    };
+    let on_path = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(&name)).find(|p| p.is_file()));
+    let same = |a: &std::path::Path, b: &std::path::Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    let program = if on_path.is_some_and(|p| same(&p, &beside)) {
+        "coordctl".to_owned()
+    } else {
+        let cwd = std::env::current_dir().ok();
+        match cwd.as_deref().and_then(|cwd| beside.strip_prefix(cwd).ok()) {
+            Some(rel) if rel.parent().is_some_and(|p| !p.as_os_str().is_empty()) => {
+                shell_word(&rel.to_string_lossy())
+            }
+            Some(rel) => shell_word(&format!("./{}", rel.to_string_lossy())),
+            None => shell_word(&beside.to_string_lossy()),
+        }
+    };
+    let note = (!beside.is_file())
+        .then(|| format!("{program} is not built yet: `cargo build --bins` builds every binary"));
+    CoordctlHint { command: with_endpoint(program, endpoint), note }
+}
+
+fn with_endpoint(program: String, endpoint: &str) -> String {
+    if endpoint == COORDCTL_DEFAULT_ENDPOINT {
+        program
+    } else {
+        format!("{program} --coordinator {}", shell_word(endpoint))
+    }
+}
+
+/// `s` as one shell word: as it is when that is safe, else single-quoted.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "/._-+:@,=%".contains(c)) {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 fn builtin_names() -> Vec<String> {
@@ -185,5 +254,28 @@ async fn run(config: Config) -> ExitCode {
     match app.serve(grpc, http, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words_paste_as_one_argument() {
+        assert_eq!(shell_word("target/debug/coordctl"), "target/debug/coordctl");
+        assert_eq!(shell_word("http://127.0.0.1:9091"), "http://127.0.0.1:9091");
+        assert_eq!(shell_word("/home/me/my builds/coordctl"), "'/home/me/my builds/coordctl'");
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
+    }
+
+    #[test]
+    fn the_coordinator_flag_is_added_only_off_coordctls_default() {
+        assert_eq!(with_endpoint("coordctl".into(), COORDCTL_DEFAULT_ENDPOINT), "coordctl");
+        assert_eq!(
+            with_endpoint("coordctl".into(), "http://127.0.0.1:9091"),
+            "coordctl --coordinator http://127.0.0.1:9091"
+        );
     }
 }
