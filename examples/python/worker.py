@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 
 try:
     import grpc
@@ -142,6 +143,9 @@ class Worker:
         # task_id -> Running; the lock guards the map only, never held across a call.
         self.running = {}
         self.lock = threading.Lock()
+        # Names this process: registering again from the same process with a list of what it
+        # holds lets the coordinator give back, uncharged, a task whose push never arrived.
+        self.instance_id = uuid.uuid4().hex
         self.stop = threading.Event()  # set by the first SIGINT/SIGTERM
         self.registered = threading.Event()  # a session is open: heartbeats make sense
         self.reregister = threading.Event()  # a heartbeat answered NOT_FOUND
@@ -180,6 +184,11 @@ class Worker:
         heartbeats.join(timeout=5)
         log.info("worker stopped")
 
+    def held(self):
+        """Every (task, attempt) this process runs or has yet to report."""
+        with self.lock:
+            return [pb.RunningTask(task_id=t, attempt=r.attempt) for t, r in self.running.items()]
+
     def session(self):
         self.reregister.clear()
         self.stream_ended.clear()
@@ -190,6 +199,8 @@ class Worker:
                 capabilities=sorted(HANDLERS),
                 version=VERSION,
                 hostname=socket.gethostname(),
+                instance_id=self.instance_id,
+                running_tasks=self.held(),
             ),
             metadata=self.metadata,
             timeout=10,
@@ -308,8 +319,7 @@ class Worker:
                 return
             if not self.registered.is_set():
                 continue
-            with self.lock:
-                held = [pb.RunningTask(task_id=t, attempt=r.attempt) for t, r in self.running.items()]
+            held = self.held()
             try:
                 resp = self.stub.SendHeartbeat(
                     pb.HeartbeatRequest(worker_id=self.worker_id, running_tasks=held),
