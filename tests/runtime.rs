@@ -917,3 +917,101 @@ async fn a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_register
     tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap().unwrap();
     c.stop().await.unwrap();
 }
+
+/// A loopback TCP proxy whose coordinator -> worker direction can be held: bytes the server
+/// sends wait in the proxy until it is released, so a push can be made "in transit".
+struct HoldingProxy {
+    addr: std::net::SocketAddr,
+    hold: tokio::sync::watch::Sender<bool>,
+}
+
+impl HoldingProxy {
+    async fn start(target: std::net::SocketAddr) -> HoldingProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hold, _) = tokio::sync::watch::channel(false);
+        let holds = hold.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else { return };
+                let (mut from_worker, mut to_worker) = inbound.into_split();
+                let (mut from_server, mut to_server) = outbound.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut from_worker, &mut to_server).await;
+                    let _ = to_server.shutdown().await;
+                });
+                let mut held = holds.subscribe();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let Ok(n) = from_server.read(&mut buf).await else { return };
+                        if n == 0 {
+                            let _ = to_worker.shutdown().await;
+                            return;
+                        }
+                        if held.wait_for(|h| !*h).await.is_err() {
+                            return;
+                        }
+                        if to_worker.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        HoldingProxy { addr, hold }
+    }
+
+    fn hold(&self, on: bool) {
+        self.hold.send_replace(on);
+    }
+}
+
+on_every_backend!(a_push_in_transit_when_the_worker_stops_still_runs);
+/// A worker that stops deregisters first, then reads its stream to the end: an assignment that
+/// was on its way when shutdown began runs and is reported, not lost until its lease runs out.
+/// The push is held in transit by a proxy until the coordinator has seen the worker drain.
+async fn a_push_in_transit_when_the_worker_stops_still_runs(db: &TestDb) {
+    use coordinator::domain::{WorkerId, WorkerState};
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let proxy = HoldingProxy::start(c.grpc).await;
+    let shutdown = CancellationToken::new();
+    let mut opts = WorkerOptions::new(format!("http://{}", proxy.addr), "stopper");
+    opts.capabilities = vec!["prove".into()];
+    opts.drain_grace = Duration::from_secs(10);
+    let worker = Worker::new(opts, handler_fn(|t| async move { Ok(t.payload) })).unwrap();
+    let worker = tokio::spawn(worker.run(shutdown.clone()));
+    wait_connected(&client, &["stopper"]).await;
+
+    proxy.hold(true);
+    let id = submit(&mut client, "prove", b"in transit").await;
+    let tid: TaskId = id.parse().unwrap();
+    wait_until("the task is pushed", T, || async {
+        db.store.get_task(tid).await.unwrap().is_some_and(|t| t.state == TaskState::Assigned)
+    })
+    .await;
+    shutdown.cancel();
+    wait_until("the coordinator sees the worker drain", T, || async {
+        db.store
+            .get_worker(&WorkerId::from("stopper"))
+            .await
+            .unwrap()
+            .is_some_and(|w| w.state == WorkerState::Draining)
+    })
+    .await;
+    proxy.hold(false);
+
+    tokio::time::timeout(Duration::from_secs(20), worker).await.expect("worker stops").unwrap().unwrap();
+    let task = db.store.get_task(tid).await.unwrap().unwrap();
+    assert_eq!(
+        (task.state, task.failures, task.result.as_deref()),
+        (TaskState::Completed, 0, Some(&b"in transit"[..])),
+        "{task:?}"
+    );
+    let attempts = db.store.attempts(tid).await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    c.stop().await.unwrap();
+}
