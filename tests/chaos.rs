@@ -553,8 +553,23 @@ async fn postgres_outage_longer_than_the_lease_charges_nothing() {
 #[ignore = "benchmark: cargo test --test chaos -- --ignored --nocapture"]
 async fn bench_cross_replica_dispatch() {
     let Some((_serial, base)) = serial().await else { return };
-    let (url, schema) = fresh_schema(&base).await;
-    let _schema = SchemaGuard { base: base.clone(), schema };
+    cross_replica_dispatch(&base, "bench_cross_replica").await;
+}
+
+/// The same on a Postgres server of the benchmark's own with `fsync` off: what is left of the
+/// tail once the disk's commit stalls are taken out (the coordinator's own share of it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: cargo test --test chaos -- --ignored --nocapture"]
+async fn bench_cross_replica_dispatch_without_fsync() {
+    let Some((_serial, _base)) = serial().await else { return };
+    let Some(pg) = own_postgres() else { return };
+    cross_replica_dispatch(&pg.url(), "bench_cross_replica_fsync_off").await;
+    drop(pg);
+}
+
+async fn cross_replica_dispatch(base: &str, name: &str) {
+    let (url, schema) = fresh_schema(base).await;
+    let _schema = SchemaGuard { base: base.to_owned(), schema };
     let dir = tempfile::Builder::new().prefix("chaos-bench").tempdir().unwrap();
     let t = Timings::default();
     let mut a = Replica::new(dir.path(), "replica-a", &url, t);
@@ -609,7 +624,7 @@ async fn bench_cross_replica_dispatch() {
     watch_ms.sort_by(f64::total_cmp);
 
     report(&format!(
-        "chaos bench_cross_replica: submit_on_a_to_assigned_on_b tasks={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}; \
+        "chaos {name}: submit_on_a_to_assigned_on_b tasks={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}; \
          same_replica tasks={} p50_ms={:.1} p99_ms={:.1}; \
          watch_on_a_of_completion_on_b tasks={} p50_ms={:.1} p99_ms={:.1} max_ms={:.1}",
         dispatch_ms.len(),
