@@ -307,6 +307,61 @@ fn bad_environment_override_names_the_variable() {
 }
 
 #[test]
+fn misspelt_environment_override_is_refused_naming_the_nearest_key() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    let out = run(dir.path(), &["-config", &cfg], &[("COORDINATOR_GRPC_PROT", "1")]);
+    assert_one_line_failure(&out, &["COORDINATOR_GRPC_PROT", "COORDINATOR_GRPC_PORT"], &[]);
+}
+
+#[test]
+fn every_documented_environment_name_is_accepted() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    // Each documented variable set to the value the file already has: nothing changes and the
+    // start-up gets past the environment check to a clean start (then stops on SIGTERM).
+    let config = Config::load(Path::new(&cfg), &HashMap::new()).expect("the good config loads");
+    let tree = serde_norway::to_value(&config).expect("config serializes");
+    let mut env = Vec::new();
+    for (var, key) in config::env_overrides() {
+        let mut node = &tree;
+        for part in key.split('.') {
+            node = &node[part];
+        }
+        let value = match node {
+            serde_norway::Value::String(s) => s.clone(),
+            serde_norway::Value::Bool(b) => b.to_string(),
+            serde_norway::Value::Number(n) => n.to_string(),
+            _ => continue,
+        };
+        env.push((var, value));
+    }
+    assert!(env.len() > 20, "{env:?}");
+    let env: HashMap<String, String> = env.into_iter().collect();
+    Config::load(Path::new(&cfg), &env).unwrap_or_else(|e| panic!("documented names refused: {e}"));
+}
+
+#[test]
+fn other_programs_variables_with_our_prefixes_are_left_alone() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    // Kubernetes service links of a Service named `coordinator`, a proxy, gRPC core's tracing.
+    let env: HashMap<String, String> = [
+        ("COORDINATOR_SERVICE_HOST", "10.0.0.1"),
+        ("COORDINATOR_SERVICE_PORT", "9090"),
+        ("COORDINATOR_SERVICE_PORT_GRPC", "9090"),
+        ("COORDINATOR_PORT", "tcp://10.0.0.1:9090"),
+        ("COORDINATOR_PORT_9090_TCP_ADDR", "10.0.0.1"),
+        ("HTTP_PROXY", "http://proxy:3128"),
+        ("GRPC_TRACE", "all"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    Config::load(Path::new(&cfg), &env).unwrap_or_else(|e| panic!("a foreign variable was refused: {e}"));
+}
+
+#[test]
 fn unsupported_database_scheme_is_refused_without_the_password() {
     let dir = tempdir();
     let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
