@@ -53,6 +53,18 @@ pub enum StoreError {
     Corrupt(String),
     #[error("invalid database url {0:?}")]
     BadUrl(String),
+    /// Another process holds this SQLite database (see [`sqlite::ProcessLock`]).
+    #[error(
+        "database {path} is in use by another coordinator process (SQLite allows one per file); \
+         stop that one, or use another data directory: `coordinator dev --ephemeral`, or another database.url"
+    )]
+    InUse { path: String },
+    #[error("cannot lock database {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {

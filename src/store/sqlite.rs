@@ -37,6 +37,50 @@ const TASK_COLUMNS: &str = "id, task_type, payload, status, priority, attempt, m
      timeout_ms, worker_id, job_id, idempotency_key, result, error, run_after, lease_expires_at, \
      created_at, updated_at, assigned_at, started_at, finished_at";
 
+/// An exclusive advisory lock on `<database>.lock` beside a SQLite database file, held by the
+/// one process that serves that database: a second process on the same file would share its
+/// rows and worker sessions while each believes it is alone. The operating system releases the
+/// lock when the process exits, however it exits (kill -9 included), so there is nothing stale
+/// to clean up.
+#[derive(Debug)]
+pub struct ProcessLock {
+    /// Locked for as long as this value lives; closing the file releases the lock.
+    _file: std::fs::File,
+}
+
+impl ProcessLock {
+    /// Locks the database file `url` names; `None` for an in-memory database (nothing to
+    /// share). Fails with [`StoreError::InUse`] when another process holds it.
+    pub fn acquire(url: &str) -> Result<Option<ProcessLock>> {
+        let options = SqliteConnectOptions::from_str(url).map_err(|_| StoreError::BadUrl(url.to_owned()))?;
+        let db = options.get_filename();
+        if url.contains(":memory:") || url.contains("mode=memory") || db.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let mut path = db.as_os_str().to_owned();
+        path.push(".lock");
+        let path = std::path::PathBuf::from(path);
+        let shown = db.display().to_string();
+        let lock_err = |source| StoreError::Lock { path: shown.clone(), source };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(lock_err)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(lock_err)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ProcessLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path: shown }),
+            Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+        }
+    }
+}
+
 /// SQLite-backed store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
