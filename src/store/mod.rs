@@ -29,24 +29,25 @@ use crate::{
         Assignment, Attempt, AttemptRecord, Candidate, Job, JobId, NewTask, RequeueReason, Task, TaskId,
         TaskState, WorkerId, WorkerRecord, WorkerState, WorkerStats,
     },
+    error_text::{migrate_text, sqlx_text},
 };
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached at start-up (the message names the redacted URL).
-    #[error("cannot connect to database {url}: {source}")]
+    #[error("cannot connect to database {url}: {}", sqlx_text(source))]
     Connect {
         url: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("database migration failed: {0}")]
+    #[error("database migration failed: {}", migrate_text(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The database went away or timed out: callers should answer "unavailable".
-    #[error("database unavailable: {0}")]
+    #[error("database unavailable: {}", sqlx_text(.0))]
     Unavailable(#[source] sqlx::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", sqlx_text(.0))]
     Database(#[source] sqlx::Error),
     /// A row held a value this version cannot read.
     #[error("corrupt row: {0}")]
