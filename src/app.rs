@@ -398,8 +398,7 @@ fn spawn_batchers(store: &Store, lease: Duration, effects: &Effects) -> (Batcher
             if let Some(oldest) = items.iter().map(|(_, at)| *at).min() {
                 tokio::time::sleep_until((oldest + DELIVERY_MARK_DELAY).into()).await;
             }
-            let held: Vec<Held> = items.iter().map(|(h, _)| h.clone()).collect();
-            s.mark_running(&held).await?;
+            s.mark_delivered(&items).await?;
             Ok(vec![(); items.len()])
         }
     });
@@ -544,7 +543,8 @@ mod tests {
 
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
         let (batchers, _handles) = spawn_batchers(&store, Duration::from_secs(60), &effects);
-        let mut call = Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec() }));
+        let mut call =
+            Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec(), delivered: None }));
         assert!(futures::poll!(&mut call).is_pending(), "queued, waiting for its answer");
         drop(call);
         let deadline = Instant::now() + Duration::from_secs(10);

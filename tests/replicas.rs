@@ -133,3 +133,33 @@ async fn a_replica_the_worker_left_never_takes_its_tasks_back() {
     b.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// A task pushed by replica A and reported through replica B lasts from its delivery by A to
+/// its report on B: one clock (the database's) for both ends, and B does not restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_task_reported_through_the_other_replica_lasts_from_its_delivery() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, |_| {}).await;
+    let mut w = RawWorker::connect(&a.endpoint(), "w-ab", 1, &["prove"]).await;
+    wait_connected(&a.client().await, &["w-ab"]).await;
+    let id = submit(&mut a.client().await, "prove", b"x").await;
+    let got = w.next(Duration::from_secs(10)).await;
+    assert_eq!(got.task_id, id);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    w.client = b.client().await;
+    w.complete(&got.task_id, got.attempt, b"done").await.expect("complete through b");
+    let tid = id.parse().unwrap();
+    let task = db.store.get_task(tid).await.unwrap().expect("task exists");
+    assert_eq!(task.state, TaskState::Completed);
+    let attempt = db.store.attempts(tid).await.unwrap().pop().expect("an attempt");
+    for (row, started, finished) in
+        [("task", task.started_at, task.finished_at), ("attempt", attempt.started_at, attempt.finished_at)]
+    {
+        let ms = (finished.expect("finished_at") - started.expect("started_at")).num_milliseconds();
+        assert!((700..800).contains(&ms), "the {row} row of a 700 ms task measures {ms} ms");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}

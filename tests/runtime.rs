@@ -857,3 +857,41 @@ async fn a_draining_worker_out_of_time_hands_its_task_back_uncharged(db: &TestDb
     assert_eq!(attempts.last().and_then(|a| a.outcome.as_deref()), Some("released"), "{attempts:?}");
     c.stop().await.unwrap();
 }
+
+on_every_backend!(a_task_lasts_from_its_delivery_to_its_report);
+/// A task that runs 700 ms measures 700 ms, from the moment it went down the worker's stream
+/// to its report: not from the batched `running` mark (a quarter second later), and a task
+/// reported before that mark lands does not measure 0. Both the task row and the attempt row,
+/// for a completion and for a failure.
+async fn a_task_lasts_from_its_delivery_to_its_report(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "timed-w", 1, &[]).await;
+    wait_connected(&client, &["timed-w"]).await;
+    for (runs, fails) in [(700, false), (60, false), (700, true), (60, true)] {
+        let id = submit(&mut client, "noop", b"{}").await;
+        let a = w.next(T).await;
+        assert_eq!(a.task_id, id);
+        tokio::time::sleep(Duration::from_millis(runs)).await;
+        if fails {
+            w.fail(&a.task_id, a.attempt, false).await.unwrap();
+        } else {
+            w.complete(&a.task_id, a.attempt, b"ok").await.unwrap();
+        }
+        let tid: TaskId = id.parse().unwrap();
+        let task = db.store.get_task(tid).await.unwrap().expect("task exists");
+        let attempts = db.store.attempts(tid).await.unwrap();
+        let attempt = attempts.last().expect("an attempt");
+        let rows = [
+            ("task", task.started_at, task.finished_at),
+            ("attempt", attempt.started_at, attempt.finished_at),
+        ];
+        for (row, started, finished) in rows {
+            let (started, finished) = (started.expect("started_at"), finished.expect("finished_at"));
+            let ms = (finished - started).num_milliseconds();
+            let what = format!("{} {row} row of a {runs} ms task (fails: {fails})", db.store.backend());
+            assert!((runs as i64..runs as i64 + 100).contains(&ms), "{what} measures {ms} ms");
+        }
+    }
+    c.stop().await.unwrap();
+}

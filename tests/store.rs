@@ -207,11 +207,11 @@ fn held_as(task_id: TaskId, worker: &str, attempt: u32) -> Held {
 }
 
 fn completion(h: &Held, result: &[u8]) -> Completion {
-    Completion { held: h.clone(), result: result.to_vec() }
+    Completion { held: h.clone(), result: result.to_vec(), delivered: None }
 }
 
 fn failure(h: &Held, error: &str, retriable: bool) -> Failure {
-    Failure { held: h.clone(), error: error.to_owned(), retriable }
+    Failure { held: h.clone(), error: error.to_owned(), retriable, delivered: None }
 }
 
 fn policy(base_ms: u64) -> RetryPolicy {
