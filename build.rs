@@ -18,6 +18,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo::rustc-cfg=test_python");
     }
 
+    // Tests that need a Postgres server are compiled `#[ignore]`d (reported as skipped, never as
+    // passed) unless `TEST_DATABASE_URL` is set: `#[cfg_attr(not(test_postgres), ignore = ...)]`.
+    println!("cargo::rustc-check-cfg=cfg(test_postgres)");
+    println!("cargo::rerun-if-env-changed=TEST_DATABASE_URL");
+    if env::var_os("TEST_DATABASE_URL").is_some_and(|u| !u.is_empty()) {
+        println!("cargo::rustc-cfg=test_postgres");
+    }
+
     if env::var_os("PROTOC").is_none() {
         let protoc = protoc_bin_vendored::protoc_bin_path()?;
         // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.

@@ -36,7 +36,7 @@ use crate::{
     registry::{Registry, RegistryConfig},
     rest::RestState,
     scheduler::{Scheduler, SchedulerConfig, SchedulerStats, Wake},
-    store::{Held, RetryPolicy, Store, StoreError},
+    store::{Held, RetryPolicy, Store, StoreError, sqlite::ProcessLock},
     sweeper::Sweeper,
     tls::{self, ReloadingConfig},
     wakeups::Wakeups,
@@ -59,14 +59,21 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 pub struct App {
     config: Config,
     store: Store,
+    /// Held until [`App::serve`] has closed the store: no other process serves this SQLite file.
+    lock: Option<ProcessLock>,
 }
 
 impl App {
     /// Connects to the database and applies migrations.
     pub async fn connect(config: Config) -> Result<App, StoreError> {
+        let lock = if config.database.url.starts_with("sqlite:") {
+            ProcessLock::acquire(&config.database.url)?
+        } else {
+            None
+        };
         let store = Store::connect(&config.database).await?;
         info!(database = %redact_url(&config.database.url), backend = store.backend(), "database ready");
-        Ok(App { config, store })
+        Ok(App { config, store, lock })
     }
 
     pub fn store(&self) -> &Store {
@@ -80,7 +87,7 @@ impl App {
         http_listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let App { config, store } = self;
+        let App { config, store, lock } = self;
         let started = Instant::now();
         tls::install_crypto_provider();
         let auth = Authenticator::from_config(&config.auth)?;
@@ -352,6 +359,7 @@ impl App {
         stop_notifier.cancel();
         let _ = notifier_task.await;
         store.close().await;
+        drop(lock);
         info!("coordinator stopped");
         Ok(())
     }
@@ -390,8 +398,7 @@ fn spawn_batchers(store: &Store, lease: Duration, effects: &Effects) -> (Batcher
             if let Some(oldest) = items.iter().map(|(_, at)| *at).min() {
                 tokio::time::sleep_until((oldest + DELIVERY_MARK_DELAY).into()).await;
             }
-            let held: Vec<Held> = items.iter().map(|(h, _)| h.clone()).collect();
-            s.mark_running(&held).await?;
+            s.mark_delivered(&items).await?;
             Ok(vec![(); items.len()])
         }
     });
@@ -536,7 +543,8 @@ mod tests {
 
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
         let (batchers, _handles) = spawn_batchers(&store, Duration::from_secs(60), &effects);
-        let mut call = Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec() }));
+        let mut call =
+            Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec(), delivered: None }));
         assert!(futures::poll!(&mut call).is_pending(), "queued, waiting for its answer");
         drop(call);
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -89,6 +89,12 @@ impl Interceptor for Bearer {
 /// An endpoint for `url` (`http://` or `https://`) with TLS when a CA is given.
 pub fn endpoint(url: &str, sec: &ClientSecurity) -> anyhow::Result<Endpoint> {
     crate::tls::install_crypto_provider();
+    // `localhost:9090` parses as a URI with no scheme, which tonic refuses in words that do
+    // not say what to write instead.
+    anyhow::ensure!(
+        url.contains("://"),
+        "coordinator address {url:?} has no scheme: add http:// or https:// (http://{url})"
+    );
     let mut ep = Endpoint::from_shared(url.to_owned())
         .with_context(|| format!("invalid coordinator address {url:?}"))?
         .connect_timeout(Duration::from_secs(5))

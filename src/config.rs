@@ -34,6 +34,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("environment variable {var}={value:?}: {message}")]
     Env { var: String, value: String, message: String },
+    #[error("environment variable {var} is not a configuration key; did you mean {nearest}?")]
+    UnknownEnv { var: String, nearest: String },
     #[error("config key {key}: {message}")]
     Invalid { key: &'static str, message: String },
     #[error("config key auth.tokens: auth token {name}: {message}")]
@@ -454,10 +456,22 @@ impl Config {
     }
 
     /// Applies environment overrides: every scalar key, by its path joined with `_`, upper-cased.
+    ///
+    /// A variable that looks like a misspelt override (one of our section prefixes, and within
+    /// a few edits of a key's name) is refused, naming the nearest key: a typo is never silently
+    /// ignored.
     pub fn with_env(self, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
         let mut tree = serde_norway::to_value(&self).expect("config serializes");
         let mut leaves = Vec::new();
         collect_leaves(&tree, &mut Vec::new(), &mut leaves);
+        let names: Vec<String> = leaves.iter().map(|p| p.join("_").to_uppercase()).collect();
+        let mut vars: Vec<&String> = env.keys().collect();
+        vars.sort();
+        for var in vars {
+            if let Some(nearest) = misspelt_override(var, &names, &self.auth.tokens) {
+                return Err(ConfigError::UnknownEnv { var: var.clone(), nearest: nearest.to_owned() });
+            }
+        }
         let mut applied = Vec::new();
         for path in leaves {
             let var = path.join("_").to_uppercase();
@@ -689,6 +703,47 @@ fn set_leaf(tree: &mut Value, path: &[String], value: Value) {
     *node = value;
 }
 
+/// Most edits between a variable and a key's name for the variable to count as a typo of it.
+/// Wider would catch other programs' variables that share a prefix: a Kubernetes Service named
+/// `coordinator` gives every pod `COORDINATOR_PORT` and `COORDINATOR_SERVICE_HOST`, a proxy
+/// sets `HTTP_PROXY`, gRPC core reads `GRPC_TRACE`.
+const MAX_TYPO_EDITS: usize = 3;
+
+/// The key `var` is a typo of: `var` starts with a section's prefix (`COORDINATOR_`,
+/// `DATABASE_`, ...), is neither a key nor a variable a token reads, and some key is at most
+/// [`MAX_TYPO_EDITS`] edits away. Returns the nearest such key.
+fn misspelt_override<'a>(var: &str, names: &'a [String], tokens: &[TokenConfig]) -> Option<&'a str> {
+    let ours = names.iter().any(|n| {
+        n.split_once('_')
+            .is_some_and(|(section, _)| var.strip_prefix(section).is_some_and(|rest| rest.starts_with('_')))
+    });
+    if !ours || names.iter().any(|n| n == var) || tokens.iter().any(|t| t.env == var) {
+        return None;
+    }
+    names
+        .iter()
+        .map(|n| (edit_distance(var, n), n))
+        .filter(|(d, _)| *d <= MAX_TYPO_EDITS)
+        .min()
+        .map(|(_, n)| n.as_str())
+}
+
+/// Levenshtein distance between two ASCII-ish strings, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1).min(row[j] + 1).min(diag + usize::from(ca != *cb));
+            diag = above;
+        }
+    }
+    row[b.len()]
+}
+
 /// An environment value read as the type the key already has: a number or boolean key parses
 /// it (`9091`, `true`), every other key takes the text as it is (`2s`, `10MiB`, `1234`).
 fn scalar_from_env(raw: &str, current: &Value) -> Value {
@@ -886,6 +941,43 @@ mod tests {
             "postgres://u@h/db?sslmode=require&password=***"
         );
         assert_eq!(redact_url("postgres://u:a@b@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn misspelt_override_names_the_nearest_key() {
+        let err = Config::default().with_env(&env(&[("COORDINATOR_GRPC_PROT", "1")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "environment variable COORDINATOR_GRPC_PROT is not a configuration key; did you mean COORDINATOR_GRPC_PORT?"
+        );
+        let err = Config::default().with_env(&env(&[("DATABASE_ULR", "x")])).unwrap_err();
+        assert!(err.to_string().contains("did you mean DATABASE_URL?"), "{err}");
+    }
+
+    #[test]
+    fn variables_far_from_every_key_or_read_by_a_token_are_not_typos() {
+        let mut c = Config::default();
+        c.auth.tokens.push(TokenConfig { env: "COORDINATOR_GRPC_TOKEN".into(), ..TokenConfig::default() });
+        let vars = [
+            "COORDINATOR_SERVICE_HOST",
+            "COORDINATOR_PORT",
+            "COORDINATOR_PORT_9090_TCP",
+            "HTTP_PROXY",
+            "GRPC_TRACE",
+            "COORDINATOR_GRPC_TOKEN",
+            "PATH",
+        ];
+        for var in vars {
+            c.clone().with_env(&env(&[(var, "x")])).unwrap_or_else(|e| panic!("{var}: {e}"));
+        }
+    }
+
+    #[test]
+    fn edit_distance_counts_insertions_deletions_and_substitutions() {
+        assert_eq!(edit_distance("PROT", "PORT"), 2);
+        assert_eq!(edit_distance("", "ab"), 2);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `codec`,
 //! `serve`) · [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each
 //! task transition · [`events`] · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
-//! [`worker`] the worker side · [`proto`] generated code
+//! [`worker`] the worker side · [`proto`] generated code · [`error_text`] one line per error
 #![warn(missing_debug_implementations)]
 
 pub mod app;
@@ -25,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod domain;
 pub mod effects;
+pub mod error_text;
 pub mod events;
 pub mod grpc;
 pub mod http;

@@ -224,13 +224,16 @@ struct InFlight {
     /// Known for tasks pushed by this process; absent for tasks recovered after a restart.
     task_type: Option<String>,
     since: Instant,
+    /// When the worker's stream took the assignment: the start of the attempt. Absent until
+    /// then, and for tasks recovered after a restart.
+    delivered: Option<Instant>,
     /// `State::seq` when the entry was made.
     seq: u64,
 }
 
 impl InFlight {
     fn recovered(attempt: Attempt, seq: u64) -> Self {
-        Self { attempt, task_type: None, since: Instant::now(), seq }
+        Self { attempt, task_type: None, since: Instant::now(), delivered: None, seq }
     }
 }
 
@@ -573,13 +576,39 @@ impl Registry {
             Ok(()) => {
                 s.in_flight.insert(
                     task_id,
-                    InFlight { attempt, task_type: Some(task_type), since: Instant::now(), seq },
+                    InFlight {
+                        attempt,
+                        task_type: Some(task_type),
+                        since: Instant::now(),
+                        delivered: None,
+                        seq,
+                    },
                 );
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => Err(PushError::Full),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(PushError::NoStream),
         }
+    }
+
+    /// Notes that `worker`'s stream took (task, attempt) now, and returns that instant: the
+    /// start of the attempt, for its `running` mark and for a report that lands before it.
+    pub fn delivered(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Instant {
+        let now = Instant::now();
+        let mut state = self.lock();
+        if let Some(f) = state.sessions.get_mut(worker).and_then(|s| s.in_flight.get_mut(&task_id))
+            && f.attempt == attempt
+        {
+            f.delivered = Some(now);
+        }
+        now
+    }
+
+    /// When `worker`'s stream took (task, attempt), if this process delivered it.
+    pub fn delivered_at(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Option<Instant> {
+        let state = self.lock();
+        let f = state.sessions.get(worker)?.in_flight.get(&task_id)?;
+        if f.attempt == attempt { f.delivered } else { None }
     }
 
     /// Tells a worker to stop a task (best effort: a worker that misses it learns from its next
@@ -1003,7 +1032,7 @@ mod tests {
         let leaked_held = Held { task_id: leaked.task_id, worker_id: w.clone(), attempt: leaked.attempt };
         r.push(leaked, session).unwrap();
         db.store
-            .complete(&[crate::store::Completion { held: leaked_held, result: Vec::new() }])
+            .complete(&[crate::store::Completion { held: leaked_held, result: Vec::new(), delivered: None }])
             .await
             .unwrap();
         // An assignment in the database that was never pushed (a claim whose outcome was lost).

@@ -4,8 +4,9 @@
 //! restart and a Postgres outage longer than the lease. The outcome is read from the database
 //! itself: every task completed, none accepted twice, no attempt taken from a live worker.
 //!
-//! Runs only with `TEST_DATABASE_URL` (each scenario gets a fresh schema there; the Postgres
-//! restart and outage run on a server of the test's own, initdb'd into a temporary directory).
+//! Runs only with `TEST_DATABASE_URL`, and is reported ignored without it (each scenario gets a
+//! fresh schema there; the Postgres restart and outage run on a server of the test's own,
+//! initdb'd into a temporary directory).
 //! The scenarios run one at a time. Each prints one `chaos ...:` line with its figures, also
 //! appended to `<target>/tmp/chaos-figures.txt`.
 //!
@@ -33,15 +34,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Every scenario stops by itself within this.
 const SCENARIO_LIMIT: Duration = Duration::from_secs(180);
 
-/// The lock and `TEST_DATABASE_URL`, or `None` (after saying so) when it is not set.
-async fn serial() -> Option<(tokio::sync::MutexGuard<'static, ()>, String)> {
-    match std::env::var("TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()) {
-        None => {
-            println!("skipped: TEST_DATABASE_URL is not set");
-            None
-        }
-        Some(base) => Some((SERIAL.lock().await, base)),
-    }
+/// The lock and `TEST_DATABASE_URL`. A scenario is compiled ignored ("needs
+/// TEST_DATABASE_URL") when the variable was not set at build time.
+async fn serial() -> (tokio::sync::MutexGuard<'static, ()>, String) {
+    let base = coordinator::store::testing::postgres_url().expect("TEST_DATABASE_URL is set");
+    (SERIAL.lock().await, base)
 }
 
 /// Prints a figures line and appends it to the figures file beside the build.
@@ -265,8 +262,9 @@ async fn check_aged(c: Cluster, t: &Tally, n: i64, name: &str, started: Instant)
 /// 1. Connections aged every ~3 s while 8 tasks of 15-20 s run on 4 workers behind proxies:
 /// workers move between the replicas again and again, and no task is taken from them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
-    let Some((_serial, base)) = serial().await else { return };
+    let (_serial, base) = serial().await;
     bounded("aged connections, long tasks", async {
         let c = shared_cluster(&base, aged(), 4, 2).await;
         let n = 8;
@@ -282,8 +280,9 @@ async fn aged_connections_long_tasks_are_never_taken_from_live_workers() {
 /// 2. The same ageing with several hundred short tasks submitted over ~10 s: each completes
 /// exactly once and no attempt is charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn aged_connections_short_tasks_complete_exactly_once() {
-    let Some((_serial, base)) = serial().await else { return };
+    let (_serial, base) = serial().await;
     bounded("aged connections, short tasks", async {
         let c = shared_cluster(&base, aged(), 4, 4).await;
         let n = 400;
@@ -325,8 +324,9 @@ fn submit_in_background(
 /// their running tasks and gives back at once, uncharged, any push that A made but that never
 /// arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn replica_killed_under_load_loses_nothing() {
-    let Some((_serial, base)) = serial().await else { return };
+    let (_serial, base) = serial().await;
     bounded("replica kill", async {
         let mut c = shared_cluster(&base, Timings::default(), 4, 4).await;
         let n = 400;
@@ -368,8 +368,9 @@ async fn replica_killed_under_load_loses_nothing() {
 /// within 3x heartbeat_timeout plus one sweep (plus 2 s of slack for a shared machine), and
 /// nothing is taken from the workers still alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn killed_workers_tasks_are_reassigned_in_time() {
-    let Some((_serial, base)) = serial().await else { return };
+    let (_serial, base) = serial().await;
     bounded("worker kill", async {
         let timings = Timings::default();
         let mut c = shared_cluster(&base, timings, 4, 4).await;
@@ -464,8 +465,9 @@ fn own_postgres() -> Option<OwnPostgres> {
 /// 5. A Postgres restart under load with two replicas: both come back to a healthy `/health`,
 /// and every task completes exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn postgres_restart_under_load_completes_everything_once() {
-    let Some((_serial, _base)) = serial().await else { return };
+    let (_serial, _base) = serial().await;
     let Some(pg) = own_postgres() else { return };
     bounded("postgres restart", async {
         let c = Cluster::start(&pg.url(), Timings::default(), 4, 4).await;
@@ -512,8 +514,9 @@ async fn postgres_restart_under_load_completes_everything_once() {
 /// 6. A Postgres outage of 1.5x the lease while long tasks run: when it is back, none of the
 /// tasks is charged or taken back, and all complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn postgres_outage_longer_than_the_lease_charges_nothing() {
-    let Some((_serial, _base)) = serial().await else { return };
+    let (_serial, _base) = serial().await;
     let Some(pg) = own_postgres() else { return };
     bounded("postgres outage", async {
         let timings = Timings::default();
@@ -552,7 +555,7 @@ async fn postgres_outage_longer_than_the_lease_charges_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: cargo test --test chaos -- --ignored --nocapture"]
 async fn bench_cross_replica_dispatch() {
-    let Some((_serial, base)) = serial().await else { return };
+    let (_serial, base) = serial().await;
     cross_replica_dispatch(&base, "bench_cross_replica").await;
 }
 
@@ -561,7 +564,7 @@ async fn bench_cross_replica_dispatch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: cargo test --test chaos -- --ignored --nocapture"]
 async fn bench_cross_replica_dispatch_without_fsync() {
-    let Some((_serial, _base)) = serial().await else { return };
+    let (_serial, _base) = serial().await;
     let Some(pg) = own_postgres() else { return };
     cross_replica_dispatch(&pg.url(), "bench_cross_replica_fsync_off").await;
     drop(pg);

@@ -307,6 +307,61 @@ fn bad_environment_override_names_the_variable() {
 }
 
 #[test]
+fn misspelt_environment_override_is_refused_naming_the_nearest_key() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    let out = run(dir.path(), &["-config", &cfg], &[("COORDINATOR_GRPC_PROT", "1")]);
+    assert_one_line_failure(&out, &["COORDINATOR_GRPC_PROT", "COORDINATOR_GRPC_PORT"], &[]);
+}
+
+#[test]
+fn every_documented_environment_name_is_accepted() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    // Each documented variable set to the value the file already has: nothing changes and the
+    // start-up gets past the environment check to a clean start (then stops on SIGTERM).
+    let config = Config::load(Path::new(&cfg), &HashMap::new()).expect("the good config loads");
+    let tree = serde_norway::to_value(&config).expect("config serializes");
+    let mut env = Vec::new();
+    for (var, key) in config::env_overrides() {
+        let mut node = &tree;
+        for part in key.split('.') {
+            node = &node[part];
+        }
+        let value = match node {
+            serde_norway::Value::String(s) => s.clone(),
+            serde_norway::Value::Bool(b) => b.to_string(),
+            serde_norway::Value::Number(n) => n.to_string(),
+            _ => continue,
+        };
+        env.push((var, value));
+    }
+    assert!(env.len() > 20, "{env:?}");
+    let env: HashMap<String, String> = env.into_iter().collect();
+    Config::load(Path::new(&cfg), &env).unwrap_or_else(|e| panic!("documented names refused: {e}"));
+}
+
+#[test]
+fn other_programs_variables_with_our_prefixes_are_left_alone() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    // Kubernetes service links of a Service named `coordinator`, a proxy, gRPC core's tracing.
+    let env: HashMap<String, String> = [
+        ("COORDINATOR_SERVICE_HOST", "10.0.0.1"),
+        ("COORDINATOR_SERVICE_PORT", "9090"),
+        ("COORDINATOR_SERVICE_PORT_GRPC", "9090"),
+        ("COORDINATOR_PORT", "tcp://10.0.0.1:9090"),
+        ("COORDINATOR_PORT_9090_TCP_ADDR", "10.0.0.1"),
+        ("HTTP_PROXY", "http://proxy:3128"),
+        ("GRPC_TRACE", "all"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    Config::load(Path::new(&cfg), &env).unwrap_or_else(|e| panic!("a foreign variable was refused: {e}"));
+}
+
+#[test]
 fn unsupported_database_scheme_is_refused_without_the_password() {
     let dir = tempdir();
     let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
@@ -436,4 +491,84 @@ fn starts_with_go_style_single_dash_config_and_stops_on_sigterm() {
 #[test]
 fn starts_with_double_dash_config_and_stops_on_sigterm() {
     starts_and_stops_on_sigterm("--config");
+}
+
+// ---- one process per SQLite file ----
+
+/// Starts `coordinator dev` (no workers, ports chosen by the OS) in `dir` and waits for its
+/// banner. Stdout and stderr are drained on their own threads until the process exits.
+fn start_dev(dir: &Path) -> Running {
+    let args = ["dev", "--workers", "0", "--grpc-port", "0", "--http-port", "0"];
+    let mut running = spawn(&mut command(dir, &args, &[]));
+    let _stderr = drain(running.child.stderr.take());
+    let stdout = BufReader::new(running.child.stdout.take().expect("piped"));
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains("coordinator dev is running") => return running,
+            Ok(line) => seen.push(line),
+            Err(e) => panic!(
+                "no `coordinator dev is running` within {DEADLINE:?} ({e}); stdout:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_second_process_on_the_same_sqlite_file_is_refused_until_the_first_is_gone() {
+    let dir = tempdir();
+    let mut first = start_dev(dir.path());
+
+    let args = ["dev", "--workers", "0", "--grpc-port", "0", "--http-port", "0"];
+    let out = run(dir.path(), &args, &[]);
+    assert_one_line_failure(&out, &["data/coordinator.db", "in use", "--ephemeral"], &[]);
+
+    // The first process is still serving, alone.
+    assert!(first.child.try_wait().expect("try_wait").is_none(), "the first coordinator exited");
+
+    // kill -9 leaves no stale lock: the operating system released it with the process.
+    let kill = Command::new("kill").arg("-KILL").arg(first.pid().to_string()).status().expect("run kill");
+    assert!(kill.success(), "kill -KILL failed: {kill}");
+    first.wait_until(Instant::now() + DEADLINE, "coordinator after SIGKILL");
+    let _third = start_dev(dir.path());
+}
+
+#[test]
+fn a_second_process_on_the_database_url_of_a_running_one_is_refused() {
+    let dir = tempdir();
+    let cfg = write(dir.path(), "c.yaml", &good_config(dir.path()));
+    let _first = start_with_config(dir.path(), &cfg);
+    let out = run(dir.path(), &["-config", &cfg], &[]);
+    assert_one_line_failure(&out, &["data/c.db", "in use", "database.url"], &[]);
+}
+
+/// Starts the binary on `cfg` and waits for its `coordinator ready` log line.
+fn start_with_config(dir: &Path, cfg: &str) -> Running {
+    let mut running = spawn(&mut command(dir, &["-config", cfg], &[]));
+    let _stderr = drain(running.child.stderr.take());
+    let stdout = BufReader::new(running.child.stdout.take().expect("piped"));
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains("coordinator ready") => return running,
+            Ok(_) => {}
+            Err(e) => panic!("no `coordinator ready` within {DEADLINE:?} ({e})"),
+        }
+    }
 }

@@ -399,11 +399,9 @@ async fn sqlite_fleet_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn postgres_fleet_end_to_end() {
-    let Some(db) = TestDb::postgres().await else {
-        eprintln!("TEST_DATABASE_URL is not set: skipping the Postgres run");
-        return;
-    };
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
     fleet_end_to_end(&db).await;
     db.cleanup().await;
 }

@@ -9,7 +9,7 @@ use coordinator::{
     bench::{self, BenchOptions},
     client::{Client, ClientSecurity},
     config::ByteSize,
-    proto,
+    error_text, proto,
 };
 use serde_json::json;
 
@@ -168,9 +168,9 @@ fn main() -> ExitCode {
 /// A gRPC status as "CODE: message"; other errors with their causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
     if let Some(s) = e.downcast_ref::<tonic::Status>() {
-        return format!("{:?}: {}", s.code(), s.message());
+        return error_text::status_line(s);
     }
-    format!("{e:#}")
+    error_text::anyhow_line(e)
 }
 
 fn security(cli: &Cli) -> anyhow::Result<ClientSecurity> {

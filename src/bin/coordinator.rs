@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use coordinator::{
     app::{self, App},
     config::{self, Config, LogFormat},
-    telemetry,
+    error_text, telemetry,
     worker::{Worker, WorkerOptions, handlers::Handlers},
 };
 use tokio_util::sync::CancellationToken;
@@ -110,11 +110,11 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
         };
         let grpc = match app::bind(SocketAddr::new(ip, grpc_port), "--grpc-port").await {
             Ok(l) => l,
-            Err(e) => return fail(format!("{e:#}")),
+            Err(e) => return fail(error_text::anyhow_line(&e)),
         };
         let http = match app::bind(SocketAddr::new(ip, http_port), "--http-port").await {
             Ok(l) => l,
-            Err(e) => return fail(format!("{e:#}")),
+            Err(e) => return fail(error_text::anyhow_line(&e)),
         };
         let (grpc_addr, http_addr) = (grpc.local_addr().ok(), http.local_addr().ok());
         let shutdown = CancellationToken::new();
@@ -134,7 +134,7 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
             o.capabilities = handlers.task_types();
             match Worker::new(o, std::sync::Arc::new(handlers)) {
                 Ok(w) => local.push(tokio::spawn(w.run(stop_workers.clone()))),
-                Err(e) => return fail(format!("{e:#}")),
+                Err(e) => return fail(error_text::anyhow_line(&e)),
             }
         }
         let http_addr = http_addr.map(|a| a.to_string()).unwrap_or_default();
@@ -164,7 +164,7 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
         drop(temp);
         match result {
             Ok(Ok(())) => ExitCode::SUCCESS,
-            Ok(Err(e)) => fail(format!("{e:#}")),
+            Ok(Err(e)) => fail(error_text::anyhow_line(&e)),
             Err(e) => fail(e),
         }
     })
@@ -243,17 +243,17 @@ async fn run(config: Config) -> ExitCode {
     };
     let grpc = match app::bind(grpc_addr, "coordinator.grpc_port").await {
         Ok(l) => l,
-        Err(e) => return fail(format!("{e:#}")),
+        Err(e) => return fail(error_text::anyhow_line(&e)),
     };
     let http = match app::bind(http_addr, "coordinator.http_port").await {
         Ok(l) => l,
-        Err(e) => return fail(format!("{e:#}")),
+        Err(e) => return fail(error_text::anyhow_line(&e)),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
     match app.serve(grpc, http, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(format!("{e:#}")),
+        Err(e) => fail(error_text::anyhow_line(&e)),
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Parser;
 use coordinator::{
     app,
     config::normalize_args,
-    telemetry,
+    error_text, telemetry,
     worker::{Worker, config::WorkerConfig, handlers::Handlers},
 };
 use tokio_util::sync::CancellationToken;
@@ -106,7 +106,7 @@ fn main() -> ExitCode {
     runtime.block_on(async move {
         let worker = match Worker::new(options, Arc::new(handlers)) {
             Ok(w) => w,
-            Err(e) => return fail(format!("coordinator: {e:#}")),
+            Err(e) => return fail(format!("coordinator: {}", error_text::anyhow_line(&e))),
         };
         info!(%worker_id, coordinator = %config.coordinator, ?capabilities, max_concurrent = config.max_concurrent,
               "worker starting");
@@ -114,7 +114,7 @@ fn main() -> ExitCode {
         tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
         match worker.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(format!("{e:#}")),
+            Err(e) => fail(error_text::anyhow_line(&e)),
         }
     })
 }

@@ -375,7 +375,8 @@ impl CoordinatorService for Service {
                     let held = Held { task_id: a.task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
                     // Best effort: when the queue is full the task shows `running` from its
                     // first heartbeat instead; the stream never waits on bookkeeping.
-                    guard.service.inner.batchers.deliveries.try_send((held, std::time::Instant::now()));
+                    let at = guard.service.inner.registry.delivered(&a.worker_id, a.task_id, a.attempt);
+                    guard.service.inner.batchers.deliveries.try_send((held, at));
                 }
                 yield Ok(proto::TaskAssignment::from(push));
             }
@@ -394,7 +395,11 @@ impl CoordinatorService for Service {
             .inner
             .batchers
             .completions
-            .call(Completion { held: held.clone(), result: req.result })
+            .call(Completion {
+                delivered: self.inner.registry.delivered_at(&held.worker_id, held.task_id, held.attempt),
+                held: held.clone(),
+                result: req.result,
+            })
             .await
             .map_err(status::batch)?;
         if matches!(outcome, ReportOutcome::Applied { .. }) {
@@ -443,6 +448,7 @@ impl CoordinatorService for Service {
             held: held.clone(),
             error: truncate(req.error, convert::MAX_ERROR_LEN),
             retriable: req.retriable,
+            delivered: self.inner.registry.delivered_at(&held.worker_id, held.task_id, held.attempt),
         };
         let retry = self.inner.config.retry;
         let outcome = Effects::detached(async move {

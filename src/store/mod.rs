@@ -29,30 +29,43 @@ use crate::{
         Assignment, Attempt, AttemptRecord, Candidate, Job, JobId, NewTask, RequeueReason, Task, TaskId,
         TaskState, WorkerId, WorkerRecord, WorkerState, WorkerStats,
     },
+    error_text::{migrate_text, sqlx_text},
 };
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached at start-up (the message names the redacted URL).
-    #[error("cannot connect to database {url}: {source}")]
+    #[error("cannot connect to database {url}: {}", sqlx_text(source))]
     Connect {
         url: String,
         #[source]
         source: sqlx::Error,
     },
-    #[error("database migration failed: {0}")]
+    #[error("database migration failed: {}", migrate_text(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The database went away or timed out: callers should answer "unavailable".
-    #[error("database unavailable: {0}")]
+    #[error("database unavailable: {}", sqlx_text(.0))]
     Unavailable(#[source] sqlx::Error),
-    #[error("database error: {0}")]
+    #[error("database error: {}", sqlx_text(.0))]
     Database(#[source] sqlx::Error),
     /// A row held a value this version cannot read.
     #[error("corrupt row: {0}")]
     Corrupt(String),
     #[error("invalid database url {0:?}")]
     BadUrl(String),
+    /// Another process holds this SQLite database (see [`sqlite::ProcessLock`]).
+    #[error(
+        "database {path} is in use by another coordinator process (SQLite allows one per file); \
+         stop that one, or use another data directory: `coordinator dev --ephemeral`, or another database.url"
+    )]
+    InUse { path: String },
+    #[error("cannot lock database {path}: {source}")]
+    Lock {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -151,6 +164,9 @@ pub struct Held {
 pub struct Completion {
     pub held: Held,
     pub result: Vec<u8>,
+    /// When this process delivered the attempt, if it did: the attempt's start when its
+    /// `running` mark has not landed yet. `None`: the report's own time.
+    pub delivered: Option<Instant>,
 }
 
 /// A failure reported by a worker.
@@ -159,6 +175,15 @@ pub struct Failure {
     pub held: Held,
     pub error: String,
     pub retriable: bool,
+    /// As [`Completion::delivered`].
+    pub delivered: Option<Instant>,
+}
+
+/// How long ago `at` was, in whole microseconds, as the store binds it: `started_at` is written
+/// as the database's `now()` minus this, so start and finish come from one clock (the
+/// database's) and the duration is exact however late the write lands.
+pub(crate) fn micros_ago(at: Instant) -> i64 {
+    i64::try_from(at.elapsed().as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Exponential backoff for retriable failures: `base * 2^(failures-1)`, capped at `max`.
@@ -482,12 +507,21 @@ impl Store {
         timed!("claim", self, s => s.claim(limit, types, lease, sessions, place).await)
     }
 
-    /// Marks delivered assignments `running` (assigned -> running). Returns how many applied.
+    /// Marks assignments `running` (assigned -> running) as started now. Returns how many
+    /// applied.
     pub async fn mark_running(&self, held: &[Held]) -> Result<u64> {
-        if held.is_empty() {
+        let now = Instant::now();
+        let delivered: Vec<(Held, Instant)> = held.iter().map(|h| (h.clone(), now)).collect();
+        self.mark_delivered(&delivered).await
+    }
+
+    /// Marks delivered assignments `running` (assigned -> running), each started when it went
+    /// down its worker's stream (this process's clock). Returns how many applied.
+    pub async fn mark_delivered(&self, delivered: &[(Held, Instant)]) -> Result<u64> {
+        if delivered.is_empty() {
             return Ok(0);
         }
-        timed!("mark_running", self, s => s.mark_running(held).await)
+        timed!("mark_running", self, s => s.mark_running(delivered).await)
     }
 
     /// Renews the leases of tasks workers report as running, in one statement, and marks them

@@ -5,7 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     str::FromStr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, Utc};
@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::{
     Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, NOTIFY_CHANNEL, Ownership,
     Registration, ReportOutcome, Requeued, Result, RetryPolicy, StoreError, TaskFilter, TypeFilter,
-    WorkerRegistration, classify_unapplied, decode_json, duration_ms, encode_json, parse_state,
+    WorkerRegistration, classify_unapplied, decode_json, duration_ms, encode_json, micros_ago, parse_state,
     parse_worker_state,
 };
 use crate::{
@@ -306,20 +306,24 @@ impl PgStore {
             .collect()
     }
 
-    pub(super) async fn mark_running(&self, held: &[Held]) -> Result<u64> {
-        let (ids, workers, attempts) = held_arrays(held);
+    pub(super) async fn mark_running(&self, delivered: &[(Held, Instant)]) -> Result<u64> {
+        let held: Vec<Held> = delivered.iter().map(|(h, _)| h.clone()).collect();
+        let (ids, workers, attempts) = held_arrays(&held);
         retry_conflicts!(
             sqlx::query(
-                "WITH h AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)),
+                "WITH h AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[])
+                            AS h(id, worker_id, attempt, ago_us)),
                  upd AS (
-                     UPDATE tasks t SET status = 'running', started_at = now(), updated_at = now()
+                     UPDATE tasks t
+                     SET status = 'running', started_at = now() - h.ago_us * interval '1 microsecond',
+                         updated_at = now()
                      FROM h
                      WHERE t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
                        AND t.status = 'assigned'
-                     RETURNING t.id, t.attempt
+                     RETURNING t.id, t.attempt, t.started_at
                  ),
                  att AS (
-                     UPDATE task_attempts a SET started_at = now()
+                     UPDATE task_attempts a SET started_at = upd.started_at
                      FROM upd WHERE a.task_id = upd.id AND a.attempt = upd.attempt
                  )
                  SELECT count(*) AS n FROM upd",
@@ -327,6 +331,8 @@ impl PgStore {
             .bind(&ids)
             .bind(&workers)
             .bind(&attempts)
+            // Measured at each try, just before the statement: `now()` is its start.
+            .bind(delivered.iter().map(|(_, at)| micros_ago(*at)).collect::<Vec<i64>>())
             .fetch_one(&self.pool)
             .await
             .map_err(StoreError::from)
@@ -374,25 +380,28 @@ impl PgStore {
         let (ids, workers, attempts) = held_arrays(&held);
         let results: Vec<&[u8]> = reports.iter().map(|c| c.result.as_slice()).collect();
         let mut tx = self.pool.begin().await?;
+        // A task whose `running` mark has not landed yet started when it was delivered.
+        let ago: Vec<Option<i64>> = reports.iter().map(|c| c.delivered.map(micros_ago)).collect();
         let applied = sqlx::query(
             "WITH r AS (
-                 SELECT DISTINCT ON (id, worker_id, attempt) id, worker_id, attempt, result
-                 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bytea[]) WITH ORDINALITY
-                     AS r(id, worker_id, attempt, result, ord)
+                 SELECT DISTINCT ON (id, worker_id, attempt) id, worker_id, attempt, result, ago_us
+                 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bytea[], $5::bigint[]) WITH ORDINALITY
+                     AS r(id, worker_id, attempt, result, ago_us, ord)
                  ORDER BY id, worker_id, attempt, ord
              ),
              upd AS (
                  UPDATE tasks t
                  SET status = 'completed', result = r.result, error = NULL, finished_at = now(),
-                     started_at = COALESCE(t.started_at, now()), updated_at = now(), lease_expires_at = NULL
+                     started_at = COALESCE(t.started_at, now() - r.ago_us * interval '1 microsecond', now()),
+                     updated_at = now(), lease_expires_at = NULL
                  FROM r
                  WHERE t.id = r.id AND t.worker_id = r.worker_id AND t.attempt = r.attempt
                    AND t.status IN ('assigned', 'running')
-                 RETURNING t.id, t.attempt, t.worker_id
+                 RETURNING t.id, t.attempt, t.worker_id, t.started_at
              ),
              att AS (
                  UPDATE task_attempts a
-                 SET finished_at = now(), outcome = 'completed', started_at = COALESCE(a.started_at, now())
+                 SET finished_at = now(), outcome = 'completed', started_at = COALESCE(a.started_at, upd.started_at)
                  FROM upd WHERE a.task_id = upd.id AND a.attempt = upd.attempt
              )
              SELECT id, attempt, worker_id FROM upd",
@@ -401,6 +410,7 @@ impl PgStore {
         .bind(&workers)
         .bind(&attempts)
         .bind(&results)
+        .bind(&ago)
         .fetch_all(&mut *tx)
         .await?;
         let applied: std::collections::HashSet<Held> = applied
@@ -485,14 +495,15 @@ impl PgStore {
                          ELSE t.run_after END,
                      worker_id = CASE WHEN $5 AND t.failures + 1 < t.max_attempts THEN NULL ELSE t.worker_id END,
                      finished_at = CASE WHEN $5 AND t.failures + 1 < t.max_attempts THEN NULL ELSE now() END,
-                     started_at = COALESCE(t.started_at, now()),
+                     started_at = COALESCE(t.started_at, now() - $8::bigint * interval '1 microsecond', now()),
                      error = $4, lease_expires_at = NULL, updated_at = now()
                  WHERE t.id = $1 AND t.worker_id = $2 AND t.attempt = $3 AND t.status IN ('assigned', 'running')
                  RETURNING t.status
              ),
              att AS (
                  UPDATE task_attempts a
-                 SET finished_at = now(), outcome = 'failed', error = $4, started_at = COALESCE(a.started_at, now())
+                 SET finished_at = now(), outcome = 'failed', error = $4,
+                     started_at = COALESCE(a.started_at, now() - $8::bigint * interval '1 microsecond', now())
                  WHERE a.task_id = $1 AND a.attempt = $3 AND EXISTS (SELECT 1 FROM upd)
              )
              SELECT status FROM upd",
@@ -504,6 +515,7 @@ impl PgStore {
         .bind(report.retriable)
         .bind(duration_ms(policy.base))
         .bind(duration_ms(policy.max))
+        .bind(report.delivered.map(micros_ago))
         .fetch_optional(&mut *tx)
         .await?;
         let outcome = match row {
@@ -649,10 +661,10 @@ impl PgStore {
             "WITH nosync AS (SELECT set_config('synchronous_commit', 'off', true))
              SELECT pg_notify($1, p) FROM nosync, unnest($2::text[]) AS p",
         )
-            .bind(NOTIFY_CHANNEL)
-            .bind(payloads)
-            .execute(&self.pool)
-            .await?;
+        .bind(NOTIFY_CHANNEL)
+        .bind(payloads)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     str::FromStr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -21,7 +21,8 @@ use uuid::Uuid;
 use super::{
     Cancelled, Completion, Created, DbHealth, Failure, Held, HeldRow, Ownership, Registration, ReportOutcome,
     Requeued, Result, RetryPolicy, StoreError, TaskFilter, TypeFilter, WorkerRegistration,
-    classify_unapplied, decode_json, duration_ms, encode_json, lost_error, parse_state, parse_worker_state,
+    classify_unapplied, decode_json, duration_ms, encode_json, lost_error, micros_ago, parse_state,
+    parse_worker_state,
 };
 use crate::{
     config::DatabaseConfig,
@@ -36,6 +37,50 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 const TASK_COLUMNS: &str = "id, task_type, payload, status, priority, attempt, max_attempts, failures, \
      timeout_ms, worker_id, job_id, idempotency_key, result, error, run_after, lease_expires_at, \
      created_at, updated_at, assigned_at, started_at, finished_at";
+
+/// An exclusive advisory lock on `<database>.lock` beside a SQLite database file, held by the
+/// one process that serves that database: a second process on the same file would share its
+/// rows and worker sessions while each believes it is alone. The operating system releases the
+/// lock when the process exits, however it exits (kill -9 included), so there is nothing stale
+/// to clean up.
+#[derive(Debug)]
+pub struct ProcessLock {
+    /// Locked for as long as this value lives; closing the file releases the lock.
+    _file: std::fs::File,
+}
+
+impl ProcessLock {
+    /// Locks the database file `url` names; `None` for an in-memory database (nothing to
+    /// share). Fails with [`StoreError::InUse`] when another process holds it.
+    pub fn acquire(url: &str) -> Result<Option<ProcessLock>> {
+        let options = SqliteConnectOptions::from_str(url).map_err(|_| StoreError::BadUrl(url.to_owned()))?;
+        let db = options.get_filename();
+        if url.contains(":memory:") || url.contains("mode=memory") || db.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let mut path = db.as_os_str().to_owned();
+        path.push(".lock");
+        let path = std::path::PathBuf::from(path);
+        let shown = db.display().to_string();
+        let lock_err = |source| StoreError::Lock { path: shown.clone(), source };
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(lock_err)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(lock_err)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ProcessLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse { path: shown }),
+            Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+        }
+    }
+}
 
 /// SQLite-backed store. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -322,24 +367,26 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub(super) async fn mark_running(&self, held: &[Held]) -> Result<u64> {
-        let now = micros(Utc::now());
+    pub(super) async fn mark_running(&self, delivered: &[(Held, Instant)]) -> Result<u64> {
         let mut tx = self.writer.begin().await?;
+        let now = micros(Utc::now());
         let mut n = 0;
-        for h in held {
+        for (h, at) in delivered {
+            let started = now - micros_ago(*at);
             let r = sqlx::query(
-                "UPDATE tasks SET status = 'running', started_at = ?4, updated_at = ?4
+                "UPDATE tasks SET status = 'running', started_at = ?4, updated_at = ?5
                  WHERE id = ?1 AND worker_id = ?2 AND attempt = ?3 AND status = 'assigned'",
             )
             .bind(h.task_id.to_string())
             .bind(&h.worker_id.0)
             .bind(i64::from(h.attempt))
+            .bind(started)
             .bind(now)
             .execute(&mut *tx)
             .await?;
             if r.rows_affected() == 1 {
                 n += 1;
-                set_attempt_started(&mut tx, h, now).await?;
+                set_attempt_started(&mut tx, h, started).await?;
             }
         }
         tx.commit().await?;
@@ -377,14 +424,16 @@ impl SqliteStore {
     }
 
     pub(super) async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
-        let now = micros(Utc::now());
         let mut tx = self.writer.begin().await?;
+        let now = micros(Utc::now());
         let mut out = Vec::with_capacity(reports.len());
         for c in reports {
             let h = &c.held;
+            // A task whose `running` mark has not landed yet started when it was delivered.
+            let started = c.delivered.map_or(now, |at| now - micros_ago(at));
             let r = sqlx::query(
                 "UPDATE tasks SET status = 'completed', result = ?4, error = NULL, finished_at = ?5,
-                     started_at = COALESCE(started_at, ?5), updated_at = ?5, lease_expires_at = NULL
+                     started_at = COALESCE(started_at, ?6), updated_at = ?5, lease_expires_at = NULL
                  WHERE id = ?1 AND worker_id = ?2 AND attempt = ?3 AND status IN ('assigned', 'running')",
             )
             .bind(h.task_id.to_string())
@@ -392,10 +441,11 @@ impl SqliteStore {
             .bind(i64::from(h.attempt))
             .bind(&c.result)
             .bind(now)
+            .bind(started)
             .execute(&mut *tx)
             .await?;
             if r.rows_affected() == 1 {
-                close_attempt(&mut tx, h, now, "completed", None).await?;
+                close_attempt(&mut tx, h, now, started, "completed", None).await?;
                 out.push(ReportOutcome::Applied { state: TaskState::Completed });
             } else {
                 out.push(classify(&mut tx, h, "completed").await?);
@@ -406,9 +456,10 @@ impl SqliteStore {
     }
 
     pub(super) async fn fail(&self, report: &Failure, policy: RetryPolicy) -> Result<ReportOutcome> {
-        let now = micros(Utc::now());
         let h = &report.held;
         let mut tx = self.writer.begin().await?;
+        let now = micros(Utc::now());
+        let started = report.delivered.map_or(now, |at| now - micros_ago(at));
         let row = sqlx::query(
             "SELECT failures, max_attempts FROM tasks
              WHERE id = ?1 AND worker_id = ?2 AND attempt = ?3 AND status IN ('assigned', 'running')",
@@ -430,7 +481,7 @@ impl SqliteStore {
         let run_after = now + duration_ms(policy.backoff(failures)).saturating_mul(1000);
         sqlx::query(
             "UPDATE tasks SET failures = ?4, status = ?5, error = ?6, lease_expires_at = NULL, updated_at = ?7,
-                 started_at = COALESCE(started_at, ?7),
+                 started_at = COALESCE(started_at, ?10),
                  run_after = CASE WHEN ?8 THEN ?9 ELSE run_after END,
                  worker_id = CASE WHEN ?8 THEN NULL ELSE worker_id END,
                  finished_at = CASE WHEN ?8 THEN NULL ELSE ?7 END
@@ -445,9 +496,10 @@ impl SqliteStore {
         .bind(now)
         .bind(retry)
         .bind(run_after)
+        .bind(started)
         .execute(&mut *tx)
         .await?;
-        close_attempt(&mut tx, h, now, "failed", Some(&report.error)).await?;
+        close_attempt(&mut tx, h, now, started, "failed", Some(&report.error)).await?;
         tx.commit().await?;
         Ok(ReportOutcome::Applied { state })
     }
@@ -479,7 +531,7 @@ impl SqliteStore {
         let held_by =
             task.worker_id.clone().map(|worker_id| Held { task_id: id, worker_id, attempt: task.attempt });
         if let Some(h) = &held_by {
-            close_attempt(&mut tx, h, now, "cancelled", Some(reason)).await?;
+            close_attempt(&mut tx, h, now, now, "cancelled", Some(reason)).await?;
         }
         tx.commit().await?;
         Ok(Some(Cancelled { task, applied: true, held_by }))
@@ -834,15 +886,17 @@ async fn set_attempt_started(tx: &mut Tx<'_>, h: &Held, now: i64) -> Result<()> 
     Ok(())
 }
 
+/// Closes an attempt at `now`; `started` is its start if none was recorded.
 async fn close_attempt(
     tx: &mut Tx<'_>,
     h: &Held,
     now: i64,
+    started: i64,
     outcome: &str,
     error: Option<&str>,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE task_attempts SET finished_at = ?3, outcome = ?4, error = ?5, started_at = COALESCE(started_at, ?3)
+        "UPDATE task_attempts SET finished_at = ?3, outcome = ?4, error = ?5, started_at = COALESCE(started_at, ?6)
          WHERE task_id = ?1 AND attempt = ?2 AND outcome IS NULL",
     )
     .bind(h.task_id.to_string())
@@ -850,6 +904,7 @@ async fn close_attempt(
     .bind(now)
     .bind(outcome)
     .bind(error)
+    .bind(started)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -950,7 +1005,7 @@ async fn requeue(tx: &mut Tx<'_>, held: &[Held], reason: RequeueReason, now: i64
         .fetch_optional(&mut **tx)
         .await?;
         let Some(row) = row else { continue };
-        close_attempt(tx, h, now, reason.as_str(), None).await?;
+        close_attempt(tx, h, now, now, reason.as_str(), None).await?;
         out.push(Requeued {
             task_id: h.task_id,
             task_type: row.try_get("task_type")?,
