@@ -1,17 +1,22 @@
 //! coordctl and the client calls a newcomer meets first, against a coordinator in this process:
 //! a task of a type no live worker runs is accepted with a warning (or refused) and says why it
 //! waits; `watch` shows every state a task went through and exits with a code that says how the
-//! task ended.
+//! task ended; `bench` runs next to workers that take the same built-in task types.
 
 mod common;
 
 use std::{
     process::{Command, Output, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
 use common::*;
-use coordinator::proto;
+use coordinator::{
+    proto,
+    worker::{Worker, WorkerOptions, handlers::Handlers},
+};
+use tokio_util::sync::CancellationToken;
 
 fn coordctl(endpoint: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_coordctl"))
@@ -44,6 +49,106 @@ fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Local workers running every built-in handler (`noop` among them), as `coordinator dev`
+/// starts them.
+fn dev_workers(endpoint: &str, n: usize, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    let names: Vec<String> = coordinator::worker::handlers::BUILTIN.iter().map(|s| s.to_string()).collect();
+    (1..=n)
+        .map(|i| {
+            let handlers = Handlers::builtin(&names).unwrap();
+            let mut o = WorkerOptions::new(endpoint.to_owned(), format!("dev-worker-{i}"));
+            o.max_concurrent = 4;
+            o.capabilities = handlers.task_types();
+            let w = Worker::new(o, Arc::new(handlers)).unwrap();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _ = w.run(stop).await;
+            })
+        })
+        .collect()
+}
+
+// ---- coordctl bench next to other workers ----
+
+/// `coordctl bench` against a coordinator whose own workers also run `noop` (as under
+/// `coordinator dev`): the bench's tasks go to the bench's workers only, it prints its figures
+/// and exits 0, and the workers it registered are gone from the live fleet afterwards.
+async fn bench_next_to_dev_workers(db: &TestDb) {
+    let tc = TestCoordinator::start(db, |_| {}).await;
+    let stop = CancellationToken::new();
+    let dev = dev_workers(&tc.endpoint(), 2, &stop);
+    let client = tc.client().await;
+    wait_connected(&client, &["dev-worker-1", "dev-worker-2"]).await;
+
+    let out = coordctl_async(
+        &tc.endpoint(),
+        &[
+            "bench",
+            "--tasks",
+            "300",
+            "--workers",
+            "2",
+            "--concurrency",
+            "8",
+            "--batch",
+            "100",
+            "--trickle",
+            "20",
+        ],
+    )
+    .await;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench exits 0\n{}", text(&out));
+    assert!(report.contains("end to end") && report.contains("latency (trickle)"), "{}", text(&out));
+    assert!(report.contains("exactly once      yes"), "{}", text(&out));
+
+    // The dev workers ran none of the bench's tasks.
+    let mut c = client.clone();
+    for w in ["dev-worker-1", "dev-worker-2"] {
+        let stats = c
+            .get_worker_stats(proto::GetWorkerStatsRequest { worker_id: w.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.tasks_completed, 0, "{w} took bench tasks");
+    }
+    // The bench's workers deregistered when it ended.
+    let workers = c.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let bench: Vec<_> = workers.iter().filter(|w| w.worker_id.starts_with("bench-")).collect();
+    assert_eq!(bench.len(), 2, "{workers:?}");
+    for w in bench {
+        assert_ne!(
+            w.state,
+            proto::WorkerState::Active as i32,
+            "{} still active after the bench",
+            w.worker_id
+        );
+    }
+
+    stop.cancel();
+    for h in dev {
+        h.await.unwrap();
+    }
+    tc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_bench_next_to_dev_workers() {
+    let db = TestDb::sqlite().await;
+    bench_next_to_dev_workers(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_bench_next_to_dev_workers() {
+    let Some(db) = TestDb::postgres().await else {
+        eprintln!("TEST_DATABASE_URL is not set: skipping the Postgres run");
+        return;
+    };
+    bench_next_to_dev_workers(&db).await;
+    db.cleanup().await;
 }
 
 // ---- WatchTask and coordctl watch ----
