@@ -116,7 +116,7 @@ impl Service {
         if self.inner.config.reject_unknown_types {
             return Err(Status::failed_precondition(view.refusal(&unknown)));
         }
-        debug!(types = ?unknown, "task type submitted that no live worker runs");
+        info!(task_types = ?unknown, "task type submitted that no live worker runs; its tasks wait");
         let warnings = unknown.iter().map(|t| view.unknown_type_warning(t)).collect();
         Ok((Some(view), warnings))
     }
