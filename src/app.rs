@@ -154,6 +154,7 @@ impl App {
                     max_payload_size: config.tasks.max_payload_size.as_usize(),
                 },
                 watch_poll: c.poll_interval.max(Duration::from_millis(500)),
+                reject_unknown_types: config.tasks.reject_unknown_types,
             },
             store.clone(),
             registry.clone(),

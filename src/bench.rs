@@ -1,5 +1,5 @@
 //! `coordctl bench`: a load generator. It starts W workers as real gRPC streams (in this
-//! process, with the `noop` handler) against a running coordinator, or against one it starts
+//! process, with a no-op handler) against a running coordinator, or against one it starts
 //! in-process (`--embedded`, on SQLite or `--database-url`), then measures:
 //!
 //! - a trickle phase with idle workers: one task at a time, submit -> worker start latency;
@@ -7,6 +7,10 @@
 //!   submit to last accepted report), and submit -> worker start latency percentiles;
 //!
 //! and checks that every task completed and was accepted exactly once.
+//!
+//! Its tasks are of a type of the run's own (`bench-noop-<run id>`) that only its workers
+//! declare, so other workers of the coordinator (`coordinator dev` runs `noop`) never take them.
+//! The workers deregister when the run ends, whether it succeeded or failed.
 
 use std::{
     collections::HashMap,
@@ -114,60 +118,65 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     if opts.tasks == 0 || opts.workers == 0 || opts.batch == 0 {
         bail!("--tasks, --workers and --batch must be at least 1");
     }
-    // An embedded coordinator on loopback, or the one given.
-    let mut embedded: Option<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>, Store)> = None;
-    let _dir;
-    let endpoint = if opts.embedded {
-        let dir = tempfile::tempdir()?;
-        let url = opts
-            .database_url
-            .clone()
-            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
-        _dir = Some(dir);
-        let mut config = Config::default();
-        config.coordinator.id = "coordinator-bench".into();
-        config.database.url = url;
-        config.database.max_open_conns = 16;
-        config.database.max_idle_conns = 4;
-        config.scheduler.batch_size = 1000;
-        config.logging.format = LogFormat::Text;
-        // On loopback, for this process's own load generator only.
-        config.auth.enabled = false;
-        config.validate()?;
-        let app = App::connect(config).await.context("embedded coordinator")?;
-        let store = app.store().clone();
-        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = grpc.local_addr()?;
-        let stop = CancellationToken::new();
-        let handle = tokio::spawn(app.serve(grpc, http, stop.clone()));
-        embedded = Some((stop, handle, store));
-        format!("http://{addr}")
-    } else {
-        _dir = None;
-        opts.endpoint.clone()
-    };
-    let backend = match &embedded {
-        Some((_, _, store)) => format!("embedded {}", store.backend()),
-        None => format!("remote {endpoint}"),
-    };
+    if !opts.embedded {
+        return with_workers(&opts, &opts.endpoint, &opts.security, None).await;
+    }
+    // An embedded coordinator on loopback, stopped when the run ends, however it ends.
+    let dir = tempfile::tempdir()?;
+    let url = opts
+        .database_url
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("bench.db").display()));
+    let mut config = Config::default();
+    config.coordinator.id = "coordinator-bench".into();
+    config.database.url = url;
+    config.database.max_open_conns = 16;
+    config.database.max_idle_conns = 4;
+    config.scheduler.batch_size = 1000;
+    config.logging.format = LogFormat::Text;
+    // On loopback, for this process's own load generator only.
+    config.auth.enabled = false;
+    config.validate()?;
+    let app = App::connect(config).await.context("embedded coordinator")?;
+    let store = app.store().clone();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", grpc.local_addr()?);
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(app.serve(grpc, http, stop.clone()));
+    let report = with_workers(&opts, &endpoint, &ClientSecurity::default(), Some(&store)).await;
+    stop.cancel();
+    let served = server.await.context("embedded coordinator").and_then(|r| r);
+    drop(dir);
+    let report = report?;
+    served?;
+    Ok(report)
+}
 
-    let security = if embedded.is_some() { ClientSecurity::default() } else { opts.security.clone() };
-    let mut client = crate::client::connect(&endpoint, &security, 64 << 20).await?;
-
-    // Workers: real gRPC streams, noop handler that notes when each task starts.
+/// Starts the bench's workers, runs the phases, and stops the workers (they deregister) when
+/// the phases end, however they end. The workers declare a task type of this run's own, so
+/// other workers of the coordinator (`coordinator dev` runs `noop` too) never take its tasks.
+async fn with_workers(
+    opts: &BenchOptions,
+    endpoint: &str,
+    security: &ClientSecurity,
+    store: Option<&Store>,
+) -> anyhow::Result<BenchReport> {
+    let mut client = crate::client::connect(endpoint, security, 64 << 20).await?;
+    let run_id = format!("{:08x}", rand::random::<u32>());
+    let task_type = format!("bench-noop-{run_id}");
+    // Workers: real gRPC streams, a no-op handler that notes when each task starts.
     let probe =
         Arc::new(Probe { started: Mutex::default(), runs: AtomicU64::new(0), notify: Default::default() });
     let stop_workers = CancellationToken::new();
-    let run_id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let mut counters: Vec<Arc<WorkerCounters>> = Vec::new();
     let mut worker_tasks = Vec::new();
     let mut ids = Vec::new();
     for i in 0..opts.workers {
         let id = format!("bench-{run_id}-{i}");
-        let mut o = WorkerOptions::new(endpoint.clone(), id.clone());
+        let mut o = WorkerOptions::new(endpoint.to_owned(), id.clone());
         o.max_concurrent = opts.concurrency;
-        o.capabilities = vec!["noop".into()];
+        o.capabilities = vec![task_type.clone()];
         o.security = security.clone();
         let probe = probe.clone();
         let handler = handler_fn(move |t| {
@@ -180,123 +189,168 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 Ok(Vec::new())
             }
         });
-        let w = Worker::new(o, handler)?;
-        counters.push(w.counters());
-        worker_tasks.push(tokio::spawn(w.run(stop_workers.clone())));
-        ids.push(id);
-    }
-    wait_connected(&mut client, &ids).await?;
-    let accepted = || counters.iter().map(|c| c.accepted.load(Ordering::Relaxed)).sum::<u64>();
-
-    // Trickle: one task at a time into idle workers.
-    let mut trickle = Vec::with_capacity(opts.trickle);
-    for _ in 0..opts.trickle {
-        let t0 = Instant::now();
-        let id = client
-            .submit_task(proto::SubmitTaskRequest { task_type: "noop".into(), ..Default::default() })
-            .await?
-            .into_inner()
-            .task_id;
-        let started = wait_started(&probe, &id, Duration::from_secs(30)).await?;
-        trickle.push(started - t0);
-        // Wait for its report too, so the next one finds the workers idle.
-        let target = trickle.len() as u64;
-        wait_for(Duration::from_secs(30), || accepted() >= target).await?;
-    }
-    let before_bulk = accepted();
-
-    // Bulk: N tasks in jobs of `batch`.
-    let t0 = Instant::now();
-    let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
-    let mut jobs = Vec::new();
-    let mut left = opts.tasks;
-    while left > 0 {
-        let n = left.min(opts.batch);
-        left -= n;
-        let at = Instant::now();
-        let tasks = (0..n)
-            .map(|_| proto::SubmitTaskRequest { task_type: "noop".into(), ..Default::default() })
-            .collect();
-        let resp = client
-            .submit_job(proto::SubmitJobRequest { name: format!("bench-{run_id}"), tasks })
-            .await?
-            .into_inner();
-        jobs.push(resp.job_id);
-        submitted_at.push((resp.task_ids, at));
-    }
-    let submit = t0.elapsed();
-    let target = before_bulk + opts.tasks as u64;
-    wait_for(Duration::from_secs(600), || accepted() >= target).await.context("waiting for every report")?;
-    let end_to_end = t0.elapsed();
-
-    let latency = {
-        let started = probe.started.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v = Vec::with_capacity(opts.tasks);
-        for (ids, at) in &submitted_at {
-            for id in ids {
-                if let Some(s) = started.get(id) {
-                    v.push(s.saturating_duration_since(*at));
+        match Worker::new(o, handler) {
+            Ok(w) => {
+                counters.push(w.counters());
+                worker_tasks.push(tokio::spawn(w.run(stop_workers.clone())));
+                ids.push(id);
+            }
+            Err(e) => {
+                stop_workers.cancel();
+                for w in worker_tasks {
+                    let _ = w.await;
                 }
+                return Err(e);
             }
         }
-        Percentiles::of(v)
+    }
+    let run = Run {
+        opts,
+        client: &mut client,
+        task_type: &task_type,
+        run_id: &run_id,
+        probe: &probe,
+        counters: &counters,
     };
-
-    // Verification: every task of the run completed; nothing accepted twice.
-    let mut completed = 0u64;
-    for job in &jobs {
-        let j = client
-            .get_job(proto::GetJobRequest { job_id: job.clone(), include_results: false })
-            .await?
-            .into_inner();
-        completed += u64::from(j.completed);
-    }
-    let duplicates: u64 = counters.iter().map(|c| c.duplicates.load(Ordering::Relaxed)).sum();
-    let refused: u64 = counters.iter().map(|c| c.refused.load(Ordering::Relaxed)).sum();
-    let total_accepted = accepted();
-    let mut exactly_once =
-        completed == opts.tasks as u64 && total_accepted == (opts.tasks + opts.trickle) as u64;
-    let mut verification = format!(
-        "{completed}/{} bulk tasks completed; {total_accepted} reports accepted for {} tasks",
-        opts.tasks,
-        opts.tasks + opts.trickle
-    );
-    if let Some((_, _, store)) = &embedded {
-        let audit = store.audit().await?;
-        exactly_once &= audit.accepted_twice == 0 && audit.completed == audit.tasks;
-        verification.push_str(&format!(
-            "; database: {} of {} tasks completed, {} accepted more than once",
-            audit.completed, audit.tasks, audit.accepted_twice
-        ));
-    }
-
+    let report = run.phases(&ids, store).await;
     stop_workers.cancel();
     for w in worker_tasks {
         let _ = w.await;
     }
-    if let Some((stop, handle, _)) = embedded {
-        stop.cancel();
-        handle.await??;
+    let mut report = report?;
+    report.runs = probe.runs.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+/// One run of the phases with the bench's workers.
+struct Run<'a> {
+    opts: &'a BenchOptions,
+    client: &'a mut Client,
+    /// The type only this run's workers declare.
+    task_type: &'a str,
+    run_id: &'a str,
+    probe: &'a Probe,
+    counters: &'a [Arc<WorkerCounters>],
+}
+
+impl Run<'_> {
+    fn accepted(&self) -> u64 {
+        self.counters.iter().map(|c| c.accepted.load(Ordering::Relaxed)).sum::<u64>()
     }
-    Ok(BenchReport {
-        backend,
-        tasks: opts.tasks,
-        workers: opts.workers,
-        concurrency: opts.concurrency,
-        batch: opts.batch,
-        submit_seconds: submit.as_secs_f64(),
-        submit_per_second: opts.tasks as f64 / submit.as_secs_f64(),
-        end_to_end_seconds: end_to_end.as_secs_f64(),
-        end_to_end_per_second: opts.tasks as f64 / end_to_end.as_secs_f64(),
-        latency,
-        trickle_latency: Percentiles::of(trickle),
-        accepted: total_accepted,
-        duplicates,
-        refused,
-        runs: probe.runs.load(Ordering::Relaxed),
-        exactly_once,
-        verification,
-    })
+
+    fn task(&self) -> proto::SubmitTaskRequest {
+        proto::SubmitTaskRequest { task_type: self.task_type.to_owned(), ..Default::default() }
+    }
+
+    async fn phases(self, ids: &[String], store: Option<&Store>) -> anyhow::Result<BenchReport> {
+        let opts = self.opts;
+        wait_connected(self.client, ids).await?;
+        let backend = match store {
+            Some(store) => format!("embedded {}", store.backend()),
+            None => format!("remote {}", opts.endpoint),
+        };
+
+        // Trickle: one task at a time into idle workers.
+        let mut trickle = Vec::with_capacity(opts.trickle);
+        for _ in 0..opts.trickle {
+            let t0 = Instant::now();
+            let id = self.client.submit_task(self.task()).await?.into_inner().task_id;
+            let started = wait_started(self.probe, &id, Duration::from_secs(30)).await?;
+            trickle.push(started - t0);
+            // Wait for its report too, so the next one finds the workers idle.
+            let target = trickle.len() as u64;
+            wait_for(Duration::from_secs(30), || self.accepted() >= target).await?;
+        }
+        let before_bulk = self.accepted();
+
+        // Bulk: N tasks in jobs of `batch`.
+        let t0 = Instant::now();
+        let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
+        let mut jobs = Vec::new();
+        let mut left = opts.tasks;
+        while left > 0 {
+            let n = left.min(opts.batch);
+            left -= n;
+            let at = Instant::now();
+            let tasks = (0..n).map(|_| self.task()).collect();
+            let resp = self
+                .client
+                .submit_job(proto::SubmitJobRequest { name: format!("bench-{}", self.run_id), tasks })
+                .await?
+                .into_inner();
+            jobs.push(resp.job_id);
+            submitted_at.push((resp.task_ids, at));
+        }
+        let submit = t0.elapsed();
+        let target = before_bulk + opts.tasks as u64;
+        wait_for(Duration::from_secs(600), || self.accepted() >= target)
+            .await
+            .context("waiting for every report")?;
+        let end_to_end = t0.elapsed();
+
+        let latency = {
+            let started = self.probe.started.lock().unwrap_or_else(|e| e.into_inner());
+            let mut v = Vec::with_capacity(opts.tasks);
+            for (ids, at) in &submitted_at {
+                for id in ids {
+                    if let Some(s) = started.get(id) {
+                        v.push(s.saturating_duration_since(*at));
+                    }
+                }
+            }
+            Percentiles::of(v)
+        };
+
+        // Verification: every task of the run completed; nothing accepted twice.
+        let mut completed = 0u64;
+        for job in &jobs {
+            let j = self
+                .client
+                .get_job(proto::GetJobRequest { job_id: job.clone(), include_results: false })
+                .await?
+                .into_inner();
+            completed += u64::from(j.completed);
+        }
+        let duplicates: u64 = self.counters.iter().map(|c| c.duplicates.load(Ordering::Relaxed)).sum();
+        let refused: u64 = self.counters.iter().map(|c| c.refused.load(Ordering::Relaxed)).sum();
+        let total_accepted = self.accepted();
+        let mut exactly_once =
+            completed == opts.tasks as u64 && total_accepted == (opts.tasks + opts.trickle) as u64;
+        let mut verification = format!(
+            "{completed}/{} bulk tasks completed; {total_accepted} reports accepted for {} tasks",
+            opts.tasks,
+            opts.tasks + opts.trickle
+        );
+        if let Some(store) = store {
+            let audit = store.audit().await?;
+            exactly_once &= audit.accepted_twice == 0 && audit.completed == audit.tasks;
+            verification.push_str(&format!(
+                "; database: {} of {} tasks completed, {} accepted more than once",
+                audit.completed, audit.tasks, audit.accepted_twice
+            ));
+        }
+
+        Ok(BenchReport {
+            backend,
+            tasks: opts.tasks,
+            workers: opts.workers,
+            concurrency: opts.concurrency,
+            batch: opts.batch,
+            submit_seconds: submit.as_secs_f64(),
+            submit_per_second: opts.tasks as f64 / submit.as_secs_f64(),
+            end_to_end_seconds: end_to_end.as_secs_f64(),
+            end_to_end_per_second: opts.tasks as f64 / end_to_end.as_secs_f64(),
+            latency,
+            trickle_latency: Percentiles::of(trickle),
+            accepted: total_accepted,
+            duplicates,
+            refused,
+            // Counted once the workers have stopped.
+            runs: 0,
+            exactly_once,
+            verification,
+        })
+    }
 }
 
 async fn wait_connected(client: &mut Client, ids: &[String]) -> anyhow::Result<()> {

@@ -159,6 +159,9 @@ pub struct TasksConfig {
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
     pub max_payload_size: ByteSize,
+    /// Refuse (FAILED_PRECONDITION) a submission of a type no live worker declared, instead of
+    /// accepting it with a warning.
+    pub reject_unknown_types: bool,
 }
 
 impl Default for TasksConfig {
@@ -169,6 +172,7 @@ impl Default for TasksConfig {
             retry_backoff_base: Duration::from_secs(1),
             retry_backoff_max: Duration::from_secs(300),
             max_payload_size: ByteSize(4 * MIB),
+            reject_unknown_types: false,
         }
     }
 }
@@ -986,5 +990,21 @@ mod tests {
         assert_eq!(vars.get("COORDINATOR_GRPC_PORT").unwrap(), "coordinator.grpc_port");
         assert_eq!(vars.get("DATABASE_URL").unwrap(), "database.url");
         assert_eq!(vars.get("GRPC_KEEPALIVE_TIMEOUT").unwrap(), "grpc.keepalive.timeout");
+    }
+
+    #[test]
+    fn reject_unknown_types_is_off_unless_set_and_takes_only_a_boolean() {
+        assert!(!Config::default().tasks.reject_unknown_types);
+        let c = Config::from_yaml("tasks:\n  reject_unknown_types: true\n").unwrap();
+        assert!(c.tasks.reject_unknown_types);
+        let c = Config::default().with_env(&env(&[("TASKS_REJECT_UNKNOWN_TYPES", "true")])).unwrap();
+        assert!(c.tasks.reject_unknown_types);
+        let err = Config::from_yaml("tasks:\n  reject_unknown_types: sometimes\n").unwrap_err();
+        assert!(err.contains("reject_unknown_types") && err.contains("line 2"), "{err}");
+        let err = Config::default()
+            .with_env(&env(&[("TASKS_REJECT_UNKNOWN_TYPES", "sometimes")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TASKS_REJECT_UNKNOWN_TYPES") && err.contains("sometimes"), "{err}");
     }
 }

@@ -221,6 +221,26 @@ pub struct Task {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// Why a pending task is not moving (worked out when it is read, never stored).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PendingReason {
+    /// No live worker declared the task's type.
+    NoWorker,
+    /// Every live worker that runs the type has all its slots taken (or cannot take work now).
+    WorkersBusy,
+    /// Backing off after a failed attempt until `run_after`.
+    Delayed,
+    /// A worker that runs the type has room: the task waits its turn.
+    Queued,
+}
+
+/// A pending task's [`PendingReason`] and the same in one line for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub reason: PendingReason,
+    pub detail: String,
+}
+
 /// A runnable task offered to placement: just what placement needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {

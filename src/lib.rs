@@ -13,7 +13,8 @@
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
 //! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `codec`,
 //! `serve`) · [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each
-//! task transition · [`events`] · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
+//! task transition · [`events`] · [`fleet`] what the live workers run (submission checks, why a
+//! task waits) · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
 //! [`worker`] the worker side · [`proto`] generated code · [`error_text`] one line per error
 #![warn(missing_debug_implementations)]
 
@@ -27,6 +28,7 @@ pub mod domain;
 pub mod effects;
 pub mod error_text;
 pub mod events;
+pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

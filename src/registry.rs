@@ -276,6 +276,7 @@ impl Session {
             in_flight: self.in_flight.len() as u32,
             connected: self.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
             last_seen_at: self.last_seen_at,
+            capabilities: self.capabilities.clone(),
         }
     }
 }
@@ -290,6 +291,8 @@ pub struct SessionInfo {
     pub in_flight: u32,
     pub connected: bool,
     pub last_seen_at: DateTime<Utc>,
+    /// Task types it runs; empty means any.
+    pub capabilities: Vec<String>,
 }
 
 /// Counts for `/health` and the gauges.

@@ -121,6 +121,7 @@ store_tests!(
     workers_register_and_list_with_in_flight_counts,
     worker_reregistration_replaces_session_and_fences_state_changes,
     flush_heartbeats_updates_many_workers_and_never_moves_backwards,
+    live_workers_are_active_or_suspect_and_heard_from_lately,
     worker_stats_count_outcomes_and_duration,
     // jobs, listings, counts
     jobs_track_their_tasks_until_done,
@@ -1665,6 +1666,49 @@ mod cases {
         assert_eq!(hb("w2").await, t2, "{b}");
         assert_eq!(hb("w3").await, t1, "{b}");
         assert_eq!(s.flush_heartbeats(&[]).await.expect("flush"), 0, "{b}");
+    }
+
+    pub async fn live_workers_are_active_or_suspect_and_heard_from_lately(s: &Store) {
+        let b = s.backend();
+        let mut sessions = HashMap::new();
+        for id in ["active", "suspect", "draining", "dead", "silent"] {
+            let session = Uuid::now_v7();
+            s.upsert_worker(&registration(id, session)).await.expect("upsert");
+            sessions.insert(id, session);
+        }
+        for (id, state) in [
+            ("suspect", WorkerState::Suspect),
+            ("draining", WorkerState::Draining),
+            ("dead", WorkerState::Dead),
+        ] {
+            assert!(s.set_worker_state(&w(id), sessions[id], state).await.expect("set"), "{b}");
+        }
+        let tasks = create_n(s, "prove", 3).await;
+        let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
+        claim_ids(s, &ids[..2], &w("active"), LONG_LEASE).await;
+
+        // Let "silent" fall quiet for longer than the window; the others heartbeat.
+        let window = Duration::from_millis(300);
+        let quiet_since = s.get_worker(&w("silent")).await.unwrap().unwrap().last_heartbeat_at;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Utc::now() < quiet_since + TimeDelta::from_std(window * 2).unwrap() {
+            assert!(Instant::now() < deadline, "{b}: the clock did not move");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let now = Utc::now();
+        let beats: Vec<(WorkerId, DateTime<Utc>)> =
+            ["active", "suspect", "draining", "dead"].iter().map(|id| (w(id), now)).collect();
+        s.flush_heartbeats(&beats).await.expect("flush");
+
+        let live = s.live_workers(window).await.expect("live_workers");
+        let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
+        assert_eq!(names, ["active", "suspect"], "{b}: live rows, by id");
+        assert_eq!(live[0].in_flight, 2, "{b}: with the tasks each holds");
+        assert_eq!(live[0].capabilities, vec!["prove".to_string(), "verify".to_string()], "{b}");
+        assert_eq!(live[1].state, WorkerState::Suspect, "{b}");
+        let live = s.live_workers(Duration::from_secs(3600)).await.expect("live_workers");
+        let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
+        assert_eq!(names, ["active", "silent", "suspect"], "{b}: within a longer window");
     }
 
     pub async fn worker_stats_count_outcomes_and_duration(s: &Store) {

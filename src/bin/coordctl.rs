@@ -46,9 +46,27 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// How `watch` and `submit --wait` end.
+const WAIT_EXIT_STATUS: &str = "\
+Exit status (watch, and submit --wait):
+  0  the task completed
+  3  the task failed (out of attempts, or a permanent failure)
+  4  the task was cancelled
+  1  coordctl could not follow the task to its end (cannot connect, refused, no such task,
+     the stream broke); the reason is on stderr
+  2  usage error
+
+While the task is pending, why it waits (no connected worker runs its type, every such worker is
+busy, backing off after a failure, or queued behind other tasks) is printed to stderr as a
+`waiting: ...` line each time the reason changes.";
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Submit a task; prints its id, or its result with --wait.
+    ///
+    /// A type no connected worker declared is accepted with a warning on stderr (a worker may
+    /// register later), unless the coordinator refuses unknown types.
+    #[command(after_help = WAIT_EXIT_STATUS)]
     Submit {
         #[arg(long = "type")]
         task_type: String,
@@ -64,13 +82,17 @@ enum Cmd {
         /// Per-attempt deadline, e.g. 30s or 2h.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
-        /// Wait until the task ends and print its result.
+        /// Wait until the task ends and print its result; the exit status says how it ended.
         #[arg(long)]
         wait: bool,
     },
     /// Show one task.
     Get { task_id: String },
-    /// Stream a task's state changes until it ends.
+    /// Stream a task's state changes until it ends; the exit status says how it ended.
+    ///
+    /// Every state the task went through is shown, `running` included for an attempt that ended
+    /// before its running mark was written (a fast task).
+    #[command(after_help = WAIT_EXIT_STATUS)]
     Watch { task_id: String },
     /// Cancel a task.
     Cancel {
@@ -226,13 +248,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?
                 .into_inner();
             if !wait {
+                warn_all(&resp.warnings);
                 if json_out {
-                    println!("{}", json!({"task_id": resp.task_id, "created": resp.created}));
+                    println!(
+                        "{}",
+                        json!({"task_id": resp.task_id, "created": resp.created, "warnings": resp.warnings})
+                    );
                 } else {
                     println!("{}", resp.task_id);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            // With --wait the first `waiting:` line says the same as a warning would.
             let task = wait_task(&mut c, &resp.task_id).await?;
             if json_out {
                 print_task(&task, true);
@@ -249,24 +276,35 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Watch { task_id } => {
-            let mut stream = c.watch_task(proto::WatchTaskRequest { task_id }).await?.into_inner();
-            let mut last = None;
+            let mut stream =
+                c.watch_task(proto::WatchTaskRequest { task_id: task_id.clone() }).await?.into_inner();
+            let mut last: Option<(i32, u32, String)> = None;
+            let mut waiting = Waiting::default();
             while let Some(ev) = stream.message().await? {
                 if json_out {
                     println!("{}", event_json(&ev));
                 } else {
-                    let worker =
-                        if ev.worker_id.is_empty() { String::new() } else { format!(" on {}", ev.worker_id) };
-                    let err = if ev.error.is_empty() { String::new() } else { format!(" ({})", ev.error) };
-                    println!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
+                    // A pending task's event comes again when the reason it waits changes: that
+                    // is a `waiting:` line, not a new state.
+                    let state = (ev.status, ev.attempt, ev.worker_id.clone());
+                    if last.as_ref() != Some(&state) {
+                        let worker = if ev.worker_id.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" on {}", ev.worker_id)
+                        };
+                        let err =
+                            if ev.error.is_empty() { String::new() } else { format!(" ({})", ev.error) };
+                        println!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
+                    }
+                    waiting.show(&ev.pending_detail, false);
+                    last = Some(state);
                 }
-                last = Some(ev.status);
+                if is_terminal(ev.status) {
+                    return Ok(exit_status(ev.status));
+                }
             }
-            Ok(if last == Some(proto::TaskStatus::Completed as i32) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            bail!("the watch of task {task_id} ended before the task did")
         }
         Cmd::Cancel { task_id, reason } => {
             let r = c.cancel_task(proto::CancelTaskRequest { task_id, reason }).await?.into_inner();
@@ -302,15 +340,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json_out {
                 println!("{}", serde_json::Value::Array(tasks.iter().map(task_json).collect()));
             } else {
-                println!("{:<36}  {:<16}  {:<10}  {:>7}  WORKER", "TASK", "TYPE", "STATUS", "ATTEMPT");
+                println!(
+                    "{:<36}  {:<16}  {:<10}  {:>7}  {:<24}  WAITING",
+                    "TASK", "TYPE", "STATUS", "ATTEMPT", "WORKER"
+                );
                 for t in &tasks {
                     println!(
-                        "{:<36}  {:<16}  {:<10}  {:>7}  {}",
+                        "{:<36}  {:<16}  {:<10}  {:>7}  {:<24}  {}",
                         t.task_id,
                         t.task_type,
                         status_name(t.status),
                         t.attempt,
-                        t.worker_id
+                        t.worker_id,
+                        pending_reason_name(t.pending_reason).unwrap_or_default()
                     );
                 }
             }
@@ -396,8 +438,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let r = c.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
+            warn_all(&r.warnings);
             if json_out {
-                println!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids}));
+                println!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings}));
             } else {
                 println!("{} ({} tasks)", r.job_id, r.task_ids.len());
             }
@@ -456,13 +499,20 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
 async fn wait_task(c: &mut Client, task_id: &str) -> anyhow::Result<proto::Task> {
     let mut stream = c.watch_task(proto::WatchTaskRequest { task_id: task_id.into() }).await?.into_inner();
     let tty = std::io::stderr().is_terminal();
+    let mut waiting = Waiting::default();
+    let mut ended = false;
     while let Some(ev) = stream.message().await? {
+        waiting.show(&ev.pending_detail, tty);
         if tty {
             eprint!("\r\x1b[2K{task_id}: {} (attempt {})", status_name(ev.status), ev.attempt);
         }
+        ended = is_terminal(ev.status);
     }
     if tty {
         eprintln!();
+    }
+    if !ended {
+        bail!("the watch of task {task_id} ended before the task did");
     }
     Ok(c.get_task(proto::GetTaskRequest { task_id: task_id.into() }).await?.into_inner())
 }
@@ -498,6 +548,7 @@ async fn primes(
         .submit_job(proto::SubmitJobRequest { name: format!("primes {low}..{high}"), tasks })
         .await?
         .into_inner();
+    warn_all(&job.warnings);
     let j = wait_job(c, &job.job_id).await?;
     let mut total = 0u64;
     let mut failures = Vec::new();
@@ -591,6 +642,7 @@ async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Re
         })
         .collect();
     let job = c.submit_job(proto::SubmitJobRequest { name: "is-prime".into(), tasks }).await?.into_inner();
+    warn_all(&job.warnings);
     let j = wait_job(c, &job.job_id).await?;
     let mut ok = true;
     let mut out = Vec::new();
@@ -621,8 +673,62 @@ async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Re
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// The reason a watched task waits, printed to stderr as a `waiting:` line when it changes.
+#[derive(Debug, Default)]
+struct Waiting {
+    last: String,
+}
+
+impl Waiting {
+    /// `detail` is the event's pending detail (empty once the task is no longer pending).
+    fn show(&mut self, detail: &str, tty: bool) {
+        if detail != self.last && !detail.is_empty() {
+            if tty {
+                // Off the progress line, which the caller redraws.
+                eprint!("\r\x1b[2K");
+            }
+            eprintln!("waiting: {detail}");
+        }
+        self.last = detail.to_owned();
+    }
+}
+
+fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("coordctl: warning: {w}");
+    }
+}
+
 fn exit_for(t: &proto::Task) -> ExitCode {
-    if t.status == proto::TaskStatus::Completed as i32 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    exit_status(t.status)
+}
+
+/// See [`WAIT_EXIT_STATUS`].
+fn exit_status(status: i32) -> ExitCode {
+    match proto::TaskStatus::try_from(status) {
+        Ok(proto::TaskStatus::Completed) => ExitCode::SUCCESS,
+        Ok(proto::TaskStatus::Failed) => ExitCode::from(3),
+        Ok(proto::TaskStatus::Cancelled) => ExitCode::from(4),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn is_terminal(status: i32) -> bool {
+    matches!(
+        proto::TaskStatus::try_from(status),
+        Ok(proto::TaskStatus::Completed | proto::TaskStatus::Failed | proto::TaskStatus::Cancelled)
+    )
+}
+
+/// The reason a pending task waits, as a short name; `None` when it is not pending.
+fn pending_reason_name(r: i32) -> Option<&'static str> {
+    match proto::PendingReason::try_from(r).unwrap_or(proto::PendingReason::Unspecified) {
+        proto::PendingReason::Unspecified => None,
+        proto::PendingReason::NoWorker => Some("no_worker"),
+        proto::PendingReason::WorkersBusy => Some("workers_busy"),
+        proto::PendingReason::Delayed => Some("delayed"),
+        proto::PendingReason::Queued => Some("queued"),
+    }
 }
 
 fn status_name(s: i32) -> &'static str {
@@ -676,12 +782,14 @@ fn task_json(t: &proto::Task) -> serde_json::Value {
     json!({"task_id": t.task_id, "type": t.task_type, "status": status_name(t.status), "attempt": t.attempt,
            "max_attempts": t.max_attempts, "failures": t.failures, "priority": t.priority,
            "worker_id": t.worker_id, "job_id": t.job_id, "result": bytes_text(&t.result), "error": t.error,
-           "created_at": t.created_at.as_ref().map(ts_string), "finished_at": t.finished_at.as_ref().map(ts_string)})
+           "created_at": t.created_at.as_ref().map(ts_string), "finished_at": t.finished_at.as_ref().map(ts_string),
+           "pending_reason": pending_reason_name(t.pending_reason), "pending_detail": t.pending_detail})
 }
 
 fn event_json(e: &proto::TaskEvent) -> serde_json::Value {
     json!({"task_id": e.task_id, "status": status_name(e.status), "attempt": e.attempt, "worker_id": e.worker_id,
-           "error": e.error, "at": e.at.as_ref().map(ts_string)})
+           "error": e.error, "at": e.at.as_ref().map(ts_string),
+           "pending_reason": pending_reason_name(e.pending_reason), "pending_detail": e.pending_detail})
 }
 
 fn job_json(j: &proto::Job) -> serde_json::Value {
@@ -704,6 +812,9 @@ fn print_task(t: &proto::Task, json_out: bool) {
     println!("attempt   {} of {} ({} failed)", t.attempt, t.max_attempts, t.failures);
     if !t.worker_id.is_empty() {
         println!("worker    {}", t.worker_id);
+    }
+    if !t.pending_detail.is_empty() {
+        println!("waiting   {}", t.pending_detail);
     }
     if !t.job_id.is_empty() {
         println!("job       {}", t.job_id);

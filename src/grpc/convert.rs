@@ -9,7 +9,10 @@ use tonic::Status;
 
 use super::status::invalid;
 use crate::{
-    domain::{self, Assignment, JobId, NewTask, Task, TaskId, TaskState, WorkerId, WorkerState},
+    domain::{
+        self, Assignment, JobId, NewTask, PendingReason, Task, TaskId, TaskState, Waiting, WorkerId,
+        WorkerState,
+    },
     proto,
     registry::Push,
 };
@@ -197,6 +200,35 @@ pub fn worker_state(s: WorkerState) -> proto::WorkerState {
     }
 }
 
+pub fn pending_reason(r: PendingReason) -> proto::PendingReason {
+    match r {
+        PendingReason::NoWorker => proto::PendingReason::NoWorker,
+        PendingReason::WorkersBusy => proto::PendingReason::WorkersBusy,
+        PendingReason::Delayed => proto::PendingReason::Delayed,
+        PendingReason::Queued => proto::PendingReason::Queued,
+    }
+}
+
+/// A task with why it waits (for a pending task).
+pub fn waiting_task(t: Task, waiting: Option<Waiting>) -> proto::Task {
+    let mut p = proto::Task::from(t);
+    if let Some(w) = waiting {
+        p.pending_reason = pending_reason(w.reason) as i32;
+        p.pending_detail = w.detail;
+    }
+    p
+}
+
+/// A watch event with why the task waits (for a pending task).
+pub fn waiting_event(t: &Task, waiting: Option<&Waiting>) -> proto::TaskEvent {
+    let mut e = proto::TaskEvent::from(t);
+    if let Some(w) = waiting {
+        e.pending_reason = pending_reason(w.reason) as i32;
+        e.pending_detail = w.detail.clone();
+    }
+    e
+}
+
 impl From<Task> for proto::Task {
     fn from(t: Task) -> Self {
         proto::Task {
@@ -220,6 +252,8 @@ impl From<Task> for proto::Task {
             assigned_at: opt_timestamp(t.assigned_at),
             started_at: opt_timestamp(t.started_at),
             finished_at: opt_timestamp(t.finished_at),
+            pending_reason: proto::PendingReason::Unspecified as i32,
+            pending_detail: String::new(),
         }
     }
 }
@@ -238,6 +272,8 @@ impl From<&Task> for proto::TaskEvent {
                 Vec::new()
             },
             at: Some(timestamp(t.updated_at)),
+            pending_reason: proto::PendingReason::Unspecified as i32,
+            pending_detail: String::new(),
         }
     }
 }

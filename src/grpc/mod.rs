@@ -20,9 +20,10 @@ use uuid::Uuid;
 
 use crate::{
     batch::Batcher,
-    domain::{Attempt, TaskState, WorkerId, WorkerState},
+    domain::{Attempt, NewTask, Task, TaskState, Waiting, WorkerId, WorkerState},
     effects::{Effects, Reported},
     events::{ANY_TASK, Events},
+    fleet::{Fleet, FleetView},
     proto::{self, coordinator_service_server::CoordinatorService},
     registry::{Push, Registry},
     store::{
@@ -39,8 +40,11 @@ pub struct ServiceConfig {
     pub retry: RetryPolicy,
     pub limits: SubmitLimits,
     /// How often a `WatchTask` stream re-reads its task when no local event arrives (changes
-    /// made through another replica).
+    /// made through another replica, and a new reason a pending task waits).
     pub watch_poll: Duration,
+    /// Refuse a submission of a type no live worker declared (`tasks.reject_unknown_types`);
+    /// otherwise it is accepted with a warning.
+    pub reject_unknown_types: bool,
 }
 
 /// The batched store writes the handlers share; the app spawns their loops and waits for them
@@ -70,6 +74,8 @@ struct Inner {
     effects: Effects,
     events: Events,
     batchers: Batchers,
+    /// What the live workers run, across replicas.
+    fleet: Fleet,
     /// Cancelled when shutdown begins: open streams end with `Unavailable` and new
     /// registrations and streams are refused.
     closing: CancellationToken,
@@ -85,7 +91,61 @@ impl Service {
         batchers: Batchers,
         closing: CancellationToken,
     ) -> Self {
-        Self { inner: Arc::new(Inner { config, store, registry, effects, events, batchers, closing }) }
+        let fleet = Fleet::new(store.clone(), registry.clone(), config.heartbeat_timeout);
+        Self { inner: Arc::new(Inner { config, store, registry, effects, events, batchers, fleet, closing }) }
+    }
+
+    /// Checks the types of a submission against the live fleet: the warnings to answer with
+    /// (one per type no live worker declared), or FAILED_PRECONDITION naming those types when
+    /// `reject_unknown_types` is on. Also returns the view, to say why the new tasks wait.
+    async fn check_types(&self, tasks: &[NewTask]) -> Result<(Option<FleetView>, Vec<String>), Status> {
+        let mut types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
+        types.sort_unstable();
+        types.dedup();
+        let view = match self.inner.fleet.view_for(&types).await {
+            Ok(view) => view,
+            Err(e) if self.inner.config.reject_unknown_types => return Err(status::store(e)),
+            // The submission itself says whether the database is there; a warning is advice.
+            Err(error) => {
+                warn!(%error, "cannot read the live workers; submission not checked against them");
+                return Ok((None, Vec::new()));
+            }
+        };
+        let unknown: Vec<&str> = types.into_iter().filter(|t| !view.runs(t)).collect();
+        if unknown.is_empty() {
+            return Ok((Some(view), Vec::new()));
+        }
+        if self.inner.config.reject_unknown_types {
+            return Err(Status::failed_precondition(view.refusal(&unknown)));
+        }
+        info!(task_types = ?unknown, "task type submitted that no live worker runs; its tasks wait");
+        let warnings = unknown.iter().map(|t| view.unknown_type_warning(t)).collect();
+        Ok((Some(view), warnings))
+    }
+
+    /// The fleet as now, to say why pending tasks wait; `None` (no reasons given) when the
+    /// database cannot be read: reading a task does not fail for that.
+    async fn fleet_view(&self) -> Option<FleetView> {
+        match self.inner.fleet.view().await {
+            Ok(view) => Some(view),
+            Err(error) => {
+                warn!(%error, "cannot read the live workers; pending tasks are shown without a reason");
+                None
+            }
+        }
+    }
+
+    /// Tasks on the wire, each pending one with why it waits (one fleet read for all of them).
+    async fn tasks_out(&self, tasks: Vec<Task>) -> Vec<proto::Task> {
+        let view = match tasks.iter().any(|t| t.state == TaskState::Pending) {
+            true => self.fleet_view().await,
+            false => None,
+        };
+        let waiting = match view {
+            Some(v) => v.waiting_each(&tasks, Utc::now()),
+            None => vec![None; tasks.len()],
+        };
+        tasks.into_iter().zip(waiting).map(|(t, w)| convert::waiting_task(t, w)).collect()
     }
 
     fn refuse_if_closing(&self) -> Result<(), Status> {
@@ -118,6 +178,67 @@ impl Service {
             }
         };
         Ok(Response::new(proto::ReportResponse { duplicate, status: convert::task_state(state) as i32 }))
+    }
+}
+
+/// What a `WatchTask` stream last showed of its task: a new event goes out when this changes.
+#[derive(Debug, Clone, PartialEq)]
+struct Shown {
+    state: TaskState,
+    attempt: Attempt,
+    worker: Option<WorkerId>,
+    waiting: Option<Waiting>,
+}
+
+impl Shown {
+    fn of(task: &Task, waiting: &Option<Waiting>) -> Self {
+        Self {
+            state: task.state,
+            attempt: task.attempt,
+            worker: task.worker_id.clone(),
+            waiting: waiting.clone(),
+        }
+    }
+}
+
+impl Service {
+    /// Why `task` waits, if it is pending.
+    async fn waiting(&self, task: &Task) -> Option<Waiting> {
+        if task.state != TaskState::Pending {
+            return None;
+        }
+        self.fleet_view().await?.waiting(task, Utc::now())
+    }
+
+    /// The `running` event of `task`'s current attempt, when a watch that has not shown it is
+    /// about to show the attempt's end (the task is terminal, or pending again) and the attempt
+    /// did start on its worker: its history row has a start (the delivery mark, a lease
+    /// renewal, or the worker's own report). A fast task goes assigned -> completed in the
+    /// database before the batched running mark is written; its watchers still see it run. An
+    /// attempt that never reached its worker (cancelled or requeued while assigned) has no
+    /// start, and no running event.
+    async fn missed_running(&self, task: &Task) -> Option<proto::TaskEvent> {
+        let ended = task.state.is_terminal() || task.state == TaskState::Pending;
+        if task.attempt == 0 || !ended {
+            return None;
+        }
+        let attempts = match self.inner.store.attempts(task.id).await {
+            Ok(a) => a,
+            Err(error) => {
+                warn!(%error, task_id = %task.id, "cannot read the attempts of a watched task");
+                return None;
+            }
+        };
+        let a = attempts.into_iter().find(|a| a.attempt == task.attempt)?;
+        let started = a.started_at?;
+        Some(proto::TaskEvent {
+            task_id: task.id.to_string(),
+            status: proto::TaskStatus::Running as i32,
+            attempt: a.attempt,
+            worker_id: a.worker_id.0,
+            at: Some(convert::timestamp(started)),
+            ..Default::default()
+        })
     }
 }
 
@@ -486,13 +607,16 @@ impl CoordinatorService for Service {
         request: Request<proto::SubmitTaskRequest>,
     ) -> Result<Response<proto::SubmitTaskResponse>, Status> {
         let task = convert::new_task("", request.into_inner(), &self.inner.config.limits)?;
+        let (view, warnings) = self.check_types(std::slice::from_ref(&task)).await?;
         let created = self.inner.store.create_tasks(&[task]).await.map_err(status::store)?;
         let c = created.into_iter().next().ok_or_else(status::internal_error)?;
         self.inner.effects.submitted(usize::from(c.created));
+        let waiting = view.as_ref().and_then(|v| v.waiting(&c.task, Utc::now()));
         Ok(Response::new(proto::SubmitTaskResponse {
             task_id: c.task.id.to_string(),
             created: c.created,
-            task: Some(c.task.into()),
+            task: Some(convert::waiting_task(c.task, waiting)),
+            warnings,
         }))
     }
 
@@ -510,17 +634,25 @@ impl CoordinatorService for Service {
             .enumerate()
             .map(|(i, t)| convert::new_task(&format!("tasks[{i}]."), t, &self.inner.config.limits))
             .collect::<Result<Vec<_>, _>>()?;
+        let (view, warnings) = self.check_types(&tasks).await?;
         let created = self.inner.store.create_tasks(&tasks).await.map_err(status::store)?;
         self.inner.effects.submitted(created.iter().filter(|c| c.created).count());
+        let waiting = match &view {
+            Some(v) => v.waiting_each(created.iter().map(|c| &c.task), Utc::now()),
+            None => vec![None; created.len()],
+        };
         Ok(Response::new(proto::SubmitTasksResponse {
             results: created
                 .into_iter()
-                .map(|c| proto::SubmitTaskResponse {
+                .zip(waiting)
+                .map(|(c, waiting)| proto::SubmitTaskResponse {
                     task_id: c.task.id.to_string(),
                     created: c.created,
-                    task: Some(c.task.into()),
+                    task: Some(convert::waiting_task(c.task, waiting)),
+                    warnings: Vec::new(),
                 })
                 .collect(),
+            warnings,
         }))
     }
 
@@ -530,7 +662,7 @@ impl CoordinatorService for Service {
     ) -> Result<Response<proto::Task>, Status> {
         let id = convert::task_id("task_id", &request.get_ref().task_id)?;
         match self.inner.store.get_task(id).await.map_err(status::store)? {
-            Some(t) => Ok(Response::new(t.into())),
+            Some(t) => Ok(Response::new(self.tasks_out(vec![t]).await.remove(0))),
             None => Err(Status::not_found(format!("task {id} not found"))),
         }
     }
@@ -570,10 +702,7 @@ impl CoordinatorService for Service {
         } else {
             String::new()
         };
-        Ok(Response::new(proto::ListTasksResponse {
-            tasks: tasks.into_iter().map(Into::into).collect(),
-            next_page_token,
-        }))
+        Ok(Response::new(proto::ListTasksResponse { tasks: self.tasks_out(tasks).await, next_page_token }))
     }
 
     async fn cancel_task(
@@ -619,8 +748,12 @@ impl CoordinatorService for Service {
         let service = self.clone();
         let stream = async_stream::stream! {
             let inner = &service.inner;
-            let mut last = (first.state, first.attempt, first.worker_id.clone());
-            yield Ok(proto::TaskEvent::from(&first));
+            let waiting = service.waiting(&first).await;
+            let mut last = Shown::of(&first, &waiting);
+            // The attempt whose running state needs no event from this watch: shown, or over
+            // before the watch began. `None` while the first attempt seen is still assigned.
+            let mut ran = (first.state != TaskState::Assigned).then_some(first.attempt);
+            yield Ok(convert::waiting_event(&first, waiting.as_ref()));
             if first.state.is_terminal() {
                 return;
             }
@@ -656,10 +789,19 @@ impl CoordinatorService for Service {
                         return;
                     }
                 };
-                let now = (task.state, task.attempt, task.worker_id.clone());
+                let waiting = service.waiting(&task).await;
+                let now = Shown::of(&task, &waiting);
                 if now != last {
+                    if ran != Some(task.attempt)
+                        && let Some(running) = service.missed_running(&task).await
+                    {
+                        yield Ok(running);
+                    }
+                    if ran != Some(task.attempt) && task.state != TaskState::Assigned {
+                        ran = Some(task.attempt);
+                    }
+                    yield Ok(convert::waiting_event(&task, waiting.as_ref()));
                     last = now;
-                    yield Ok(proto::TaskEvent::from(&task));
                 }
                 if task.state.is_terminal() {
                     return;
@@ -686,11 +828,13 @@ impl CoordinatorService for Service {
             .enumerate()
             .map(|(i, t)| convert::new_task(&format!("tasks[{i}]."), t, &self.inner.config.limits))
             .collect::<Result<Vec<_>, _>>()?;
+        let (_, warnings) = self.check_types(&tasks).await?;
         let (job, created) = self.inner.store.create_job(&req.name, tasks).await.map_err(status::store)?;
         self.inner.effects.submitted(created.iter().filter(|c| c.created).count());
         Ok(Response::new(proto::SubmitJobResponse {
             job_id: job.id.to_string(),
             task_ids: created.iter().map(|c| c.task.id.to_string()).collect(),
+            warnings,
         }))
     }
 

@@ -654,6 +654,14 @@ impl Store {
         timed!("list_workers", self, s => s.list_workers().await)
     }
 
+    /// Workers that can take work as the database sees them, whichever replica they are
+    /// connected to: ACTIVE or SUSPECT and heard from within `silence` (the row of a worker whose
+    /// replica died stays `active`, but its heartbeat time stops moving), each with the tasks it
+    /// holds. One statement, on an index of live rows.
+    pub async fn live_workers(&self, silence: Duration) -> Result<Vec<WorkerRecord>> {
+        timed!("live_workers", self, s => s.live_workers(silence).await)
+    }
+
     /// Totals from the attempts history; `None` for an unknown worker.
     pub async fn worker_stats(&self, id: &WorkerId) -> Result<Option<WorkerStats>> {
         timed!("worker_stats", self, s => s.worker_stats(id).await)

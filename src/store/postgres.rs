@@ -815,6 +815,11 @@ impl PgStore {
         rows.iter().map(worker_from_row).collect()
     }
 
+    pub(super) async fn live_workers(&self, silence: Duration) -> Result<Vec<WorkerRecord>> {
+        let rows = sqlx::query(WORKER_SELECT_LIVE).bind(duration_ms(silence)).fetch_all(&self.pool).await?;
+        rows.iter().map(worker_from_row).collect()
+    }
+
     pub(super) async fn worker_stats(&self, id: &WorkerId) -> Result<Option<WorkerStats>> {
         let Some(worker) = self.get_worker(id).await? else {
             return Ok(None);
@@ -879,6 +884,11 @@ impl PgStore {
 const WORKER_SELECT_ALL: &str = "SELECT w.*, (SELECT count(*) FROM tasks t
         WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
      FROM workers w ORDER BY w.id";
+const WORKER_SELECT_LIVE: &str = "SELECT w.*, (SELECT count(*) FROM tasks t
+        WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
+     FROM workers w
+     WHERE w.state IN ('active', 'suspect') AND w.last_heartbeat_at > now() - $1::bigint * interval '1 millisecond'
+     ORDER BY w.id";
 const WORKER_SELECT_ONE: &str = "SELECT w.*, (SELECT count(*) FROM tasks t
         WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
      FROM workers w WHERE w.id = $1";

@@ -766,6 +766,12 @@ impl SqliteStore {
         rows.iter().map(worker_from_row).collect()
     }
 
+    pub(super) async fn live_workers(&self, silence: Duration) -> Result<Vec<WorkerRecord>> {
+        let since = Utc::now() - chrono::Duration::milliseconds(duration_ms(silence));
+        let rows = sqlx::query(WORKER_SELECT_LIVE).bind(micros(since)).fetch_all(&self.reader).await?;
+        rows.iter().map(worker_from_row).collect()
+    }
+
     pub(super) async fn worker_stats(&self, id: &WorkerId) -> Result<Option<WorkerStats>> {
         let Some(worker) = self.get_worker(id).await? else {
             return Ok(None);
@@ -830,6 +836,9 @@ impl SqliteStore {
 const WORKER_SELECT_ALL: &str = "SELECT w.*, (SELECT count(*) FROM tasks t
         WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
      FROM workers w ORDER BY w.id";
+const WORKER_SELECT_LIVE: &str = "SELECT w.*, (SELECT count(*) FROM tasks t
+        WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
+     FROM workers w WHERE w.state IN ('active', 'suspect') AND w.last_heartbeat_at > ?1 ORDER BY w.id";
 const WORKER_SELECT_ONE: &str = "SELECT w.*, (SELECT count(*) FROM tasks t
         WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
      FROM workers w WHERE w.id = ?1";

@@ -1,0 +1,643 @@
+//! coordctl and the client calls a newcomer meets first, against a coordinator in this process:
+//! a task of a type no live worker runs is accepted with a warning (or refused) and says why it
+//! waits; `watch` shows every state a task went through and exits with a code that says how the
+//! task ended; `bench` runs next to workers that take the same built-in task types.
+
+mod common;
+
+use std::{
+    process::{Command, Output, Stdio},
+    sync::Arc,
+    time::Duration,
+};
+
+use common::*;
+use coordinator::{
+    proto,
+    worker::{Worker, WorkerOptions, handlers::Handlers},
+};
+use tokio_util::sync::CancellationToken;
+
+fn coordctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .arg("--coordinator")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("COORDCTL_TOKEN")
+        .env_remove("COORDCTL_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run coordctl")
+}
+
+/// Runs coordctl off the test's runtime threads.
+async fn coordctl_async(endpoint: &str, args: &[&str]) -> Output {
+    let endpoint = endpoint.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        coordctl(&endpoint, &args)
+    })
+    .await
+    .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Local workers running every built-in handler (`noop` among them), as `coordinator dev`
+/// starts them.
+fn dev_workers(endpoint: &str, n: usize, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    let names: Vec<String> = coordinator::worker::handlers::BUILTIN.iter().map(|s| s.to_string()).collect();
+    (1..=n)
+        .map(|i| {
+            let handlers = Handlers::builtin(&names).unwrap();
+            let mut o = WorkerOptions::new(endpoint.to_owned(), format!("dev-worker-{i}"));
+            o.max_concurrent = 4;
+            o.capabilities = handlers.task_types();
+            let w = Worker::new(o, Arc::new(handlers)).unwrap();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let _ = w.run(stop).await;
+            })
+        })
+        .collect()
+}
+
+// ---- coordctl bench next to other workers ----
+
+/// `coordctl bench` against a coordinator whose own workers also run `noop` (as under
+/// `coordinator dev`): the bench's tasks go to the bench's workers only, it prints its figures
+/// and exits 0, and the workers it registered are gone from the live fleet afterwards.
+async fn bench_next_to_dev_workers(db: &TestDb) {
+    let tc = TestCoordinator::start(db, |_| {}).await;
+    let stop = CancellationToken::new();
+    let dev = dev_workers(&tc.endpoint(), 2, &stop);
+    let client = tc.client().await;
+    wait_connected(&client, &["dev-worker-1", "dev-worker-2"]).await;
+
+    let out = coordctl_async(
+        &tc.endpoint(),
+        &[
+            "bench",
+            "--tasks",
+            "300",
+            "--workers",
+            "2",
+            "--concurrency",
+            "8",
+            "--batch",
+            "100",
+            "--trickle",
+            "20",
+        ],
+    )
+    .await;
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "bench exits 0\n{}", text(&out));
+    assert!(report.contains("end to end") && report.contains("latency (trickle)"), "{}", text(&out));
+    assert!(report.contains("exactly once      yes"), "{}", text(&out));
+
+    // The dev workers ran none of the bench's tasks.
+    let mut c = client.clone();
+    for w in ["dev-worker-1", "dev-worker-2"] {
+        let stats = c
+            .get_worker_stats(proto::GetWorkerStatsRequest { worker_id: w.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.tasks_completed, 0, "{w} took bench tasks");
+    }
+    // The bench's workers deregistered when it ended.
+    let workers = c.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let bench: Vec<_> = workers.iter().filter(|w| w.worker_id.starts_with("bench-")).collect();
+    assert_eq!(bench.len(), 2, "{workers:?}");
+    for w in bench {
+        assert_ne!(
+            w.state,
+            proto::WorkerState::Active as i32,
+            "{} still active after the bench",
+            w.worker_id
+        );
+    }
+
+    stop.cancel();
+    for h in dev {
+        h.await.unwrap();
+    }
+    tc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_bench_next_to_dev_workers() {
+    let db = TestDb::sqlite().await;
+    bench_next_to_dev_workers(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn postgres_bench_next_to_dev_workers() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    bench_next_to_dev_workers(&db).await;
+    db.cleanup().await;
+}
+
+// ---- WatchTask and coordctl watch ----
+
+/// Collects a watch stream's events until it ends.
+async fn watch_events(client: &Client, task_id: &str) -> tokio::task::JoinHandle<Vec<proto::TaskEvent>> {
+    let mut c = client.clone();
+    let mut stream =
+        c.watch_task(proto::WatchTaskRequest { task_id: task_id.into() }).await.expect("watch").into_inner();
+    tokio::spawn(async move {
+        let mut events = Vec::new();
+        while let Ok(Some(ev)) = stream.message().await {
+            events.push(ev);
+        }
+        events
+    })
+}
+
+fn statuses(events: &[proto::TaskEvent]) -> Vec<proto::TaskStatus> {
+    events.iter().map(|e| proto::TaskStatus::try_from(e.status).unwrap()).collect()
+}
+
+/// A task its worker finishes before the batched running mark is written goes pending ->
+/// (assigned) -> completed in the database; the watch still shows it running, on its worker
+/// and attempt, before it shows it completed.
+async fn watch_shows_running_of_a_fast_task(db: &TestDb) {
+    let tc = TestCoordinator::start(db, |_| {}).await;
+    let mut client = tc.client().await;
+    let mut w = RawWorker::connect(&tc.endpoint(), "fast-1", 2, &["quick"]).await;
+    wait_connected(&client, &["fast-1"]).await;
+    for round in 0..3 {
+        let id = submit(&mut client, "quick", b"x").await;
+        let events = watch_events(&client, &id).await;
+        let a = w.next(Duration::from_secs(10)).await;
+        assert_eq!(a.task_id, id);
+        let r = w.complete(&id, a.attempt, b"done").await.unwrap();
+        assert!(!r.duplicate);
+        let events =
+            tokio::time::timeout(Duration::from_secs(10), events).await.expect("watch ends").unwrap();
+        let seen = statuses(&events);
+        let running = seen.iter().position(|s| *s == proto::TaskStatus::Running);
+        assert_eq!(seen.last(), Some(&proto::TaskStatus::Completed), "round {round}: {seen:?}");
+        let running = running.unwrap_or_else(|| panic!("round {round}: no running event: {seen:?}"));
+        assert_eq!(running, seen.len() - 2, "round {round}: running right before completed: {seen:?}");
+        assert_eq!(events[running].worker_id, "fast-1");
+        assert_eq!(events[running].attempt, a.attempt);
+        assert_eq!(
+            seen.iter().filter(|s| **s == proto::TaskStatus::Running).count(),
+            1,
+            "round {round}: {seen:?}"
+        );
+    }
+    drop(w);
+    tc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_watch_shows_running_of_a_fast_task() {
+    let db = TestDb::sqlite().await;
+    watch_shows_running_of_a_fast_task(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn postgres_watch_shows_running_of_a_fast_task() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    watch_shows_running_of_a_fast_task(&db).await;
+    db.cleanup().await;
+}
+
+/// A fast attempt that fails and is retried, then a fast retry: the watch shows each attempt
+/// running once, the failed one before the task waits again, the second before it completes.
+async fn watch_shows_each_attempt_running_once(db: &TestDb) {
+    let tc = TestCoordinator::start(db, |_| {}).await;
+    let mut client = tc.client().await;
+    let mut w = RawWorker::connect(&tc.endpoint(), "retry-1", 1, &["flaky"]).await;
+    wait_connected(&client, &["retry-1"]).await;
+    let id = submit(&mut client, "flaky", b"").await;
+    let events = watch_events(&client, &id).await;
+    let a = w.next(Duration::from_secs(10)).await;
+    w.fail(&id, a.attempt, true).await.unwrap();
+    let b = w.next(Duration::from_secs(10)).await;
+    assert_eq!((a.attempt, b.attempt), (1, 2));
+    w.complete(&id, b.attempt, b"").await.unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(10), events).await.expect("watch ends").unwrap();
+    let seen: Vec<(proto::TaskStatus, u32)> =
+        events.iter().map(|e| (proto::TaskStatus::try_from(e.status).unwrap(), e.attempt)).collect();
+    let running = |attempt| seen.iter().filter(|s| **s == (proto::TaskStatus::Running, attempt)).count();
+    assert!(running(1) <= 1, "{seen:?}");
+    assert_eq!(running(2), 1, "{seen:?}");
+    assert_eq!(&seen[seen.len() - 2..], [(proto::TaskStatus::Running, 2), (proto::TaskStatus::Completed, 2)]);
+    // Waiting again after attempt 1: attempt 1 was shown running before.
+    if let Some(again) = seen.iter().position(|s| *s == (proto::TaskStatus::Pending, 1)) {
+        assert_eq!(running(1), 1, "{seen:?}");
+        assert!(seen[..again].contains(&(proto::TaskStatus::Running, 1)), "{seen:?}");
+    }
+    drop(w);
+    tc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_watch_shows_each_attempt_running_once() {
+    let db = TestDb::sqlite().await;
+    watch_shows_each_attempt_running_once(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn postgres_watch_shows_each_attempt_running_once() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    watch_shows_each_attempt_running_once(&db).await;
+    db.cleanup().await;
+}
+
+/// A task cancelled before any worker took it never ran: the watch shows no running state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_shows_no_running_for_a_task_that_never_ran() {
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |_| {}).await;
+    let mut client = tc.client().await;
+    let id = submit(&mut client, "nobody-runs-this", b"").await;
+    let events = watch_events(&client, &id).await;
+    client
+        .cancel_task(proto::CancelTaskRequest { task_id: id.clone(), reason: String::new() })
+        .await
+        .unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(10), events).await.expect("watch ends").unwrap();
+    let seen = statuses(&events);
+    assert_eq!(seen.first(), Some(&proto::TaskStatus::Pending), "{seen:?}");
+    assert_eq!(seen.last(), Some(&proto::TaskStatus::Cancelled), "{seen:?}");
+    assert!(!seen.contains(&proto::TaskStatus::Running), "{seen:?}");
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// `coordctl watch` (and `submit --wait`) exit 0 for a completed task, 3 for a failed one, 4 for
+/// a cancelled one, and 1 when they cannot watch it; `watch --help` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_exit_codes_say_how_the_task_ended() {
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |_| {}).await;
+    let endpoint = tc.endpoint();
+    let mut client = tc.client().await;
+    let mut w = RawWorker::connect(&endpoint, "codes-1", 4, &["job"]).await;
+    wait_connected(&client, &["codes-1"]).await;
+
+    let completed = submit(&mut client, "job", b"").await;
+    let a = w.next(Duration::from_secs(10)).await;
+    w.complete(&completed, a.attempt, b"ok").await.unwrap();
+
+    let failed = client
+        .submit_task(proto::SubmitTaskRequest {
+            task_type: "job".into(),
+            max_attempts: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let a = w.next(Duration::from_secs(10)).await;
+    w.fail(&failed, a.attempt, false).await.unwrap();
+
+    let cancelled = submit(&mut client, "job", b"").await;
+    w.next(Duration::from_secs(10)).await;
+    client
+        .cancel_task(proto::CancelTaskRequest {
+            task_id: cancelled.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .unwrap();
+
+    for (id, code, last) in
+        [(&completed, 0, "completed"), (&failed, 3, "failed"), (&cancelled, 4, "cancelled")]
+    {
+        let out = coordctl_async(&endpoint, &["watch", id]).await;
+        assert_eq!(out.status.code(), Some(code), "watch of a {last} task\n{}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.lines().last().is_some_and(|l| l.starts_with(last)), "{}", text(&out));
+    }
+    let unknown = coordinator::domain::TaskId::new().to_string();
+    let out = coordctl_async(&endpoint, &["watch", &unknown]).await;
+    assert_eq!(out.status.code(), Some(1), "watch of an unknown task\n{}", text(&out));
+
+    let out = coordctl_async(&endpoint, &["watch", "--help"]).await;
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in ["0 ", "1 ", "3 ", "4 ", "completed", "failed", "cancelled"] {
+        assert!(help.contains(needle), "watch --help names exit status {needle:?}:\n{help}");
+    }
+    drop(w);
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+// ---- a type no live worker runs ----
+
+/// A POST over a fresh HTTP/1.1 connection: (status, body).
+async fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+fn reason(t: &proto::Task) -> proto::PendingReason {
+    proto::PendingReason::try_from(t.pending_reason).unwrap()
+}
+
+fn submit_request(task_type: &str) -> proto::SubmitTaskRequest {
+    proto::SubmitTaskRequest { task_type: task_type.into(), ..Default::default() }
+}
+
+/// A mistyped type is accepted with a warning that names it and the types the live workers run;
+/// the pending task says why it is not moving (GetTask, ListTasks, REST), as does one waiting
+/// for a busy worker and one backing off after a failure.
+async fn pending_tasks_say_why_they_wait(db: &TestDb) {
+    let tc = TestCoordinator::start(db, |c| {
+        // A retry waits long enough to be seen waiting.
+        c.tasks.retry_backoff_base = Duration::from_secs(60);
+        c.tasks.retry_backoff_max = Duration::from_secs(120);
+    })
+    .await;
+    let mut client = tc.client().await;
+    let mut w = RawWorker::connect(&tc.endpoint(), "w-1", 1, &["noop", "prime_count"]).await;
+    wait_connected(&client, &["w-1"]).await;
+
+    let resp = client.submit_task(submit_request("prime")).await.unwrap().into_inner();
+    assert_eq!(
+        resp.warnings,
+        [
+            r#"no connected worker runs type "prime" (known types: noop, prime_count); the task waits until a worker that runs it registers"#
+        ],
+    );
+    let expected = r#"no connected worker runs type "prime" (known types: noop, prime_count)"#;
+    let answered = resp.task.unwrap();
+    assert_eq!(
+        (reason(&answered), answered.pending_detail.as_str()),
+        (proto::PendingReason::NoWorker, expected)
+    );
+    let t = get_task(&mut client, &resp.task_id).await;
+    assert_eq!((reason(&t), t.pending_detail.as_str()), (proto::PendingReason::NoWorker, expected));
+    let listed = client
+        .list_tasks(proto::ListTasksRequest { task_type: "prime".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (reason(&listed[0]), listed[0].pending_detail.as_str()),
+        (proto::PendingReason::NoWorker, expected)
+    );
+    let (code, body) = http_get(tc.http, &format!("/api/v1/tasks/{}", resp.task_id)).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["pending_reason"], "PENDING_REASON_NO_WORKER", "{body}");
+    assert_eq!(v["pending_detail"], expected, "{body}");
+    let (code, body) = http_post(tc.http, "/api/v1/tasks", r#"{"task_type":"prime"}"#).await;
+    assert_eq!(code, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["warnings"][0].as_str().unwrap().starts_with(expected), "{body}");
+
+    // Batches and jobs: one warning per unknown type; a known type gets none.
+    let batch = client
+        .submit_tasks(proto::SubmitTasksRequest {
+            tasks: vec![submit_request("prime"), submit_request("prime"), submit_request("isprime")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.warnings.len(), 2, "{:?}", batch.warnings);
+    assert!(batch.warnings[0].contains(r#""isprime""#) && batch.warnings[1].contains(r#""prime""#));
+    assert!(batch.results.iter().all(|r| r.warnings.is_empty()));
+    assert!(batch.results.iter().all(|r| reason(r.task.as_ref().unwrap()) == proto::PendingReason::NoWorker));
+    let job = client
+        .submit_job(proto::SubmitJobRequest { name: "j".into(), tasks: vec![submit_request("prime")] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.warnings.len(), 1);
+
+    // The worker's one slot taken: the next task of its type waits for a free slot.
+    let first = client.submit_task(submit_request("noop")).await.unwrap().into_inner();
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    let a = w.next(Duration::from_secs(10)).await;
+    assert_eq!(a.task_id, first.task_id);
+    let second = submit(&mut client, "noop", b"").await;
+    let t = get_task(&mut client, &second).await;
+    assert_eq!(reason(&t), proto::PendingReason::WorkersBusy, "{t:?}");
+    assert_eq!(
+        t.pending_detail,
+        r#"no worker that runs type "noop" has a free slot (1 worker, all 1 slots taken)"#
+    );
+
+    // A retriable failure: the first backs off; the second takes the free slot.
+    w.fail(&first.task_id, a.attempt, true).await.unwrap();
+    let t = get_task(&mut client, &first.task_id).await;
+    assert_eq!(reason(&t), proto::PendingReason::Delayed, "{t:?}");
+    assert!(t.pending_detail.starts_with("delayed until "), "{}", t.pending_detail);
+    let b = w.next(Duration::from_secs(10)).await;
+    assert_eq!(b.task_id, second);
+    let t = get_task(&mut client, &second).await;
+    assert_eq!(
+        (reason(&t), t.pending_detail.as_str()),
+        (proto::PendingReason::Unspecified, ""),
+        "not pending"
+    );
+
+    drop(w);
+    tc.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_pending_tasks_say_why_they_wait() {
+    let db = TestDb::sqlite().await;
+    pending_tasks_say_why_they_wait(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn postgres_pending_tasks_say_why_they_wait() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    pending_tasks_say_why_they_wait(&db).await;
+    db.cleanup().await;
+}
+
+/// With `tasks.reject_unknown_types` a type no live worker runs is refused with
+/// FAILED_PRECONDITION (REST 409) in one line naming it and the known types; a batch or job
+/// holding one is refused whole; known types are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reject_unknown_types_refuses_them_in_one_line() {
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |c| c.tasks.reject_unknown_types = true).await;
+    let mut client = tc.client().await;
+
+    // No worker at all.
+    let e = client.submit_task(submit_request("noop")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(
+        e.message(),
+        r#"task type "noop" is not run by any connected worker (no worker is connected); this coordinator refuses unknown types (tasks.reject_unknown_types)"#
+    );
+
+    // A worker registered since: its types are accepted at once, others refused.
+    let _w = RawWorker::connect(&tc.endpoint(), "w-1", 2, &["noop", "echo"]).await;
+    let ok = client.submit_task(submit_request("noop")).await.unwrap().into_inner();
+    assert!(ok.created && ok.warnings.is_empty());
+    let e = client.submit_task(submit_request("prime")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message()
+            .starts_with(r#"task type "prime" is not run by any connected worker (known types: echo, noop)"#)
+    );
+    assert!(!e.message().contains('\n'));
+    let e = client
+        .submit_tasks(proto::SubmitTasksRequest {
+            tasks: vec![submit_request("echo"), submit_request("prime")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = client
+        .submit_job(proto::SubmitJobRequest {
+            name: "j".into(),
+            tasks: vec![submit_request("prime"), submit_request("nope")],
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with(r#"task types "nope", "prime" are not run"#), "{}", e.message());
+    let (code, body) = http_post(tc.http, "/api/v1/tasks", r#"{"task_type":"prime"}"#).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("failed_precondition") && body.contains(r#"\"prime\""#), "{body}");
+    // Nothing of the refused submissions was stored.
+    let all = client.list_tasks(proto::ListTasksRequest::default()).await.unwrap().into_inner().tasks;
+    assert_eq!(all.iter().map(|t| t.task_type.as_str()).collect::<Vec<_>>(), ["noop"]);
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// Replicas share one database: a worker connected to replica B runs what is submitted to
+/// replica A, so A neither warns about nor refuses its type, and A sees B's worker busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_worker_on_another_replica_counts() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let a = TestCoordinator::start(&db, |c| {
+        c.coordinator.id = "replica-a".into();
+        c.tasks.reject_unknown_types = true;
+    })
+    .await;
+    let b = TestCoordinator::start(&db, |c| c.coordinator.id = "replica-b".into()).await;
+    let mut on_b = RawWorker::connect(&b.endpoint(), "w-b", 1, &["prove"]).await;
+    let mut client_a = a.client().await;
+    let first = client_a.submit_task(submit_request("prove")).await.expect("accepted on A").into_inner();
+    assert!(first.warnings.is_empty(), "{:?}", first.warnings);
+    let e = client_a.submit_task(submit_request("verify")).await.unwrap_err();
+    assert!(e.message().contains("(known types: prove)"), "{}", e.message());
+    let got = on_b.next(Duration::from_secs(10)).await;
+    assert_eq!(got.task_id, first.task_id);
+    let second = submit(&mut client_a, "prove", b"").await;
+    wait_until("A sees B's worker busy", Duration::from_secs(10), || {
+        let mut c = client_a.clone();
+        let id = second.clone();
+        async move { reason(&get_task(&mut c, &id).await) == proto::PendingReason::WorkersBusy }
+    })
+    .await;
+    on_b.complete(&got.task_id, got.attempt, b"").await.unwrap();
+    drop(on_b);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// `coordctl submit --type late --wait` with no worker for `late`: it says on stderr why it
+/// waits and keeps waiting; a worker that runs `late` arrives, and it prints the result and
+/// exits 0. Without --wait the warning goes to stderr, and `get` and `tasks` say why it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordctl_says_why_a_task_waits_and_keeps_waiting() {
+    use std::io::BufRead;
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |_| {}).await;
+    let endpoint = tc.endpoint();
+    let client = tc.client().await;
+    let _other = RawWorker::connect(&endpoint, "w-echo", 1, &["echo"]).await;
+    wait_connected(&client, &["w-echo"]).await;
+
+    let out = coordctl_async(&endpoint, &["submit", "--type", "late-ish"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim(),
+        r#"coordctl: warning: no connected worker runs type "late-ish" (known types: echo); the task waits until a worker that runs it registers"#
+    );
+    let out = coordctl_async(&endpoint, &["get", &id]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains(r#"waiting   no connected worker runs type "late-ish" (known types: echo)"#),
+        "{}",
+        text(&out)
+    );
+    let out = coordctl_async(&endpoint, &["tasks", "--status", "pending"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.lines().next().unwrap().ends_with("WAITING"), "{listed}");
+    assert!(listed.lines().any(|l| l.starts_with(&id) && l.ends_with("no_worker")), "{listed}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        .args(["--coordinator", &endpoint, "submit", "--type", "late", "--payload", "hi", "--wait"])
+        .env_remove("COORDCTL_TOKEN")
+        .env_remove("COORDCTL_TOKEN_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (line_tx, mut line_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let first = tokio::time::timeout(Duration::from_secs(20), line_rx.recv()).await.expect("a waiting line");
+    assert_eq!(
+        first.as_deref(),
+        Some(r#"waiting: no connected worker runs type "late" (known types: echo)"#)
+    );
+    // Still waiting, and still running.
+    assert!(child.try_wait().unwrap().is_none(), "coordctl keeps waiting");
+
+    let mut late = RawWorker::connect(&endpoint, "w-late", 1, &["late"]).await;
+    let a = late.next(Duration::from_secs(10)).await;
+    late.complete(&a.task_id, a.attempt, b"hello").await.unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    reader.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}
