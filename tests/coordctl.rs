@@ -3,6 +3,7 @@
 //! waits; `watch` shows every state a task went through and exits with a code that says how the
 //! task ended; `bench` runs next to workers that take the same built-in task types.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -134,20 +135,7 @@ async fn bench_next_to_dev_workers(db: &TestDb) {
     tc.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_bench_next_to_dev_workers() {
-    let db = TestDb::sqlite().await;
-    bench_next_to_dev_workers(&db).await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-async fn postgres_bench_next_to_dev_workers() {
-    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
-    bench_next_to_dev_workers(&db).await;
-    db.cleanup().await;
-}
+on_every_backend!(bench_next_to_dev_workers);
 
 // ---- WatchTask and coordctl watch ----
 
@@ -203,20 +191,7 @@ async fn watch_shows_running_of_a_fast_task(db: &TestDb) {
     tc.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_watch_shows_running_of_a_fast_task() {
-    let db = TestDb::sqlite().await;
-    watch_shows_running_of_a_fast_task(&db).await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-async fn postgres_watch_shows_running_of_a_fast_task() {
-    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
-    watch_shows_running_of_a_fast_task(&db).await;
-    db.cleanup().await;
-}
+on_every_backend!(watch_shows_running_of_a_fast_task);
 
 /// A fast attempt that fails and is retried, then a fast retry: the watch shows each attempt
 /// running once, the failed one before the task waits again, the second before it completes.
@@ -248,20 +223,7 @@ async fn watch_shows_each_attempt_running_once(db: &TestDb) {
     tc.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_watch_shows_each_attempt_running_once() {
-    let db = TestDb::sqlite().await;
-    watch_shows_each_attempt_running_once(&db).await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-async fn postgres_watch_shows_each_attempt_running_once() {
-    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
-    watch_shows_each_attempt_running_once(&db).await;
-    db.cleanup().await;
-}
+on_every_backend!(watch_shows_each_attempt_running_once);
 
 /// A task cancelled before any worker took it never ran: the watch shows no running state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -472,20 +434,7 @@ async fn pending_tasks_say_why_they_wait(db: &TestDb) {
     tc.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_pending_tasks_say_why_they_wait() {
-    let db = TestDb::sqlite().await;
-    pending_tasks_say_why_they_wait(&db).await;
-    db.cleanup().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-async fn postgres_pending_tasks_say_why_they_wait() {
-    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
-    pending_tasks_say_why_they_wait(&db).await;
-    db.cleanup().await;
-}
+on_every_backend!(pending_tasks_say_why_they_wait);
 
 /// With `tasks.reject_unknown_types` a type no live worker runs is refused with
 /// FAILED_PRECONDITION (REST 409) in one line naming it and the known types; a batch or job

@@ -3,6 +3,7 @@
 //! health, metrics and reflection. Each test runs on SQLite, and on Postgres when
 //! `TEST_DATABASE_URL` is set.
 
+#[macro_use]
 mod common;
 
 use std::{
@@ -19,29 +20,6 @@ use coordinator::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-
-/// Runs `$name(&TestDb)` as two tests: `$name::sqlite` and `$name::postgres` (reported ignored
-/// without `TEST_DATABASE_URL`).
-macro_rules! on_every_backend {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                let db = super::TestDb::sqlite().await;
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-            async fn postgres() {
-                let db = super::TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
-                super::$name(&db).await;
-                db.cleanup().await;
-            }
-        }
-    };
-}
 
 const T: Duration = Duration::from_secs(5);
 

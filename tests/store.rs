@@ -235,6 +235,16 @@ async fn claim_ids(s: &Store, ids: &[TaskId], worker: &WorkerId, lease: Duration
     ids.iter().map(|id| got.iter().find(|a| a.task_id == *id).expect("claimed").clone()).collect()
 }
 
+/// A fenced claim of every runnable task for `worker` under `session`.
+async fn claim_all_for(s: &Store, worker: &str, session: Uuid) -> Vec<Assignment> {
+    let sessions = HashMap::from([(w(worker), session)]);
+    s.claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, |c: &[Candidate]| {
+        c.iter().map(|c| (c.id, w(worker))).collect()
+    })
+    .await
+    .expect("claim")
+}
+
 async fn claim_one(s: &Store, id: TaskId, worker: &str, lease: Duration) -> Held {
     held(&claim_ids(s, &[id], &w(worker), lease).await[0])
 }
@@ -1963,13 +1973,7 @@ mod cases {
             create_one(s, new_task("prove")).await,
             create_one(s, new_task("prove")).await,
         );
-        let sessions = HashMap::from([(w("w1"), s1)]);
-        let got = s
-            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, |c: &[Candidate]| {
-                c.iter().map(|c| (c.id, w("w1"))).collect()
-            })
-            .await
-            .expect("claim");
+        let got = claim_all_for(s, "w1", s1).await;
         assert_eq!(got.len(), 3, "{b}");
         s.mark_running(&[held_as(t3.id, "w1", 1)]).await.expect("mark running");
 
@@ -2025,13 +2029,7 @@ mod cases {
         let (s1, s2) = (Uuid::now_v7(), Uuid::now_v7());
         s.register_worker(&registration("w1", s1)).await.expect("register s1");
         let t = create_one(s, new_task("prove")).await;
-        let sessions = HashMap::from([(w("w1"), s1)]);
-        let got = s
-            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, |c: &[Candidate]| {
-                c.iter().map(|c| (c.id, w("w1"))).collect()
-            })
-            .await
-            .expect("claim");
+        let got = claim_all_for(s, "w1", s1).await;
         assert_eq!(got.len(), 1, "{b}");
         // The worker moves: a new session adopts what it holds.
         let held = s.register_worker(&registration("w1", s2)).await.expect("register s2").held;

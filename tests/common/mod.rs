@@ -26,6 +26,30 @@ pub use coordinator::store::testing::TestDb;
 
 pub type Client = coordinator::client::Client;
 
+/// Runs `$name(&TestDb)` as two tests: `$name::sqlite` and `$name::postgres` (reported ignored
+/// without `TEST_DATABASE_URL`).
+#[allow(unused_macros)]
+macro_rules! on_every_backend {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let db = super::TestDb::sqlite().await;
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+            async fn postgres() {
+                let db = super::TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+                super::$name(&db).await;
+                db.cleanup().await;
+            }
+        }
+    };
+}
+
 /// Short timings so time-based behaviour shows up in tests without long waits.
 pub fn test_config(url: &str) -> Config {
     let mut c = Config::default();
