@@ -126,7 +126,8 @@ fn the_readme_stays_short_and_points_at_the_details() {
     let readme = std::fs::read_to_string(Path::new(ROOT).join("README.md")).unwrap();
     let lines = readme.lines().count();
     assert!(lines <= README_MAX_LINES, "README.md has {lines} lines; move details into docs/");
-    for doc in ["operations", "configuration", "security", "writing-a-worker", "api", "benchmarks", "testing"] {
+    for doc in ["operations", "configuration", "security", "writing-a-worker", "api", "benchmarks", "testing"]
+    {
         assert!(readme.contains(&format!("docs/{doc}.md")), "README.md links docs/{doc}.md");
     }
 }

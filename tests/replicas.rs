@@ -163,3 +163,36 @@ async fn a_task_reported_through_the_other_replica_lasts_from_its_delivery() {
     b.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// A short task reported through replica B before replica A (which delivered it) has written
+/// its running mark: B has no record of the delivery, so the attempt's start comes from the
+/// worker's word (`held_ms`), not from the report's arrival (which measured 0 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_short_task_reported_through_the_other_replica_before_its_mark_lasts_what_the_worker_held_it() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, |_| {}).await;
+    let mut w = RawWorker::connect(&a.endpoint(), "w-early", 1, &["prove"]).await;
+    wait_connected(&a.client().await, &["w-early"]).await;
+    let id = submit(&mut a.client().await, "prove", b"x").await;
+    let got = w.next(Duration::from_secs(10)).await;
+    let received = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    w.client = b.client().await;
+    let held_ms = received.elapsed().as_millis() as u64;
+    w.complete_held(&got.task_id, got.attempt, b"done", held_ms).await.expect("complete through b");
+    let tid = id.parse().unwrap();
+    let task = db.store.get_task(tid).await.unwrap().expect("task exists");
+    assert_eq!(task.state, TaskState::Completed);
+    let attempt = db.store.attempts(tid).await.unwrap().pop().expect("an attempt");
+    for (row, started, finished) in
+        [("task", task.started_at, task.finished_at), ("attempt", attempt.started_at, attempt.finished_at)]
+    {
+        let ms = (finished.expect("finished_at") - started.expect("started_at")).num_milliseconds();
+        let low = held_ms as i64;
+        assert!((low..low + 200).contains(&ms), "the {row} row of a task held {held_ms} ms measures {ms} ms");
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}

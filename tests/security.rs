@@ -260,6 +260,7 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
             task_id: id.clone(),
             attempt: assignment.attempt,
             result: b"stolen".to_vec(),
+            held_ms: 0,
         })
         .await
         .map(|_| ()),
@@ -270,6 +271,7 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
             error: "x".into(),
             retriable: false,
             release: false,
+            held_ms: 0,
         })
         .await
         .map(|_| ()),
@@ -291,6 +293,7 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
         task_id: id.clone(),
         attempt: assignment.attempt,
         result: b"mine".to_vec(),
+        held_ms: 0,
     })
     .await
     .unwrap();
@@ -337,6 +340,7 @@ async fn rotated_certificates_serve_new_connections_while_an_open_stream_keeps_r
         task_id: id.clone(),
         attempt: a.attempt,
         result: b"ok".to_vec(),
+        held_ms: 0,
     })
     .await
     .unwrap();
@@ -460,6 +464,7 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
                     task_id: tid(),
                     attempt: 1,
                     result: vec![],
+                    held_ms: 0,
                 },
                 who,
             ))
@@ -773,6 +778,7 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
         task_id: uuid.clone(),
         attempt: 0,
         result: vec![],
+        held_ms: 0,
     };
     case!("report with attempt 0", Code::InvalidArgument, "attempt", |c| c.report_completion(rep));
 

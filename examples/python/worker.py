@@ -115,6 +115,7 @@ class Running:
     def __init__(self, attempt):
         self.attempt = attempt
         self.cancelled = threading.Event()
+        self.received = time.monotonic()  # the attempt's duration runs from here
 
 
 class Worker:
@@ -269,12 +270,13 @@ class Worker:
         if not running.cancelled.is_set():
             if task.deadline is not None and time.time() > task.deadline and not isinstance(outcome, TaskFailure):
                 outcome = TaskFailure("deadline exceeded: the task ran past its deadline", retriable=True)
-            self.deliver(a.task_id, a.attempt, outcome, running.cancelled)
+            held_ms = int((time.monotonic() - running.received) * 1000)
+            self.deliver(a.task_id, a.attempt, outcome, running.cancelled, held_ms)
         with self.lock:
             if self.running.get(a.task_id) is running:
                 del self.running[a.task_id]
 
-    def deliver(self, task_id, attempt, outcome, cancelled):
+    def deliver(self, task_id, attempt, outcome, cancelled, held_ms):
         """Sends a result until the coordinator accepts or refuses it."""
         tries = 0
         while True:
@@ -283,13 +285,15 @@ class Worker:
                     resp = self.stub.ReportFailure(
                         pb.ReportFailureRequest(
                             worker_id=self.worker_id, task_id=task_id, attempt=attempt,
-                            error=outcome.message, retriable=outcome.retriable,
+                            error=outcome.message, retriable=outcome.retriable, held_ms=held_ms,
                         ),
                         metadata=self.metadata, timeout=10,
                     )
                 else:
                     resp = self.stub.ReportCompletion(
-                        pb.ReportCompletionRequest(worker_id=self.worker_id, task_id=task_id, attempt=attempt, result=outcome),
+                        pb.ReportCompletionRequest(
+                            worker_id=self.worker_id, task_id=task_id, attempt=attempt, result=outcome, held_ms=held_ms,
+                        ),
                         metadata=self.metadata, timeout=10,
                     )
                 log.info(

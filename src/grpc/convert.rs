@@ -110,6 +110,19 @@ pub fn running_tasks(
         .collect()
 }
 
+/// Longer than this, a worker's `held_ms` is not believed.
+const MAX_HELD: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The moment a worker received an attempt it says it held for `held_ms`; `None` when it did not
+/// say (0) or says more than [`MAX_HELD`].
+pub fn held_since(held_ms: u64) -> Option<std::time::Instant> {
+    let held = Duration::from_millis(held_ms);
+    if held_ms == 0 || held > MAX_HELD {
+        return None;
+    }
+    std::time::Instant::now().checked_sub(held)
+}
+
 /// Defaults and limits applied to submissions.
 #[derive(Debug, Clone)]
 pub struct SubmitLimits {

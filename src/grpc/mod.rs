@@ -95,6 +95,16 @@ impl Service {
         Self { inner: Arc::new(Inner { config, store, registry, effects, events, batchers, fleet, closing }) }
     }
 
+    /// When the reported attempt reached its worker: this replica's own record of the delivery,
+    /// else the worker's word (`held_ms`), so a report through another replica before the
+    /// delivering one's running mark lands still measures from the delivery.
+    fn delivered(&self, held: &Held, held_ms: u64) -> Option<std::time::Instant> {
+        self.inner
+            .registry
+            .delivered_at(&held.worker_id, held.task_id, held.attempt)
+            .or_else(|| convert::held_since(held_ms))
+    }
+
     /// Checks the types of a submission against the live fleet: the warnings to answer with
     /// (one per type no live worker declared), or FAILED_PRECONDITION naming those types when
     /// `reject_unknown_types` is on. Also returns the view, to say why the new tasks wait.
@@ -517,7 +527,7 @@ impl CoordinatorService for Service {
             .batchers
             .completions
             .call(Completion {
-                delivered: self.inner.registry.delivered_at(&held.worker_id, held.task_id, held.attempt),
+                delivered: self.delivered(&held, req.held_ms),
                 held: held.clone(),
                 result: req.result,
             })
@@ -569,7 +579,7 @@ impl CoordinatorService for Service {
             held: held.clone(),
             error: truncate(req.error, convert::MAX_ERROR_LEN),
             retriable: req.retriable,
-            delivered: self.inner.registry.delivered_at(&held.worker_id, held.task_id, held.attempt),
+            delivered: self.delivered(&held, req.held_ms),
         };
         let retry = self.inner.config.retry;
         let outcome = Effects::detached(async move {

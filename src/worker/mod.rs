@@ -370,7 +370,7 @@ impl Worker {
                 let cancel = CancellationToken::new();
                 running.insert(a.task_id.clone(), Running { attempt: a.attempt, cancel: cancel.clone() });
                 drop(running);
-                tasks.spawn(self.clone().execute(a, cancel));
+                tasks.spawn(self.clone().execute(a, cancel, std::time::Instant::now()));
             }
             proto::AssignmentKind::Unspecified => {
                 warn!(worker_id = %self.opts.worker_id, task_id = %a.task_id, attempt = a.attempt, "assignment of unknown kind ignored")
@@ -379,7 +379,12 @@ impl Worker {
     }
 
     /// Runs one task and delivers its result.
-    async fn execute(self: Arc<Self>, a: proto::TaskAssignment, cancel: CancellationToken) {
+    async fn execute(
+        self: Arc<Self>,
+        a: proto::TaskAssignment,
+        cancel: CancellationToken,
+        received: std::time::Instant,
+    ) {
         let Ok(_permit) = self.slots.clone().acquire_owned().await else { return };
         let deadline = a.deadline.as_ref().and_then(|t| {
             SystemTime::UNIX_EPOCH.checked_add(Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
@@ -408,7 +413,8 @@ impl Worker {
             _ = tokio::time::sleep(time_left) => Err(TaskFailure::retriable(format!(
                 "deadline exceeded: the task ran past its deadline ({} ms)", time_left.as_millis()))),
         };
-        self.deliver(&a.task_id, a.attempt, outcome, &cancel).await;
+        let held_ms = received.elapsed().as_millis() as u64;
+        self.deliver(&a.task_id, a.attempt, outcome, held_ms, &cancel).await;
         self.forget(&a.task_id, a.attempt);
     }
 
@@ -425,6 +431,7 @@ impl Worker {
         task_id: &str,
         attempt: u32,
         outcome: Result<Vec<u8>, TaskFailure>,
+        held_ms: u64,
         cancel: &CancellationToken,
     ) {
         let mut outcome = oversize_as_failure(outcome, self.opts.max_message_size);
@@ -439,6 +446,7 @@ impl Worker {
                             task_id: task_id.to_owned(),
                             attempt,
                             result: result.clone(),
+                            held_ms,
                         })
                         .await
                 }
@@ -451,6 +459,7 @@ impl Worker {
                             error: f.message.clone(),
                             retriable: f.retriable,
                             release: false,
+                            held_ms,
                         })
                         .await
                 }
@@ -592,6 +601,7 @@ impl Worker {
                     error: "worker shut down before the task finished".into(),
                     retriable: true,
                     release: true,
+                    held_ms: 0,
                 }),
             )
             .await;

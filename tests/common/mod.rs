@@ -261,12 +261,24 @@ impl RawWorker {
         attempt: u32,
         result: &[u8],
     ) -> Result<proto::ReportResponse, tonic::Status> {
+        self.complete_held(task_id, attempt, result, 0).await
+    }
+
+    /// [`RawWorker::complete`], saying how long the worker held the attempt.
+    pub async fn complete_held(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        result: &[u8],
+        held_ms: u64,
+    ) -> Result<proto::ReportResponse, tonic::Status> {
         self.client
             .report_completion(proto::ReportCompletionRequest {
                 worker_id: self.id.clone(),
                 task_id: task_id.into(),
                 attempt,
                 result: result.to_vec(),
+                held_ms,
             })
             .await
             .map(|r| r.into_inner())
@@ -286,6 +298,7 @@ impl RawWorker {
                 error: "boom".into(),
                 retriable,
                 release: false,
+                held_ms: 0,
             })
             .await
             .map(|r| r.into_inner())
