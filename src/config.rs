@@ -780,7 +780,7 @@ pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()
 }
 
-/// Variables that override keys, for the README's reference.
+/// Variables that override keys, for the reference in docs/configuration.md.
 pub fn env_overrides() -> BTreeMap<String, String> {
     let tree = serde_norway::to_value(Config::default()).expect("config serializes");
     let mut leaves = Vec::new();

@@ -325,7 +325,7 @@ fn the_dashboard_reads_through_the_datasource_variable() {
             );
         }
     }
-    // The panels the issue asks for, and deploy/README.md lists every panel with the metrics
+    // The panels an operator needs, and deploy/README.md lists every panel with the metrics
     // its queries read.
     let titles: Vec<&str> = panels.iter().map(|p| p["title"].as_str().unwrap()).collect();
     for want in [

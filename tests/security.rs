@@ -693,7 +693,7 @@ async fn an_11_mib_submit_is_refused_and_the_connection_goes_on() {
     c.stop().await.unwrap();
 }
 
-/// The README's table of bad inputs: each is refused with its code, naming its field, and
+/// The table of bad inputs in docs/security.md: each is refused with its code, naming its field, and
 /// stores nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
