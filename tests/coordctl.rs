@@ -590,3 +590,62 @@ async fn coordctl_says_why_a_task_waits_and_keeps_waiting() {
     tc.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// Piped into a reader that has gone (`coordctl get ID | head -1` after head quit), coordctl
+/// ends quietly on SIGPIPE instead of panicking on the failed write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reader_that_goes_away_ends_coordctl_quietly() {
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |_| {}).await;
+    let endpoint = tc.endpoint();
+    let id = submit(&mut tc.client().await, "nobody-runs-this", b"x").await;
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_coordctl"))
+            .args(["--coordinator", &endpoint, "get", &id])
+            .env_remove("COORDCTL_TOKEN")
+            .env_remove("COORDCTL_TOKEN_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run coordctl");
+        // The reader is gone before coordctl writes a byte.
+        drop(child.stdout.take());
+        child.wait_with_output().expect("coordctl ends")
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{}", text(&out));
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{}", text(&out));
+    }
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A task that a free worker takes at once is "queued" for a few milliseconds: `submit --wait`
+/// does not print that as a reason it waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_wait_of_a_task_taken_at_once_prints_no_waiting_line() {
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |_| {}).await;
+    let endpoint = tc.endpoint();
+    let stop = CancellationToken::new();
+    let dev = dev_workers(&endpoint, 2, &stop);
+    wait_connected(&tc.client().await, &["dev-worker-1", "dev-worker-2"]).await;
+    for _ in 0..3 {
+        let out = coordctl_async(&endpoint, &["submit", "--type", "echo", "--payload", "hi", "--wait"]).await;
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hi", "{}", text(&out));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("waiting:"), "{}", text(&out));
+    }
+    stop.cancel();
+    for h in dev {
+        h.await.unwrap();
+    }
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -165,6 +165,14 @@ enum JobCmd {
 }
 
 fn main() -> ExitCode {
+    // Piped into `head` or a pager that quits: end quietly when the reader goes away, as
+    // command-line tools do, instead of panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; it only resets a signal
+    // disposition to the default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let quiet = coordinator::config::LoggingConfig {
         level: "warn".into(),
@@ -297,7 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             if ev.error.is_empty() { String::new() } else { format!(" ({})", ev.error) };
                         println!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
                     }
-                    waiting.show(&ev.pending_detail, false);
+                    waiting.show(ev.pending_reason, &ev.pending_detail, false);
                     last = Some(state);
                 }
                 if is_terminal(ev.status) {
@@ -502,7 +510,7 @@ async fn wait_task(c: &mut Client, task_id: &str) -> anyhow::Result<proto::Task>
     let mut waiting = Waiting::default();
     let mut ended = false;
     while let Some(ev) = stream.message().await? {
-        waiting.show(&ev.pending_detail, tty);
+        waiting.show(ev.pending_reason, &ev.pending_detail, tty);
         if tty {
             eprint!("\r\x1b[2K{task_id}: {} (attempt {})", status_name(ev.status), ev.attempt);
         }
@@ -674,14 +682,32 @@ async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Re
 }
 
 /// The reason a watched task waits, printed to stderr as a `waiting:` line when it changes.
-#[derive(Debug, Default)]
+/// "Queued" (a worker has room; the task waits its turn) is what every task says for the few
+/// milliseconds before it is assigned, so it is shown only once the watch is older than
+/// [`QUEUED_QUIET`].
+#[derive(Debug)]
 struct Waiting {
     last: String,
+    since: std::time::Instant,
+}
+
+/// How long a task may be queued before `waiting:` says so.
+const QUEUED_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self { last: String::new(), since: std::time::Instant::now() }
+    }
 }
 
 impl Waiting {
-    /// `detail` is the event's pending detail (empty once the task is no longer pending).
-    fn show(&mut self, detail: &str, tty: bool) {
+    /// `detail` is the event's pending detail (empty once the task is no longer pending),
+    /// `reason` its pending reason.
+    fn show(&mut self, reason: i32, detail: &str, tty: bool) {
+        let queued = reason == proto::PendingReason::Queued as i32;
+        if queued && self.since.elapsed() < QUEUED_QUIET {
+            return;
+        }
         if detail != self.last && !detail.is_empty() {
             if tty {
                 // Off the progress line, which the caller redraws.
