@@ -893,7 +893,11 @@ impl Registry {
             let mut state = self.lock();
             state.sessions.retain(|id, s| {
                 let silent = now.saturating_duration_since(s.last_seen);
+                // A worker that deregistered, holds nothing and closed its stream has left: one
+                // heartbeat_timeout of silence is enough, and it is not a failure.
+                let left = s.state == WorkerState::Draining && s.in_flight.is_empty() && s.stream.is_none();
                 let next = match s.state {
+                    WorkerState::Draining if left && silent > timeout => Some(WorkerState::Dead),
                     WorkerState::Active | WorkerState::Draining if silent > timeout * 3 => {
                         Some(WorkerState::Dead)
                     }
@@ -908,7 +912,7 @@ impl Registry {
                     _ => None,
                 };
                 if let Some(next) = next {
-                    changes.push((id.clone(), s.session_id, s.state, next));
+                    changes.push((id.clone(), s.session_id, s.state, next, left));
                     s.state = next;
                     if next == WorkerState::Dead {
                         s.dead_since = Some(now);
@@ -922,9 +926,10 @@ impl Registry {
         for id in removed {
             info!(worker_id = %id, "forgot dead worker");
         }
-        for (id, session, from, to) in changes {
+        for (id, session, from, to, left) in changes {
             metrics::worker_transition(from, to);
             match to {
+                WorkerState::Dead if left => info!(worker_id = %id, "worker left: drained and gone quiet"),
                 WorkerState::Dead => {
                     warn!(worker_id = %id, "worker is dead: no heartbeat for 3x heartbeat_timeout")
                 }
@@ -983,6 +988,30 @@ mod tests {
 
     fn in_flight(r: &Registry, w: &WorkerId) -> u32 {
         r.session(w).map(|s| s.in_flight).unwrap_or_default()
+    }
+
+    /// A worker that deregistered and holds nothing is gone after one heartbeat_timeout of
+    /// silence, not three (it is not listed as draining, then dead, for a minute after a clean
+    /// stop); a draining worker that still holds a task keeps the usual 3x.
+    #[tokio::test]
+    async fn a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout() {
+        let db = TestDb::sqlite().await;
+        let mut cfg = config();
+        cfg.heartbeat_timeout = Duration::from_secs(1);
+        let (r, _dead) = Registry::new(cfg, db.store.clone(), Wake::default());
+        let (gone, busy) = (WorkerId::from("gone"), WorkerId::from("busy"));
+        r.register(registration("gone")).await.unwrap();
+        assign(&db.store, &busy).await;
+        r.register(registration("busy")).await.unwrap();
+        assert_eq!(in_flight(&r, &busy), 1, "it holds its task");
+        r.deregister(&gone).await.unwrap();
+        r.deregister(&busy).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        r.check_liveness().await;
+        let state = |w: &WorkerId| r.session(w).map(|s| s.state);
+        assert_eq!(state(&gone), Some(WorkerState::Dead), "left after one timeout");
+        assert_eq!(state(&busy), Some(WorkerState::Draining), "still holds a task: 3x the timeout");
+        db.cleanup().await;
     }
 
     /// A report's release that lands while a registration of the same worker waits on the
