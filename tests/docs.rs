@@ -26,18 +26,22 @@ fn documents() -> Vec<PathBuf> {
     files
 }
 
+/// The lines of `text` outside fenced code blocks.
+fn prose(text: &str) -> impl Iterator<Item = &str> {
+    let mut in_code = false;
+    text.lines().filter(move |line| {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            return false;
+        }
+        !in_code
+    })
+}
+
 /// The targets of the Markdown links `[text](target)` in `text`, outside code blocks.
 fn links(text: &str) -> Vec<String> {
     let mut out = Vec::new();
-    let mut in_code = false;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            in_code = !in_code;
-            continue;
-        }
-        if in_code {
-            continue;
-        }
+    for line in prose(text) {
         let mut rest = line;
         while let Some(i) = rest.find("](") {
             rest = &rest[i + 2..];
@@ -64,15 +68,7 @@ fn slug(heading: &str) -> String {
 /// Every anchor a link may name in `text`: heading slugs and `<a id="...">`.
 fn anchors(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let mut in_code = false;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            in_code = !in_code;
-            continue;
-        }
-        if in_code {
-            continue;
-        }
+    for line in prose(text) {
         if let Some(h) = line.strip_prefix('#') {
             out.insert(slug(h.trim_start_matches('#')));
         }

@@ -134,11 +134,13 @@ async fn a_replica_the_worker_left_never_takes_its_tasks_back() {
     db.cleanup().await;
 }
 
-/// A task pushed by replica A and reported through replica B lasts from its delivery by A to
-/// its report on B: one clock (the database's) for both ends, and B does not restart it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-async fn a_task_reported_through_the_other_replica_lasts_from_its_delivery() {
+/// Runs a task pushed by replica A and reported through replica B after `runs`, the report
+/// saying how long the worker held the attempt when `say_held`; returns how long the worker held
+/// it and what the task and attempt rows measure, in ms.
+async fn reported_through_the_other_replica(
+    runs: Duration,
+    say_held: bool,
+) -> (u64, [(&'static str, i64); 2]) {
     let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
     let (a, b) = pair(&db, |_| {}).await;
     let mut w = RawWorker::connect(&a.endpoint(), "w-ab", 1, &["prove"]).await;
@@ -146,22 +148,39 @@ async fn a_task_reported_through_the_other_replica_lasts_from_its_delivery() {
     let id = submit(&mut a.client().await, "prove", b"x").await;
     let got = w.next(Duration::from_secs(10)).await;
     assert_eq!(got.task_id, id);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let received = std::time::Instant::now();
+    tokio::time::sleep(runs).await;
     w.client = b.client().await;
-    w.complete(&got.task_id, got.attempt, b"done").await.expect("complete through b");
+    let held_ms = received.elapsed().as_millis() as u64;
+    let said = if say_held { held_ms } else { 0 };
+    w.complete_held(&got.task_id, got.attempt, b"done", said).await.expect("complete through b");
     let tid = id.parse().unwrap();
     let task = db.store.get_task(tid).await.unwrap().expect("task exists");
     assert_eq!(task.state, TaskState::Completed);
     let attempt = db.store.attempts(tid).await.unwrap().pop().expect("an attempt");
-    for (row, started, finished) in
-        [("task", task.started_at, task.finished_at), ("attempt", attempt.started_at, attempt.finished_at)]
-    {
-        let ms = (finished.expect("finished_at") - started.expect("started_at")).num_milliseconds();
-        assert!((700..900).contains(&ms), "the {row} row of a 700 ms task measures {ms} ms");
-    }
+    let ms = |started: Option<chrono::DateTime<chrono::Utc>>,
+              finished: Option<chrono::DateTime<chrono::Utc>>| {
+        (finished.expect("finished_at") - started.expect("started_at")).num_milliseconds()
+    };
+    let rows = [
+        ("task", ms(task.started_at, task.finished_at)),
+        ("attempt", ms(attempt.started_at, attempt.finished_at)),
+    ];
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     db.cleanup().await;
+    (held_ms, rows)
+}
+
+/// A task pushed by replica A and reported through replica B lasts from its delivery by A to
+/// its report on B: one clock (the database's) for both ends, and B does not restart it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_task_reported_through_the_other_replica_lasts_from_its_delivery() {
+    let (_, rows) = reported_through_the_other_replica(Duration::from_millis(700), false).await;
+    for (row, ms) in rows {
+        assert!((700..900).contains(&ms), "the {row} row of a 700 ms task measures {ms} ms");
+    }
 }
 
 /// A short task reported through replica B before replica A (which delivered it) has written
@@ -170,29 +189,9 @@ async fn a_task_reported_through_the_other_replica_lasts_from_its_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn a_short_task_reported_through_the_other_replica_before_its_mark_lasts_what_the_worker_held_it() {
-    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
-    let (a, b) = pair(&db, |_| {}).await;
-    let mut w = RawWorker::connect(&a.endpoint(), "w-early", 1, &["prove"]).await;
-    wait_connected(&a.client().await, &["w-early"]).await;
-    let id = submit(&mut a.client().await, "prove", b"x").await;
-    let got = w.next(Duration::from_secs(10)).await;
-    let received = std::time::Instant::now();
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    w.client = b.client().await;
-    let held_ms = received.elapsed().as_millis() as u64;
-    w.complete_held(&got.task_id, got.attempt, b"done", held_ms).await.expect("complete through b");
-    let tid = id.parse().unwrap();
-    let task = db.store.get_task(tid).await.unwrap().expect("task exists");
-    assert_eq!(task.state, TaskState::Completed);
-    let attempt = db.store.attempts(tid).await.unwrap().pop().expect("an attempt");
-    for (row, started, finished) in
-        [("task", task.started_at, task.finished_at), ("attempt", attempt.started_at, attempt.finished_at)]
-    {
-        let ms = (finished.expect("finished_at") - started.expect("started_at")).num_milliseconds();
-        let low = held_ms as i64;
+    let (held_ms, rows) = reported_through_the_other_replica(Duration::from_millis(60), true).await;
+    let low = held_ms as i64;
+    for (row, ms) in rows {
         assert!((low..low + 200).contains(&ms), "the {row} row of a task held {held_ms} ms measures {ms} ms");
     }
-    a.stop().await.unwrap();
-    b.stop().await.unwrap();
-    db.cleanup().await;
 }
