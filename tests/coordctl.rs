@@ -19,16 +19,20 @@ use coordinator::{
 };
 use tokio_util::sync::CancellationToken;
 
-fn coordctl(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_coordctl"))
-        .arg("--coordinator")
+/// coordctl against `endpoint` with `args`, no token from the environment, no stdin.
+fn coordctl_command(endpoint: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_coordctl"));
+    c.arg("--coordinator")
         .arg(endpoint)
         .args(args)
         .env_remove("COORDCTL_TOKEN")
         .env_remove("COORDCTL_TOKEN_FILE")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run coordctl")
+        .stdin(Stdio::null());
+    c
+}
+
+fn coordctl(endpoint: &str, args: &[&str]) -> Output {
+    coordctl_command(endpoint, args).output().expect("run coordctl")
 }
 
 /// Runs coordctl off the test's runtime threads.
@@ -556,11 +560,7 @@ async fn coordctl_says_why_a_task_waits_and_keeps_waiting() {
     assert!(listed.lines().next().unwrap().ends_with("WAITING"), "{listed}");
     assert!(listed.lines().any(|l| l.starts_with(&id) && l.ends_with("no_worker")), "{listed}");
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_coordctl"))
-        .args(["--coordinator", &endpoint, "submit", "--type", "late", "--payload", "hi", "--wait"])
-        .env_remove("COORDCTL_TOKEN")
-        .env_remove("COORDCTL_TOKEN_FILE")
-        .stdin(Stdio::null())
+    let mut child = coordctl_command(&endpoint, &["submit", "--type", "late", "--payload", "hi", "--wait"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -600,11 +600,7 @@ async fn a_reader_that_goes_away_ends_coordctl_quietly() {
     let endpoint = tc.endpoint();
     let id = submit(&mut tc.client().await, "nobody-runs-this", b"x").await;
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_coordctl"))
-            .args(["--coordinator", &endpoint, "get", &id])
-            .env_remove("COORDCTL_TOKEN")
-            .env_remove("COORDCTL_TOKEN_FILE")
-            .stdin(Stdio::null())
+        let mut child = coordctl_command(&endpoint, &["get", &id])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
