@@ -19,39 +19,37 @@ use tracing::{info, warn};
 
 use crate::{
     auth::Authenticator,
-    batch::Batcher,
     config::{Config, redact_url},
-    effects::{Effects, Reported},
+    core::{Core, CoreConfig, SubmitLimits, batches, effects::Effects, schedules},
+    domain::Wake,
     events::Events,
+    fleet::Fleet,
     grpc::{
-        Batchers, Service, ServiceConfig,
+        self, Service,
         auth::{GrpcAuthLayer, RateLimiter},
-        convert::SubmitLimits,
         layer::GrpcMetricsLayer,
         serve::{self, ServeConfig},
+        trace::GrpcTraceLayer,
     },
-    http::{self, HttpState},
-    metrics,
+    http::{self, HttpState, Liveness},
+    metrics::{
+        self,
+        task_types::{self, TaskTypes},
+    },
     proto::{self, coordinator_service_server::CoordinatorServiceServer},
+    pruner::Pruner,
     registry::{Registry, RegistryConfig},
     rest::RestState,
-    scheduler::{Scheduler, SchedulerConfig, SchedulerStats, Wake},
-    store::{Held, RetryPolicy, Store, StoreError, sqlite::ProcessLock},
+    scheduler::{Scheduler, SchedulerConfig, SchedulerStats},
+    store::{RetryPolicy, Store, StoreError, sqlite::ProcessLock},
     sweeper::Sweeper,
+    telemetry,
     tls::{self, ReloadingConfig},
     wakeups::Wakeups,
 };
 
-/// Rows per batched statement for completions and lease renewals.
-const BATCH_MAX: usize = 512;
-/// A delivered task is marked `running` this long after it left on its stream, in one batched
-/// statement. Short tasks have usually reported by then, and their update finds nothing to do:
-/// that halves the writes per task under load (measured: ~4,100 -> ~8,000 tasks/s on Postgres).
-/// A long task shows `running` a quarter of a second after it started.
-pub const DELIVERY_MARK_DELAY: Duration = Duration::from_millis(250);
-/// Deliveries per batch: enough for DELIVERY_MARK_DELAY at well over 10,000 tasks/s.
-const DELIVERY_BATCH_MAX: usize = 4096;
-/// How often database-derived gauges (tasks by status, unschedulable, pool) are refreshed.
+/// How often database-derived gauges (tasks by status, pending by type, pool) are refreshed, at
+/// most: at least three times within the series TTL, so no gauge that is set expires.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
 /// A coordinator whose database is open and migrated, ready to serve.
@@ -111,7 +109,8 @@ impl App {
         // Per instance, so replicas started together do not recycle connections together.
         let connection_age = (!config.grpc.max_connection_age.is_zero())
             .then(|| config.grpc.max_connection_age.mul_f64(rand::random_range(0.9..1.1)));
-        let prometheus = metrics::install();
+        let series_ttl = config.http.metrics_series_ttl;
+        let prometheus = metrics::install_with(series_ttl);
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
         let c = &config.coordinator;
@@ -124,6 +123,7 @@ impl App {
                 coordinator_id: c.id.clone(),
                 heartbeat_timeout: c.heartbeat_timeout,
                 cleanup_interval: c.cleanup_interval,
+                liveness_write_every: crate::registry::LIVENESS_WRITE_EVERY,
             },
             store.clone(),
             wake.clone(),
@@ -139,11 +139,12 @@ impl App {
         let effects = Effects::new(registry.clone(), wake.clone(), events.clone(), notifier);
 
         let lease = c.stale_task_timeout;
-        let (batchers, batch_handles) = spawn_batchers(&store, lease, &effects);
-        let service = Service::new(
-            ServiceConfig {
+        let (batchers, batch_handles) = batches::spawn(&store, lease, &effects);
+        let core = Core::new(
+            CoreConfig {
                 coordinator_id: c.id.clone(),
                 heartbeat_timeout: c.heartbeat_timeout,
+                lease,
                 retry: RetryPolicy {
                     base: config.tasks.retry_backoff_base,
                     max: config.tasks.retry_backoff_max,
@@ -175,12 +176,12 @@ impl App {
             registry.clone(),
             wake.clone(),
             events.clone(),
-            effects.clone(),
+            Arc::new(effects.clone()),
             stats.clone(),
         );
         let sweeper = Sweeper::new(
             store.clone(),
-            effects.clone(),
+            Arc::new(effects.clone()),
             c.cleanup_interval,
             c.heartbeat_timeout * 2,
             dead_rx,
@@ -196,12 +197,18 @@ impl App {
             scheduler.run(stop_assigning.clone()),
         );
         let (listen_wakeups, notify_wakeups) = wakeups.split();
-        let background: Vec<JoinHandle<()>> = vec![
+        let mut background: Vec<JoinHandle<()>> = vec![
             supervise(
                 "sweeper",
                 liveness.clone(),
                 stop_background.clone(),
                 sweeper.run(stop_background.clone()),
+            ),
+            supervise(
+                "pruner",
+                liveness.clone(),
+                stop_background.clone(),
+                Pruner::new(store.clone(), &config.retention).run(stop_background.clone()),
             ),
             supervise(
                 "registry",
@@ -213,7 +220,13 @@ impl App {
                 "gauges",
                 liveness.clone(),
                 stop_background.clone(),
-                refresh_gauges(store.clone(), registry.clone(), stop_background.clone()),
+                refresh_gauges(
+                    Fleet::new(store.clone(), registry.clone(), c.heartbeat_timeout),
+                    store.clone(),
+                    registry.clone(),
+                    series_ttl,
+                    stop_background.clone(),
+                ),
             ),
             supervise(
                 "listener",
@@ -232,8 +245,26 @@ impl App {
         );
 
         // gRPC: health and reflection beside the service, so grpcurl works without proto files.
+        // Its status follows readiness (the database, shutdown), as `/health` does.
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<CoordinatorServiceServer<Service>>().await;
+        let grpc_health = grpc::health::GrpcHealth::serving(health_reporter).await;
+        background.push(supervise(
+            "schedules",
+            liveness.clone(),
+            stop_background.clone(),
+            schedules::run(core.clone(), stop_background.clone()),
+        ));
+        background.push(supervise(
+            "grpc_health",
+            liveness.clone(),
+            stop_background.clone(),
+            grpc::health::follow_readiness(
+                grpc_health.clone(),
+                store.clone(),
+                closing.clone(),
+                stop_background.clone(),
+            ),
+        ));
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -244,12 +275,12 @@ impl App {
             .build_v1alpha()?;
         let max_recv = config.grpc.max_recv_msg_size.as_usize();
         let max_send = config.grpc.max_send_msg_size.as_usize();
-        // The REST API gets its clone first; the gRPC service takes the last one, so once both
-        // servers are done nothing holds the batchers' senders and their loops end.
+        // The REST API gets its clone of the core first; the gRPC service takes the last one, so
+        // once both servers are done nothing holds the batchers' senders and their loops end.
         // One budget per peer for client calls, over gRPC and REST alike.
         let client_limiter = RateLimiter::for_rate(config.grpc.client_rate_limit);
-        let api = RestState { service: service.clone(), auth: auth.clone(), limiter: client_limiter.clone() };
-        let coordinator_service = CoordinatorServiceServer::new(service)
+        let api = RestState { core: core.clone(), auth: auth.clone(), limiter: client_limiter.clone() };
+        let coordinator_service = CoordinatorServiceServer::new(Service::new(core))
             .max_decoding_message_size(max_recv)
             .max_encoding_message_size(max_send);
         let routes = tonic::service::Routes::new(health_service)
@@ -260,6 +291,8 @@ impl App {
         let grpc_service = ServiceBuilder::new()
             // Outermost first: refused calls are counted in the gRPC metrics too.
             .layer(GrpcMetricsLayer)
+            // Refused calls have a span too, joined to the caller's trace.
+            .layer(GrpcTraceLayer)
             .layer(GrpcAuthLayer::with_limiter(auth.clone(), client_limiter.clone()))
             .service(routes);
         let ka = &config.grpc.keepalive;
@@ -328,7 +361,7 @@ impl App {
         let _ = scheduler_task.await;
         // 2. Tell workers to go elsewhere: streams end with UNAVAILABLE, /health turns 503.
         closing.cancel();
-        health_reporter.set_not_serving::<CoordinatorServiceServer<Service>>().await;
+        grpc_health.close().await;
         // 3. Drain both servers within the deadline.
         stop_servers.cancel();
         let drained = tokio::time::timeout(deadline, async {
@@ -346,7 +379,7 @@ impl App {
             let _ = task.await;
         }
         // 5. Batched writes finish once their last senders are gone: the servers held the only
-        //    clones of the service, and have ended.
+        //    clones of the core, and have ended.
         let flushed = tokio::time::timeout(Duration::from_secs(5), async {
             for h in batch_handles {
                 let _ = h.await;
@@ -362,62 +395,9 @@ impl App {
         store.close().await;
         drop(lock);
         info!("coordinator stopped");
+        // 7. The last spans (the shutdown's own included) leave before the process does.
+        telemetry::shutdown(Duration::from_secs(5)).await;
         Ok(())
-    }
-}
-
-fn spawn_batchers(store: &Store, lease: Duration, effects: &Effects) -> (Batchers, Vec<JoinHandle<()>>) {
-    let s = store.clone();
-    let fx = effects.clone();
-    // The effects of each completion run here, in the batch loop, right after the commit: a
-    // report whose request was dropped meanwhile still frees its slot.
-    let (completions, h1) = Batcher::spawn(BATCH_MAX, move |items: Vec<crate::store::Completion>| {
-        let s = s.clone();
-        let fx = fx.clone();
-        async move {
-            let outcomes = s.complete(&items).await?;
-            for (item, outcome) in items.iter().zip(&outcomes) {
-                fx.reported(&item.held, outcome, Reported::Completed);
-            }
-            Ok(outcomes)
-        }
-    });
-    let s = store.clone();
-    let (renewals, h2) = Batcher::spawn(BATCH_MAX, move |requests: Vec<Vec<Held>>| {
-        let s = s.clone();
-        async move {
-            let all: Vec<Held> = requests.iter().flatten().cloned().collect();
-            // Matched by (task, worker, attempt): one worker's renewal never answers another's.
-            let renewed: HashSet<Held> = s.renew_leases(&all, lease).await?.into_iter().collect();
-            Ok(requests.iter().map(|r| r.iter().filter(|h| renewed.contains(h)).cloned().collect()).collect())
-        }
-    });
-    let s = store.clone();
-    let (deliveries, h3) = Batcher::spawn(DELIVERY_BATCH_MAX, move |items: Vec<(Held, Instant)>| {
-        let s = s.clone();
-        async move {
-            if let Some(oldest) = items.iter().map(|(_, at)| *at).min() {
-                tokio::time::sleep_until((oldest + DELIVERY_MARK_DELAY).into()).await;
-            }
-            s.mark_delivered(&items).await?;
-            Ok(vec![(); items.len()])
-        }
-    });
-    (Batchers { completions, renewals, deliveries }, vec![h1, h2, h3])
-}
-
-/// Whether every background loop still runs; `/health/live` answers 503 once one stopped.
-#[derive(Debug, Clone, Default)]
-pub struct Liveness(Arc<std::sync::Mutex<Option<&'static str>>>);
-
-impl Liveness {
-    /// The loop that failed, if one did.
-    pub fn failed(&self) -> Option<&'static str> {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn fail(&self, task: &'static str) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(task);
     }
 }
 
@@ -444,33 +424,59 @@ pub fn supervise(
     })
 }
 
-/// Refreshes gauges that come from the database.
-async fn refresh_gauges(store: Store, registry: Registry, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut tick = tokio::time::interval(GAUGE_REFRESH);
+/// Refreshes the gauges that come from the database, the registry and the process, publishes
+/// the `task_type` label values (types the live fleet declared within `series_ttl`, or with
+/// pending tasks), and runs the exporter's upkeep.
+async fn refresh_gauges(
+    fleet: Fleet,
+    store: Store,
+    registry: Registry,
+    series_ttl: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(GAUGE_REFRESH.min(series_ttl / 3));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut reported: HashSet<String> = HashSet::new();
+    let mut types = TaskTypes::default();
+    let exporter = metrics::install();
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
+        // What needs no I/O first, so the first scrape after start-up has it.
+        metrics::set_registry_gauges(&registry.counts());
+        metrics::process::record();
+        metrics::keep_alive();
         let counts = store.task_counts().await;
         let db_up = counts.is_ok();
         let counts = counts.unwrap_or_default();
         let pending = store.pending_by_type().await.unwrap_or_default();
-        let unschedulable: BTreeMap<String, u64> = match registry.known_types() {
-            None => BTreeMap::new(),
-            Some(known) => pending.into_iter().filter(|(t, _)| !known.contains(t)).collect(),
-        };
-        // Types that became schedulable drop to zero rather than keep their last value.
+        let view = fleet.view().await.ok();
+        // While the database is unreachable nothing is declared: the set keeps what was
+        // declared within the TTL.
+        let declared = view.as_ref().map(|v| v.known_types()).unwrap_or_default();
+        let labels = types.update(Instant::now(), &declared, &pending, series_ttl);
+        task_types::publish(labels.clone());
+        let by_label = task_types::pending_by_label(&pending, &labels, chrono::Utc::now());
+        let mut unschedulable: BTreeMap<String, u64> = BTreeMap::new();
+        if let Some(view) = &view {
+            for (t, p) in pending.iter().filter(|(t, _)| !view.runs(t)) {
+                *unschedulable.entry(task_types::label(t)).or_default() += p.count;
+            }
+        }
+        // Types that became schedulable drop to zero rather than keep their last value (and
+        // leave `/metrics` after the series TTL).
         let mut series: Vec<(String, u64)> = unschedulable.iter().map(|(t, n)| (t.clone(), *n)).collect();
         for gone in reported.iter().filter(|t| !unschedulable.contains_key(*t)) {
             series.push((gone.clone(), 0));
         }
         reported = unschedulable.keys().cloned().collect();
-        metrics::set_store_gauges(&counts, &series, store.pool_stats(), db_up);
-        metrics::set_registry_gauges(&registry.counts());
+        metrics::set_store_gauges(&counts, &series, &by_label, store.pool_stats(), db_up);
+        // Folds recorded histogram samples into their buckets: without it they pile up in
+        // memory until a scrape renders them, and nothing may scrape for hours.
+        exporter.run_upkeep();
     }
 }
 
@@ -505,56 +511,6 @@ pub async fn shutdown_on_signals(shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        domain::WorkerId,
-        registry::RegistryConfig,
-        store::{
-            Completion, TypeFilter,
-            testing::{self, TestDb},
-        },
-        wakeups::Notifier,
-    };
-
-    /// A report whose request is dropped once it is queued (a client that hung up, a connection
-    /// cut) still frees its worker's slot: the effects run in the batch loop after the commit.
-    #[tokio::test]
-    async fn a_report_dropped_after_it_was_queued_still_frees_the_slot() {
-        let db = TestDb::sqlite().await;
-        let store = db.store.clone();
-        let wake = Wake::default();
-        let config = RegistryConfig {
-            coordinator_id: "c".into(),
-            heartbeat_timeout: Duration::from_secs(30),
-            cleanup_interval: Duration::from_secs(30),
-        };
-        let (registry, _dead) = Registry::new(config, store.clone(), wake.clone());
-        let worker = WorkerId::from("w1");
-        let session = registry.register(testing::registration("w1", 1)).await.unwrap().session_id;
-        let (_stream, _rx) = registry.attach(&worker).unwrap();
-        store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
-        let w = worker.clone();
-        let a = store
-            .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])
-            .await
-            .unwrap()
-            .remove(0);
-        let held = Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt };
-        registry.push(a, session).unwrap();
-        assert_eq!(registry.session(&worker).unwrap().in_flight, 1);
-
-        let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
-        let (batchers, _handles) = spawn_batchers(&store, Duration::from_secs(60), &effects);
-        let mut call =
-            Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec(), delivered: None }));
-        assert!(futures::poll!(&mut call).is_pending(), "queued, waiting for its answer");
-        drop(call);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while registry.session(&worker).unwrap().in_flight != 0 {
-            assert!(Instant::now() < deadline, "the slot was never freed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        db.cleanup().await;
-    }
 
     #[tokio::test]
     async fn a_panicked_loop_marks_the_process_not_live_and_a_clean_stop_does_not() {

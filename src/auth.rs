@@ -6,38 +6,10 @@
 
 use std::{fmt, sync::Arc};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{AuthConfig, ConfigError, TokenConfig};
-
-/// What a token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// Worker RPCs only: register, receive tasks, heartbeat, report, deregister.
-    Worker,
-    /// Submit, get, list, watch and cancel tasks; jobs.
-    Client,
-    /// Everything, plus worker listing and statistics.
-    Admin,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Worker => "worker",
-            Role::Client => "client",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::domain::Role;
 
 /// What a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,14 +62,6 @@ impl Refusal {
 
     pub fn forbidden(reason: &'static str, message: impl Into<String>) -> Self {
         Self { reason, forbidden: true, message: message.into() }
-    }
-
-    pub fn to_status(&self) -> tonic::Status {
-        if self.forbidden {
-            tonic::Status::permission_denied(self.message.clone())
-        } else {
-            tonic::Status::unauthenticated(self.message.clone())
-        }
     }
 }
 
@@ -263,7 +227,10 @@ pub fn grpc_access(path: &str) -> Access {
             "RegisterWorker" | "SendHeartbeat" | "ReceiveTasks" | "ReportCompletion" | "ReportFailure"
             | "Deregister" => Access::Role(Role::Worker),
             "SubmitTask" | "SubmitTasks" | "GetTask" | "ListTasks" | "CancelTask" | "WatchTask"
-            | "SubmitJob" | "GetJob" => Access::Role(Role::Client),
+            | "SubmitJob" | "GetJob" | "ListJobs" | "CancelJob" | "WatchJob" | "GetFailureSummary"
+            | "ListSchedules" => Access::Role(Role::Client),
+            // Retries act on failures at large: operators only.
+            "RetryTask" | "RetryTasks" => Access::Admin,
             _ => Access::Admin,
         },
         _ => Access::Admin,

@@ -8,14 +8,12 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fmt,
     net::IpAddr,
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use serde_norway::Value;
 
 /// The file read when no `-config` flag is given.
@@ -59,6 +57,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub http: HttpConfig,
     pub logging: LoggingConfig,
+    pub retention: RetentionConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +176,41 @@ impl Default for TasksConfig {
     }
 }
 
+/// How long finished work is kept. Each age counts from the task's end (`finished_at`) or the
+/// worker's last heartbeat; `0` keeps those rows forever.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    #[serde(with = "humantime_serde")]
+    pub completed: Duration,
+    #[serde(with = "humantime_serde")]
+    pub failed: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cancelled: Duration,
+    /// Worker rows not heard from for this long (and holding no task).
+    #[serde(with = "humantime_serde")]
+    pub workers: Duration,
+    /// How often the pruner runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Rows deleted per transaction.
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 3600;
+        Self {
+            completed: Duration::from_secs(7 * DAY),
+            failed: Duration::from_secs(30 * DAY),
+            cancelled: Duration::from_secs(30 * DAY),
+            workers: Duration::from_secs(7 * DAY),
+            interval: Duration::from_secs(60),
+            batch_size: 1000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcConfig {
@@ -283,7 +317,7 @@ impl Default for AuthConfig {
 pub struct TokenConfig {
     /// A label for logs (never the token).
     pub name: String,
-    pub role: crate::auth::Role,
+    pub role: crate::domain::Role,
     /// Environment variable holding the token.
     pub env: String,
     /// File holding the token (a mounted Secret).
@@ -298,7 +332,7 @@ impl Default for TokenConfig {
     fn default() -> Self {
         Self {
             name: String::new(),
-            role: crate::auth::Role::Client,
+            role: crate::domain::Role::Client,
             env: String::new(),
             file: String::new(),
             sha256: String::new(),
@@ -322,6 +356,11 @@ pub struct HttpConfig {
     /// Serve HTTPS with the `tls` certificate (client certificates are never asked for here,
     /// so probes and Prometheus need none).
     pub tls: bool,
+    /// A gauge or histogram series nothing updated for this long leaves `/metrics`, and a task
+    /// type no live worker declared for this long (with no pending task) leaves the `task_type`
+    /// label. Gauges are refreshed at least three times within it.
+    #[serde(with = "humantime_serde")]
+    pub metrics_series_ttl: Duration,
 }
 
 impl Default for HttpConfig {
@@ -332,6 +371,7 @@ impl Default for HttpConfig {
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
             tls: false,
+            metrics_series_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -365,79 +405,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
 
-/// A size in bytes, written `10MiB`, `512KiB`, `1GiB`, `1MB` or a plain number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn as_usize(self) -> usize {
-        usize::try_from(self.0).unwrap_or(usize::MAX)
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0;
-        if n != 0 && n.is_multiple_of(GIB) {
-            write!(f, "{}GiB", n / GIB)
-        } else if n != 0 && n.is_multiple_of(MIB) {
-            write!(f, "{}MiB", n / MIB)
-        } else if n != 0 && n.is_multiple_of(KIB) {
-            write!(f, "{}KiB", n / KIB)
-        } else {
-            write!(f, "{n}")
-        }
-    }
-}
-
-impl FromStr for ByteSize {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (digits, unit) = s.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| format!("invalid size {s:?} (expected e.g. 10MiB)"))?;
-        let mult = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => KIB,
-            "MiB" => MIB,
-            "GiB" => GIB,
-            "KB" | "kB" => 1000,
-            "MB" => 1000 * 1000,
-            "GB" => 1000 * 1000 * 1000,
-            other => return Err(format!("unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB)")),
-        };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = ByteSize;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a size such as 10MiB, 512KiB or a byte count")
-            }
-            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
-                Ok(ByteSize(v))
-            }
-            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v).map(ByteSize).map_err(|_| E::custom(format!("size {v} is negative")))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                v.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_any(Visitor)
-    }
-}
+pub use coordinator_worker::ByteSize;
 
 impl Config {
     /// Loads `path` (defaults for absent keys), applies overrides from `env`, and validates.
@@ -527,6 +495,33 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        let r = &self.retention;
+        if r.interval.is_zero() {
+            return Err(invalid("retention.interval", "must be greater than 0"));
+        }
+        if !(1..=100_000).contains(&r.batch_size) {
+            return Err(invalid(
+                "retention.batch_size",
+                format!("{} is not between 1 and 100000", r.batch_size),
+            ));
+        }
+        // A worker row is what a registration of the same worker on another replica, and the
+        // sweeper of a replica that lost it, are fenced by: it must outlive any silence the
+        // registry still treats as a live worker.
+        // Heartbeat times are written with each replica's clock and compared with the
+        // database's: an hour of margin covers any clock a fleet would run with.
+        let least = (c.heartbeat_timeout * 2).max(Duration::from_secs(3600));
+        if !r.workers.is_zero() && r.workers < least {
+            return Err(invalid(
+                "retention.workers",
+                format!(
+                    "{} is shorter than {} (an hour, or twice coordinator.heartbeat_timeout if longer); \
+                     live workers' rows could be deleted",
+                    humantime::format_duration(r.workers),
+                    humantime::format_duration(least)
+                ),
+            ));
+        }
         // A live worker heartbeats every heartbeat_timeout/3 and each heartbeat renews its leases,
         // so a lease shorter than the heartbeat timeout could expire under a healthy worker.
         if c.stale_task_timeout < c.heartbeat_timeout {
@@ -538,6 +533,9 @@ impl Config {
                     humantime::format_duration(c.heartbeat_timeout)
                 ),
             ));
+        }
+        if self.http.metrics_series_ttl < Duration::from_secs(3) {
+            return Err(invalid("http.metrics_series_ttl", "must be at least 3s"));
         }
         let db = &self.database;
         if !(db.url.starts_with("postgres://")
@@ -617,7 +615,7 @@ impl Config {
             if t.name.is_empty() {
                 return Err(invalid("auth.tokens", format!("token {i} has no name")));
             }
-            if !t.worker_id.is_empty() && t.role != crate::auth::Role::Worker {
+            if !t.worker_id.is_empty() && t.role != crate::domain::Role::Worker {
                 return Err(ConfigError::Token {
                     name: t.name.clone(),
                     message: "worker_id binds worker tokens only".into(),
@@ -813,12 +811,24 @@ mod tests {
         assert_eq!(c.http.read_timeout, Duration::from_secs(5));
         assert_eq!(c.http.write_timeout, Duration::from_secs(10));
         assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.metrics_series_ttl, Duration::from_secs(600));
         assert_eq!(c.scheduler.strategy, Strategy::RoundRobin);
         // Auth is on unless turned off, and on with no tokens it refuses to start.
         assert!(c.auth.enabled);
         assert!(c.validate().unwrap_err().to_string().starts_with("config key auth.tokens:"));
         let mut c = c;
         c.auth.enabled = false;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_metrics_series_ttl_too_short_for_three_refreshes_is_refused() {
+        let mut c = Config::default();
+        c.auth.enabled = false;
+        c.http.metrics_series_ttl = Duration::from_secs(2);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("config key http.metrics_series_ttl:"), "{err}");
+        c.http.metrics_series_ttl = Duration::from_secs(3);
         c.validate().unwrap();
     }
 
@@ -907,6 +917,9 @@ mod tests {
             ("grpc.max_recv_msg_size", Box::new(|c| c.grpc.max_recv_msg_size = ByteSize(10))),
             ("logging.level", Box::new(|c| c.logging.level = "info,=[".into())),
             ("auth.tokens", Box::new(|c| c.auth.enabled = true)),
+            ("retention.workers", Box::new(|c| c.retention.workers = Duration::from_secs(30))),
+            ("retention.interval", Box::new(|c| c.retention.interval = Duration::ZERO)),
+            ("retention.batch_size", Box::new(|c| c.retention.batch_size = 0)),
         ];
         for (key, mutate) in cases {
             let mut c = Config::default();

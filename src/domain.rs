@@ -191,6 +191,10 @@ pub struct NewTask {
     pub timeout: Duration,
     pub idempotency_key: Option<String>,
     pub job_id: Option<JobId>,
+    /// Not runnable before this time; `None`: at once.
+    pub run_after: Option<DateTime<Utc>>,
+    /// The W3C trace context the task was submitted under, sent with each assignment.
+    pub traceparent: Option<String>,
 }
 
 /// A task as stored.
@@ -219,6 +223,8 @@ pub struct Task {
     pub assigned_at: Option<DateTime<Utc>>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The W3C trace context the task was submitted under.
+    pub traceparent: Option<String>,
 }
 
 /// Why a pending task is not moving (worked out when it is read, never stored).
@@ -261,6 +267,8 @@ pub struct Assignment {
     pub job_id: Option<JobId>,
     pub deadline: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    /// The task's W3C trace context, for the worker to continue.
+    pub traceparent: Option<String>,
 }
 
 /// One row of the attempts history.
@@ -337,7 +345,12 @@ pub struct WorkerRecord {
     pub session_id: Uuid,
     pub coordinator_id: String,
     pub registered_at: DateTime<Utc>,
+    /// The last heartbeat the database learned of: written about once a minute, and at each
+    /// state change.
     pub last_heartbeat_at: DateTime<Utc>,
+    /// When the worker's replica (`coordinator_id`) was last seen, if it has a row. While it is
+    /// alive, it keeps `state` current.
+    pub owner_seen_at: Option<DateTime<Utc>>,
     /// Tasks the store says this worker holds (assigned or running).
     pub in_flight: u32,
 }
@@ -376,9 +389,217 @@ impl Job {
         self.counts.get(&state).copied().unwrap_or(0)
     }
 
+    /// Tasks of the job the retention pruner deleted (they had finished): `total` less the
+    /// tasks still counted.
+    pub fn pruned(&self) -> u32 {
+        self.total.saturating_sub(self.counts.values().sum())
+    }
+
+    /// Every task finished, pruned ones included.
     pub fn done(&self) -> bool {
         let terminal: u32 = TaskState::ALL.iter().filter(|s| s.is_terminal()).map(|s| self.count(*s)).sum();
-        terminal >= self.total
+        terminal + self.pruned() >= self.total
+    }
+}
+
+/// A recurring schedule's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScheduleId(pub Uuid);
+
+impl ScheduleId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for ScheduleId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for ScheduleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What each occurrence of a schedule submits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskTemplate {
+    pub task_type: String,
+    pub payload: Vec<u8>,
+    pub priority: i32,
+    pub max_attempts: u32,
+    pub timeout: Duration,
+}
+
+impl TaskTemplate {
+    /// The task of one occurrence: its idempotency key names the schedule and the occurrence, so
+    /// an occurrence is one task however often it is fired.
+    pub fn task(&self, schedule: ScheduleId, occurrence: DateTime<Utc>) -> NewTask {
+        NewTask {
+            id: TaskId::new(),
+            task_type: self.task_type.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            timeout: self.timeout,
+            idempotency_key: Some(format!("schedule:{schedule}:{}", occurrence.timestamp_micros())),
+            job_id: None,
+            // The database's clock gates the run too: a replica whose clock runs ahead creates
+            // an occurrence early, but nothing claims it before its time.
+            run_after: Some(occurrence),
+            traceparent: None,
+        }
+    }
+}
+
+/// A schedule to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSchedule {
+    pub id: ScheduleId,
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub template: TaskTemplate,
+    pub missed: MissedRuns,
+    pub paused: bool,
+    /// The first occurrence.
+    pub next_run_at: Option<DateTime<Utc>>,
+}
+
+/// A schedule as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub id: ScheduleId,
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub template: TaskTemplate,
+    pub missed: MissedRuns,
+    pub paused: bool,
+    /// `None`: the expression matches no later time.
+    pub next_run_at: Option<DateTime<Utc>>,
+    pub last_run_at: Option<DateTime<Utc>>,
+    /// Occurrences that created a task.
+    pub runs: u64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What a schedule does with occurrences missed while no replica could fire them (older than
+/// a minute when one gets to them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum MissedRuns {
+    /// Run the latest missed occurrence once, unless an on-time one runs anyway.
+    #[default]
+    Latest,
+    /// Run none of them.
+    Skip,
+    /// Run each of them (the latest 1,000 at most).
+    All,
+}
+
+impl MissedRuns {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MissedRuns::Latest => "latest",
+            MissedRuns::Skip => "skip",
+            MissedRuns::All => "all",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MissedRuns> {
+        [MissedRuns::Latest, MissedRuns::Skip, MissedRuns::All].into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Worker RPCs only: register, receive tasks, heartbeat, report, deregister.
+    Worker,
+    /// Submit, get, list, watch and cancel tasks; jobs.
+    Client,
+    /// Everything, plus worker listing and statistics.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Client => "client",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Worker and slot counts of one coordinator's fleet, for `/health` and the gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FleetCounts {
+    pub total: u32,
+    pub active: u32,
+    pub suspect: u32,
+    pub dead: u32,
+    pub draining: u32,
+    pub capacity_total: u32,
+    pub capacity_used: u32,
+    pub streams_open: u32,
+}
+
+/// A worker as placement sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerSlot {
+    pub id: WorkerId,
+    /// Task types it runs; empty means any.
+    pub capabilities: Vec<String>,
+    /// Slots free now.
+    pub free: u32,
+    pub in_flight: u32,
+    pub max: u32,
+}
+
+impl WorkerSlot {
+    pub fn runs(&self, task_type: &str) -> bool {
+        self.capabilities.is_empty() || self.capabilities.iter().any(|c| c == task_type)
+    }
+}
+
+/// Wakes the scheduler. Cheap to clone; a wake with no waiter is remembered, so none is lost.
+#[derive(Debug, Clone, Default)]
+pub struct Wake(std::sync::Arc<tokio::sync::Notify>);
+
+impl Wake {
+    pub fn wake(&self) {
+        self.0.notify_one();
+    }
+
+    pub async fn notified(&self) {
+        self.0.notified().await;
+    }
+}
+
+/// Pending tasks of one type, as the store counts them for the gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingType {
+    pub count: u64,
+    /// The earliest `run_after` among them: when the longest-waiting one became (or becomes)
+    /// runnable. In the future when every one waits out a retry backoff.
+    pub runnable_since: DateTime<Utc>,
+}
+
+impl PendingType {
+    /// How long the longest-waiting task has been runnable at `now`; zero while none is yet.
+    pub fn waited(&self, now: DateTime<Utc>) -> Duration {
+        (now - self.runnable_since).to_std().unwrap_or_default()
     }
 }
 

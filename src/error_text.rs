@@ -4,20 +4,10 @@
 
 use std::error::Error;
 
-/// `e` and its causes on one line, `outer: cause: root`. A cause whose text the one before it
-/// already contains is dropped: transport errors repeat their inner error in their own text
-/// (`tcp connect error: tcp connect error: ...`).
+/// `e` and its causes on one line, `outer: cause: root`, each cause once, database errors
+/// without the server's source line.
 pub fn one_line(e: &(dyn Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(err) = next {
-        let text = own_text(err);
-        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = err.source();
-    }
-    parts.join(": ")
+    coordinator_worker::error::one_line_with(e, own_text)
 }
 
 /// An `anyhow` error and its causes on one line (see [`one_line`]).
@@ -25,22 +15,7 @@ pub fn anyhow_line(e: &anyhow::Error) -> String {
     one_line(&**e)
 }
 
-/// A gRPC status as `Code: message`, or, when the answer came from a plain HTTP server (the
-/// coordinator's HTTP port given where its gRPC port belongs), a line that says so.
-pub fn status_line(s: &tonic::Status) -> String {
-    let m = s.message();
-    let http_answer = m.contains("while receiving response with status:")
-        || m.contains("mapped from HTTP status code")
-        || m.contains("invalid compression flag");
-    if http_answer {
-        let grpc = crate::config::CoordinatorConfig::default().grpc_port;
-        return format!(
-            "the address answered as a plain HTTP server, not gRPC: this looks like the coordinator's \
-             HTTP port; gRPC listens on coordinator.grpc_port, default {grpc}"
-        );
-    }
-    format!("{:?}: {m}", s.code())
-}
+pub use coordinator_worker::error::status_line;
 
 /// One error's own text, with a database error stripped of the server's source line.
 fn own_text(e: &(dyn Error + 'static)) -> String {

@@ -1,7 +1,7 @@
-//! Task change notifications inside one coordinator, for `WatchTask`. Watchers re-read the task
-//! from the store on a notification (changes made by another replica arrive through
-//! [`crate::wakeups`], and a slow timer covers lost notifications), so a lagging watcher never
-//! misses a final state.
+//! Task change notifications inside one coordinator, for `WatchTask` and `WatchJob`. Watchers
+//! re-read what they follow from the store on a notification (changes made by another replica
+//! arrive through the LISTEN/NOTIFY wake-ups, and a slow timer covers lost notifications), so a
+//! lagging watcher never misses a final state.
 
 use tokio::sync::broadcast;
 

@@ -239,7 +239,7 @@ impl FleetView {
     }
 
     /// Why `task` is not moving, if it is pending, at `now`: no live worker runs its type;
-    /// it backs off until `run_after`; every worker that runs its type is busy; or it waits its
+    /// it waits for `run_after` (submitted to run later, or backing off after a failure); every worker that runs its type is busy; or it waits its
     /// turn. The first that applies, in that order: the one the operator can act on first.
     ///
     /// The detail names no counts that move with every assignment, so a watcher hears of a new
@@ -255,8 +255,13 @@ impl FleetView {
             (
                 PendingReason::Delayed,
                 format!(
-                    "delayed until {} (backoff after a failed attempt)",
-                    task.run_after.to_rfc3339_opts(SecondsFormat::Millis, true)
+                    "delayed until {} ({})",
+                    task.run_after.to_rfc3339_opts(SecondsFormat::Millis, true),
+                    if task.attempt == 0 {
+                        "submitted to run then"
+                    } else {
+                        "backoff after a failed attempt"
+                    }
                 ),
             )
         } else if let Some(busy) = self.busy(t) {
@@ -328,6 +333,7 @@ mod tests {
             coordinator_id: "other".into(),
             registered_at: Utc::now(),
             last_heartbeat_at: Utc::now(),
+            owner_seen_at: Some(Utc::now()),
             in_flight,
         }
     }
@@ -369,6 +375,7 @@ mod tests {
             assigned_at: None,
             started_at: None,
             finished_at: None,
+            traceparent: None,
         }
     }
 
@@ -432,7 +439,14 @@ mod tests {
         later.task_type = "noop".into();
         let w = view.waiting(&later, now).unwrap();
         assert_eq!(w.reason, PendingReason::Delayed);
-        assert!(w.detail.starts_with("delayed until "), "{}", w.detail);
+        assert!(
+            w.detail.starts_with("delayed until ") && w.detail.ends_with("(submitted to run then)"),
+            "{}",
+            w.detail
+        );
+        later.attempt = 1;
+        let w = view.waiting(&later, now).unwrap();
+        assert!(w.detail.ends_with("(backoff after a failed attempt)"), "{}", w.detail);
         let w = view.waiting(&pending("noop"), now).unwrap();
         assert_eq!(w.reason, PendingReason::WorkersBusy);
         assert_eq!(

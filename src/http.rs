@@ -36,6 +36,7 @@ use tracing::debug;
 use crate::{
     auth::Authenticator,
     config::HttpConfig,
+    core::{self, Readiness},
     metrics,
     registry::Registry,
     rest::{self, RestState},
@@ -59,7 +60,23 @@ pub struct HttpState {
     /// Guards `/metrics` when `auth.metrics_require_token` is set.
     pub auth: Authenticator,
     /// Set by the supervisor when a background loop stopped: `/health/live` answers 503.
-    pub liveness: crate::app::Liveness,
+    pub liveness: Liveness,
+}
+
+/// Whether every background loop still runs; `/health/live` answers 503 once one stopped.
+#[derive(Debug, Clone, Default)]
+pub struct Liveness(Arc<std::sync::Mutex<Option<&'static str>>>);
+
+impl Liveness {
+    /// The loop that failed, if one did.
+    pub fn failed(&self) -> Option<&'static str> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `task` as the loop that failed, unless one already did.
+    pub fn fail(&self, task: &'static str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(task);
+    }
 }
 
 /// Every route: the open ones here, the REST API from [`rest`]. Unknown routes get a JSON 404,
@@ -78,6 +95,35 @@ pub fn router(state: HttpState, api: RestState, request_timeout: Duration, max_b
             StatusCode::REQUEST_TIMEOUT,
             request_timeout,
         ))
+        .layer(axum::middleware::from_fn(record_request))
+}
+
+/// Records `http_requests_total{method,route,status}` and
+/// `http_request_duration_seconds{method,route}` for every request. `route` is the template the
+/// router matched (`/api/v1/tasks/{id}`), `unmatched` for a path no route has: never the raw
+/// path, whose values a caller could make unbounded.
+async fn record_request(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let resp = next.run(req).await;
+    metrics::http_request(method, route, resp.status().as_u16(), start.elapsed());
+    resp
+}
+
+/// A method from a fixed list (a client may send any token as its method).
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::PATCH, Method::HEAD, Method::OPTIONS]
+        .into_iter()
+        .zip(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+        .find(|(known, _)| known == m)
+        .map(|(_, name)| name)
+        .unwrap_or("other")
 }
 
 #[derive(Debug, Serialize)]
@@ -115,14 +161,10 @@ struct HealthBody {
     reason: Option<String>,
 }
 
-/// How long `/health` waits for the database before calling it unreachable.
-const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-
 async fn health(State(s): State<HttpState>) -> Response {
     let c = s.registry.counts();
-    let db_ok = matches!(tokio::time::timeout(DB_PROBE_TIMEOUT, s.store.ping()).await, Ok(Ok(())));
-    let closing = s.closing.is_cancelled();
-    let (status, reason) = match (closing, db_ok) {
+    let Readiness { shutting_down, database_reachable: db_ok } = core::readiness(&s.store, &s.closing).await;
+    let (status, reason) = match (shutting_down, db_ok) {
         (true, _) => ("shutting_down", Some("shutdown has begun".to_owned())),
         (false, false) => ("unhealthy", Some("database unreachable".to_owned())),
         (false, true) => ("healthy", None),

@@ -11,21 +11,37 @@
 //!
 //! # Layout
 //! [`app`] wiring and shutdown · [`config`] · [`store`] (Postgres, SQLite) · [`registry`] ·
-//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`grpc`] (+ `convert`, `status`, `layer`, `codec`,
-//! `serve`) · [`http`] · [`metrics`] · [`telemetry`] · [`batch`] group commit · [`effects`] of each
-//! task transition · [`events`] · [`fleet`] what the live workers run (submission checks, why a
-//! task waits) · [`wakeups`] across replicas (LISTEN/NOTIFY) · [`domain`] ·
-//! [`worker`] the worker side · [`proto`] generated code · [`error_text`] one line per error
+//! [`scheduler`] (+ `placement`) · [`sweeper`] · [`pruner`] retention · [`cron`] schedules' times ·
+//! [`core`] use cases and the effects of each task
+//! transition · [`grpc`] (+ `client_api`, `worker_api`, `convert`, `status`, `auth`, `layer`,
+//! `trace`, `serve`) · [`rest`] · [`http`] ·
+//! [`metrics`] · [`telemetry`] · [`batch`] group commit · [`events`] · [`fleet`] what the live
+//! workers run (submission checks, why a task waits) · [`wakeups`] across replicas
+//! (LISTEN/NOTIFY) · [`auth`] · [`tls`] · [`domain`] · [`worker_config`] the `worker` binary's
+//! file · [`proto`] the wire contract (crate `coordinator-proto`) · [`error_text`] one line per
+//! error
+//!
+//! The worker side is the `coordinator-worker` crate (the SDK provers embed; the server uses it
+//! for `coordinator dev`'s local workers); `coordctl` is a crate of its own. Both live under
+//! `crates/`.
+//!
+//! # Layering
+//! Imports point one way, each module using only those before it (`tests/layering.rs` checks):
+//! [`domain`], [`proto`] <- [`config`] <- [`cron`] <- [`error_text`] <- [`telemetry`] <- [`worker_config`]
+//! <- [`tls`] <- [`auth`] <- [`metrics`] <- [`store`] <- [`registry`] <- [`fleet`] <-
+//! [`events`] <- [`wakeups`] <- [`batch`] <- [`scheduler`], [`sweeper`], [`pruner`] <- [`core`] <- the
+//! adapters [`grpc`], [`rest`], [`http`] <- [`app`]. A type two rooms need lives in the lower one
+//! (most often [`domain`]); the scheduler and the sweeper reach the core's effects through
+//! [`scheduler::OnRequeue`].
 #![warn(missing_debug_implementations)]
 
 pub mod app;
 pub mod auth;
 pub mod batch;
-pub mod bench;
-pub mod client;
 pub mod config;
+pub mod core;
+pub mod cron;
 pub mod domain;
-pub mod effects;
 pub mod error_text;
 pub mod events;
 pub mod fleet;
@@ -33,6 +49,7 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod proto;
+pub mod pruner;
 pub mod registry;
 pub mod rest;
 pub mod scheduler;
@@ -41,4 +58,4 @@ pub mod sweeper;
 pub mod telemetry;
 pub mod tls;
 pub mod wakeups;
-pub mod worker;
+pub mod worker_config;

@@ -1,23 +1,29 @@
-//! The REST/JSON API under `/api/v1/`, for clients without gRPC. Each route calls the same
-//! handler as its gRPC method, so validation, auth roles and answers are the same; bodies are
-//! the protobuf JSON mapping of the gRPC messages (`bytes` as base64, enums by name, timestamps
-//! as RFC 3339, field names as in the .proto; lowerCamelCase is accepted on input).
+//! The REST/JSON API under `/api/v1/`, for clients without gRPC. Each route answers through the
+//! same call over the core as its gRPC method ([`crate::grpc::client_api`]), so validation, auth
+//! roles and answers are the same; bodies are the protobuf JSON mapping of the gRPC messages
+//! (`bytes` as base64, enums by name, timestamps as RFC 3339, field names as in the .proto;
+//! lowerCamelCase is accepted on input).
 //!
 //! | route | gRPC method | role |
 //! |---|---|---|
 //! | `POST /api/v1/tasks` | SubmitTask | client |
 //! | `POST /api/v1/tasks/batch` | SubmitTasks | client |
 //! | `GET /api/v1/tasks?status=&task_type=&job_id=&worker_id=&page_size=&page_token=` | ListTasks | client |
-//! | `GET /api/v1/tasks/{id}` | GetTask | client |
+//! | `GET /api/v1/tasks/{id}` (`?include_attempts=true`) | GetTask | client |
 //! | `POST /api/v1/tasks/{id}/cancel` | CancelTask | client |
 //! | `POST /api/v1/jobs` | SubmitJob | client |
 //! | `GET /api/v1/jobs/{id}?include_results=true` | GetJob | client |
+//! | `GET /api/v1/jobs?page_size=&page_token=` | ListJobs | client |
+//! | `POST /api/v1/jobs/{id}/cancel` | CancelJob | client |
+//! | `GET /api/v1/failures?since=&until=&top=` | GetFailureSummary | client |
 //! | `GET /api/v1/workers` | ListWorkers | admin |
 //! | `GET /api/v1/workers/{id}/stats` | GetWorkerStats | admin |
+//! | `POST /api/v1/tasks/{id}/retry` | RetryTask | admin |
+//! | `POST /api/v1/tasks/retry` | RetryTasks | admin |
 //!
 //! Errors are JSON: `{"error": "invalid_argument", "message": "..."}`, with the HTTP status that
 //! matches the gRPC code (400 bad input or bad JSON, 401, 403, 404, 409, 413 a body or payload
-//! over its limit, 429, 503).
+//! over its limit, 429, 503); `http_status` is the one mapping of a core error.
 //!
 //! The client routes share the per-peer limiter of the gRPC client RPCs
 //! (`grpc.client_rate_limit`): over it they answer 429 with `Retry-After`.
@@ -32,20 +38,20 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{FromRequest, Path, Query, Request, State, rejection::BytesRejection},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde_json::{Value, json};
-use tonic::{Code, Status};
+use tracing::{Instrument as _, error};
 
 use crate::{
     auth::{Access, Authenticator, Refusal, Role},
-    grpc::{Service, auth::RateLimiter},
-    metrics,
-    proto::{self, coordinator_service_server::CoordinatorService},
+    core::{Core, CoreError},
+    grpc::{auth::RateLimiter, client_api},
+    metrics, proto, telemetry,
 };
 
 static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
@@ -80,14 +86,27 @@ named!(
     SubmitJobRequest,
     SubmitJobResponse,
     Job,
+    ListWorkersRequest,
     ListWorkersResponse,
     WorkerStats,
+    CreateScheduleRequest,
+    Schedule,
+    ListSchedulesResponse,
+    DeleteScheduleResponse,
+    RetryTasksRequest,
+    RetryTasksResponse,
+    ListJobsRequest,
+    ListJobsResponse,
+    CancelJobRequest,
+    CancelJobResponse,
+    GetFailureSummaryRequest,
+    FailureSummary,
 );
 
 /// What the REST handlers need.
 #[derive(Debug, Clone)]
 pub struct RestState {
-    pub service: Service,
+    pub core: Core,
     pub auth: Authenticator,
     /// Client calls per second per peer address, shared with the gRPC auth layer; `None`: no
     /// limit.
@@ -107,17 +126,27 @@ pub fn routes(state: RestState, max_body: usize) -> Router {
     let gate = ClientGate { auth: state.auth.clone(), limiter: state.limiter.clone() };
     let client = axum::middleware::from_fn_with_state(gate, require_client);
     let admin = axum::middleware::from_fn_with_state(state.auth.clone(), require_admin);
+    // Creating a schedule shares its path with the client's listing but needs an admin.
+    let admin_layer = axum::middleware::from_fn_with_state(state.auth.clone(), require_admin);
     let client_routes = Router::new()
         .route("/api/v1/tasks", post(submit_task).get(list_tasks))
         .route("/api/v1/tasks/batch", post(submit_tasks))
         .route("/api/v1/tasks/{id}", get(get_task))
         .route("/api/v1/tasks/{id}/cancel", post(cancel_task))
-        .route("/api/v1/jobs", post(submit_job))
+        .route("/api/v1/jobs", post(submit_job).get(list_jobs))
         .route("/api/v1/jobs/{id}", get(get_job))
+        .route("/api/v1/schedules", get(list_schedules).merge(post(create_schedule).route_layer(admin_layer)))
+        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/api/v1/failures", get(failure_summary))
         .route_layer(client);
     let admin_routes = Router::new()
         .route("/api/v1/workers", get(list_workers))
         .route("/api/v1/workers/{id}/stats", get(worker_stats))
+        .route("/api/v1/schedules/{id}", axum::routing::delete(delete_schedule))
+        .route("/api/v1/schedules/{id}/pause", post(pause_schedule))
+        .route("/api/v1/schedules/{id}/resume", post(resume_schedule))
+        .route("/api/v1/tasks/{id}/retry", post(retry_task))
+        .route("/api/v1/tasks/retry", post(retry_tasks))
         .route_layer(admin);
     client_routes
         .merge(admin_routes)
@@ -161,11 +190,9 @@ fn peer_addr(req: &Request) -> Option<SocketAddr> {
 
 /// 429 with `Retry-After`: whole seconds until the peer's bucket holds a token again.
 fn too_many_requests(wait: std::time::Duration) -> Response {
-    let mut resp = json_error(
-        StatusCode::TOO_MANY_REQUESTS,
-        "resource_exhausted",
-        "too many requests from this address; retry later",
-    );
+    let mut resp = error_response(CoreError::ResourceExhausted(
+        "too many requests from this address; retry later".into(),
+    ));
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     resp
@@ -175,7 +202,7 @@ fn too_many_requests(wait: std::time::Duration) -> Response {
 pub fn refused_http(peer: &str, path: &str, r: &Refusal) -> Response {
     metrics::auth_failure(r.reason);
     tracing::warn!(peer, path, reason = r.reason, "request refused by the auth check");
-    let mut resp = error_response(r.to_status());
+    let mut resp = error_response(CoreError::from(r));
     if !r.forbidden {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
@@ -190,29 +217,41 @@ fn json_error(code: StatusCode, error: &str, message: &str) -> Response {
     (code, Json(json!({"error": error, "message": message}))).into_response()
 }
 
-fn http_status(code: Code) -> (StatusCode, &'static str) {
-    match code {
-        Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
+/// The HTTP status and error name of a core error: the one mapping, as the gRPC codes map.
+fn http_status(e: &CoreError) -> (StatusCode, &'static str) {
+    match e {
+        CoreError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
         // A payload over `tasks.max_payload_size`: the same answer as a body over its limit.
-        Code::OutOfRange => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-        Code::NotFound => (StatusCode::NOT_FOUND, "not_found"),
-        Code::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
-        Code::FailedPrecondition => (StatusCode::CONFLICT, "failed_precondition"),
-        Code::Aborted => (StatusCode::CONFLICT, "aborted"),
-        Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-        Code::PermissionDenied => (StatusCode::FORBIDDEN, "permission_denied"),
-        Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
-        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded"),
-        Code::Unimplemented => (StatusCode::NOT_IMPLEMENTED, "unimplemented"),
-        Code::Cancelled => (StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), "cancelled"),
-        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        CoreError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        CoreError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+        CoreError::FailedPrecondition(_) => (StatusCode::CONFLICT, "failed_precondition"),
+        CoreError::AlreadyExists(_) => (StatusCode::CONFLICT, "already_exists"),
+        CoreError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+        CoreError::PermissionDenied(_) => (StatusCode::FORBIDDEN, "permission_denied"),
+        CoreError::ResourceExhausted(_) => (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted"),
+        CoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        CoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
-fn error_response(s: Status) -> Response {
-    let (code, error) = http_status(s.code());
-    json_error(code, error, s.message())
+/// A core error as a JSON answer; `Internal` is logged with its detail and answered without it.
+fn error_response(e: CoreError) -> Response {
+    let (code, name) = http_status(&e);
+    match e {
+        CoreError::Internal(detail) => {
+            error!(error = %detail, "internal error");
+            json_error(code, name, "internal error")
+        }
+        CoreError::InvalidArgument(m)
+        | CoreError::TooLarge(m)
+        | CoreError::NotFound(m)
+        | CoreError::FailedPrecondition(m)
+        | CoreError::AlreadyExists(m)
+        | CoreError::Unauthenticated(m)
+        | CoreError::PermissionDenied(m)
+        | CoreError::ResourceExhausted(m)
+        | CoreError::Unavailable(m) => json_error(code, name, &m),
+    }
 }
 
 /// A protobuf message as JSON, field names as in the .proto.
@@ -275,36 +314,55 @@ impl<S: Send + Sync, M: prost::Message + Named + Default> FromRequest<S> for Jso
     }
 }
 
-/// Runs a gRPC handler and answers its response as JSON, or its status as a JSON error.
-async fn answer<T, M, F>(ok: StatusCode, call: F, req: T) -> Response
-where
-    M: prost::Message + Named,
-    F: AsyncFnOnce(tonic::Request<T>) -> Result<tonic::Response<M>, Status>,
-{
-    match call(tonic::Request::new(req)).await {
-        Ok(resp) => (ok, Json(to_json(resp.get_ref()))).into_response(),
-        Err(s) => error_response(s),
+/// An answer as JSON with status `ok`, or its error as a JSON error.
+fn answer<M: prost::Message + Named>(ok: StatusCode, result: Result<M, CoreError>) -> Response {
+    match result {
+        Ok(msg) => (ok, Json(to_json(&msg))).into_response(),
+        Err(e) => error_response(e),
     }
 }
 
 async fn submit_task(
     State(s): State<RestState>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<proto::SubmitTaskRequest>,
 ) -> Response {
-    match s.service.submit_task(tonic::Request::new(req)).await {
+    let submitted = client_api::submit_task(&s.core, req, traceparent(&headers))
+        .instrument(submit_span("POST /api/v1/tasks", &headers))
+        .await;
+    match submitted {
         Ok(resp) => {
-            let code = if resp.get_ref().created { StatusCode::CREATED } else { StatusCode::OK };
-            (code, Json(to_json(resp.get_ref()))).into_response()
+            let code = if resp.created { StatusCode::CREATED } else { StatusCode::OK };
+            (code, Json(to_json(&resp))).into_response()
         }
-        Err(status) => error_response(status),
+        Err(e) => error_response(e),
     }
 }
 
 async fn submit_tasks(
     State(s): State<RestState>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<proto::SubmitTasksRequest>,
 ) -> Response {
-    answer(StatusCode::OK, async |r| s.service.submit_tasks(r).await, req).await
+    let submitted = client_api::submit_tasks(&s.core, req, traceparent(&headers))
+        .instrument(submit_span("POST /api/v1/tasks/batch", &headers))
+        .await;
+    answer(StatusCode::OK, submitted)
+}
+
+/// The submitter's W3C `traceparent` header, if any.
+fn traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers.get("traceparent").and_then(|v| v.to_str().ok())
+}
+
+/// The span of a REST submission, a child of the submitter's `traceparent` when one came: the
+/// tasks carry its context when trace export is on, as gRPC submissions carry their call's.
+fn submit_span(route: &'static str, headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!("http", otel.name = route, otel.kind = "server", http.route = route);
+    if let Some(parent) = traceparent(headers).and_then(telemetry::parse_traceparent) {
+        telemetry::set_remote_parent(&span, parent);
+    }
+    span
 }
 
 async fn list_tasks(State(s): State<RestState>, Query(q): Query<HashMap<String, String>>) -> Response {
@@ -323,11 +381,22 @@ async fn list_tasks(State(s): State<RestState>, Query(q): Query<HashMap<String, 
         Ok(r) => r,
         Err(message) => return bad_json(message),
     };
-    answer(StatusCode::OK, async |r| s.service.list_tasks(r).await, req).await
+    answer(StatusCode::OK, client_api::list_tasks(&s.core, req).await)
 }
 
-async fn get_task(State(s): State<RestState>, Path(id): Path<String>) -> Response {
-    answer(StatusCode::OK, async |r| s.service.get_task(r).await, proto::GetTaskRequest { task_id: id }).await
+#[derive(Debug, serde::Deserialize)]
+struct TaskQuery {
+    #[serde(default)]
+    include_attempts: bool,
+}
+
+async fn get_task(
+    State(s): State<RestState>,
+    Path(id): Path<String>,
+    Query(q): Query<TaskQuery>,
+) -> Response {
+    let req = proto::GetTaskRequest { task_id: id, include_attempts: q.include_attempts };
+    answer(StatusCode::OK, client_api::get_task(&s.core, req).await)
 }
 
 async fn cancel_task(
@@ -336,14 +405,18 @@ async fn cancel_task(
     JsonBody(mut req): JsonBody<proto::CancelTaskRequest>,
 ) -> Response {
     req.task_id = id;
-    answer(StatusCode::OK, async |r| s.service.cancel_task(r).await, req).await
+    answer(StatusCode::OK, client_api::cancel_task(&s.core, req).await)
 }
 
 async fn submit_job(
     State(s): State<RestState>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<proto::SubmitJobRequest>,
 ) -> Response {
-    answer(StatusCode::CREATED, async |r| s.service.submit_job(r).await, req).await
+    let submitted = client_api::submit_job(&s.core, req, traceparent(&headers))
+        .instrument(submit_span("POST /api/v1/jobs", &headers))
+        .await;
+    answer(StatusCode::CREATED, submitted)
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -354,14 +427,120 @@ struct JobQuery {
 
 async fn get_job(State(s): State<RestState>, Path(id): Path<String>, Query(q): Query<JobQuery>) -> Response {
     let req = proto::GetJobRequest { job_id: id, include_results: q.include_results };
-    answer(StatusCode::OK, async |r| s.service.get_job(r).await, req).await
+    answer(StatusCode::OK, client_api::get_job(&s.core, req).await)
 }
 
-async fn list_workers(State(s): State<RestState>) -> Response {
-    answer(StatusCode::OK, async |r| s.service.list_workers(r).await, proto::ListWorkersRequest {}).await
+/// A request message from query parameters named as its fields (values as in its JSON); the
+/// error names what is wrong, for a 400.
+fn from_query<M: prost::Message + Named + Default>(q: HashMap<String, String>) -> Result<M, String> {
+    let body = Value::Object(q.into_iter().map(|(k, v)| (k, Value::String(v))).collect()).to_string();
+    from_json::<M>(body.as_bytes())
+}
+
+async fn list_jobs(State(s): State<RestState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    match from_query::<proto::ListJobsRequest>(q) {
+        Ok(req) => answer(StatusCode::OK, client_api::list_jobs(&s.core, req).await),
+        Err(message) => bad_json(message),
+    }
+}
+
+async fn failure_summary(State(s): State<RestState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    match from_query::<proto::GetFailureSummaryRequest>(q) {
+        Ok(req) => answer(StatusCode::OK, client_api::get_failure_summary(&s.core, req).await),
+        Err(message) => bad_json(message),
+    }
+}
+
+async fn cancel_job(
+    State(s): State<RestState>,
+    Path(id): Path<String>,
+    JsonBody(mut req): JsonBody<proto::CancelJobRequest>,
+) -> Response {
+    req.job_id = id;
+    answer(StatusCode::OK, client_api::cancel_job(&s.core, req).await)
+}
+
+async fn list_workers(State(s): State<RestState>, Query(q): Query<HashMap<String, String>>) -> Response {
+    match from_query::<proto::ListWorkersRequest>(q) {
+        Ok(req) => answer(StatusCode::OK, client_api::list_workers(&s.core, req).await),
+        Err(message) => bad_json(message),
+    }
 }
 
 async fn worker_stats(State(s): State<RestState>, Path(id): Path<String>) -> Response {
     let req = proto::GetWorkerStatsRequest { worker_id: id };
-    answer(StatusCode::OK, async |r| s.service.get_worker_stats(r).await, req).await
+    answer(StatusCode::OK, client_api::get_worker_stats(&s.core, req).await)
+}
+
+async fn create_schedule(
+    State(s): State<RestState>,
+    JsonBody(req): JsonBody<proto::CreateScheduleRequest>,
+) -> Response {
+    answer(StatusCode::CREATED, client_api::create_schedule(&s.core, req).await)
+}
+
+async fn list_schedules(State(s): State<RestState>) -> Response {
+    answer(StatusCode::OK, client_api::list_schedules(&s.core, proto::ListSchedulesRequest {}).await)
+}
+
+async fn delete_schedule(State(s): State<RestState>, Path(id): Path<String>) -> Response {
+    let req = proto::DeleteScheduleRequest { schedule_id: id };
+    answer(StatusCode::OK, client_api::delete_schedule(&s.core, req).await)
+}
+
+async fn pause_schedule(State(s): State<RestState>, Path(id): Path<String>) -> Response {
+    let req = proto::PauseScheduleRequest { schedule_id: id, paused: true };
+    answer(StatusCode::OK, client_api::pause_schedule(&s.core, req).await)
+}
+
+async fn resume_schedule(State(s): State<RestState>, Path(id): Path<String>) -> Response {
+    let req = proto::PauseScheduleRequest { schedule_id: id, paused: false };
+    answer(StatusCode::OK, client_api::pause_schedule(&s.core, req).await)
+}
+
+async fn retry_task(State(s): State<RestState>, Path(id): Path<String>) -> Response {
+    let req = proto::RetryTaskRequest { task_id: id };
+    answer(StatusCode::OK, client_api::retry_task(&s.core, req).await)
+}
+
+async fn retry_tasks(
+    State(s): State<RestState>,
+    JsonBody(req): JsonBody<proto::RetryTasksRequest>,
+) -> Response {
+    answer(StatusCode::OK, client_api::retry_tasks(&s.core, req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(resp: Response) -> Value {
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16).await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn core_errors_answer_the_status_of_their_grpc_code_and_hide_internal_detail() {
+        let resp = error_response(CoreError::Internal("pool timed out on host db-1".into()));
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(body(resp).await, json!({"error": "internal", "message": "internal error"}));
+
+        let resp = error_response(CoreError::TooLarge("payload: 2000 bytes is over the limit".into()));
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body(resp).await["error"], "payload_too_large");
+
+        for (e, code) in [
+            (CoreError::invalid("task_id", "must not be empty"), StatusCode::BAD_REQUEST),
+            (CoreError::NotFound("task x not found".into()), StatusCode::NOT_FOUND),
+            (CoreError::FailedPrecondition("stale".into()), StatusCode::CONFLICT),
+            (CoreError::shutting_down(), StatusCode::SERVICE_UNAVAILABLE),
+            (CoreError::Unauthenticated("no token".into()), StatusCode::UNAUTHORIZED),
+            (CoreError::PermissionDenied("admin only".into()), StatusCode::FORBIDDEN),
+        ] {
+            let message = e.to_string();
+            let resp = error_response(e);
+            assert_eq!(resp.status(), code);
+            assert_eq!(body(resp).await["message"], message.as_str());
+        }
+    }
 }

@@ -9,11 +9,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use crate::{
-    effects::Effects,
     registry::DeadSession,
+    scheduler::OnRequeue,
     store::{Requeued, Store},
 };
 
@@ -23,7 +23,8 @@ const BATCH: u32 = 500;
 #[derive(Debug)]
 pub struct Sweeper {
     store: Store,
-    effects: Effects,
+    /// The effects of each requeue (the core's).
+    effects: Arc<dyn OnRequeue>,
     interval: Duration,
     /// After the database was unreachable, expired leases are left alone this long after it
     /// came back, so workers that kept heartbeating through the outage renew them first
@@ -36,7 +37,7 @@ pub struct Sweeper {
 impl Sweeper {
     pub fn new(
         store: Store,
-        effects: Effects,
+        effects: Arc<dyn OnRequeue>,
         interval: Duration,
         outage_hold: Duration,
         dead_rx: mpsc::UnboundedReceiver<DeadSession>,

@@ -15,7 +15,10 @@ use std::{
 use anyhow::Context as _;
 use rustls::{
     ServerConfig,
-    pki_types::{CertificateDer, PrivateKeyDer},
+    pki_types::{
+        CertificateDer, PrivateKeyDer,
+        pem::{self, PemObject},
+    },
     server::WebPkiClientVerifier,
 };
 use sha2::{Digest, Sha256};
@@ -26,11 +29,7 @@ use tracing::{info, warn};
 
 use crate::config::TlsConfig;
 
-/// Installs ring as the process's rustls crypto provider. Call once at start-up, before any
-/// TLS config is built (a second call is harmless).
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+pub use coordinator_worker::client::install_crypto_provider;
 
 /// How long a client may take to finish the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,7 +144,7 @@ fn fingerprint(files: &TlsConfig) -> anyhow::Result<[u8; 32]> {
 /// PEM certificates from `path`; at least one.
 pub fn load_certs(key: &str, path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = read(key, path)?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{key} {path}: not PEM"))?;
     anyhow::ensure!(!certs.is_empty(), "{key} {path}: no certificate in the file");
@@ -154,9 +153,11 @@ pub fn load_certs(key: &str, path: &str) -> anyhow::Result<Vec<CertificateDer<'s
 
 fn load_key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
     let pem = read("tls.key_file", path)?;
-    rustls_pemfile::private_key(&mut pem.as_slice())
-        .with_context(|| format!("tls.key_file {path}: not PEM"))?
-        .with_context(|| format!("tls.key_file {path}: no private key in the file"))
+    match PrivateKeyDer::from_pem_slice(&pem) {
+        Ok(key) => Ok(key),
+        Err(pem::Error::NoItemsFound) => anyhow::bail!("tls.key_file {path}: no private key in the file"),
+        Err(e) => Err(e).with_context(|| format!("tls.key_file {path}: not PEM")),
+    }
 }
 
 fn build(files: &TlsConfig, port: Port) -> anyhow::Result<(ServerConfig, [u8; 32])> {
@@ -229,7 +230,7 @@ pub fn cert_names(der: &[u8]) -> Vec<String> {
 }
 
 /// The peer address and client-certificate names of a call, from tonic's connect info (which
-/// [`crate::grpc::serve`] puts in every request).
+/// the gRPC server puts in every request).
 pub fn peer_of(ext: &http::Extensions) -> (Option<SocketAddr>, Option<Vec<String>>) {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     if let Some(info) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
@@ -237,4 +238,49 @@ pub fn peer_of(ext: &http::Extensions) -> (Option<SocketAddr>, Option<Vec<String
         return (info.get_ref().remote_addr(), names);
     }
     (ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed certificate and its key, as PEM.
+    fn pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert =
+            rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap().self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn certificates_and_keys_load_from_pem_and_mistakes_name_the_key_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair();
+        let both = file(&dir, "both.pem", &format!("{cert}{key}"));
+        assert_eq!(load_certs("tls.cert_file", &both).unwrap().len(), 1);
+        load_key(&both).unwrap();
+
+        let only_cert = file(&dir, "cert.pem", &cert);
+        let e = load_key(&only_cert).unwrap_err().to_string();
+        assert_eq!(e, format!("tls.key_file {only_cert}: no private key in the file"));
+        let only_key = file(&dir, "key.pem", &key);
+        let e = load_certs("tls.cert_file", &only_key).unwrap_err().to_string();
+        assert_eq!(e, format!("tls.cert_file {only_key}: no certificate in the file"));
+
+        let broken = file(
+            &dir,
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
+        );
+        let e = format!("{:#}", load_certs("tls.cert_file", &broken).unwrap_err());
+        assert!(e.starts_with(&format!("tls.cert_file {broken}: not PEM")), "{e}");
+        let e = load_certs("tls.client_ca_file", "/nonexistent/ca.pem").unwrap_err().to_string();
+        assert_eq!(e, "tls.client_ca_file /nonexistent/ca.pem");
+    }
 }

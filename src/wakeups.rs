@@ -18,7 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 
-use crate::{domain::TaskId, events::Events, metrics, scheduler::Wake, store::Store};
+use crate::{
+    domain::{TaskId, Wake},
+    events::Events,
+    metrics,
+    store::Store,
+};
 
 /// Task ids per notification: 36-byte ids stay well under Postgres' 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 150;

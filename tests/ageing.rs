@@ -12,10 +12,8 @@ use std::{
 };
 
 use common::*;
-use coordinator::{
-    proto,
-    worker::{Worker, WorkerCounters, WorkerOptions, handler_fn},
-};
+use coordinator::proto;
+use coordinator_worker::{Worker, WorkerCounters, WorkerOptions, handler_fn};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 

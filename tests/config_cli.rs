@@ -182,7 +182,7 @@ fn shipped_configs_load_and_validate() {
 /// with the environment those deployments give them.
 #[test]
 fn deploy_configs_load_and_validate() {
-    use coordinator::worker::config::WorkerConfig;
+    use coordinator::worker_config::WorkerConfig;
     let dir = tempdir();
     let cm: serde_norway::Value =
         serde_norway::from_str(&std::fs::read_to_string(manifest_path("deploy/k8s/configmap.yaml")).unwrap())

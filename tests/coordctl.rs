@@ -6,60 +6,17 @@
 #[macro_use]
 mod common;
 
-use std::{
-    process::{Command, Output, Stdio},
-    sync::Arc,
-    time::Duration,
-};
+use std::{process::Stdio, sync::Arc, time::Duration};
 
 use common::*;
-use coordinator::{
-    proto,
-    worker::{Worker, WorkerOptions, handlers::Handlers},
-};
+use coordinator::proto;
+use coordinator_worker::{Worker, WorkerOptions, handlers::Handlers};
 use tokio_util::sync::CancellationToken;
-
-/// coordctl against `endpoint` with `args`, no token from the environment, no stdin.
-fn coordctl_command(endpoint: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_coordctl"));
-    c.arg("--coordinator")
-        .arg(endpoint)
-        .args(args)
-        .env_remove("COORDCTL_TOKEN")
-        .env_remove("COORDCTL_TOKEN_FILE")
-        .stdin(Stdio::null());
-    c
-}
-
-fn coordctl(endpoint: &str, args: &[&str]) -> Output {
-    coordctl_command(endpoint, args).output().expect("run coordctl")
-}
-
-/// Runs coordctl off the test's runtime threads.
-async fn coordctl_async(endpoint: &str, args: &[&str]) -> Output {
-    let endpoint = endpoint.to_owned();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        coordctl(&endpoint, &args)
-    })
-    .await
-    .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// Local workers running every built-in handler (`noop` among them), as `coordinator dev`
 /// starts them.
 fn dev_workers(endpoint: &str, n: usize, stop: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
-    let names: Vec<String> = coordinator::worker::handlers::BUILTIN.iter().map(|s| s.to_string()).collect();
+    let names: Vec<String> = coordinator_worker::handlers::BUILTIN.iter().map(|s| s.to_string()).collect();
     (1..=n)
         .map(|i| {
             let handlers = Handlers::builtin(&names).unwrap();
@@ -120,7 +77,7 @@ async fn bench_next_to_dev_workers(db: &TestDb) {
         assert_eq!(stats.tasks_completed, 0, "{w} took bench tasks");
     }
     // The bench's workers deregistered when it ended.
-    let workers = c.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers = c.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     let bench: Vec<_> = workers.iter().filter(|w| w.worker_id.starts_with("bench-")).collect();
     assert_eq!(bench.len(), 2, "{workers:?}");
     for w in bench {
@@ -312,24 +269,6 @@ async fn watch_exit_codes_say_how_the_task_ended() {
 
 // ---- a type no live worker runs ----
 
-/// A POST over a fresh HTTP/1.1 connection: (status, body).
-async fn http_post(addr: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap().unwrap();
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (code, body)
-}
-
 fn reason(t: &proto::Task) -> proto::PendingReason {
     proto::PendingReason::try_from(t.pending_reason).unwrap()
 }
@@ -383,7 +322,7 @@ async fn pending_tasks_say_why_they_wait(db: &TestDb) {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["pending_reason"], "PENDING_REASON_NO_WORKER", "{body}");
     assert_eq!(v["pending_detail"], expected, "{body}");
-    let (code, body) = http_post(tc.http, "/api/v1/tasks", r#"{"task_type":"prime"}"#).await;
+    let (code, body) = http(tc.http, "POST", "/api/v1/tasks", r#"{"task_type":"prime"}"#).await;
     assert_eq!(code, 201, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(v["warnings"][0].as_str().unwrap().starts_with(expected), "{body}");
@@ -483,7 +422,7 @@ async fn reject_unknown_types_refuses_them_in_one_line() {
         .await
         .unwrap_err();
     assert!(e.message().starts_with(r#"task types "nope", "prime" are not run"#), "{}", e.message());
-    let (code, body) = http_post(tc.http, "/api/v1/tasks", r#"{"task_type":"prime"}"#).await;
+    let (code, body) = http(tc.http, "POST", "/api/v1/tasks", r#"{"task_type":"prime"}"#).await;
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("failed_precondition") && body.contains(r#"\"prime\""#), "{body}");
     // Nothing of the refused submissions was stored.

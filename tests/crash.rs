@@ -16,8 +16,8 @@ use common::*;
 use coordinator::{
     domain::{TaskId, TaskState},
     proto,
-    worker::{Worker, WorkerOptions, handler_fn},
 };
+use coordinator_worker::{Worker, WorkerOptions, handler_fn};
 use tokio_util::sync::CancellationToken;
 
 fn free_port() -> u16 {
@@ -186,7 +186,7 @@ async fn kill_restart_and_drain(db: &TestDb) {
     for w in workers {
         w.await.unwrap().unwrap();
     }
-    let _ = client.list_workers(proto::ListWorkersRequest {}).await;
+    let _ = client.list_workers(proto::ListWorkersRequest::default()).await;
 }
 
 fn id_index(ids: &[String], id: &str) -> usize {

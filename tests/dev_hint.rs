@@ -6,9 +6,11 @@
 //! local worker, reads the hint from its stdout, runs printed coordctl lines with `sh -c` in the
 //! same directory, and stops the coordinator with SIGTERM.
 
+mod common;
+
 use std::{
     io::{BufRead, BufReader},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     thread,
@@ -16,7 +18,6 @@ use std::{
 };
 
 const COORDINATOR: &str = env!("CARGO_BIN_EXE_coordinator");
-const COORDCTL: &str = env!("CARGO_BIN_EXE_coordctl");
 /// Longest the coordinator may take to print its hint, and to exit after SIGTERM.
 const DEADLINE: Duration = Duration::from_secs(30);
 /// A PATH without cargo's bin directory, so no installed coordctl answers instead.
@@ -131,7 +132,7 @@ fn assert_runs(dir: &Path, dev: &Dev, args: &str, stdout_has: &str) {
 /// The coordctl program as the hint should show it when started in `dir`: relative when the
 /// binary lies under `dir`, absolute otherwise.
 fn expected_program(dir: &Path) -> String {
-    let coordctl = PathBuf::from(COORDCTL).canonicalize().unwrap();
+    let coordctl = common::coordctl_bin().canonicalize().unwrap();
     match coordctl.strip_prefix(dir.canonicalize().unwrap()) {
         Ok(rel) => rel.display().to_string(),
         Err(_) => coordctl.display().to_string(),

@@ -16,6 +16,9 @@ const README_MAX_LINES: usize = 200;
 fn documents() -> Vec<PathBuf> {
     let root = Path::new(ROOT);
     let mut files = vec![root.join("README.md"), root.join("deploy/README.md")];
+    for krate in ["proto", "worker", "coordctl"] {
+        files.push(root.join("crates").join(krate).join("README.md"));
+    }
     let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
         .expect("docs/ exists")
         .map(|e| e.unwrap().path())
@@ -126,6 +129,25 @@ fn the_readme_stays_short_and_points_at_the_details() {
     {
         assert!(readme.contains(&format!("docs/{doc}.md")), "README.md links docs/{doc}.md");
     }
+}
+
+/// The worker SDK's README shows a complete prover in under 40 lines, and it is the example CI
+/// builds (`crates/worker/examples/prover.rs`), so the README's code compiles.
+#[test]
+fn the_sdk_readme_prover_is_the_example_that_builds() {
+    let root = Path::new(ROOT).join("crates/worker");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme.find("```rust\n").expect("the SDK README has a Rust example") + "```rust\n".len();
+    let code = &readme[start..start + readme[start..].find("```").unwrap()];
+    let lines = code.lines().count();
+    assert!(lines < 40, "the SDK README's prover has {lines} lines");
+    let example = std::fs::read_to_string(root.join("examples/prover.rs")).unwrap();
+    let body: String = example
+        .lines()
+        .skip_while(|l| l.starts_with("//!") || l.is_empty())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_eq!(body, code, "crates/worker/examples/prover.rs differs from the SDK README's example");
 }
 
 #[test]

@@ -176,7 +176,7 @@ auth:
     }
 
     fn coordctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_coordctl"))
+        Command::new(common::coordctl_bin())
             .arg("--coordinator")
             .arg(&self.endpoint)
             .arg("--token-file")
@@ -233,7 +233,7 @@ async fn fleet_end_to_end(db: &TestDb) {
     // Roles: without a token coordctl is refused; the client token may not list workers; the
     // admin token (from COORDCTL_TOKEN) may.
     let coordctl = |token: Option<&str>, args: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_coordctl"));
+        let mut cmd = Command::new(common::coordctl_bin());
         cmd.arg("--coordinator").arg(&fleet.endpoint).args(args).env_remove("COORDCTL_TOKEN");
         if let Some(t) = token {
             cmd.env("COORDCTL_TOKEN", t);

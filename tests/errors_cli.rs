@@ -11,12 +11,11 @@ use std::{
 
 use common::*;
 
-const COORDCTL: &str = env!("CARGO_BIN_EXE_coordctl");
 const COORDINATOR: &str = env!("CARGO_BIN_EXE_coordinator");
 
 /// Runs `coordctl --coordinator <address> workers` with a clean environment.
 fn coordctl_workers(address: &str) -> Output {
-    Command::new(COORDCTL)
+    Command::new(coordctl_bin())
         .args(["--coordinator", address, "workers"])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -23,10 +23,8 @@ use std::{
 };
 
 use common::*;
-use coordinator::{
-    proto,
-    worker::{Worker, WorkerOptions, handler_fn},
-};
+use coordinator::proto;
+use coordinator_worker::{Worker, WorkerOptions, handler_fn};
 use tokio_util::sync::CancellationToken;
 
 /// PromQL words that are not metric names.
@@ -419,27 +417,57 @@ async fn observe(db: &TestDb, backend: &str) {
         })
         .await;
     }
-    // A task nobody runs, and a refused call.
+    // A task nobody runs, a refused call, a REST call, and a stream watched to its end.
     let unschedulable = format!("nobody-runs-{backend}");
     submit(&mut client, &unschedulable, b"").await;
-    assert!(client.get_task(proto::GetTaskRequest { task_id: "bad".into() }).await.is_err());
+    assert!(
+        client.get_task(proto::GetTaskRequest { task_id: "bad".into(), ..Default::default() }).await.is_err()
+    );
+    let (code, _) = http_get(c.http, &format!("/api/v1/tasks/{}", ids[1])).await.unwrap();
+    assert_eq!(code, 200);
+    let mut watch =
+        client.watch_task(proto::WatchTaskRequest { task_id: ids[1].clone() }).await.unwrap().into_inner();
+    // A finished task's stream sends its state and ends.
+    while watch.message().await.unwrap().is_some() {}
 
-    // Gauges read off the database refresh every few seconds: wait for this run's.
-    let gauge = format!(r#"coordinator_tasks_unschedulable{{task_type="{unschedulable}"}} 1"#);
+    // Gauges read off the database refresh every few seconds: wait for this run's. The type
+    // nobody declared is counted as `other`, never under its own name.
+    let gauge = r#"coordinator_tasks_unschedulable{task_type="other"} 1"#.to_owned();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let scrape = loop {
         let (code, body) = http_get(c.http, "/metrics").await.unwrap();
         assert_eq!(code, 200);
-        if body.lines().any(|l| l == gauge) {
+        // One refresh sets these gauges one after the other, with a query between: wait for both.
+        if body.lines().any(|l| l == gauge)
+            && sample(&body, r#"coordinator_tasks{status="completed"}"#) == (n - 1) as f64
+        {
             break body;
         }
-        assert!(std::time::Instant::now() < deadline, "the database gauges never showed {gauge}\n{body}");
+        assert!(std::time::Instant::now() < deadline, "the database gauges never showed this run's\n{body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(sample(&scrape, r#"coordinator_tasks{status="completed"}"#), (n - 1) as f64, "{scrape}");
     assert_eq!(sample(&scrape, r#"coordinator_tasks{status="failed"}"#), 1.0);
     assert_eq!(sample(&scrape, "coordinator_database_up"), 1.0);
-    assert!(sample(&scrape, r#"coordinator_db_pool_connections{state="open"}"#) >= 1.0, "{backend} pool");
+    let pool =
+        |state: &str| sample(&scrape, &format!(r#"coordinator_db_pool_connections{{state="{state}"}}"#));
+    assert!(pool("busy") + pool("idle") >= 1.0, "{backend} pool");
+    assert!(!scrape.contains(r#"state="open""#), "open is the sum of busy and idle, not a part");
+    // Capacity: used and available add up to the worker's slots.
+    let slots = |state: &str| sample(&scrape, &format!(r#"coordinator_capacity_slots{{state="{state}"}}"#));
+    assert_eq!(slots("used") + slots("available"), 4.0, "{scrape}");
+    assert!(!scrape.contains(r#"kind="total""#));
+    // Pending by type and queue age, from the same refresh: the declared type by name (nothing
+    // pending), the undeclared one as `other`.
+    assert!(scrape.lines().any(|l| l == r#"coordinator_tasks_pending{task_type="echo"} 0"#), "{scrape}");
+    assert!(scrape.lines().any(|l| l == r#"coordinator_tasks_pending{task_type="other"} 1"#), "{scrape}");
+    assert_eq!(sample(&scrape, r#"coordinator_queue_oldest_pending_seconds{task_type="echo"}"#), 0.0);
+    assert!(has_sample(&scrape, "coordinator_queue_oldest_pending_seconds"));
+    assert!(!scrape.contains(&unschedulable), "a client's type became a label value:\n{scrape}");
+    assert!(
+        has_sample(&scrape, r#"coordinator_task_duration_seconds_count{task_type="echo"}"#),
+        "a declared type keeps its name: {scrape}"
+    );
 
     // Every name a panel or an alert reads is exposed, with the type the query assumes.
     let declared = families(&scrape);
@@ -475,15 +503,40 @@ async fn observe(db: &TestDb, backend: &str) {
 
     // The gRPC metrics count exactly the calls made above.
     let delta = |series: &str| sample(&scrape, series) - sample(&before, series);
+    const SERVICE: &str = "coordinator.CoordinatorService";
+    let labels = |method: &str, kind: &str| {
+        format!(r#"grpc_service="{SERVICE}",grpc_method="{method}",grpc_type="{kind}""#)
+    };
     let handled = |method: &str, code: &str| {
-        delta(&format!(r#"grpc_server_handled_total{{grpc_method="{method}",grpc_code="{code}"}}"#))
+        delta(&format!(r#"grpc_server_handled_total{{{},grpc_code="{code}"}}"#, labels(method, "unary")))
     };
     assert_eq!(handled("SubmitTask", "OK"), (n + 1) as f64, "{scrape}");
     assert_eq!(handled("GetTask", "InvalidArgument"), 1.0);
     assert_eq!(handled("RegisterWorker", "OK"), 1.0);
     assert_eq!(handled("ReportCompletion", "OK"), (n - 1) as f64);
     assert_eq!(handled("ReportFailure", "OK"), 1.0);
-    assert_eq!(delta(r#"grpc_server_handling_seconds_count{grpc_method="SubmitTask"}"#), (n + 1) as f64);
+    let started = |method: &str, kind: &str| {
+        delta(&format!(r#"grpc_server_started_total{{{}}}"#, labels(method, kind)))
+    };
+    assert_eq!(started("SubmitTask", "unary"), (n + 1) as f64, "{scrape}");
+    // Streams: the worker's task stream is still open (started, not handled); the watch ended.
+    assert_eq!(started("ReceiveTasks", "server_stream"), 1.0, "{scrape}");
+    assert_eq!(started("WatchTask", "server_stream"), 1.0, "{scrape}");
+    let watch_ended =
+        format!(r#"grpc_server_handled_total{{{},grpc_code="OK"}}"#, labels("WatchTask", "server_stream"));
+    assert_eq!(delta(&watch_ended), 1.0, "{scrape}");
+    let handling = format!(r#"grpc_server_handling_seconds_count{{{}}}"#, labels("SubmitTask", "unary"));
+    assert_eq!(delta(&handling), (n + 1) as f64);
+
+    // REST: counted under the route template, never the raw path.
+    let rest = r#"http_requests_total{method="GET",route="/api/v1/tasks/{id}",status="200"}"#;
+    assert_eq!(delta(rest), 1.0, "{scrape}");
+    assert!(has_sample(
+        &scrape,
+        r#"http_request_duration_seconds_count{method="GET",route="/api/v1/tasks/{id}"}"#
+    ));
+    assert!(delta(r#"http_requests_total{method="GET",route="/metrics",status="200"}"#) >= 1.0, "{scrape}");
+    assert!(!scrape.lines().any(|l| l.starts_with("http_") && l.contains(&ids[1])), "a raw path in a label");
     assert_eq!(delta("coordinator_tasks_submitted_total"), (n + 1) as f64);
     assert_eq!(delta("coordinator_tasks_completed_total"), (n - 1) as f64);
     assert_eq!(delta("coordinator_tasks_failed_total"), 1.0);
@@ -517,6 +570,84 @@ async fn postgres_dashboard_and_alerts_use_only_metrics_the_coordinator_exposes(
     let _one_at_a_time = OBSERVING.lock().await;
     let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
     observe(&db, "postgres").await;
+    db.cleanup().await;
+}
+
+/// The `task_type` label values in a scrape.
+fn task_type_labels(scrape: &str) -> BTreeSet<String> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(r#"task_type=""#))
+        .filter_map(|(_, rest)| rest.split_once('"'))
+        .map(|(v, _)| v.to_owned())
+        .collect()
+}
+
+/// 200 submissions of types no worker declared, then a worker that runs any type completing
+/// them: no series is created for any of those types; they are counted once, as `other`.
+async fn burst_of_unknown_types(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut o = WorkerOptions::new(c.endpoint(), "declares-echo");
+    o.capabilities = vec!["echo".into()];
+    let stop = CancellationToken::new();
+    let echo = tokio::spawn(echo_or_fail(o).run(stop.clone()));
+    let mut client = c.client().await;
+    wait_connected(&client, &["declares-echo"]).await;
+    let (_, before) = http_get(c.http, "/metrics").await.unwrap();
+    let labels_before = task_type_labels(&before);
+
+    let n = 200;
+    let tasks = (0..n)
+        .map(|i| proto::SubmitTaskRequest {
+            task_type: format!("burst-{i}"),
+            payload: b"x".to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    client.submit_tasks(proto::SubmitTasksRequest { tasks }).await.unwrap();
+    let pending = format!(r#"coordinator_tasks_pending{{task_type="other"}} {n}"#);
+    let scrape =
+        scrape_until(c.http, "the burst shows as pending `other`", |s| s.lines().any(|l| l == pending)).await;
+    assert_eq!(
+        sample(&scrape, r#"coordinator_tasks_unschedulable{task_type="other"}"#),
+        n as f64,
+        "{scrape}"
+    );
+
+    // A worker of any type runs them all: their durations are recorded as `other` too.
+    let any = tokio::spawn(echo_or_fail(WorkerOptions::new(c.endpoint(), "runs-anything")).run(stop.clone()));
+    let completed = r#"coordinator_task_duration_seconds_count{task_type="other"}"#;
+    let done = scrape_until(c.http, "the burst completes", |s| {
+        sample(s, completed) - sample(&before, completed) >= n as f64
+    })
+    .await;
+    for scrape in [&scrape, &done] {
+        assert!(!scrape.contains("burst-"), "a submitted type became a label value:\n{scrape}");
+        // The declared type may be new since `before` (its gauges begin at the next refresh).
+        let new: BTreeSet<String> = task_type_labels(scrape).difference(&labels_before).cloned().collect();
+        assert!(new.iter().all(|l| l == "other" || l == "echo"), "new task_type values {new:?}");
+    }
+    stop.cancel();
+    echo.await.unwrap().unwrap();
+    any.await.unwrap().unwrap();
+    c.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_burst_of_unknown_task_types_creates_no_series() {
+    let _one_at_a_time = OBSERVING.lock().await;
+    let db = TestDb::sqlite().await;
+    burst_of_unknown_types(&db).await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn postgres_a_burst_of_unknown_task_types_creates_no_series() {
+    let _one_at_a_time = OBSERVING.lock().await;
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    burst_of_unknown_types(&db).await;
     db.cleanup().await;
 }
 
@@ -698,11 +829,40 @@ fn echo_or_fail(o: WorkerOptions) -> Worker {
         o,
         handler_fn(|t| async move {
             if t.payload == b"fail" {
-                Err(coordinator::worker::TaskFailure::permanent("asked to fail"))
+                Err(coordinator_worker::TaskFailure::permanent("asked to fail"))
             } else {
                 Ok(t.payload)
             }
         }),
     )
     .unwrap()
+}
+
+/// The coordinator binary exposes its own process figures under the standard `process_*` names,
+/// read from its own `/proc` entry: its pid's resident memory, descriptors and start time.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_reports_its_own_cpu_memory_descriptors_and_start() {
+    let c = Logged::start("{level: warn, format: json}", None);
+    c.wait_live().await;
+    let addr = ([127, 0, 0, 1], c.http).into();
+    let (_, scrape) = http_get(addr, "/metrics").await.unwrap();
+    for name in coordinator::metrics::process::ALL {
+        assert!(has_sample(&scrape, name), "/metrics lacks {name}");
+    }
+    let pid = c.child.id();
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+    let resident_pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let resident = sample(&scrape, "process_resident_memory_bytes");
+    // The same process: within a factor of two of what /proc says of the child (not of us).
+    // SAFETY: sysconf reads a process-wide setting.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    assert!(resident > resident_pages * page / 2.0 && resident < resident_pages * page * 2.0, "{resident}");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let started = sample(&scrape, "process_start_time_seconds");
+    assert!(started > now - 120.0 && started <= now + 1.0, "started {started}, now {now}");
+    assert!(sample(&scrape, "process_open_fds") >= 3.0);
+    assert!(sample(&scrape, "process_max_fds") >= sample(&scrape, "process_open_fds"));
+    assert!(sample(&scrape, "process_cpu_seconds_total") >= 0.0);
+    c.stop();
 }

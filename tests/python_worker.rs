@@ -23,7 +23,7 @@ use tokio::io::AsyncReadExt;
 const WORKER_ID: &str = "py-worker-1";
 
 async fn worker_info(client: &mut Client, id: &str) -> Option<proto::WorkerInfo> {
-    let workers = client.list_workers(proto::ListWorkersRequest {}).await.ok()?.into_inner().workers;
+    let workers = client.list_workers(proto::ListWorkersRequest::default()).await.ok()?.into_inner().workers;
     workers.into_iter().find(|w| w.worker_id == id)
 }
 

@@ -16,10 +16,13 @@ use common::*;
 use coordinator::{
     domain::{TaskId, TaskState},
     proto,
-    worker::{Worker, WorkerOptions, handler_fn},
 };
+use coordinator_worker::{Worker, WorkerOptions, handler_fn};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -466,7 +469,7 @@ async fn a_dropped_stream_gives_undelivered_work_back(db: &TestDb) {
         let mut client = client.clone();
         async move {
             let workers =
-                client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+                client.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
             workers.iter().any(|w| w.worker_id == "dropper" && !w.connected)
         }
     })
@@ -555,12 +558,18 @@ async fn health_and_metrics_show_the_fleet(db: &TestDb) {
             "/metrics lacks {name}"
         );
     }
-    assert!(text.contains(r#"grpc_server_handled_total{grpc_method="SubmitTask",grpc_code="OK"}"#), "{text}");
+    assert!(
+        text.contains(
+            r#"grpc_server_handled_total{grpc_service="coordinator.CoordinatorService",grpc_method="SubmitTask",grpc_type="unary",grpc_code="OK"}"#
+        ),
+        "{text}"
+    );
     assert!(text.contains(r#"coordinator_workers{state="active"} 1"#));
     c.stop().await.unwrap();
 }
 
-/// `/health` follows the database: 503 while it is unreachable, 200 again when it returns.
+/// `/health` follows the database: 503 while it is unreachable, 200 again when it returns; gRPC
+/// health, for the whole server and for the service, says NOT_SERVING and SERVING with it.
 /// The coordinator reaches Postgres through a TCP proxy the test can cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
@@ -575,18 +584,67 @@ async fn health_turns_503_while_the_database_is_unreachable() {
     .await;
     let (code, _) = http_get(c.http, "/health").await.unwrap();
     assert_eq!(code, 200);
+    let health = grpc_health(&c.endpoint()).await;
+    assert_eq!(grpc_status(&health, "").await, ServingStatus::Serving);
     proxy.cut();
     wait_until("/health is 503", Duration::from_secs(15), || async {
         matches!(http_get(c.http, "/health").await, Ok((503, b)) if b.contains("unreachable"))
     })
     .await;
+    for service in ["", "coordinator.CoordinatorService"] {
+        wait_until(
+            &format!("gRPC health of {service:?} is NOT_SERVING"),
+            Duration::from_secs(15),
+            || async { grpc_status(&health, service).await == ServingStatus::NotServing },
+        )
+        .await;
+    }
     proxy.restore();
     wait_until("/health is 200 again", Duration::from_secs(15), || async {
         matches!(http_get(c.http, "/health").await, Ok((200, _)))
     })
     .await;
+    for service in ["", "coordinator.CoordinatorService"] {
+        wait_until(
+            &format!("gRPC health of {service:?} is SERVING again"),
+            Duration::from_secs(15),
+            || async { grpc_status(&health, service).await == ServingStatus::Serving },
+        )
+        .await;
+    }
     c.stop().await.unwrap();
     db.cleanup().await;
+}
+
+/// A gRPC health client of the coordinator at `endpoint`.
+async fn grpc_health(endpoint: &str) -> HealthClient<tonic::transport::Channel> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned()).unwrap().connect().await.unwrap();
+    HealthClient::new(channel)
+}
+
+/// What `Check` answers for `service`.
+async fn grpc_status(health: &HealthClient<tonic::transport::Channel>, service: &str) -> ServingStatus {
+    let r = health.clone().check(HealthCheckRequest { service: service.into() }).await.unwrap();
+    ServingStatus::try_from(r.into_inner().status).unwrap()
+}
+
+on_every_backend!(grpc_health_turns_not_serving_when_shutdown_begins);
+/// From the moment shutdown begins, gRPC health says NOT_SERVING for the whole server (not only
+/// for the service), so a gRPC-aware balancer stops sending work while the replica drains.
+async fn grpc_health_turns_not_serving_when_shutdown_begins(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let health = grpc_health(&c.endpoint()).await;
+    let mut watch =
+        health.clone().watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    let first = watch.message().await.unwrap().expect("a first status");
+    assert_eq!(ServingStatus::try_from(first.status).unwrap(), ServingStatus::Serving);
+    c.begin_stop();
+    let next = tokio::time::timeout(T, watch.message()).await.expect("a status change").unwrap();
+    let status = next.map(|m| ServingStatus::try_from(m.status).unwrap());
+    assert_eq!(status, Some(ServingStatus::NotServing), "the overall status when shutdown begins");
+    drop(watch);
+    c.stop().await.unwrap();
 }
 
 fn url_host_port(url: &str) -> String {
@@ -700,7 +758,8 @@ async fn register_worker_accepts_grpcurl_style_json_through_reflection(db: &Test
     assert_eq!(json["workerId"], "worker-1", "{json}");
 
     let mut client = c.client().await;
-    let workers = client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers =
+        client.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     let w = workers.iter().find(|w| w.worker_id == "worker-1").expect("registered");
     assert_eq!(w.max_concurrent_tasks, 2);
     c.stop().await.unwrap();
@@ -810,7 +869,7 @@ async fn a_draining_worker_out_of_time_hands_its_task_back_uncharged(db: &TestDb
     opts.drain_grace = Duration::from_millis(300);
     let handler = handler_fn(|t| async move {
         t.cancelled.cancelled().await;
-        Err(coordinator::worker::TaskFailure::retriable("stopped"))
+        Err(coordinator_worker::TaskFailure::retriable("stopped"))
     });
     let worker = tokio::spawn(Worker::new(opts, handler).unwrap().run(shutdown.clone()));
     wait_connected(&client, &["drainer"]).await;
@@ -1028,5 +1087,287 @@ async fn a_task_lasts_from_its_delivery_to_its_report(db: &TestDb) {
             assert!((runs as i64..runs as i64 + 200).contains(&ms), "{what} measures {ms} ms");
         }
     }
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(get_task_shows_every_attempt_when_asked);
+/// `GetTask` with `include_attempts` (gRPC, REST and `coordctl get --attempts`) shows each
+/// attempt: its worker, times, outcome and error; without it, none.
+async fn get_task_shows_every_attempt_when_asked(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "hist-w", 1, &["prove"]).await;
+    wait_connected(&client, &["hist-w"]).await;
+    let id = submit(&mut client, "prove", b"x").await;
+    let first = w.next(T).await;
+    w.fail(&id, first.attempt, true).await.unwrap();
+    let second = w.next(T).await;
+    assert_eq!(second.attempt, 2);
+    w.complete(&id, second.attempt, b"done").await.unwrap();
+
+    let plain = get_task(&mut client, &id).await;
+    assert!(plain.attempts.is_empty(), "{plain:?}");
+    let req = proto::GetTaskRequest { task_id: id.clone(), include_attempts: true };
+    let full = client.get_task(req).await.unwrap().into_inner();
+    let seen: Vec<(u32, &str, &str, &str)> = full
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.worker_id.as_str(), a.outcome.as_str(), a.error.as_str()))
+        .collect();
+    assert_eq!(seen, [(1, "hist-w", "failed", "boom"), (2, "hist-w", "completed", "")]);
+    for a in &full.attempts {
+        let (assigned, started, finished) =
+            (a.assigned_at.unwrap(), a.started_at.unwrap(), a.finished_at.unwrap());
+        assert!(assigned.seconds <= started.seconds && started.seconds <= finished.seconds, "{a:?}");
+    }
+
+    let (code, body) = http_get(c.http, &format!("/api/v1/tasks/{id}?include_attempts=true")).await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let rest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let outcomes: Vec<&str> =
+        rest["attempts"].as_array().unwrap().iter().map(|a| a["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["failed", "completed"], "{body}");
+    let (_, body) = http_get(c.http, &format!("/api/v1/tasks/{id}")).await.unwrap();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body)
+            .unwrap()
+            .get("attempts")
+            .is_none_or(|a| a.as_array().is_some_and(|a| a.is_empty())),
+        "{body}"
+    );
+
+    let endpoint = c.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(coordctl_bin())
+            .args(["--coordinator", &endpoint, "get", &id, "--attempts"])
+            .env_remove("COORDCTL_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("attempt 1 on hist-w at ") && text.contains(": failed in "), "{text}");
+    assert!(text.contains(": boom") && text.contains("attempt 2 on hist-w at "), "{text}");
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(finished_tasks_are_pruned_after_their_retention_and_unfinished_ones_stay);
+/// With retention ages of a fraction of a second, a completed task is gone soon after it
+/// finishes (GetTask: NOT_FOUND) while a pending one of the same age stays, and the pruner's
+/// deletes are counted.
+async fn finished_tasks_are_pruned_after_their_retention_and_unfinished_ones_stay(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| {
+        let r = &mut cfg.retention;
+        (r.completed, r.failed, r.cancelled) = (Duration::from_millis(300), Duration::ZERO, Duration::ZERO);
+        r.interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "prune-w", 1, &["prove"]).await;
+    wait_connected(&client, &["prune-w"]).await;
+    let waiting = submit(&mut client, "nobody-runs-this", b"x").await;
+    let done = submit(&mut client, "prove", b"x").await;
+    let a = w.next(T).await;
+    w.complete(&done, a.attempt, b"proof").await.unwrap();
+    let get = |id: &str| {
+        let mut client = client.clone();
+        let req = proto::GetTaskRequest { task_id: id.to_owned(), ..Default::default() };
+        async move { client.get_task(req).await.map(|r| r.into_inner()) }
+    };
+    wait_until("the completed task is pruned", Duration::from_secs(15), || async {
+        matches!(get(&done).await, Err(s) if s.code() == Code::NotFound)
+    })
+    .await;
+    let kept = get(&waiting).await.expect("the pending task is kept");
+    assert_eq!(kept.status, proto::TaskStatus::Pending as i32);
+    let (_, text) = http_get(c.http, "/metrics").await.unwrap();
+    let pruned: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"coordinator_pruned_rows_total{table="tasks"} "#))
+        .expect("the pruned rows counter")
+        .parse()
+        .unwrap();
+    assert!(pruned >= 1.0, "{text}");
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_delayed_task_waits_for_its_time_then_runs);
+/// `delay_ms` and `run_at` hold a task back: it is pending with that `run_after`, no worker gets
+/// it before then, and it runs once the time has come; both at once, or a time more than a year
+/// ahead, are refused with INVALID_ARGUMENT.
+async fn a_delayed_task_waits_for_its_time_then_runs(db: &TestDb) {
+    let c =
+        TestCoordinator::start(db, |cfg| cfg.coordinator.poll_interval = Duration::from_millis(100)).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "delay-w", 2, &["prove"]).await;
+    wait_connected(&client, &["delay-w"]).await;
+    let submit_at = |delay_ms, run_at| proto::SubmitTaskRequest {
+        task_type: "prove".into(),
+        payload: b"x".to_vec(),
+        delay_ms,
+        run_at,
+        ..Default::default()
+    };
+    let before = chrono::Utc::now();
+    let delayed = client.submit_task(submit_at(700, None)).await.unwrap().into_inner();
+    let at = chrono::Utc::now() + chrono::Duration::milliseconds(900);
+    let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    };
+    let scheduled = client.submit_task(submit_at(0, Some(ts(at)))).await.unwrap().into_inner();
+    let run_after = |t: &proto::SubmitTaskResponse| {
+        let r = t.task.as_ref().unwrap().run_after.unwrap();
+        chrono::DateTime::from_timestamp(r.seconds, r.nanos as u32).unwrap()
+    };
+    assert!(run_after(&delayed) >= before + chrono::Duration::milliseconds(700));
+    assert_eq!(run_after(&scheduled).timestamp_micros(), at.timestamp_micros());
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let a = w.next(T).await;
+        w.complete(&a.task_id, a.attempt, b"ok").await.unwrap();
+        got.push(a.task_id);
+    }
+    got.sort();
+    let mut want = vec![delayed.task_id.clone(), scheduled.task_id.clone()];
+    want.sort();
+    assert_eq!(got, want);
+    for (id, not_before) in [(&delayed.task_id, run_after(&delayed)), (&scheduled.task_id, at)] {
+        let t = client
+            .get_task(proto::GetTaskRequest { task_id: id.clone(), include_attempts: true })
+            .await
+            .unwrap()
+            .into_inner();
+        let assigned = t.attempts[0].assigned_at.unwrap();
+        let assigned = chrono::DateTime::from_timestamp(assigned.seconds, assigned.nanos as u32).unwrap();
+        assert!(assigned >= not_before, "{id} assigned at {assigned}, before its time {not_before}");
+    }
+    for bad in [
+        submit_at(10, Some(ts(at))),
+        submit_at(0, Some(ts(chrono::Utc::now() + chrono::Duration::days(400)))),
+        submit_at(400 * 24 * 3600 * 1000, None),
+    ] {
+        let err = client.submit_task(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(list_workers_pages_by_id);
+/// `ListWorkers` answers a page at a time, in id order, with a token to the next page and none
+/// after the last; a page size over the limit is refused.
+async fn list_workers_pages_by_id(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut workers = Vec::new();
+    for i in 0..5 {
+        workers.push(RawWorker::connect(&c.endpoint(), &format!("page-w{i}"), 1, &[]).await);
+    }
+    wait_connected(&client, &["page-w0", "page-w1", "page-w2", "page-w3", "page-w4"]).await;
+    let mut seen = Vec::new();
+    let mut page_token = String::new();
+    let mut pages = 0;
+    loop {
+        let req = proto::ListWorkersRequest { page_size: 2, page_token };
+        let page = client.list_workers(req).await.unwrap().into_inner();
+        assert!(page.workers.len() <= 2);
+        seen.extend(page.workers.into_iter().map(|w| w.worker_id));
+        pages += 1;
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(seen, ["page-w0", "page-w1", "page-w2", "page-w3", "page-w4"]);
+    assert_eq!(pages, 3);
+    let err = client
+        .list_workers(proto::ListWorkersRequest { page_size: 5000, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let (code, body) = http_get(c.http, "/api/v1/workers?page_size=2&page_token=page-w1").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("page-w2") && body.contains("page-w3") && !body.contains("page-w1\""), "{body}");
+    drop(workers);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_prefetching_worker_queues_beyond_its_slots_and_hands_the_queue_back_on_drain);
+/// A worker with one slot and a prefetch of 3 holds four assignments (one running, three queued
+/// locally), never more, and runs one at a time; when it drains, the queued ones go back at
+/// once, uncharged (outcome `released`), while the running one finishes.
+async fn a_prefetching_worker_queues_beyond_its_slots_and_hands_the_queue_back_on_drain(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let shutdown = CancellationToken::new();
+    let mut opts = WorkerOptions::new(c.endpoint(), "prefetcher");
+    opts.max_concurrent = 1;
+    opts.prefetch = 3;
+    opts.drain_grace = Duration::from_secs(10);
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (r, m, g) = (running.clone(), most.clone(), gate.clone());
+    let handler = handler_fn(move |_t| {
+        let (r, m, g) = (r.clone(), m.clone(), g.clone());
+        async move {
+            let now = r.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            m.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            let _ = g.acquire().await.map(|p| p.forget());
+            r.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(b"done".to_vec())
+        }
+    });
+    let worker = tokio::spawn(Worker::new(opts, handler).unwrap().run(shutdown.clone()));
+    wait_connected(&client, &["prefetcher"]).await;
+    // One submission: the refill takes them in one claim (a worker with a queue is topped up
+    // once half of its queue is free, not after every task).
+    let tasks = (0..6)
+        .map(|i| proto::SubmitTaskRequest {
+            task_type: "prove".into(),
+            payload: format!("{i}").into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    let ids = client
+        .submit_job(proto::SubmitJobRequest { name: "prefetch".into(), tasks })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_ids;
+    wait_until("one slot and three queued are held", T, || async { held_by(db, "prefetcher").await == 4 })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(held_by(db, "prefetcher").await, 4, "never more than slots + prefetch");
+    assert_eq!(running.load(std::sync::atomic::Ordering::SeqCst), 1, "one runs; three wait in the queue");
+
+    shutdown.cancel();
+    // The queued three are handed back while the running one is still running.
+    wait_until("the queue is handed back", T, || async { held_by(db, "prefetcher").await == 1 }).await;
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(15), worker).await.expect("worker stops").unwrap().unwrap();
+    assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 1, "one at a time");
+
+    let mut completed = 0;
+    let mut released = 0;
+    for id in &ids {
+        let tid: TaskId = id.parse().unwrap();
+        let task = db.store.get_task(tid).await.unwrap().unwrap();
+        assert_eq!(task.failures, 0, "nothing charged: {task:?}");
+        match task.state {
+            TaskState::Completed => completed += 1,
+            TaskState::Pending => {
+                let attempts = db.store.attempts(tid).await.unwrap();
+                if let Some(last) = attempts.last() {
+                    assert_eq!(last.outcome.as_deref(), Some("released"), "{attempts:?}");
+                    released += 1;
+                }
+            }
+            other => panic!("task {id} is {other:?}"),
+        }
+    }
+    assert_eq!((completed, released), (1, 3), "the running task finished; the queued three went back");
     c.stop().await.unwrap();
 }

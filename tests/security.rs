@@ -14,10 +14,13 @@ use std::{
 use common::*;
 use coordinator::{
     auth::{Role, sha256_hex},
-    client::{self, Client, ClientSecurity},
     config::{ByteSize, Config, TokenConfig},
     proto,
-    worker::{Worker, WorkerOptions, handler_fn},
+};
+use coordinator_worker::{
+    Worker, WorkerOptions,
+    client::{self, Client, ClientSecurity},
+    handler_fn,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, SanType,
@@ -171,7 +174,7 @@ async fn tls_refuses_plaintext_and_unknown_cas_and_serves_worker_and_coordctl() 
     let out = tokio::task::spawn_blocking({
         let (url, ca) = (https(&c), ca_file.clone());
         move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+            std::process::Command::new(common::coordctl_bin())
                 .args(["--coordinator", &url, "--ca-file"])
                 .arg(&ca)
                 .args(["submit", "--type", "echo", "--payload", "over tls", "--wait"])
@@ -185,7 +188,7 @@ async fn tls_refuses_plaintext_and_unknown_cas_and_serves_worker_and_coordctl() 
     assert!(out.status.success(), "coordctl: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("over tls"), "{stdout}");
     // Without the CA, coordctl refuses the server's certificate.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_coordctl"))
+    let out = std::process::Command::new(common::coordctl_bin())
         .args(["--coordinator", &https(&c), "--ca-file"])
         .arg(&other_file)
         .args(["tasks"])
@@ -282,7 +285,7 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
     for (i, r) in codes.into_iter().enumerate() {
         assert_eq!(r.unwrap_err().code(), Code::PermissionDenied, "call {i}");
     }
-    let workers = w.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers = w.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert_eq!(workers.iter().map(|w| w.worker_id.as_str()).collect::<Vec<_>>(), ["worker-a"]);
     let t = get_task(&mut w, &id).await;
     assert_eq!((t.worker_id.as_str(), t.result.is_empty()), ("worker-a", true));
@@ -414,7 +417,7 @@ fn req<T>(msg: T, who: As) -> tonic::Request<T> {
 }
 
 /// Every method of the service, with a message that passes validation where it can.
-const METHODS: [(&str, Role); 16] = [
+const METHODS: [(&str, Role); 26] = [
     ("RegisterWorker", Role::Worker),
     ("SendHeartbeat", Role::Worker),
     ("ReceiveTasks", Role::Worker),
@@ -431,6 +434,16 @@ const METHODS: [(&str, Role); 16] = [
     ("GetJob", Role::Client),
     ("ListWorkers", Role::Admin),
     ("GetWorkerStats", Role::Admin),
+    ("RetryTask", Role::Admin),
+    ("RetryTasks", Role::Admin),
+    ("ListJobs", Role::Client),
+    ("CancelJob", Role::Client),
+    ("WatchJob", Role::Client),
+    ("GetFailureSummary", Role::Client),
+    ("CreateSchedule", Role::Admin),
+    ("ListSchedules", Role::Client),
+    ("PauseSchedule", Role::Admin),
+    ("DeleteSchedule", Role::Admin),
 ];
 
 async fn call(c: &mut Client, method: &str, who: As) -> Code {
@@ -493,7 +506,10 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
         "SubmitTasks" => {
             c.submit_tasks(req(proto::SubmitTasksRequest { tasks: vec![task()] }, who)).await.map(|_| ())
         }
-        "GetTask" => c.get_task(req(proto::GetTaskRequest { task_id: tid() }, who)).await.map(|_| ()),
+        "GetTask" => c
+            .get_task(req(proto::GetTaskRequest { task_id: tid(), ..Default::default() }, who))
+            .await
+            .map(|_| ()),
         "ListTasks" => c.list_tasks(req(proto::ListTasksRequest::default(), who)).await.map(|_| ()),
         "CancelTask" => c
             .cancel_task(req(proto::CancelTaskRequest { task_id: tid(), reason: String::new() }, who))
@@ -508,9 +524,46 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
             .get_job(req(proto::GetJobRequest { job_id: tid(), include_results: false }, who))
             .await
             .map(|_| ()),
-        "ListWorkers" => c.list_workers(req(proto::ListWorkersRequest {}, who)).await.map(|_| ()),
+        "ListWorkers" => c.list_workers(req(proto::ListWorkersRequest::default(), who)).await.map(|_| ()),
         "GetWorkerStats" => {
             c.get_worker_stats(req(proto::GetWorkerStatsRequest { worker_id: wid() }, who)).await.map(|_| ())
+        }
+        "RetryTask" => c.retry_task(req(proto::RetryTaskRequest { task_id: tid() }, who)).await.map(|_| ()),
+        "RetryTasks" => c
+            .retry_tasks(req(
+                proto::RetryTasksRequest { task_type: "echo".into(), ..Default::default() },
+                who,
+            ))
+            .await
+            .map(|_| ()),
+        "ListJobs" => c.list_jobs(req(proto::ListJobsRequest::default(), who)).await.map(|_| ()),
+        "CancelJob" => c
+            .cancel_job(req(proto::CancelJobRequest { job_id: tid(), reason: String::new() }, who))
+            .await
+            .map(|_| ()),
+        "WatchJob" => c.watch_job(req(proto::WatchJobRequest { job_id: tid() }, who)).await.map(|_| ()),
+        "GetFailureSummary" => {
+            c.get_failure_summary(req(proto::GetFailureSummaryRequest::default(), who)).await.map(|_| ())
+        }
+        "CreateSchedule" => c
+            .create_schedule(req(
+                proto::CreateScheduleRequest {
+                    name: "matrix".into(),
+                    cron: "0 0 1 1 *".into(),
+                    task: Some(task()),
+                    ..Default::default()
+                },
+                who,
+            ))
+            .await
+            .map(|_| ()),
+        "ListSchedules" => c.list_schedules(req(proto::ListSchedulesRequest {}, who)).await.map(|_| ()),
+        "PauseSchedule" => c
+            .pause_schedule(req(proto::PauseScheduleRequest { schedule_id: tid(), paused: true }, who))
+            .await
+            .map(|_| ()),
+        "DeleteSchedule" => {
+            c.delete_schedule(req(proto::DeleteScheduleRequest { schedule_id: tid() }, who)).await.map(|_| ())
         }
         other => panic!("no call for {other}"),
     };
@@ -525,6 +578,12 @@ async fn auth_matrix_covers_every_rpc_and_rest_route() {
     let db = TestDb::sqlite().await;
     let c = TestCoordinator::start(&db, auth_on).await;
     let mut client = c.client().await;
+    // Every method of the service is in the matrix.
+    let pool = prost_reflect::DescriptorPool::decode(proto::FILE_DESCRIPTOR_SET).unwrap();
+    let service = pool.get_service_by_name("coordinator.CoordinatorService").unwrap();
+    let declared: Vec<String> = service.methods().map(|m| m.name().to_owned()).collect();
+    let listed: Vec<String> = METHODS.iter().map(|(m, _)| m.to_string()).collect();
+    assert_eq!(declared, listed, "METHODS lists every RPC of the service, in order");
     let mut refused = 0;
     for (method, role) in METHODS {
         for who in EVERYONE {
@@ -565,7 +624,7 @@ async fn auth_matrix_covers_every_rpc_and_rest_route() {
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
 
     // REST: the same roles.
-    let routes: [(&str, &str, &str, Role); 9] = [
+    let routes: [(&str, &str, &str, Role); 19] = [
         ("POST", "/api/v1/tasks", r#"{"task_type":"echo"}"#, Role::Client),
         ("POST", "/api/v1/tasks/batch", r#"{"tasks":[{"task_type":"echo"}]}"#, Role::Client),
         ("GET", "/api/v1/tasks", "", Role::Client),
@@ -575,6 +634,21 @@ async fn auth_matrix_covers_every_rpc_and_rest_route() {
         ("GET", "/api/v1/jobs/0190a0b0-0000-7000-8000-000000000001", "", Role::Client),
         ("GET", "/api/v1/workers", "", Role::Admin),
         ("GET", "/api/v1/workers/matrix-worker/stats", "", Role::Admin),
+        ("POST", "/api/v1/tasks/0190a0b0-0000-7000-8000-000000000001/retry", "", Role::Admin),
+        ("POST", "/api/v1/tasks/retry", r#"{"task_type":"echo"}"#, Role::Admin),
+        ("GET", "/api/v1/jobs", "", Role::Client),
+        ("POST", "/api/v1/jobs/0190a0b0-0000-7000-8000-000000000001/cancel", "", Role::Client),
+        ("GET", "/api/v1/failures", "", Role::Client),
+        (
+            "POST",
+            "/api/v1/schedules",
+            r#"{"name":"r","cron":"0 0 1 1 *","task":{"task_type":"echo"}}"#,
+            Role::Admin,
+        ),
+        ("GET", "/api/v1/schedules", "", Role::Client),
+        ("POST", "/api/v1/schedules/0190a0b0-0000-7000-8000-000000000001/pause", "", Role::Admin),
+        ("POST", "/api/v1/schedules/0190a0b0-0000-7000-8000-000000000001/resume", "", Role::Admin),
+        ("DELETE", "/api/v1/schedules/0190a0b0-0000-7000-8000-000000000001", "", Role::Admin),
     ];
     for (method, path, body, role) in routes {
         for who in EVERYONE {
@@ -607,8 +681,9 @@ async fn auth_matrix_covers_every_rpc_and_rest_route() {
     // Every refusal above, plus the malformed header and the bound token's wrong worker.
     assert_eq!(failures as usize, refused + 2, "{metrics}");
     assert!(
-        metrics
-            .contains(r#"grpc_server_handled_total{grpc_method="ListWorkers",grpc_code="PermissionDenied"}"#)
+        metrics.contains(
+            r#"grpc_server_handled_total{grpc_service="coordinator.CoordinatorService",grpc_method="ListWorkers",grpc_type="unary",grpc_code="PermissionDenied"}"#
+        )
     );
     c.stop().await.unwrap();
 }
@@ -745,9 +820,9 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     let job = proto::SubmitJobRequest { name: "j".into(), tasks: vec![task(&|t| t.max_attempts = 1000)] };
     case!("one bad task in a job", Code::InvalidArgument, "max_attempts", |c| c.submit_job(job));
     case!("empty task_id", Code::InvalidArgument, "task_id", |c| c
-        .get_task(proto::GetTaskRequest { task_id: String::new() }));
+        .get_task(proto::GetTaskRequest { task_id: String::new(), ..Default::default() }));
     case!("task_id not a UUID", Code::InvalidArgument, "task_id", |c| c
-        .get_task(proto::GetTaskRequest { task_id: "42; drop table tasks".into() }));
+        .get_task(proto::GetTaskRequest { task_id: "42; drop table tasks".into(), ..Default::default() }));
     case!("cancel: task_id not a UUID", Code::InvalidArgument, "task_id", |c| c
         .cancel_task(proto::CancelTaskRequest { task_id: "x".into(), reason: String::new() }));
     case!("job_id not a UUID", Code::InvalidArgument, "job_id", |c| c
@@ -767,6 +842,8 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     let r = reg("w1", 10_001);
     case!("max_concurrent_tasks over 10000", Code::InvalidArgument, "max_concurrent_tasks", |c| c
         .register_worker(r));
+    let r = proto::RegisterWorkerRequest { prefetch: 1025, ..reg("w1", 1) };
+    case!("prefetch over 1024", Code::InvalidArgument, "prefetch", |c| c.register_worker(r));
     let hb = proto::HeartbeatRequest {
         worker_id: "w1".into(),
         running_tasks: vec![proto::RunningTask { task_id: "nope".into(), attempt: 1 }],
@@ -789,9 +866,10 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
         assert!(err.message().contains(field), "{name}: message {:?} does not name {field}", err.message());
     }
     assert_eq!(c.store.task_counts().await.unwrap().values().sum::<u64>(), 0, "no task stored");
-    let workers = client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers =
+        client.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert!(workers.is_empty(), "no worker stored: {workers:?}");
-    assert_eq!(rows, 24);
+    assert_eq!(rows, 25);
 
     // REST: bad JSON, unknown fields, wrong types, unknown routes, wrong methods, big bodies.
     let big = format!(r#"{{"task_type":"echo","payload":"{}"}}"#, "A".repeat(11 * 1024 * 1024));
@@ -914,7 +992,8 @@ async fn a_string_field_that_is_not_utf8_is_refused_naming_the_field() {
     assert!(ok.is_ok(), "{ok:?}");
     assert_eq!(c.store.task_counts().await.unwrap().values().sum::<u64>(), 1, "only the good task stored");
     let mut client = c.client().await;
-    let workers = client.list_workers(proto::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    let workers =
+        client.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert!(workers.is_empty(), "no worker stored: {workers:?}");
     c.stop().await.unwrap();
 }
@@ -1181,7 +1260,7 @@ async fn aged_connections_are_recycled_and_workers_lose_nothing() {
     let finished = |client: Client, ids: Vec<String>| async move {
         let mut client = client;
         for id in &ids {
-            match client.get_task(proto::GetTaskRequest { task_id: id.clone() }).await {
+            match client.get_task(proto::GetTaskRequest { task_id: id.clone(), ..Default::default() }).await {
                 Ok(t) if t.get_ref().status == proto::TaskStatus::Completed as i32 => {}
                 _ => return false,
             }

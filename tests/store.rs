@@ -15,15 +15,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Timelike, Utc};
 use coordinator::{
+    cron::CronSpec,
     domain::{
-        Assignment, AttemptRecord, Candidate, NewTask, RequeueReason, Task, TaskId, TaskState, WorkerId,
-        WorkerState,
+        Assignment, AttemptRecord, Candidate, MissedRuns, NewSchedule, NewTask, RequeueReason, ScheduleId,
+        Task, TaskId, TaskState, TaskTemplate, WorkerId, WorkerState,
     },
     store::{
-        Completion, Failure, Held, Holding, ReportOutcome, Requeued, RetryPolicy, Store, TaskFilter,
-        TypeFilter, WorkerRegistration, testing::TestDb,
+        Completion, Failure, FailureGroup, Fired, Held, Holding, Pruned, ReportOutcome, Requeued, Retention,
+        RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter, TypeFilter, WorkerRegistration,
+        testing::TestDb,
     },
 };
 use uuid::Uuid;
@@ -74,12 +76,15 @@ store_tests!(
     // claim
     claim_orders_by_priority_then_age_and_honours_limit,
     claim_skips_tasks_whose_run_after_is_in_the_future,
+    a_task_submitted_to_run_later_is_not_claimed_before_its_time,
     claim_type_filter_only_offers_those_types,
     claim_leaves_tasks_that_place_omits_pending,
     claim_ignores_placements_of_tasks_that_were_not_candidates,
     claim_assigns_attempt_worker_lease_deadline_and_history,
+    a_tasks_traceparent_is_stored_and_sent_with_every_assignment,
     // mark_running, renew_leases
     mark_running_applies_only_for_the_holding_worker_and_attempt,
+    a_delivery_mark_that_waits_for_a_connection_dates_the_delivery,
     renew_leases_returns_only_tasks_still_held,
     // complete
     complete_applies_once_then_reports_duplicate,
@@ -94,6 +99,8 @@ store_tests!(
     fail_non_retriable_is_failed_at_once,
     fail_repeated_report_is_duplicate,
     fail_from_a_stale_attempt_or_worker_is_stale,
+    a_failed_task_names_its_worker_and_a_retried_one_does_not,
+    a_lost_attempt_keeps_the_error_of_an_earlier_failure_until_it_fails_the_task,
     // cancel
     cancel_pending_task_has_no_holder,
     cancel_held_task_names_its_holder_and_fences_later_reports,
@@ -122,12 +129,32 @@ store_tests!(
     worker_reregistration_replaces_session_and_fences_state_changes,
     flush_heartbeats_updates_many_workers_and_never_moves_backwards,
     live_workers_are_active_or_suspect_and_heard_from_lately,
+    a_worker_stays_live_while_its_replica_is_seen,
     worker_stats_count_outcomes_and_duration,
     // jobs, listings, counts
     jobs_track_their_tasks_until_done,
     job_resubmitted_with_known_idempotency_keys_is_done_when_its_tasks_are,
     list_tasks_filters_and_pages_in_id_order,
     task_counts_and_pending_by_type,
+    // retention
+    prune_deletes_finished_tasks_past_their_age_and_never_unfinished_ones,
+    prune_takes_the_oldest_first_a_batch_at_a_time,
+    prune_deletes_a_job_once_its_tasks_are_gone,
+    prune_deletes_silent_workers_that_hold_nothing,
+    prune_runs_on_one_replica_at_a_time,
+    // schedules
+    schedules_are_created_listed_paused_and_deleted,
+    firing_a_due_schedule_creates_each_occurrence_once_even_when_fired_at_once,
+    // retries
+    retry_task_resets_a_failed_task_and_keeps_its_history,
+    retry_task_takes_failed_and_cancelled_tasks_only,
+    retry_batch_takes_what_every_filter_matches,
+    racing_bulk_retries_retry_each_task_once,
+    // jobs as a whole
+    list_jobs_pages_newest_first_with_counts,
+    cancel_job_cancels_live_tasks_and_names_their_holders,
+    // failures summary
+    failure_summary_counts_failed_tasks_by_type_and_error_and_attempts_by_outcome,
 );
 
 // ---- helpers ----
@@ -159,6 +186,8 @@ fn new_task(task_type: &str) -> NewTask {
         timeout: Duration::from_secs(60),
         idempotency_key: None,
         job_id: None,
+        run_after: None,
+        traceparent: None,
     }
 }
 
@@ -259,6 +288,15 @@ async fn fail_one(s: &Store, h: &Held, error: &str, retriable: bool, p: RetryPol
     s.fail(&failure(h, error, retriable), p).await.expect("fail")
 }
 
+/// A task of `task_type` that failed at once with `error`.
+async fn failed_task(s: &Store, t: NewTask, error: &str) -> Task {
+    let id = create_one(s, t).await.id;
+    let h = claim_one(s, id, "w1", LONG_LEASE).await;
+    let out = fail_one(s, &h, error, false, policy(100)).await;
+    assert_eq!(out, ReportOutcome::Applied { state: TaskState::Failed }, "{}", s.backend());
+    get(s, id).await
+}
+
 /// Polls the clock (bounded) until it is strictly past `t`.
 async fn wait_until_past(t: DateTime<Utc>) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -300,6 +338,7 @@ async fn requeue_dead(s: &Store, worker: &WorkerId) -> coordinator::store::Resul
 fn registration(id: &str, session: Uuid) -> WorkerRegistration {
     WorkerRegistration {
         id: w(id),
+        prefetch: 0,
         max_concurrent_tasks: 4,
         capabilities: vec!["prove".into(), "verify".into()],
         labels: BTreeMap::from([("gpu".into(), "a100".into()), ("zone".into(), "eu-west-1".into())]),
@@ -308,6 +347,21 @@ fn registration(id: &str, session: Uuid) -> WorkerRegistration {
         session_id: session,
         coordinator_id: "coord-a".into(),
         holding: None,
+    }
+}
+
+/// Every connection the store writes through, held until the value is dropped.
+async fn hold_every_connection(s: &Store) -> Box<dyn std::any::Any + Send> {
+    match s {
+        Store::Postgres(pg) => {
+            let pool = pg.pool();
+            let mut held = Vec::new();
+            for _ in 0..pool.options().get_max_connections() {
+                held.push(pool.acquire().await.expect("a connection"));
+            }
+            Box::new(held)
+        }
+        Store::Sqlite(lite) => Box::new(lite.writer_pool().acquire().await.expect("the writer")),
     }
 }
 
@@ -468,6 +522,37 @@ mod cases {
         );
     }
 
+    pub async fn a_task_submitted_to_run_later_is_not_claimed_before_its_time(s: &Store) {
+        let b = s.backend();
+        let at = micros_precision(Utc::now() + TimeDelta::milliseconds(300));
+        let later = create_one(s, NewTask { run_after: Some(at), ..new_task("prove") }).await;
+        assert_eq!((later.state, later.run_after), (TaskState::Pending, at), "{b}: stored as given");
+        let before = Utc::now();
+        let now = create_one(s, new_task("prove")).await;
+        assert_within(
+            b,
+            "run_after of a task without one",
+            now.run_after,
+            before - SLACK,
+            Utc::now() + SLACK,
+        );
+        let claim = || {
+            s.claim(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
+                c.iter().map(|c| (c.id, w("w1"))).collect()
+            })
+        };
+        let first: Vec<TaskId> = claim().await.expect("claim").iter().map(|a| a.task_id).collect();
+        if Utc::now() < at {
+            assert_eq!(first, vec![now.id], "{b}: only the task due now");
+        }
+        wait_until_past(at).await;
+        let mut all: Vec<TaskId> = first;
+        all.extend(claim().await.expect("claim").iter().map(|a| a.task_id));
+        assert!(all.contains(&later.id), "{b}: claimed once its time came");
+        let assigned = get(s, later.id).await.assigned_at.expect("assigned");
+        assert!(assigned >= at, "{b}: assigned at {assigned}, before its time {at}");
+    }
+
     pub async fn claim_skips_tasks_whose_run_after_is_in_the_future(s: &Store) {
         let b = s.backend();
         let later = create_one(s, new_task("prove")).await;
@@ -605,6 +690,35 @@ mod cases {
         assert_eq!(s.get_task(unknown).await.expect("get_task"), None, "{b}: nothing invented");
     }
 
+    pub async fn a_tasks_traceparent_is_stored_and_sent_with_every_assignment(s: &Store) {
+        let b = s.backend();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = NewTask { traceparent: Some(tp.into()), ..new_task("prove") };
+        let plain = new_task("prove");
+        create(s, vec![traced.clone(), plain.clone()]).await;
+        let (_, in_job) = s
+            .create_job("traced-job", vec![NewTask { traceparent: Some(tp.into()), ..new_task("prove") }])
+            .await
+            .expect("create_job");
+        let job_task = in_job[0].task.id;
+        assert_eq!(get(s, traced.id).await.traceparent.as_deref(), Some(tp), "{b}: stored");
+        assert_eq!(get(s, plain.id).await.traceparent, None, "{b}: none given, none stored");
+
+        let lease = Duration::from_secs(30);
+        let got = claim_ids(s, &[traced.id, plain.id, job_task], &w("w1"), lease).await;
+        let sent: HashMap<TaskId, Option<String>> =
+            got.into_iter().map(|a| (a.task_id, a.traceparent)).collect();
+        assert_eq!(sent[&traced.id].as_deref(), Some(tp), "{b}: sent with the assignment");
+        assert_eq!(sent[&plain.id], None, "{b}");
+        assert_eq!(sent[&job_task].as_deref(), Some(tp), "{b}: a job's task carries it too");
+
+        // The next attempt, after the worker is lost, carries the same context.
+        requeue_dead(s, &w("w1")).await.expect("requeue");
+        let again = claim_ids(s, &[traced.id], &w("w2"), lease).await;
+        assert_eq!(again[0].attempt, 2, "{b}");
+        assert_eq!(again[0].traceparent.as_deref(), Some(tp), "{b}: every attempt carries it");
+    }
+
     pub async fn claim_assigns_attempt_worker_lease_deadline_and_history(s: &Store) {
         let b = s.backend();
         let nt = NewTask {
@@ -690,6 +804,29 @@ mod cases {
 
         assert_eq!(s.mark_running(&[h]).await.expect("mark_running"), 0, "{b}: already running");
         assert_eq!(get(s, t.id).await, now, "{b}");
+    }
+
+    /// A task starts when it went down its worker's stream, however long the mark then waits
+    /// for a database connection: a wait taken off the start would make the task look shorter
+    /// than the worker held it.
+    pub async fn a_delivery_mark_that_waits_for_a_connection_dates_the_delivery(s: &Store) {
+        const WAIT: Duration = Duration::from_millis(300);
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        let busy = hold_every_connection(s).await;
+        let (delivered_wall, delivered) = (Utc::now(), Instant::now());
+        let mark = {
+            let s = s.clone();
+            tokio::spawn(async move { s.mark_delivered(&[(h, delivered)]).await })
+        };
+        tokio::time::sleep(WAIT).await;
+        assert!(!mark.is_finished(), "{b}: the mark waits for a connection");
+        drop(busy);
+        assert_eq!(mark.await.expect("mark task").expect("mark_delivered"), 1, "{b}");
+        let started = get(s, t.id).await.started_at.expect("started_at");
+        assert_within(b, "started_at", started, delivered_wall - SLACK, delivered_wall + SLACK);
+        assert_eq!(last_attempt(s, t.id).await.started_at, Some(started), "{b}: the attempt row too");
     }
 
     pub async fn renew_leases_returns_only_tasks_still_held(s: &Store) {
@@ -1057,6 +1194,49 @@ mod cases {
             (Some("failed"), Some("bad input")),
             "{b}"
         );
+    }
+
+    pub async fn a_failed_task_names_its_worker_and_a_retried_one_does_not(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, with_attempts(new_task("prove"), 2)).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        let out = fail_one(s, &h, "flaky", true, policy(0)).await;
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Pending }, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!((now.worker_id, now.finished_at, now.failures), (None, None, 1), "{b}: retried");
+        let h = claim_one(s, t.id, "w2", LONG_LEASE).await;
+        let out = fail_one(s, &h, "flaky again", true, policy(0)).await;
+        assert_eq!(out, ReportOutcome::Applied { state: TaskState::Failed }, "{b}: out of attempts");
+        let now = get(s, t.id).await;
+        assert_eq!((now.worker_id, now.failures), (Some(w("w2")), 2), "{b}: failed by w2");
+        assert_eq!(now.error.as_deref(), Some("flaky again"), "{b}");
+        assert!(now.finished_at.is_some(), "{b}");
+    }
+
+    pub async fn a_lost_attempt_keeps_the_error_of_an_earlier_failure_until_it_fails_the_task(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, with_attempts(new_task("prove"), 2)).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        fail_one(s, &h, "boom", true, policy(0)).await;
+        // Released: not charged, and the error of the failure stays.
+        let h = claim_one(s, t.id, "w2", LONG_LEASE).await;
+        let out = s.requeue_released(std::slice::from_ref(&h)).await.expect("release");
+        assert_eq!(out.len(), 1, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!(
+            (now.state, now.failures, now.error.as_deref()),
+            (TaskState::Pending, 1, Some("boom")),
+            "{b}"
+        );
+        // A lapsed lease is charged: the last attempt is gone, and the error names the lost one.
+        claim_one(s, t.id, "w3", TINY_LEASE).await;
+        wait_for_lease_to_lapse(s, t.id).await;
+        let out = s.requeue_expired(100).await.expect("requeue_expired");
+        assert_eq!(out.len(), 1, "{b}");
+        assert_eq!(out[0].state, TaskState::Failed, "{b}");
+        let now = get(s, t.id).await;
+        assert_eq!((now.state, now.failures, now.worker_id), (TaskState::Failed, 2, None), "{b}");
+        assert_eq!(now.error.as_deref(), Some("attempt 3 lost: lease_expired on worker w3"), "{b}");
     }
 
     pub async fn fail_repeated_report_is_duplicate(s: &Store) {
@@ -1605,13 +1785,19 @@ mod cases {
         assert_within(b, "last_heartbeat_at", a.last_heartbeat_at, before - SLACK, after + SLACK);
         assert_eq!(a.in_flight, 2, "{b}: one assigned + one running; the completed one does not count");
 
-        let all = s.list_workers().await.expect("list_workers");
+        let all = s.list_workers(None, 1000).await.expect("list_workers");
         assert_eq!(all.iter().map(|w| w.id.0.as_str()).collect::<Vec<_>>(), vec!["w-a", "w-b"], "{b}: by id");
         assert_eq!(all[0], a, "{b}: list and get agree");
         let wb = &all[1];
         assert_eq!(wb.capabilities, vec!["prove".to_string(), "verify".to_string()], "{b}");
         assert_eq!(wb.labels, registration("w-b", s2).labels, "{b}");
         assert_eq!((wb.session_id, wb.in_flight), (s2, 0), "{b}");
+        // A page at a time, by id, each with its holdings.
+        let first = s.list_workers(None, 1).await.expect("list_workers");
+        assert_eq!(first, vec![a.clone()], "{b}: the first page");
+        let second = s.list_workers(Some(&first[0].id), 1).await.expect("list_workers");
+        assert_eq!(second, vec![wb.clone()], "{b}: the page after w-a");
+        assert!(s.list_workers(Some(&wb.id), 1).await.expect("list_workers").is_empty(), "{b}: none after");
         assert_eq!(s.get_worker(&w("nobody")).await.expect("get_worker"), None, "{b}");
         assert_eq!(s.worker_stats(&w("nobody")).await.expect("worker_stats"), None, "{b}");
     }
@@ -1620,7 +1806,10 @@ mod cases {
         let b = s.backend();
         let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
         s.upsert_worker(&registration("w1", old)).await.expect("upsert");
-        assert!(s.set_worker_state(&w("w1"), old, WorkerState::Suspect).await.expect("set"), "{b}");
+        assert!(
+            s.set_worker_state(&w("w1"), old, WorkerState::Suspect, Utc::now()).await.expect("set"),
+            "{b}"
+        );
         assert_eq!(s.get_worker(&w("w1")).await.unwrap().unwrap().state, WorkerState::Suspect, "{b}");
 
         let mut again = registration("w1", new);
@@ -1635,10 +1824,10 @@ mod cases {
             (rec.capabilities, rec.version, rec.max_concurrent_tasks),
             (vec!["verify".into()], "2.0.0".into(), 8)
         );
-        assert_eq!(s.list_workers().await.expect("list").len(), 1, "{b}: still one worker");
+        assert_eq!(s.list_workers(None, 1000).await.expect("list").len(), 1, "{b}: still one worker");
 
         assert!(
-            !s.set_worker_state(&w("w1"), old, WorkerState::Dead).await.expect("set"),
+            !s.set_worker_state(&w("w1"), old, WorkerState::Dead, Utc::now()).await.expect("set"),
             "{b}: old session"
         );
         assert_eq!(
@@ -1646,9 +1835,15 @@ mod cases {
             WorkerState::Active,
             "{b}: unchanged"
         );
-        assert!(s.set_worker_state(&w("w1"), new, WorkerState::Draining).await.expect("set"), "{b}");
+        assert!(
+            s.set_worker_state(&w("w1"), new, WorkerState::Draining, Utc::now()).await.expect("set"),
+            "{b}"
+        );
         assert_eq!(s.get_worker(&w("w1")).await.unwrap().unwrap().state, WorkerState::Draining, "{b}");
-        assert!(!s.set_worker_state(&w("nobody"), new, WorkerState::Dead).await.expect("set"), "{b}");
+        assert!(
+            !s.set_worker_state(&w("nobody"), new, WorkerState::Dead, Utc::now()).await.expect("set"),
+            "{b}"
+        );
     }
 
     pub async fn flush_heartbeats_updates_many_workers_and_never_moves_backwards(s: &Store) {
@@ -1661,7 +1856,7 @@ mod cases {
         let mut beats: Vec<(WorkerId, DateTime<Utc>)> = names.iter().map(|n| (w(n), t1)).collect();
         beats.push((w("ghost"), t1));
         assert_eq!(s.flush_heartbeats(&beats).await.expect("flush"), 5, "{b}: five workers in one call");
-        for rec in s.list_workers().await.expect("list") {
+        for rec in s.list_workers(None, 1000).await.expect("list") {
             assert_eq!(rec.last_heartbeat_at, t1, "{b}: {}", rec.id);
         }
         assert_eq!(s.get_worker(&w("ghost")).await.expect("get"), None, "{b}: no worker invented");
@@ -1691,7 +1886,7 @@ mod cases {
             ("draining", WorkerState::Draining),
             ("dead", WorkerState::Dead),
         ] {
-            assert!(s.set_worker_state(&w(id), sessions[id], state).await.expect("set"), "{b}");
+            assert!(s.set_worker_state(&w(id), sessions[id], state, Utc::now()).await.expect("set"), "{b}");
         }
         let tasks = create_n(s, "prove", 3).await;
         let ids: Vec<TaskId> = tasks.iter().map(|t| t.id).collect();
@@ -1719,6 +1914,60 @@ mod cases {
         let live = s.live_workers(Duration::from_secs(3600)).await.expect("live_workers");
         let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
         assert_eq!(names, ["active", "silent", "suspect"], "{b}: within a longer window");
+    }
+
+    /// Heartbeats reach the database about once a minute; a worker whose replica is seen is
+    /// live on its row's state alone, one whose replica is gone only on its own heartbeats.
+    pub async fn a_worker_stays_live_while_its_replica_is_seen(s: &Store) {
+        let b = s.backend();
+        let mut here = registration("quiet-here", Uuid::now_v7());
+        here.coordinator_id = "replica-a".into();
+        let mut gone = registration("quiet-gone", Uuid::now_v7());
+        gone.coordinator_id = "replica-b".into();
+        s.upsert_worker(&here).await.expect("upsert");
+        s.upsert_worker(&gone).await.expect("upsert");
+        s.touch_coordinator("replica-b").await.expect("touch");
+        let window = Duration::from_millis(300);
+        let registered = s.get_worker(&w("quiet-here")).await.unwrap().unwrap().last_heartbeat_at;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Utc::now() < registered + TimeDelta::from_std(window * 2).unwrap() {
+            assert!(Instant::now() < deadline, "{b}: the clock did not move");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Only replica-a is seen lately (replica-b's row is as old as the heartbeats).
+        s.touch_coordinator("replica-a").await.expect("touch");
+        s.touch_coordinator("replica-a").await.expect("touch again");
+        let live = s.live_workers(window).await.expect("live_workers");
+        let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
+        assert_eq!(names, ["quiet-here"], "{b}: silent, but its replica is seen");
+        assert!(live[0].owner_seen_at.is_some_and(|t| t > registered), "{b}: {:?}", live[0].owner_seen_at);
+        let listed = s.list_workers(None, 10).await.expect("list");
+        assert!(listed.iter().all(|r| r.owner_seen_at.is_some()), "{b}: both replicas have rows");
+
+        // A state change carries the last heartbeat seen, forward only.
+        let later = micros_precision(Utc::now());
+        assert!(
+            s.set_worker_state(&w("quiet-gone"), gone.session_id, WorkerState::Suspect, later).await.unwrap()
+        );
+        let rec = s.get_worker(&w("quiet-gone")).await.unwrap().unwrap();
+        assert_eq!((rec.state, rec.last_heartbeat_at), (WorkerState::Suspect, later), "{b}");
+        let earlier = later - TimeDelta::seconds(60);
+        assert!(
+            s.set_worker_state(&w("quiet-gone"), gone.session_id, WorkerState::Active, earlier)
+                .await
+                .unwrap()
+        );
+        assert_eq!(s.get_worker(&w("quiet-gone")).await.unwrap().unwrap().last_heartbeat_at, later, "{b}");
+        let live = s.live_workers(window).await.expect("live_workers");
+        let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
+        assert_eq!(names, ["quiet-gone", "quiet-here"], "{b}: its heartbeat is fresh again");
+
+        // A replica that stopped cleanly removes its row: its silent workers are not live.
+        s.forget_coordinator("replica-a").await.expect("forget");
+        let live = s.live_workers(window).await.expect("live_workers");
+        let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
+        assert_eq!(names, ["quiet-gone"], "{b}");
+        assert_eq!(s.get_worker(&w("quiet-here")).await.unwrap().unwrap().owner_seen_at, None, "{b}");
     }
 
     pub async fn worker_stats_count_outcomes_and_duration(s: &Store) {
@@ -1949,8 +2198,25 @@ mod cases {
         ]);
         assert_eq!(counts, want, "{b}");
         let pending = s.pending_by_type().await.expect("pending_by_type");
+        let counts: BTreeMap<String, u64> = pending.iter().map(|(t, p)| (t.clone(), p.count)).collect();
         let want = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);
-        assert_eq!(pending, want, "{b}: includes the pending task waiting out its backoff; no c");
+        assert_eq!(counts, want, "{b}: includes the pending task waiting out its backoff; no c");
+
+        // The same statement tells since when the longest-waiting task of each type is runnable:
+        // a3 since its submission; for b, b2 (submitted, runnable) and not b0 (in its backoff).
+        let now = Utc::now();
+        let since = |t: &str| pending[t].runnable_since;
+        assert!(since("a") <= now && since("a") > now - chrono::Duration::seconds(60), "{b}: {pending:?}");
+        assert!(since("b") <= now && since("b") > now - chrono::Duration::seconds(60), "{b}: {pending:?}");
+        assert!(pending["a"].waited(now + chrono::Duration::seconds(30)) >= Duration::from_secs(30), "{b}");
+
+        // Only tasks in their backoff: the earliest runnable time is ahead, nothing has waited.
+        s.cancel(a[3].id, "done").await.expect("cancel a3");
+        s.cancel(bt[2].id, "done").await.expect("cancel b2");
+        let pending = s.pending_by_type().await.expect("pending_by_type");
+        assert_eq!(pending.keys().collect::<Vec<_>>(), ["b"], "{b}: {pending:?}");
+        assert!(pending["b"].runnable_since > Utc::now() + chrono::Duration::seconds(30), "{b}: {pending:?}");
+        assert_eq!(pending["b"].waited(Utc::now()), Duration::ZERO, "{b}");
     }
 
     // ---- sessions ----
@@ -2165,5 +2431,632 @@ mod cases {
             "{b}: not charged"
         );
         assert_eq!(last_attempt(s, t.id).await.outcome.as_deref(), Some("released"), "{b}");
+    }
+
+    // ---- retention ----
+
+    /// Every age 1 ms except `failed`, which keeps a day.
+    fn short_ages() -> Retention {
+        let tiny = Some(Duration::from_millis(1));
+        Retention {
+            completed: tiny,
+            failed: Some(Duration::from_secs(86_400)),
+            cancelled: tiny,
+            workers: tiny,
+        }
+    }
+
+    async fn prune(s: &Store, rules: &Retention, limit: u32) -> Pruned {
+        s.prune(rules, limit).await.expect("prune").expect("no other pruner")
+    }
+
+    /// Waits until every stored `finished_at` is more than `age` in the past.
+    async fn wait_until_finished_before(s: &Store, age: Duration) {
+        let last = all_tasks(s).await.into_iter().filter_map(|t| t.finished_at).max();
+        if let Some(t) = last {
+            wait_until_past(t + td(age) + ms(2)).await;
+        }
+    }
+
+    pub async fn prune_deletes_finished_tasks_past_their_age_and_never_unfinished_ones(s: &Store) {
+        let b = s.backend();
+        let mut keyed = new_task("prove");
+        keyed.idempotency_key = Some("once".into());
+        let [done, failed, cancelled, pending, assigned, running] = <[Task; 6]>::try_from(
+            create(
+                s,
+                vec![
+                    keyed.clone(),
+                    new_task("prove"),
+                    new_task("prove"),
+                    new_task("prove"),
+                    new_task("prove"),
+                    new_task("prove"),
+                ],
+            )
+            .await,
+        )
+        .unwrap();
+        let h = claim_one(s, done.id, "w1", LONG_LEASE).await;
+        complete_one(s, &h, b"proof").await;
+        let h = claim_one(s, failed.id, "w1", LONG_LEASE).await;
+        fail_one(s, &h, "bad witness", false, policy(100)).await;
+        claim_one(s, cancelled.id, "w1", LONG_LEASE).await;
+        s.cancel(cancelled.id, "not needed").await.expect("cancel");
+        claim_one(s, assigned.id, "w1", LONG_LEASE).await;
+        let h = claim_one(s, running.id, "w1", LONG_LEASE).await;
+        assert_eq!(s.mark_running(&[h]).await.expect("mark_running"), 1, "{b}");
+        wait_until_finished_before(s, Duration::from_millis(1)).await;
+
+        let p = prune(s, &short_ages(), 1000).await;
+        assert_eq!(
+            (p.tasks, p.task_attempts, p.jobs),
+            (2, 1, 0),
+            "{b}: the completed and the cancelled task"
+        );
+        for gone in [done.id, cancelled.id] {
+            assert_eq!(s.get_task(gone).await.expect("get"), None, "{b}");
+            assert!(attempts(s, gone).await.is_empty(), "{b}: its attempts go with it");
+        }
+        for kept in [failed.id, pending.id, assigned.id, running.id] {
+            get(s, kept).await;
+        }
+        assert_eq!(attempts(s, failed.id).await.len(), 1, "{b}: a kept task keeps its history");
+        let again = s.create_tasks(&[NewTask { id: TaskId::new(), ..keyed }]).await.expect("create");
+        assert!(again[0].created, "{b}: the idempotency key went with its task");
+
+        // Every age at 1 ms: the failed task goes too, and still nothing unfinished.
+        let tiny = Some(Duration::from_millis(1));
+        let all = Retention { completed: tiny, failed: tiny, cancelled: tiny, workers: None };
+        let p = prune(s, &all, 1000).await;
+        assert_eq!(p.tasks, 1, "{b}");
+        let left: BTreeSet<TaskId> = all_tasks(s).await.iter().map(|t| t.id).collect();
+        assert_eq!(left, BTreeSet::from([pending.id, assigned.id, running.id, again[0].task.id]), "{b}");
+        assert_eq!(prune(s, &all, 1000).await, Pruned::default(), "{b}: nothing more");
+    }
+
+    pub async fn prune_takes_the_oldest_first_a_batch_at_a_time(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 5).await;
+        for t in &tasks {
+            let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+            complete_one(s, &h, b"ok").await;
+            // Distinct finishing times, in order.
+            wait_until_past(get(s, t.id).await.finished_at.unwrap()).await;
+        }
+        wait_until_finished_before(s, Duration::from_millis(1)).await;
+        let rules = short_ages();
+        let p = prune(s, &rules, 2).await;
+        assert_eq!(p.tasks, 2, "{b}");
+        assert!(p.full(2), "{b}: a full batch says there may be more");
+        let left: Vec<TaskId> = all_tasks(s).await.iter().map(|t| t.id).collect();
+        assert_eq!(left, tasks[2..].iter().map(|t| t.id).collect::<Vec<_>>(), "{b}: the two oldest went");
+        assert_eq!(prune(s, &rules, 2).await.tasks, 2, "{b}");
+        let p = prune(s, &rules, 2).await;
+        assert_eq!(p.tasks, 1, "{b}");
+        assert!(!p.full(2), "{b}");
+    }
+
+    pub async fn prune_deletes_a_job_once_its_tasks_are_gone(s: &Store) {
+        let b = s.backend();
+        let news: Vec<NewTask> = (0..2).map(|_| new_task("prove")).collect();
+        let (job, _) = s.create_job("pruned", news.clone()).await.expect("create_job");
+        let h = claim_one(s, news[0].id, "w1", LONG_LEASE).await;
+        complete_one(s, &h, b"ok").await;
+        wait_until_finished_before(s, Duration::from_millis(1)).await;
+        let p = prune(s, &short_ages(), 1000).await;
+        assert_eq!((p.tasks, p.job_tasks, p.jobs), (1, 1, 0), "{b}: the job keeps a live task");
+        let j = s.get_job(job.id).await.expect("get_job").expect("the job is kept");
+        assert_eq!((j.total, j.count(TaskState::Pending), j.pruned()), (2, 1, 1), "{b}");
+        assert!(!j.done(), "{b}");
+
+        let h = claim_one(s, news[1].id, "w1", LONG_LEASE).await;
+        complete_one(s, &h, b"ok").await;
+        let j = s.get_job(job.id).await.unwrap().unwrap();
+        assert!(j.done(), "{b}: done with one task pruned and one completed");
+        wait_until_finished_before(s, Duration::from_millis(1)).await;
+        let p = prune(s, &short_ages(), 1000).await;
+        assert_eq!((p.tasks, p.job_tasks, p.jobs), (1, 1, 1), "{b}");
+        assert_eq!(s.get_job(job.id).await.expect("get_job"), None, "{b}");
+
+        // A job young enough to have lost nothing to the pruner is not taken for an empty one.
+        let (empty, _) = s.create_job("empty", Vec::new()).await.expect("create_job");
+        let day = Some(Duration::from_secs(86_400));
+        let keep = Retention { completed: day, failed: day, cancelled: day, workers: None };
+        assert_eq!(prune(s, &keep, 1000).await.jobs, 0, "{b}");
+        assert!(s.get_job(empty.id).await.unwrap().is_some(), "{b}");
+    }
+
+    pub async fn prune_deletes_silent_workers_that_hold_nothing(s: &Store) {
+        let b = s.backend();
+        s.upsert_worker(&registration("idle", Uuid::now_v7())).await.expect("upsert");
+        s.upsert_worker(&registration("busy", Uuid::now_v7())).await.expect("upsert");
+        let t = create_one(s, new_task("prove")).await;
+        claim_one(s, t.id, "busy", LONG_LEASE).await;
+        let day = Some(Duration::from_secs(86_400));
+        let keep = Retention { workers: day, ..Retention::default() };
+        assert_eq!(prune(s, &keep, 1000).await.workers, 0, "{b}: both heard from within a day");
+        let heard = s
+            .list_workers(None, 1000)
+            .await
+            .expect("list")
+            .iter()
+            .map(|w| w.last_heartbeat_at)
+            .max()
+            .unwrap();
+        wait_until_past(heard + ms(2)).await;
+        let p = prune(s, &short_ages(), 1000).await;
+        assert_eq!(p.workers, 1, "{b}");
+        assert_eq!(s.get_worker(&w("idle")).await.expect("get"), None, "{b}");
+        assert!(s.get_worker(&w("busy")).await.expect("get").is_some(), "{b}: it holds a task");
+    }
+
+    pub async fn prune_runs_on_one_replica_at_a_time(s: &Store) {
+        let b = s.backend();
+        let t = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, t.id, "w1", LONG_LEASE).await;
+        complete_one(s, &h, b"ok").await;
+        wait_until_finished_before(s, Duration::from_millis(1)).await;
+        let Store::Postgres(pg) = s else {
+            // One process serves a SQLite database: there is no other pruner.
+            assert_eq!(prune(s, &short_ages(), 10).await.tasks, 1, "{b}");
+            return;
+        };
+        let mut other = pg.pool().begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))")
+            .bind(coordinator::store::postgres::PRUNER_LOCK)
+            .execute(&mut *other)
+            .await
+            .expect("lock");
+        assert_eq!(s.prune(&short_ages(), 10).await.expect("prune"), None, "{b}: another replica prunes");
+        get(s, t.id).await;
+        other.rollback().await.expect("rollback");
+        // The pruner of another deployment, in a schema of its own in the same database, holds
+        // its own lock, not this one.
+        let elsewhere = TestDb::postgres().await.expect("a second schema");
+        let Store::Postgres(pg2) = &elsewhere.store else { unreachable!() };
+        let mut theirs = pg2.pool().begin().await.expect("begin");
+        sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()))")
+            .bind(coordinator::store::postgres::PRUNER_LOCK)
+            .execute(&mut *theirs)
+            .await
+            .expect("lock");
+        let pruned = s.prune(&short_ages(), 10).await.expect("prune");
+        theirs.rollback().await.expect("rollback");
+        elsewhere.cleanup().await;
+        assert_eq!(
+            pruned.map(|p| p.tasks),
+            Some(1),
+            "{b}: another schema's pruner does not hold this one back"
+        );
+    }
+
+    // ---- schedules ----
+
+    fn new_schedule(name: &str, cron: &str, next_run_at: DateTime<Utc>) -> NewSchedule {
+        NewSchedule {
+            id: ScheduleId::new(),
+            name: name.to_owned(),
+            cron: cron.to_owned(),
+            timezone: "UTC".into(),
+            template: TaskTemplate {
+                task_type: "prove".into(),
+                payload: b"template".to_vec(),
+                priority: 3,
+                max_attempts: 2,
+                timeout: Duration::from_secs(30),
+            },
+            missed: MissedRuns::All,
+            paused: false,
+            next_run_at: Some(micros_precision(next_run_at)),
+        }
+    }
+
+    pub async fn schedules_are_created_listed_paused_and_deleted(s: &Store) {
+        let b = s.backend();
+        let next = Utc::now() + TimeDelta::hours(1);
+        let new = new_schedule("nightly", "0 2 * * *", next);
+        let created = s.create_schedule(&new).await.expect("create").expect("a new name");
+        assert_eq!(
+            (created.id, created.name.as_str(), created.template.clone()),
+            (new.id, "nightly", new.template.clone()),
+            "{b}"
+        );
+        assert_eq!((created.paused, created.runs, created.next_run_at), (false, 0, new.next_run_at), "{b}");
+        let again = new_schedule("nightly", "* * * * *", next);
+        assert_eq!(s.create_schedule(&again).await.expect("create"), None, "{b}: the name is taken");
+        assert_eq!(s.list_schedules().await.expect("list"), vec![created.clone()], "{b}");
+
+        let paused = s.pause_schedule(new.id, true, None).await.expect("pause").expect("known");
+        assert!(paused.paused, "{b}");
+        assert_eq!(paused.next_run_at, new.next_run_at, "{b}: pausing keeps the next run");
+        let later = micros_precision(next + TimeDelta::days(1));
+        let resumed = s.pause_schedule(new.id, false, Some(later)).await.expect("resume").expect("known");
+        assert_eq!((resumed.paused, resumed.next_run_at), (false, Some(later)), "{b}");
+        let again = s.pause_schedule(new.id, false, Some(next)).await.expect("resume").expect("known");
+        assert_eq!(again.next_run_at, Some(later), "{b}: resuming a running schedule moves nothing");
+        assert_eq!(s.pause_schedule(ScheduleId::new(), true, None).await.expect("pause"), None, "{b}");
+
+        assert!(s.delete_schedule(new.id).await.expect("delete"), "{b}");
+        assert!(!s.delete_schedule(new.id).await.expect("delete"), "{b}: already gone");
+        assert!(s.list_schedules().await.expect("list").is_empty(), "{b}");
+    }
+
+    pub async fn firing_a_due_schedule_creates_each_occurrence_once_even_when_fired_at_once(s: &Store) {
+        let b = s.backend();
+        let now = micros_precision(Utc::now());
+        // Every second, due since five seconds ago: six occurrences up to now.
+        let due = DateTime::from_timestamp(now.timestamp() - 5, 0).unwrap();
+        let new = new_schedule("every-second", "* * * * * *", due);
+        s.create_schedule(&new).await.expect("create").expect("new");
+        let spec = CronSpec::parse("* * * * * *", "UTC").unwrap();
+        let fire = || {
+            s.fire_schedules(now, 10, |sch| {
+                coordinator::cron::fire(&spec, sch.next_run_at.unwrap(), now, sch.missed)
+            })
+        };
+        let (one, two) = tokio::join!(fire(), fire());
+        let fired: Vec<Fired> = one.expect("fire").into_iter().chain(two.expect("fire")).collect();
+        assert_eq!(fired.len(), 1, "{b}: one of the two fired it, the other found it not due");
+        let created: Vec<&Task> = fired[0].created.iter().filter(|c| c.created).map(|c| &c.task).collect();
+        assert_eq!(created.len(), 6, "{b}");
+        for (i, t) in created.iter().enumerate() {
+            let occurrence = due + TimeDelta::seconds(i as i64);
+            let key = format!("schedule:{}:{}", new.id, occurrence.timestamp_micros());
+            assert_eq!(t.idempotency_key.as_deref(), Some(key.as_str()), "{b}");
+            assert_eq!(
+                (t.task_type.as_str(), t.payload.as_slice(), t.priority),
+                ("prove", &b"template"[..], 3),
+                "{b}"
+            );
+        }
+        let after = s.list_schedules().await.expect("list").remove(0);
+        assert_eq!(after.runs, 6, "{b}");
+        assert_eq!(after.last_run_at, Some(now.with_nanosecond(0).unwrap()), "{b}");
+        assert!(after.next_run_at.unwrap() > now, "{b}");
+        assert!(
+            s.fire_schedules(now, 10, |_| panic!("nothing is due")).await.expect("fire").is_empty(),
+            "{b}"
+        );
+        assert_eq!(all_tasks(s).await.len(), 6, "{b}");
+
+        // A paused schedule does not fire.
+        s.pause_schedule(new.id, true, None).await.expect("pause");
+        let much_later = now + TimeDelta::hours(1);
+        assert!(
+            s.fire_schedules(much_later, 10, |_| panic!("paused")).await.expect("fire").is_empty(),
+            "{b}"
+        );
+    }
+
+    // ---- retries ----
+
+    pub async fn retry_task_resets_a_failed_task_and_keeps_its_history(s: &Store) {
+        let b = s.backend();
+        let t = failed_task(s, with_attempts(new_task("prove"), 1), "out of memory").await;
+        assert_eq!((t.state, t.failures, t.attempt), (TaskState::Failed, 1, 1), "{b}");
+        let before = Utc::now();
+        let Some(RetryOutcome::Retried(r)) = s.retry_task(t.id).await.expect("retry_task") else {
+            panic!("{b}: a failed task is retried");
+        };
+        assert_eq!(r, get(s, t.id).await, "{b}: the answer is the stored task");
+        assert_eq!(r.state, TaskState::Pending, "{b}");
+        assert_eq!(r.failures, 0, "{b}: a fresh attempts budget");
+        assert_eq!(r.attempt, 1, "{b}: the fence is never reset");
+        assert_eq!((r.error.as_deref(), r.worker_id.as_ref(), r.finished_at), (None, None, None), "{b}");
+        assert!(r.run_after <= Utc::now() + SLACK && r.run_after >= before - SLACK, "{b}: runnable now");
+        assert_eq!(attempts(s, t.id).await.len(), 1, "{b}: the history stays");
+
+        // It runs again, as attempt 2, and the first attempt's failure is still on record.
+        let h = claim_one(s, t.id, "w2", LONG_LEASE).await;
+        assert_eq!(h.attempt, 2, "{b}");
+        assert_eq!(complete_one(s, &h, b"ok").await, ReportOutcome::Applied { state: TaskState::Completed });
+        let history = attempts(s, t.id).await;
+        let outcomes: Vec<_> = history.iter().map(|a| (a.attempt, a.outcome.as_deref())).collect();
+        assert_eq!(outcomes, vec![(1, Some("failed")), (2, Some("completed"))], "{b}");
+        assert_eq!(history[0].error.as_deref(), Some("out of memory"), "{b}");
+    }
+
+    pub async fn retry_task_takes_failed_and_cancelled_tasks_only(s: &Store) {
+        let b = s.backend();
+        let pending = create_one(s, new_task("prove")).await;
+        let done = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, done.id, "w1", LONG_LEASE).await;
+        complete_one(s, &h, b"ok").await;
+        let running = create_one(s, new_task("prove")).await;
+        claim_one(s, running.id, "w1", LONG_LEASE).await;
+        for id in [pending.id, done.id, running.id] {
+            let before = get(s, id).await;
+            match s.retry_task(id).await.expect("retry_task") {
+                Some(RetryOutcome::Refused(t)) => assert_eq!(t, before, "{b}: refused and unchanged"),
+                other => panic!("{b}: a {} task is not retried: {other:?}", before.state),
+            }
+            assert_eq!(get(s, id).await, before, "{b}");
+        }
+        assert_eq!(s.retry_task(TaskId::new()).await.expect("retry_task"), None, "{b}: unknown");
+
+        let cancelled = create_one(s, new_task("prove")).await;
+        s.cancel(cancelled.id, "by hand").await.expect("cancel");
+        match s.retry_task(cancelled.id).await.expect("retry_task") {
+            Some(RetryOutcome::Retried(t)) => {
+                assert_eq!((t.state, t.error), (TaskState::Pending, None), "{b}")
+            }
+            other => panic!("{b}: a cancelled task is retried: {other:?}"),
+        }
+        // Twice in a row: the second finds it pending.
+        assert!(matches!(s.retry_task(cancelled.id).await.unwrap(), Some(RetryOutcome::Refused(_))), "{b}");
+    }
+
+    pub async fn retry_batch_takes_what_every_filter_matches(s: &Store) {
+        let b = s.backend();
+        let oom = failed_task(s, new_task("prove"), "worker ran out of memory\nat line 3").await;
+        let boom = failed_task(s, new_task("hash"), "boom").await;
+        let cancelled = create_one(s, new_task("prove")).await;
+        s.cancel(cancelled.id, "by hand").await.expect("cancel");
+        create_one(s, new_task("prove")).await;
+        let (job, created) =
+            s.create_job("nightly", vec![new_task("prove"), new_task("prove")]).await.expect("create_job");
+        let in_job = created[0].task.id;
+        let h = claim_one(s, in_job, "w1", LONG_LEASE).await;
+        fail_one(s, &h, "fatal", false, policy(100)).await;
+        let after_all = Utc::now() + TimeDelta::hours(1);
+        let errors: HashMap<TaskId, &str> = HashMap::from([
+            (oom.id, "worker ran out of memory\nat line 3"),
+            (boom.id, "boom"),
+            (in_job, "fatal"),
+        ]);
+
+        // Each query runs on a fresh copy of the state: retried tasks are failed again after.
+        let cases: Vec<(&str, RetryFilter, Vec<TaskId>)> = vec![
+            (
+                "type",
+                RetryFilter { task_type: Some("prove".into()), ..Default::default() },
+                vec![oom.id, in_job],
+            ),
+            (
+                "type and cancelled",
+                RetryFilter {
+                    task_type: Some("prove".into()),
+                    include_cancelled: true,
+                    ..Default::default()
+                },
+                vec![oom.id, cancelled.id, in_job],
+            ),
+            (
+                "error",
+                RetryFilter { error_contains: Some("of memory".into()), ..Default::default() },
+                vec![oom.id],
+            ),
+            (
+                "error is case-sensitive",
+                RetryFilter { error_contains: Some("BOOM".into()), ..Default::default() },
+                vec![],
+            ),
+            ("job", RetryFilter { job_id: Some(job.id), ..Default::default() }, vec![in_job]),
+            (
+                "type and error",
+                RetryFilter {
+                    task_type: Some("hash".into()),
+                    error_contains: Some("boom".into()),
+                    ..Default::default()
+                },
+                vec![boom.id],
+            ),
+            ("finished later", RetryFilter { finished_after: Some(after_all), ..Default::default() }, vec![]),
+            (
+                "finished before now",
+                RetryFilter { finished_before: Some(after_all), ..Default::default() },
+                vec![oom.id, boom.id, in_job],
+            ),
+        ];
+        for (what, filter, want) in cases {
+            let mut want = want;
+            want.sort_unstable();
+            let got = s.retry_batch(&filter, None, 100).await.expect("retry_batch");
+            assert_eq!(got, want, "{b}: {what}");
+            for id in &got {
+                assert_eq!(get(s, *id).await.state, TaskState::Pending, "{b}: {what}");
+                // Back to failed (or cancelled) for the next case.
+                let h = claim_one(s, *id, "w1", LONG_LEASE).await;
+                if *id == cancelled.id {
+                    s.cancel(*id, "by hand").await.expect("cancel");
+                } else {
+                    fail_one(s, &h, errors[id], false, policy(100)).await;
+                }
+            }
+        }
+
+        // Paging by the last id: a limit of 1 takes them one at a time, in id order.
+        let filter = RetryFilter { finished_before: Some(after_all), ..Default::default() };
+        let mut seen = Vec::new();
+        loop {
+            let got = s.retry_batch(&filter, seen.last().copied(), 1).await.expect("retry_batch");
+            if got.is_empty() {
+                break;
+            }
+            assert_eq!(got.len(), 1, "{b}");
+            seen.extend(got);
+        }
+        let mut want = vec![oom.id, boom.id, in_job];
+        want.sort_unstable();
+        assert_eq!(seen, want, "{b}: every match once, in id order");
+    }
+
+    pub async fn racing_bulk_retries_retry_each_task_once(s: &Store) {
+        let b = s.backend();
+        let tasks = create_n(s, "prove", 300).await;
+        for t in &tasks {
+            s.cancel(t.id, "to retry").await.expect("cancel");
+        }
+        let filter =
+            RetryFilter { task_type: Some("prove".into()), include_cancelled: true, ..Default::default() };
+        let retrier = || {
+            let s = s.clone();
+            let filter = filter.clone();
+            tokio::spawn(async move {
+                let mut mine: Vec<TaskId> = Vec::new();
+                let mut after = None;
+                loop {
+                    let got = s.retry_batch(&filter, after, 25).await.expect("retry_batch");
+                    let Some(last) = got.last().copied() else { break };
+                    after = Some(last);
+                    mine.extend(got);
+                }
+                mine
+            })
+        };
+        let (one, two) = (retrier(), retrier());
+        let (one, two) = (one.await.expect("retrier 1"), two.await.expect("retrier 2"));
+        let set1: BTreeSet<TaskId> = one.iter().copied().collect();
+        let set2: BTreeSet<TaskId> = two.iter().copied().collect();
+        assert_eq!((set1.len(), set2.len()), (one.len(), two.len()), "{b}: no task twice in one retrier");
+        assert!(
+            set1.is_disjoint(&set2),
+            "{b}: retried by both: {:?}",
+            set1.intersection(&set2).collect::<Vec<_>>()
+        );
+        let all: BTreeSet<TaskId> = tasks.iter().map(|t| t.id).collect();
+        assert_eq!(set1.union(&set2).copied().collect::<BTreeSet<_>>(), all, "{b}: every task retried");
+        println!("{b}: retrier 1 took {}, retrier 2 took {}", one.len(), two.len());
+        assert!(all_tasks(s).await.iter().all(|t| t.state == TaskState::Pending && t.attempt == 0), "{b}");
+    }
+
+    // ---- jobs as a whole ----
+
+    pub async fn list_jobs_pages_newest_first_with_counts(s: &Store) {
+        let b = s.backend();
+        assert!(s.list_jobs(None, 10).await.expect("list_jobs").is_empty(), "{b}");
+        let (j1, t1) = s.create_job("first", vec![new_task("prove"), new_task("prove")]).await.unwrap();
+        let (j2, _) = s.create_job("second", vec![new_task("prove")]).await.unwrap();
+        let (j3, t3) = s.create_job("third", vec![new_task("hash"); 1]).await.unwrap();
+        claim_one(s, t1[0].task.id, "w1", LONG_LEASE).await;
+        s.cancel(t3[0].task.id, "no").await.unwrap();
+
+        let page = s.list_jobs(None, 2).await.expect("list_jobs");
+        let ids: Vec<_> = page.iter().map(|j| j.id).collect();
+        assert_eq!(ids, vec![j3.id, j2.id], "{b}: newest first");
+        assert_eq!(page[0].count(TaskState::Cancelled), 1, "{b}");
+        assert!(page[0].done(), "{b}");
+        assert_eq!(page[1], s.get_job(j2.id).await.unwrap().unwrap(), "{b}: as GetJob shows it");
+        let rest = s.list_jobs(Some(j2.id), 2).await.expect("list_jobs");
+        assert_eq!(rest.len(), 1, "{b}");
+        assert_eq!((rest[0].id, rest[0].name.as_str(), rest[0].total), (j1.id, "first", 2), "{b}");
+        assert_eq!((rest[0].count(TaskState::Pending), rest[0].count(TaskState::Assigned)), (1, 1), "{b}");
+        assert!(s.list_jobs(Some(j1.id), 2).await.unwrap().is_empty(), "{b}: nothing older");
+    }
+
+    pub async fn cancel_job_cancels_live_tasks_and_names_their_holders(s: &Store) {
+        let b = s.backend();
+        let news: Vec<NewTask> = (0..4).map(|_| new_task("prove")).collect();
+        let (job, _) = s.create_job("nightly", news.clone()).await.unwrap();
+        let outside = create_one(s, new_task("prove")).await;
+        let done = claim_one(s, news[0].id, "w1", LONG_LEASE).await;
+        complete_one(s, &done, b"ok").await;
+        let assigned = claim_one(s, news[1].id, "w1", LONG_LEASE).await;
+        let running = claim_one(s, news[2].id, "w2", LONG_LEASE).await;
+        s.mark_running(std::slice::from_ref(&running)).await.unwrap();
+
+        let cancelled = s.cancel_job(job.id, "superseded").await.expect("cancel_job").expect("known job");
+        let mut want = vec![news[1].id, news[2].id, news[3].id];
+        want.sort_unstable();
+        assert_eq!(
+            cancelled.iter().map(|c| c.task.id).collect::<Vec<_>>(),
+            want,
+            "{b}: the live ones, by id"
+        );
+        for c in &cancelled {
+            assert!(c.applied, "{b}");
+            assert_eq!(c.task, get(s, c.task.id).await, "{b}: as stored");
+            assert_eq!(
+                (c.task.state, c.task.error.as_deref()),
+                (TaskState::Cancelled, Some("superseded")),
+                "{b}"
+            );
+            let holder = if c.task.id == news[1].id {
+                Some(assigned.clone())
+            } else if c.task.id == news[2].id {
+                Some(running.clone())
+            } else {
+                None
+            };
+            assert_eq!(c.held_by, holder, "{b}: held tasks name their (worker, attempt)");
+        }
+        for h in [&assigned, &running] {
+            let att = last_attempt(s, h.task_id).await;
+            assert_eq!((att.outcome.as_deref(), att.finished_at.is_some()), (Some("cancelled"), true), "{b}");
+            assert_eq!(
+                complete_one(s, h, b"late").await,
+                ReportOutcome::Stale { state: TaskState::Cancelled, attempt: 1 },
+                "{b}: a report after the cancel changes nothing"
+            );
+        }
+        assert_eq!(get(s, news[0].id).await.state, TaskState::Completed, "{b}: the ended one stays");
+        assert_eq!(get(s, outside.id).await.state, TaskState::Pending, "{b}: other tasks stay");
+        let j = s.get_job(job.id).await.unwrap().unwrap();
+        assert_eq!(
+            (j.count(TaskState::Completed), j.count(TaskState::Cancelled), j.done()),
+            (1, 3, true),
+            "{b}"
+        );
+
+        assert_eq!(s.cancel_job(job.id, "again").await.unwrap(), Some(Vec::new()), "{b}: nothing left");
+        assert_eq!(s.cancel_job(coordinator::domain::JobId::new(), "x").await.unwrap(), None, "{b}: unknown");
+    }
+
+    // ---- failures summary ----
+
+    pub async fn failure_summary_counts_failed_tasks_by_type_and_error_and_attempts_by_outcome(s: &Store) {
+        let b = s.backend();
+        let since = Utc::now() - TimeDelta::seconds(1);
+        let long = format!("{}\nsecond line", "x".repeat(300));
+        let mut oom = Vec::new();
+        for i in 0..3 {
+            oom.push(failed_task(s, new_task("prove"), &format!("out of memory\nframe {i}")).await);
+        }
+        failed_task(s, new_task("prove"), "timeout").await;
+        failed_task(s, new_task("hash"), &long).await;
+        // A retriable failure with attempts left: an attempt outcome, not a failed task.
+        let again = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, again.id, "w1", LONG_LEASE).await;
+        fail_one(s, &h, "flaky", true, policy(100)).await;
+        let done = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, done.id, "w1", LONG_LEASE).await;
+        complete_one(s, &h, b"ok").await;
+        let lapsed = create_one(s, new_task("prove")).await;
+        claim_one(s, lapsed.id, "w1", TINY_LEASE).await;
+        wait_for_lease_to_lapse(s, lapsed.id).await;
+        assert_eq!(s.requeue_expired(10).await.expect("requeue_expired").len(), 1, "{b}");
+        let until = Utc::now() + TimeDelta::seconds(1);
+
+        let f = s.failure_summary(since, until, 2, 200).await.expect("failure_summary");
+        assert_eq!(f.failed, 5, "{b}");
+        assert_eq!(f.failed_by_type, BTreeMap::from([("hash".into(), 1), ("prove".into(), 4)]), "{b}");
+        let latest = oom.last().unwrap();
+        assert_eq!(
+            f.top_errors[0],
+            FailureGroup {
+                task_type: "prove".into(),
+                error: "out of memory".into(),
+                count: 3,
+                sample: latest.id,
+                last_failed_at: f.top_errors[0].last_failed_at,
+            },
+            "{b}: first lines grouped, the latest task as the sample"
+        );
+        let last = oom.iter().filter_map(|t| t.finished_at).max().unwrap();
+        assert!((f.top_errors[0].last_failed_at - last).abs() <= SLACK, "{b}");
+        assert_eq!(f.top_errors.len(), 2, "{b}: only the top 2");
+        assert_eq!(f.top_errors[1].count, 1, "{b}");
+        let all = s.failure_summary(since, until, 10, 200).await.unwrap();
+        let cut = all.top_errors.iter().find(|g| g.task_type == "hash").expect("the hash failure");
+        assert_eq!(cut.error, "x".repeat(200), "{b}: the first line, cut to 200 characters");
+        assert_eq!(
+            all.attempt_outcomes,
+            BTreeMap::from([("completed".into(), 1), ("failed".into(), 6), ("lease_expired".into(), 1)]),
+            "{b}"
+        );
+
+        let later = s.failure_summary(until, until + TimeDelta::hours(1), 10, 200).await.unwrap();
+        assert_eq!(later, Default::default(), "{b}: nothing failed in a later window");
     }
 }

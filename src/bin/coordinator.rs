@@ -7,8 +7,8 @@ use coordinator::{
     app::{self, App},
     config::{self, Config, LogFormat},
     error_text, telemetry,
-    worker::{Worker, WorkerOptions, handlers::Handlers},
 };
+use coordinator_worker::{Worker, WorkerOptions, handlers::Handlers};
 use tokio_util::sync::CancellationToken;
 
 /// Streaming task-push coordinator: stores tasks in Postgres (or SQLite) and pushes them to
@@ -53,11 +53,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    telemetry::init(&config.logging);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
+    // The trace exporter's connection lives on the runtime; the app flushes it on shutdown.
+    if let Err(e) = runtime.block_on(async { telemetry::init_with_traces(&config.logging, "coordinator") }) {
+        return fail(e);
+    }
     runtime.block_on(run(config))
 }
 
@@ -134,7 +137,7 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
             o.capabilities = handlers.task_types();
             match Worker::new(o, std::sync::Arc::new(handlers)) {
                 Ok(w) => local.push(tokio::spawn(w.run(stop_workers.clone()))),
-                Err(e) => return fail(error_text::anyhow_line(&e)),
+                Err(e) => return fail(error_text::one_line(&e)),
             }
         }
         let http_addr = http_addr.map(|a| a.to_string()).unwrap_or_default();
@@ -230,7 +233,7 @@ fn shell_word(s: &str) -> String {
 }
 
 fn builtin_names() -> Vec<String> {
-    coordinator::worker::handlers::BUILTIN.iter().map(|s| s.to_string()).collect()
+    coordinator_worker::handlers::BUILTIN.iter().map(|s| s.to_string()).collect()
 }
 
 async fn run(config: Config) -> ExitCode {

@@ -4,12 +4,8 @@
 use std::{path::PathBuf, process::ExitCode, sync::Arc};
 
 use clap::Parser;
-use coordinator::{
-    app,
-    config::normalize_args,
-    error_text, telemetry,
-    worker::{Worker, config::WorkerConfig, handlers::Handlers},
-};
+use coordinator::{app, config::normalize_args, error_text, telemetry, worker_config::WorkerConfig};
+use coordinator_worker::{Persistent, Worker, handlers::Handlers};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -29,6 +25,9 @@ struct Cli {
     /// Tasks run at once.
     #[arg(long, env = "WORKER_MAX_CONCURRENT")]
     max_concurrent: Option<u32>,
+    /// Assignments queued beyond max_concurrent (short tasks only; 0: none).
+    #[arg(long, env = "WORKER_PREFETCH")]
+    prefetch: Option<u32>,
     /// Built-in handlers to enable, comma-separated (echo,noop,sleep,prime_count,is_prime,merkle_proof).
     #[arg(long, env = "WORKER_HANDLERS", value_delimiter = ',')]
     handlers: Option<Vec<String>>,
@@ -67,6 +66,9 @@ fn main() -> ExitCode {
     if let Some(v) = cli.max_concurrent {
         config.max_concurrent = v;
     }
+    if let Some(v) = cli.prefetch {
+        config.prefetch = v;
+    }
     if let Some(v) = cli.handlers {
         config.handlers = v.into_iter().filter(|s| !s.is_empty()).collect();
     }
@@ -87,7 +89,14 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    telemetry::init(&config.logging);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    // The trace exporter's connection lives on the runtime; flushed after the drain below.
+    if let Err(e) = runtime.block_on(async { telemetry::init_with_traces(&config.logging, "worker") }) {
+        return fail(e);
+    }
     let mut handlers = match Handlers::builtin(&config.handlers) {
         Ok(h) => h,
         Err(e) => return fail(format!("handlers: {e}")),
@@ -96,25 +105,39 @@ fn main() -> ExitCode {
         handlers = handlers.with_exec(exec);
     }
     let worker_id = config.resolved_worker_id();
-    let capabilities = handlers.task_types();
-    let mut options = config.options(worker_id.clone(), capabilities.clone());
-    options.security = security;
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => return fail(format!("cannot start the runtime: {e}")),
-    };
     runtime.block_on(async move {
+        // Prover processes start with the worker, so their start-up overlaps registration.
+        let mut provers = Vec::new();
+        for (i, p) in config.persistent_configs().into_iter().enumerate() {
+            let task_type = p.task_type.clone();
+            match Persistent::start(p) {
+                Ok(prover) => {
+                    handlers = handlers.with(task_type, Arc::new(prover.clone()));
+                    provers.push(prover);
+                }
+                Err(e) => return fail(format!("persistent[{i}]: {}", error_text::one_line(&e))),
+            }
+        }
+        let capabilities = handlers.task_types();
+        let mut options = config.options(worker_id.clone(), capabilities.clone());
+        options.security = security;
         let worker = match Worker::new(options, Arc::new(handlers)) {
             Ok(w) => w,
-            Err(e) => return fail(format!("coordinator: {}", error_text::anyhow_line(&e))),
+            Err(e) => return fail(format!("coordinator: {}", error_text::one_line(&e))),
         };
         info!(%worker_id, coordinator = %config.coordinator, ?capabilities, max_concurrent = config.max_concurrent,
               "worker starting");
         let shutdown = CancellationToken::new();
         tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
-        match worker.run(shutdown).await {
+        let outcome = worker.run(shutdown).await;
+        // The worker has drained: no task runs any more.
+        for prover in &provers {
+            prover.shutdown().await;
+        }
+        telemetry::shutdown(std::time::Duration::from_secs(5)).await;
+        match outcome {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(error_text::anyhow_line(&e)),
+            Err(e) => fail(error_text::one_line(&e)),
         }
     })
 }

@@ -21,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::{
     auth::{Access, Authenticator, Principal, Refusal, Role, grpc_access},
+    core::CoreError,
     metrics, tls,
 };
 
@@ -37,7 +38,7 @@ pub struct Caller {
 impl Caller {
     /// Refuses a worker call naming `worker_id` when the token is bound to another worker or the
     /// client certificate speaks for another name. Nothing is read or written before this.
-    pub fn may_act_for(&self, worker_id: &str) -> Result<(), Status> {
+    pub fn may_act_for(&self, worker_id: &str) -> Result<(), CoreError> {
         let bound = self.principal.as_ref().and_then(|p| p.worker_id.as_deref());
         let refusal = if bound.is_some_and(|b| b != worker_id) {
             Some("the token is bound to another worker id")
@@ -51,7 +52,7 @@ impl Caller {
             Some(message) => {
                 let r = Refusal::forbidden("identity_mismatch", message);
                 refused(self.peer, "worker call", &r);
-                Err(r.to_status())
+                Err(CoreError::from(&r))
             }
         }
     }
@@ -168,8 +169,10 @@ where
             && !limiter.allow(peer.ip())
         {
             debug!(%peer, method = req.uri().path(), "client call over the per-peer rate limit");
-            let resp =
-                Status::resource_exhausted("too many requests from this address; retry later").into_http();
+            let resp = Status::from(CoreError::ResourceExhausted(
+                "too many requests from this address; retry later".into(),
+            ))
+            .into_http();
             return Box::pin(async move { Ok(resp) });
         }
         let header = req.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
@@ -180,7 +183,7 @@ where
             }
             Err(r) => {
                 refused(peer, req.uri().path(), &r);
-                let resp = r.to_status().into_http();
+                let resp = Status::from(CoreError::from(&r)).into_http();
                 Box::pin(async move { Ok(resp) })
             }
         }

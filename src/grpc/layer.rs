@@ -1,7 +1,10 @@
-//! A tower layer around the gRPC server that records `grpc_server_handled_total{grpc_method,
-//! grpc_code}` and `grpc_server_handling_seconds{grpc_method}` for every call, streams included:
-//! the code is read from the trailers when the response body ends (or from the headers of a
-//! trailers-only error), and a stream the client dropped counts as `Canceled`.
+//! A tower layer around the gRPC server that records, in the go-grpc-middleware shape,
+//! `grpc_server_started_total`, `grpc_server_handled_total` (with `grpc_code`) and
+//! `grpc_server_handling_seconds`, labelled `grpc_service`, `grpc_method` and `grpc_type`, for
+//! every call, streams included: the code is read from the trailers when the response body ends
+//! (or from the headers of a trailers-only error), and a stream the client dropped counts as
+//! `Canceled`. A stream's handling time is its whole life, so latency queries leave streams out
+//! by `grpc_type="unary"`.
 
 use std::{
     pin::Pin,
@@ -12,7 +15,7 @@ use std::{
 use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, Service};
 
-use crate::metrics;
+use crate::metrics::{self, GrpcMethod};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GrpcMetricsLayer;
@@ -43,7 +46,8 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let method = method_name(req.uri().path());
+        let method = method_of(req.uri().path());
+        metrics::grpc_started(method);
         let start = Instant::now();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -62,7 +66,7 @@ where
 
 struct MeteredBody {
     inner: tonic::body::Body,
-    method: &'static str,
+    method: GrpcMethod,
     start: Instant,
     done: bool,
 }
@@ -116,32 +120,59 @@ impl Drop for MeteredBody {
     }
 }
 
-const METHODS: &[&str] = &[
-    "RegisterWorker",
-    "SendHeartbeat",
-    "ReceiveTasks",
-    "ReportCompletion",
-    "ReportFailure",
-    "Deregister",
-    "SubmitTask",
-    "SubmitTasks",
-    "GetTask",
-    "ListTasks",
-    "CancelTask",
-    "WatchTask",
-    "SubmitJob",
-    "GetJob",
-    "ListWorkers",
-    "GetWorkerStats",
-    "Check",
-    "Watch",
-    "ServerReflectionInfo",
+const UNARY: &str = "unary";
+const SERVER_STREAM: &str = "server_stream";
+const BIDI_STREAM: &str = "bidi_stream";
+
+const COORDINATOR: &str = "coordinator.CoordinatorService";
+const HEALTH: &str = "grpc.health.v1.Health";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// Every method served, with its service and kind (as the proto files declare them).
+const METHODS: &[(&str, &str, &str)] = &[
+    (COORDINATOR, "RegisterWorker", UNARY),
+    (COORDINATOR, "SendHeartbeat", UNARY),
+    (COORDINATOR, "ReceiveTasks", SERVER_STREAM),
+    (COORDINATOR, "ReportCompletion", UNARY),
+    (COORDINATOR, "ReportFailure", UNARY),
+    (COORDINATOR, "Deregister", UNARY),
+    (COORDINATOR, "SubmitTask", UNARY),
+    (COORDINATOR, "SubmitTasks", UNARY),
+    (COORDINATOR, "GetTask", UNARY),
+    (COORDINATOR, "ListTasks", UNARY),
+    (COORDINATOR, "CancelTask", UNARY),
+    (COORDINATOR, "WatchTask", SERVER_STREAM),
+    (COORDINATOR, "SubmitJob", UNARY),
+    (COORDINATOR, "GetJob", UNARY),
+    (COORDINATOR, "ListWorkers", UNARY),
+    (COORDINATOR, "GetWorkerStats", UNARY),
+    (COORDINATOR, "RetryTask", UNARY),
+    (COORDINATOR, "RetryTasks", UNARY),
+    (COORDINATOR, "ListJobs", UNARY),
+    (COORDINATOR, "CancelJob", UNARY),
+    (COORDINATOR, "WatchJob", SERVER_STREAM),
+    (COORDINATOR, "GetFailureSummary", UNARY),
+    (COORDINATOR, "CreateSchedule", UNARY),
+    (COORDINATOR, "ListSchedules", UNARY),
+    (COORDINATOR, "PauseSchedule", UNARY),
+    (COORDINATOR, "DeleteSchedule", UNARY),
+    (HEALTH, "Check", UNARY),
+    (HEALTH, "Watch", SERVER_STREAM),
+    (REFLECTION_V1, "ServerReflectionInfo", BIDI_STREAM),
+    (REFLECTION_V1ALPHA, "ServerReflectionInfo", BIDI_STREAM),
 ];
 
-/// The method part of `/package.Service/Method`, from a fixed list so label values stay bounded.
-fn method_name(path: &str) -> &'static str {
-    let name = path.rsplit('/').next().unwrap_or_default();
-    METHODS.iter().find(|m| **m == name).copied().unwrap_or("unknown")
+/// The method of `/package.Service/Method`, from [`METHODS`] so label values stay bounded: any
+/// other path is `unknown` (its kind too).
+fn method_of(path: &str) -> GrpcMethod {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (service, method) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    METHODS
+        .iter()
+        .find(|(s, m, _)| *s == service && *m == method)
+        .map(|&(service, method, kind)| GrpcMethod { service, method, kind })
+        .unwrap_or(GrpcMethod { service: "unknown", method: "unknown", kind: "unknown" })
 }
 
 fn code_name(v: &[u8]) -> &'static str {
@@ -172,10 +203,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn method_names_are_bounded() {
-        assert_eq!(method_name("/coordinator.CoordinatorService/SubmitTask"), "SubmitTask");
-        assert_eq!(method_name("/grpc.health.v1.Health/Check"), "Check");
-        assert_eq!(method_name("/evil/$(random)"), "unknown");
+    fn methods_are_named_with_their_service_and_kind() {
+        let m = method_of("/coordinator.CoordinatorService/SubmitTask");
+        assert_eq!(m, GrpcMethod { service: COORDINATOR, method: "SubmitTask", kind: "unary" });
+        assert_eq!(method_of("/coordinator.CoordinatorService/ReceiveTasks").kind, "server_stream");
+        assert_eq!(method_of("/coordinator.CoordinatorService/WatchTask").kind, "server_stream");
+        assert_eq!(method_of("/grpc.health.v1.Health/Check").kind, "unary");
+        assert_eq!(method_of("/grpc.health.v1.Health/Watch").kind, "server_stream");
+        let r = method_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo");
+        assert_eq!((r.service, r.kind), (REFLECTION_V1ALPHA, "bidi_stream"));
+    }
+
+    #[test]
+    fn unknown_paths_are_one_bounded_label_set() {
+        let unknown = GrpcMethod { service: "unknown", method: "unknown", kind: "unknown" };
+        assert_eq!(method_of("/evil/$(random)"), unknown);
+        assert_eq!(method_of("/grpc.health.v1.Health/SubmitTask"), unknown);
+        assert_eq!(method_of(""), unknown);
+    }
+
+    /// Every RPC of the proto file is in the table, with the kind the proto declares (a new RPC
+    /// missing from it would be counted as `unknown`).
+    #[test]
+    fn the_table_matches_the_proto_file() {
+        let proto = include_str!("../../proto/coordinator.proto");
+        let mut n = 0;
+        for line in proto.lines().map(str::trim).filter(|l| l.starts_with("rpc ")) {
+            let name = line["rpc ".len()..].split('(').next().unwrap().trim();
+            let streams = line.split("returns").nth(1).unwrap().contains("stream ");
+            let m = method_of(&format!("/{COORDINATOR}/{name}"));
+            assert_eq!(m.method, name, "{line}");
+            assert_eq!(m.kind, if streams { "server_stream" } else { "unary" }, "{line}");
+            n += 1;
+        }
+        assert!(n >= 16, "{n} RPCs read from the proto file");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
-use tonic::{Status, transport::server::Connected};
+use tonic::transport::server::Connected;
 use tower::{Service, ServiceExt as _};
 use tracing::{debug, warn};
 
@@ -178,7 +178,7 @@ where
                         // As tonic's server: the client's deadline ends the call here too.
                         Some(limit) => match tokio::time::timeout(limit, call).await {
                             Ok(answer) => answer,
-                            Err(_) => Ok(Status::cancelled("Timeout expired").into_http()),
+                            Err(_) => Ok(super::status::timeout_expired().into_http()),
                         },
                     }
                 }

@@ -15,31 +15,24 @@ use std::{
 };
 
 use chrono::Utc;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::{
     config::Strategy,
-    effects::Effects,
+    domain::Wake,
     events::Events,
     metrics,
     registry::Registry,
-    store::{Held, Store, TypeFilter},
+    store::{Held, Requeued, Store, TypeFilter},
 };
 
-/// Wakes the scheduler. Cheap to clone; a wake with no waiter is remembered, so none is lost.
-#[derive(Debug, Clone, Default)]
-pub struct Wake(Arc<Notify>);
-
-impl Wake {
-    pub fn wake(&self) {
-        self.0.notify_one();
-    }
-
-    async fn notified(&self) {
-        self.0.notified().await;
-    }
+/// The effects of tasks given back (free their slots, count them, tell watchers and the other
+/// replicas, wake the scheduler). The core implements it; the scheduler and the sweeper sit
+/// below the core and hold it as a trait object, so imports keep pointing down.
+pub trait OnRequeue: Send + Sync + std::fmt::Debug {
+    /// Runs after the commit that gave `requeued` back.
+    fn requeued(&self, requeued: &[Requeued]);
 }
 
 /// Counters shown on `/health`.
@@ -66,7 +59,7 @@ pub struct Scheduler {
     registry: Registry,
     wake: Wake,
     events: Events,
-    effects: Effects,
+    effects: Arc<dyn OnRequeue>,
     stats: Arc<SchedulerStats>,
     /// Round-robin position, kept across passes.
     cursor: usize,
@@ -79,7 +72,7 @@ impl Scheduler {
         registry: Registry,
         wake: Wake,
         events: Events,
-        effects: Effects,
+        effects: Arc<dyn OnRequeue>,
         stats: Arc<SchedulerStats>,
     ) -> Self {
         Self { config, store, registry, wake, events, effects, stats, cursor: 0 }

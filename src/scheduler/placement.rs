@@ -1,28 +1,11 @@
 //! Placement: a pure function from runnable tasks and worker snapshots to assignments. No I/O;
 //! the scheduler loop does the claiming and the pushing.
 
+pub use crate::domain::WorkerSlot;
 use crate::{
     config::Strategy,
     domain::{Candidate, TaskId, WorkerId},
 };
-
-/// A worker as placement sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerSlot {
-    pub id: WorkerId,
-    /// Task types it runs; empty means any.
-    pub capabilities: Vec<String>,
-    /// Slots free now.
-    pub free: u32,
-    pub in_flight: u32,
-    pub max: u32,
-}
-
-impl WorkerSlot {
-    pub fn runs(&self, task_type: &str) -> bool {
-        self.capabilities.is_empty() || self.capabilities.iter().any(|c| c == task_type)
-    }
-}
 
 /// Places `tasks` (already ordered: higher priority, then older, first) on `workers`, never
 /// more than a worker's free slots and only where its capabilities include the task's type.
@@ -68,7 +51,14 @@ pub fn place(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
+
+    // The generator trait is renamed: `Strategy` here is the placement strategy.
+    use proptest::{
+        prelude::{Just, prop},
+        prop_assert, prop_assert_eq, proptest,
+        strategy::Strategy as Gen,
+    };
 
     use super::*;
 
@@ -174,57 +164,213 @@ mod tests {
         assert!(place(Strategy::RoundRobin, &tasks(&["x"]), &[], &mut cursor).is_empty());
     }
 
-    /// A small deterministic property check: for many random-ish shapes, placement never
-    /// exceeds capacity, never mismatches a type, and places each task at most once.
-    #[test]
-    fn invariants_hold_over_many_shapes() {
-        let types = ["a", "b", "c"];
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..500 {
-            let nw = (next() % 5) as usize;
-            let ws: Vec<WorkerSlot> = (0..nw)
-                .map(|i| {
-                    let caps: Vec<&str> = types.iter().copied().filter(|_| next() % 2 == 0).collect();
-                    worker(&format!("w{i}"), &caps, (next() % 4) as u32)
-                })
-                .collect();
-            let ts: Vec<Candidate> = (0..(next() % 12))
-                .map(|_| Candidate {
-                    id: TaskId::new(),
-                    task_type: types[(next() % 3) as usize].into(),
-                    priority: 0,
-                })
-                .collect();
-            for strategy in [Strategy::RoundRobin, Strategy::LeastLoaded] {
-                let mut cursor = (next() % 7) as usize;
-                let placed = place(strategy, &ts, &ws, &mut cursor);
-                let m = per_worker(&placed);
-                for w in &ws {
-                    assert!(m.get(&w.id.0).copied().unwrap_or(0) as u32 <= w.free);
-                }
-                let mut seen = std::collections::HashSet::new();
-                for (t, w) in &placed {
-                    assert!(seen.insert(*t), "task placed twice");
-                    let task = ts.iter().find(|c| c.id == *t).unwrap();
-                    assert!(ws.iter().find(|x| x.id == *w).unwrap().runs(&task.task_type));
-                }
-                // Maximality for round robin: a task left out has no eligible worker with room.
-                if strategy == Strategy::RoundRobin {
-                    let mut free: HashMap<&str, u32> = ws.iter().map(|w| (w.id.0.as_str(), w.free)).collect();
-                    for (_, w) in &placed {
-                        *free.get_mut(w.0.as_str()).unwrap() -= 1;
-                    }
-                    for t in ts.iter().filter(|t| !seen.contains(&t.id)) {
-                        assert!(ws.iter().all(|w| !w.runs(&t.task_type) || free[w.id.0.as_str()] == 0));
-                    }
-                }
+    // Property tests: random fleets and queues, both strategies, any cursor.
+
+    const TYPES: [&str; 3] = ["a", "b", "c"];
+
+    /// A worker's shape: capabilities (a subset of `TYPES`; empty means any), size and load.
+    /// `free` is what the registry hands out: the slots not in flight.
+    fn any_worker() -> impl Gen<Value = (Vec<&'static str>, u32, u32)> {
+        (prop::sample::subsequence(TYPES.to_vec(), 0..=TYPES.len()), 0u32..6)
+            .prop_flat_map(|(caps, max)| (Just(caps), Just(max), 0..=max))
+    }
+
+    fn fleet(shapes: &[(Vec<&'static str>, u32, u32)]) -> Vec<WorkerSlot> {
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, (caps, max, in_flight))| WorkerSlot {
+                id: WorkerId(format!("w{i}")),
+                capabilities: caps.iter().map(|c| c.to_string()).collect(),
+                free: max - in_flight,
+                in_flight: *in_flight,
+                max: *max,
+            })
+            .collect()
+    }
+
+    fn any_types(max: usize) -> impl Gen<Value = Vec<&'static str>> {
+        prop::collection::vec(prop::sample::select(TYPES.to_vec()), 0..max)
+    }
+
+    fn any_strategy() -> impl Gen<Value = Strategy> {
+        prop::sample::select(vec![Strategy::RoundRobin, Strategy::LeastLoaded])
+    }
+
+    fn worker_of<'a>(ws: &'a [WorkerSlot], id: &WorkerId) -> &'a WorkerSlot {
+        ws.iter().find(|w| w.id == *id).expect("placed on a worker it was given")
+    }
+
+    fn task_of<'a>(ts: &'a [Candidate], id: &TaskId) -> (usize, &'a Candidate) {
+        ts.iter().enumerate().find(|(_, c)| c.id == *id).expect("placed a task it was given")
+    }
+
+    /// Free slots left on each worker after `placed`.
+    fn left_after(ws: &[WorkerSlot], placed: &[(TaskId, WorkerId)]) -> HashMap<WorkerId, u32> {
+        let mut free: HashMap<WorkerId, u32> = ws.iter().map(|w| (w.id.clone(), w.free)).collect();
+        for (_, w) in placed {
+            let f = free.get_mut(w).expect("a known worker");
+            *f = f.checked_sub(1).expect("never over a worker's free slots");
+        }
+        free
+    }
+
+    proptest! {
+        /// For any fleet and queue: never over a worker's free slots, never a task on a worker
+        /// without its type, each task at most once and in queue order, and no task left out
+        /// while a worker that runs it has room (so everything is placed when capacity
+        /// suffices).
+        #[test]
+        fn invariants_hold_over_many_shapes(
+            shapes in prop::collection::vec(any_worker(), 0..6),
+            types in any_types(14),
+            strategy in any_strategy(),
+            cursor in 0usize..8,
+        ) {
+            let ws = fleet(&shapes);
+            let ts = tasks(&types);
+            let mut cursor = cursor;
+            let placed = place(strategy, &ts, &ws, &mut cursor);
+            let left = left_after(&ws, &placed);
+            let mut last = None;
+            for (t, w) in &placed {
+                let (i, task) = task_of(&ts, t);
+                prop_assert!(last < Some(i), "each task once, in queue order");
+                last = Some(i);
+                prop_assert!(worker_of(&ws, w).runs(&task.task_type), "{} on {:?}", task.task_type, w);
             }
+            let placed_ids: HashSet<TaskId> = placed.iter().map(|(t, _)| *t).collect();
+            for t in ts.iter().filter(|t| !placed_ids.contains(&t.id)) {
+                prop_assert!(
+                    ws.iter().all(|w| !w.runs(&t.task_type) || left[&w.id] == 0),
+                    "{} left out while a worker that runs it has room", t.task_type
+                );
+            }
+        }
+
+        /// Earlier tasks win when capacity is short: once a task is left out, no later task of
+        /// the same type is placed; with one type and capable workers, the placed tasks are
+        /// exactly the head of the queue.
+        #[test]
+        fn earlier_tasks_win_when_capacity_is_short_for_any_shape(
+            shapes in prop::collection::vec(any_worker(), 0..6),
+            types in any_types(20),
+            strategy in any_strategy(),
+            cursor in 0usize..8,
+        ) {
+            let ws = fleet(&shapes);
+            let ts = tasks(&types);
+            let placed = place(strategy, &ts, &ws, &mut cursor.clone());
+            let placed_ids: HashSet<TaskId> = placed.iter().map(|(t, _)| *t).collect();
+            for (i, t) in ts.iter().enumerate().filter(|(_, t)| !placed_ids.contains(&t.id)) {
+                prop_assert!(
+                    ts[i + 1..].iter().all(|later| later.task_type != t.task_type || !placed_ids.contains(&later.id)),
+                    "a later {} was placed after an earlier one was left out", t.task_type
+                );
+            }
+            let one_type = tasks(&vec!["a"; types.len()]);
+            let capacity: u32 = ws.iter().filter(|w| w.runs("a")).map(|w| w.free).sum();
+            let placed = place(strategy, &one_type, &ws, &mut cursor.clone());
+            let head: Vec<TaskId> = one_type.iter().take(capacity as usize).map(|t| t.id).collect();
+            prop_assert_eq!(placed.iter().map(|(t, _)| *t).collect::<Vec<_>>(), head);
+        }
+
+        /// Every task is placed when the workers that run its type have room for all of them:
+        /// here each worker runs one type, so types do not compete for a slot.
+        #[test]
+        fn every_task_is_placed_when_capable_capacity_suffices(
+            shapes in prop::collection::vec((prop::sample::select(TYPES.to_vec()), 0u32..6), 0..6),
+            types in any_types(20),
+            strategy in any_strategy(),
+            cursor in 0usize..8,
+        ) {
+            let ws: Vec<WorkerSlot> =
+                shapes.iter().enumerate().map(|(i, (t, free))| worker(&format!("w{i}"), &[*t], *free)).collect();
+            // The queue, cut to what the workers of each type have room for.
+            let mut room: HashMap<&str, u32> =
+                TYPES.iter().map(|ty| (*ty, ws.iter().filter(|w| w.runs(ty)).map(|w| w.free).sum())).collect();
+            let fitting: Vec<&str> = types
+                .into_iter()
+                .filter(|ty| {
+                    let r = room.get_mut(ty).unwrap();
+                    r.checked_sub(1).map(|left| *r = left).is_some()
+                })
+                .collect();
+            let ts = tasks(&fitting);
+            let placed = place(strategy, &ts, &ws, &mut cursor.clone());
+            prop_assert_eq!(placed.len(), ts.len());
+        }
+
+        /// Round-robin is fair among equal workers: when every worker runs every type and has
+        /// room, the counts per worker differ by at most one, within a pass and over passes that
+        /// carry the cursor.
+        #[test]
+        fn round_robin_is_fair_among_equal_workers(
+            n in 1usize..7,
+            passes in prop::collection::vec(0usize..15, 1..5),
+            cursor in 0usize..7,
+        ) {
+            let total: usize = passes.iter().sum();
+            let ws: Vec<WorkerSlot> = (0..n).map(|i| worker(&format!("w{i}"), &[], total as u32)).collect();
+            let mut cursor = cursor % n;
+            let mut overall: HashMap<String, usize> = HashMap::new();
+            for k in passes {
+                let placed = place(Strategy::RoundRobin, &tasks(&vec!["x"; k]), &ws, &mut cursor);
+                prop_assert_eq!(placed.len(), k);
+                let counts = per_worker(&placed);
+                let spread = |m: &HashMap<String, usize>| {
+                    let c: Vec<usize> = ws.iter().map(|w| m.get(&w.id.0).copied().unwrap_or(0)).collect();
+                    c.iter().max().unwrap() - c.iter().min().unwrap()
+                };
+                prop_assert!(spread(&counts) <= 1, "one pass: {:?}", counts);
+                for (w, c) in counts {
+                    *overall.entry(w).or_default() += c;
+                }
+                prop_assert!(spread(&overall) <= 1, "over passes: {:?}", overall);
+            }
+        }
+
+        /// Least-loaded puts each task on a worker whose load relative to its size is lowest
+        /// among the workers that can take it, counting the tasks placed before it in the pass.
+        #[test]
+        fn least_loaded_picks_the_emptiest(
+            shapes in prop::collection::vec(any_worker(), 0..6),
+            types in any_types(14),
+        ) {
+            let ws = fleet(&shapes);
+            let ts = tasks(&types);
+            let placed = place(Strategy::LeastLoaded, &ts, &ws, &mut 0);
+            let mut load: HashMap<WorkerId, u32> = ws.iter().map(|w| (w.id.clone(), w.in_flight)).collect();
+            let mut free: HashMap<WorkerId, u32> = ws.iter().map(|w| (w.id.clone(), w.free)).collect();
+            for (t, chosen) in &placed {
+                let task = task_of(&ts, t).1;
+                let c = worker_of(&ws, chosen);
+                for other in ws.iter().filter(|w| free[&w.id] > 0 && w.runs(&task.task_type)) {
+                    // load(c) / max(c) <= load(other) / max(other), without division.
+                    let mine = u64::from(load[&c.id]) * u64::from(other.max.max(1));
+                    let theirs = u64::from(load[&other.id]) * u64::from(c.max.max(1));
+                    prop_assert!(mine <= theirs, "{:?} chosen over emptier {:?}", c.id, other.id);
+                }
+                *load.get_mut(chosen).unwrap() += 1;
+                *free.get_mut(chosen).unwrap() -= 1;
+            }
+        }
+
+        /// Placement is a pure function: the same inputs give the same assignments and cursor.
+        #[test]
+        fn placement_is_deterministic(
+            shapes in prop::collection::vec(any_worker(), 0..6),
+            types in any_types(14),
+            strategy in any_strategy(),
+            cursor in 0usize..8,
+        ) {
+            let ws = fleet(&shapes);
+            let ts = tasks(&types);
+            let (mut c1, mut c2) = (cursor, cursor);
+            let first = place(strategy, &ts, &ws, &mut c1);
+            let second = place(strategy, &ts, &ws, &mut c2);
+            prop_assert_eq!(first, second);
+            prop_assert_eq!(c1, c2);
         }
     }
 }

@@ -5,9 +5,19 @@
 //! Every task transition is a conditional write that checks status, worker and attempt, and says
 //! whether it applied: a stale actor (an old attempt, another worker, a sweeper racing a report)
 //! changes nothing.
+//!
+//! The two dialects share everything above the SQL: [`decode`] turns any row into the domain
+//! types, [`sql`] holds the read statements both run as written, and [`policy`] holds the rules
+//! (backoff, which lost attempts are charged, what a failure or a loss does to a task) that each
+//! dialect binds as values. Each dialect is split by concern: submit, claim, report, requeue,
+//! workers, read.
 
+mod decode;
+mod policy;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
+pub mod stats;
 #[doc(hidden)]
 pub mod testing;
 
@@ -23,11 +33,13 @@ use std::{
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use crate::domain::PendingType;
 use crate::{
-    config::{DatabaseConfig, redact_url},
+    config::{DatabaseConfig, RetentionConfig, redact_url},
+    cron::Firing,
     domain::{
-        Assignment, Attempt, AttemptRecord, Candidate, Job, JobId, NewTask, RequeueReason, Task, TaskId,
-        TaskState, WorkerId, WorkerRecord, WorkerState, WorkerStats,
+        Assignment, Attempt, AttemptRecord, Candidate, Job, JobId, NewSchedule, NewTask, RequeueReason,
+        Schedule, ScheduleId, Task, TaskId, TaskState, WorkerId, WorkerRecord, WorkerState, WorkerStats,
     },
     error_text::{migrate_text, sqlx_text},
 };
@@ -148,6 +160,8 @@ impl StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+pub use policy::RetryPolicy;
+
 /// The Postgres channel replicas wake each other on.
 pub const NOTIFY_CHANNEL: &str = "coordinator_events";
 
@@ -186,21 +200,6 @@ pub(crate) fn micros_ago(at: Instant) -> i64 {
     i64::try_from(at.elapsed().as_micros()).unwrap_or(i64::MAX)
 }
 
-/// Exponential backoff for retriable failures: `base * 2^(failures-1)`, capped at `max`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    pub base: Duration,
-    pub max: Duration,
-}
-
-impl RetryPolicy {
-    /// The delay before the retry that follows the `failures`-th failure (1-based).
-    pub fn backoff(&self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(30);
-        self.base.saturating_mul(1u32 << exp).min(self.max)
-    }
-}
-
 /// What became of a report.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReportOutcome {
@@ -228,6 +227,24 @@ pub struct Created {
     pub created: bool,
 }
 
+/// A schedule fired: the tasks of its occurrences (`created` false for an occurrence whose
+/// task already existed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fired {
+    pub schedule: Schedule,
+    pub created: Vec<Created>,
+}
+
+/// The tasks of the occurrences `firing` picked out of `schedule`.
+fn occurrence_tasks(schedule: &Schedule, firing: &Firing) -> Vec<NewTask> {
+    firing.occurrences.iter().map(|o| schedule.template.task(schedule.id, *o)).collect()
+}
+
+/// How many of `created` are new: the runs a firing adds to its schedule.
+fn new_runs(created: &[Created]) -> i64 {
+    created.iter().filter(|c| c.created).count() as i64
+}
+
 /// A held task given back by the sweeper or a dropped stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Requeued {
@@ -248,6 +265,66 @@ pub struct Cancelled {
     pub applied: bool,
     /// The worker and attempt that held the task, to be told to stop.
     pub held_by: Option<Held>,
+}
+
+/// What a retry of one task found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryOutcome {
+    /// The task was failed or cancelled and is pending again, as now stored.
+    Retried(Task),
+    /// The task is in a state a retry does not touch; returned unchanged.
+    Refused(Task),
+}
+
+/// Which tasks a bulk retry takes: failed ones (and cancelled ones when asked) matching every
+/// filter that is set. Times compare with `finished_at`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetryFilter {
+    pub job_id: Option<JobId>,
+    pub task_type: Option<String>,
+    /// A substring of the task's error, case-sensitive.
+    pub error_contains: Option<String>,
+    /// Finished at or after.
+    pub finished_after: Option<DateTime<Utc>>,
+    /// Finished before.
+    pub finished_before: Option<DateTime<Utc>>,
+    pub include_cancelled: bool,
+}
+
+impl RetryFilter {
+    /// True when no filter narrows the tasks (`include_cancelled` widens, it does not narrow).
+    pub fn is_empty(&self) -> bool {
+        self.job_id.is_none()
+            && self.task_type.is_none()
+            && self.error_contains.is_none()
+            && self.finished_after.is_none()
+            && self.finished_before.is_none()
+    }
+}
+
+/// What failed in a time window; see [`Store::failure_summary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureSummary {
+    /// Tasks that failed for good in the window.
+    pub failed: u64,
+    /// Those tasks by type.
+    pub failed_by_type: BTreeMap<String, u64>,
+    /// The most frequent (type, error) pairs, most frequent first.
+    pub top_errors: Vec<FailureGroup>,
+    /// Attempts that ended in the window, by outcome (`completed`, `failed`, `lease_expired`,
+    /// `worker_dead`, ...).
+    pub attempt_outcomes: BTreeMap<String, u64>,
+}
+
+/// Failed tasks of one type with one error (its first line, cut to a length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureGroup {
+    pub task_type: String,
+    pub error: String,
+    pub count: u64,
+    /// The latest such task.
+    pub sample: TaskId,
+    pub last_failed_at: DateTime<Utc>,
 }
 
 /// A task a worker holds as the store sees it, for reconciliation.
@@ -271,7 +348,8 @@ pub struct Ownership {
 pub struct Audit {
     pub tasks: u64,
     pub completed: u64,
-    /// Tasks with more than one completed attempt: must be 0.
+    /// Completed tasks whose completing attempt had already lost the task (it also has an
+    /// attempt row: taken back, failed or cancelled): a result accepted twice. Must be 0.
     pub accepted_twice: u64,
 }
 
@@ -299,6 +377,9 @@ pub struct TaskFilter {
 pub struct WorkerRegistration {
     pub id: WorkerId,
     pub max_concurrent_tasks: u32,
+    /// Assignments beyond `max_concurrent_tasks` the worker queues. Not stored: only the
+    /// replica holding the session places work for it.
+    pub prefetch: u32,
     pub capabilities: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub version: String,
@@ -347,6 +428,88 @@ pub struct Registration {
     pub requeued: Vec<Requeued>,
 }
 
+/// What the pruner may delete: terminal tasks whose state's age has passed since they finished
+/// (with their attempts, job memberships and idempotency keys), jobs left without members, and
+/// workers not heard from for `workers` that hold no task. `None` keeps those rows forever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub completed: Option<Duration>,
+    pub failed: Option<Duration>,
+    pub cancelled: Option<Duration>,
+    pub workers: Option<Duration>,
+}
+
+impl From<&RetentionConfig> for Retention {
+    fn from(c: &RetentionConfig) -> Self {
+        let age = |d: Duration| (!d.is_zero()).then_some(d);
+        Retention {
+            completed: age(c.completed),
+            failed: age(c.failed),
+            cancelled: age(c.cancelled),
+            workers: age(c.workers),
+        }
+    }
+}
+
+impl Retention {
+    /// The age of each terminal state that is pruned, shortest first.
+    pub fn task_ages(&self) -> Vec<(TaskState, Duration)> {
+        let mut ages: Vec<(TaskState, Duration)> = [
+            (TaskState::Completed, self.completed),
+            (TaskState::Failed, self.failed),
+            (TaskState::Cancelled, self.cancelled),
+        ]
+        .into_iter()
+        .filter_map(|(state, age)| Some((state, age?)))
+        .collect();
+        ages.sort_by_key(|(_, age)| *age);
+        ages
+    }
+
+    /// The shortest task age: a job younger than this cannot have lost its members to the
+    /// pruner, so it is not an empty job to delete yet.
+    pub fn shortest_task_age(&self) -> Option<Duration> {
+        self.task_ages().first().map(|(_, age)| *age)
+    }
+}
+
+/// Rows one prune step deleted, by table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub tasks: u64,
+    pub task_attempts: u64,
+    pub job_tasks: u64,
+    pub jobs: u64,
+    pub workers: u64,
+}
+
+impl Pruned {
+    /// Each table's name and count, as the metric labels them.
+    pub fn by_table(&self) -> [(&'static str, u64); 5] {
+        [
+            ("tasks", self.tasks),
+            ("task_attempts", self.task_attempts),
+            ("job_tasks", self.job_tasks),
+            ("jobs", self.jobs),
+            ("workers", self.workers),
+        ]
+    }
+
+    pub fn add(&mut self, o: Pruned) {
+        self.tasks += o.tasks;
+        self.task_attempts += o.task_attempts;
+        self.job_tasks += o.job_tasks;
+        self.jobs += o.jobs;
+        self.workers += o.workers;
+    }
+
+    /// True when some table had `limit` rows to delete: there may be more.
+    pub fn full(&self, limit: u32) -> bool {
+        let limit = u64::from(limit);
+        self.tasks >= limit || self.jobs >= limit || self.workers >= limit
+    }
+}
+
 /// The store, with the backend chosen by the database URL. Cheap to clone.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -364,11 +527,19 @@ macro_rules! dispatch {
 }
 
 /// [`dispatch!`] for a database call, timed into `coordinator_db_query_seconds{op}` (errors
-/// included: a slow failure is still time the caller waited).
+/// included: a slow failure is still time the caller waited), in a `tracing` span named after
+/// the operation (`db.operation`), a child of the call or loop that made it.
 macro_rules! timed {
     ($op:literal, $self:ident, $s:ident => $e:expr) => {{
         let start = std::time::Instant::now();
-        let r = dispatch!($self, $s => $e);
+        let span = tracing::info_span!(
+            "db",
+            otel.name = $op,
+            otel.kind = "client",
+            db.system = $self.backend(),
+            db.operation = $op,
+        );
+        let r = tracing::Instrument::instrument(async { dispatch!($self, $s => $e) }, span).await;
         crate::metrics::db_query($op, start.elapsed());
         $self.health().note(&r);
         r
@@ -553,6 +724,29 @@ impl Store {
         timed!("cancel", self, s => s.cancel(id, reason).await)
     }
 
+    /// Puts a failed or cancelled task back to pending with a fresh attempts budget (failures
+    /// 0, no error, no result), runnable now. The attempt counter keeps counting (it is the
+    /// fence) and the attempt history stays. `Ok(None)` when there is no such task.
+    pub async fn retry_task(&self, id: TaskId) -> Result<Option<RetryOutcome>> {
+        timed!("retry_task", self, s => s.retry_task(id).await)
+    }
+
+    /// One batch of a bulk retry: up to `limit` tasks matching `filter` with ids after `after`,
+    /// in id order, each retried as [`Store::retry_task`] does; returns their ids, sorted. Each
+    /// task is moved by a conditional update on its status, so two bulk retries racing over the
+    /// same tasks retry each one once.
+    pub async fn retry_batch(
+        &self,
+        filter: &RetryFilter,
+        after: Option<TaskId>,
+        limit: u32,
+    ) -> Result<Vec<TaskId>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        timed!("retry_batch", self, s => s.retry_batch(filter, after, limit).await)
+    }
+
     /// Requeues (or fails, when out of attempts) up to `limit` held tasks whose lease ran out.
     pub async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
         timed!("requeue_expired", self, s => s.requeue_expired(limit).await)
@@ -614,9 +808,73 @@ impl Store {
         timed!("audit", self, s => s.audit().await)
     }
 
-    /// Pending tasks by type (runnable now or later), for the unschedulable gauge.
-    pub async fn pending_by_type(&self) -> Result<BTreeMap<String, u64>> {
+    /// Pending tasks by type (runnable now or later) and since when the earliest is runnable,
+    /// in one grouped statement: the gauges of pending work, queue age and unschedulable tasks.
+    pub async fn pending_by_type(&self) -> Result<BTreeMap<String, PendingType>> {
         timed!("pending_by_type", self, s => s.pending_by_type().await)
+    }
+
+    /// One prune step in one transaction: up to `limit` tasks (oldest finished first, per
+    /// state), `limit` empty jobs and `limit` silent workers, each delete conditional on the
+    /// row still qualifying (a task retried meanwhile is not terminal any more, a worker that
+    /// took a task holds one). On Postgres one replica prunes at a time: `None` when another
+    /// holds the pruner's advisory lock.
+    pub async fn prune(&self, rules: &Retention, limit: u32) -> Result<Option<Pruned>> {
+        timed!("prune", self, s => s.prune(rules, limit).await)
+    }
+
+    // ---- schedules ----
+
+    /// Creates a schedule; `None` when another has its name.
+    pub async fn create_schedule(&self, schedule: &NewSchedule) -> Result<Option<Schedule>> {
+        timed!("create_schedule", self, s => s.create_schedule(schedule).await)
+    }
+
+    /// Every schedule, by name.
+    pub async fn list_schedules(&self) -> Result<Vec<Schedule>> {
+        timed!("list_schedules", self, s => s.list_schedules().await)
+    }
+
+    /// Deletes a schedule; the tasks it created stay. False for an unknown one.
+    pub async fn delete_schedule(&self, id: ScheduleId) -> Result<bool> {
+        timed!("delete_schedule", self, s => s.delete_schedule(id).await)
+    }
+
+    /// Pauses a schedule, or resumes it with `next` as its next run time (what fell due while it
+    /// was paused is not made up); a schedule already in that state is left as it is (a resume
+    /// of a running schedule moves nothing). `None` for an unknown schedule.
+    pub async fn pause_schedule(
+        &self,
+        id: ScheduleId,
+        paused: bool,
+        next: Option<DateTime<Utc>>,
+    ) -> Result<Option<Schedule>> {
+        timed!("pause_schedule", self, s => s.pause_schedule(id, paused, next).await)
+    }
+
+    /// Fires up to `limit` schedules due at `now`, in one transaction: `plan` says which
+    /// occurrences of each get a task and when it is next due; each occurrence's task carries
+    /// the key `schedule:<id>:<occurrence>`. On Postgres the due rows are locked
+    /// (`SKIP LOCKED`), so replicas firing at once never fire one schedule twice.
+    pub async fn fire_schedules<F>(&self, now: DateTime<Utc>, limit: u32, plan: F) -> Result<Vec<Fired>>
+    where
+        F: FnMut(&Schedule) -> Firing,
+    {
+        timed!("fire_schedules", self, s => s.fire_schedules(now, limit, plan).await)
+    }
+
+    /// The tasks that failed for good with `finished_at` in `[since, until)`: counted by type,
+    /// and the `top` most frequent (type, error) pairs, each error cut to its first line and
+    /// `error_len` characters, with the latest task as a sample; and the attempts that ended in
+    /// the window, by outcome.
+    pub async fn failure_summary(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        top: u32,
+        error_len: u32,
+    ) -> Result<FailureSummary> {
+        timed!("failure_summary", self, s => s.failure_summary(since, until, top, error_len).await)
     }
 
     // ---- workers ----
@@ -634,8 +892,26 @@ impl Store {
     }
 
     /// Sets a worker's state if `session` is still its session. Returns whether it applied.
-    pub async fn set_worker_state(&self, id: &WorkerId, session: Uuid, state: WorkerState) -> Result<bool> {
-        timed!("set_worker_state", self, s => s.set_worker_state(id, session, state).await)
+    /// Records a state change of the worker's session `session` (nothing if another session
+    /// replaced it), with the last heartbeat seen.
+    pub async fn set_worker_state(
+        &self,
+        id: &WorkerId,
+        session: Uuid,
+        state: WorkerState,
+        last_seen: DateTime<Utc>,
+    ) -> Result<bool> {
+        timed!("set_worker_state", self, s => s.set_worker_state(id, session, state, last_seen).await)
+    }
+
+    /// Notes that replica `id` is alive (its row's `last_seen_at` is now).
+    pub async fn touch_coordinator(&self, id: &str) -> Result<()> {
+        timed!("touch_coordinator", self, s => s.touch_coordinator(id).await)
+    }
+
+    /// Removes replica `id`'s row (it stopped cleanly).
+    pub async fn forget_coordinator(&self, id: &str) -> Result<()> {
+        timed!("forget_coordinator", self, s => s.forget_coordinator(id).await)
     }
 
     /// Writes the latest heartbeat time of many workers in one statement.
@@ -650,8 +926,9 @@ impl Store {
         timed!("get_worker", self, s => s.get_worker(id).await)
     }
 
-    pub async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
-        timed!("list_workers", self, s => s.list_workers().await)
+    /// Up to `limit` workers by id, after `after`, each with the tasks it holds.
+    pub async fn list_workers(&self, after: Option<&WorkerId>, limit: u32) -> Result<Vec<WorkerRecord>> {
+        timed!("list_workers", self, s => s.list_workers(after, limit).await)
     }
 
     /// Workers that can take work as the database sees them, whichever replica they are
@@ -673,54 +950,31 @@ impl Store {
         timed!("get_job", self, s => s.get_job(id).await)
     }
 
+    /// A page of jobs, newest first, each with its tasks counted by state: those created before
+    /// `before` (a job id from the previous page), at most `limit`.
+    pub async fn list_jobs(&self, before: Option<JobId>, limit: u32) -> Result<Vec<Job>> {
+        timed!("list_jobs", self, s => s.list_jobs(before, limit).await)
+    }
+
+    /// The ids of a job's tasks (its membership never changes).
+    pub async fn job_task_ids(&self, id: JobId) -> Result<Vec<TaskId>> {
+        timed!("job_task_ids", self, s => s.job_task_ids(id).await)
+    }
+
+    /// Cancels every task of a job that is not yet terminal, each as [`Store::cancel`] does, in
+    /// one transaction; returns them in id order. `Ok(None)` when there is no such job.
+    pub async fn cancel_job(&self, id: JobId, reason: &str) -> Result<Option<Vec<Cancelled>>> {
+        timed!("cancel_job", self, s => s.cancel_job(id, reason).await)
+    }
+
     /// A job's tasks, in submission order.
     pub async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
         timed!("job_tasks", self, s => s.job_tasks(id).await)
     }
 }
 
-/// Decides the outcome of a report that matched no held row, from the task's current row and
-/// the attempts history (was this very report accepted before?).
-fn classify_unapplied(
-    task: Option<(TaskState, Attempt)>,
-    prior_outcome: Option<&str>,
-    reported: &str,
-) -> ReportOutcome {
-    match task {
-        None => ReportOutcome::NotFound,
-        Some((state, attempt)) => {
-            if prior_outcome == Some(reported) {
-                ReportOutcome::Duplicate { state }
-            } else {
-                ReportOutcome::Stale { state, attempt }
-            }
-        }
-    }
-}
-
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn parse_state(s: &str) -> Result<TaskState> {
-    s.parse().map_err(|e: crate::domain::UnknownState| StoreError::Corrupt(e.to_string()))
-}
-
-fn parse_worker_state(s: &str) -> Result<WorkerState> {
-    s.parse().map_err(|e: crate::domain::UnknownState| StoreError::Corrupt(e.to_string()))
-}
-
-fn encode_json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("plain data serializes")
-}
-
-fn decode_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad json {s:?}: {e}")))
-}
-
-/// Error text kept for a task that ran out of attempts without a report.
-fn lost_error(reason: RequeueReason, worker: &WorkerId, attempt: Attempt) -> String {
-    format!("attempt {attempt} lost: {} on worker {worker}", reason.as_str())
 }
 
 /// Keeps only placements of tasks that were offered (and locked) as candidates, once each.
@@ -758,28 +1012,5 @@ mod tests {
         assert!(h.unavailable_within(window), "just came back");
         std::thread::sleep(window * 2);
         assert!(!h.unavailable_within(window), "the window after recovery has passed");
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let p = RetryPolicy { base: Duration::from_millis(100), max: Duration::from_secs(1) };
-        assert_eq!(p.backoff(1), Duration::from_millis(100));
-        assert_eq!(p.backoff(2), Duration::from_millis(200));
-        assert_eq!(p.backoff(4), Duration::from_millis(800));
-        assert_eq!(p.backoff(5), Duration::from_secs(1));
-        assert_eq!(p.backoff(90), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn an_unapplied_report_is_a_duplicate_only_if_the_same_report_was_recorded() {
-        assert_eq!(classify_unapplied(None, None, "completed"), ReportOutcome::NotFound);
-        assert_eq!(
-            classify_unapplied(Some((TaskState::Completed, 1)), Some("completed"), "completed"),
-            ReportOutcome::Duplicate { state: TaskState::Completed }
-        );
-        assert_eq!(
-            classify_unapplied(Some((TaskState::Running, 2)), Some("lease_expired"), "completed"),
-            ReportOutcome::Stale { state: TaskState::Running, attempt: 2 }
-        );
     }
 }

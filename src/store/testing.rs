@@ -24,6 +24,8 @@ pub fn new_task(task_type: &str) -> NewTask {
         timeout: Duration::from_secs(60),
         idempotency_key: None,
         job_id: None,
+        run_after: None,
+        traceparent: None,
     }
 }
 
@@ -31,6 +33,7 @@ pub fn new_task(task_type: &str) -> NewTask {
 pub fn registration(id: &str, max: u32) -> WorkerRegistration {
     WorkerRegistration {
         id: WorkerId::from(id),
+        prefetch: 0,
         max_concurrent_tasks: max,
         capabilities: Vec::new(),
         labels: Default::default(),

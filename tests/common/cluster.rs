@@ -116,6 +116,12 @@ pub struct Replica {
 
 impl Replica {
     pub fn new(dir: &Path, id: &str, url: &str, t: Timings) -> Replica {
+        Replica::with_yaml(dir, id, url, t, "")
+    }
+
+    /// As [`Replica::new`], with `extra` (whole top-level sections of YAML) appended to its
+    /// configuration file.
+    pub fn with_yaml(dir: &Path, id: &str, url: &str, t: Timings, extra: &str) -> Replica {
         let (grpc, http) = (free_port(), free_port());
         let (age, grace) = t.connection_age.unwrap_or((Duration::from_secs(1800), Duration::from_secs(60)));
         let yaml = format!(
@@ -145,7 +151,7 @@ logging:
   format: json
 auth:
   enabled: false
-",
+{extra}",
             poll = ms(t.poll_interval),
             hb = ms(t.heartbeat_timeout),
             stale = ms(t.stale_task_timeout),
@@ -506,32 +512,35 @@ pub struct Tally {
     /// `task_attempts` rows with a charged outcome: `lease_expired`, `worker_dead` or
     /// `worker_restarted`.
     pub taken_back: i64,
-    /// Tasks with more than one attempt whose outcome is `completed`.
+    /// Completed tasks whose completing attempt had also lost the task (an attempt row closes
+    /// it: taken back, failed, cancelled): a second acceptance. A completion writes only the
+    /// task's row.
     pub accepted_twice: i64,
-    /// Attempts in all.
+    /// Attempts in all: the tasks' attempt counters summed (one per assignment).
     pub attempts: i64,
 }
 
 impl Tally {
     pub async fn read(pool: &PgPool) -> Result<Tally, sqlx::Error> {
-        let (tasks, completed, failed, failures): (i64, i64, i64, i64) = sqlx::query_as(
+        let (tasks, completed, failed, failures, attempts): (i64, i64, i64, i64, i64) = sqlx::query_as(
             "SELECT count(*),
                     count(*) FILTER (WHERE status = 'completed'),
                     count(*) FILTER (WHERE status = 'failed'),
-                    COALESCE(sum(failures), 0)::bigint
+                    COALESCE(sum(failures), 0)::bigint,
+                    COALESCE(sum(attempt), 0)::bigint
              FROM tasks",
         )
         .fetch_one(pool)
         .await?;
-        let (taken_back, attempts): (i64, i64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE outcome IN ('lease_expired', 'worker_dead', 'worker_restarted')), count(*)
+        let (taken_back,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE outcome IN ('lease_expired', 'worker_dead', 'worker_restarted'))
              FROM task_attempts",
         )
         .fetch_one(pool)
         .await?;
         let (accepted_twice,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM (SELECT task_id FROM task_attempts WHERE outcome = 'completed'
-                                   GROUP BY task_id HAVING count(*) > 1) twice",
+            "SELECT count(*) FROM tasks t JOIN task_attempts a ON a.task_id = t.id AND a.attempt = t.attempt
+             WHERE t.status = 'completed'",
         )
         .fetch_one(pool)
         .await?;

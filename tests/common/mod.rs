@@ -24,7 +24,53 @@ use tokio_util::sync::CancellationToken;
 
 pub use coordinator::store::testing::TestDb;
 
-pub type Client = coordinator::client::Client;
+pub type Client = coordinator_worker::client::Client;
+
+/// The `coordctl` binary of this build. It belongs to the workspace's `coordctl` crate, which
+/// `cargo test` at the workspace root builds beside this package's binaries.
+pub fn coordctl_bin() -> std::path::PathBuf {
+    static CHECKED: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    CHECKED.get_or_init(checked_coordctl).clone()
+}
+
+fn checked_coordctl() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_BIN_EXE_coordinator"))
+        .with_file_name(format!("coordctl{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests from the workspace root (`cargo test`), which builds coordctl too",
+        p.display()
+    );
+    // `cargo test --test x` builds this package's targets only: a coordctl older than its
+    // sources would be tested as it was.
+    let built = std::fs::metadata(&p).and_then(|m| m.modified()).expect("coordctl's mtime");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in ["crates/coordctl/src", "crates/worker/src", "crates/proto/src", "proto"] {
+        if let Some(newer) = newer_than(&root.join(dir), built) {
+            panic!(
+                "{} is older than {}: build it first (`cargo build -p coordctl`, or `cargo test` with no target)",
+                p.display(),
+                newer.display()
+            );
+        }
+    }
+    p
+}
+
+/// A file under `dir` modified after `t`, if any.
+fn newer_than(dir: &std::path::Path, t: std::time::SystemTime) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(p) = newer_than(&path, t) {
+                return Some(p);
+            }
+        } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|m| m > t) {
+            return Some(path);
+        }
+    }
+    None
+}
 
 /// Runs `$name(&TestDb)` as two tests: `$name::sqlite` and `$name::postgres` (reported ignored
 /// without `TEST_DATABASE_URL`).
@@ -116,6 +162,11 @@ impl TestCoordinator {
         client(&self.endpoint()).await
     }
 
+    /// Begins a graceful shutdown without waiting for it; [`TestCoordinator::stop`] waits.
+    pub fn begin_stop(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Graceful shutdown; returns what `serve` returned.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -124,8 +175,13 @@ impl TestCoordinator {
 }
 
 pub async fn client(endpoint: &str) -> Client {
-    let security = coordinator::client::ClientSecurity::default();
-    coordinator::client::connect_lazy(endpoint, &security, coordinator::client::DEFAULT_MAX_MESSAGE).unwrap()
+    let security = coordinator_worker::client::ClientSecurity::default();
+    coordinator_worker::client::connect_lazy(
+        endpoint,
+        &security,
+        coordinator_worker::client::DEFAULT_MAX_MESSAGE,
+    )
+    .unwrap()
 }
 
 /// Waits until `check` is true, polling every 20 ms; panics naming `what` after `limit`.
@@ -146,10 +202,86 @@ where
     }
 }
 
+/// coordctl against `endpoint` with `args`, no token from the environment, no stdin.
+pub fn coordctl_command(endpoint: &str, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(coordctl_bin());
+    c.arg("--coordinator")
+        .arg(endpoint)
+        .args(args)
+        .env_remove("COORDCTL_TOKEN")
+        .env_remove("COORDCTL_TOKEN_FILE")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+pub fn coordctl(endpoint: &str, args: &[&str]) -> std::process::Output {
+    coordctl_command(endpoint, args).output().expect("run coordctl")
+}
+
+/// Runs coordctl off the test's runtime threads.
+pub async fn coordctl_async(endpoint: &str, args: &[&str]) -> std::process::Output {
+    let endpoint = endpoint.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        coordctl(&endpoint, &args)
+    })
+    .await
+    .unwrap()
+}
+
+/// A command's exit code and output, for an assertion message.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One HTTP/1.1 request with a JSON body on a fresh connection: (status, body).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_request(addr, method, path, body).await.expect("an HTTP answer")
+}
+
+/// Scrapes `/metrics` until `done` holds of the text (within a minute), and returns it.
+pub async fn scrape_until(addr: std::net::SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = http_get(addr, "/metrics").await.unwrap();
+        assert_eq!(code, 200);
+        if done(&body) {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A GET over a fresh HTTP/1.1 connection: (status, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, "GET", path, "").await
+}
+
+/// A request with a JSON body (none when empty) over a fresh HTTP/1.1 connection: (status,
+/// body).
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let head = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len())
+    };
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{head}\r\n{body}").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
         .await
@@ -340,7 +472,11 @@ pub async fn submit(client: &mut Client, task_type: &str, payload: &[u8]) -> Str
 }
 
 pub async fn get_task(client: &mut Client, id: &str) -> proto::Task {
-    client.get_task(proto::GetTaskRequest { task_id: id.into() }).await.expect("get task").into_inner()
+    client
+        .get_task(proto::GetTaskRequest { task_id: id.into(), ..Default::default() })
+        .await
+        .expect("get task")
+        .into_inner()
 }
 
 pub async fn task_status(client: &mut Client, id: &str) -> proto::TaskStatus {
@@ -354,7 +490,9 @@ pub async fn wait_connected(client: &Client, ids: &[&str]) {
         let mut client = client.clone();
         let ids = ids.clone();
         async move {
-            let Ok(resp) = client.list_workers(proto::ListWorkersRequest {}).await else { return false };
+            let Ok(resp) = client.list_workers(proto::ListWorkersRequest::default()).await else {
+                return false;
+            };
             let workers = resp.into_inner().workers;
             ids.iter().all(|id| workers.iter().any(|w| &w.worker_id == id && w.connected))
         }
@@ -363,8 +501,12 @@ pub async fn wait_connected(client: &Client, ids: &[&str]) {
 }
 
 pub async fn worker_state(client: &mut Client, id: &str) -> proto::WorkerState {
-    let workers =
-        client.list_workers(proto::ListWorkersRequest {}).await.expect("list workers").into_inner().workers;
+    let workers = client
+        .list_workers(proto::ListWorkersRequest::default())
+        .await
+        .expect("list workers")
+        .into_inner()
+        .workers;
     let w = workers.into_iter().find(|w| w.worker_id == id).expect("worker listed");
     proto::WorkerState::try_from(w.state).unwrap()
 }

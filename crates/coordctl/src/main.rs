@@ -1,0 +1,1383 @@
+//! `coordctl`: the coordinator's client. Submit, read, watch and cancel tasks and jobs, see what
+//! failed and retry it, list workers, fan a prime count out over the fleet, and benchmark
+//! (`coordctl bench`).
+//!
+//! # Layering
+//! A client of the wire contract (`coordinator-proto`) through the worker SDK's client
+//! (`coordinator-worker`); [`bench`] also runs the SDK's workers. The server crate comes in only
+//! with the `embedded` feature, for `bench --embedded`.
+
+use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use coordinator_worker::{
+    ByteSize,
+    client::{Client, ClientSecurity},
+    error::{one_line as error_line, status_line},
+    proto,
+};
+
+mod bench;
+mod fleet_bench;
+
+use bench::BenchOptions;
+use serde_json::json;
+
+/// Client of the coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordctl", version)]
+struct Cli {
+    /// Coordinator gRPC URL.
+    #[arg(long, global = true, env = "COORDCTL_COORDINATOR", default_value = "http://127.0.0.1:9090")]
+    coordinator: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Bearer token (client or admin role). Prefer COORDCTL_TOKEN or --token-file: flags show
+    /// in `ps`.
+    #[arg(long, global = true, env = "COORDCTL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "COORDCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM CA bundle that signed the coordinator's certificate (use an https:// URL).
+    #[arg(long, global = true, env = "COORDCTL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate, for mTLS.
+    #[arg(long, global = true, env = "COORDCTL_CERT_FILE")]
+    cert_file: Option<PathBuf>,
+    /// PEM key of --cert-file.
+    #[arg(long, global = true, env = "COORDCTL_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Largest gRPC message sent or accepted.
+    #[arg(long, global = true, default_value = "10MiB")]
+    max_message_size: ByteSize,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// How `watch` and `submit --wait` end.
+const WAIT_EXIT_STATUS: &str = "\
+Exit status (watch, and submit --wait):
+  0  the task completed
+  3  the task failed (out of attempts, or a permanent failure)
+  4  the task was cancelled
+  1  coordctl could not follow the task to its end (cannot connect, refused, no such task,
+     the stream broke); the reason is on stderr
+  2  usage error
+
+While the task is pending, why it waits (no connected worker runs its type, every such worker is
+busy, backing off after a failure, or queued behind other tasks) is printed to stderr as a
+`waiting: ...` line each time the reason changes.";
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Submit a task; prints its id, or its result with --wait.
+    ///
+    /// A type no connected worker declared is accepted with a warning on stderr (a worker may
+    /// register later), unless the coordinator refuses unknown types.
+    #[command(after_help = WAIT_EXIT_STATUS)]
+    Submit {
+        #[arg(long = "type")]
+        task_type: String,
+        /// The payload, or @FILE to read it from a file.
+        #[arg(long, default_value = "")]
+        payload: String,
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Per-attempt deadline, e.g. 30s or 2h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Run no earlier than this long from now, e.g. 90s or 2h (at most a year).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "run_at")]
+        delay: Option<Duration>,
+        /// Run no earlier than this time, RFC 3339 (2027-01-02T03:04:05Z).
+        #[arg(long, value_parser = parse_rfc3339)]
+        run_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// Wait until the task ends and print its result; the exit status says how it ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show one task.
+    Get {
+        task_id: String,
+        /// Also show every attempt: worker, times, outcome, error.
+        #[arg(long)]
+        attempts: bool,
+    },
+    /// Stream a task's state changes until it ends; the exit status says how it ended.
+    ///
+    /// Every state the task went through is shown, `running` included for an attempt that ended
+    /// before its running mark was written (a fast task).
+    #[command(after_help = WAIT_EXIT_STATUS)]
+    Watch { task_id: String },
+    /// Cancel a task.
+    Cancel {
+        task_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Retry a failed or cancelled task (admin), or, with filters and no id, every failed task
+    /// they pick out.
+    ///
+    /// A retried task is pending again with a fresh attempts budget; its attempt history stays.
+    /// Filters combine; at least one is needed. Prints the ids retried, one a line.
+    Retry {
+        /// The task to retry; leave out to retry by filter.
+        task_id: Option<String>,
+        /// Tasks of this job.
+        #[arg(long)]
+        job: Option<String>,
+        /// Tasks of this type.
+        #[arg(long = "type")]
+        task_type: Option<String>,
+        /// Tasks whose error contains this text (case-sensitive).
+        #[arg(long)]
+        error: Option<String>,
+        /// Finished at or after: an RFC 3339 time, or an age such as 2h.
+        #[arg(long)]
+        since: Option<String>,
+        /// Finished before: an RFC 3339 time, or an age such as 30m.
+        #[arg(long)]
+        until: Option<String>,
+        /// Cancelled tasks too (by default only failed ones).
+        #[arg(long)]
+        include_cancelled: bool,
+        /// At most this many tasks (the coordinator's default is 1000, its maximum 10000).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// What failed lately: failed tasks by type, the most frequent errors with a sample task,
+    /// and attempts by outcome.
+    Failures {
+        /// The window's start: an RFC 3339 time, or an age such as 6h (default: 24h before
+        /// --until).
+        #[arg(long)]
+        since: Option<String>,
+        /// The window's end: an RFC 3339 time, or an age (default: now).
+        #[arg(long)]
+        until: Option<String>,
+        /// How many errors to list (the coordinator's default is 10, its maximum 100).
+        #[arg(long, default_value_t = 0)]
+        top: u32,
+    },
+    /// List tasks.
+    Tasks {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long = "type")]
+        task_type: Option<String>,
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// List workers.
+    Workers,
+    /// A worker's totals.
+    Stats { worker_id: String },
+    /// List jobs, newest first, with their tasks counted by state.
+    Jobs {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Jobs: batches of tasks.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Recurring schedules: a task from a template at every occurrence of a cron expression.
+    #[command(subcommand)]
+    Schedule(ScheduleCmd),
+    /// Count primes in [low, high) as a job of slices spread over the workers.
+    Primes {
+        #[arg(long)]
+        low: u64,
+        #[arg(long)]
+        high: u64,
+        #[arg(long, default_value_t = 8)]
+        slices: u64,
+    },
+    /// Test numbers for primality on the workers.
+    IsPrime { numbers: Vec<u64> },
+    /// Load generator: W workers, N tasks; prints throughput and latency.
+    Bench {
+        #[arg(long, default_value_t = 20_000)]
+        tasks: usize,
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// Tasks each worker runs at once.
+        #[arg(long, alias = "slots", default_value_t = 64)]
+        concurrency: u32,
+        /// Assignments each worker queues beyond its slots.
+        #[arg(long, default_value_t = 0)]
+        prefetch: u32,
+        /// Tasks per submission.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Tasks in the one-at-a-time latency phase.
+        #[arg(long, default_value_t = 200)]
+        trickle: usize,
+        /// Start a coordinator in this process (SQLite in a temp dir unless --database-url).
+        #[arg(long)]
+        embedded: bool,
+        /// With --embedded, the coordinator's database; otherwise the remote coordinator's
+        /// database, read only for its statistics (rows, commits, WAL, statements per task).
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// The remote coordinator's process id, for its CPU time per task.
+        #[arg(long)]
+        coordinator_pid: Option<u32>,
+    },
+    /// Measure what a large idle fleet costs a running coordinator: memory, connect time,
+    /// ListWorkers, heartbeat round trips, database writes per worker-minute (admin).
+    BenchFleet {
+        #[arg(long, default_value_t = 10_000)]
+        workers: usize,
+        /// Workers sharing one HTTP/2 connection.
+        #[arg(long, default_value_t = 100)]
+        per_connection: usize,
+        /// How long the connected fleet is watched (at least a minute shows the heartbeat writes).
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        window: Duration,
+        /// The coordinator's process id, for its resident memory.
+        #[arg(long)]
+        coordinator_pid: Option<u32>,
+        /// The coordinator's database, read only for its statistics.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+        /// The coordinator's metrics (http://host:8090/metrics), for its time per heartbeat.
+        #[arg(long)]
+        metrics_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ScheduleCmd {
+    /// Create a schedule (admin).
+    Create {
+        /// A unique name.
+        #[arg(long)]
+        name: String,
+        /// 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first.
+        #[arg(long)]
+        cron: String,
+        /// IANA time zone the expression is read in (default UTC), e.g. Europe/Berlin.
+        #[arg(long, default_value = "")]
+        timezone: String,
+        #[arg(long = "type")]
+        task_type: String,
+        /// The payload, or @FILE to read it from a file.
+        #[arg(long, default_value = "")]
+        payload: String,
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        #[arg(long, default_value_t = 0)]
+        max_attempts: u32,
+        /// Per-attempt deadline, e.g. 30s or 2h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+        /// Occurrences missed while no coordinator could fire them: latest (run the latest
+        /// once), skip, or all (the latest 1,000).
+        #[arg(long, default_value = "latest", value_parser = ["latest", "skip", "all"])]
+        missed: String,
+        /// Create it paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// List schedules: next run, runs so far.
+    List,
+    /// Pause a schedule (admin).
+    Pause { schedule_id: String },
+    /// Resume a schedule from its next occurrence (admin).
+    Resume { schedule_id: String },
+    /// Delete a schedule; the tasks it created stay (admin).
+    Delete { schedule_id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCmd {
+    /// Submit a job from a JSON-lines file: one `{"type":..,"payload":..}` per line.
+    Submit { file: PathBuf },
+    /// Show a job's progress (and results).
+    Get {
+        job_id: String,
+        #[arg(long)]
+        results: bool,
+    },
+    /// Follow a job's progress until every task has ended: a line each time its counts change.
+    Watch { job_id: String },
+    /// Cancel every task of a job that has not ended; running ones are told to stop.
+    Cancel {
+        job_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+fn main() -> ExitCode {
+    // Piped into `head` or a pager that quits: end quietly when the reader goes away, as
+    // command-line tools do, instead of panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; it only resets a signal
+    // disposition to the default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    // Warnings and errors of the libraries, on stderr; stdout is the command's output.
+    let filter = std::env::var("RUST_LOG").ok().and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn")))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coordctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coordctl: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A gRPC status as "CODE: message"; other errors with their causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    if let Some(s) = e.downcast_ref::<tonic::Status>() {
+        return status_line(s);
+    }
+    error_line(&**e)
+}
+
+fn security(cli: &Cli) -> anyhow::Result<ClientSecurity> {
+    Ok(ClientSecurity {
+        token: ClientSecurity::read_token(cli.token.clone(), cli.token_file.as_deref())?,
+        ca_file: cli.ca_file.clone(),
+        cert_file: cli.cert_file.clone(),
+        key_file: cli.key_file.clone(),
+        server_name: None,
+    })
+}
+
+/// A benchmark's report: JSON with `--json`, else its rendering for people.
+fn print_report(report: &impl serde::Serialize, json: bool, rendered: String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{rendered}");
+    }
+    Ok(())
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    Ok(coordinator_worker::client::connect(
+        &cli.coordinator,
+        &security(cli)?,
+        cli.max_message_size.as_usize(),
+    )
+    .await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let json_out = cli.json;
+    let bench_security = security(&cli)?;
+    if let Cmd::Bench {
+        tasks,
+        workers,
+        concurrency,
+        prefetch,
+        batch,
+        trickle,
+        embedded,
+        database_url,
+        coordinator_pid,
+    } = cli.cmd
+    {
+        let report = bench::run(BenchOptions {
+            tasks,
+            workers,
+            concurrency,
+            prefetch,
+            batch,
+            trickle,
+            endpoint: cli.coordinator.clone(),
+            embedded,
+            stats_database_url: if embedded { None } else { database_url.clone() },
+            database_url: if embedded { database_url } else { None },
+            security: bench_security,
+            coordinator_pid,
+        })
+        .await?;
+        print_report(&report, json_out, report.render())?;
+        return Ok(if report.exactly_once { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    if let Cmd::BenchFleet { workers, per_connection, window, coordinator_pid, database_url, metrics_url } =
+        cli.cmd
+    {
+        let report = fleet_bench::run(fleet_bench::FleetOptions {
+            workers,
+            per_connection,
+            window,
+            endpoint: cli.coordinator.clone(),
+            security: bench_security,
+            coordinator_pid,
+            database_url,
+            metrics_url,
+        })
+        .await?;
+        print_report(&report, json_out, report.render())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut c = connect(&cli).await?;
+    match cli.cmd {
+        Cmd::Submit {
+            task_type,
+            payload,
+            priority,
+            max_attempts,
+            idempotency_key,
+            timeout,
+            delay,
+            run_at,
+            wait,
+        } => {
+            let payload = read_payload(&payload)?;
+            let resp = c
+                .submit_task(proto::SubmitTaskRequest {
+                    task_type,
+                    payload,
+                    priority,
+                    max_attempts,
+                    idempotency_key: idempotency_key.unwrap_or_default(),
+                    timeout_ms: timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    delay_ms: delay.map(|d| d.as_millis() as u64).unwrap_or(0),
+                    run_at: run_at.map(|t| prost_types::Timestamp {
+                        seconds: t.timestamp(),
+                        nanos: t.timestamp_subsec_nanos() as i32,
+                    }),
+                })
+                .await?
+                .into_inner();
+            if !wait {
+                warn_all(&resp.warnings);
+                if json_out {
+                    println!(
+                        "{}",
+                        json!({"task_id": resp.task_id, "created": resp.created, "warnings": resp.warnings})
+                    );
+                } else {
+                    println!("{}", resp.task_id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            // With --wait the first `waiting:` line says the same as a warning would.
+            let task = wait_task(&mut c, &resp.task_id).await?;
+            if json_out {
+                print_task(&task, true);
+            } else if task.status == proto::TaskStatus::Completed as i32 {
+                println!("{}", String::from_utf8_lossy(&task.result));
+            } else {
+                eprintln!("task {} {}: {}", task.task_id, status_name(task.status), task.error);
+            }
+            Ok(exit_for(&task))
+        }
+        Cmd::Get { task_id, attempts } => {
+            let task =
+                c.get_task(proto::GetTaskRequest { task_id, include_attempts: attempts }).await?.into_inner();
+            print_task(&task, json_out);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watch { task_id } => {
+            let mut stream =
+                c.watch_task(proto::WatchTaskRequest { task_id: task_id.clone() }).await?.into_inner();
+            let mut last: Option<(i32, u32, String)> = None;
+            let mut waiting = Waiting::default();
+            while let Some(ev) = stream.message().await? {
+                if json_out {
+                    println!("{}", event_json(&ev));
+                } else {
+                    // A pending task's event comes again when the reason it waits changes: that
+                    // is a `waiting:` line, not a new state.
+                    let state = (ev.status, ev.attempt, ev.worker_id.clone());
+                    if last.as_ref() != Some(&state) {
+                        let worker = if ev.worker_id.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" on {}", ev.worker_id)
+                        };
+                        let err =
+                            if ev.error.is_empty() { String::new() } else { format!(" ({})", ev.error) };
+                        println!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
+                    }
+                    waiting.show(ev.pending_reason, &ev.pending_detail, false);
+                    last = Some(state);
+                }
+                if is_terminal(ev.status) {
+                    return Ok(exit_status(ev.status));
+                }
+            }
+            bail!("the watch of task {task_id} ended before the task did")
+        }
+        Cmd::Cancel { task_id, reason } => {
+            let r = c.cancel_task(proto::CancelTaskRequest { task_id, reason }).await?.into_inner();
+            let task = r.task.unwrap_or_default();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"task_id": task.task_id, "cancelled": r.cancelled, "status": status_name(task.status)})
+                );
+            } else if r.cancelled {
+                println!("cancelled {}", task.task_id);
+            } else {
+                println!("{} was already {}", task.task_id, status_name(task.status));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Retry {
+            task_id: Some(task_id),
+            job,
+            task_type,
+            error,
+            since,
+            until,
+            include_cancelled,
+            limit,
+        } => {
+            if job.is_some()
+                || task_type.is_some()
+                || error.is_some()
+                || since.is_some()
+                || until.is_some()
+                || include_cancelled
+                || limit != 0
+            {
+                bail!("give a task id or filters, not both");
+            }
+            let t = c.retry_task(proto::RetryTaskRequest { task_id }).await?.into_inner();
+            if json_out {
+                print_task(&t, true);
+            } else {
+                println!(
+                    "retried {} (now {}, {} attempts so far)",
+                    t.task_id,
+                    status_name(t.status),
+                    t.attempt
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Retry { task_id: None, job, task_type, error, since, until, include_cancelled, limit } => {
+            let r = c
+                .retry_tasks(proto::RetryTasksRequest {
+                    job_id: job.unwrap_or_default(),
+                    task_type: task_type.unwrap_or_default(),
+                    error_contains: error.unwrap_or_default(),
+                    finished_after: since.as_deref().map(|s| parse_time("--since", s)).transpose()?,
+                    finished_before: until.as_deref().map(|s| parse_time("--until", s)).transpose()?,
+                    include_cancelled,
+                    limit,
+                })
+                .await?
+                .into_inner();
+            if json_out {
+                println!("{}", json!({"retried": r.retried, "task_ids": r.task_ids, "more": r.more}));
+            } else {
+                for id in &r.task_ids {
+                    println!("{id}");
+                }
+                eprintln!("retried {} tasks", r.retried);
+                if r.more {
+                    eprintln!("more tasks may match: the limit was reached; run again to retry them");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Failures { since, until, top } => {
+            let f = c
+                .get_failure_summary(proto::GetFailureSummaryRequest {
+                    since: since.as_deref().map(|s| parse_time("--since", s)).transpose()?,
+                    until: until.as_deref().map(|s| parse_time("--until", s)).transpose()?,
+                    top,
+                })
+                .await?
+                .into_inner();
+            let window = |t: &Option<prost_types::Timestamp>| t.as_ref().map(ts_string).unwrap_or_default();
+            if json_out {
+                let groups: Vec<_> = f
+                    .top_errors
+                    .iter()
+                    .map(|g| {
+                        json!({"task_type": g.task_type, "error": g.error, "count": g.count,
+                               "sample_task_id": g.sample_task_id,
+                               "last_failed_at": g.last_failed_at.as_ref().map(ts_string)})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"since": window(&f.since), "until": window(&f.until), "failed": f.failed,
+                           "failed_by_type": f.failed_by_type, "top_errors": groups,
+                           "attempt_outcomes": f.attempt_outcomes})
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{} tasks failed from {} to {}", f.failed, window(&f.since), window(&f.until));
+            let mut by_type: Vec<_> = f.failed_by_type.iter().collect();
+            by_type.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            for (t, n) in by_type {
+                println!("  {n:>7}  {t}");
+            }
+            if !f.top_errors.is_empty() {
+                println!("\n{:>7}  {:<16}  {:<36}  ERROR", "COUNT", "TYPE", "SAMPLE TASK");
+                for g in &f.top_errors {
+                    println!("{:>7}  {:<16}  {:<36}  {}", g.count, g.task_type, g.sample_task_id, g.error);
+                }
+            }
+            let mut outcomes: Vec<_> = f.attempt_outcomes.iter().collect();
+            outcomes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            println!("\nattempts ended, by outcome:");
+            for (o, n) in outcomes {
+                println!("  {n:>7}  {o}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Tasks { status, task_type, job, limit } => {
+            let status = match status.as_deref() {
+                None => 0,
+                Some(s) => parse_status(s)? as i32,
+            };
+            let tasks = c
+                .list_tasks(proto::ListTasksRequest {
+                    status,
+                    task_type: task_type.unwrap_or_default(),
+                    job_id: job.unwrap_or_default(),
+                    page_size: limit.clamp(1, 1000),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .tasks;
+            if json_out {
+                println!("{}", serde_json::Value::Array(tasks.iter().map(task_json).collect()));
+            } else {
+                println!(
+                    "{:<36}  {:<16}  {:<10}  {:>7}  {:<24}  WAITING",
+                    "TASK", "TYPE", "STATUS", "ATTEMPT", "WORKER"
+                );
+                for t in &tasks {
+                    println!(
+                        "{:<36}  {:<16}  {:<10}  {:>7}  {:<24}  {}",
+                        t.task_id,
+                        t.task_type,
+                        status_name(t.status),
+                        t.attempt,
+                        t.worker_id,
+                        pending_reason_name(t.pending_reason).unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Workers => {
+            // Every page.
+            let mut workers = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let req = proto::ListWorkersRequest { page_size: 1000, page_token };
+                let page = c.list_workers(req).await?.into_inner();
+                workers.extend(page.workers);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json_out {
+                let v: Vec<_> = workers
+                    .iter()
+                    .map(|w| {
+                        json!({"worker_id": w.worker_id, "state": worker_state_name(w.state),
+                               "max_concurrent_tasks": w.max_concurrent_tasks, "in_flight": w.in_flight,
+                               "capabilities": w.capabilities, "connected": w.connected, "version": w.version,
+                               "hostname": w.hostname,
+                               "last_heartbeat": w.last_heartbeat.as_ref().map(ts_string)})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!(
+                    "{:<28}  {:<9}  {:>9}  {:<9}  {:<25}  CAPABILITIES",
+                    "WORKER", "STATE", "IN FLIGHT", "STREAM", "LAST HEARTBEAT"
+                );
+                for w in &workers {
+                    println!(
+                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<9}  {:<25}  {}",
+                        w.worker_id,
+                        worker_state_name(w.state),
+                        w.in_flight,
+                        w.max_concurrent_tasks,
+                        if w.connected { "open" } else { "-" },
+                        w.last_heartbeat.as_ref().map(ts_string).unwrap_or_default(),
+                        if w.capabilities.is_empty() { "(any)".to_owned() } else { w.capabilities.join(",") }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Schedule(cmd) => schedule_command(&mut c, cmd, json_out).await,
+        Cmd::Stats { worker_id } => {
+            let s = c.get_worker_stats(proto::GetWorkerStatsRequest { worker_id }).await?.into_inner();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"worker_id": s.worker_id, "state": worker_state_name(s.state),
+                           "tasks_completed": s.tasks_completed, "tasks_failed": s.tasks_failed,
+                           "total_duration_ms": s.total_duration_ms, "mean_duration_ms": s.mean_duration_ms,
+                           "in_flight": s.in_flight})
+                );
+            } else {
+                println!("worker          {}", s.worker_id);
+                println!("state           {}", worker_state_name(s.state));
+                println!("completed       {}", s.tasks_completed);
+                println!("failed          {}", s.tasks_failed);
+                println!("in flight       {}", s.in_flight);
+                println!("total duration  {} ms", s.total_duration_ms);
+                println!("mean duration   {} ms", s.mean_duration_ms);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Job(JobCmd::Submit { file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
+            let mut tasks = Vec::new();
+            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{} line {}", file.display(), n + 1))?;
+                let task_type = v["type"]
+                    .as_str()
+                    .with_context(|| format!("{} line {}: no \"type\"", file.display(), n + 1))?;
+                let payload = match &v["payload"] {
+                    serde_json::Value::Null => Vec::new(),
+                    serde_json::Value::String(s) => s.clone().into_bytes(),
+                    other => other.to_string().into_bytes(),
+                };
+                tasks.push(proto::SubmitTaskRequest {
+                    task_type: task_type.into(),
+                    payload,
+                    priority: v["priority"].as_i64().unwrap_or(0) as i32,
+                    max_attempts: v["max_attempts"].as_u64().unwrap_or(0) as u32,
+                    idempotency_key: v["idempotency_key"].as_str().unwrap_or_default().into(),
+                    timeout_ms: 0,
+                    delay_ms: v["delay_ms"].as_u64().unwrap_or(0),
+                    run_at: None,
+                });
+            }
+            let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let r = c.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
+            warn_all(&r.warnings);
+            if json_out {
+                println!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings}));
+            } else {
+                println!("{} ({} tasks)", r.job_id, r.task_ids.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Job(JobCmd::Get { job_id, results }) => {
+            let j = c.get_job(proto::GetJobRequest { job_id, include_results: results }).await?.into_inner();
+            if json_out {
+                println!("{}", job_json(&j));
+            } else {
+                println!(
+                    "job {} ({}): {} tasks; {} pending, {} assigned, {} running, {} completed, {} failed, {} cancelled{}",
+                    j.job_id,
+                    j.name,
+                    j.total,
+                    j.pending,
+                    j.assigned,
+                    j.running,
+                    j.completed,
+                    j.failed,
+                    j.cancelled,
+                    if j.done { "; done" } else { "" }
+                );
+                for r in &j.results {
+                    let body = if r.error.is_empty() {
+                        String::from_utf8_lossy(&r.result).into_owned()
+                    } else {
+                        r.error.clone()
+                    };
+                    println!(
+                        "  {}  {:<10} {:<24} {:>6} ms  {}",
+                        r.task_id,
+                        status_name(r.status),
+                        r.worker_id,
+                        r.duration_ms,
+                        body
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Job(JobCmd::Watch { job_id }) => {
+            let mut stream =
+                c.watch_job(proto::WatchJobRequest { job_id: job_id.clone() }).await?.into_inner();
+            while let Some(j) = stream.message().await? {
+                if json_out {
+                    println!("{}", job_json(&j));
+                } else {
+                    println!("{}", progress(&j));
+                }
+                if j.done {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+            bail!("the watch of job {job_id} ended before the job did")
+        }
+        Cmd::Job(JobCmd::Cancel { job_id, reason }) => {
+            let r = c.cancel_job(proto::CancelJobRequest { job_id, reason }).await?.into_inner();
+            let j = r.job.unwrap_or_default();
+            if json_out {
+                println!("{}", json!({"cancelled": r.cancelled, "job": job_json(&j)}));
+            } else {
+                println!("cancelled {} of the {} tasks of job {}", r.cancelled, j.total, j.job_id);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Jobs { limit } => {
+            let jobs = c
+                .list_jobs(proto::ListJobsRequest {
+                    page_size: limit.clamp(1, 1000),
+                    page_token: String::new(),
+                })
+                .await?
+                .into_inner()
+                .jobs;
+            if json_out {
+                println!("{}", serde_json::Value::Array(jobs.iter().map(job_json).collect()));
+            } else {
+                println!(
+                    "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
+                    "JOB",
+                    "NAME",
+                    "TOTAL",
+                    "PENDING",
+                    "RUNNING",
+                    "COMPLETED",
+                    "FAILED",
+                    "CANCELLED",
+                    "CREATED"
+                );
+                for j in &jobs {
+                    println!(
+                        "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
+                        j.job_id,
+                        j.name,
+                        j.total,
+                        j.pending,
+                        j.assigned + j.running,
+                        j.completed,
+                        j.failed,
+                        j.cancelled,
+                        j.created_at.as_ref().map(ts_string).unwrap_or_default()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Primes { low, high, slices } => primes(&mut c, low, high, slices, json_out).await,
+        Cmd::IsPrime { numbers } => is_prime(&mut c, &numbers, json_out).await,
+        Cmd::Bench { .. } | Cmd::BenchFleet { .. } => unreachable!("handled above"),
+    }
+}
+
+/// An RFC 3339 time, as `--run-at` takes it.
+fn parse_rfc3339(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("{e}; write a time as 2027-01-02T03:04:05Z"))
+}
+
+fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
+    match arg.strip_prefix('@') {
+        Some(path) => std::fs::read(path).with_context(|| format!("payload file {path}")),
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
+/// Waits for a task to end (watching its state), showing progress on a terminal.
+async fn wait_task(c: &mut Client, task_id: &str) -> anyhow::Result<proto::Task> {
+    let mut stream = c.watch_task(proto::WatchTaskRequest { task_id: task_id.into() }).await?.into_inner();
+    let tty = std::io::stderr().is_terminal();
+    let mut waiting = Waiting::default();
+    let mut ended = false;
+    while let Some(ev) = stream.message().await? {
+        waiting.show(ev.pending_reason, &ev.pending_detail, tty);
+        if tty {
+            eprint!("\r\x1b[2K{task_id}: {} (attempt {})", status_name(ev.status), ev.attempt);
+        }
+        ended = is_terminal(ev.status);
+    }
+    if tty {
+        eprintln!();
+    }
+    if !ended {
+        bail!("the watch of task {task_id} ended before the task did");
+    }
+    Ok(c.get_task(proto::GetTaskRequest { task_id: task_id.into(), ..Default::default() })
+        .await?
+        .into_inner())
+}
+
+async fn primes(
+    c: &mut Client,
+    low: u64,
+    high: u64,
+    slices: u64,
+    json_out: bool,
+) -> anyhow::Result<ExitCode> {
+    if high <= low || slices == 0 {
+        bail!("need --low < --high and --slices >= 1");
+    }
+    let slices = slices.min(high - low);
+    let width = (high - low).div_ceil(slices);
+    let mut ranges = Vec::new();
+    let mut a = low;
+    while a < high {
+        let b = (a + width).min(high);
+        ranges.push((a, b));
+        a = b;
+    }
+    let tasks = ranges
+        .iter()
+        .map(|(a, b)| proto::SubmitTaskRequest {
+            task_type: "prime_count".into(),
+            payload: json!({"low": a, "high": b}).to_string().into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    let job = c
+        .submit_job(proto::SubmitJobRequest { name: format!("primes {low}..{high}"), tasks })
+        .await?
+        .into_inner();
+    warn_all(&job.warnings);
+    let j = wait_job(c, &job.job_id).await?;
+    let mut total = 0u64;
+    let mut failures = Vec::new();
+    let mut rows = Vec::new();
+    for (r, (a, b)) in j.results.iter().zip(&ranges) {
+        let count =
+            serde_json::from_slice::<serde_json::Value>(&r.result).ok().and_then(|v| v["count"].as_u64());
+        match (r.status == proto::TaskStatus::Completed as i32, count) {
+            (true, Some(n)) => total += n,
+            _ => failures.push(format!(
+                "slice {a}..{b}: {} {}",
+                status_name(r.status),
+                if r.error.is_empty() { "(no count in the result)" } else { &r.error }
+            )),
+        }
+        rows.push(json!({"low": a, "high": b, "count": count, "worker_id": r.worker_id,
+                         "duration_ms": r.duration_ms, "status": status_name(r.status), "error": r.error}));
+    }
+    if json_out {
+        println!(
+            "{}",
+            json!({"job_id": j.job_id, "low": low, "high": high, "total": if failures.is_empty() { Some(total) } else { None },
+                   "slices": rows, "failures": failures})
+        );
+    } else {
+        for row in &rows {
+            println!(
+                "  [{:>12}, {:>12})  {:>9}  {:<24} {:>6} ms",
+                row["low"].as_u64().unwrap_or_default(),
+                row["high"].as_u64().unwrap_or_default(),
+                row["count"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                row["worker_id"].as_str().unwrap_or_default(),
+                row["duration_ms"].as_u64().unwrap_or_default()
+            );
+        }
+        if failures.is_empty() {
+            println!("{total} primes in [{low}, {high})");
+        } else {
+            println!(
+                "partial result: {total} primes counted in the slices that completed; {} of {} slices failed:",
+                failures.len(),
+                ranges.len()
+            );
+            for f in &failures {
+                println!("  {f}");
+            }
+        }
+    }
+    Ok(if failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Follows a job (`WatchJob`) until it is done, showing progress on a terminal; then reads it
+/// with its results.
+async fn wait_job(c: &mut Client, job_id: &str) -> anyhow::Result<proto::Job> {
+    let tty = std::io::stderr().is_terminal();
+    let mut stream = c.watch_job(proto::WatchJobRequest { job_id: job_id.into() }).await?.into_inner();
+    let mut done = false;
+    while let Some(j) = stream.message().await? {
+        if tty {
+            eprint!("\r\x1b[2K{}", progress(&j));
+        }
+        done = j.done;
+    }
+    if tty {
+        eprintln!();
+    }
+    if !done {
+        bail!("the watch of job {job_id} ended before the job did");
+    }
+    Ok(c.get_job(proto::GetJobRequest { job_id: job_id.into(), include_results: true }).await?.into_inner())
+}
+
+/// A job's progress in one line.
+fn progress(j: &proto::Job) -> String {
+    format!(
+        "{}/{} done ({} running, {} pending; {} completed, {} failed, {} cancelled)",
+        j.completed + j.failed + j.cancelled,
+        j.total,
+        j.running + j.assigned,
+        j.pending,
+        j.completed,
+        j.failed,
+        j.cancelled
+    )
+}
+
+async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Result<ExitCode> {
+    if numbers.is_empty() {
+        bail!("give at least one number");
+    }
+    let tasks = numbers
+        .iter()
+        .map(|n| proto::SubmitTaskRequest {
+            task_type: "is_prime".into(),
+            payload: json!({"number": n}).to_string().into_bytes(),
+            ..Default::default()
+        })
+        .collect();
+    let job = c.submit_job(proto::SubmitJobRequest { name: "is-prime".into(), tasks }).await?.into_inner();
+    warn_all(&job.warnings);
+    let j = wait_job(c, &job.job_id).await?;
+    let mut ok = true;
+    let mut out = Vec::new();
+    for (n, r) in numbers.iter().zip(&j.results) {
+        let answer =
+            serde_json::from_slice::<serde_json::Value>(&r.result).ok().and_then(|v| v["is_prime"].as_bool());
+        match answer {
+            Some(p) if r.status == proto::TaskStatus::Completed as i32 => {
+                if json_out {
+                    out.push(json!({"number": n, "is_prime": p, "worker_id": r.worker_id}));
+                } else {
+                    println!("{n} is prime: {p} (processed by {})", r.worker_id);
+                }
+            }
+            _ => {
+                ok = false;
+                if json_out {
+                    out.push(json!({"number": n, "error": r.error, "status": status_name(r.status)}));
+                } else {
+                    println!("{n}: {} {}", status_name(r.status), r.error);
+                }
+            }
+        }
+    }
+    if json_out {
+        println!("{}", serde_json::Value::Array(out));
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The reason a watched task waits, printed to stderr as a `waiting:` line when it changes.
+/// "Queued" (a worker has room; the task waits its turn) is what every task says for the few
+/// milliseconds before it is assigned, so it is shown only once the watch is older than
+/// [`QUEUED_QUIET`].
+#[derive(Debug)]
+struct Waiting {
+    last: String,
+    since: std::time::Instant,
+}
+
+/// How long a task may be queued before `waiting:` says so.
+const QUEUED_QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Default for Waiting {
+    fn default() -> Self {
+        Self { last: String::new(), since: std::time::Instant::now() }
+    }
+}
+
+impl Waiting {
+    /// `detail` is the event's pending detail (empty once the task is no longer pending),
+    /// `reason` its pending reason.
+    fn show(&mut self, reason: i32, detail: &str, tty: bool) {
+        let queued = reason == proto::PendingReason::Queued as i32;
+        if queued && self.since.elapsed() < QUEUED_QUIET {
+            return;
+        }
+        if detail != self.last && !detail.is_empty() {
+            if tty {
+                // Off the progress line, which the caller redraws.
+                eprint!("\r\x1b[2K");
+            }
+            eprintln!("waiting: {detail}");
+        }
+        self.last = detail.to_owned();
+    }
+}
+
+fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("coordctl: warning: {w}");
+    }
+}
+
+fn exit_for(t: &proto::Task) -> ExitCode {
+    exit_status(t.status)
+}
+
+/// See [`WAIT_EXIT_STATUS`].
+fn exit_status(status: i32) -> ExitCode {
+    match proto::TaskStatus::try_from(status) {
+        Ok(proto::TaskStatus::Completed) => ExitCode::SUCCESS,
+        Ok(proto::TaskStatus::Failed) => ExitCode::from(3),
+        Ok(proto::TaskStatus::Cancelled) => ExitCode::from(4),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn is_terminal(status: i32) -> bool {
+    matches!(
+        proto::TaskStatus::try_from(status),
+        Ok(proto::TaskStatus::Completed | proto::TaskStatus::Failed | proto::TaskStatus::Cancelled)
+    )
+}
+
+/// The reason a pending task waits, as a short name; `None` when it is not pending.
+fn pending_reason_name(r: i32) -> Option<&'static str> {
+    match proto::PendingReason::try_from(r).unwrap_or(proto::PendingReason::Unspecified) {
+        proto::PendingReason::Unspecified => None,
+        proto::PendingReason::NoWorker => Some("no_worker"),
+        proto::PendingReason::WorkersBusy => Some("workers_busy"),
+        proto::PendingReason::Delayed => Some("delayed"),
+        proto::PendingReason::Queued => Some("queued"),
+    }
+}
+
+fn status_name(s: i32) -> &'static str {
+    match proto::TaskStatus::try_from(s).unwrap_or(proto::TaskStatus::Unspecified) {
+        proto::TaskStatus::Unspecified => "unknown",
+        proto::TaskStatus::Pending => "pending",
+        proto::TaskStatus::Assigned => "assigned",
+        proto::TaskStatus::Running => "running",
+        proto::TaskStatus::Completed => "completed",
+        proto::TaskStatus::Failed => "failed",
+        proto::TaskStatus::Cancelled => "cancelled",
+    }
+}
+
+fn parse_status(s: &str) -> anyhow::Result<proto::TaskStatus> {
+    Ok(match s {
+        "pending" => proto::TaskStatus::Pending,
+        "assigned" => proto::TaskStatus::Assigned,
+        "running" => proto::TaskStatus::Running,
+        "completed" => proto::TaskStatus::Completed,
+        "failed" => proto::TaskStatus::Failed,
+        "cancelled" => proto::TaskStatus::Cancelled,
+        other => bail!("--status {other:?}: use pending, assigned, running, completed, failed or cancelled"),
+    })
+}
+
+/// A time given on the command line: RFC 3339, or an age (`2h`) before now.
+fn parse_time(flag: &str, s: &str) -> anyhow::Result<prost_types::Timestamp> {
+    let t = match humantime::parse_duration(s) {
+        Ok(age) => chrono::Utc::now() - chrono::TimeDelta::from_std(age).context(flag.to_owned())?,
+        Err(_) => chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|_| anyhow::anyhow!("{flag} {s:?}: give an RFC 3339 time or an age such as 2h"))?,
+    };
+    Ok(prost_types::Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 })
+}
+
+fn worker_state_name(s: i32) -> &'static str {
+    match proto::WorkerState::try_from(s).unwrap_or(proto::WorkerState::Unspecified) {
+        proto::WorkerState::Unspecified => "unknown",
+        proto::WorkerState::Active => "active",
+        proto::WorkerState::Suspect => "suspect",
+        proto::WorkerState::Dead => "dead",
+        proto::WorkerState::Draining => "draining",
+    }
+}
+
+async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> anyhow::Result<ExitCode> {
+    let shown = match cmd {
+        ScheduleCmd::Create {
+            name,
+            cron,
+            timezone,
+            task_type,
+            payload,
+            priority,
+            max_attempts,
+            timeout,
+            missed,
+            paused,
+        } => {
+            let missed = match missed.as_str() {
+                "skip" => proto::MissedRuns::Skip,
+                "all" => proto::MissedRuns::All,
+                _ => proto::MissedRuns::Latest,
+            };
+            let task = proto::SubmitTaskRequest {
+                task_type,
+                payload: read_payload(&payload)?,
+                priority,
+                max_attempts,
+                timeout_ms: timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+                ..Default::default()
+            };
+            let req = proto::CreateScheduleRequest {
+                name,
+                cron,
+                timezone,
+                task: Some(task),
+                missed: missed as i32,
+                paused,
+            };
+            vec![c.create_schedule(req).await?.into_inner()]
+        }
+        ScheduleCmd::List => c.list_schedules(proto::ListSchedulesRequest {}).await?.into_inner().schedules,
+        ScheduleCmd::Pause { schedule_id } => {
+            vec![
+                c.pause_schedule(proto::PauseScheduleRequest { schedule_id, paused: true })
+                    .await?
+                    .into_inner(),
+            ]
+        }
+        ScheduleCmd::Resume { schedule_id } => {
+            vec![
+                c.pause_schedule(proto::PauseScheduleRequest { schedule_id, paused: false })
+                    .await?
+                    .into_inner(),
+            ]
+        }
+        ScheduleCmd::Delete { schedule_id } => {
+            c.delete_schedule(proto::DeleteScheduleRequest { schedule_id: schedule_id.clone() }).await?;
+            if json_out {
+                println!("{}", json!({"schedule_id": schedule_id, "deleted": true}));
+            } else {
+                println!("deleted {schedule_id}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    for s in shown {
+        let next = s.next_run_at.as_ref().map(ts_string).unwrap_or_else(|| "-".into());
+        let task_type = s.task.as_ref().map(|t| t.task_type.clone()).unwrap_or_default();
+        if json_out {
+            println!(
+                "{}",
+                json!({"schedule_id": s.schedule_id, "name": s.name, "cron": s.cron, "timezone": s.timezone,
+                       "task_type": task_type, "paused": s.paused, "next_run_at": next, "runs": s.runs,
+                       "last_run_at": s.last_run_at.as_ref().map(ts_string)})
+            );
+        } else {
+            let state = if s.paused { "paused" } else { "active" };
+            println!(
+                "{}  {:<20} {:<16} {:<12} {:<8} {} next {} runs {}",
+                s.schedule_id, s.name, s.cron, s.timezone, task_type, state, next, s.runs
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ts_time(t: &prost_types::Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32)
+}
+
+fn ts_string(t: &prost_types::Timestamp) -> String {
+    ts_time(t).map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).unwrap_or_default()
+}
+
+fn bytes_text(b: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_owned())),
+        Err(_) => json!({"bytes": b.len()}),
+    }
+}
+
+fn task_json(t: &proto::Task) -> serde_json::Value {
+    json!({"task_id": t.task_id, "type": t.task_type, "status": status_name(t.status), "attempt": t.attempt,
+           "max_attempts": t.max_attempts, "failures": t.failures, "priority": t.priority,
+           "worker_id": t.worker_id, "job_id": t.job_id, "result": bytes_text(&t.result), "error": t.error,
+           "created_at": t.created_at.as_ref().map(ts_string), "finished_at": t.finished_at.as_ref().map(ts_string),
+           "pending_reason": pending_reason_name(t.pending_reason), "pending_detail": t.pending_detail,
+           "attempts": t.attempts.iter().map(attempt_json).collect::<Vec<_>>()})
+}
+
+fn attempt_json(a: &proto::TaskAttempt) -> serde_json::Value {
+    json!({"attempt": a.attempt, "worker_id": a.worker_id, "assigned_at": a.assigned_at.as_ref().map(ts_string),
+           "started_at": a.started_at.as_ref().map(ts_string), "finished_at": a.finished_at.as_ref().map(ts_string),
+           "outcome": a.outcome, "error": a.error})
+}
+
+fn event_json(e: &proto::TaskEvent) -> serde_json::Value {
+    json!({"task_id": e.task_id, "status": status_name(e.status), "attempt": e.attempt, "worker_id": e.worker_id,
+           "error": e.error, "at": e.at.as_ref().map(ts_string),
+           "pending_reason": pending_reason_name(e.pending_reason), "pending_detail": e.pending_detail})
+}
+
+fn job_json(j: &proto::Job) -> serde_json::Value {
+    json!({"job_id": j.job_id, "name": j.name, "total": j.total, "pending": j.pending, "assigned": j.assigned,
+           "running": j.running, "completed": j.completed, "failed": j.failed, "cancelled": j.cancelled,
+           "done": j.done, "created_at": j.created_at.as_ref().map(ts_string),
+           "results": j.results.iter().map(|r| json!({"task_id": r.task_id, "status": status_name(r.status),
+               "result": bytes_text(&r.result), "error": r.error, "worker_id": r.worker_id,
+               "duration_ms": r.duration_ms})).collect::<Vec<_>>()})
+}
+
+fn print_task(t: &proto::Task, json_out: bool) {
+    if json_out {
+        println!("{}", task_json(t));
+        return;
+    }
+    println!("task      {}", t.task_id);
+    println!("type      {}", t.task_type);
+    println!("status    {}", status_name(t.status));
+    println!("attempt   {} of {} ({} failed)", t.attempt, t.max_attempts, t.failures);
+    if !t.worker_id.is_empty() {
+        println!("worker    {}", t.worker_id);
+    }
+    if !t.pending_detail.is_empty() {
+        println!("waiting   {}", t.pending_detail);
+    }
+    if !t.job_id.is_empty() {
+        println!("job       {}", t.job_id);
+    }
+    if !t.error.is_empty() {
+        println!("error     {}", t.error);
+    }
+    if !t.result.is_empty() {
+        println!("result    {}", String::from_utf8_lossy(&t.result));
+    }
+    for a in &t.attempts {
+        let outcome = if a.outcome.is_empty() { "running" } else { a.outcome.as_str() };
+        let at = a.assigned_at.as_ref().map(ts_string).unwrap_or_default();
+        let took = match (a.started_at.as_ref().and_then(ts_time), a.finished_at.as_ref().and_then(ts_time)) {
+            (Some(s), Some(f)) => format!(" in {} ms", (f - s).num_milliseconds()),
+            _ => String::new(),
+        };
+        let error = if a.error.is_empty() { String::new() } else { format!(": {}", a.error) };
+        println!("attempt {} on {} at {at}: {outcome}{took}{error}", a.attempt, a.worker_id);
+    }
+}

@@ -1,0 +1,103 @@
+//! The SDK's one error type: what can go wrong before or while a worker talks to a coordinator.
+//! Failures of a task are not errors of the SDK: a handler returns [`crate::TaskFailure`].
+
+use std::path::Path;
+
+/// Why a worker or client could not be set up or could not reach the coordinator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting that cannot work (an address without a scheme, a CA without `https://`, half a
+    /// client certificate): fix the configuration.
+    #[error("{0}")]
+    Config(String),
+    /// A file named by the configuration (token, CA, certificate, key) could not be read.
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The channel could not be built or could not connect.
+    #[error("{context}")]
+    Transport {
+        context: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The coordinator answered a call with an error status.
+    #[error("the coordinator answered {}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    /// A persistent prover process could not be started.
+    #[error("prover process {command}: {source}")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `e` and its causes on one line, `outer: cause: root`, each text given by `text` (for
+/// instance `ToString::to_string`). A cause whose text the one before it already contains is
+/// dropped: transport errors repeat their inner error in their own text (`tcp connect error:
+/// tcp connect error: ...`).
+pub fn one_line_with(
+    e: &(dyn std::error::Error + 'static),
+    text: impl Fn(&(dyn std::error::Error + 'static)) -> String,
+) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let t = text(err);
+        if !t.is_empty() && !parts.last().is_some_and(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// [`one_line_with`] each error's own `Display`.
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    one_line_with(e, |e| e.to_string())
+}
+
+/// The coordinator's default gRPC port, named when a client reached its HTTP port instead.
+const DEFAULT_GRPC_PORT: u16 = 9090;
+
+/// A gRPC status as `Code: message`, or, when the answer came from a plain HTTP server (the
+/// coordinator's HTTP port given where its gRPC port belongs), a line that says so.
+pub fn status_line(s: &tonic::Status) -> String {
+    let m = s.message();
+    let http_answer = m.contains("while receiving response with status:")
+        || m.contains("mapped from HTTP status code")
+        || m.contains("invalid compression flag");
+    if http_answer {
+        let grpc = DEFAULT_GRPC_PORT;
+        return format!(
+            "the address answered as a plain HTTP server, not gRPC: this looks like the coordinator's \
+             HTTP port; gRPC listens on coordinator.grpc_port, default {grpc}"
+        );
+    }
+    format!("{:?}: {m}", s.code())
+}
+
+impl Error {
+    pub(crate) fn file(what: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::File { what, path: path.display().to_string(), source }
+    }
+
+    /// Whether trying again later can help (the coordinator was unreachable or busy), as
+    /// opposed to a mistake in the configuration.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport { .. } => true,
+            Error::Status(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
+            ),
+            Error::Config(_) | Error::File { .. } | Error::Spawn { .. } => false,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The use cases the adapters serve, and the effects of each task transition.
+//!
+//! [`Core`] owns every use case: the client side in [`client`] (submit, get, list, cancel and
+//! watch tasks, jobs, the worker listing) and the worker side in [`worker`] (register,
+//! heartbeat, the task stream, reports, deregister). It speaks domain types and answers
+//! [`CoreError`]; the gRPC and REST adapters parse the wire, call in here, and map the answer.
+//! [`failures`] holds the failures summary and retries (one task, or many by filter), [`jobs`] what acts on a job as a
+//! whole (list, cancel).
+//! [`effects`] runs after each transition's commit, and [`batches`] holds the batched writes
+//! (completions, lease renewals, delivery marks) with the effects of each completion.
+//!
+//! Below the core: the store, the registry, the scheduler and the sweeper (which reach the
+//! effects through [`crate::scheduler::OnRequeue`]).
+
+pub mod batches;
+pub mod client;
+pub mod effects;
+pub mod error;
+pub mod failures;
+pub mod jobs;
+pub mod schedules;
+pub mod worker;
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+
+pub use batches::Batchers;
+pub use error::CoreError;
+
+use crate::{
+    events::Events,
+    fleet::Fleet,
+    registry::Registry,
+    store::{RetryPolicy, Store},
+};
+use effects::Effects;
+
+/// A stream of answers that ends with an error or when its source is done.
+pub type Updates<T> = Pin<Box<dyn Stream<Item = Result<T, CoreError>> + Send + 'static>>;
+
+/// Defaults and limits applied to submissions.
+#[derive(Debug, Clone)]
+pub struct SubmitLimits {
+    pub default_max_attempts: u32,
+    pub default_timeout: Duration,
+    pub max_payload_size: usize,
+}
+
+/// Settings the use cases need.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub coordinator_id: String,
+    pub heartbeat_timeout: Duration,
+    /// How long a lease runs (`coordinator.stale_task_timeout`); heartbeats renew one once a
+    /// third of it has passed.
+    pub lease: Duration,
+    pub retry: RetryPolicy,
+    pub limits: SubmitLimits,
+    /// How often a `WatchTask` stream re-reads its task when no local event arrives (changes
+    /// made through another replica, and a new reason a pending task waits).
+    pub watch_poll: Duration,
+    /// Refuse a submission of a type no live worker declared (`tasks.reject_unknown_types`);
+    /// otherwise it is accepted with a warning.
+    pub reject_unknown_types: bool,
+}
+
+/// The use cases. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: CoreConfig,
+    store: Store,
+    registry: Registry,
+    effects: Effects,
+    events: Events,
+    /// The app spawned their loops; they end once every clone of the core is gone.
+    batchers: Batchers,
+    /// What the live workers run, across replicas.
+    fleet: Fleet,
+    /// Cancelled when shutdown begins: open streams end with `Unavailable` and new
+    /// registrations and streams are refused.
+    closing: CancellationToken,
+}
+
+impl Core {
+    pub fn new(
+        config: CoreConfig,
+        store: Store,
+        registry: Registry,
+        effects: Effects,
+        events: Events,
+        batchers: Batchers,
+        closing: CancellationToken,
+    ) -> Self {
+        let fleet = Fleet::new(store.clone(), registry.clone(), config.heartbeat_timeout);
+        Self { inner: Arc::new(Inner { config, store, registry, effects, events, batchers, fleet, closing }) }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
+    }
+
+    fn refuse_if_closing(&self) -> Result<(), CoreError> {
+        if self.inner.closing.is_cancelled() { Err(CoreError::shutting_down()) } else { Ok(()) }
+    }
+}
+
+/// Whether this replica should be sent work: what `/health` answers and what gRPC health
+/// reports for the whole server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Shutdown has begun: clients and workers should go to another replica.
+    pub shutting_down: bool,
+    /// The database answered within [`DB_PROBE_TIMEOUT`]; without it nothing can be stored.
+    pub database_reachable: bool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        !self.shutting_down && self.database_reachable
+    }
+}
+
+/// How long a readiness probe waits for the database before calling it unreachable.
+pub const DB_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Probes the database and says whether this replica is ready for work.
+pub async fn readiness(store: &Store, closing: &CancellationToken) -> Readiness {
+    let database_reachable = matches!(tokio::time::timeout(DB_PROBE_TIMEOUT, store.ping()).await, Ok(Ok(())));
+    Readiness { shutting_down: closing.is_cancelled(), database_reachable }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}

@@ -1,0 +1,349 @@
+//! Row decoding, written once for both dialects. The dialects store ids and times differently
+//! (Postgres: `uuid` and `timestamptz`; SQLite: UUID text and integer microseconds since the Unix
+//! epoch), so each row type implements [`Cols`], the handful of typed column reads; every domain
+//! type is then decoded from any row by one function here.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::{Row, postgres::PgRow, sqlite::SqliteRow};
+use uuid::Uuid;
+
+use super::{
+    Audit, FailureGroup, FailureSummary, Held, HeldRow, PendingType, Result, StoreError, policy::Charges,
+};
+use crate::domain::{
+    Assignment, AttemptRecord, Candidate, Job, JobId, MissedRuns, Schedule, ScheduleId, Task, TaskId,
+    TaskState, TaskTemplate, WorkerId, WorkerRecord, WorkerState,
+};
+
+/// Typed reads of a row's columns by name, the same on both dialects.
+pub(super) trait Cols {
+    fn uuid(&self, col: &str) -> Result<Uuid>;
+    fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>>;
+    fn time(&self, col: &str) -> Result<DateTime<Utc>>;
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>>;
+    /// An `INTEGER` column.
+    fn int(&self, col: &str) -> Result<i32>;
+    /// A `BIGINT` column or a count.
+    fn bigint(&self, col: &str) -> Result<i64>;
+    fn text(&self, col: &str) -> Result<String>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>>;
+    fn bytes(&self, col: &str) -> Result<Vec<u8>>;
+    fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>>;
+    /// A `BOOLEAN` column (an integer 0/1 on SQLite).
+    fn flag(&self, col: &str) -> Result<bool>;
+}
+
+/// The reads whose Rust type both dialects decode directly.
+macro_rules! plain_cols {
+    () => {
+        fn int(&self, col: &str) -> Result<i32> {
+            Ok(self.try_get(col)?)
+        }
+        fn bigint(&self, col: &str) -> Result<i64> {
+            Ok(self.try_get(col)?)
+        }
+        fn text(&self, col: &str) -> Result<String> {
+            Ok(self.try_get(col)?)
+        }
+        fn opt_text(&self, col: &str) -> Result<Option<String>> {
+            Ok(self.try_get(col)?)
+        }
+        fn bytes(&self, col: &str) -> Result<Vec<u8>> {
+            Ok(self.try_get(col)?)
+        }
+        fn opt_bytes(&self, col: &str) -> Result<Option<Vec<u8>>> {
+            Ok(self.try_get(col)?)
+        }
+        fn flag(&self, col: &str) -> Result<bool> {
+            Ok(self.try_get(col)?)
+        }
+    };
+}
+
+impl Cols for PgRow {
+    plain_cols!();
+
+    fn uuid(&self, col: &str) -> Result<Uuid> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>> {
+        Ok(self.try_get(col)?)
+    }
+    fn time(&self, col: &str) -> Result<DateTime<Utc>> {
+        Ok(self.try_get(col)?)
+    }
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(self.try_get(col)?)
+    }
+}
+
+impl Cols for SqliteRow {
+    plain_cols!();
+
+    fn uuid(&self, col: &str) -> Result<Uuid> {
+        let s: String = self.try_get(col)?;
+        parse_uuid(col, &s)
+    }
+    fn opt_uuid(&self, col: &str) -> Result<Option<Uuid>> {
+        self.try_get::<Option<String>, _>(col)?.map(|s| parse_uuid(col, &s)).transpose()
+    }
+    fn time(&self, col: &str) -> Result<DateTime<Utc>> {
+        Ok(from_micros(self.try_get(col)?))
+    }
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(self.try_get::<Option<i64>, _>(col)?.map(from_micros))
+    }
+}
+
+pub(super) fn parse_uuid(col: &str, s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("{col} {s:?}: {e}")))
+}
+
+/// A SQLite time column's value: microseconds since the Unix epoch.
+pub(super) fn micros(t: DateTime<Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub(super) fn from_micros(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(v).single().unwrap_or_default()
+}
+
+fn count(r: &impl Cols, col: &str) -> Result<u64> {
+    Ok(r.bigint(col)?.max(0) as u64)
+}
+
+pub(super) fn state(s: &str) -> Result<TaskState> {
+    s.parse().map_err(|e: crate::domain::UnknownState| StoreError::Corrupt(e.to_string()))
+}
+
+fn worker_state(s: &str) -> Result<WorkerState> {
+    s.parse().map_err(|e: crate::domain::UnknownState| StoreError::Corrupt(e.to_string()))
+}
+
+pub(super) fn encode_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("bad json {s:?}: {e}")))
+}
+
+/// A row of [`super::sql::TASK_COLUMNS`].
+pub(super) fn task(r: &impl Cols) -> Result<Task> {
+    Ok(Task {
+        id: TaskId(r.uuid("id")?),
+        task_type: r.text("task_type")?,
+        payload: r.bytes("payload")?,
+        state: state(&r.text("status")?)?,
+        priority: r.int("priority")?,
+        attempt: r.int("attempt")? as u32,
+        max_attempts: r.int("max_attempts")? as u32,
+        failures: r.int("failures")? as u32,
+        timeout: Duration::from_millis(r.bigint("timeout_ms")?.max(0) as u64),
+        worker_id: r.opt_text("worker_id")?.map(WorkerId),
+        job_id: r.opt_uuid("job_id")?.map(JobId),
+        idempotency_key: r.opt_text("idempotency_key")?,
+        result: r.opt_bytes("result")?,
+        error: r.opt_text("error")?,
+        run_after: r.time("run_after")?,
+        lease_expires_at: r.opt_time("lease_expires_at")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+        assigned_at: r.opt_time("assigned_at")?,
+        started_at: r.opt_time("started_at")?,
+        finished_at: r.opt_time("finished_at")?,
+        traceparent: r.opt_text("traceparent")?,
+    })
+}
+
+/// A `schedules` row.
+pub(super) fn schedule(r: &impl Cols) -> Result<Schedule> {
+    let missed = r.text("missed")?;
+    Ok(Schedule {
+        id: ScheduleId(r.uuid("id")?),
+        name: r.text("name")?,
+        cron: r.text("cron")?,
+        timezone: r.text("timezone")?,
+        template: TaskTemplate {
+            task_type: r.text("task_type")?,
+            payload: r.bytes("payload")?,
+            priority: r.int("priority")?,
+            max_attempts: r.int("max_attempts")? as u32,
+            timeout: Duration::from_millis(r.bigint("timeout_ms")?.max(0) as u64),
+        },
+        missed: MissedRuns::parse(&missed)
+            .ok_or_else(|| StoreError::Corrupt(format!("schedule missed policy {missed:?}")))?,
+        paused: r.flag("paused")?,
+        next_run_at: r.opt_time("next_run_at")?,
+        last_run_at: r.opt_time("last_run_at")?,
+        runs: count(r, "runs")?,
+        created_at: r.time("created_at")?,
+    })
+}
+
+/// A `workers` row with its `in_flight` count.
+pub(super) fn worker(r: &impl Cols) -> Result<WorkerRecord> {
+    Ok(WorkerRecord {
+        id: WorkerId(r.text("id")?),
+        state: worker_state(&r.text("state")?)?,
+        max_concurrent_tasks: r.int("max_concurrent_tasks")? as u32,
+        capabilities: decode_json(&r.text("capabilities")?)?,
+        labels: decode_json(&r.text("labels")?)?,
+        version: r.text("version")?,
+        hostname: r.text("hostname")?,
+        session_id: r.uuid("session_id")?,
+        coordinator_id: r.text("coordinator_id")?,
+        registered_at: r.time("registered_at")?,
+        last_heartbeat_at: r.time("last_heartbeat_at")?,
+        owner_seen_at: r.opt_time("owner_seen_at")?,
+        in_flight: count(r, "in_flight")? as u32,
+    })
+}
+
+/// A `task_attempts` row.
+pub(super) fn attempt(r: &impl Cols) -> Result<AttemptRecord> {
+    Ok(AttemptRecord {
+        task_id: TaskId(r.uuid("task_id")?),
+        attempt: r.int("attempt")? as u32,
+        worker_id: WorkerId(r.text("worker_id")?),
+        assigned_at: r.time("assigned_at")?,
+        started_at: r.opt_time("started_at")?,
+        finished_at: r.opt_time("finished_at")?,
+        outcome: r.opt_text("outcome")?,
+        error: r.opt_text("error")?,
+    })
+}
+
+/// A task's `id, worker_id, attempt`: the fence.
+pub(super) fn held(r: &impl Cols) -> Result<Held> {
+    Ok(Held {
+        task_id: TaskId(r.uuid("id")?),
+        worker_id: WorkerId(r.text("worker_id")?),
+        attempt: r.int("attempt")? as u32,
+    })
+}
+
+/// A held task's fence with its `session_id, status, assigned_at`.
+pub(super) fn held_row(r: &impl Cols) -> Result<HeldRow> {
+    Ok(HeldRow {
+        held: held(r)?,
+        session: r.opt_uuid("session_id")?,
+        state: state(&r.text("status")?)?,
+        assigned_at: r.opt_time("assigned_at")?,
+    })
+}
+
+/// A claim candidate: `id, task_type, priority`.
+pub(super) fn candidate(r: &impl Cols) -> Result<Candidate> {
+    Ok(Candidate { id: TaskId(r.uuid("id")?), task_type: r.text("task_type")?, priority: r.int("priority")? })
+}
+
+/// A task just assigned: its fence, `task_type, payload, priority, job_id, timeout_ms, created_at`,
+/// `traceparent` and `assigned_at`, from which the deadline runs.
+pub(super) fn assignment(r: &impl Cols) -> Result<Assignment> {
+    let held = held(r)?;
+    let timeout_ms = r.bigint("timeout_ms")?;
+    Ok(Assignment {
+        task_id: held.task_id,
+        task_type: r.text("task_type")?,
+        payload: r.bytes("payload")?,
+        attempt: held.attempt,
+        worker_id: held.worker_id,
+        priority: r.int("priority")?,
+        job_id: r.opt_uuid("job_id")?.map(JobId),
+        deadline: r.time("assigned_at")? + chrono::Duration::milliseconds(timeout_ms),
+        created_at: r.time("created_at")?,
+        traceparent: r.opt_text("traceparent")?,
+    })
+}
+
+/// A `status, n` row of a count by state.
+pub(super) fn state_count(r: &impl Cols) -> Result<(TaskState, u64)> {
+    Ok((state(&r.text("status")?)?, count(r, "n")?))
+}
+
+/// A `task_type, n` row of a count by type.
+pub(super) fn type_count(r: &impl Cols) -> Result<(String, u64)> {
+    Ok((r.text("task_type")?, count(r, "n")?))
+}
+
+/// A row of [`super::sql::PENDING_BY_TYPE`].
+pub(super) fn pending_type(r: &impl Cols) -> Result<(String, PendingType)> {
+    Ok((r.text("task_type")?, PendingType { count: count(r, "n")?, runnable_since: r.time("since")? }))
+}
+
+/// A row of a failures summary's top errors: `task_type, error, n, sample, last_at`.
+pub(super) fn failure_group(r: &impl Cols) -> Result<FailureGroup> {
+    Ok(FailureGroup {
+        task_type: r.text("task_type")?,
+        error: r.text("error")?,
+        count: count(r, "n")?,
+        sample: TaskId(parse_uuid("sample", &r.text("sample")?)?),
+        last_failed_at: r.time("last_at")?,
+    })
+}
+
+/// An `outcome, n` row of attempts counted by outcome.
+pub(super) fn outcome_count(r: &impl Cols) -> Result<(String, u64)> {
+    Ok((r.text("outcome")?, count(r, "n")?))
+}
+
+/// A failures summary from its three reads: failed tasks by type, the top (type, error)
+/// groups, attempts by outcome.
+pub(super) fn failure_summary(
+    by_type: &[impl Cols],
+    top_errors: &[impl Cols],
+    outcomes: &[impl Cols],
+) -> Result<FailureSummary> {
+    let failed_by_type: BTreeMap<String, u64> = by_type.iter().map(type_count).collect::<Result<_>>()?;
+    Ok(FailureSummary {
+        failed: failed_by_type.values().sum(),
+        failed_by_type,
+        top_errors: top_errors.iter().map(failure_group).collect::<Result<_>>()?,
+        attempt_outcomes: outcomes.iter().map(outcome_count).collect::<Result<_>>()?,
+    })
+}
+
+/// The row of [`super::sql::AUDIT`].
+pub(super) fn audit(r: &impl Cols) -> Result<Audit> {
+    Ok(Audit {
+        tasks: count(r, "tasks")?,
+        completed: count(r, "completed")?,
+        accepted_twice: count(r, "twice")?,
+    })
+}
+
+/// The row of [`super::sql::JOB`], with the job's counts by state.
+pub(super) fn job(r: &impl Cols, id: JobId, counts: BTreeMap<TaskState, u32>) -> Result<Job> {
+    Ok(Job {
+        id,
+        name: r.text("name")?,
+        total: r.int("total")? as u32,
+        counts,
+        created_at: r.time("created_at")?,
+    })
+}
+
+/// A page of jobs from rows of `id, name, total, created_at, status, n` (a job's rows side by
+/// side, `status` NULL for a job with no tasks), in the order of the rows.
+pub(super) fn jobs(rows: &[impl Cols]) -> Result<Vec<Job>> {
+    let mut jobs: Vec<Job> = Vec::new();
+    for r in rows {
+        let id = JobId(r.uuid("id")?);
+        if jobs.last().is_none_or(|j| j.id != id) {
+            jobs.push(job(r, id, BTreeMap::new())?);
+        }
+        if let Some(status) = r.opt_text("status")? {
+            let n = count(r, "n")? as u32;
+            jobs.last_mut().expect("pushed above").counts.insert(state(&status)?, n);
+        }
+    }
+    Ok(jobs)
+}
+
+/// A held task's `failures, max_attempts`, for [`super::policy`].
+pub(super) fn charges(r: &impl Cols) -> Result<Charges> {
+    Ok(Charges { failures: r.int("failures")? as u32, max_attempts: r.int("max_attempts")? as u32 })
+}

@@ -1,0 +1,202 @@
+//! Claims and the first steps of an attempt: candidates locked with `FOR UPDATE SKIP LOCKED`,
+//! placed, assigned under the session fence; then marked running and its lease renewed. An
+//! attempt in flight lives in its task's row only (see [`crate::store`] on attempt history).
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{PgStore, held_arrays, retry_conflicts};
+use crate::{
+    domain::{Assignment, Candidate, TaskId, WorkerId},
+    store::{self, Held, Result, StoreError, TypeFilter, decode, duration_ms, micros_ago},
+};
+
+/// Assigns placed candidates under the session fence: the worker row is share-locked, so a
+/// registration of a new session (which updates that row) either commits first and the placement
+/// is dropped, or waits for this claim and then adopts what it assigned. Each candidate is found
+/// where its locked row is (`$5`, its `ctid`, which cannot change while this transaction holds
+/// the row): one row fetch each, whatever the table's statistics say.
+pub(super) const CLAIM_ASSIGN: &str =
+    "WITH a AS (SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[]::tid[])
+                AS a(id, worker_id, session_id, row_at)),
+     fence AS (
+         SELECT w.id, w.session_id FROM workers w
+         WHERE w.id IN (SELECT worker_id FROM a WHERE session_id IS NOT NULL)
+         ORDER BY w.id
+         FOR SHARE
+     ),
+     upd AS (
+         UPDATE tasks t
+         SET status = 'assigned', worker_id = a.worker_id, attempt = t.attempt + 1,
+             session_id = a.session_id,
+             assigned_at = now(), started_at = NULL, updated_at = now(),
+             lease_expires_at = now() + $3::bigint * interval '1 millisecond'
+         FROM a
+         WHERE t.ctid = a.row_at AND t.id = a.id AND (t.status = 'pending') IS TRUE
+           AND (a.session_id IS NULL
+                OR EXISTS (SELECT 1 FROM fence f WHERE f.id = a.worker_id AND f.session_id = a.session_id))
+         RETURNING t.id, t.task_type, t.payload, t.attempt, t.worker_id, t.priority, t.job_id,
+                   t.timeout_ms, t.created_at, t.assigned_at, t.traceparent
+     )
+     SELECT * FROM upd";
+
+/// Delivered assignments become `running`, started when they left on their stream.
+pub(super) const MARK_RUNNING: &str =
+    "WITH h AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[])
+                AS h(id, worker_id, attempt, ago_us)),
+     upd AS (
+         UPDATE tasks t
+         SET status = 'running', started_at = now() - h.ago_us * interval '1 microsecond',
+             updated_at = now()
+         FROM h
+         WHERE t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
+           AND (t.status = 'assigned') IS TRUE
+         RETURNING t.id
+     )
+     SELECT count(*) AS n FROM upd";
+
+/// Renews the leases of attempts still held, by (task, worker, attempt).
+pub(super) const RENEW: &str =
+    "WITH h AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)),
+     upd AS (
+         UPDATE tasks t
+         SET lease_expires_at = now() + $4::bigint * interval '1 millisecond',
+             status = 'running', started_at = COALESCE(t.started_at, now()), updated_at = now()
+         FROM h
+         WHERE t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
+           AND (t.status IN ('assigned', 'running')) IS TRUE
+         RETURNING t.id, t.attempt, t.worker_id
+     )
+     SELECT id, attempt, worker_id FROM upd";
+
+impl PgStore {
+    pub(in crate::store) async fn claim<F>(
+        &self,
+        limit: u32,
+        types: &TypeFilter,
+        lease: Duration,
+        sessions: &HashMap<WorkerId, Uuid>,
+        place: F,
+    ) -> Result<Vec<Assignment>>
+    where
+        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows = match types {
+            TypeFilter::Any => {
+                sqlx::query(
+                    "SELECT id, task_type, priority, ctid::text AS row_at FROM tasks
+                     WHERE status = 'pending' AND run_after <= now()
+                     ORDER BY priority DESC, id
+                     LIMIT $1
+                     FOR UPDATE SKIP LOCKED",
+                )
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?
+            }
+            // Up to `limit` candidates of each type, so older tasks of one type can never fill
+            // the list and hide the tasks another free worker could run.
+            TypeFilter::Only(types) => {
+                sqlx::query(
+                    "SELECT c.id, c.task_type, c.priority, c.row_at
+                     FROM unnest($2::text[]) AS ty(name),
+                     LATERAL (
+                         SELECT id, task_type, priority, ctid::text AS row_at FROM tasks
+                         WHERE status = 'pending' AND run_after <= now() AND task_type = ty.name
+                         ORDER BY priority DESC, id
+                         LIMIT $1
+                         FOR UPDATE SKIP LOCKED
+                     ) AS c
+                     ORDER BY c.priority DESC, c.id",
+                )
+                .bind(i64::from(limit))
+                .bind(types)
+                .fetch_all(&mut *tx)
+                .await?
+            }
+        };
+        let candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placed = store::only_candidates(&candidates, place(&candidates));
+        if placed.is_empty() {
+            tx.rollback().await?;
+            return Ok(Vec::new());
+        }
+        // Where each locked candidate's row is: it cannot move while this transaction holds it.
+        let mut row_at: HashMap<Uuid, String> = HashMap::with_capacity(rows.len());
+        for r in &rows {
+            row_at.insert(r.try_get("id")?, r.try_get("row_at")?);
+        }
+        let mut ids = Vec::with_capacity(placed.len());
+        let mut workers = Vec::with_capacity(placed.len());
+        let mut session_ids: Vec<Option<Uuid>> = Vec::with_capacity(placed.len());
+        let mut places = Vec::with_capacity(placed.len());
+        for (t, w) in placed {
+            places.push(row_at.get(&t.0).cloned().unwrap_or_else(|| "(0,0)".to_owned()));
+            ids.push(t.0);
+            session_ids.push(sessions.get(&w).copied());
+            workers.push(w.0);
+        }
+        let rows = sqlx::query(CLAIM_ASSIGN)
+            .bind(&ids)
+            .bind(&workers)
+            .bind(duration_ms(lease))
+            .bind(&session_ids)
+            .bind(&places)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        rows.iter().map(decode::assignment).collect()
+    }
+
+    pub(in crate::store) async fn mark_running(&self, delivered: &[(Held, Instant)]) -> Result<u64> {
+        let held: Vec<Held> = delivered.iter().map(|(h, _)| h.clone()).collect();
+        let (ids, workers, attempts) = held_arrays(&held);
+        retry_conflicts!(self.mark_running_once(&ids, &workers, &attempts, delivered).await)
+    }
+
+    async fn mark_running_once(
+        &self,
+        ids: &[Uuid],
+        workers: &[String],
+        attempts: &[i32],
+        delivered: &[(Held, Instant)],
+    ) -> Result<u64> {
+        // The connection first, then the ages: `now()` is the statement's start, so an age taken
+        // before waiting for a connection would date the start later by that wait.
+        let mut conn = self.pool.acquire().await?;
+        let ago: Vec<i64> = delivered.iter().map(|(_, at)| micros_ago(*at)).collect();
+        sqlx::query(MARK_RUNNING)
+            .bind(ids)
+            .bind(workers)
+            .bind(attempts)
+            .bind(&ago)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(StoreError::from)
+            .and_then(|r| Ok(r.try_get::<i64, _>("n")? as u64))
+    }
+
+    pub(in crate::store) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<Held>> {
+        let (ids, workers, attempts) = held_arrays(held);
+        let rows = retry_conflicts!(
+            sqlx::query(RENEW,)
+                .bind(&ids)
+                .bind(&workers)
+                .bind(&attempts)
+                .bind(duration_ms(lease))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(StoreError::from)
+        )?;
+        rows.iter().map(decode::held).collect()
+    }
+}

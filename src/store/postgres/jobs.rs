@@ -1,0 +1,85 @@
+//! Jobs as a whole: a page of jobs with their counts, and cancelling every live task of one.
+
+use super::PgStore;
+use crate::{
+    domain::{Job, JobId, TaskId},
+    store::{
+        Cancelled, Held, Result,
+        decode::{self, Cols},
+        sql::{self, TASK_COLUMNS},
+    },
+};
+
+impl PgStore {
+    pub(in crate::store) async fn list_jobs(&self, before: Option<JobId>, limit: u32) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "WITH page AS (
+                 SELECT id, name, total, created_at FROM jobs
+                 WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
+             )
+             SELECT p.id, p.name, p.total, p.created_at, t.status, count(t.id) AS n
+             FROM page p LEFT JOIN job_tasks jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
+             GROUP BY p.id, p.name, p.total, p.created_at, t.status
+             ORDER BY p.id DESC",
+        )
+        .bind(before.map(|j| j.0))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        decode::jobs(&rows)
+    }
+
+    pub(in crate::store) async fn cancel_job(
+        &self,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<Vec<Cancelled>>> {
+        let mut tx = self.pool.begin().await?;
+        if sqlx::query("SELECT 1 FROM jobs WHERE id = $1")
+            .bind(id.0)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_none()
+        {
+            return Ok(None);
+        }
+        // The same conditional update as a task's cancel, over the job's members.
+        let sql = format!(
+            "WITH c AS (
+                 UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
+                     lease_expires_at = NULL
+                 WHERE id IN (SELECT task_id FROM job_tasks WHERE job_id = $1)
+                   AND status IN ('pending', 'assigned', 'running')
+                 RETURNING {TASK_COLUMNS}
+             )
+             SELECT * FROM c ORDER BY id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.0).bind(reason).fetch_all(&mut *tx).await?;
+        let held: Vec<uuid::Uuid> = rows
+            .iter()
+            .filter_map(|r| decode::task(r).ok().filter(|t| t.worker_id.is_some()).map(|t| t.id.0))
+            .collect();
+        if !held.is_empty() {
+            sqlx::query(super::CLOSE_CANCELLED_ATTEMPTS).bind(&held).bind(reason).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| {
+                let task = decode::task(r)?;
+                // Pending tasks have no worker; a held one is told to stop.
+                let held_by = task.worker_id.clone().map(|worker_id| Held {
+                    task_id: task.id,
+                    worker_id,
+                    attempt: task.attempt,
+                });
+                Ok(Cancelled { task, applied: true, held_by })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    pub(in crate::store) async fn job_task_ids(&self, id: JobId) -> Result<Vec<TaskId>> {
+        let rows = sqlx::query(sql::JOB_TASK_IDS).bind(id.0).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| r.uuid("task_id").map(TaskId)).collect()
+    }
+}

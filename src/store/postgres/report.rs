@@ -1,0 +1,213 @@
+//! Reports: completions and failures fenced by (task, worker, attempt), classified when they
+//! changed nothing; cancellation.
+
+use std::{collections::HashSet, time::Duration};
+
+use sqlx::Row;
+
+use super::{PgStore, held_arrays, retry_conflicts};
+use crate::{
+    domain::{TaskId, TaskState},
+    store::{
+        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy, StoreError, decode,
+        micros_ago, policy, sql::TASK_COLUMNS,
+    },
+};
+
+/// Completes held attempts, each named by (task, worker, attempt): the first report of each wins.
+pub(super) const COMPLETE: &str = "WITH r AS (
+         SELECT DISTINCT ON (id, worker_id, attempt) id, worker_id, attempt, result, ago_us
+         FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bytea[], $5::bigint[]) WITH ORDINALITY
+             AS r(id, worker_id, attempt, result, ago_us, ord)
+         ORDER BY id, worker_id, attempt, ord
+     ),
+     upd AS (
+         UPDATE tasks t
+         SET status = 'completed', result = r.result, error = NULL, finished_at = now(),
+             started_at = COALESCE(t.started_at, now() - r.ago_us * interval '1 microsecond', now()),
+             updated_at = now(), lease_expires_at = NULL
+         FROM r
+         WHERE t.id = r.id AND t.worker_id = r.worker_id AND t.attempt = r.attempt
+           AND (t.status IN ('assigned', 'running')) IS TRUE
+         RETURNING t.id, t.attempt, t.worker_id
+     )
+     SELECT id, attempt, worker_id FROM upd";
+
+impl PgStore {
+    pub(in crate::store) async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
+        retry_conflicts!(self.complete_once(reports).await)
+    }
+
+    async fn complete_once(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
+        let held: Vec<Held> = reports.iter().map(|c| c.held.clone()).collect();
+        let (ids, workers, attempts) = held_arrays(&held);
+        let results: Vec<&[u8]> = reports.iter().map(|c| c.result.as_slice()).collect();
+        let mut tx = self.pool.begin().await?;
+        // A task whose `running` mark has not landed yet started when it was delivered.
+        let ago: Vec<Option<i64>> = reports.iter().map(|c| c.delivered.map(micros_ago)).collect();
+        let applied = sqlx::query(COMPLETE)
+            .bind(&ids)
+            .bind(&workers)
+            .bind(&attempts)
+            .bind(&results)
+            .bind(&ago)
+            .fetch_all(&mut *tx)
+            .await?;
+        let applied: HashSet<Held> = applied.iter().map(decode::held).collect::<Result<_>>()?;
+        let outcomes = self.outcomes(&mut tx, &held, applied, "completed", |_| TaskState::Completed).await?;
+        tx.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// One outcome per report: `Applied` for the first report of each applied (task, worker,
+    /// attempt), otherwise classified from the task row and the attempts history.
+    async fn outcomes(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        held: &[Held],
+        mut applied: std::collections::HashSet<Held>,
+        reported: &str,
+        applied_state: impl Fn(&Held) -> TaskState,
+    ) -> Result<Vec<ReportOutcome>> {
+        let mut out = Vec::with_capacity(held.len());
+        let mut rest = Vec::new();
+        for (i, h) in held.iter().enumerate() {
+            if applied.remove(h) {
+                out.push(Some(ReportOutcome::Applied { state: applied_state(h) }));
+            } else {
+                out.push(None);
+                rest.push(i);
+            }
+        }
+        if !rest.is_empty() {
+            let sub: Vec<Held> = rest.iter().map(|&i| held[i].clone()).collect();
+            let (ids, workers, attempts) = held_arrays(&sub);
+            // A completed attempt has no attempt row: its task's row says it.
+            let rows = sqlx::query(
+                "SELECT r.ord, t.status, t.attempt,
+                        CASE WHEN t.status = 'completed' AND t.attempt = r.attempt AND t.worker_id = r.worker_id
+                             THEN 'completed' ELSE a.outcome END AS outcome
+                 FROM unnest($1::uuid[], $2::text[], $3::int[]) WITH ORDINALITY AS r(id, worker_id, attempt, ord)
+                 LEFT JOIN tasks t ON t.id = r.id
+                 LEFT JOIN task_attempts a ON a.task_id = r.id AND a.attempt = r.attempt AND a.worker_id = r.worker_id",
+            )
+            .bind(&ids)
+            .bind(&workers)
+            .bind(&attempts)
+            .fetch_all(&mut **tx)
+            .await?;
+            for r in rows {
+                let ord: i64 = r.try_get("ord")?;
+                let status: Option<String> = r.try_get("status")?;
+                let attempt: Option<i32> = r.try_get("attempt")?;
+                let prior: Option<String> = r.try_get("outcome")?;
+                let task = match (status, attempt) {
+                    (Some(s), Some(a)) => Some((decode::state(&s)?, a as u32)),
+                    _ => None,
+                };
+                out[rest[(ord - 1) as usize]] =
+                    Some(policy::classify_unapplied(task, prior.as_deref(), reported));
+            }
+        }
+        Ok(out.into_iter().map(|o| o.unwrap_or(ReportOutcome::NotFound)).collect())
+    }
+
+    pub(in crate::store) async fn fail(
+        &self,
+        report: &Failure,
+        policy: RetryPolicy,
+    ) -> Result<ReportOutcome> {
+        retry_conflicts!(self.fail_once(report, policy).await)
+    }
+
+    async fn fail_once(&self, report: &Failure, policy: RetryPolicy) -> Result<ReportOutcome> {
+        let h = &report.held;
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT failures, max_attempts FROM tasks
+             WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status IN ('assigned', 'running')
+             FOR UPDATE",
+        )
+        .bind(h.task_id.0)
+        .bind(&h.worker_id.0)
+        .bind(h.attempt as i32)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            let outcome = self
+                .outcomes(&mut tx, std::slice::from_ref(h), Default::default(), "failed", |_| {
+                    TaskState::Failed
+                })
+                .await?
+                .remove(0);
+            tx.commit().await?;
+            return Ok(outcome);
+        };
+        let charges = decode::charges(&row)?;
+        let next = policy::after_failure(charges, report.retriable, &report.error, policy);
+        // The row is locked: the fence was checked by the read above.
+        sqlx::query(
+            "WITH upd AS (
+                 UPDATE tasks t
+                 SET failures = $4, status = $5, error = $6,
+                     run_after = COALESCE(now() + $7::bigint * interval '1 millisecond', t.run_after),
+                     worker_id = CASE WHEN $8 THEN t.worker_id END,
+                     finished_at = CASE WHEN $9 THEN now() END,
+                     started_at = COALESCE(t.started_at, now() - $10::bigint * interval '1 microsecond', now()),
+                     lease_expires_at = NULL, updated_at = now()
+                 WHERE t.id = $1 AND t.worker_id = $2 AND t.attempt = $3
+                 RETURNING t.id, t.attempt, t.assigned_at, t.started_at
+             )
+             INSERT INTO task_attempts (task_id, attempt, worker_id, assigned_at, started_at, finished_at, outcome, error)
+             SELECT id, attempt, $2, assigned_at, started_at, now(), 'failed', $6 FROM upd
+             ON CONFLICT (task_id, attempt) DO NOTHING",
+        )
+        .bind(h.task_id.0)
+        .bind(&h.worker_id.0)
+        .bind(h.attempt as i32)
+        .bind(next.failures as i32)
+        .bind(next.state.as_str())
+        .bind(next.error.as_deref())
+        .bind(next.retry_in_ms())
+        .bind(next.keeps_worker)
+        .bind(next.finished())
+        .bind(report.delivered.map(micros_ago))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ReportOutcome::Applied { state: next.state })
+    }
+
+    pub(in crate::store) async fn cancel(&self, id: TaskId, reason: &str) -> Result<Option<Cancelled>> {
+        let mut tx = self.pool.begin().await?;
+        let sql = format!(
+            "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
+                 lease_expires_at = NULL
+             WHERE id = $1 AND status IN ('pending', 'assigned', 'running')
+             RETURNING {TASK_COLUMNS}"
+        );
+        let row =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id.0).bind(reason).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(self.get_task(id).await?.map(|task| Cancelled {
+                task,
+                applied: false,
+                held_by: None,
+            }));
+        };
+        let task = decode::task(&row)?;
+        // Pending tasks have no worker; a held one is told to stop.
+        let held_by =
+            task.worker_id.clone().map(|worker_id| Held { task_id: id, worker_id, attempt: task.attempt });
+        if held_by.is_some() {
+            sqlx::query(super::CLOSE_CANCELLED_ATTEMPTS)
+                .bind(vec![id.0])
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(Cancelled { task, applied: true, held_by }))
+    }
+}

@@ -1,0 +1,121 @@
+//! Statements both dialects run as written: the reads (and one write) whose SQL is the same on
+//! Postgres and SQLite (`$1` placeholders work on both). Statements that differ (the clock,
+//! arrays, locking) live in each dialect's module beside the code that runs them.
+
+/// The columns [`super::decode::task`] reads.
+macro_rules! task_columns {
+    () => {
+        "id, task_type, payload, status, priority, attempt, max_attempts, failures, timeout_ms, worker_id, \
+         job_id, idempotency_key, result, error, run_after, lease_expires_at, created_at, updated_at, \
+         assigned_at, started_at, finished_at, traceparent"
+    };
+}
+
+/// Every column of a task ([`super::decode::task`] reads them by name).
+pub(super) const TASK_COLUMNS: &str = task_columns!();
+
+/// One task by id.
+pub(super) const TASK: &str = concat!("SELECT ", task_columns!(), " FROM tasks WHERE id = $1");
+
+/// A task by its idempotency key.
+pub(super) const TASK_BY_KEY: &str =
+    concat!("SELECT ", task_columns!(), " FROM tasks WHERE idempotency_key = $1");
+
+/// A job's tasks, in submission order.
+pub(super) const JOB_TASKS: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM (
+         SELECT t.*, j.position AS job_position FROM tasks t JOIN job_tasks j ON j.task_id = t.id
+         WHERE j.job_id = $1
+     ) AS members ORDER BY job_position"
+);
+
+/// The ids of a job's tasks.
+pub(super) const JOB_TASK_IDS: &str = "SELECT task_id FROM job_tasks WHERE job_id = $1";
+
+/// A job's header.
+pub(super) const JOB: &str = "SELECT name, total, created_at FROM jobs WHERE id = $1";
+
+/// A job's tasks counted by state.
+pub(super) const JOB_COUNTS: &str =
+    "SELECT t.status, count(*) AS n FROM job_tasks j JOIN tasks t ON t.id = j.task_id
+     WHERE j.job_id = $1 GROUP BY t.status";
+
+/// The tasks a worker holds.
+pub(super) const HELD_BY: &str = "SELECT id, attempt, worker_id FROM tasks
+     WHERE worker_id = $1 AND status IN ('assigned', 'running') ORDER BY id";
+
+/// A registration's new session adopts the tasks its worker holds.
+pub(super) const ADOPT: &str = "UPDATE tasks SET session_id = $2
+     WHERE worker_id = $1 AND status IN ('assigned', 'running')
+     RETURNING id, attempt, worker_id";
+
+/// A task's assignment history, oldest first: the attempt rows (attempts that ended other than
+/// completed), and the attempt in flight or the one that completed, read from the task's row.
+pub(super) const ATTEMPTS: &str =
+    "SELECT task_id, attempt, worker_id, assigned_at, started_at, finished_at, outcome, error
+     FROM (
+         SELECT task_id, attempt, worker_id, assigned_at, started_at, finished_at, outcome, error
+         FROM task_attempts WHERE task_id = $1
+         UNION ALL
+         SELECT t.id, t.attempt, t.worker_id, t.assigned_at, t.started_at,
+                CASE WHEN t.status = 'completed' THEN t.finished_at END,
+                CASE WHEN t.status = 'completed' THEN 'completed' END, NULL
+         FROM tasks t
+         WHERE t.id = $1 AND t.status IN ('assigned', 'running', 'completed')
+           AND t.worker_id IS NOT NULL AND t.assigned_at IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM task_attempts a WHERE a.task_id = t.id AND a.attempt = t.attempt)
+     ) AS history
+     ORDER BY attempt";
+
+/// Tasks counted by state.
+pub(super) const TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks GROUP BY status";
+
+/// Pending tasks counted by type.
+pub(super) const PENDING_BY_TYPE: &str = "SELECT task_type, count(*) AS n, min(run_after) AS since
+     FROM tasks WHERE status = 'pending' GROUP BY task_type";
+
+/// The whole-table acceptance audit. A completion is written to the task's row only, so a
+/// result accepted from an attempt that had already lost the task (taken back, failed or
+/// cancelled: closed by an attempt row) shows as a completed task whose completing attempt also
+/// has a row: `twice` counts those.
+pub(super) const AUDIT: &str = "SELECT (SELECT count(*) FROM tasks) AS tasks,
+        (SELECT count(*) FROM tasks WHERE status = 'completed') AS completed,
+        (SELECT count(*) FROM tasks t JOIN task_attempts a ON a.task_id = t.id AND a.attempt = t.attempt
+         WHERE t.status = 'completed') AS twice";
+
+/// A worker's row with the number of tasks it holds and when its replica was last seen;
+/// completed by a `WHERE` and an `ORDER BY`.
+macro_rules! worker_select {
+    ($rest:literal) => {
+        concat!(
+            "SELECT w.*, c.last_seen_at AS owner_seen_at, (SELECT count(*) FROM tasks t
+                 WHERE t.worker_id = w.id AND t.status IN ('assigned', 'running')) AS in_flight
+             FROM workers w LEFT JOIN coordinators c ON c.id = w.coordinator_id ",
+            $rest
+        )
+    };
+}
+pub(super) use worker_select;
+
+/// A page of workers by id, after `$1` (`''` for the first page), at most `$2`.
+pub(super) const WORKERS: &str = worker_select!("WHERE w.id > $1 ORDER BY w.id LIMIT $2");
+
+/// One worker.
+pub(super) const WORKER: &str = worker_select!("WHERE w.id = $1");
+
+/// Every column of a schedule ([`super::decode::schedule`] reads them by name).
+pub(super) const SCHEDULE_COLUMNS: &str = "id, name, cron, timezone, task_type, payload, priority, max_attempts, \
+     timeout_ms, missed, paused, next_run_at, last_run_at, runs, created_at";
+
+/// Every schedule, by name.
+pub(super) const SCHEDULES: &str = "SELECT id, name, cron, timezone, task_type, payload, priority, max_attempts, \
+     timeout_ms, missed, paused, next_run_at, last_run_at, runs, created_at FROM schedules ORDER BY name";
+
+/// One schedule.
+pub(super) const SCHEDULE: &str = "SELECT id, name, cron, timezone, task_type, payload, priority, max_attempts, \
+     timeout_ms, missed, paused, next_run_at, last_run_at, runs, created_at FROM schedules WHERE id = $1";
+
+/// Deletes a schedule (its tasks stay).
+pub(super) const DELETE_SCHEDULE: &str = "DELETE FROM schedules WHERE id = $1";

@@ -1,0 +1,162 @@
+//! Claims and the first steps of an attempt: candidates read and assigned in one write
+//! transaction (one writer: the session read is current until commit); then marked running and its
+//! lease renewed.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use uuid::Uuid;
+
+use super::{SqliteStore, plus_ms};
+use crate::{
+    domain::{Assignment, Candidate, TaskId, WorkerId},
+    store::{
+        self, Held, Result, TypeFilter,
+        decode::{self, micros},
+        duration_ms, micros_ago,
+    },
+};
+
+impl SqliteStore {
+    pub(in crate::store) async fn claim<F>(
+        &self,
+        limit: u32,
+        types: &TypeFilter,
+        lease: Duration,
+        sessions: &HashMap<WorkerId, Uuid>,
+        place: F,
+    ) -> Result<Vec<Assignment>>
+    where
+        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+    {
+        let now = Utc::now();
+        let mut tx = self.writer.begin().await?;
+        // Up to `limit` candidates of each type, so older tasks of one type can never fill the
+        // list and hide the tasks another free worker could run.
+        let one_type: Vec<Option<&str>> = match types {
+            TypeFilter::Any => vec![None],
+            TypeFilter::Only(t) => t.iter().map(|t| Some(t.as_str())).collect(),
+        };
+        let mut rows = Vec::new();
+        for task_type in one_type {
+            rows.extend(
+                sqlx::query(
+                    "SELECT id, task_type, priority FROM tasks
+                     WHERE status = 'pending' AND run_after <= $1 AND ($3 IS NULL OR task_type = $3)
+                     ORDER BY priority DESC, id
+                     LIMIT $2",
+                )
+                .bind(micros(now))
+                .bind(i64::from(limit))
+                .bind(task_type)
+                .fetch_all(&mut *tx)
+                .await?,
+            );
+        }
+        let mut candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        let placed = store::only_candidates(&candidates, place(&candidates));
+        let lease_until = plus_ms(micros(now), duration_ms(lease));
+        let mut out = Vec::with_capacity(placed.len());
+        // The session fence: one writer runs at a time, so the session read here is the
+        // worker's current one until this transaction commits.
+        let mut current: HashMap<WorkerId, bool> = HashMap::new();
+        for (task_id, worker_id) in placed {
+            let session = sessions.get(&worker_id).copied();
+            if let Some(session) = session {
+                let fenced = match current.get(&worker_id) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = sqlx::query("SELECT 1 FROM workers WHERE id = $1 AND session_id = $2")
+                            .bind(&worker_id.0)
+                            .bind(session.to_string())
+                            .fetch_optional(&mut *tx)
+                            .await?
+                            .is_some();
+                        current.insert(worker_id.clone(), ok);
+                        ok
+                    }
+                };
+                if !fenced {
+                    continue;
+                }
+            }
+            let row = sqlx::query(
+                "UPDATE tasks SET status = 'assigned', worker_id = $2, attempt = attempt + 1, session_id = $5,
+                     assigned_at = $3, started_at = NULL, updated_at = $3, lease_expires_at = $4
+                 WHERE id = $1 AND status = 'pending'
+                 RETURNING id, worker_id, attempt, task_type, payload, priority, job_id, timeout_ms, created_at,
+                           assigned_at, traceparent",
+            )
+            .bind(task_id.to_string())
+            .bind(&worker_id.0)
+            .bind(micros(now))
+            .bind(lease_until)
+            .bind(session.map(|s| s.to_string()))
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(r) = row else { continue };
+            out.push(decode::assignment(&r)?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(in crate::store) async fn mark_running(&self, delivered: &[(Held, Instant)]) -> Result<u64> {
+        let mut tx = self.writer.begin().await?;
+        let now = micros(Utc::now());
+        let mut n = 0;
+        for (h, at) in delivered {
+            let started = now - micros_ago(*at);
+            let r = sqlx::query(
+                "UPDATE tasks SET status = 'running', started_at = $4, updated_at = $5
+                 WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status = 'assigned'",
+            )
+            .bind(h.task_id.to_string())
+            .bind(&h.worker_id.0)
+            .bind(i64::from(h.attempt))
+            .bind(started)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            n += r.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    pub(in crate::store) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<Held>> {
+        let now = micros(Utc::now());
+        let until = plus_ms(now, duration_ms(lease));
+        let mut tx = self.writer.begin().await?;
+        let mut renewed = Vec::new();
+        let mut seen = HashSet::new();
+        // Deduplicated by the whole fence: a stale holder listed first must not hide the
+        // current holder of the same task in the same batch.
+        for h in held.iter().filter(|h| seen.insert((*h).clone())) {
+            let r = sqlx::query(
+                "UPDATE tasks SET lease_expires_at = $4, status = 'running',
+                     started_at = COALESCE(started_at, $5), updated_at = $5
+                 WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status IN ('assigned', 'running')",
+            )
+            .bind(h.task_id.to_string())
+            .bind(&h.worker_id.0)
+            .bind(i64::from(h.attempt))
+            .bind(until)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 1 {
+                renewed.push(h.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(renewed)
+    }
+}

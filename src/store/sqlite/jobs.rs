@@ -1,0 +1,85 @@
+//! Jobs as a whole: a page of jobs with their counts, and cancelling every live task of one.
+
+use chrono::Utc;
+
+use super::{SqliteStore, report::close_attempt};
+use crate::{
+    domain::{Job, JobId, TaskId},
+    store::{
+        Cancelled, Held, Result,
+        decode::{self, Cols, micros},
+        sql::{self, TASK_COLUMNS},
+    },
+};
+
+impl SqliteStore {
+    pub(in crate::store) async fn list_jobs(&self, before: Option<JobId>, limit: u32) -> Result<Vec<Job>> {
+        let rows = sqlx::query(
+            "WITH page AS (
+                 SELECT id, name, total, created_at FROM jobs
+                 WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
+             )
+             SELECT p.id, p.name, p.total, p.created_at, t.status, count(t.id) AS n
+             FROM page p LEFT JOIN job_tasks jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
+             GROUP BY p.id, p.name, p.total, p.created_at, t.status
+             ORDER BY p.id DESC",
+        )
+        .bind(before.map(|j| j.to_string()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        decode::jobs(&rows)
+    }
+
+    pub(in crate::store) async fn cancel_job(
+        &self,
+        id: JobId,
+        reason: &str,
+    ) -> Result<Option<Vec<Cancelled>>> {
+        let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        let known = sqlx::query("SELECT 1 FROM jobs WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+        if known.is_none() {
+            return Ok(None);
+        }
+        // The same conditional update as a task's cancel, over the job's members.
+        let sql = format!(
+            "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = $3, updated_at = $3,
+                 lease_expires_at = NULL
+             WHERE id IN (SELECT task_id FROM job_tasks WHERE job_id = $1)
+               AND status IN ('pending', 'assigned', 'running')
+             RETURNING {TASK_COLUMNS}"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .bind(reason)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let task = decode::task(r)?;
+            // Pending tasks have no worker; a held one is told to stop.
+            let held_by = task.worker_id.clone().map(|worker_id| Held {
+                task_id: task.id,
+                worker_id,
+                attempt: task.attempt,
+            });
+            if let Some(h) = &held_by {
+                close_attempt(&mut tx, h, now, now, "cancelled", Some(reason)).await?;
+            }
+            out.push(Cancelled { task, applied: true, held_by });
+        }
+        tx.commit().await?;
+        out.sort_by_key(|c| c.task.id);
+        Ok(Some(out))
+    }
+
+    pub(in crate::store) async fn job_task_ids(&self, id: JobId) -> Result<Vec<TaskId>> {
+        let rows = sqlx::query(sql::JOB_TASK_IDS).bind(id.to_string()).fetch_all(&self.reader).await?;
+        rows.iter().map(|r| r.uuid("task_id").map(TaskId)).collect()
+    }
+}

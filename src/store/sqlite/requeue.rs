@@ -1,0 +1,131 @@
+//! Attempts taken back without a report: lease expired, worker dead, undelivered, released,
+//! not held by a worker that registered again. [`policy::after_loss`] decides what each task becomes.
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{SqliteStore, Tx, plus_ms};
+use crate::{
+    domain::{RequeueReason, WorkerId},
+    store::{
+        Held, Requeued, Result,
+        decode::{self, micros},
+        policy,
+    },
+};
+
+impl SqliteStore {
+    pub(in crate::store) async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
+        let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        let victims = sqlx::query(
+            "SELECT id, attempt, worker_id FROM tasks
+             WHERE status IN ('assigned', 'running') AND lease_expires_at < $1
+             ORDER BY lease_expires_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let held = victims.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
+        let out = requeue(&mut tx, &held, RequeueReason::LeaseExpired, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(in crate::store) async fn requeue_worker(
+        &self,
+        worker: &WorkerId,
+        session: Uuid,
+    ) -> Result<Vec<Requeued>> {
+        let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        let victims = sqlx::query(
+            "SELECT id, attempt, worker_id FROM tasks
+             WHERE status IN ('assigned', 'running') AND worker_id = $1
+               AND (session_id = $2 OR session_id IS NULL)
+               AND EXISTS (SELECT 1 FROM workers WHERE id = $1 AND session_id = $2)
+             ORDER BY id",
+        )
+        .bind(&worker.0)
+        .bind(session.to_string())
+        .fetch_all(&mut *tx)
+        .await?;
+        let held = victims.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
+        let out = requeue(&mut tx, &held, RequeueReason::WorkerDead, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(in crate::store) async fn requeue_held(
+        &self,
+        held: &[Held],
+        reason: RequeueReason,
+    ) -> Result<Vec<Requeued>> {
+        let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        let out = requeue(&mut tx, held, reason, now).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+/// Gives held tasks back: pending again, or failed when out of attempts. Each update is fenced by
+/// (task, worker, attempt) and a held status, so a completion that won the race is untouched.
+pub(super) async fn requeue(
+    tx: &mut Tx<'_>,
+    held: &[Held],
+    reason: RequeueReason,
+    now: i64,
+) -> Result<Vec<Requeued>> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for h in held {
+        if !seen.insert(h.clone()) {
+            continue;
+        }
+        let row = sqlx::query(
+            "SELECT task_type, failures, max_attempts FROM tasks
+             WHERE id = $1 AND worker_id = $2 AND attempt = $3
+               AND (status = 'assigned' OR (status = 'running' AND $4))",
+        )
+        .bind(h.task_id.to_string())
+        .bind(&h.worker_id.0)
+        .bind(i64::from(h.attempt))
+        .bind(policy::takes_running(reason))
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(row) = row else { continue };
+        let charges = decode::charges(&row)?;
+        let next = policy::after_loss(charges, reason, h);
+        // One writer: the row read above is the row updated here.
+        sqlx::query(
+            "UPDATE tasks SET failures = $2, status = $3, error = COALESCE($4, error), finished_at = $5,
+                 run_after = COALESCE($6, run_after), updated_at = $7,
+                 worker_id = NULL, session_id = NULL, lease_expires_at = NULL
+             WHERE id = $1",
+        )
+        .bind(h.task_id.to_string())
+        .bind(i64::from(next.failures))
+        .bind(next.state.as_str())
+        .bind(next.error.as_deref())
+        .bind(next.finished().then_some(now))
+        .bind(next.retry_in_ms().map(|ms| plus_ms(now, ms)))
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        super::report::close_attempt(tx, h, now, now, reason.as_str(), None).await?;
+        out.push(Requeued {
+            task_id: h.task_id,
+            task_type: row.try_get("task_type")?,
+            worker_id: h.worker_id.clone(),
+            attempt: h.attempt,
+            state: next.state,
+            reason,
+        });
+    }
+    Ok(out)
+}

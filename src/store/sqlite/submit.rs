@@ -1,0 +1,105 @@
+//! Submission: new tasks (batched, idempotency keys honoured) and jobs.
+
+use std::collections::BTreeMap;
+
+use chrono::Utc;
+
+use super::{SqliteStore, Tx};
+use crate::{
+    domain::{Job, JobId, NewTask},
+    store::{
+        Created, Result, StoreError,
+        decode::{self, from_micros, micros},
+        duration_ms,
+        sql::{self, TASK_COLUMNS},
+    },
+};
+
+impl SqliteStore {
+    pub(in crate::store) async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
+        let mut tx = self.writer.begin().await?;
+        let out = insert_tasks(&mut tx, tasks).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub(in crate::store) async fn create_job(
+        &self,
+        job_id: JobId,
+        name: &str,
+        tasks: &[NewTask],
+    ) -> Result<(Job, Vec<Created>)> {
+        let now = Utc::now();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("INSERT INTO jobs (id, name, total, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(job_id.to_string())
+            .bind(name)
+            .bind(tasks.len() as i64)
+            .bind(micros(now))
+            .execute(&mut *tx)
+            .await?;
+        let created = insert_tasks(&mut tx, tasks).await?;
+        for (position, c) in created.iter().enumerate() {
+            sqlx::query("INSERT INTO job_tasks (job_id, position, task_id) VALUES ($1, $2, $3)")
+                .bind(job_id.to_string())
+                .bind(position as i64)
+                .bind(c.task.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let mut counts = BTreeMap::new();
+        for c in &created {
+            *counts.entry(c.task.state).or_insert(0) += 1;
+        }
+        Ok((
+            Job {
+                id: job_id,
+                name: name.to_owned(),
+                total: tasks.len() as u32,
+                counts,
+                created_at: from_micros(micros(now)),
+            },
+            created,
+        ))
+    }
+}
+
+pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<Vec<Created>> {
+    let now = micros(Utc::now());
+    let sql = format!(
+        "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
+                            run_after, created_at, updated_at, traceparent)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($10, $9), $9, $9, $11)
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING {TASK_COLUMNS}"
+    );
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .bind(t.id.to_string())
+            .bind(&t.task_type)
+            .bind(&t.payload)
+            .bind(t.priority)
+            .bind(i64::from(t.max_attempts))
+            .bind(duration_ms(t.timeout))
+            .bind(t.idempotency_key.as_deref())
+            .bind(t.job_id.map(|j| j.to_string()))
+            .bind(now)
+            .bind(t.run_after.map(micros))
+            .bind(t.traceparent.as_deref())
+            .fetch_optional(&mut **tx)
+            .await?;
+        if let Some(row) = row {
+            out.push(Created { task: decode::task(&row)?, created: true });
+            continue;
+        }
+        let row = sqlx::query(sql::TASK_BY_KEY)
+            .bind(t.idempotency_key.as_deref())
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("task {} was neither inserted nor found", t.id)))?;
+        out.push(Created { task: decode::task(&row)?, created: false });
+    }
+    Ok(out)
+}
