@@ -904,7 +904,7 @@ on_every_backend!(a_task_lost_in_transit_is_given_back_uncharged_when_the_worker
 async fn a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_registers_again(db: &TestDb) {
     use coordinator::{
         domain::{Candidate, WorkerId},
-        store::TypeFilter,
+        store::{Placement, TypeFilter},
     };
     let c = TestCoordinator::start(db, |cfg| {
         cfg.grpc.max_connection_age = Duration::from_secs(2);
@@ -930,8 +930,9 @@ async fn a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_register
     let sessions = HashMap::from([(mover.clone(), session)]);
     let claimed = db
         .store
-        .claim_fenced(10, &TypeFilter::Any, Duration::from_secs(60), &sessions, |c: &[Candidate]| {
-            c.iter().filter(|c| c.id == id).map(|c| (c.id, mover.clone())).collect()
+        .claim_fenced(10, &TypeFilter::Any, Duration::from_secs(60), |c: &[Candidate]| Placement {
+            placed: c.iter().filter(|c| c.id == id).map(|c| (c.id, mover.clone())).collect(),
+            sessions: sessions.clone(),
         })
         .await
         .unwrap();

@@ -23,8 +23,8 @@ use coordinator::{
         Task, TaskId, TaskState, TaskTemplate, WorkerId, WorkerState,
     },
     store::{
-        Completion, Failure, FailureGroup, Fired, Held, Holding, Pruned, ReportOutcome, Requeued, Retention,
-        RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter, TypeFilter, WorkerRegistration,
+        Completion, Failure, FailureGroup, Fired, Held, Holding, Placement, Pruned, ReportOutcome, Requeued,
+        Retention, RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter, TypeFilter, WorkerRegistration,
         testing::TestDb,
     },
 };
@@ -267,8 +267,9 @@ async fn claim_ids(s: &Store, ids: &[TaskId], worker: &WorkerId, lease: Duration
 /// A fenced claim of every runnable task for `worker` under `session`.
 async fn claim_all_for(s: &Store, worker: &str, session: Uuid) -> Vec<Assignment> {
     let sessions = HashMap::from([(w(worker), session)]);
-    s.claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, |c: &[Candidate]| {
-        c.iter().map(|c| (c.id, w(worker))).collect()
+    s.claim_fenced(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| Placement {
+        placed: c.iter().map(|c| (c.id, w(worker))).collect(),
+        sessions,
     })
     .await
     .expect("claim")
@@ -2317,8 +2318,9 @@ mod cases {
         let t = create_one(s, new_task("prove")).await;
         let stale = HashMap::from([(w("w1"), s1)]);
         let got = s
-            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &stale, |c: &[Candidate]| {
-                c.iter().map(|c| (c.id, w("w1"))).collect()
+            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| Placement {
+                placed: c.iter().map(|c| (c.id, w("w1"))).collect(),
+                sessions: stale,
             })
             .await
             .expect("claim");
@@ -2326,8 +2328,9 @@ mod cases {
         assert_eq!(get(s, t.id).await.state, TaskState::Pending, "{b}");
         let current = HashMap::from([(w("w1"), s2)]);
         let got = s
-            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &current, |c: &[Candidate]| {
-                c.iter().map(|c| (c.id, w("w1"))).collect()
+            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| Placement {
+                placed: c.iter().map(|c| (c.id, w("w1"))).collect(),
+                sessions: current,
             })
             .await
             .expect("claim");
@@ -2355,8 +2358,9 @@ mod cases {
             let want = ids.clone();
             let wk = worker.clone();
             let got = s
-                .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, &sessions, move |c: &[Candidate]| {
-                    c.iter().filter(|c| want.contains(&c.id)).map(|c| (c.id, w(&wk))).collect()
+                .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, move |c: &[Candidate]| Placement {
+                    placed: c.iter().filter(|c| want.contains(&c.id)).map(|c| (c.id, w(&wk))).collect(),
+                    sessions,
                 })
                 .await
                 .expect("claim");

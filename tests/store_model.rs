@@ -18,8 +18,8 @@ use std::{
 use coordinator::{
     domain::{Candidate, NewTask, RequeueReason, TaskId, TaskState, WorkerId},
     store::{
-        Completion, Failure, Held, Holding, ReportOutcome, Requeued, RetryPolicy, Store, TaskFilter,
-        TypeFilter, WorkerRegistration, testing::TestDb,
+        Completion, Failure, Held, Holding, Placement, ReportOutcome, Requeued, RetryPolicy, Store,
+        TaskFilter, TypeFilter, WorkerRegistration, testing::TestDb,
     },
 };
 use proptest::{
@@ -531,8 +531,9 @@ async fn apply(s: &Store, step: &Step) -> coordinator::store::Result<Answer> {
         Step::Claim { id, worker, lease, sessions } => {
             let (id, to) = (*id, worker.clone());
             let assigned = s
-                .claim_fenced(1000, &TypeFilter::Any, *lease, sessions, move |c: &[Candidate]| {
-                    c.iter().filter(|c| c.id == id).map(|c| (c.id, to.clone())).collect()
+                .claim_fenced(1000, &TypeFilter::Any, *lease, move |c: &[Candidate]| Placement {
+                    placed: c.iter().filter(|c| c.id == id).map(|c| (c.id, to.clone())).collect(),
+                    sessions: sessions.clone(),
                 })
                 .await?;
             Answer::Assigned(assigned.into_iter().map(|a| (a.task_id, a.worker_id, a.attempt)).collect())

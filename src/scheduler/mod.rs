@@ -7,6 +7,7 @@
 pub mod placement;
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -24,7 +25,7 @@ use crate::{
     events::Events,
     metrics,
     registry::Registry,
-    store::{Held, Requeued, Store, TypeFilter},
+    store::{Held, Placement, Requeued, Store, TypeFilter},
 };
 
 /// The effects of tasks given back (free their slots, count them, tell watchers and the other
@@ -113,7 +114,9 @@ impl Scheduler {
     pub async fn pass(&mut self) -> crate::store::Result<Pass> {
         self.stats.poll_cycles.fetch_add(1, Ordering::Relaxed);
         metrics::poll_cycle();
-        let (workers, sessions) = self.registry.schedulable();
+        // How much to claim, and of which types. Placement looks at the workers again once the
+        // candidates are locked (see below).
+        let (workers, _) = self.registry.schedulable();
         let free: u32 = workers.iter().map(|w| w.free).sum();
         if free == 0 {
             return Ok(Pass::Done);
@@ -129,10 +132,20 @@ impl Scheduler {
         let limit = free.min(self.config.batch_size);
         let strategy = self.config.strategy;
         let mut cursor = self.cursor;
+        let mut sessions = HashMap::new();
+        let registry = &self.registry;
         let assignments = match self
             .store
-            .claim_fenced(limit, &types, self.config.lease, &sessions, |candidates| {
-                placement::place(strategy, candidates, &workers, &mut cursor)
+            .claim_fenced(limit, &types, self.config.lease, |candidates| {
+                // The workers as they are now, not as they were when the pass began: the wait for
+                // the database can be long, and a task submitted meanwhile was submitted to the
+                // workers connected since, not only to those connected before.
+                let (workers, fence) = registry.schedulable();
+                sessions.clone_from(&fence);
+                Placement {
+                    placed: placement::place(strategy, candidates, &workers, &mut cursor),
+                    sessions: fence,
+                }
             })
             .await
         {
@@ -191,4 +204,104 @@ pub enum Pass {
     /// It claimed as many as it could take: run another.
     Full,
     Done,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::any::Any;
+
+    use super::*;
+    use crate::{
+        domain::WorkerId,
+        registry::RegistryConfig,
+        store::testing::{self, TestDb},
+    };
+
+    #[derive(Debug)]
+    struct NoEffects;
+
+    impl OnRequeue for NoEffects {
+        fn requeued(&self, _: &[Requeued]) {}
+    }
+
+    /// Takes the only connection of `store`'s pool (the writer's, on SQLite) until dropped.
+    async fn hold_only_connection(store: &Store) -> Box<dyn Any + Send> {
+        match store {
+            Store::Postgres(s) => Box::new(s.pool().acquire().await.expect("acquire")),
+            Store::Sqlite(s) => Box::new(s.pool().acquire().await.expect("acquire")),
+        }
+    }
+
+    /// A pass that begins while one worker is connected and waits for the database while two
+    /// more connect and a batch is submitted places the batch on all three: placement sees the
+    /// workers as they are once the candidates are locked, not as they were when it began.
+    async fn a_pass_places_on_the_workers_connected_when_it_claims(db: TestDb) {
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        let mut streams = Vec::new();
+        let connect = |id: &'static str| {
+            let registry = registry.clone();
+            async move {
+                registry.register(testing::registration(id, 10)).await.expect("register");
+                registry.attach(&WorkerId::from(id)).expect("attach").1
+            }
+        };
+        streams.push(connect("a").await);
+
+        // The scheduler's own pool has one connection, held here: its pass waits for it.
+        let mut cfg = testing::db_config(&db.url);
+        cfg.max_open_conns = 1;
+        let store = Store::connect(&cfg).await.expect("connect");
+        let held = hold_only_connection(&store).await;
+        let stats = Arc::new(SchedulerStats::default());
+        let config = SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let mut scheduler = Scheduler::new(
+            config,
+            store.clone(),
+            registry.clone(),
+            Wake::default(),
+            Events::new(),
+            Arc::new(NoEffects),
+            stats.clone(),
+        );
+        let pass = tokio::spawn(async move { scheduler.pass().await });
+        // One thread: once the pass has counted itself it has looked at the workers and waits.
+        while stats.poll_cycles.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+
+        streams.push(connect("b").await);
+        streams.push(connect("c").await);
+        let tasks: Vec<_> = (0..9).map(|_| testing::new_task("prove")).collect();
+        db.store.create_tasks(&tasks).await.expect("submit");
+        drop(held);
+        pass.await.expect("pass task").expect("pass");
+
+        for (id, stream) in ["a", "b", "c"].into_iter().zip(&mut streams) {
+            let mut pushed = 0;
+            while stream.try_recv().is_ok() {
+                pushed += 1;
+            }
+            let held = db.store.held_by(&WorkerId::from(id)).await.expect("held_by").len();
+            assert_eq!((pushed, held), (3, 3), "worker {id}: pushed and held, of 9 over 3 workers");
+        }
+        store.close().await;
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_pass_places_on_the_workers_connected_when_it_claims_sqlite() {
+        a_pass_places_on_the_workers_connected_when_it_claims(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_pass_places_on_the_workers_connected_when_it_claims_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_pass_places_on_the_workers_connected_when_it_claims(db).await;
+    }
 }

@@ -343,6 +343,15 @@ pub struct Ownership {
     pub held: Vec<HeldRow>,
 }
 
+/// What a claim's `place` decides for its locked candidates: which worker takes which task, and
+/// the session each of those workers is fenced by (see [`Store::claim_fenced`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Placement {
+    pub placed: Vec<(TaskId, WorkerId)>,
+    /// A placement on a worker absent from here records no session and is not fenced.
+    pub sessions: HashMap<WorkerId, Uuid>,
+}
+
 /// See [`Store::audit`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Audit {
@@ -654,28 +663,29 @@ impl Store {
     where
         F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
     {
-        self.claim_fenced(limit, types, lease, &HashMap::new(), place).await
+        self.claim_fenced(limit, types, lease, |c| Placement { placed: place(c), sessions: HashMap::new() })
+            .await
     }
 
-    /// [`Store::claim`] for registered sessions: a placement on a worker named in `sessions` is
-    /// made only while that session is still the worker's current one in the database, and the
-    /// assignment records it. (A placement on a worker absent from `sessions` records no session
-    /// and is not fenced: tools and tests that assign directly.)
+    /// [`Store::claim`] for registered sessions: `place` runs once the candidates are locked and
+    /// names, with its placements, the session of each worker it placed on. A placement is made
+    /// only while that session is still the worker's current one in the database, and the
+    /// assignment records it. (A placement on a worker it names no session for is not fenced:
+    /// tools and tests that assign directly.)
     pub async fn claim_fenced<F>(
         &self,
         limit: u32,
         types: &TypeFilter,
         lease: Duration,
-        sessions: &HashMap<WorkerId, Uuid>,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
-        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+        F: FnOnce(&[Candidate]) -> Placement + Send,
     {
         if limit == 0 || matches!(types, TypeFilter::Only(t) if t.is_empty()) {
             return Ok(Vec::new());
         }
-        timed!("claim", self, s => s.claim(limit, types, lease, sessions, place).await)
+        timed!("claim", self, s => s.claim(limit, types, lease, place).await)
     }
 
     /// Marks assignments `running` (assigned -> running) as started now. Returns how many

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::{PgStore, held_arrays, retry_conflicts};
 use crate::{
-    domain::{Assignment, Candidate, TaskId, WorkerId},
-    store::{self, Held, Result, StoreError, TypeFilter, decode, duration_ms, micros_ago},
+    domain::{Assignment, Candidate},
+    store::{self, Held, Placement, Result, StoreError, TypeFilter, decode, duration_ms, micros_ago},
 };
 
 /// Assigns placed candidates under the session fence: the worker row is share-locked, so a
@@ -80,11 +80,10 @@ impl PgStore {
         limit: u32,
         types: &TypeFilter,
         lease: Duration,
-        sessions: &HashMap<WorkerId, Uuid>,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
-        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+        F: FnOnce(&[Candidate]) -> Placement + Send,
     {
         let mut tx = self.pool.begin().await?;
         let rows = match types {
@@ -125,7 +124,8 @@ impl PgStore {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let placed = store::only_candidates(&candidates, place(&candidates));
+        let Placement { placed, sessions } = place(&candidates);
+        let placed = store::only_candidates(&candidates, placed);
         if placed.is_empty() {
             tx.rollback().await?;
             return Ok(Vec::new());

@@ -8,13 +8,12 @@ use std::{
 };
 
 use chrono::Utc;
-use uuid::Uuid;
 
 use super::{SqliteStore, plus_ms};
 use crate::{
-    domain::{Assignment, Candidate, TaskId, WorkerId},
+    domain::{Assignment, Candidate, WorkerId},
     store::{
-        self, Held, Result, TypeFilter,
+        self, Held, Placement, Result, TypeFilter,
         decode::{self, micros},
         duration_ms, micros_ago,
     },
@@ -26,14 +25,14 @@ impl SqliteStore {
         limit: u32,
         types: &TypeFilter,
         lease: Duration,
-        sessions: &HashMap<WorkerId, Uuid>,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
-        F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
+        F: FnOnce(&[Candidate]) -> Placement + Send,
     {
-        let now = Utc::now();
         let mut tx = self.writer.begin().await?;
+        // The clock after the wait for the writer: a task submitted during that wait is runnable.
+        let now = Utc::now();
         // Up to `limit` candidates of each type, so older tasks of one type can never fill the
         // list and hide the tasks another free worker could run.
         let one_type: Vec<Option<&str>> = match types {
@@ -61,7 +60,8 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
-        let placed = store::only_candidates(&candidates, place(&candidates));
+        let Placement { placed, sessions } = place(&candidates);
+        let placed = store::only_candidates(&candidates, placed);
         let lease_until = plus_ms(micros(now), duration_ms(lease));
         let mut out = Vec::with_capacity(placed.len());
         // The session fence: one writer runs at a time, so the session read here is the
