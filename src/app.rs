@@ -137,6 +137,20 @@ impl App {
 
         let (notifier, wakeups) = Wakeups::new(store.clone());
         let effects = Effects::new(registry.clone(), wake.clone(), events.clone(), notifier);
+        // Dependents the store released or ended, each after its transition's commit.
+        let mut settled = store.settled();
+        let (settled_effects, stop) = (effects.clone(), stop_background.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    s = settled.recv() => match s {
+                        Some(s) => settled_effects.settled(&s),
+                        None => break,
+                    },
+                }
+            }
+        });
 
         let lease = c.stale_task_timeout;
         let (batchers, batch_handles) = batches::spawn(&store, lease, &effects);

@@ -1,7 +1,12 @@
 //! Plain domain types shared by every component: identifiers, task and worker states, and the
 //! records the store returns. No I/O here.
 
-use std::{collections::BTreeMap, fmt, str::FromStr, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    str::FromStr,
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -87,6 +92,8 @@ pub type Attempt = u32;
 /// Where a task is in its lifecycle (see DESIGN.md, "Task lifecycle").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum TaskState {
+    /// Waiting for parent tasks to complete.
+    Blocked,
     Pending,
     Assigned,
     Running,
@@ -96,7 +103,8 @@ pub enum TaskState {
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 6] = [
+    pub const ALL: [TaskState; 7] = [
+        TaskState::Blocked,
         TaskState::Pending,
         TaskState::Assigned,
         TaskState::Running,
@@ -107,6 +115,7 @@ impl TaskState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            TaskState::Blocked => "blocked",
             TaskState::Pending => "pending",
             TaskState::Assigned => "assigned",
             TaskState::Running => "running",
@@ -195,6 +204,69 @@ pub struct NewTask {
     pub run_after: Option<DateTime<Utc>>,
     /// The W3C trace context the task was submitted under, sent with each assignment.
     pub traceparent: Option<String>,
+    /// Parent tasks, in order (existing tasks, or tasks of the same submission): the task is
+    /// blocked until every one of them completed, and its assignment carries their results in
+    /// this order.
+    pub depends_on: Vec<TaskId>,
+    /// What the task does when a parent fails for good or is cancelled.
+    pub on_parent_failure: ParentFailure,
+}
+
+/// What a dependent task does when one of its parents (or theirs) fails for good or is
+/// cancelled: it cannot run, so it ends too, with the cause in its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ParentFailure {
+    /// It fails (the default).
+    #[default]
+    Fail,
+    /// It is cancelled.
+    Cancel,
+}
+
+impl ParentFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParentFailure::Fail => "fail",
+            ParentFailure::Cancel => "cancel",
+        }
+    }
+}
+
+/// Checks the parents a batch names among its own tasks: no task may depend on itself, directly
+/// or through others. Returns the position of a task on a cycle.
+pub fn find_cycle(tasks: &[NewTask]) -> Option<usize> {
+    let index: HashMap<TaskId, usize> = tasks.iter().enumerate().map(|(i, t)| (t.id, i)).collect();
+    // Depth-first, iteratively: 0 unvisited, 1 on the current path, 2 done.
+    let mut mark = vec![0u8; tasks.len()];
+    for start in 0..tasks.len() {
+        if mark[start] != 0 {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        mark[start] = 1;
+        while let Some((node, next)) = stack.last_mut() {
+            let node = *node;
+            let parents = &tasks[node].depends_on;
+            if *next == parents.len() {
+                mark[node] = 2;
+                stack.pop();
+                continue;
+            }
+            let parent = parents[*next];
+            *next += 1;
+            if let Some(&p) = index.get(&parent) {
+                match mark[p] {
+                    0 => {
+                        mark[p] = 1;
+                        stack.push((p, 0));
+                    }
+                    1 => return Some(p),
+                    _ => {}
+                }
+            }
+        }
+    }
+    None
 }
 
 /// A task as stored.
@@ -269,6 +341,17 @@ pub struct Assignment {
     pub created_at: DateTime<Utc>,
     /// The task's W3C trace context, for the worker to continue.
     pub traceparent: Option<String>,
+    /// Its parents' results, in the order it named them (empty: it has none).
+    pub parents: Vec<ParentResult>,
+}
+
+/// A completed parent's result as an assignment carries it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParentResult {
+    pub task_id: TaskId,
+    /// `None` when the results of all parents together were too large to carry: the worker
+    /// reads this one with `GetTask`.
+    pub result: Option<Vec<u8>>,
 }
 
 /// One row of the attempts history.
@@ -451,6 +534,8 @@ impl TaskTemplate {
             // an occurrence early, but nothing claims it before its time.
             run_after: Some(occurrence),
             traceparent: None,
+            depends_on: Vec::new(),
+            on_parent_failure: ParentFailure::Fail,
         }
     }
 }

@@ -260,6 +260,27 @@ async fn fleet_end_to_end(db: &TestDb) {
         ["worker-1", "worker-2", "worker-3"].into_iter().filter(|w| out.contains(w)).collect();
     assert!(used.len() >= 2, "slices ran on several workers: {out}");
 
+    // The same count summed on a worker: one sum_counts task depends on the eight slices and
+    // receives their results; coordctl only waits for the job.
+    let out =
+        fleet.coordctl_ok(&["primes", "--low", "0", "--high", "100000", "--slices", "8", "--server-side"]);
+    assert!(out.contains("9592 primes in [0, 100000) (summed on a worker)"), "{out}");
+
+    // Parents that do not exist, and tasks that wait for each other, are refused.
+    let ghost = uuid::Uuid::now_v7().to_string();
+    let out = fleet.coordctl(&["submit", "--type", "noop", "--depends-on", &ghost]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("InvalidArgument") && err.contains(&ghost), "{err}");
+    let cycle = fleet.dir.path().join("cycle.jsonl");
+    std::fs::write(
+        &cycle,
+        "{\"type\":\"noop\",\"depends_on\":[\"#1\"]}\n{\"type\":\"noop\",\"depends_on\":[\"#0\"]}\n",
+    )
+    .unwrap();
+    let out = fleet.coordctl(&["job", "submit", cycle.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("InvalidArgument") && err.contains("cycle"), "{err}");
+
     // is-prime, with the worker that answered.
     let out = fleet.coordctl_ok(&["is-prime", "17", "18", "19"]);
     let lines: Vec<&str> = out.lines().collect();

@@ -188,6 +188,8 @@ fn new_task(task_type: &str) -> NewTask {
         job_id: None,
         run_after: None,
         traceparent: None,
+        depends_on: Vec::new(),
+        on_parent_failure: Default::default(),
     }
 }
 

@@ -310,6 +310,8 @@ impl Model {
                 job_id: None,
                 run_after: None,
                 traceparent: None,
+                depends_on: Vec::new(),
+                on_parent_failure: Default::default(),
             }),
             Op::Claim { task: t, worker, short_lease, stale_session } => {
                 let worker = w(worker);

@@ -28,7 +28,7 @@ struct Cli {
     /// Assignments queued beyond max_concurrent (short tasks only; 0: none).
     #[arg(long, env = "WORKER_PREFETCH")]
     prefetch: Option<u32>,
-    /// Built-in handlers to enable, comma-separated (echo,noop,sleep,prime_count,is_prime,merkle_proof).
+    /// Built-in handlers to enable, comma-separated (echo,noop,sleep,prime_count,is_prime,merkle_proof,sum_counts).
     #[arg(long, env = "WORKER_HANDLERS", value_delimiter = ',')]
     handlers: Option<Vec<String>>,
     /// Bearer token (the worker role). Prefer WORKER_TOKEN or --token-file: flags show in `ps`.

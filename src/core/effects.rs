@@ -17,7 +17,7 @@ use crate::{
     metrics,
     registry::Registry,
     scheduler::OnRequeue,
-    store::{Cancelled, Held, ReportOutcome, Requeued},
+    store::{Cancelled, Held, ReportOutcome, Requeued, Settled},
     wakeups::Notifier,
 };
 
@@ -123,6 +123,30 @@ impl Effects {
         }
         self.wake.wake();
         self.notifier.runnable();
+    }
+
+    /// Dependent tasks a transition released (now pending: this scheduler and every replica's
+    /// wake for them) or ended (a parent failed for good or was cancelled).
+    pub fn settled(&self, s: &Settled) {
+        for id in &s.released {
+            self.events.changed(*id);
+        }
+        if !s.released.is_empty() {
+            self.wake.wake();
+            self.notifier.runnable();
+        }
+        for (id, state) in &s.ended {
+            if *state == TaskState::Cancelled {
+                metrics::task_cancelled();
+            } else {
+                metrics::task_failed("", None);
+            }
+            self.events.changed(*id);
+            self.notifier.finished(*id);
+        }
+        if !s.ended.is_empty() {
+            info!(count = s.ended.len(), "dependent tasks ended with a parent that failed or was cancelled");
+        }
     }
 
     /// A client cancelled a task.

@@ -61,6 +61,8 @@ impl From<StoreError> for CoreError {
         if e.is_unavailable() {
             error!(error = %e, "database unavailable");
             CoreError::Unavailable(DATABASE_UNAVAILABLE.into())
+        } else if let StoreError::UnknownParents(_) = e {
+            CoreError::InvalidArgument(format!("depends_on: {e}"))
         } else {
             CoreError::Internal(format!("store error: {e}"))
         }

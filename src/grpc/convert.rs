@@ -16,8 +16,9 @@ use crate::{
         worker::{Accepted, Registration},
     },
     domain::{
-        self, Assignment, AttemptRecord, Job, JobId, MissedRuns, NewTask, PendingReason, Schedule,
-        ScheduleId, Task, TaskId, TaskState, TaskTemplate, Waiting, WorkerId, WorkerState, WorkerStats,
+        self, Assignment, AttemptRecord, Job, JobId, MissedRuns, NewTask, ParentFailure, PendingReason,
+        Schedule, ScheduleId, Task, TaskId, TaskState, TaskTemplate, Waiting, WorkerId, WorkerState,
+        WorkerStats,
     },
     proto,
     registry::Push,
@@ -39,6 +40,8 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How far ahead a task may be scheduled (`run_at`, `delay_ms`).
 pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
 pub const MAX_BATCH: usize = 10_000;
+/// Parents one task may name.
+pub const MAX_PARENTS: usize = 10_000;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_RUNNING_TASKS: usize = 10_000;
@@ -117,6 +120,9 @@ pub fn schedule_request(
             "task",
             "idempotency_key, run_at and delay_ms are set by the schedule; leave them empty",
         ));
+    }
+    if !task.depends_on.is_empty() {
+        return Err(invalid("task.depends_on", "a schedule's task cannot depend on other tasks"));
     }
     let t = new_task("task.", task, limits)?;
     let missed = match proto::MissedRuns::try_from(req.missed) {
@@ -202,6 +208,29 @@ pub fn new_task(
     req: proto::SubmitTaskRequest,
     limits: &SubmitLimits,
 ) -> Result<NewTask, CoreError> {
+    new_task_in(field, req, limits, &[], TaskId::new())
+}
+
+/// A submission of a batch whose tasks get the ids `batch` (so `#N` in `depends_on` names
+/// `batch[N]`); this one gets `id`.
+fn new_task_in(
+    field: &str,
+    req: proto::SubmitTaskRequest,
+    limits: &SubmitLimits,
+    batch: &[TaskId],
+    id: TaskId,
+) -> Result<NewTask, CoreError> {
+    let depends_on = parents(&format!("{field}depends_on"), &req.depends_on, batch, id)?;
+    let on_parent_failure = match proto::ParentFailurePolicy::try_from(req.on_parent_failure) {
+        Ok(proto::ParentFailurePolicy::Fail) => ParentFailure::Fail,
+        Ok(proto::ParentFailurePolicy::Cancel) => ParentFailure::Cancel,
+        Err(_) => {
+            return Err(invalid(
+                &format!("{field}on_parent_failure"),
+                format!("{} is not a ParentFailurePolicy value", req.on_parent_failure),
+            ));
+        }
+    };
     let task_type = task_type(&format!("{field}task_type"), &req.task_type)?;
     if req.payload.len() > limits.max_payload_size {
         return Err(CoreError::TooLarge(format!(
@@ -235,7 +264,7 @@ pub fn new_task(
     };
     let run_after = run_after(field, req.run_at, req.delay_ms, Utc::now())?;
     Ok(NewTask {
-        id: TaskId::new(),
+        id,
         task_type,
         payload: req.payload,
         priority: req.priority,
@@ -245,7 +274,55 @@ pub fn new_task(
         job_id: None,
         run_after,
         traceparent: None,
+        depends_on,
+        on_parent_failure,
     })
+}
+
+/// A task's parents: task ids, or `#N` for the task at index N of the same request.
+fn parents(field: &str, list: &[String], batch: &[TaskId], own: TaskId) -> Result<Vec<TaskId>, CoreError> {
+    if list.len() > MAX_PARENTS {
+        return Err(invalid(field, format!("names {} parents; at most {MAX_PARENTS}", list.len())));
+    }
+    list.iter()
+        .enumerate()
+        .map(|(j, p)| {
+            let at = || format!("{field}[{j}]");
+            let id = match p.strip_prefix('#') {
+                Some(n) => {
+                    let n: usize = n.parse().map_err(|_| invalid(&at(), format!("{p:?} is not #<index>")))?;
+                    *batch.get(n).ok_or_else(|| {
+                        invalid(&at(), format!("{p} is not a task of this request ({} tasks)", batch.len()))
+                    })?
+                }
+                None => task_id(&at(), p)?,
+            };
+            if id == own {
+                return Err(invalid(&at(), "a task cannot depend on itself"));
+            }
+            Ok(id)
+        })
+        .collect()
+}
+
+/// A batch's tasks, each with the id `#N` names; a cycle among them is refused.
+fn batch_tasks(
+    list: Vec<proto::SubmitTaskRequest>,
+    limits: &SubmitLimits,
+) -> Result<Vec<NewTask>, CoreError> {
+    let ids: Vec<TaskId> = list.iter().map(|_| TaskId::new()).collect();
+    let tasks = list
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| new_task_in(&format!("tasks[{i}]."), t, limits, &ids, ids[i]))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(i) = domain::find_cycle(&tasks) {
+        return Err(invalid(
+            &format!("tasks[{i}].depends_on"),
+            "is part of a cycle: these tasks wait for each other",
+        ));
+    }
+    Ok(tasks)
 }
 
 /// When a submitted task may first run: `run_at`, or `delay_ms` after `now`; `None` for at once
@@ -281,6 +358,7 @@ fn run_after(
 
 pub fn task_state(s: TaskState) -> proto::TaskStatus {
     match s {
+        TaskState::Blocked => proto::TaskStatus::Blocked,
         TaskState::Pending => proto::TaskStatus::Pending,
         TaskState::Assigned => proto::TaskStatus::Assigned,
         TaskState::Running => proto::TaskStatus::Running,
@@ -294,6 +372,7 @@ pub fn task_state(s: TaskState) -> proto::TaskStatus {
 pub fn task_state_filter(field: &str, v: i32) -> Result<Option<TaskState>, CoreError> {
     match proto::TaskStatus::try_from(v) {
         Ok(proto::TaskStatus::Unspecified) => Ok(None),
+        Ok(proto::TaskStatus::Blocked) => Ok(Some(TaskState::Blocked)),
         Ok(proto::TaskStatus::Pending) => Ok(Some(TaskState::Pending)),
         Ok(proto::TaskStatus::Assigned) => Ok(Some(TaskState::Assigned)),
         Ok(proto::TaskStatus::Running) => Ok(Some(TaskState::Running)),
@@ -404,6 +483,15 @@ impl From<Assignment> for proto::TaskAssignment {
             priority: a.priority,
             job_id: a.job_id.map(|j| j.to_string()).unwrap_or_default(),
             traceparent: a.traceparent.unwrap_or_default(),
+            parents: a
+                .parents
+                .into_iter()
+                .map(|p| proto::ParentResult {
+                    task_id: p.task_id.to_string(),
+                    included: p.result.is_some(),
+                    result: p.result.unwrap_or_default(),
+                })
+                .collect(),
         }
     }
 }
@@ -444,7 +532,7 @@ pub fn new_tasks(
     limits: &SubmitLimits,
 ) -> Result<Vec<NewTask>, CoreError> {
     batch_size(list.len())?;
-    list.into_iter().enumerate().map(|(i, t)| new_task(&format!("tasks[{i}]."), t, limits)).collect()
+    batch_tasks(list, limits)
 }
 
 /// A job submission: its name and its tasks.
@@ -453,12 +541,7 @@ pub fn job(req: proto::SubmitJobRequest, limits: &SubmitLimits) -> Result<(Strin
     if req.name.len() > MAX_LABEL_LEN {
         return Err(invalid("name", format!("longer than {MAX_LABEL_LEN} bytes")));
     }
-    let tasks = req
-        .tasks
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| new_task(&format!("tasks[{i}]."), t, limits))
-        .collect::<Result<Vec<_>, _>>()?;
+    let tasks = batch_tasks(req.tasks, limits)?;
     Ok((req.name, tasks))
 }
 
@@ -670,6 +753,7 @@ pub fn job_out(job: Job, tasks: Vec<Task>) -> proto::Job {
         completed: job.count(TaskState::Completed),
         failed: job.count(TaskState::Failed),
         cancelled: job.count(TaskState::Cancelled),
+        blocked: job.count(TaskState::Blocked),
         done: job.done(),
         created_at: Some(timestamp(job.created_at)),
         results,

@@ -13,8 +13,8 @@ use super::{
     Audit, FailureGroup, FailureSummary, Held, HeldRow, PendingType, Result, StoreError, policy::Charges,
 };
 use crate::domain::{
-    Assignment, AttemptRecord, Candidate, Job, JobId, MissedRuns, Schedule, ScheduleId, Task, TaskId,
-    TaskState, TaskTemplate, WorkerId, WorkerRecord, WorkerState,
+    Assignment, AttemptRecord, Candidate, Job, JobId, MissedRuns, ParentResult, Schedule, ScheduleId, Task,
+    TaskId, TaskState, TaskTemplate, WorkerId, WorkerRecord, WorkerState,
 };
 
 /// Typed reads of a row's columns by name, the same on both dialects.
@@ -256,7 +256,13 @@ pub(super) fn assignment(r: &impl Cols) -> Result<Assignment> {
         deadline: r.time("assigned_at")? + chrono::Duration::milliseconds(timeout_ms),
         created_at: r.time("created_at")?,
         traceparent: r.opt_text("traceparent")?,
+        parents: Vec::new(),
     })
+}
+
+/// A parent's `id` and its `result` (NULL: not carried).
+pub(super) fn parent_result(r: &impl Cols) -> Result<ParentResult> {
+    Ok(ParentResult { task_id: TaskId(r.uuid("id")?), result: r.opt_bytes("result")? })
 }
 
 /// A `status, n` row of a count by state.

@@ -66,6 +66,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("invalid database url {0:?}")]
     BadUrl(String),
+    /// A submission named parent tasks that do not exist.
+    #[error("unknown parent task{}: {}", if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "))]
+    UnknownParents(Vec<TaskId>),
     /// Another process holds this SQLite database (see [`sqlite::ProcessLock`]).
     #[error(
         "database {path} is in use by another coordinator process (SQLite allows one per file); \
@@ -165,6 +168,9 @@ pub use policy::RetryPolicy;
 /// The Postgres channel replicas wake each other on.
 pub const NOTIFY_CHANNEL: &str = "coordinator_events";
 
+/// The bytes of parents' results an assignment carries at most; the worker reads the rest.
+pub(crate) const PARENT_RESULTS_BUDGET: usize = 4 << 20;
+
 /// A task this worker holds under this attempt: the fence every worker-side write checks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Held {
@@ -198,6 +204,46 @@ pub struct Failure {
 /// database's) and the duration is exact however late the write lands.
 pub(crate) fn micros_ago(at: Instant) -> i64 {
     i64::try_from(at.elapsed().as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Dependent tasks a transition settled, announced after its commit: released (their last parent
+/// completed: now pending), or ended (a parent, or theirs, failed for good or was cancelled).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Settled {
+    pub released: Vec<TaskId>,
+    /// Each with the state it ended in (failed or cancelled, by its `on_parent_failure`).
+    pub ended: Vec<(TaskId, TaskState)>,
+}
+
+impl Settled {
+    pub fn is_empty(&self) -> bool {
+        self.released.is_empty() && self.ended.is_empty()
+    }
+}
+
+/// Where a store sends what it settled (see [`Store::settled`]).
+#[derive(Debug, Default)]
+pub(crate) struct SettledSink(std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<Settled>>>);
+
+impl SettledSink {
+    /// Announces `s` (after its transaction committed); nothing when empty or nobody listens.
+    pub(crate) fn send(&self, s: Settled) {
+        if s.is_empty() {
+            return;
+        }
+        if let Some(tx) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = tx.send(s);
+        }
+    }
+}
+
+/// The error a dependent gets when `root` ended in `state` (failed or cancelled) with `error`.
+pub(crate) fn parent_ended(root: TaskId, state: TaskState, error: Option<&str>) -> String {
+    let how = if state == TaskState::Cancelled { "was cancelled" } else { "failed" };
+    match error {
+        Some(e) if !e.is_empty() => format!("parent task {root} {how}: {e}"),
+        _ => format!("parent task {root} {how}"),
+    }
 }
 
 /// What became of a report.
@@ -594,6 +640,15 @@ impl Store {
     /// When the database last failed as unreachable.
     pub fn health(&self) -> &Arc<DbHealth> {
         dispatch!(self, s => &s.health)
+    }
+
+    /// The dependents this store's transitions settle, each announced after its commit, for
+    /// the core to apply their effects. One listener: a second call replaces the first.
+    pub fn settled(&self) -> tokio::sync::mpsc::UnboundedReceiver<Settled> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = dispatch!(self, s => &s.settled);
+        *sink.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
     }
 
     /// Pool sizes: (open, idle).

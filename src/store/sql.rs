@@ -119,3 +119,12 @@ pub(super) const SCHEDULE: &str = "SELECT id, name, cron, timezone, task_type, p
 
 /// Deletes a schedule (its tasks stay).
 pub(super) const DELETE_SCHEDULE: &str = "DELETE FROM schedules WHERE id = $1";
+
+/// A task's parents, in the order it named them, each with its result while the results so far
+/// fit in `$2` bytes (NULL past that, or for a parent no longer stored).
+pub(super) const PARENT_RESULTS: &str = "SELECT p.parent AS id,
+            CASE WHEN sum(COALESCE(length(t.result), 0)) OVER (ORDER BY p.position) <= $2 THEN t.result END
+                AS result
+     FROM task_parents p LEFT JOIN tasks t ON t.id = p.parent
+     WHERE p.child = $1
+     ORDER BY p.position";

@@ -26,6 +26,8 @@ pub fn new_task(task_type: &str) -> NewTask {
         job_id: None,
         run_after: None,
         traceparent: None,
+        depends_on: Vec::new(),
+        on_parent_failure: Default::default(),
     }
 }
 

@@ -99,6 +99,13 @@ enum Cmd {
         /// Run no earlier than this time, RFC 3339 (2027-01-02T03:04:05Z).
         #[arg(long, value_parser = parse_rfc3339)]
         run_at: Option<chrono::DateTime<chrono::Utc>>,
+        /// A parent task id (repeat for more): the task waits until every parent completed, then
+        /// runs with their results.
+        #[arg(long = "depends-on")]
+        depends_on: Vec<String>,
+        /// What the task does when a parent fails for good or is cancelled: fail or cancel.
+        #[arg(long, default_value = "fail", value_parser = ["fail", "cancel"])]
+        on_parent_failure: String,
         /// Wait until the task ends and print its result; the exit status says how it ended.
         #[arg(long)]
         wait: bool,
@@ -200,6 +207,10 @@ enum Cmd {
         high: u64,
         #[arg(long, default_value_t = 8)]
         slices: u64,
+        /// Add the slices up on the workers too: one `sum_counts` task that depends on every
+        /// slice and receives their results; this command only waits for the job.
+        #[arg(long)]
+        server_side: bool,
     },
     /// Test numbers for primality on the workers.
     IsPrime { numbers: Vec<u64> },
@@ -449,6 +460,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             delay,
             run_at,
+            depends_on,
+            on_parent_failure,
             wait,
         } => {
             let payload = read_payload(&payload)?;
@@ -465,6 +478,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         seconds: t.timestamp(),
                         nanos: t.timestamp_subsec_nanos() as i32,
                     }),
+                    depends_on,
+                    on_parent_failure: parent_failure(&on_parent_failure) as i32,
                 })
                 .await?
                 .into_inner();
@@ -777,6 +792,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     timeout_ms: 0,
                     delay_ms: v["delay_ms"].as_u64().unwrap_or(0),
                     run_at: None,
+                    // Parents: task ids, or "#N" for the task on line N+1 of this file.
+                    depends_on: v["depends_on"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect())
+                        .unwrap_or_default(),
+                    on_parent_failure: parent_failure(v["on_parent_failure"].as_str().unwrap_or("fail"))
+                        as i32,
                 });
             }
             let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -891,7 +913,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Primes { low, high, slices } => primes(&mut c, low, high, slices, json_out).await,
+        Cmd::Primes { low, high, slices, server_side } => {
+            primes(&mut c, low, high, slices, server_side, json_out).await
+        }
         Cmd::IsPrime { numbers } => is_prime(&mut c, &numbers, json_out).await,
         Cmd::Bench { .. } | Cmd::BenchFleet { .. } => unreachable!("handled above"),
     }
@@ -940,6 +964,7 @@ async fn primes(
     low: u64,
     high: u64,
     slices: u64,
+    server_side: bool,
     json_out: bool,
 ) -> anyhow::Result<ExitCode> {
     if high <= low || slices == 0 {
@@ -954,7 +979,7 @@ async fn primes(
         ranges.push((a, b));
         a = b;
     }
-    let tasks = ranges
+    let mut tasks: Vec<proto::SubmitTaskRequest> = ranges
         .iter()
         .map(|(a, b)| proto::SubmitTaskRequest {
             task_type: "prime_count".into(),
@@ -962,6 +987,13 @@ async fn primes(
             ..Default::default()
         })
         .collect();
+    if server_side {
+        tasks.push(proto::SubmitTaskRequest {
+            task_type: "sum_counts".into(),
+            depends_on: (0..ranges.len()).map(|i| format!("#{i}")).collect(),
+            ..Default::default()
+        });
+    }
     let job = c
         .submit_job(proto::SubmitJobRequest { name: format!("primes {low}..{high}"), tasks })
         .await?
@@ -971,6 +1003,16 @@ async fn primes(
     let mut total = 0u64;
     let mut failures = Vec::new();
     let mut rows = Vec::new();
+    // With --server-side the last task is the sum: its count is the total.
+    let summed = if server_side {
+        j.results.last().map(|r| {
+            let count =
+                serde_json::from_slice::<serde_json::Value>(&r.result).ok().and_then(|v| v["count"].as_u64());
+            (r.status == proto::TaskStatus::Completed as i32, count, r.error.clone())
+        })
+    } else {
+        None
+    };
     for (r, (a, b)) in j.results.iter().zip(&ranges) {
         let count =
             serde_json::from_slice::<serde_json::Value>(&r.result).ok().and_then(|v| v["count"].as_u64());
@@ -984,6 +1026,12 @@ async fn primes(
         }
         rows.push(json!({"low": a, "high": b, "count": count, "worker_id": r.worker_id,
                          "duration_ms": r.duration_ms, "status": status_name(r.status), "error": r.error}));
+    }
+    match &summed {
+        Some((true, Some(n), _)) if failures.is_empty() => total = *n,
+        Some((_, _, error)) if failures.is_empty() => failures
+            .push(format!("sum_counts: {}", if error.is_empty() { "no count in the result" } else { error })),
+        _ => {}
     }
     if json_out {
         println!(
@@ -1002,7 +1050,9 @@ async fn primes(
                 row["duration_ms"].as_u64().unwrap_or_default()
             );
         }
-        if failures.is_empty() {
+        if failures.is_empty() && server_side {
+            println!("{total} primes in [{low}, {high}) (summed on a worker)");
+        } else if failures.is_empty() {
             println!("{total} primes in [{low}, {high})");
         } else {
             println!(
@@ -1173,9 +1223,14 @@ fn pending_reason_name(r: i32) -> Option<&'static str> {
     }
 }
 
+fn parent_failure(s: &str) -> proto::ParentFailurePolicy {
+    if s == "cancel" { proto::ParentFailurePolicy::Cancel } else { proto::ParentFailurePolicy::Fail }
+}
+
 fn status_name(s: i32) -> &'static str {
     match proto::TaskStatus::try_from(s).unwrap_or(proto::TaskStatus::Unspecified) {
         proto::TaskStatus::Unspecified => "unknown",
+        proto::TaskStatus::Blocked => "blocked",
         proto::TaskStatus::Pending => "pending",
         proto::TaskStatus::Assigned => "assigned",
         proto::TaskStatus::Running => "running",
@@ -1187,13 +1242,16 @@ fn status_name(s: i32) -> &'static str {
 
 fn parse_status(s: &str) -> anyhow::Result<proto::TaskStatus> {
     Ok(match s {
+        "blocked" => proto::TaskStatus::Blocked,
         "pending" => proto::TaskStatus::Pending,
         "assigned" => proto::TaskStatus::Assigned,
         "running" => proto::TaskStatus::Running,
         "completed" => proto::TaskStatus::Completed,
         "failed" => proto::TaskStatus::Failed,
         "cancelled" => proto::TaskStatus::Cancelled,
-        other => bail!("--status {other:?}: use pending, assigned, running, completed, failed or cancelled"),
+        other => bail!(
+            "--status {other:?}: use blocked, pending, assigned, running, completed, failed or cancelled"
+        ),
     })
 }
 

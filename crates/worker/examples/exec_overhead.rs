@@ -74,6 +74,7 @@ async fn run(handler: &dyn Handler, i: usize) -> Result<Vec<u8>, String> {
         attempt: 1,
         deadline: None,
         cancelled: CancellationToken::new(),
+        parents: Vec::new(),
     };
     handler.run(task).await.map_err(|e| e.message)
 }

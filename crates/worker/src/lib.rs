@@ -57,5 +57,6 @@ pub use tokio_util::sync::CancellationToken;
 /// For `impl Handler for ...` blocks: `#[coordinator_worker::async_trait]`.
 pub use tonic::async_trait;
 pub use worker::{
-    Handler, TaskContext, TaskFailure, Worker, WorkerCounters, WorkerOptions, backoff, handler_fn,
+    Handler, ParentResult, TaskContext, TaskFailure, Worker, WorkerCounters, WorkerOptions, backoff,
+    handler_fn,
 };

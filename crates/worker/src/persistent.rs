@@ -248,9 +248,8 @@ impl Handler for Persistent {
         let inbox = shared.idle.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
         let (reply, answer) = oneshot::channel();
         // An inbox in `idle` is empty and its slot takes exactly this one job.
-        match inbox.map(|inbox| inbox.try_send(Job { task, reply })) {
-            Some(Ok(())) => {}
-            _ => return Err(shutting_down()),
+        if inbox.is_none_or(|inbox| inbox.try_send(Job { task, reply }).is_err()) {
+            return Err(shutting_down());
         }
         answer.await.unwrap_or_else(|_| Err(shutting_down()))
     }

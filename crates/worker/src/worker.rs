@@ -81,6 +81,17 @@ pub struct TaskContext {
     /// Cancelled when the coordinator cancels the task or it is revoked; handlers that run
     /// long should watch it (the worker also stops waiting for them).
     pub cancelled: CancellationToken,
+    /// The results of the task's parents (its `depends_on`), in the order it named them.
+    pub parents: Vec<ParentResult>,
+}
+
+/// A parent task's result, as the assignment carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentResult {
+    pub task_id: String,
+    /// `None` when the parents' results together were too large for one assignment: read this
+    /// one with `GetTask`.
+    pub result: Option<Vec<u8>>,
 }
 
 /// Why a task failed.
@@ -425,6 +436,11 @@ impl Worker {
             attempt: a.attempt,
             deadline,
             cancelled: cancel.clone(),
+            parents: a
+                .parents
+                .into_iter()
+                .map(|p| ParentResult { task_id: p.task_id, result: p.included.then_some(p.result) })
+                .collect(),
         };
         let time_left = deadline
             .map(|d| d.duration_since(SystemTime::now()).unwrap_or_default())

@@ -34,6 +34,7 @@ fn task(id: &str, payload: &str) -> TaskContext {
         attempt: 1,
         deadline: None,
         cancelled: CancellationToken::new(),
+        parents: Vec::new(),
     }
 }
 

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{PgStore, held_arrays, retry_conflicts};
 use crate::{
-    domain::{Assignment, Candidate},
+    domain::{Assignment, Candidate, TaskId},
     store::{self, Held, Placement, Result, StoreError, TypeFilter, decode, duration_ms, micros_ago},
 };
 
@@ -41,7 +41,7 @@ pub(super) const CLAIM_ASSIGN: &str =
            AND (a.session_id IS NULL
                 OR EXISTS (SELECT 1 FROM fence f WHERE f.id = a.worker_id AND f.session_id = a.session_id))
          RETURNING t.id, t.task_type, t.payload, t.attempt, t.worker_id, t.priority, t.job_id,
-                   t.timeout_ms, t.created_at, t.assigned_at, t.traceparent
+                   t.timeout_ms, t.created_at, t.assigned_at, t.traceparent, t.parents
      )
      SELECT * FROM upd";
 
@@ -154,7 +154,18 @@ impl PgStore {
             .fetch_all(&mut *tx)
             .await?;
         tx.commit().await?;
-        rows.iter().map(decode::assignment).collect()
+        let mut assignments = rows.iter().map(decode::assignment).collect::<Result<Vec<_>>>()?;
+        let mut with_parents = std::collections::HashSet::new();
+        for r in &rows {
+            if r.try_get::<Option<i32>, _>("parents")?.is_some_and(|n| n > 0) {
+                with_parents.insert(TaskId(r.try_get("id")?));
+            }
+        }
+        if !with_parents.is_empty() {
+            let mut conn = self.pool.acquire().await?;
+            super::dependents::parent_results(&mut conn, &mut assignments, &with_parents).await?;
+        }
+        Ok(assignments)
     }
 
     pub(in crate::store) async fn mark_running(&self, delivered: &[(Held, Instant)]) -> Result<u64> {

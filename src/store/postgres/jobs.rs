@@ -2,7 +2,7 @@
 
 use super::PgStore;
 use crate::{
-    domain::{Job, JobId, TaskId},
+    domain::{Job, JobId, TaskId, TaskState},
     store::{
         Cancelled, Held, Result,
         decode::{self, Cols},
@@ -49,7 +49,7 @@ impl PgStore {
                  UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
                      lease_expires_at = NULL
                  WHERE id IN (SELECT task_id FROM job_tasks WHERE job_id = $1)
-                   AND status IN ('pending', 'assigned', 'running')
+                   AND status IN ('blocked', 'pending', 'assigned', 'running')
                  RETURNING {TASK_COLUMNS}
              )
              SELECT * FROM c ORDER BY id"
@@ -62,7 +62,14 @@ impl PgStore {
         if !held.is_empty() {
             sqlx::query(super::CLOSE_CANCELLED_ATTEMPTS).bind(&held).bind(reason).execute(&mut *tx).await?;
         }
+        // Dependents outside the job end with its tasks (those inside were cancelled above).
+        let roots: Vec<_> = rows
+            .iter()
+            .map(|r| r.uuid("id").map(|id| (TaskId(id), TaskState::Cancelled, Some(reason.to_owned()))))
+            .collect::<Result<_>>()?;
+        let ended = super::dependents::end_dependents(&mut tx, &roots).await?;
         tx.commit().await?;
+        self.settled.send(crate::store::Settled { released: Vec::new(), ended });
         rows.iter()
             .map(|r| {
                 let task = decode::task(r)?;

@@ -14,6 +14,7 @@
 //! fraction of one, growing with the backlog.
 
 mod claim;
+mod dependents;
 mod failures;
 mod jobs;
 mod prune;
@@ -44,6 +45,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres")
 pub struct PgStore {
     pool: PgPool,
     pub(super) health: Arc<DbHealth>,
+    pub(super) settled: Arc<super::SettledSink>,
 }
 
 /// Runs a statement group again when Postgres aborted it to break a deadlock or a serialization
@@ -91,7 +93,7 @@ impl PgStore {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, health: Arc::default() })
+        Ok(Self { pool, health: Arc::default(), settled: Arc::default() })
     }
 
     pub(in crate::store) async fn migrate(&self) -> Result<()> {

@@ -34,6 +34,9 @@ impl PgStore {
             let ids: Vec<Uuid> = sqlx::query_scalar(
                 "SELECT id FROM tasks
                  WHERE status = $1 AND finished_at < now() - $2 * interval '1 millisecond'
+                   AND NOT EXISTS (SELECT 1 FROM task_parents p JOIN tasks c ON c.id = p.child
+                                   WHERE p.parent = tasks.id
+                                     AND c.status IN ('blocked', 'pending', 'assigned', 'running'))
                  ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED",
             )
             .bind(state.as_str())
@@ -49,6 +52,10 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+            sqlx::query("DELETE FROM task_parents WHERE child = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
             out.job_tasks += sqlx::query("DELETE FROM job_tasks WHERE task_id = ANY($1)")
                 .bind(&ids)
                 .execute(&mut *tx)

@@ -5,12 +5,14 @@ use std::{collections::HashSet, time::Duration};
 
 use sqlx::Row;
 
-use super::{PgStore, held_arrays, retry_conflicts};
+use uuid::Uuid;
+
+use super::{PgStore, dependents, held_arrays, retry_conflicts};
 use crate::{
     domain::{TaskId, TaskState},
     store::{
-        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy, StoreError, decode,
-        micros_ago, policy, sql::TASK_COLUMNS,
+        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy, Settled, StoreError,
+        decode, micros_ago, policy, sql::TASK_COLUMNS,
     },
 };
 
@@ -29,9 +31,9 @@ pub(super) const COMPLETE: &str = "WITH r AS (
          FROM r
          WHERE t.id = r.id AND t.worker_id = r.worker_id AND t.attempt = r.attempt
            AND (t.status IN ('assigned', 'running')) IS TRUE
-         RETURNING t.id, t.attempt, t.worker_id
+         RETURNING t.id, t.attempt, t.worker_id, t.dependents
      )
-     SELECT id, attempt, worker_id FROM upd";
+     SELECT id, attempt, worker_id, dependents FROM upd";
 
 impl PgStore {
     pub(in crate::store) async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
@@ -53,9 +55,20 @@ impl PgStore {
             .bind(&ago)
             .fetch_all(&mut *tx)
             .await?;
+        // A task's `dependents` as this update found it: a submission that named it committed
+        // first (and the release below, a statement of its own, sees its edges), or it waits
+        // for this commit and then finds the task completed.
+        let mut parents = Vec::new();
+        for r in &applied {
+            if r.try_get::<Option<i32>, _>("dependents")?.is_some_and(|n| n > 0) {
+                parents.push(r.try_get::<Uuid, _>("id")?);
+            }
+        }
+        let released = dependents::release(&mut tx, &parents).await?;
         let applied: HashSet<Held> = applied.iter().map(decode::held).collect::<Result<_>>()?;
         let outcomes = self.outcomes(&mut tx, &held, applied, "completed", |_| TaskState::Completed).await?;
         tx.commit().await?;
+        self.settled.send(Settled { released, ended: Vec::new() });
         Ok(outcomes)
     }
 
@@ -174,7 +187,13 @@ impl PgStore {
         .bind(report.delivered.map(micros_ago))
         .execute(&mut *tx)
         .await?;
+        let ended = if next.finished() {
+            dependents::end_dependents(&mut tx, &[(h.task_id, next.state, next.error.clone())]).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await?;
+        self.settled.send(Settled { released: Vec::new(), ended });
         Ok(ReportOutcome::Applied { state: next.state })
     }
 
@@ -183,7 +202,7 @@ impl PgStore {
         let sql = format!(
             "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
                  lease_expires_at = NULL
-             WHERE id = $1 AND status IN ('pending', 'assigned', 'running')
+             WHERE id = $1 AND status IN ('blocked', 'pending', 'assigned', 'running')
              RETURNING {TASK_COLUMNS}"
         );
         let row =
@@ -207,7 +226,11 @@ impl PgStore {
                 .execute(&mut *tx)
                 .await?;
         }
+        let ended =
+            dependents::end_dependents(&mut tx, &[(id, TaskState::Cancelled, Some(reason.to_owned()))])
+                .await?;
         tx.commit().await?;
+        self.settled.send(Settled { released: Vec::new(), ended });
         Ok(Some(Cancelled { task, applied: true, held_by }))
     }
 }

@@ -6,10 +6,10 @@ use std::{collections::HashMap, time::Duration};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{PgStore, held_arrays, retry_conflicts};
+use super::{PgStore, dependents, held_arrays, retry_conflicts};
 use crate::{
     domain::{RequeueReason, TaskState, WorkerId},
-    store::{Held, Requeued, Result, StoreError, decode, policy},
+    store::{Held, Requeued, Result, Settled, StoreError, decode, policy},
 };
 
 impl PgStore {
@@ -21,8 +21,10 @@ impl PgStore {
              ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::from(limit));
-        let out = requeue(&mut tx, victims, RequeueReason::LeaseExpired).await?;
+        let mut settled = Settled::default();
+        let out = requeue(&mut tx, victims, RequeueReason::LeaseExpired, &mut settled).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -47,8 +49,10 @@ impl PgStore {
         )
         .bind(&worker.0)
         .bind(session);
-        let out = requeue(&mut tx, victims, RequeueReason::WorkerDead).await?;
+        let mut settled = Settled::default();
+        let out = requeue(&mut tx, victims, RequeueReason::WorkerDead, &mut settled).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -62,8 +66,10 @@ impl PgStore {
         retry_conflicts!(
             async {
                 let mut tx = self.pool.begin().await?;
-                let out = requeue_held_in(&mut tx, held, reason).await?;
+                let mut settled = Settled::default();
+                let out = requeue_held_in(&mut tx, held, reason, &mut settled).await?;
                 tx.commit().await?;
+                self.settled.send(settled);
                 Ok::<_, StoreError>(out)
             }
             .await
@@ -74,11 +80,13 @@ impl PgStore {
 /// Shared requeue: `victims` selects and locks the lost attempts (id, attempt, worker_id,
 /// failures, max_attempts); [`policy::after_loss`] decides what each task becomes (pending again,
 /// or failed when out of attempts), and their attempt rows are closed, in the caller's
-/// transaction.
+/// transaction. The dependents of the tasks that failed end with them (into `settled`, for the
+/// caller to announce after its commit).
 async fn requeue<'q>(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     victims: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     reason: RequeueReason,
+    settled: &mut Settled,
 ) -> Result<Vec<Requeued>> {
     let rows = victims.fetch_all(&mut **tx).await?;
     if rows.is_empty() {
@@ -135,6 +143,15 @@ async fn requeue<'q>(
     for r in rows {
         updated.insert(r.try_get("id")?, (r.try_get("task_type")?, decode::state(r.try_get("status")?)?));
     }
+    let roots: Vec<_> = lost
+        .iter()
+        .zip(&nexts)
+        .filter(|(h, n)| n.finished() && updated.contains_key(&h.task_id.0))
+        .map(|(h, n)| (h.task_id, n.state, n.error.clone()))
+        .collect();
+    if !roots.is_empty() {
+        settled.ended.extend(dependents::end_dependents(tx, &roots).await?);
+    }
     lost.into_iter()
         .filter_map(|h| {
             let (task_type, state) = updated.remove(&h.task_id.0)?;
@@ -156,6 +173,7 @@ pub(super) async fn requeue_held_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     held: &[Held],
     reason: RequeueReason,
+    settled: &mut Settled,
 ) -> Result<Vec<Requeued>> {
     let (ids, workers, attempts) = held_arrays(held);
     let victims = sqlx::query(
@@ -169,5 +187,5 @@ pub(super) async fn requeue_held_in(
     .bind(workers)
     .bind(attempts)
     .bind(policy::takes_running(reason));
-    requeue(tx, victims, reason).await
+    requeue(tx, victims, reason, settled).await
 }

@@ -101,7 +101,7 @@ impl PgStore {
             let schedule = decode::schedule(row)?;
             let firing = plan(&schedule);
             let tasks = occurrence_tasks(&schedule, &firing);
-            let created = if tasks.is_empty() { Vec::new() } else { insert_tasks(&mut tx, &tasks).await? };
+            let created = if tasks.is_empty() { Vec::new() } else { insert_tasks(&mut tx, &tasks).await?.0 };
             let runs = new_runs(&created);
             // Fenced by the time it was due as read under the lock.
             sqlx::query(

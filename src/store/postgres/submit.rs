@@ -6,17 +6,18 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::PgStore;
+use super::{PgStore, dependents};
 use crate::{
     domain::{Job, JobId, NewTask, Task},
-    store::{Created, Result, StoreError, decode, duration_ms, sql::TASK_COLUMNS},
+    store::{Created, Result, Settled, StoreError, decode, duration_ms, sql::TASK_COLUMNS},
 };
 
 impl PgStore {
     pub(in crate::store) async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
         let mut tx = self.pool.begin().await?;
-        let out = insert_tasks(&mut tx, tasks).await?;
+        let (out, settled) = insert_tasks(&mut tx, tasks).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -33,7 +34,7 @@ impl PgStore {
             .bind(tasks.len() as i32)
             .fetch_one(&mut *tx)
             .await?;
-        let created = insert_tasks(&mut tx, tasks).await?;
+        let (created, settled) = insert_tasks(&mut tx, tasks).await?;
         let members: Vec<Uuid> = created.iter().map(|c| c.task.id.0).collect();
         sqlx::query(
             "INSERT INTO job_tasks (job_id, position, task_id)
@@ -44,6 +45,7 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.settled.send(settled);
         let mut counts = BTreeMap::new();
         for c in &created {
             *counts.entry(c.task.state).or_insert(0) += 1;
@@ -59,10 +61,13 @@ impl PgStore {
     }
 }
 
+/// Inserts `tasks` (a task naming parents starts blocked on all of them, then
+/// [`dependents::link`] counts off those already completed); what each submission got, and the
+/// dependents that settled at once.
 pub(super) async fn insert_tasks(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     tasks: &[NewTask],
-) -> Result<Vec<Created>> {
+) -> Result<(Vec<Created>, Settled)> {
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.id.0).collect();
     let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
     let payloads: Vec<&[u8]> = tasks.iter().map(|t| t.payload.as_slice()).collect();
@@ -73,13 +78,18 @@ pub(super) async fn insert_tasks(
     let jobs: Vec<Option<Uuid>> = tasks.iter().map(|t| t.job_id.map(|j| j.0)).collect();
     let run_after: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_after).collect();
     let traceparents: Vec<Option<&str>> = tasks.iter().map(|t| t.traceparent.as_deref()).collect();
+    let parents: Vec<Option<i32>> =
+        tasks.iter().map(|t| (!t.depends_on.is_empty()).then_some(t.depends_on.len() as i32)).collect();
+    let policies: Vec<Option<&str>> =
+        tasks.iter().map(|t| (!t.depends_on.is_empty()).then_some(t.on_parent_failure.as_str())).collect();
     let sql = format!(
         "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
-                            run_after, traceparent)
-         SELECT i, ty, p, pr, ma, tm, k, j, COALESCE(ra, now()), tp
+                            run_after, traceparent, status, parents, blocked_on, on_parent_failure)
+         SELECT i, ty, p, pr, ma, tm, k, j, COALESCE(ra, now()), tp,
+                CASE WHEN n IS NULL THEN 'pending' ELSE 'blocked' END, n, n, pol
          FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::int[], $5::int[], $6::bigint[],
-                     $7::text[], $8::uuid[], $9::timestamptz[], $10::text[])
-              AS u(i, ty, p, pr, ma, tm, k, j, ra, tp)
+                     $7::text[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int[], $12::text[])
+              AS u(i, ty, p, pr, ma, tm, k, j, ra, tp, n, pol)
          ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING {TASK_COLUMNS}"
     );
@@ -94,6 +104,8 @@ pub(super) async fn insert_tasks(
         .bind(&jobs)
         .bind(&run_after)
         .bind(&traceparents)
+        .bind(&parents)
+        .bind(&policies)
         .fetch_all(&mut **tx)
         .await?;
     let mut inserted: std::collections::HashMap<Uuid, Task> =
@@ -112,18 +124,23 @@ pub(super) async fn insert_tasks(
             existing.insert(t.idempotency_key.clone().unwrap_or_default(), t);
         }
     }
-    tasks
-        .iter()
-        .map(|t| {
-            if let Some(task) = inserted.remove(&t.id.0) {
-                return Ok(Created { task, created: true });
-            }
-            let key = t.idempotency_key.as_deref().unwrap_or_default();
-            existing
-                .get(key)
-                .cloned()
-                .map(|task| Created { task, created: false })
-                .ok_or_else(|| StoreError::Corrupt(format!("task {} was neither inserted nor found", t.id)))
-        })
-        .collect()
+    let mut created =
+        tasks
+            .iter()
+            .map(|t| {
+                if let Some(task) = inserted.remove(&t.id.0) {
+                    return Ok(Created { task, created: true });
+                }
+                let key = t.idempotency_key.as_deref().unwrap_or_default();
+                existing.get(key).cloned().map(|task| Created { task, created: false }).ok_or_else(|| {
+                    StoreError::Corrupt(format!("task {} was neither inserted nor found", t.id))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+    let settled = if tasks.iter().any(|t| !t.depends_on.is_empty()) {
+        dependents::link(tx, tasks, &mut created).await?
+    } else {
+        Settled::default()
+    };
+    Ok((created, settled))
 }

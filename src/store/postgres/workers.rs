@@ -33,14 +33,16 @@ impl PgStore {
         let rows = sqlx::query(sql::ADOPT).bind(&w.id.0).bind(w.session_id).fetch_all(&mut *tx).await?;
         let mut held = rows.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
         let mut requeued = Vec::new();
+        let mut settled = super::super::Settled::default();
         if let Some(holding) = &w.holding {
             let (kept, missing, reason) = holding.split(previous.flatten().as_deref(), held);
             held = kept;
             if !missing.is_empty() {
-                requeued = super::requeue::requeue_held_in(&mut tx, &missing, reason).await?;
+                requeued = super::requeue::requeue_held_in(&mut tx, &missing, reason, &mut settled).await?;
             }
         }
         tx.commit().await?;
+        self.settled.send(settled);
         held.sort_by_key(|h| h.task_id);
         Ok(Registration { held, requeued })
     }

@@ -8,6 +8,7 @@ use std::{
 };
 
 use chrono::Utc;
+use sqlx::Row;
 
 use super::{SqliteStore, plus_ms};
 use crate::{
@@ -64,6 +65,7 @@ impl SqliteStore {
         let placed = store::only_candidates(&candidates, placed);
         let lease_until = plus_ms(micros(now), duration_ms(lease));
         let mut out = Vec::with_capacity(placed.len());
+        let mut with_parents = HashSet::new();
         // The session fence: one writer runs at a time, so the session read here is the
         // worker's current one until this transaction commits.
         let mut current: HashMap<WorkerId, bool> = HashMap::new();
@@ -92,7 +94,7 @@ impl SqliteStore {
                      assigned_at = $3, started_at = NULL, updated_at = $3, lease_expires_at = $4
                  WHERE id = $1 AND status = 'pending'
                  RETURNING id, worker_id, attempt, task_type, payload, priority, job_id, timeout_ms, created_at,
-                           assigned_at, traceparent",
+                           assigned_at, traceparent, parents",
             )
             .bind(task_id.to_string())
             .bind(&worker_id.0)
@@ -102,7 +104,14 @@ impl SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
             let Some(r) = row else { continue };
-            out.push(decode::assignment(&r)?);
+            let a = decode::assignment(&r)?;
+            if r.try_get::<Option<i64>, _>("parents")?.is_some_and(|n| n > 0) {
+                with_parents.insert(a.task_id);
+            }
+            out.push(a);
+        }
+        if !with_parents.is_empty() {
+            super::dependents::parent_results(&mut tx, &mut out, &with_parents).await?;
         }
         tx.commit().await?;
         Ok(out)

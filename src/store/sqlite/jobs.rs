@@ -4,7 +4,7 @@ use chrono::Utc;
 
 use super::{SqliteStore, report::close_attempt};
 use crate::{
-    domain::{Job, JobId, TaskId},
+    domain::{Job, JobId, TaskId, TaskState},
     store::{
         Cancelled, Held, Result,
         decode::{self, Cols, micros},
@@ -50,7 +50,7 @@ impl SqliteStore {
             "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = $3, updated_at = $3,
                  lease_expires_at = NULL
              WHERE id IN (SELECT task_id FROM job_tasks WHERE job_id = $1)
-               AND status IN ('pending', 'assigned', 'running')
+               AND status IN ('blocked', 'pending', 'assigned', 'running')
              RETURNING {TASK_COLUMNS}"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -73,7 +73,12 @@ impl SqliteStore {
             }
             out.push(Cancelled { task, applied: true, held_by });
         }
+        // Dependents outside the job end with its tasks (those inside were cancelled above).
+        let roots: Vec<_> =
+            out.iter().map(|c| (c.task.id, TaskState::Cancelled, Some(reason.to_owned()))).collect();
+        let ended = super::dependents::end_dependents(&mut tx, &roots, now).await?;
         tx.commit().await?;
+        self.settled.send(crate::store::Settled { released: Vec::new(), ended });
         out.sort_by_key(|c| c.task.id);
         Ok(Some(out))
     }

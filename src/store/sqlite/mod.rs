@@ -10,6 +10,7 @@
 //! [`crate::store::policy`].
 
 mod claim;
+mod dependents;
 mod failures;
 mod jobs;
 mod prune;
@@ -85,6 +86,7 @@ pub struct SqliteStore {
     /// Readers; WAL mode lets them read beside the writer.
     reader: SqlitePool,
     pub(super) health: Arc<DbHealth>,
+    pub(super) settled: Arc<super::SettledSink>,
 }
 
 impl SqliteStore {
@@ -112,7 +114,7 @@ impl SqliteStore {
             .acquire_timeout(cfg.acquire_timeout)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader, health: Arc::default() })
+        Ok(Self { writer, reader, health: Arc::default(), settled: Arc::default() })
     }
 
     /// The single writer connection's pool: a test that holds it makes every write wait.

@@ -20,7 +20,11 @@ impl SqliteStore {
             }
             // The one writer: the ids read here are the rows deleted below.
             let ids: Vec<String> = sqlx::query_scalar(
-                "SELECT id FROM tasks WHERE status = $1 AND finished_at < $2 ORDER BY finished_at LIMIT $3",
+                "SELECT id FROM tasks WHERE status = $1 AND finished_at < $2
+                   AND NOT EXISTS (SELECT 1 FROM task_parents p JOIN tasks c ON c.id = p.child
+                                   WHERE p.parent = tasks.id
+                                     AND c.status IN ('blocked', 'pending', 'assigned', 'running'))
+                 ORDER BY finished_at LIMIT $3",
             )
             .bind(state.as_str())
             .bind(before(age))
@@ -37,6 +41,10 @@ impl SqliteStore {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+            sqlx::query("DELETE FROM task_parents WHERE child IN (SELECT value FROM json_each($1))")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
             out.job_tasks +=
                 sqlx::query("DELETE FROM job_tasks WHERE task_id IN (SELECT value FROM json_each($1))")
                     .bind(&ids)

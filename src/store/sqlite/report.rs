@@ -4,11 +4,11 @@
 use chrono::Utc;
 use sqlx::Row;
 
-use super::{SqliteStore, Tx, plus_ms};
+use super::{SqliteStore, Tx, dependents, plus_ms};
 use crate::{
     domain::{TaskId, TaskState},
     store::{
-        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy,
+        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy, Settled,
         decode::{self, Cols, micros},
         micros_ago, policy,
         sql::TASK_COLUMNS,
@@ -20,6 +20,7 @@ impl SqliteStore {
         let mut tx = self.writer.begin().await?;
         let now = micros(Utc::now());
         let mut out = Vec::with_capacity(reports.len());
+        let mut settled = Settled::default();
         for c in reports {
             let h = &c.held;
             // A task whose `running` mark has not landed yet started when it was delivered.
@@ -27,7 +28,8 @@ impl SqliteStore {
             let r = sqlx::query(
                 "UPDATE tasks SET status = 'completed', result = $4, error = NULL, finished_at = $5,
                      started_at = COALESCE(started_at, $6), updated_at = $5, lease_expires_at = NULL
-                 WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status IN ('assigned', 'running')",
+                 WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status IN ('assigned', 'running')
+                 RETURNING dependents",
             )
             .bind(h.task_id.to_string())
             .bind(&h.worker_id.0)
@@ -35,16 +37,20 @@ impl SqliteStore {
             .bind(&c.result)
             .bind(now)
             .bind(started)
-            .execute(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await?;
-            if r.rows_affected() == 1 {
+            if let Some(r) = r {
                 // The completed attempt is recorded in the task's row only.
                 out.push(ReportOutcome::Applied { state: TaskState::Completed });
+                if r.try_get::<Option<i64>, _>("dependents")?.is_some_and(|n| n > 0) {
+                    settled.released.extend(dependents::release(&mut tx, h.task_id, now).await?);
+                }
             } else {
                 out.push(classify(&mut tx, h, "completed").await?);
             }
         }
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -95,7 +101,13 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         close_attempt(&mut tx, h, now, started, "failed", Some(&report.error)).await?;
+        let ended = if next.finished() {
+            dependents::end_dependents(&mut tx, &[(h.task_id, next.state, next.error.clone())], now).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await?;
+        self.settled.send(Settled { released: Vec::new(), ended });
         Ok(ReportOutcome::Applied { state: next.state })
     }
 
@@ -105,7 +117,7 @@ impl SqliteStore {
         let sql = format!(
             "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = $3, updated_at = $3,
                  lease_expires_at = NULL
-             WHERE id = $1 AND status IN ('pending', 'assigned', 'running')
+             WHERE id = $1 AND status IN ('blocked', 'pending', 'assigned', 'running')
              RETURNING {TASK_COLUMNS}"
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -128,7 +140,11 @@ impl SqliteStore {
         if let Some(h) = &held_by {
             close_attempt(&mut tx, h, now, now, "cancelled", Some(reason)).await?;
         }
+        let ended =
+            dependents::end_dependents(&mut tx, &[(id, TaskState::Cancelled, Some(reason.to_owned()))], now)
+                .await?;
         tx.commit().await?;
+        self.settled.send(Settled { released: Vec::new(), ended });
         Ok(Some(Cancelled { task, applied: true, held_by }))
     }
 }

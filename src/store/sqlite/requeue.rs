@@ -11,7 +11,7 @@ use super::{SqliteStore, Tx, plus_ms};
 use crate::{
     domain::{RequeueReason, WorkerId},
     store::{
-        Held, Requeued, Result,
+        Held, Requeued, Result, Settled,
         decode::{self, micros},
         policy,
     },
@@ -31,8 +31,10 @@ impl SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         let held = victims.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
-        let out = requeue(&mut tx, &held, RequeueReason::LeaseExpired, now).await?;
+        let mut settled = Settled::default();
+        let out = requeue(&mut tx, &held, RequeueReason::LeaseExpired, now, &mut settled).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -55,8 +57,10 @@ impl SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         let held = victims.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
-        let out = requeue(&mut tx, &held, RequeueReason::WorkerDead, now).await?;
+        let mut settled = Settled::default();
+        let out = requeue(&mut tx, &held, RequeueReason::WorkerDead, now, &mut settled).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -67,19 +71,23 @@ impl SqliteStore {
     ) -> Result<Vec<Requeued>> {
         let now = micros(Utc::now());
         let mut tx = self.writer.begin().await?;
-        let out = requeue(&mut tx, held, reason, now).await?;
+        let mut settled = Settled::default();
+        let out = requeue(&mut tx, held, reason, now, &mut settled).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 }
 
 /// Gives held tasks back: pending again, or failed when out of attempts. Each update is fenced by
 /// (task, worker, attempt) and a held status, so a completion that won the race is untouched.
+/// The dependents of the tasks that failed end with them (into `settled`).
 pub(super) async fn requeue(
     tx: &mut Tx<'_>,
     held: &[Held],
     reason: RequeueReason,
     now: i64,
+    settled: &mut Settled,
 ) -> Result<Vec<Requeued>> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
@@ -118,6 +126,10 @@ pub(super) async fn requeue(
         .execute(&mut **tx)
         .await?;
         super::report::close_attempt(tx, h, now, now, reason.as_str(), None).await?;
+        if next.finished() {
+            let root = [(h.task_id, next.state, next.error.clone())];
+            settled.ended.extend(super::dependents::end_dependents(tx, &root, now).await?);
+        }
         out.push(Requeued {
             task_id: h.task_id,
             task_type: row.try_get("task_type")?,

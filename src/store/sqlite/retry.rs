@@ -15,7 +15,8 @@ use crate::{
 };
 
 /// What a retry resets (`$1` is now); the attempt counter and the history are kept.
-const RESET: &str = "status = 'pending', failures = 0, error = NULL, result = NULL, worker_id = NULL,
+/// A task with parents that have not all completed waits for them again.
+const RESET: &str = "status = CASE WHEN COALESCE(blocked_on, 0) > 0 THEN 'blocked' ELSE 'pending' END, failures = 0, error = NULL, result = NULL, worker_id = NULL,
      session_id = NULL, run_after = $1, lease_expires_at = NULL, assigned_at = NULL,
      started_at = NULL, finished_at = NULL, updated_at = $1";
 

@@ -107,7 +107,7 @@ impl SqliteStore {
             let schedule = decode::schedule(row)?;
             let firing = plan(&schedule);
             let tasks = occurrence_tasks(&schedule, &firing);
-            let created = if tasks.is_empty() { Vec::new() } else { insert_tasks(&mut tx, &tasks).await? };
+            let created = if tasks.is_empty() { Vec::new() } else { insert_tasks(&mut tx, &tasks).await?.0 };
             let runs = new_runs(&created);
             sqlx::query(
                 "UPDATE schedules SET next_run_at = $3, last_run_at = COALESCE($4, last_run_at),

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 
-use super::{SqliteStore, Tx};
+use super::{SqliteStore, Tx, dependents};
 use crate::{
     domain::{Job, JobId, NewTask},
     store::{
-        Created, Result, StoreError,
+        Created, Result, Settled, StoreError,
         decode::{self, from_micros, micros},
         duration_ms,
         sql::{self, TASK_COLUMNS},
@@ -18,8 +18,9 @@ use crate::{
 impl SqliteStore {
     pub(in crate::store) async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
         let mut tx = self.writer.begin().await?;
-        let out = insert_tasks(&mut tx, tasks).await?;
+        let (out, settled) = insert_tasks(&mut tx, tasks).await?;
         tx.commit().await?;
+        self.settled.send(settled);
         Ok(out)
     }
 
@@ -38,7 +39,7 @@ impl SqliteStore {
             .bind(micros(now))
             .execute(&mut *tx)
             .await?;
-        let created = insert_tasks(&mut tx, tasks).await?;
+        let (created, settled) = insert_tasks(&mut tx, tasks).await?;
         for (position, c) in created.iter().enumerate() {
             sqlx::query("INSERT INTO job_tasks (job_id, position, task_id) VALUES ($1, $2, $3)")
                 .bind(job_id.to_string())
@@ -48,6 +49,7 @@ impl SqliteStore {
                 .await?;
         }
         tx.commit().await?;
+        self.settled.send(settled);
         let mut counts = BTreeMap::new();
         for c in &created {
             *counts.entry(c.task.state).or_insert(0) += 1;
@@ -65,12 +67,17 @@ impl SqliteStore {
     }
 }
 
-pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<Vec<Created>> {
+/// Inserts `tasks` (a task naming parents starts blocked on all of them, then
+/// [`dependents::link`] counts off those already completed); what each submission got, and the
+/// dependents that settled at once.
+pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<(Vec<Created>, Settled)> {
     let now = micros(Utc::now());
     let sql = format!(
         "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
-                            run_after, created_at, updated_at, traceparent)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($10, $9), $9, $9, $11)
+                            run_after, created_at, updated_at, traceparent, status, parents, blocked_on,
+                            on_parent_failure)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($10, $9), $9, $9, $11,
+                 CASE WHEN $12 IS NULL THEN 'pending' ELSE 'blocked' END, $12, $12, $13)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING {TASK_COLUMNS}"
     );
@@ -88,6 +95,8 @@ pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<V
             .bind(now)
             .bind(t.run_after.map(micros))
             .bind(t.traceparent.as_deref())
+            .bind((!t.depends_on.is_empty()).then_some(t.depends_on.len() as i64))
+            .bind((!t.depends_on.is_empty()).then_some(t.on_parent_failure.as_str()))
             .fetch_optional(&mut **tx)
             .await?;
         if let Some(row) = row {
@@ -101,5 +110,10 @@ pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<V
             .ok_or_else(|| StoreError::Corrupt(format!("task {} was neither inserted nor found", t.id)))?;
         out.push(Created { task: decode::task(&row)?, created: false });
     }
-    Ok(out)
+    let settled = if tasks.iter().any(|t| !t.depends_on.is_empty()) {
+        dependents::link(tx, tasks, &mut out, now).await?
+    } else {
+        Settled::default()
+    };
+    Ok((out, settled))
 }

@@ -32,14 +32,18 @@ impl SqliteStore {
             sqlx::query(sql::ADOPT).bind(&w.id.0).bind(w.session_id.to_string()).fetch_all(&mut *tx).await?;
         let mut held = rows.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
         let mut requeued = Vec::new();
+        let mut settled = crate::store::Settled::default();
         if let Some(holding) = &w.holding {
             let (kept, missing, reason) = holding.split(previous.flatten().as_deref(), held);
             held = kept;
             if !missing.is_empty() {
-                requeued = super::requeue::requeue(&mut tx, &missing, reason, micros(Utc::now())).await?;
+                requeued =
+                    super::requeue::requeue(&mut tx, &missing, reason, micros(Utc::now()), &mut settled)
+                        .await?;
             }
         }
         tx.commit().await?;
+        self.settled.send(settled);
         held.sort_by_key(|h| h.task_id);
         Ok(Registration { held, requeued })
     }

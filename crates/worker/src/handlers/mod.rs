@@ -2,7 +2,7 @@
 //! dispatcher that routes a task to the handler named by its task type.
 //!
 //! Built-ins ([`BUILTIN`]): [`echo`], [`noop`], [`sleep`], [`prime_count`], [`is_prime`],
-//! [`merkle_proof`]. [`exec`] runs a configured external command (a prover CLI, say) per task
+//! [`merkle_proof`], [`sum_counts`]. [`exec`] runs a configured external command (a prover CLI, say) per task
 //! type.
 //!
 //! Conventions shared by every handler:
@@ -27,6 +27,7 @@ pub mod noop;
 pub mod prime_count;
 pub(crate) mod process;
 pub mod sleep;
+pub mod sum_counts;
 
 pub use echo::Echo;
 pub use exec::{Exec, ExecConfig};
@@ -35,9 +36,11 @@ pub use merkle_proof::MerkleProof;
 pub use noop::Noop;
 pub use prime_count::PrimeCount;
 pub use sleep::Sleep;
+pub use sum_counts::SumCounts;
 
 /// The built-in handlers, by the task type each one serves.
-pub const BUILTIN: &[&str] = &["echo", "noop", "sleep", "prime_count", "is_prime", "merkle_proof"];
+pub const BUILTIN: &[&str] =
+    &["echo", "noop", "sleep", "prime_count", "is_prime", "merkle_proof", "sum_counts"];
 
 /// The built-in handler named `name`, if there is one.
 pub fn builtin(name: &str) -> Option<Arc<dyn Handler>> {
@@ -48,6 +51,7 @@ pub fn builtin(name: &str) -> Option<Arc<dyn Handler>> {
         "prime_count" => Arc::new(PrimeCount),
         "is_prime" => Arc::new(IsPrime),
         "merkle_proof" => Arc::new(MerkleProof),
+        "sum_counts" => Arc::new(SumCounts),
         _ => return None,
     })
 }
@@ -162,6 +166,7 @@ pub(crate) mod test_support {
             attempt: 1,
             deadline: None,
             cancelled: CancellationToken::new(),
+            parents: Vec::new(),
         }
     }
 

@@ -1,0 +1,225 @@
+//! Task dependencies: a submission's edges and the parents it waits for, and the dependents a
+//! parent's end settles. A parent's completion releases its dependents inside its own statement
+//! (see [`super::report::COMPLETE`]); the rest is here.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::{
+    domain::{Assignment, NewTask, TaskId, TaskState},
+    store::{Created, Result, Settled, StoreError, decode, parent_ended, sql::PARENT_RESULTS},
+};
+
+/// Ends the dependents of each root (a task that failed for good or was cancelled), and theirs:
+/// every descendant still blocked fails or is cancelled by its `on_parent_failure`, with the
+/// root's end in its error. Returns them with the state each ended in.
+pub(super) async fn end_dependents(
+    tx: &mut Transaction<'_, Postgres>,
+    roots: &[(TaskId, TaskState, Option<String>)],
+) -> Result<Vec<(TaskId, TaskState)>> {
+    if roots.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = roots.iter().map(|(id, _, _)| id.0).collect();
+    let causes: Vec<String> =
+        roots.iter().map(|(id, state, error)| parent_ended(*id, *state, error.as_deref())).collect();
+    let rows = sqlx::query(
+        "WITH RECURSIVE roots AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS r(id, cause)),
+         d(id, root) AS (
+             SELECT p.child, p.parent FROM task_parents p JOIN roots r ON p.parent = r.id
+             UNION
+             SELECT p.child, d.root FROM task_parents p JOIN d ON p.parent = d.id
+         ),
+         one AS (
+             SELECT DISTINCT ON (d.id) d.id, r.cause FROM d JOIN roots r ON r.id = d.root ORDER BY d.id, d.root
+         )
+         UPDATE tasks t
+         SET status = CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END,
+             error = one.cause, finished_at = now(), updated_at = now()
+         FROM one
+         WHERE t.id = one.id AND (t.status = 'blocked') IS TRUE
+         RETURNING t.id, t.status",
+    )
+    .bind(&ids)
+    .bind(&causes)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter().map(|r| Ok((TaskId(r.try_get("id")?), decode::state(r.try_get("status")?)?))).collect()
+}
+
+/// Dependents of tasks that just completed: one parent fewer to wait for each, pending at none.
+/// Returns the ones released.
+pub(super) async fn release(tx: &mut Transaction<'_, Postgres>, parents: &[Uuid]) -> Result<Vec<TaskId>> {
+    if parents.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "WITH e AS (
+             SELECT p.child, count(*)::int AS n FROM task_parents p
+             WHERE p.parent = ANY($1) GROUP BY p.child
+         ),
+         rel AS (
+             UPDATE tasks c
+             SET blocked_on = c.blocked_on - e.n,
+                 status = CASE WHEN c.status = 'blocked' AND c.blocked_on <= e.n THEN 'pending' ELSE c.status END,
+                 updated_at = now()
+             FROM e
+             WHERE c.id = e.child
+             RETURNING c.id, c.status
+         )
+         SELECT id FROM rel WHERE status = 'pending'",
+    )
+    .bind(parents)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.iter().map(|r| Ok(TaskId(r.try_get("id")?))).collect()
+}
+
+/// Records the parents of the tasks a submission created (`created[i]` answers `tasks[i]`), which
+/// were inserted blocked on all of them. Each parent's row is updated (its `dependents` count),
+/// so a parent completing now either committed first (and counts as completed here) or waits
+/// for this submission and then sees that it has dependents to release. Parents already completed are taken off each count; a task
+/// with a parent that already failed or was cancelled ends at once, as would its dependents.
+/// The answered tasks are brought up to date.
+pub(super) async fn link(
+    tx: &mut Transaction<'_, Postgres>,
+    tasks: &[NewTask],
+    created: &mut [Created],
+) -> Result<Settled> {
+    // A parent named by its batch id that met an existing task by idempotency key is that task.
+    let actual: HashMap<TaskId, TaskId> =
+        tasks.iter().zip(created.iter()).map(|(t, c)| (t.id, c.task.id)).collect();
+    let (mut children, mut positions, mut parents) = (Vec::new(), Vec::new(), Vec::new());
+    for (t, c) in tasks.iter().zip(created.iter()) {
+        if !c.created {
+            continue;
+        }
+        for (pos, p) in t.depends_on.iter().enumerate() {
+            children.push(c.task.id.0);
+            positions.push(pos as i32);
+            parents.push(actual.get(p).unwrap_or(p).0);
+        }
+    }
+    if children.is_empty() {
+        return Ok(Settled::default());
+    }
+    sqlx::query(
+        "INSERT INTO task_parents (child, position, parent)
+         SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[])",
+    )
+    .bind(&children)
+    .bind(&positions)
+    .bind(&parents)
+    .execute(&mut **tx)
+    .await?;
+    let mut distinct: Vec<Uuid> = parents.iter().copied().collect::<HashSet<_>>().into_iter().collect();
+    distinct.sort();
+    // Locked in id order first, so two submissions naming the same parents cannot deadlock.
+    sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(&distinct)
+        .execute(&mut **tx)
+        .await?;
+    let rows = sqlx::query(
+        "UPDATE tasks t SET dependents = COALESCE(t.dependents, 0) + v.n
+         FROM (SELECT parent, count(*)::int AS n FROM unnest($1::uuid[]) AS e(parent) GROUP BY parent) v
+         WHERE t.id = v.parent
+         RETURNING t.id, t.status, t.error",
+    )
+    .bind(&parents)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut status: HashMap<Uuid, (TaskState, Option<String>)> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        status.insert(r.try_get("id")?, (decode::state(r.try_get("status")?)?, r.try_get("error")?));
+    }
+    let mut unknown: Vec<TaskId> =
+        distinct.iter().filter(|p| !status.contains_key(p)).map(|p| TaskId(*p)).collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(StoreError::UnknownParents(unknown));
+    }
+    // Per child: parents already completed, and the first (in its order) that ended otherwise.
+    let mut done: HashMap<Uuid, i32> = HashMap::new();
+    let mut ended_by: HashMap<Uuid, String> = HashMap::new();
+    for ((child, _), parent) in children.iter().zip(&positions).zip(&parents) {
+        match &status[parent] {
+            (TaskState::Completed, _) => *done.entry(*child).or_default() += 1,
+            (s @ (TaskState::Failed | TaskState::Cancelled), error) => {
+                ended_by.entry(*child).or_insert_with(|| parent_ended(TaskId(*parent), *s, error.as_deref()));
+            }
+            _ => {}
+        }
+    }
+    let fix: Vec<Uuid> =
+        done.keys().chain(ended_by.keys()).copied().collect::<HashSet<_>>().into_iter().collect();
+    if fix.is_empty() {
+        return Ok(Settled::default());
+    }
+    let counts: Vec<i32> = fix.iter().map(|c| done.get(c).copied().unwrap_or(0)).collect();
+    let errors: Vec<Option<&str>> = fix.iter().map(|c| ended_by.get(c).map(String::as_str)).collect();
+    let rows = sqlx::query(
+        "UPDATE tasks t
+         SET blocked_on = t.blocked_on - v.done,
+             status = CASE WHEN v.error IS NOT NULL
+                           THEN CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END
+                           WHEN t.blocked_on - v.done <= 0 THEN 'pending' ELSE 'blocked' END,
+             error = v.error,
+             finished_at = CASE WHEN v.error IS NOT NULL THEN now() END,
+             updated_at = now()
+         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS v(id, done, error)
+         WHERE t.id = v.id
+         RETURNING t.id, t.status, t.error, t.finished_at, t.updated_at",
+    )
+    .bind(&fix)
+    .bind(&counts)
+    .bind(&errors)
+    .fetch_all(&mut **tx)
+    .await?;
+    let at: HashMap<TaskId, usize> = created.iter().enumerate().map(|(i, c)| (c.task.id, i)).collect();
+    let mut roots = Vec::new();
+    for r in rows {
+        let id = TaskId(r.try_get("id")?);
+        let state = decode::state(r.try_get("status")?)?;
+        let error: Option<String> = r.try_get("error")?;
+        if let Some(&i) = at.get(&id) {
+            let task = &mut created[i].task;
+            task.state = state;
+            task.error = error.clone();
+            task.finished_at = r.try_get("finished_at")?;
+            task.updated_at = r.try_get("updated_at")?;
+        }
+        if state.is_terminal() {
+            roots.push((id, state, error));
+        }
+    }
+    // A task of this submission that ended at once takes its own dependents (in this same
+    // submission: nothing older can depend on it) with it.
+    let ended = end_dependents(tx, &roots).await?;
+    for (id, state) in &ended {
+        if let Some(&i) = at.get(id) {
+            created[i].task.state = *state;
+        }
+    }
+    Ok(Settled { released: Vec::new(), ended })
+}
+
+/// Fills in the parents' results of the assignments that have parents, each in the order its
+/// task named them, while they fit the budget of an assignment (later ones are left for the
+/// worker to read).
+pub(super) async fn parent_results(
+    conn: &mut sqlx::PgConnection,
+    assignments: &mut [Assignment],
+    with_parents: &HashSet<TaskId>,
+) -> Result<()> {
+    for a in assignments.iter_mut().filter(|a| with_parents.contains(&a.task_id)) {
+        let rows = sqlx::query(PARENT_RESULTS)
+            .bind(a.task_id.0)
+            .bind(crate::store::PARENT_RESULTS_BUDGET as i64)
+            .fetch_all(&mut *conn)
+            .await?;
+        a.parents = rows.iter().map(decode::parent_result).collect::<Result<_>>()?;
+    }
+    Ok(())
+}
