@@ -432,3 +432,36 @@ async fn a_submission_racing_its_parents_end_is_never_left_blocked(db: &TestDb) 
         assert_eq!(state(s, kid.id).await, want, "round {round}");
     }
 }
+
+on_every_backend!(a_submission_racing_an_end_two_levels_up_is_never_left_blocked);
+/// Q waits on R; a child of Q is submitted while R fails for good: the failure reaches the new
+/// child through Q whichever commits first. Many rounds.
+async fn a_submission_racing_an_end_two_levels_up_is_never_left_blocked(db: &TestDb) {
+    let s = &db.store;
+    for round in 0..40 {
+        let r = task("prove");
+        let q = child("agg", &[r.id], ParentFailure::Fail);
+        s.create_tasks(&[r.clone(), q.clone()]).await.unwrap();
+        let a = claim(s, &[r.id], "w1").await.remove(0);
+        let kid = child("agg", &[q.id], ParentFailure::Cancel);
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let (s1, b1) = (s.clone(), barrier.clone());
+        let failing = tokio::spawn(async move {
+            b1.wait().await;
+            let f =
+                Failure { held: held(&a), error: "bad witness".into(), retriable: false, delivered: None };
+            s1.fail(&f, RetryPolicy { base: Duration::from_millis(1), max: Duration::from_millis(1) })
+                .await
+                .unwrap();
+        });
+        let (s2, b2, k) = (s.clone(), barrier.clone(), kid.clone());
+        let submitting = tokio::spawn(async move {
+            b2.wait().await;
+            s2.create_tasks(std::slice::from_ref(&k)).await.unwrap();
+        });
+        failing.await.unwrap();
+        submitting.await.unwrap();
+        assert_eq!(state(s, q.id).await, TaskState::Failed, "round {round}");
+        assert_eq!(state(s, kid.id).await, TaskState::Cancelled, "round {round}");
+    }
+}

@@ -153,7 +153,6 @@ impl PgStore {
             .bind(&places)
             .fetch_all(&mut *tx)
             .await?;
-        tx.commit().await?;
         let mut assignments = rows.iter().map(decode::assignment).collect::<Result<Vec<_>>>()?;
         let mut with_parents = std::collections::HashSet::new();
         for r in &rows {
@@ -161,10 +160,11 @@ impl PgStore {
                 with_parents.insert(TaskId(r.try_get("id")?));
             }
         }
+        // In the claim's transaction: the assignments and what they carry commit (or fail) together.
         if !with_parents.is_empty() {
-            let mut conn = self.pool.acquire().await?;
-            super::dependents::parent_results(&mut conn, &mut assignments, &with_parents).await?;
+            super::dependents::parent_results(&mut tx, &mut assignments, &with_parents).await?;
         }
+        tx.commit().await?;
         Ok(assignments)
     }
 

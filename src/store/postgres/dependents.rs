@@ -1,6 +1,6 @@
 //! Task dependencies: a submission's edges and the parents it waits for, and the dependents a
-//! parent's end settles. A parent's completion releases its dependents inside its own statement
-//! (see [`super::report::COMPLETE`]); the rest is here.
+//! parent's end settles (released when it completes, ended when it fails for good or is
+//! cancelled), each in the transaction of that end.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,38 +15,62 @@ use crate::{
 /// Ends the dependents of each root (a task that failed for good or was cancelled), and theirs:
 /// every descendant still blocked fails or is cancelled by its `on_parent_failure`, with the
 /// root's end in its error. Returns them with the state each ended in.
+///
+/// One level per statement, each level's rows locked in id order before they change: a level's
+/// edges are read after the level above was locked, so a submission that named one of those
+/// tasks (and updated its row) has committed and its new dependent is seen. Read in one
+/// statement, a dependent submitted meanwhile two levels down would be missed and left blocked.
 pub(super) async fn end_dependents(
     tx: &mut Transaction<'_, Postgres>,
     roots: &[(TaskId, TaskState, Option<String>)],
 ) -> Result<Vec<(TaskId, TaskState)>> {
-    if roots.is_empty() {
-        return Ok(Vec::new());
-    }
-    let ids: Vec<Uuid> = roots.iter().map(|(id, _, _)| id.0).collect();
-    let causes: Vec<String> =
+    let mut ended = Vec::new();
+    let mut ids: Vec<Uuid> = roots.iter().map(|(id, _, _)| id.0).collect();
+    let mut causes: Vec<String> =
         roots.iter().map(|(id, state, error)| parent_ended(*id, *state, error.as_deref())).collect();
-    let rows = sqlx::query(
-        "WITH RECURSIVE roots AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS r(id, cause)),
-         d(id, root) AS (
-             SELECT p.child, p.parent FROM task_parents p JOIN roots r ON p.parent = r.id
-             UNION
-             SELECT p.child, d.root FROM task_parents p JOIN d ON p.parent = d.id
-         ),
-         one AS (
-             SELECT DISTINCT ON (d.id) d.id, r.cause FROM d JOIN roots r ON r.id = d.root ORDER BY d.id, d.root
-         )
-         UPDATE tasks t
-         SET status = CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END,
-             error = one.cause, finished_at = now(), updated_at = now()
-         FROM one
-         WHERE t.id = one.id AND (t.status = 'blocked') IS TRUE
-         RETURNING t.id, t.status",
-    )
-    .bind(&ids)
-    .bind(&causes)
-    .fetch_all(&mut **tx)
-    .await?;
-    rows.iter().map(|r| Ok((TaskId(r.try_get("id")?), decode::state(r.try_get("status")?)?))).collect()
+    while !ids.is_empty() {
+        // The next level: each blocked dependent once, with the cause of one of its ended parents.
+        let next = sqlx::query(
+            "SELECT DISTINCT ON (p.child) p.child AS id, f.cause
+             FROM task_parents p JOIN unnest($1::uuid[], $2::text[]) AS f(id, cause) ON p.parent = f.id
+             ORDER BY p.child, f.id",
+        )
+        .bind(&ids)
+        .bind(&causes)
+        .fetch_all(&mut **tx)
+        .await?;
+        if next.is_empty() {
+            break;
+        }
+        let mut level: Vec<(Uuid, String)> =
+            next.iter().map(|r| Ok((r.try_get("id")?, r.try_get("cause")?))).collect::<Result<_>>()?;
+        level.sort();
+        let (level_ids, level_causes): (Vec<Uuid>, Vec<String>) = level.into_iter().unzip();
+        sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+            .bind(&level_ids)
+            .execute(&mut **tx)
+            .await?;
+        let rows = sqlx::query(
+            "UPDATE tasks t
+             SET status = CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END,
+                 error = v.cause, finished_at = now(), updated_at = now()
+             FROM unnest($1::uuid[], $2::text[]) AS v(id, cause)
+             WHERE t.id = v.id AND (t.status = 'blocked') IS TRUE
+             RETURNING t.id, t.status, v.cause",
+        )
+        .bind(&level_ids)
+        .bind(&level_causes)
+        .fetch_all(&mut **tx)
+        .await?;
+        (ids, causes) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+        for r in rows {
+            let id: Uuid = r.try_get("id")?;
+            ended.push((TaskId(id), decode::state(r.try_get("status")?)?));
+            ids.push(id);
+            causes.push(r.try_get("cause")?);
+        }
+    }
+    Ok(ended)
 }
 
 /// Dependents of tasks that just completed: one parent fewer to wait for each, pending at none.
@@ -55,6 +79,15 @@ pub(super) async fn release(tx: &mut Transaction<'_, Postgres>, parents: &[Uuid]
     if parents.is_empty() {
         return Ok(Vec::new());
     }
+    // The dependents locked in id order first: two completions releasing the same children in
+    // different orders would deadlock.
+    sqlx::query(
+        "SELECT 1 FROM tasks WHERE id IN (SELECT child FROM task_parents WHERE parent = ANY($1))
+         ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(parents)
+    .execute(&mut **tx)
+    .await?;
     let rows = sqlx::query(
         "WITH e AS (
              SELECT p.child, count(*)::int AS n FROM task_parents p

@@ -1,10 +1,12 @@
 //! Jobs as a whole: a page of jobs with their counts, and cancelling every live task of one.
 
-use super::PgStore;
+use std::time::Duration;
+
+use super::{PgStore, retry_conflicts};
 use crate::{
     domain::{Job, JobId, TaskId, TaskState},
     store::{
-        Cancelled, Held, Result,
+        Cancelled, Held, Result, StoreError,
         decode::{self, Cols},
         sql::{self, TASK_COLUMNS},
     },
@@ -34,6 +36,10 @@ impl PgStore {
         id: JobId,
         reason: &str,
     ) -> Result<Option<Vec<Cancelled>>> {
+        retry_conflicts!(self.cancel_job_once(id, reason).await)
+    }
+
+    async fn cancel_job_once(&self, id: JobId, reason: &str) -> Result<Option<Vec<Cancelled>>> {
         let mut tx = self.pool.begin().await?;
         if sqlx::query("SELECT 1 FROM jobs WHERE id = $1")
             .bind(id.0)

@@ -44,6 +44,19 @@ impl PgStore {
             .bind(left)
             .fetch_all(&mut *tx)
             .await?;
+            // Again in a statement of its own: a submission that named one of these tasks as a
+            // parent and committed while the locks above were taken is seen now (the check above
+            // ran in the older snapshot); a completed parent a live task waits on is kept.
+            let ids: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT id FROM tasks
+                 WHERE id = ANY($1)
+                   AND NOT EXISTS (SELECT 1 FROM task_parents p JOIN tasks c ON c.id = p.child
+                                   WHERE p.parent = tasks.id
+                                     AND c.status IN ('blocked', 'pending', 'assigned', 'running'))",
+            )
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
             if ids.is_empty() {
                 continue;
             }

@@ -198,6 +198,10 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn cancel(&self, id: TaskId, reason: &str) -> Result<Option<Cancelled>> {
+        retry_conflicts!(self.cancel_once(id, reason).await)
+    }
+
+    async fn cancel_once(&self, id: TaskId, reason: &str) -> Result<Option<Cancelled>> {
         let mut tx = self.pool.begin().await?;
         let sql = format!(
             "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),

@@ -14,6 +14,10 @@ use crate::{
 
 impl PgStore {
     pub(in crate::store) async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
+        retry_conflicts!(self.requeue_expired_once(limit).await)
+    }
+
+    async fn requeue_expired_once(&self, limit: u32) -> Result<Vec<Requeued>> {
         let mut tx = self.pool.begin().await?;
         let victims = sqlx::query(
             "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks

@@ -1,12 +1,12 @@
 //! Submission: new tasks (batched, idempotency keys honoured) and jobs.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 use uuid::Uuid;
 
-use super::{PgStore, dependents};
+use super::{PgStore, dependents, retry_conflicts};
 use crate::{
     domain::{Job, JobId, NewTask, Task},
     store::{Created, Result, Settled, StoreError, decode, duration_ms, sql::TASK_COLUMNS},
@@ -14,14 +14,30 @@ use crate::{
 
 impl PgStore {
     pub(in crate::store) async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
-        let mut tx = self.pool.begin().await?;
-        let (out, settled) = insert_tasks(&mut tx, tasks).await?;
-        tx.commit().await?;
+        // Parents are locked: a submission may meet a completion locking the same rows.
+        let (out, settled) = retry_conflicts!(
+            async {
+                let mut tx = self.pool.begin().await?;
+                let out = insert_tasks(&mut tx, tasks).await?;
+                tx.commit().await?;
+                Ok::<_, StoreError>(out)
+            }
+            .await
+        )?;
         self.settled.send(settled);
         Ok(out)
     }
 
     pub(in crate::store) async fn create_job(
+        &self,
+        job_id: JobId,
+        name: &str,
+        tasks: &[NewTask],
+    ) -> Result<(Job, Vec<Created>)> {
+        retry_conflicts!(self.create_job_once(job_id, name, tasks).await)
+    }
+
+    async fn create_job_once(
         &self,
         job_id: JobId,
         name: &str,
