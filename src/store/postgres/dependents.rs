@@ -113,9 +113,9 @@ pub(super) async fn release(tx: &mut Transaction<'_, Postgres>, parents: &[Uuid]
 /// Records the parents of the tasks a submission created (`created[i]` answers `tasks[i]`), which
 /// were inserted blocked on all of them. Each parent's row is updated (its `dependents` count),
 /// so a parent completing now either committed first (and counts as completed here) or waits
-/// for this submission and then sees that it has dependents to release. Parents already completed are taken off each count; a task
-/// with a parent that already failed or was cancelled ends at once, as would its dependents.
-/// The answered tasks are brought up to date.
+/// for this submission and then sees that it has dependents to release. Parents already
+/// completed are taken off each count; a task with a parent that already failed or was
+/// cancelled ends at once, as would its dependents. The answered tasks are brought up to date.
 pub(super) async fn link(
     tx: &mut Transaction<'_, Postgres>,
     tasks: &[NewTask],
