@@ -184,19 +184,24 @@ async fn a_failure_from_the_process_is_passed_on_and_the_process_serves_on() {
     .await
 }
 
+/// Sends a 20 s task (one that ignores cancel when `ignores`) and cancels it once the process
+/// began it: the failure says "cancelled", so the task was stopped rather than run to its end.
+async fn cancel_a_long_task(h: &Persistent, ignores: bool) -> TaskFailure {
+    let dir = tempfile::tempdir().unwrap();
+    let (payload, marker) = long_task(&dir, ignores);
+    let t = task("t-2", &payload);
+    cancel_when_started(&t, marker);
+    let e = fail(h, t).await;
+    assert!(!e.retriable && e.message.starts_with("cancelled"), "{e:?}");
+    e
+}
+
 #[tokio::test]
 async fn a_cancel_is_answered_by_the_process_which_serves_on() {
     bounded(async {
         let h = Persistent::start(config(&[])).unwrap();
         let pid = prove(&h, "t-1", "a").await.pid;
-        let dir = tempfile::tempdir().unwrap();
-        let (payload, marker) = long_task(&dir, false);
-        let t = task("t-2", &payload);
-        cancel_when_started(&t, marker);
-        let started = Instant::now();
-        let e = fail(&h, t).await;
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-        assert!(!e.retriable && e.message.starts_with("cancelled"), "{e:?}");
+        let e = cancel_a_long_task(&h, false).await;
         assert!(e.message.contains("stopped after"), "{}", e.message);
         let a = prove(&h, "t-3", "b").await;
         assert_eq!((a.pid, a.served), (pid, 2), "the process answered the cancel and was kept");
@@ -210,14 +215,7 @@ async fn a_process_that_ignores_cancel_is_killed_and_restarted() {
     bounded(async {
         let h = Persistent::start(config(&[])).unwrap();
         let pid = prove(&h, "t-1", "a").await.pid;
-        let dir = tempfile::tempdir().unwrap();
-        let (payload, marker) = long_task(&dir, true);
-        let t = task("t-2", &payload);
-        cancel_when_started(&t, marker);
-        let started = Instant::now();
-        let e = fail(&h, t).await;
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-        assert!(!e.retriable && e.message.starts_with("cancelled"), "{e:?}");
+        let e = cancel_a_long_task(&h, true).await;
         assert!(e.message.contains("did not answer cancel within 300ms"), "{}", e.message);
         assert!(wait_dead(pid).await, "the process that ignored cancel still runs");
         let a = prove(&h, "t-3", "b").await;
@@ -237,9 +235,8 @@ async fn the_deadline_stops_the_task_retriably() {
             t.deadline = Some(SystemTime::now() + Duration::from_millis(400));
             t
         };
-        let started = Instant::now();
+        // A 20 s task that ends "deadline exceeded" was stopped, not waited for.
         let e = fail(&h, with_deadline("t-2", r#"{"sleep_ms": 20000}"#)).await;
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         assert!(e.retriable && e.message.starts_with("deadline exceeded"), "{e:?}");
         // It answered the cancel: kept.
         assert_eq!(prove(&h, "t-3", "b").await.pid, pid);
@@ -299,11 +296,9 @@ async fn a_process_that_never_says_ready_fails_its_task_after_the_start_timeout(
         let mut cfg = config(&["--no-ready"]);
         cfg.start_timeout = Duration::from_millis(500);
         let h = Persistent::start(cfg).unwrap();
-        let started = Instant::now();
         let e = fail(&h, task("t-1", "a")).await;
         assert!(e.retriable, "{e:?}");
         assert!(e.message.contains("could not start: sent no ready within 500ms"), "{}", e.message);
-        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
         h.shutdown().await;
     })
     .await
