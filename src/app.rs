@@ -70,6 +70,7 @@ impl App {
             None
         };
         let store = Store::connect(&config.database).await?;
+        store.seed_type_limits(&config.scheduler.type_limits).await?;
         info!(database = %redact_url(&config.database.url), backend = store.backend(), "database ready");
         Ok(App { config, store, lock })
     }

@@ -139,11 +139,15 @@ pub enum Strategy {
 pub struct SchedulerConfig {
     pub strategy: Strategy,
     pub batch_size: u32,
+    /// At most this many tasks of a type assigned or running at once, across every replica.
+    /// Written to the database at startup; an admin's limit (`coordctl limits set`) of the same
+    /// type stays in force over it.
+    pub type_limits: BTreeMap<String, u32>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { strategy: Strategy::RoundRobin, batch_size: 100 }
+        Self { strategy: Strategy::RoundRobin, batch_size: 100, type_limits: BTreeMap::new() }
     }
 }
 
@@ -558,6 +562,16 @@ impl Config {
         }
         if !(1..=10_000).contains(&self.scheduler.batch_size) {
             return Err(invalid("scheduler.batch_size", "must be between 1 and 10000"));
+        }
+        if let Some(t) = self.scheduler.type_limits.keys().find(|t| {
+            t.is_empty()
+                || t.len() > 128
+                || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._:@-/".contains(c))
+        }) {
+            return Err(invalid(
+                "scheduler.type_limits",
+                format!("{t:?} is not a task type (1 to 128 letters, digits and ._:@-/)"),
+            ));
         }
         let t = &self.tasks;
         if !(1..=100).contains(&t.default_max_attempts) {

@@ -210,6 +210,8 @@ pub struct NewTask {
     pub depends_on: Vec<TaskId>,
     /// What the task does when a parent fails for good or is cancelled.
     pub on_parent_failure: ParentFailure,
+    /// Labels, slots and the preferred worker it asks for.
+    pub needs: Needs,
 }
 
 /// What a dependent task does when one of its parents (or theirs) fails for good or is
@@ -297,6 +299,8 @@ pub struct Task {
     pub finished_at: Option<DateTime<Utc>>,
     /// The W3C trace context the task was submitted under.
     pub traceparent: Option<String>,
+    /// Labels, slots and the preferred worker it asks for.
+    pub needs: Needs,
 }
 
 /// Why a pending task is not moving (worked out when it is read, never stored).
@@ -310,6 +314,11 @@ pub enum PendingReason {
     Delayed,
     /// A worker that runs the type has room: the task waits its turn.
     Queued,
+    /// No live worker that runs the type could ever take it: none has the labels it requires,
+    /// or none has as many slots as it weighs.
+    Unschedulable,
+    /// Its type runs as many tasks as its concurrency limit allows.
+    TypeLimit,
 }
 
 /// A pending task's [`PendingReason`] and the same in one line for people.
@@ -320,11 +329,12 @@ pub struct Waiting {
 }
 
 /// A runnable task offered to placement: just what placement needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     pub id: TaskId,
     pub task_type: String,
     pub priority: i32,
+    pub needs: Needs,
 }
 
 /// A task handed to a worker: what goes down its stream.
@@ -334,6 +344,8 @@ pub struct Assignment {
     pub task_type: String,
     pub payload: Vec<u8>,
     pub attempt: Attempt,
+    /// Slots it takes on its worker.
+    pub weight: u32,
     pub worker_id: WorkerId,
     pub priority: i32,
     pub job_id: Option<JobId>,
@@ -536,6 +548,7 @@ impl TaskTemplate {
             traceparent: None,
             depends_on: Vec::new(),
             on_parent_failure: ParentFailure::Fail,
+            needs: Default::default(),
         }
     }
 }
@@ -648,13 +661,23 @@ pub struct WorkerSlot {
     pub capabilities: Vec<String>,
     /// Slots free now.
     pub free: u32,
+    /// Slots taken now (a task takes as many as it weighs).
     pub in_flight: u32,
+    /// Assignments it takes at most: its slots and its prefetch queue.
     pub max: u32,
+    /// Its slots (`max_concurrent_tasks`): a task that weighs more can never run on it.
+    pub slots: u32,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl WorkerSlot {
     pub fn runs(&self, task_type: &str) -> bool {
         self.capabilities.is_empty() || self.capabilities.iter().any(|c| c == task_type)
+    }
+
+    /// Whether it could ever run `task`: its type, its labels, and slots for its weight.
+    pub fn eligible(&self, task: &Candidate) -> bool {
+        self.runs(&task.task_type) && task.needs.fits(&self.labels, self.slots)
     }
 }
 
@@ -739,4 +762,127 @@ mod tests {
         job.counts.insert(TaskState::Failed, 1);
         assert!(job.done());
     }
+}
+
+/// One condition a task puts on the labels of the worker that runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Requirement {
+    /// `key=value`: the worker's label `key` is exactly `value`.
+    Equals { key: String, value: String },
+    /// `key>=number`: the worker's label `key` is a number at least this.
+    AtLeast { key: String, min: f64 },
+}
+
+/// The longest label key or value a requirement names (as a worker's labels).
+pub const MAX_REQUIREMENT_LEN: usize = 256;
+
+impl Requirement {
+    /// Parses `key=value` or `key>=number`. The error is one line for the caller.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("requirement {s:?}: {why} (expected key=value or key>=number)");
+        let (key, req) = if let Some((k, v)) = s.split_once(">=") {
+            let min: f64 = v.trim().parse().map_err(|_| bad("the minimum is not a number"))?;
+            if !min.is_finite() {
+                return Err(bad("the minimum is not a finite number"));
+            }
+            (k.trim(), Requirement::AtLeast { key: k.trim().to_owned(), min })
+        } else if let Some((k, v)) = s.split_once('=') {
+            let v = v.trim();
+            if v.is_empty() || v.len() > MAX_REQUIREMENT_LEN {
+                return Err(bad(&format!("the value must be 1 to {MAX_REQUIREMENT_LEN} bytes")));
+            }
+            (k.trim(), Requirement::Equals { key: k.trim().to_owned(), value: v.to_owned() })
+        } else {
+            return Err(bad("no operator"));
+        };
+        if key.is_empty() || key.len() > MAX_REQUIREMENT_LEN || key.contains(['=', '>', '<']) {
+            return Err(bad(&format!("the key must be 1 to {MAX_REQUIREMENT_LEN} bytes, without = < >")));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(bad("control characters are not allowed"));
+        }
+        Ok(req)
+    }
+
+    pub fn key(&self) -> &str {
+        match self {
+            Requirement::Equals { key, .. } | Requirement::AtLeast { key, .. } => key,
+        }
+    }
+
+    /// Whether a worker with `labels` meets it. A minimum needs a label that parses as a number.
+    pub fn met_by(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Requirement::Equals { key, value } => labels.get(key) == Some(value),
+            Requirement::AtLeast { key, min } => label_number(labels.get(key)).is_some_and(|n| n >= *min),
+        }
+    }
+}
+
+/// A label's value as a number a minimum compares with: a finite number, blanks around it
+/// ignored (`"512"`, `" 1e3 "`); anything else (`"lots"`, `"inf"`, `"NaN"`) is none.
+pub fn label_number(value: Option<&String>) -> Option<f64> {
+    value.and_then(|v| v.trim().parse::<f64>().ok()).filter(|n| n.is_finite())
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Requirement::Equals { key, value } => write!(f, "{key}={value}"),
+            Requirement::AtLeast { key, min } => write!(f, "{key}>={min}"),
+        }
+    }
+}
+
+/// What a task asks of the worker that runs it, beyond its type: labels, slots and a preferred
+/// worker. The default asks nothing: any worker that runs the type, one slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Needs {
+    /// Every one must hold on the worker's labels.
+    pub requires: Vec<Requirement>,
+    /// Slots the task takes on its worker (at least 1).
+    pub weight: u32,
+    /// Tasks with the same key go to the same worker while it is live and has room.
+    pub affinity_key: Option<String>,
+}
+
+impl Default for Needs {
+    fn default() -> Self {
+        Self { requires: Vec::new(), weight: 1, affinity_key: None }
+    }
+}
+
+/// The most slots one task may take.
+pub const MAX_WEIGHT: u32 = 1024;
+/// The most requirements one task may name.
+pub const MAX_REQUIREMENTS: usize = 16;
+
+impl Needs {
+    /// Asks for anything beyond a slot of a worker of its type (affinity is a preference, not a
+    /// condition).
+    pub fn constrains(&self) -> bool {
+        !self.requires.is_empty() || self.weight > 1
+    }
+
+    /// Whether a worker with these labels and this many slots in all could ever run it.
+    pub fn fits(&self, labels: &BTreeMap<String, String>, slots: u32) -> bool {
+        self.weight <= slots && self.requires.iter().all(|r| r.met_by(labels))
+    }
+
+    /// `gpu=h100, mem_gb>=256`: the requirements in one line.
+    pub fn requirements_text(&self) -> String {
+        self.requires.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// A task type's concurrency limit across every replica, and what runs of it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeLimit {
+    pub task_type: String,
+    /// At most this many of its tasks assigned or running at once.
+    pub max_in_flight: u32,
+    /// `config` (written at startup from the configuration) or `admin` (set at runtime).
+    pub source: String,
+    /// Its tasks assigned or running now.
+    pub in_flight: u32,
 }

@@ -19,7 +19,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use uuid::Uuid;
 
 use crate::{
-    domain::{PendingReason, Task, TaskState, Waiting, WorkerId, WorkerRecord, WorkerState},
+    domain::{PendingReason, Task, TaskState, TypeLimit, Waiting, WorkerId, WorkerRecord, WorkerState},
     registry::{Registry, SessionInfo},
     store::{Store, StoreError},
 };
@@ -33,6 +33,13 @@ pub const RECHECK_AFTER: Duration = Duration::from_millis(100);
 
 /// Known types named in a message; the rest are counted.
 const MAX_NAMED_TYPES: usize = 12;
+
+/// One read of the database: the live workers and the types' concurrency limits.
+#[derive(Debug, Default)]
+struct Read {
+    workers: Vec<WorkerRecord>,
+    limits: Vec<TypeLimit>,
+}
 
 /// The fleet handle. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -49,7 +56,7 @@ struct Shared {
     silence: Duration,
     /// The last read and when it was made. std Mutex: the value is swapped, never held across
     /// an `.await`.
-    read: Mutex<Option<(Instant, Arc<Vec<WorkerRecord>>)>>,
+    read: Mutex<Option<(Instant, Arc<Read>)>>,
     /// Held while reading the database, so callers that find the read stale at the same time
     /// share one read.
     reading: tokio::sync::Mutex<()>,
@@ -71,8 +78,8 @@ impl Fleet {
     /// The live fleet now: a read of the database no older than [`FRESH_FOR`], with this
     /// replica's sessions as they are.
     pub async fn view(&self) -> Result<FleetView, StoreError> {
-        let rows = self.rows(FRESH_FOR).await?;
-        Ok(FleetView::new(&rows, &self.shared.registry.sessions()))
+        let read = self.rows(FRESH_FOR).await?;
+        Ok(FleetView::new(&read.workers, &self.shared.registry.sessions()).with_limits(&read.limits))
     }
 
     /// [`Fleet::view`] for a submission of `types`: when one of them is missing, the database
@@ -82,12 +89,12 @@ impl Fleet {
         if types.iter().all(|t| view.runs(t)) {
             return Ok(view);
         }
-        let rows = self.rows(RECHECK_AFTER).await?;
-        Ok(FleetView::new(&rows, &self.shared.registry.sessions()))
+        let read = self.rows(RECHECK_AFTER).await?;
+        Ok(FleetView::new(&read.workers, &self.shared.registry.sessions()).with_limits(&read.limits))
     }
 
     /// The live rows, read again when the last read is older than `max_age`.
-    async fn rows(&self, max_age: Duration) -> Result<Arc<Vec<WorkerRecord>>, StoreError> {
+    async fn rows(&self, max_age: Duration) -> Result<Arc<Read>, StoreError> {
         if let Some(rows) = self.cached(max_age) {
             return Ok(rows);
         }
@@ -96,19 +103,21 @@ impl Fleet {
         if let Some(rows) = self.cached(max_age) {
             return Ok(rows);
         }
-        let rows = Arc::new(self.shared.store.live_workers(self.shared.silence).await?);
-        *self.lock() = Some((Instant::now(), rows.clone()));
-        Ok(rows)
+        let workers = self.shared.store.live_workers(self.shared.silence).await?;
+        let limits = self.shared.store.type_limits().await?;
+        let read = Arc::new(Read { workers, limits });
+        *self.lock() = Some((Instant::now(), read.clone()));
+        Ok(read)
     }
 
-    fn cached(&self, max_age: Duration) -> Option<Arc<Vec<WorkerRecord>>> {
+    fn cached(&self, max_age: Duration) -> Option<Arc<Read>> {
         match &*self.lock() {
             Some((at, rows)) if at.elapsed() < max_age => Some(rows.clone()),
             _ => None,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<Vec<WorkerRecord>>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Arc<Read>)>> {
         // A panic while holding this lock leaves a plain value behind; keep serving.
         self.shared.read.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -123,6 +132,7 @@ struct LiveWorker {
     capabilities: Vec<String>,
     max_concurrent_tasks: u32,
     in_flight: u32,
+    labels: BTreeMap<String, String>,
     /// False for a session of this replica without an open task stream. (Another replica's
     /// worker is taken as connected: its row does not say.)
     connected: bool,
@@ -133,9 +143,11 @@ impl LiveWorker {
         self.capabilities.is_empty() || self.capabilities.iter().any(|c| c == task_type)
     }
 
-    /// Placement would offer it work now.
-    fn has_room(&self) -> bool {
-        self.state == WorkerState::Active && self.connected && self.in_flight < self.max_concurrent_tasks
+    /// Placement would offer it a task of `weight` slots now.
+    fn room_for(&self, weight: u32) -> bool {
+        self.state == WorkerState::Active
+            && self.connected
+            && self.max_concurrent_tasks.saturating_sub(self.in_flight) >= weight.max(1)
     }
 }
 
@@ -143,6 +155,8 @@ impl LiveWorker {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FleetView {
     workers: BTreeMap<WorkerId, LiveWorker>,
+    /// Types at their concurrency limit: (limit, assigned or running).
+    at_limit: BTreeMap<String, (u32, u32)>,
 }
 
 impl FleetView {
@@ -161,6 +175,7 @@ impl FleetView {
                     capabilities: r.capabilities.clone(),
                     max_concurrent_tasks: r.max_concurrent_tasks,
                     in_flight: r.in_flight,
+                    labels: r.labels.clone(),
                     connected: true,
                 };
                 (r.id.clone(), w)
@@ -177,6 +192,7 @@ impl FleetView {
                     capabilities: s.capabilities.clone(),
                     max_concurrent_tasks: s.max_concurrent_tasks,
                     in_flight: s.in_flight,
+                    labels: s.labels.clone(),
                     connected: s.connected,
                 };
                 workers.insert(s.worker_id.clone(), w);
@@ -184,7 +200,17 @@ impl FleetView {
                 workers.remove(&s.worker_id);
             }
         }
-        Self { workers }
+        Self { workers, at_limit: BTreeMap::new() }
+    }
+
+    /// The view, knowing the types' concurrency limits.
+    pub fn with_limits(mut self, limits: &[TypeLimit]) -> Self {
+        self.at_limit = limits
+            .iter()
+            .filter(|l| l.in_flight >= l.max_in_flight)
+            .map(|l| (l.task_type.clone(), (l.max_in_flight, l.in_flight)))
+            .collect();
+        self
     }
 
     /// Some live worker declared `task_type` (or takes any type).
@@ -251,6 +277,8 @@ impl FleetView {
         let t = task.task_type.as_str();
         let (reason, detail) = if !self.runs(t) {
             (PendingReason::NoWorker, self.no_worker(t))
+        } else if let Some(why) = self.unschedulable(task) {
+            (PendingReason::Unschedulable, why)
         } else if task.run_after > now {
             (
                 PendingReason::Delayed,
@@ -264,7 +292,12 @@ impl FleetView {
                     }
                 ),
             )
-        } else if let Some(busy) = self.busy(t) {
+        } else if let Some((max, running)) = self.at_limit.get(t) {
+            (
+                PendingReason::TypeLimit,
+                format!("type {t:?} is at its concurrency limit ({running} of {max} assigned or running)"),
+            )
+        } else if let Some(busy) = self.busy(task) {
             (PendingReason::WorkersBusy, busy)
         } else {
             (
@@ -285,7 +318,7 @@ impl FleetView {
         tasks
             .into_iter()
             .map(|t| {
-                if t.state != TaskState::Pending || t.run_after > now {
+                if t.state != TaskState::Pending || t.run_after > now || t.needs.constrains() {
                     return self.waiting(t, now);
                 }
                 by_type.entry(t.task_type.as_str()).or_insert_with(|| self.waiting(t, now)).clone()
@@ -293,10 +326,44 @@ impl FleetView {
             .collect()
     }
 
-    /// `Some(detail)` when no worker that runs `task_type` can take it now.
-    fn busy(&self, task_type: &str) -> Option<String> {
-        let able: Vec<&LiveWorker> = self.workers.values().filter(|w| w.runs(task_type)).collect();
-        if able.iter().any(|w| w.has_room()) {
+    /// `Some(detail)` when no live worker that runs the task's type could ever take it: none has
+    /// the labels it requires, or none has as many slots as it weighs.
+    fn unschedulable(&self, task: &Task) -> Option<String> {
+        if !task.needs.constrains() {
+            return None;
+        }
+        let t = task.task_type.as_str();
+        let able: Vec<&LiveWorker> = self.workers.values().filter(|w| w.runs(t)).collect();
+        if able.iter().any(|w| task.needs.fits(&w.labels, w.max_concurrent_tasks)) {
+            return None;
+        }
+        let noun = if able.len() == 1 { "worker runs" } else { "workers run" };
+        let labelled: Vec<&&LiveWorker> =
+            able.iter().filter(|w| task.needs.requires.iter().all(|r| r.met_by(&w.labels))).collect();
+        Some(if labelled.is_empty() {
+            format!(
+                "no live worker that runs type {t:?} has the labels it requires ({}; {} live {noun} it)",
+                task.needs.requirements_text(),
+                able.len()
+            )
+        } else {
+            let largest = labelled.iter().map(|w| w.max_concurrent_tasks).max().unwrap_or(0);
+            format!(
+                "it weighs {} slots; the largest live worker that could run it has {largest}",
+                task.needs.weight
+            )
+        })
+    }
+
+    /// `Some(detail)` when no worker that could run `task` can take it now.
+    fn busy(&self, task: &Task) -> Option<String> {
+        let task_type = task.task_type.as_str();
+        let able: Vec<&LiveWorker> = self
+            .workers
+            .values()
+            .filter(|w| w.runs(task_type) && task.needs.fits(&w.labels, w.max_concurrent_tasks))
+            .collect();
+        if able.iter().any(|w| w.room_for(task.needs.weight)) {
             return None;
         }
         let full: Vec<&&LiveWorker> =
@@ -348,6 +415,7 @@ mod tests {
             connected,
             last_seen_at: Utc::now(),
             capabilities: r.capabilities.clone(),
+            labels: r.labels.clone(),
         }
     }
 
@@ -376,6 +444,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             traceparent: None,
+            needs: Default::default(),
         }
     }
 
@@ -498,5 +567,52 @@ mod tests {
         // Rows that are not live do not count.
         let view = FleetView::new(&[row("d", WorkerState::Draining, &["noop"], 1, 0)], &[]);
         assert!(!view.runs("noop"));
+    }
+
+    /// A task whose requirements no live worker of its type meets, or that weighs more slots
+    /// than any of them has, is unschedulable, with the reason; once such a worker is live it is
+    /// not.
+    #[test]
+    fn a_task_no_live_worker_could_ever_take_is_unschedulable() {
+        let mut plain = row("cpu", WorkerState::Active, &["prove"], 4, 0);
+        plain.labels.insert("gpu".into(), "a100".into());
+        let view = FleetView::new(&[plain.clone()], &[]);
+        let mut task = pending("prove");
+        task.needs.requires = vec![crate::domain::Requirement::parse("gpu=h100").unwrap()];
+        let w = view.waiting(&task, Utc::now()).unwrap();
+        assert_eq!(w.reason, PendingReason::Unschedulable);
+        assert!(w.detail.contains("gpu=h100"), "{}", w.detail);
+
+        let mut heavy = pending("prove");
+        heavy.needs.weight = 8;
+        let w = view.waiting(&heavy, Utc::now()).unwrap();
+        assert_eq!(w.reason, PendingReason::Unschedulable);
+        assert!(w.detail.contains("weighs 8 slots") && w.detail.contains("has 4"), "{}", w.detail);
+
+        let mut gpu = row("gpu", WorkerState::Active, &["prove"], 8, 0);
+        gpu.labels.insert("gpu".into(), "h100".into());
+        let view = FleetView::new(&[plain, gpu], &[]);
+        assert_eq!(reason(&view, &task), Some(PendingReason::Queued));
+        assert_eq!(reason(&view, &heavy), Some(PendingReason::Queued));
+    }
+
+    #[test]
+    fn a_task_of_a_type_at_its_limit_says_so() {
+        let view = FleetView::new(&[row("w", WorkerState::Active, &[], 4, 2)], &[]);
+        let limit = |max, in_flight| TypeLimit {
+            task_type: "licensed".into(),
+            max_in_flight: max,
+            source: "admin".into(),
+            in_flight,
+        };
+        let at = view.clone().with_limits(&[limit(2, 2)]);
+        let w = at.waiting(&pending("licensed"), Utc::now()).unwrap();
+        assert_eq!(w.reason, PendingReason::TypeLimit);
+        assert!(w.detail.contains("2 of 2"), "{}", w.detail);
+        assert_eq!(reason(&at, &pending("other")), Some(PendingReason::Queued));
+        assert_eq!(
+            reason(&view.with_limits(&[limit(3, 2)]), &pending("licensed")),
+            Some(PendingReason::Queued)
+        );
     }
 }

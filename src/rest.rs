@@ -101,6 +101,9 @@ named!(
     CancelJobResponse,
     GetFailureSummaryRequest,
     FailureSummary,
+    SetTypeLimitRequest,
+    TypeLimit,
+    ListTypeLimitsResponse,
 );
 
 /// What the REST handlers need.
@@ -147,6 +150,8 @@ pub fn routes(state: RestState, max_body: usize) -> Router {
         .route("/api/v1/schedules/{id}/resume", post(resume_schedule))
         .route("/api/v1/tasks/{id}/retry", post(retry_task))
         .route("/api/v1/tasks/retry", post(retry_tasks))
+        .route("/api/v1/limits", get(list_type_limits))
+        .route("/api/v1/limits/{task_type}", axum::routing::put(set_type_limit).delete(clear_type_limit))
         .route_layer(admin);
     client_routes
         .merge(admin_routes)
@@ -477,6 +482,25 @@ async fn create_schedule(
     JsonBody(req): JsonBody<proto::CreateScheduleRequest>,
 ) -> Response {
     answer(StatusCode::CREATED, client_api::create_schedule(&s.core, req).await)
+}
+
+async fn list_type_limits(State(s): State<RestState>) -> Response {
+    answer(StatusCode::OK, client_api::list_type_limits(&s.core, proto::ListTypeLimitsRequest {}).await)
+}
+
+/// `PUT /api/v1/limits/{task_type}` with `{"max_in_flight": N}`.
+async fn set_type_limit(
+    State(s): State<RestState>,
+    Path(task_type): Path<String>,
+    JsonBody(req): JsonBody<proto::SetTypeLimitRequest>,
+) -> Response {
+    let req = proto::SetTypeLimitRequest { task_type, clear: false, ..req };
+    answer(StatusCode::OK, client_api::set_type_limit(&s.core, req).await)
+}
+
+async fn clear_type_limit(State(s): State<RestState>, Path(task_type): Path<String>) -> Response {
+    let req = proto::SetTypeLimitRequest { task_type, max_in_flight: 0, clear: true };
+    answer(StatusCode::OK, client_api::set_type_limit(&s.core, req).await)
 }
 
 async fn list_schedules(State(s): State<RestState>) -> Response {

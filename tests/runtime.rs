@@ -904,7 +904,7 @@ on_every_backend!(a_task_lost_in_transit_is_given_back_uncharged_when_the_worker
 async fn a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_registers_again(db: &TestDb) {
     use coordinator::{
         domain::{Candidate, WorkerId},
-        store::{Placement, TypeFilter},
+        store::{ClaimFilter, Placement, TypeFilter},
     };
     let c = TestCoordinator::start(db, |cfg| {
         cfg.grpc.max_connection_age = Duration::from_secs(2);
@@ -930,10 +930,15 @@ async fn a_task_lost_in_transit_is_given_back_uncharged_when_the_worker_register
     let sessions = HashMap::from([(mover.clone(), session)]);
     let claimed = db
         .store
-        .claim_fenced(10, &TypeFilter::Any, Duration::from_secs(60), |c: &[Candidate]| Placement {
-            placed: c.iter().filter(|c| c.id == id).map(|c| (c.id, mover.clone())).collect(),
-            sessions: sessions.clone(),
-        })
+        .claim_fenced(
+            10,
+            &ClaimFilter::types(TypeFilter::Any),
+            Duration::from_secs(60),
+            |c: &[Candidate], _| Placement {
+                placed: c.iter().filter(|c| c.id == id).map(|c| (c.id, mover.clone())).collect(),
+                sessions: sessions.clone(),
+            },
+        )
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);

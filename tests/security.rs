@@ -417,7 +417,7 @@ fn req<T>(msg: T, who: As) -> tonic::Request<T> {
 }
 
 /// Every method of the service, with a message that passes validation where it can.
-const METHODS: [(&str, Role); 26] = [
+const METHODS: [(&str, Role); 28] = [
     ("RegisterWorker", Role::Worker),
     ("SendHeartbeat", Role::Worker),
     ("ReceiveTasks", Role::Worker),
@@ -444,6 +444,8 @@ const METHODS: [(&str, Role); 26] = [
     ("ListSchedules", Role::Client),
     ("PauseSchedule", Role::Admin),
     ("DeleteSchedule", Role::Admin),
+    ("SetTypeLimit", Role::Admin),
+    ("ListTypeLimits", Role::Admin),
 ];
 
 async fn call(c: &mut Client, method: &str, who: As) -> Code {
@@ -565,6 +567,14 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
         "DeleteSchedule" => {
             c.delete_schedule(req(proto::DeleteScheduleRequest { schedule_id: tid() }, who)).await.map(|_| ())
         }
+        "SetTypeLimit" => c
+            .set_type_limit(req(
+                proto::SetTypeLimitRequest { task_type: "matrix".into(), max_in_flight: 2, clear: false },
+                who,
+            ))
+            .await
+            .map(|_| ()),
+        "ListTypeLimits" => c.list_type_limits(req(proto::ListTypeLimitsRequest {}, who)).await.map(|_| ()),
         other => panic!("no call for {other}"),
     };
     match r {
@@ -624,7 +634,7 @@ async fn auth_matrix_covers_every_rpc_and_rest_route() {
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
 
     // REST: the same roles.
-    let routes: [(&str, &str, &str, Role); 19] = [
+    let routes: [(&str, &str, &str, Role); 22] = [
         ("POST", "/api/v1/tasks", r#"{"task_type":"echo"}"#, Role::Client),
         ("POST", "/api/v1/tasks/batch", r#"{"tasks":[{"task_type":"echo"}]}"#, Role::Client),
         ("GET", "/api/v1/tasks", "", Role::Client),
@@ -649,6 +659,9 @@ async fn auth_matrix_covers_every_rpc_and_rest_route() {
         ("POST", "/api/v1/schedules/0190a0b0-0000-7000-8000-000000000001/pause", "", Role::Admin),
         ("POST", "/api/v1/schedules/0190a0b0-0000-7000-8000-000000000001/resume", "", Role::Admin),
         ("DELETE", "/api/v1/schedules/0190a0b0-0000-7000-8000-000000000001", "", Role::Admin),
+        ("GET", "/api/v1/limits", "", Role::Admin),
+        ("PUT", "/api/v1/limits/matrix", r#"{"max_in_flight":2}"#, Role::Admin),
+        ("DELETE", "/api/v1/limits/matrix", "", Role::Admin),
     ];
     for (method, path, body, role) in routes {
         for who in EVERYONE {

@@ -23,9 +23,9 @@ use coordinator::{
         Task, TaskId, TaskState, TaskTemplate, WorkerId, WorkerState,
     },
     store::{
-        Completion, Failure, FailureGroup, Fired, Held, Holding, Placement, Pruned, ReportOutcome, Requeued,
-        Retention, RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter, TypeFilter, WorkerRegistration,
-        testing::TestDb,
+        ClaimFilter, Completion, Failure, FailureGroup, Fired, Held, Holding, Placement, Pruned,
+        ReportOutcome, Requeued, Retention, RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter,
+        TypeFilter, WorkerRegistration, testing::TestDb,
     },
 };
 use uuid::Uuid;
@@ -190,6 +190,7 @@ fn new_task(task_type: &str) -> NewTask {
         traceparent: None,
         depends_on: Vec::new(),
         on_parent_failure: Default::default(),
+        needs: Default::default(),
     }
 }
 
@@ -269,7 +270,7 @@ async fn claim_ids(s: &Store, ids: &[TaskId], worker: &WorkerId, lease: Duration
 /// A fenced claim of every runnable task for `worker` under `session`.
 async fn claim_all_for(s: &Store, worker: &str, session: Uuid) -> Vec<Assignment> {
     let sessions = HashMap::from([(w(worker), session)]);
-    s.claim_fenced(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| Placement {
+    s.claim_fenced(10, &ClaimFilter::types(TypeFilter::Any), LONG_LEASE, |c: &[Candidate], _| Placement {
         placed: c.iter().map(|c| (c.id, w(worker))).collect(),
         sessions,
     })
@@ -2320,9 +2321,8 @@ mod cases {
         let t = create_one(s, new_task("prove")).await;
         let stale = HashMap::from([(w("w1"), s1)]);
         let got = s
-            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| Placement {
-                placed: c.iter().map(|c| (c.id, w("w1"))).collect(),
-                sessions: stale,
+            .claim_fenced(10, &ClaimFilter::types(TypeFilter::Any), LONG_LEASE, |c: &[Candidate], _| {
+                Placement { placed: c.iter().map(|c| (c.id, w("w1"))).collect(), sessions: stale }
             })
             .await
             .expect("claim");
@@ -2330,9 +2330,8 @@ mod cases {
         assert_eq!(get(s, t.id).await.state, TaskState::Pending, "{b}");
         let current = HashMap::from([(w("w1"), s2)]);
         let got = s
-            .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| Placement {
-                placed: c.iter().map(|c| (c.id, w("w1"))).collect(),
-                sessions: current,
+            .claim_fenced(10, &ClaimFilter::types(TypeFilter::Any), LONG_LEASE, |c: &[Candidate], _| {
+                Placement { placed: c.iter().map(|c| (c.id, w("w1"))).collect(), sessions: current }
             })
             .await
             .expect("claim");
@@ -2360,10 +2359,15 @@ mod cases {
             let want = ids.clone();
             let wk = worker.clone();
             let got = s
-                .claim_fenced(10, &TypeFilter::Any, LONG_LEASE, move |c: &[Candidate]| Placement {
-                    placed: c.iter().filter(|c| want.contains(&c.id)).map(|c| (c.id, w(&wk))).collect(),
-                    sessions,
-                })
+                .claim_fenced(
+                    10,
+                    &ClaimFilter::types(TypeFilter::Any),
+                    LONG_LEASE,
+                    move |c: &[Candidate], _| Placement {
+                        placed: c.iter().filter(|c| want.contains(&c.id)).map(|c| (c.id, w(&wk))).collect(),
+                        sessions,
+                    },
+                )
                 .await
                 .expect("claim");
             assert_eq!(got.len(), 3, "{b}");

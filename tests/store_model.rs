@@ -18,8 +18,8 @@ use std::{
 use coordinator::{
     domain::{Candidate, NewTask, RequeueReason, TaskId, TaskState, WorkerId},
     store::{
-        Completion, Failure, Held, Holding, Placement, ReportOutcome, Requeued, RetryPolicy, Store,
-        TaskFilter, TypeFilter, WorkerRegistration, testing::TestDb,
+        ClaimFilter, Completion, Failure, Held, Holding, Placement, ReportOutcome, Requeued, RetryPolicy,
+        Store, TaskFilter, TypeFilter, WorkerRegistration, testing::TestDb,
     },
 };
 use proptest::{
@@ -312,6 +312,7 @@ impl Model {
                 traceparent: None,
                 depends_on: Vec::new(),
                 on_parent_failure: Default::default(),
+                needs: Default::default(),
             }),
             Op::Claim { task: t, worker, short_lease, stale_session } => {
                 let worker = w(worker);
@@ -533,10 +534,15 @@ async fn apply(s: &Store, step: &Step) -> coordinator::store::Result<Answer> {
         Step::Claim { id, worker, lease, sessions } => {
             let (id, to) = (*id, worker.clone());
             let assigned = s
-                .claim_fenced(1000, &TypeFilter::Any, *lease, move |c: &[Candidate]| Placement {
-                    placed: c.iter().filter(|c| c.id == id).map(|c| (c.id, to.clone())).collect(),
-                    sessions: sessions.clone(),
-                })
+                .claim_fenced(
+                    1000,
+                    &ClaimFilter::types(TypeFilter::Any),
+                    *lease,
+                    move |c: &[Candidate], _| Placement {
+                        placed: c.iter().filter(|c| c.id == id).map(|c| (c.id, to.clone())).collect(),
+                        sessions: sessions.clone(),
+                    },
+                )
                 .await?;
             Answer::Assigned(assigned.into_iter().map(|a| (a.task_id, a.worker_id, a.attempt)).collect())
         }

@@ -60,6 +60,13 @@ impl Effects {
         self.notifier.runnable();
     }
 
+    /// A type's concurrency limit changed: tasks it held back may start, here and on every
+    /// replica.
+    pub fn limits_changed(&self) {
+        self.wake.wake();
+        self.notifier.runnable();
+    }
+
     /// A worker's report was answered.
     pub fn reported(&self, held: &Held, outcome: &ReportOutcome, what: Reported) {
         let released = self.registry.release(&held.worker_id, held.task_id, held.attempt);

@@ -18,6 +18,7 @@ pub mod effects;
 pub mod error;
 pub mod failures;
 pub mod jobs;
+pub mod limits;
 pub mod schedules;
 pub mod worker;
 

@@ -159,6 +159,24 @@ pub async fn delete_schedule(
     Ok(proto::DeleteScheduleResponse {})
 }
 
+pub async fn set_type_limit(
+    core: &Core,
+    req: proto::SetTypeLimitRequest,
+) -> Result<proto::TypeLimit, CoreError> {
+    let task_type = convert::task_type("task_type", &req.task_type)?;
+    let max = (!req.clear).then_some(req.max_in_flight);
+    Ok(convert::type_limit(core.set_type_limit(&task_type, max).await?))
+}
+
+pub async fn list_type_limits(
+    core: &Core,
+    _req: proto::ListTypeLimitsRequest,
+) -> Result<proto::ListTypeLimitsResponse, CoreError> {
+    Ok(proto::ListTypeLimitsResponse {
+        limits: core.type_limits().await?.into_iter().map(convert::type_limit).collect(),
+    })
+}
+
 pub async fn retry_task(core: &Core, req: proto::RetryTaskRequest) -> Result<proto::Task, CoreError> {
     let id = convert::task_id("task_id", &req.task_id)?;
     Ok(convert::waiting_task(core.retry(id).await?, None))

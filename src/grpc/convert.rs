@@ -16,9 +16,9 @@ use crate::{
         worker::{Accepted, Registration},
     },
     domain::{
-        self, Assignment, AttemptRecord, Job, JobId, MissedRuns, NewTask, ParentFailure, PendingReason,
-        Schedule, ScheduleId, Task, TaskId, TaskState, TaskTemplate, Waiting, WorkerId, WorkerState,
-        WorkerStats,
+        self, Assignment, AttemptRecord, Job, JobId, MAX_REQUIREMENTS, MAX_WEIGHT, MissedRuns, Needs,
+        NewTask, ParentFailure, PendingReason, Requirement, Schedule, ScheduleId, Task, TaskId, TaskState,
+        TaskTemplate, Waiting, WorkerId, WorkerState, WorkerStats,
     },
     proto,
     registry::Push,
@@ -263,6 +263,7 @@ fn new_task_in(
         k => Some(k.to_owned()),
     };
     let run_after = run_after(field, req.run_at, req.delay_ms, Utc::now())?;
+    let needs = needs(field, req.requires, req.weight, req.affinity_key)?;
     Ok(NewTask {
         id,
         task_type,
@@ -276,6 +277,33 @@ fn new_task_in(
         traceparent: None,
         depends_on,
         on_parent_failure,
+        needs,
+    })
+}
+
+/// What a submission asks of its worker: requirements, weight and affinity key, checked.
+fn needs(field: &str, requires: Vec<String>, weight: u32, affinity_key: String) -> Result<Needs, CoreError> {
+    if requires.len() > MAX_REQUIREMENTS {
+        return Err(invalid(&format!("{field}requires"), format!("at most {MAX_REQUIREMENTS} requirements")));
+    }
+    let requires = requires
+        .iter()
+        .enumerate()
+        .map(|(i, r)| Requirement::parse(r).map_err(|e| invalid(&format!("{field}requires[{i}]"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if weight > MAX_WEIGHT {
+        return Err(invalid(&format!("{field}weight"), format!("must be at most {MAX_WEIGHT} slots")));
+    }
+    if affinity_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(invalid(
+            &format!("{field}affinity_key"),
+            format!("longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
+        ));
+    }
+    Ok(Needs {
+        requires,
+        weight: weight.max(1),
+        affinity_key: (!affinity_key.is_empty()).then_some(affinity_key),
     })
 }
 
@@ -398,6 +426,17 @@ pub fn pending_reason(r: PendingReason) -> proto::PendingReason {
         PendingReason::WorkersBusy => proto::PendingReason::WorkersBusy,
         PendingReason::Delayed => proto::PendingReason::Delayed,
         PendingReason::Queued => proto::PendingReason::Queued,
+        PendingReason::Unschedulable => proto::PendingReason::Unschedulable,
+        PendingReason::TypeLimit => proto::PendingReason::TypeLimit,
+    }
+}
+
+pub fn type_limit(l: domain::TypeLimit) -> proto::TypeLimit {
+    proto::TypeLimit {
+        task_type: l.task_type,
+        max_in_flight: l.max_in_flight,
+        source: l.source,
+        in_flight: l.in_flight,
     }
 }
 
@@ -447,6 +486,9 @@ impl From<Task> for proto::Task {
             pending_reason: proto::PendingReason::Unspecified as i32,
             pending_detail: String::new(),
             attempts: Vec::new(),
+            requires: t.needs.requires.iter().map(ToString::to_string).collect(),
+            weight: t.needs.weight,
+            affinity_key: t.needs.affinity_key.unwrap_or_default(),
         }
     }
 }
@@ -483,6 +525,7 @@ impl From<Assignment> for proto::TaskAssignment {
             priority: a.priority,
             job_id: a.job_id.map(|j| j.to_string()).unwrap_or_default(),
             traceparent: a.traceparent.unwrap_or_default(),
+            weight: a.weight,
             parents: a
                 .parents
                 .into_iter()
@@ -637,11 +680,20 @@ pub fn registration(req: proto::RegisterWorkerRequest) -> Result<Registration, C
     capabilities.sort();
     capabilities.dedup();
     if req.labels.len() > MAX_LABELS
-        || req.labels.iter().any(|(k, v)| k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN)
+        || req.labels.iter().any(|(k, v)| {
+            k.is_empty()
+                || k.len() > MAX_LABEL_LEN
+                || v.len() > MAX_LABEL_LEN
+                || k.contains(['=', '>', '<'])
+                || k.chars().chain(v.chars()).any(char::is_control)
+        })
     {
         return Err(invalid(
             "labels",
-            format!("at most {MAX_LABELS} labels of at most {MAX_LABEL_LEN} bytes each"),
+            format!(
+                "at most {MAX_LABELS} labels of at most {MAX_LABEL_LEN} bytes each, keys not empty and \
+                 without = < >, no control characters"
+            ),
         ));
     }
     if req.version.len() > MAX_LABEL_LEN || req.hostname.len() > MAX_LABEL_LEN {

@@ -157,6 +157,8 @@ const METHODS: &[(&str, &str, &str)] = &[
     (COORDINATOR, "ListSchedules", UNARY),
     (COORDINATOR, "PauseSchedule", UNARY),
     (COORDINATOR, "DeleteSchedule", UNARY),
+    (COORDINATOR, "SetTypeLimit", UNARY),
+    (COORDINATOR, "ListTypeLimits", UNARY),
     (HEALTH, "Check", UNARY),
     (HEALTH, "Watch", SERVER_STREAM),
     (REFLECTION_V1, "ServerReflectionInfo", BIDI_STREAM),

@@ -239,4 +239,18 @@ impl CoordinatorService for Service {
     ) -> Result<Response<proto::FailureSummary>, Status> {
         Ok(Response::new(client_api::get_failure_summary(&self.core, request.into_inner()).await?))
     }
+
+    async fn set_type_limit(
+        &self,
+        request: Request<proto::SetTypeLimitRequest>,
+    ) -> Result<Response<proto::TypeLimit>, Status> {
+        Ok(Response::new(client_api::set_type_limit(&self.core, request.into_inner()).await?))
+    }
+
+    async fn list_type_limits(
+        &self,
+        request: Request<proto::ListTypeLimitsRequest>,
+    ) -> Result<Response<proto::ListTypeLimitsResponse>, Status> {
+        Ok(Response::new(client_api::list_type_limits(&self.core, request.into_inner()).await?))
+    }
 }

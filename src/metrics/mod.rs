@@ -27,6 +27,7 @@ pub const TASKS_FAILED: &str = "coordinator_tasks_failed_total";
 pub const TASKS_REQUEUED: &str = "coordinator_tasks_requeued_total";
 pub const TASKS_CANCELLED: &str = "coordinator_tasks_cancelled_total";
 pub const POLL_CYCLES: &str = "coordinator_scheduler_poll_cycles_total";
+pub const AFFINITY_PLACEMENTS: &str = "coordinator_affinity_placements_total";
 pub const HEARTBEATS: &str = "coordinator_heartbeats_total";
 pub const WORKER_TRANSITIONS: &str = "coordinator_worker_transitions_total";
 pub const DISPATCH_LATENCY: &str = "coordinator_dispatch_latency_seconds";
@@ -57,6 +58,7 @@ pub const ALL: &[&str] = &[
     BUILD_INFO,
     TASKS_SUBMITTED,
     TASKS_ASSIGNED,
+    AFFINITY_PLACEMENTS,
     TASKS_COMPLETED,
     TASKS_FAILED,
     TASKS_REQUEUED,
@@ -209,6 +211,10 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_counter!(TASKS_SUBMITTED, "Tasks created by submissions.");
     describe_counter!(TASKS_ASSIGNED, "Assignments pushed to workers.");
+    describe_counter!(
+        AFFINITY_PLACEMENTS,
+        "Placements of tasks with an affinity key, by outcome: hit (the key's worker) or miss (it had no room)."
+    );
     describe_counter!(TASKS_COMPLETED, "Completions accepted.");
     describe_counter!(TASKS_FAILED, "Failure reports accepted (retried or final).");
     describe_counter!(TASKS_REQUEUED, "Tasks taken back from workers, by reason.");
@@ -262,6 +268,9 @@ fn describe() {
     gauge!(DB_UP).set(0.0);
     counter!(TASKS_SUBMITTED).absolute(0);
     counter!(TASKS_ASSIGNED).absolute(0);
+    for outcome in ["hit", "miss"] {
+        counter!(AFFINITY_PLACEMENTS, "outcome" => outcome).absolute(0);
+    }
     counter!(TASKS_COMPLETED).absolute(0);
     counter!(TASKS_FAILED).absolute(0);
     counter!(TASKS_CANCELLED).absolute(0);
@@ -348,6 +357,12 @@ pub fn tasks_submitted(n: u64) {
 pub fn task_assigned(dispatch_latency: Duration) {
     counter!(TASKS_ASSIGNED).increment(1);
     histogram!(DISPATCH_LATENCY).record(dispatch_latency.as_secs_f64());
+}
+
+/// Placements of tasks with an affinity key: on the key's worker, or elsewhere for want of room.
+pub fn affinity_placements(hits: u32, misses: u32) {
+    counter!(AFFINITY_PLACEMENTS, "outcome" => "hit").increment(u64::from(hits));
+    counter!(AFFINITY_PLACEMENTS, "outcome" => "miss").increment(u64::from(misses));
 }
 
 pub fn task_completed(task_type: &str, duration: Option<Duration>) {

@@ -21,7 +21,7 @@
 mod liveness;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -233,6 +233,7 @@ impl State {
 struct Session {
     session_id: Uuid,
     capabilities: Vec<String>,
+    labels: BTreeMap<String, String>,
     max_concurrent_tasks: u32,
     /// Assignments the worker queues beyond its slots: placement fills `max_concurrent_tasks +
     /// prefetch`.
@@ -256,6 +257,8 @@ struct Session {
 #[derive(Debug, Clone)]
 struct InFlight {
     attempt: Attempt,
+    /// Slots it takes.
+    weight: u32,
     /// When this replica last granted or renewed the attempt's lease (at most this late):
     /// absent when unknown (recovered after a restart or from another replica), so that the
     /// next heartbeat renews it in the database.
@@ -271,8 +274,16 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn recovered(attempt: Attempt, seq: u64) -> Self {
-        Self { attempt, lease_from: None, task_type: None, since: Instant::now(), delivered: None, seq }
+    fn recovered(attempt: Attempt, weight: u32, seq: u64) -> Self {
+        Self {
+            attempt,
+            weight,
+            lease_from: None,
+            task_type: None,
+            since: Instant::now(),
+            delivered: None,
+            seq,
+        }
     }
 }
 
@@ -303,8 +314,13 @@ impl Session {
         self.max_concurrent_tasks.saturating_add(self.prefetch)
     }
 
+    /// Slots its tasks take (each as many as it weighs).
+    fn used(&self) -> u32 {
+        self.in_flight.values().map(|f| f.weight).sum()
+    }
+
     fn free(&self) -> u32 {
-        self.capacity().saturating_sub(self.in_flight.len() as u32)
+        self.capacity().saturating_sub(self.used())
     }
 
     /// Whether placement should offer this worker work now: any free slot, or for a worker
@@ -324,10 +340,11 @@ impl Session {
             session_id: self.session_id,
             state: self.state,
             max_concurrent_tasks: self.max_concurrent_tasks,
-            in_flight: self.in_flight.len() as u32,
+            in_flight: self.used(),
             connected: self.stream.as_ref().is_some_and(|slot| slot.open().is_some()),
             last_seen_at: self.last_seen_at,
             capabilities: self.capabilities.clone(),
+            labels: self.labels.clone(),
         }
     }
 }
@@ -339,11 +356,13 @@ pub struct SessionInfo {
     pub session_id: Uuid,
     pub state: WorkerState,
     pub max_concurrent_tasks: u32,
+    /// Slots its tasks take.
     pub in_flight: u32,
     pub connected: bool,
     pub last_seen_at: DateTime<Utc>,
     /// Task types it runs; empty means any.
     pub capabilities: Vec<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A newly registered session.
@@ -412,7 +431,7 @@ impl Registry {
             }
             _ => state.registering.remove(&reg.id).unwrap_or_default(),
         };
-        let Registration { held, requeued } = held?;
+        let Registration { held, requeued, weights } = held?;
         let given_back: HashSet<(TaskId, Attempt)> =
             requeued.iter().map(|r| (r.task_id, r.attempt)).collect();
         let seq = state.next_seq();
@@ -420,7 +439,10 @@ impl Registry {
         let mut in_flight: HashMap<TaskId, InFlight> = held
             .iter()
             .filter(|h| !window.released.contains(&(h.task_id, h.attempt)))
-            .map(|h| (h.task_id, InFlight::recovered(h.attempt, seq)))
+            .map(|h| {
+                let weight = weights.get(&h.task_id).copied().unwrap_or(1);
+                (h.task_id, InFlight::recovered(h.attempt, weight, seq))
+            })
             .collect();
         // Pushed to the previous session while the registration ran: still on their way.
         if let Some(p) = &previous {
@@ -436,6 +458,7 @@ impl Registry {
         let session = Session {
             session_id: reg.session_id,
             capabilities: reg.capabilities.clone(),
+            labels: reg.labels.clone(),
             max_concurrent_tasks: reg.max_concurrent_tasks,
             prefetch: reg.prefetch,
             in_flight,
@@ -554,7 +577,7 @@ impl Registry {
             if let Some(slot) = &mut s.stream {
                 slot.tx = None;
             }
-            (s.session_id, s.in_flight.len() as u32, from)
+            (s.session_id, s.used(), from)
         };
         if from != WorkerState::Draining {
             metrics::worker_transition(from, WorkerState::Draining);
@@ -595,20 +618,24 @@ impl Registry {
         }
     }
 
-    /// Workers that may take work now (ACTIVE, stream open, free capacity), and the session
-    /// each assignment to them is fenced by.
+    /// Workers that may take work (ACTIVE, stream open), each with the slots it offers now
+    /// (none while it does not want work, see `wants_work`), and the session each assignment
+    /// to them is fenced by. Full workers are listed too: affinity prefers a worker among all
+    /// that could run a task, room or not, so that a key keeps its worker.
     pub fn schedulable(&self) -> (Vec<WorkerSlot>, HashMap<WorkerId, Uuid>) {
         let state = self.lock();
         let mut sessions = HashMap::new();
         let mut slots = Vec::new();
-        for (id, s) in state.sessions.iter().filter(|(_, s)| s.schedulable() && s.wants_work()) {
+        for (id, s) in state.sessions.iter().filter(|(_, s)| s.schedulable()) {
             sessions.insert(id.clone(), s.session_id);
             slots.push(WorkerSlot {
                 id: id.clone(),
                 capabilities: s.capabilities.clone(),
-                free: s.free(),
-                in_flight: s.in_flight.len() as u32,
+                free: if s.wants_work() { s.free() } else { 0 },
+                in_flight: s.used(),
                 max: s.capacity(),
+                slots: s.max_concurrent_tasks,
+                labels: s.labels.clone(),
             });
         }
         // A stable order makes round-robin fair across passes.
@@ -644,13 +671,14 @@ impl Registry {
         let Some(tx) = s.stream.as_ref().and_then(|slot| slot.tx.as_ref()) else {
             return Err(PushError::NoStream);
         };
-        let (task_id, attempt, task_type) = (a.task_id, a.attempt, a.task_type.clone());
+        let (task_id, attempt, task_type, weight) = (a.task_id, a.attempt, a.task_type.clone(), a.weight);
         match tx.try_send(Push::Run(a)) {
             Ok(()) => {
                 s.in_flight.insert(
                     task_id,
                     InFlight {
                         attempt,
+                        weight,
                         // The claim granted the lease just before this push (milliseconds
                         // at most, against renewals due after a third of the lease).
                         lease_from: Some(Instant::now()),
@@ -754,7 +782,7 @@ impl Registry {
             }
             if s.state == WorkerState::Active {
                 c.capacity_total += s.max_concurrent_tasks;
-                c.capacity_used += (s.in_flight.len() as u32).min(s.max_concurrent_tasks);
+                c.capacity_used += s.used().min(s.max_concurrent_tasks);
             }
         }
         c
@@ -889,7 +917,7 @@ impl Registry {
                     if !suspects.contains(&key) {
                         seen.insert(key);
                     } else if kind == CorrectionKind::MissingSlot {
-                        s.in_flight.insert(*t, InFlight::recovered(r.held.attempt, seq));
+                        s.in_flight.insert(*t, InFlight::recovered(r.held.attempt, r.weight, seq));
                         c.missing_slots += 1;
                         warn!(worker_id = %id, task_id = %t, attempt = r.held.attempt, "reconciliation counted a running task the worker holds");
                     } else {
@@ -1251,9 +1279,10 @@ mod tests {
             held.push((a.task_id, a.attempt));
             r.push(a, session).unwrap();
         }
-        assert_eq!(free(), None, "full");
+        // Listed all the same (affinity looks at full workers too), offering nothing.
+        assert_eq!(free(), Some(0), "full");
         r.release(&w, held[0].0, held[0].1);
-        assert_eq!(free(), None, "one free of a queue of four: not yet");
+        assert_eq!(free(), Some(0), "one free of a queue of four: not yet");
         r.release(&w, held[1].0, held[1].1);
         assert_eq!(free(), Some(2), "half the queue free: refilled in one go");
         db.cleanup().await;

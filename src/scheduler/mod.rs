@@ -25,7 +25,7 @@ use crate::{
     events::Events,
     metrics,
     registry::Registry,
-    store::{Held, Placement, Requeued, Store, TypeFilter},
+    store::{ClaimFilter, Held, Placement, Requeued, Shapes, Store, TypeFilter},
 };
 
 /// The effects of tasks given back (free their slots, count them, tell watchers and the other
@@ -117,35 +117,37 @@ impl Scheduler {
         // How much to claim, and of which types. Placement looks at the workers again once the
         // candidates are locked (see below).
         let (workers, _) = self.registry.schedulable();
-        let free: u32 = workers.iter().map(|w| w.free).sum();
+        let offering: Vec<&placement::WorkerSlot> = workers.iter().filter(|w| w.free > 0).collect();
+        let free: u32 = offering.iter().map(|w| w.free).sum();
         if free == 0 {
             return Ok(Pass::Done);
         }
-        let types = if workers.iter().any(|w| w.capabilities.is_empty()) {
+        let types = if offering.iter().any(|w| w.capabilities.is_empty()) {
             TypeFilter::Any
         } else {
-            let mut t: Vec<String> = workers.iter().flat_map(|w| w.capabilities.iter().cloned()).collect();
+            let mut t: Vec<String> = offering.iter().flat_map(|w| w.capabilities.iter().cloned()).collect();
             t.sort();
             t.dedup();
             TypeFilter::Only(t)
         };
+        let filter = ClaimFilter { types, shapes: Shapes::of(&workers) };
         let limit = free.min(self.config.batch_size);
         let strategy = self.config.strategy;
         let mut cursor = self.cursor;
         let mut sessions = HashMap::new();
+        let mut affinity = (0, 0);
         let registry = &self.registry;
         let assignments = match self
             .store
-            .claim_fenced(limit, &types, self.config.lease, |candidates| {
+            .claim_fenced(limit, &filter, self.config.lease, |candidates, allowances| {
                 // The workers as they are now, not as they were when the pass began: the wait for
                 // the database can be long, and a task submitted meanwhile was submitted to the
                 // workers connected since, not only to those connected before.
                 let (workers, fence) = registry.schedulable();
                 sessions.clone_from(&fence);
-                Placement {
-                    placed: placement::place(strategy, candidates, &workers, &mut cursor),
-                    sessions: fence,
-                }
+                let placed = placement::place(strategy, candidates, &workers, &mut cursor, allowances);
+                affinity = (placed.affinity_hits, placed.affinity_misses);
+                Placement { placed: placed.placed, sessions: fence }
             })
             .await
         {
@@ -157,6 +159,9 @@ impl Scheduler {
                 return Err(e);
             }
         };
+        if affinity != (0, 0) {
+            metrics::affinity_placements(affinity.0, affinity.1);
+        }
         self.cursor = cursor;
         let claimed = assignments.len() as u32;
         let mut undelivered = Vec::new();

@@ -3,7 +3,10 @@
 //! epoch), so each row type implements [`Cols`], the handful of typed column reads; every domain
 //! type is then decoded from any row by one function here.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::{Row, postgres::PgRow, sqlite::SqliteRow};
@@ -13,8 +16,8 @@ use super::{
     Audit, FailureGroup, FailureSummary, Held, HeldRow, PendingType, Result, StoreError, policy::Charges,
 };
 use crate::domain::{
-    Assignment, AttemptRecord, Candidate, Job, JobId, MissedRuns, ParentResult, Schedule, ScheduleId, Task,
-    TaskId, TaskState, TaskTemplate, WorkerId, WorkerRecord, WorkerState,
+    Assignment, AttemptRecord, Candidate, Job, JobId, MissedRuns, Needs, ParentResult, Requirement, Schedule,
+    ScheduleId, Task, TaskId, TaskState, TaskTemplate, TypeLimit, WorkerId, WorkerRecord, WorkerState,
 };
 
 /// Typed reads of a row's columns by name, the same on both dialects.
@@ -25,6 +28,7 @@ pub(super) trait Cols {
     fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>>;
     /// An `INTEGER` column.
     fn int(&self, col: &str) -> Result<i32>;
+    fn opt_int(&self, col: &str) -> Result<Option<i32>>;
     /// A `BIGINT` column or a count.
     fn bigint(&self, col: &str) -> Result<i64>;
     fn text(&self, col: &str) -> Result<String>;
@@ -39,6 +43,9 @@ pub(super) trait Cols {
 macro_rules! plain_cols {
     () => {
         fn int(&self, col: &str) -> Result<i32> {
+            Ok(self.try_get(col)?)
+        }
+        fn opt_int(&self, col: &str) -> Result<Option<i32>> {
             Ok(self.try_get(col)?)
         }
         fn bigint(&self, col: &str) -> Result<i64> {
@@ -155,6 +162,80 @@ pub(super) fn task(r: &impl Cols) -> Result<Task> {
         started_at: r.opt_time("started_at")?,
         finished_at: r.opt_time("finished_at")?,
         traceparent: r.opt_text("traceparent")?,
+        needs: needs(r)?,
+    })
+}
+
+/// The `weight` column: slots the task takes (NULL: one).
+fn weight(r: &impl Cols) -> Result<u32> {
+    Ok(r.opt_int("weight")?.map_or(1, |w| w.max(1) as u32))
+}
+
+/// The `requires`, `weight` and `affinity_key` columns.
+fn needs(r: &impl Cols) -> Result<Needs> {
+    let requires = match r.opt_text("requires")? {
+        Some(json) => decode_requires(&json)?,
+        None => Vec::new(),
+    };
+    Ok(Needs { requires, weight: weight(r)?, affinity_key: r.opt_text("affinity_key")? })
+}
+
+/// Requirements as the `requires` column holds them (`None` when there are none): label
+/// equalities as `key=value` strings and minimums as `[key, number]` pairs, the forms the
+/// claim's SQL compares with a worker shape's (see [`super::Shapes`]).
+pub(super) fn encode_requires(requires: &[Requirement]) -> Option<String> {
+    if requires.is_empty() {
+        return None;
+    }
+    let mut eq = Vec::new();
+    let mut min = Vec::new();
+    for r in requires {
+        match r {
+            Requirement::Equals { key, value } => eq.push(serde_json::json!(format!("{key}={value}"))),
+            Requirement::AtLeast { key, min: n } => min.push(serde_json::json!([key, n])),
+        }
+    }
+    Some(serde_json::json!({"eq": eq, "min": min}).to_string())
+}
+
+fn decode_requires(json: &str) -> Result<Vec<Requirement>> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        #[serde(default)]
+        eq: Vec<String>,
+        #[serde(default)]
+        min: Vec<(String, f64)>,
+    }
+    let stored: Stored = decode_json(json)?;
+    let mut out = Vec::with_capacity(stored.eq.len() + stored.min.len());
+    for e in stored.eq {
+        let (key, value) =
+            e.split_once('=').ok_or_else(|| StoreError::Corrupt(format!("bad requirement {e:?}")))?;
+        out.push(Requirement::Equals { key: key.into(), value: value.into() });
+    }
+    out.extend(stored.min.into_iter().map(|(key, min)| Requirement::AtLeast { key, min }));
+    Ok(out)
+}
+
+/// The weights of the rows of [`super::sql::ADOPT`] that weigh more than one slot.
+pub(super) fn weights<R: Cols>(rows: &[R]) -> Result<HashMap<TaskId, u32>> {
+    let mut out = HashMap::new();
+    for r in rows {
+        let w = weight(r)?;
+        if w > 1 {
+            out.insert(TaskId(r.uuid("id")?), w);
+        }
+    }
+    Ok(out)
+}
+
+/// A row of [`super::sql::TYPE_LIMITS`].
+pub(super) fn type_limit(r: &impl Cols) -> Result<TypeLimit> {
+    Ok(TypeLimit {
+        task_type: r.text("task_type")?,
+        max_in_flight: r.bigint("max_in_flight")?.max(0) as u32,
+        source: r.text("source")?,
+        in_flight: r.bigint("in_flight")?.max(0) as u32,
     })
 }
 
@@ -229,6 +310,7 @@ pub(super) fn held(r: &impl Cols) -> Result<Held> {
 pub(super) fn held_row(r: &impl Cols) -> Result<HeldRow> {
     Ok(HeldRow {
         held: held(r)?,
+        weight: weight(r)?,
         session: r.opt_uuid("session_id")?,
         state: state(&r.text("status")?)?,
         assigned_at: r.opt_time("assigned_at")?,
@@ -237,7 +319,12 @@ pub(super) fn held_row(r: &impl Cols) -> Result<HeldRow> {
 
 /// A claim candidate: `id, task_type, priority`.
 pub(super) fn candidate(r: &impl Cols) -> Result<Candidate> {
-    Ok(Candidate { id: TaskId(r.uuid("id")?), task_type: r.text("task_type")?, priority: r.int("priority")? })
+    Ok(Candidate {
+        id: TaskId(r.uuid("id")?),
+        task_type: r.text("task_type")?,
+        priority: r.int("priority")?,
+        needs: needs(r)?,
+    })
 }
 
 /// A task just assigned: its fence, `task_type, payload, priority, job_id, timeout_ms, created_at`,
@@ -250,6 +337,7 @@ pub(super) fn assignment(r: &impl Cols) -> Result<Assignment> {
         task_type: r.text("task_type")?,
         payload: r.bytes("payload")?,
         attempt: held.attempt,
+        weight: weight(r)?,
         worker_id: held.worker_id,
         priority: r.int("priority")?,
         job_id: r.opt_uuid("job_id")?.map(JobId),

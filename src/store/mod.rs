@@ -377,6 +377,8 @@ pub struct FailureGroup {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeldRow {
     pub held: Held,
+    /// Slots it takes.
+    pub weight: u32,
     pub session: Option<Uuid>,
     pub state: TaskState,
     pub assigned_at: Option<DateTime<Utc>>,
@@ -414,6 +416,70 @@ pub enum TypeFilter {
     Any,
     Only(Vec<String>),
 }
+
+/// Which tasks a claim may take: their types, and, for tasks that require labels or weigh more
+/// than one slot, the shapes of the workers with room (see [`Shapes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimFilter {
+    pub types: TypeFilter,
+    /// `None`: no check here (placement still checks every task against every worker).
+    pub shapes: Option<Shapes>,
+}
+
+impl ClaimFilter {
+    pub fn types(types: TypeFilter) -> Self {
+        Self { types, shapes: None }
+    }
+}
+
+/// The distinct shapes of the workers with room, as JSON the claim's SQL reads: a task with
+/// requirements or a weight is a candidate only if one of them could take it now, so tasks no
+/// free worker fits never fill a claim and hide the tasks behind them. Each shape is
+/// `{"c": capabilities or null for any, "l": ["key=value", ...], "n": [["key", number], ...],
+/// "f": the most free slots (prefetch queue included), "s": the most slots, of a worker of that
+/// shape}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shapes(pub String);
+
+/// The most distinct worker shapes a claim carries; past that the claim does not check shapes
+/// (placement still does), so a fleet where every worker has its own labels costs no more.
+pub const MAX_SHAPES: usize = 256;
+
+impl Shapes {
+    /// The shapes of `workers` with free slots; `None` past [`MAX_SHAPES`].
+    pub fn of(workers: &[crate::domain::WorkerSlot]) -> Option<Self> {
+        type Key<'a> = (Option<&'a [String]>, &'a BTreeMap<String, String>);
+        // The most free slots (queue included), and the most slots, of a worker of each shape.
+        let mut shapes: BTreeMap<Key<'_>, (u32, u32)> = BTreeMap::new();
+        for w in workers.iter().filter(|w| w.free > 0) {
+            let caps = (!w.capabilities.is_empty()).then_some(w.capabilities.as_slice());
+            let (f, s) = shapes.entry((caps, &w.labels)).or_default();
+            *f = (*f).max(w.free);
+            *s = (*s).max(w.slots);
+            if shapes.len() > MAX_SHAPES {
+                return None;
+            }
+        }
+        let list: Vec<serde_json::Value> = shapes
+            .into_iter()
+            .map(|((caps, labels), (free, slots))| {
+                let eq: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let num: Vec<serde_json::Value> = labels
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        crate::domain::label_number(Some(v)).map(|n| serde_json::json!([k, n]))
+                    })
+                    .collect();
+                serde_json::json!({"c": caps, "l": eq, "n": num, "f": free, "s": slots})
+            })
+            .collect();
+        Some(Self(serde_json::Value::Array(list).to_string()))
+    }
+}
+
+/// How many more tasks of each limited type may start now: a type's concurrency limit less
+/// its tasks assigned or running (none absent: no limit).
+pub type Allowances = HashMap<String, u32>;
 
 /// Filter and page of `list_tasks`; pages are ordered by id (creation order).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -481,6 +547,8 @@ impl Holding {
 pub struct Registration {
     pub held: Vec<Held>,
     pub requeued: Vec<Requeued>,
+    /// The slots each held task takes, for those that take more than one.
+    pub weights: HashMap<TaskId, u32>,
 }
 
 /// What the pruner may delete: terminal tasks whose state's age has passed since they finished
@@ -718,8 +786,12 @@ impl Store {
     where
         F: FnOnce(&[Candidate]) -> Vec<(TaskId, WorkerId)> + Send,
     {
-        self.claim_fenced(limit, types, lease, |c| Placement { placed: place(c), sessions: HashMap::new() })
-            .await
+        let filter = ClaimFilter::types(types.clone());
+        self.claim_fenced(limit, &filter, lease, |c, _| Placement {
+            placed: place(c),
+            sessions: HashMap::new(),
+        })
+        .await
     }
 
     /// [`Store::claim`] for registered sessions: `place` runs once the candidates are locked and
@@ -727,20 +799,26 @@ impl Store {
     /// only while that session is still the worker's current one in the database, and the
     /// assignment records it. (A placement on a worker it names no session for is not fenced:
     /// tools and tests that assign directly.)
+    ///
+    /// Types with a concurrency limit (see [`Store::set_type_limit`]) are held to it here: a
+    /// type at its limit offers no candidates, `place` is told how many more of each limited
+    /// type may start ([`Allowances`]), and placements beyond that are dropped. On Postgres
+    /// the limit's row is locked until the claim commits, so claims of one limited type from
+    /// any number of replicas count each other's assignments.
     pub async fn claim_fenced<F>(
         &self,
         limit: u32,
-        types: &TypeFilter,
+        filter: &ClaimFilter,
         lease: Duration,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
-        F: FnOnce(&[Candidate]) -> Placement + Send,
+        F: FnOnce(&[Candidate], &Allowances) -> Placement + Send,
     {
-        if limit == 0 || matches!(types, TypeFilter::Only(t) if t.is_empty()) {
+        if limit == 0 || matches!(&filter.types, TypeFilter::Only(t) if t.is_empty()) {
             return Ok(Vec::new());
         }
-        timed!("claim", self, s => s.claim(limit, types, lease, place).await)
+        timed!("claim", self, s => s.claim(limit, filter, lease, place).await)
     }
 
     /// Marks assignments `running` (assigned -> running) as started now. Returns how many
@@ -841,6 +919,23 @@ impl Store {
             return Ok(Vec::new());
         }
         timed!("requeue_undelivered", self, s => s.requeue_held(held, RequeueReason::Undelivered).await)
+    }
+
+    /// Makes the configured concurrency limits the `config` ones: writes each (an admin's limit
+    /// of the same type stays), and drops the `config` limits of types no longer configured.
+    pub async fn seed_type_limits(&self, limits: &BTreeMap<String, u32>) -> Result<()> {
+        timed!("seed_type_limits", self, s => s.seed_type_limits(limits).await)
+    }
+
+    /// Sets (an admin's) concurrency limit of `task_type`, or with `None` removes its limit.
+    /// Claims from then on hold to it; tasks already running beyond a lowered limit run on.
+    pub async fn set_type_limit(&self, task_type: &str, max_in_flight: Option<u32>) -> Result<()> {
+        timed!("set_type_limit", self, s => s.set_type_limit(task_type, max_in_flight).await)
+    }
+
+    /// Every type's concurrency limit, with its tasks assigned or running now.
+    pub async fn type_limits(&self) -> Result<Vec<crate::domain::TypeLimit>> {
+        timed!("type_limits", self, s => s.type_limits().await)
     }
 
     /// Tasks the store says `worker` holds (assigned or running), with their attempts.
@@ -1042,11 +1137,33 @@ fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Keeps only placements of tasks that were offered (and locked) as candidates, once each.
-fn only_candidates(candidates: &[Candidate], placed: Vec<(TaskId, WorkerId)>) -> Vec<(TaskId, WorkerId)> {
-    let offered: std::collections::HashSet<TaskId> = candidates.iter().map(|c| c.id).collect();
+/// What `place` decided, kept to the candidates it was offered (each once) and, whatever it
+/// decided, to each limited type's allowance: the limit holds in the claim itself.
+fn only_candidates(
+    candidates: &[Candidate],
+    placed: Vec<(TaskId, WorkerId)>,
+    allowances: &Allowances,
+) -> Vec<(TaskId, WorkerId)> {
+    let offered: HashMap<TaskId, &str> = candidates.iter().map(|c| (c.id, c.task_type.as_str())).collect();
     let mut seen = std::collections::HashSet::new();
-    placed.into_iter().filter(|(t, _)| offered.contains(t) && seen.insert(*t)).collect()
+    let mut left = allowances.clone();
+    placed
+        .into_iter()
+        .filter(|(t, _)| {
+            let Some(ty) = offered.get(t) else { return false };
+            if !seen.insert(*t) {
+                return false;
+            }
+            match left.get_mut(*ty) {
+                Some(0) => false,
+                Some(n) => {
+                    *n -= 1;
+                    true
+                }
+                None => true,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ macro_rules! task_columns {
     () => {
         "id, task_type, payload, status, priority, attempt, max_attempts, failures, timeout_ms, worker_id, \
          job_id, idempotency_key, result, error, run_after, lease_expires_at, created_at, updated_at, \
-         assigned_at, started_at, finished_at, traceparent"
+         assigned_at, started_at, finished_at, traceparent, requires, weight, affinity_key"
     };
 }
 
@@ -49,7 +49,7 @@ pub(super) const HELD_BY: &str = "SELECT id, attempt, worker_id FROM tasks
 /// A registration's new session adopts the tasks its worker holds.
 pub(super) const ADOPT: &str = "UPDATE tasks SET session_id = $2
      WHERE worker_id = $1 AND status IN ('assigned', 'running')
-     RETURNING id, attempt, worker_id";
+     RETURNING id, attempt, worker_id, weight";
 
 /// A task's assignment history, oldest first: the attempt rows (attempts that ended other than
 /// completed), and the attempt in flight or the one that completed, read from the task's row.
@@ -128,3 +128,10 @@ pub(super) const PARENT_RESULTS: &str = "SELECT p.parent AS id,
      FROM task_parents p LEFT JOIN tasks t ON t.id = p.parent
      WHERE p.child = $1
      ORDER BY p.position";
+
+/// Every type's concurrency limit and its tasks assigned or running now.
+pub(super) const TYPE_LIMITS: &str =
+    "SELECT l.task_type, CAST(l.max_in_flight AS BIGINT) AS max_in_flight, l.source,
+            (SELECT count(*) FROM tasks r
+             WHERE r.task_type = l.task_type AND r.status IN ('assigned', 'running')) AS in_flight
+     FROM type_limits l ORDER BY l.task_type";

@@ -28,6 +28,7 @@ pub fn new_task(task_type: &str) -> NewTask {
         traceparent: None,
         depends_on: Vec::new(),
         on_parent_failure: Default::default(),
+        needs: Default::default(),
     }
 }
 

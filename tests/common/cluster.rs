@@ -227,6 +227,12 @@ auth:
 
 /// A worker process of the `worker` binary with the `sleep` and `noop` handlers.
 pub fn spawn_worker(dir: &Path, id: &str, coordinator: &str, max_concurrent: u32) -> Proc {
+    spawn_worker_with(dir, id, coordinator, max_concurrent, "")
+}
+
+/// As [`spawn_worker`], with `extra` (whole top-level sections of YAML, e.g. `labels:`)
+/// appended to its configuration file.
+pub fn spawn_worker_with(dir: &Path, id: &str, coordinator: &str, max_concurrent: u32, extra: &str) -> Proc {
     let config = dir.join(format!("{id}.yaml"));
     let yaml = format!(
         "coordinator: {coordinator:?}
@@ -239,7 +245,7 @@ backoff_max: 1s
 logging:
   level: info,h2=warn,tonic=warn,hyper=warn
   format: json
-"
+{extra}"
     );
     std::fs::write(&config, yaml).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_worker"));

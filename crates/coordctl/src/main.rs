@@ -106,6 +106,16 @@ enum Cmd {
         /// What the task does when a parent fails for good or is cancelled: fail or cancel.
         #[arg(long, default_value = "fail", value_parser = ["fail", "cancel"])]
         on_parent_failure: String,
+        /// A worker label the task needs (repeat for more): key=value, or key>=number for a
+        /// numeric minimum, e.g. --requires gpu=h100 --requires mem_gb>=256.
+        #[arg(long)]
+        requires: Vec<String>,
+        /// Slots the task takes on its worker (default 1).
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+        /// Tasks with the same key go to the same worker while it has room.
+        #[arg(long)]
+        affinity_key: Option<String>,
         /// Wait until the task ends and print its result; the exit status says how it ended.
         #[arg(long)]
         wait: bool,
@@ -199,6 +209,9 @@ enum Cmd {
     /// Recurring schedules: a task from a template at every occurrence of a cron expression.
     #[command(subcommand)]
     Schedule(ScheduleCmd),
+    /// Per-type concurrency limits across every replica (admin).
+    #[command(subcommand)]
+    Limits(LimitsCmd),
     /// Count primes in [low, high) as a job of slices spread over the workers.
     Primes {
         #[arg(long)]
@@ -263,6 +276,24 @@ enum Cmd {
         /// The coordinator's metrics (http://host:8090/metrics), for its time per heartbeat.
         #[arg(long)]
         metrics_url: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LimitsCmd {
+    /// Every type's limit and its tasks assigned or running now.
+    List,
+    /// At most N tasks of TYPE assigned or running at once; stays until cleared.
+    Set {
+        #[arg(value_name = "TYPE")]
+        task_type: String,
+        #[arg(value_name = "N")]
+        max_in_flight: u32,
+    },
+    /// Remove TYPE's limit.
+    Clear {
+        #[arg(value_name = "TYPE")]
+        task_type: String,
     },
 }
 
@@ -462,6 +493,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_at,
             depends_on,
             on_parent_failure,
+            requires,
+            weight,
+            affinity_key,
             wait,
         } => {
             let payload = read_payload(&payload)?;
@@ -480,6 +514,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }),
                     depends_on,
                     on_parent_failure: parent_failure(&on_parent_failure) as i32,
+                    requires,
+                    weight,
+                    affinity_key: affinity_key.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
@@ -748,6 +785,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Schedule(cmd) => schedule_command(&mut c, cmd, json_out).await,
+        Cmd::Limits(cmd) => limits_command(&mut c, cmd, json_out).await,
         Cmd::Stats { worker_id } => {
             let s = c.get_worker_stats(proto::GetWorkerStatsRequest { worker_id }).await?.into_inner();
             if json_out {
@@ -799,6 +837,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .unwrap_or_default(),
                     on_parent_failure: parent_failure(v["on_parent_failure"].as_str().unwrap_or("fail"))
                         as i32,
+                    // Worker labels it needs ("gpu=h100", "mem_gb>=256"), slots, affinity key.
+                    requires: v["requires"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
+                        .unwrap_or_default(),
+                    weight: v["weight"].as_u64().unwrap_or(0) as u32,
+                    affinity_key: v["affinity_key"].as_str().unwrap_or_default().into(),
                 });
             }
             let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -817,10 +862,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", job_json(&j));
             } else {
                 println!(
-                    "job {} ({}): {} tasks; {} pending, {} assigned, {} running, {} completed, {} failed, {} cancelled{}",
+                    "job {} ({}): {} tasks; {} blocked, {} pending, {} assigned, {} running, {} completed, {} failed, {} cancelled{}",
                     j.job_id,
                     j.name,
                     j.total,
+                    j.blocked,
                     j.pending,
                     j.assigned,
                     j.running,
@@ -1092,11 +1138,12 @@ async fn wait_job(c: &mut Client, job_id: &str) -> anyhow::Result<proto::Job> {
 /// A job's progress in one line.
 fn progress(j: &proto::Job) -> String {
     format!(
-        "{}/{} done ({} running, {} pending; {} completed, {} failed, {} cancelled)",
+        "{}/{} done ({} running, {} pending, {} blocked; {} completed, {} failed, {} cancelled)",
         j.completed + j.failed + j.cancelled,
         j.total,
         j.running + j.assigned,
         j.pending,
+        j.blocked,
         j.completed,
         j.failed,
         j.cancelled
@@ -1220,6 +1267,8 @@ fn pending_reason_name(r: i32) -> Option<&'static str> {
         proto::PendingReason::WorkersBusy => Some("workers_busy"),
         proto::PendingReason::Delayed => Some("delayed"),
         proto::PendingReason::Queued => Some("queued"),
+        proto::PendingReason::Unschedulable => Some("unschedulable"),
+        proto::PendingReason::TypeLimit => Some("type_limit"),
     }
 }
 
@@ -1274,6 +1323,41 @@ fn worker_state_name(s: i32) -> &'static str {
         proto::WorkerState::Dead => "dead",
         proto::WorkerState::Draining => "draining",
     }
+}
+
+async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyhow::Result<ExitCode> {
+    let set = |task_type: String, max_in_flight: u32, clear: bool| proto::SetTypeLimitRequest {
+        task_type,
+        max_in_flight,
+        clear,
+    };
+    let shown = match cmd {
+        LimitsCmd::List => c.list_type_limits(proto::ListTypeLimitsRequest {}).await?.into_inner().limits,
+        LimitsCmd::Set { task_type, max_in_flight } => {
+            vec![c.set_type_limit(set(task_type, max_in_flight, false)).await?.into_inner()]
+        }
+        LimitsCmd::Clear { task_type } => {
+            c.set_type_limit(set(task_type.clone(), 0, true)).await?;
+            if json_out {
+                println!("{}", json!({"task_type": task_type, "cleared": true}));
+            } else {
+                println!("cleared the limit of {task_type}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    for l in shown {
+        if json_out {
+            println!(
+                "{}",
+                json!({"task_type": l.task_type, "max_in_flight": l.max_in_flight, "source": l.source,
+                       "in_flight": l.in_flight})
+            );
+        } else {
+            println!("{:<24} {:>3} of {:<6} ({})", l.task_type, l.in_flight, l.max_in_flight, l.source);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> anyhow::Result<ExitCode> {
@@ -1380,6 +1464,7 @@ fn task_json(t: &proto::Task) -> serde_json::Value {
            "worker_id": t.worker_id, "job_id": t.job_id, "result": bytes_text(&t.result), "error": t.error,
            "created_at": t.created_at.as_ref().map(ts_string), "finished_at": t.finished_at.as_ref().map(ts_string),
            "pending_reason": pending_reason_name(t.pending_reason), "pending_detail": t.pending_detail,
+           "requires": t.requires, "weight": t.weight.max(1), "affinity_key": t.affinity_key,
            "attempts": t.attempts.iter().map(attempt_json).collect::<Vec<_>>()})
 }
 
@@ -1396,7 +1481,7 @@ fn event_json(e: &proto::TaskEvent) -> serde_json::Value {
 }
 
 fn job_json(j: &proto::Job) -> serde_json::Value {
-    json!({"job_id": j.job_id, "name": j.name, "total": j.total, "pending": j.pending, "assigned": j.assigned,
+    json!({"job_id": j.job_id, "name": j.name, "total": j.total, "blocked": j.blocked, "pending": j.pending, "assigned": j.assigned,
            "running": j.running, "completed": j.completed, "failed": j.failed, "cancelled": j.cancelled,
            "done": j.done, "created_at": j.created_at.as_ref().map(ts_string),
            "results": j.results.iter().map(|r| json!({"task_id": r.task_id, "status": status_name(r.status),
@@ -1415,6 +1500,15 @@ fn print_task(t: &proto::Task, json_out: bool) {
     println!("attempt   {} of {} ({} failed)", t.attempt, t.max_attempts, t.failures);
     if !t.worker_id.is_empty() {
         println!("worker    {}", t.worker_id);
+    }
+    if !t.requires.is_empty() {
+        println!("requires  {}", t.requires.join(", "));
+    }
+    if t.weight > 1 {
+        println!("weight    {} slots", t.weight);
+    }
+    if !t.affinity_key.is_empty() {
+        println!("affinity  {}", t.affinity_key);
     }
     if !t.pending_detail.is_empty() {
         println!("waiting   {}", t.pending_detail);

@@ -13,7 +13,9 @@ use uuid::Uuid;
 use super::{PgStore, held_arrays, retry_conflicts};
 use crate::{
     domain::{Assignment, Candidate, TaskId},
-    store::{self, Held, Placement, Result, StoreError, TypeFilter, decode, duration_ms, micros_ago},
+    store::{
+        self, ClaimFilter, Held, Placement, Result, StoreError, TypeFilter, decode, duration_ms, micros_ago,
+    },
 };
 
 /// Assigns placed candidates under the session fence: the worker row is share-locked, so a
@@ -41,7 +43,7 @@ pub(super) const CLAIM_ASSIGN: &str =
            AND (a.session_id IS NULL
                 OR EXISTS (SELECT 1 FROM fence f WHERE f.id = a.worker_id AND f.session_id = a.session_id))
          RETURNING t.id, t.task_type, t.payload, t.attempt, t.worker_id, t.priority, t.job_id,
-                   t.timeout_ms, t.created_at, t.assigned_at, t.traceparent, t.parents
+                   t.timeout_ms, t.created_at, t.assigned_at, t.traceparent, t.parents, t.weight
      )
      SELECT * FROM upd";
 
@@ -74,58 +76,150 @@ pub(super) const RENEW: &str =
      )
      SELECT id, attempt, worker_id FROM upd";
 
+/// Each claim's transaction holds this advisory lock shared (taken with its `BEGIN`, in the same
+/// round trip); writing limits holds it exclusively ([`super::limits`]). So a limit created
+/// while a claim runs waits for that claim to commit, and a claim that starts after it sees it:
+/// no claim assigns a type whose new limit it never saw while another claim already counts
+/// against that limit. Keyed by schema, as the pruner's lock.
+pub(super) const LIMITS_LOCK: i32 = 0x6c69_6d74;
+
+const CLAIM_BEGIN: &str =
+    "BEGIN; SELECT pg_advisory_xact_lock_shared(1818848628, hashtext(current_schema()))";
+
+/// Types at their concurrency limit: their tasks are no candidates. A hint read without locks;
+/// the limit itself is held under the limit's row lock (see [`allowances`]).
+const SATURATED: &str = "saturated AS MATERIALIZED (
+         SELECT l.task_type FROM type_limits l
+         WHERE l.max_in_flight <= (SELECT count(*) FROM tasks r
+                                   WHERE r.task_type = l.task_type AND r.status IN ('assigned', 'running')))";
+
+/// Whether one of the worker shapes in `$2` (see [`store::Shapes`]; NULL: no check) could take
+/// task `t` now. Tasks that require nothing and weigh one slot pass at once.
+const FITS: &str = "((t.requires IS NULL AND t.weight IS NULL) OR $2::jsonb IS NULL OR EXISTS (
+         SELECT 1 FROM jsonb_array_elements($2::jsonb) AS w(v)
+         WHERE (w.v->'c' = 'null'::jsonb OR w.v->'c' ? t.task_type)
+           AND (w.v->>'f')::int >= COALESCE(t.weight, 1) AND (w.v->>'s')::int >= COALESCE(t.weight, 1)
+           AND (t.requires IS NULL OR (
+                (w.v->'l') @> COALESCE(t.requires::jsonb->'eq', '[]'::jsonb)
+                AND NOT EXISTS (
+                    SELECT 1 FROM jsonb_array_elements(COALESCE(t.requires::jsonb->'min', '[]'::jsonb)) AS m(v)
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM jsonb_array_elements(w.v->'n') AS n(v)
+                        WHERE n.v->>0 = m.v->>0 AND (n.v->>1)::float8 >= (m.v->>1)::float8))))))";
+
+/// The columns of a candidate, and whether its type has a limit.
+const CANDIDATE_COLUMNS: &str = "t.id, t.task_type, t.priority, t.requires, t.weight, t.affinity_key,
+         t.ctid::text AS row_at,
+         EXISTS (SELECT 1 FROM type_limits l WHERE l.task_type = t.task_type) AS limited";
+
+/// Locks the limits of `types` (in name order, so claims never wait on each other in a cycle)
+/// and counts what runs of each, in a statement that starts after the locks are granted: a
+/// claim that held one of them has committed by then, and its assignments are counted.
+async fn allowances(tx: &mut sqlx::PgConnection, types: &[String]) -> Result<store::Allowances> {
+    let limits = sqlx::query(
+        "SELECT task_type, max_in_flight FROM type_limits WHERE task_type = ANY($1)
+         ORDER BY task_type FOR UPDATE",
+    )
+    .bind(types)
+    .fetch_all(&mut *tx)
+    .await?;
+    if limits.is_empty() {
+        return Ok(store::Allowances::new());
+    }
+    let running: HashMap<String, i64> = sqlx::query(
+        "SELECT task_type, count(*) AS n FROM tasks
+         WHERE task_type = ANY($1) AND status IN ('assigned', 'running') GROUP BY task_type",
+    )
+    .bind(types)
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get("task_type")?, r.try_get("n")?)))
+    .collect::<Result<_>>()?;
+    limits
+        .iter()
+        .map(|r| {
+            let ty: String = r.try_get("task_type")?;
+            let max: i32 = r.try_get("max_in_flight")?;
+            let left = i64::from(max) - running.get(&ty).copied().unwrap_or(0);
+            Ok((ty, left.clamp(0, i64::from(u32::MAX)) as u32))
+        })
+        .collect()
+}
+
 impl PgStore {
     pub(in crate::store) async fn claim<F>(
         &self,
         limit: u32,
-        types: &TypeFilter,
+        filter: &ClaimFilter,
         lease: Duration,
         place: F,
     ) -> Result<Vec<Assignment>>
     where
-        F: FnOnce(&[Candidate]) -> Placement + Send,
+        F: FnOnce(&[Candidate], &store::Allowances) -> Placement + Send,
     {
-        let mut tx = self.pool.begin().await?;
-        let rows = match types {
+        let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
+        let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
+        let rows = match &filter.types {
             TypeFilter::Any => {
-                sqlx::query(
-                    "SELECT id, task_type, priority, ctid::text AS row_at FROM tasks
-                     WHERE status = 'pending' AND run_after <= now()
-                     ORDER BY priority DESC, id
+                let sql = format!(
+                    "WITH {SATURATED}
+                     SELECT {CANDIDATE_COLUMNS} FROM tasks t
+                     WHERE t.status = 'pending' AND t.run_after <= now()
+                       AND t.task_type NOT IN (SELECT task_type FROM saturated) AND {FITS}
+                     ORDER BY t.priority DESC, t.id
                      LIMIT $1
-                     FOR UPDATE SKIP LOCKED",
-                )
-                .bind(i64::from(limit))
-                .fetch_all(&mut *tx)
-                .await?
+                     FOR UPDATE OF t SKIP LOCKED"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(i64::from(limit))
+                    .bind(shapes)
+                    .fetch_all(&mut *tx)
+                    .await?
             }
             // Up to `limit` candidates of each type, so older tasks of one type can never fill
             // the list and hide the tasks another free worker could run.
             TypeFilter::Only(types) => {
-                sqlx::query(
-                    "SELECT c.id, c.task_type, c.priority, c.row_at
-                     FROM unnest($2::text[]) AS ty(name),
+                let sql = format!(
+                    "WITH {SATURATED}
+                     SELECT c.* FROM (
+                         SELECT name FROM unnest($3::text[]) AS ty(name)
+                         WHERE name NOT IN (SELECT task_type FROM saturated)
+                     ) AS ty,
                      LATERAL (
-                         SELECT id, task_type, priority, ctid::text AS row_at FROM tasks
-                         WHERE status = 'pending' AND run_after <= now() AND task_type = ty.name
-                         ORDER BY priority DESC, id
+                         SELECT {CANDIDATE_COLUMNS} FROM tasks t
+                         WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
+                           AND {FITS}
+                         ORDER BY t.priority DESC, t.id
                          LIMIT $1
-                         FOR UPDATE SKIP LOCKED
+                         FOR UPDATE OF t SKIP LOCKED
                      ) AS c
-                     ORDER BY c.priority DESC, c.id",
-                )
-                .bind(i64::from(limit))
-                .bind(types)
-                .fetch_all(&mut *tx)
-                .await?
+                     ORDER BY c.priority DESC, c.id"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(i64::from(limit))
+                    .bind(shapes)
+                    .bind(types)
+                    .fetch_all(&mut *tx)
+                    .await?
             }
         };
         let candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        let Placement { placed, sessions } = place(&candidates);
-        let placed = store::only_candidates(&candidates, placed);
+        let mut limited: Vec<String> = Vec::new();
+        for r in &rows {
+            if r.try_get::<bool, _>("limited")? {
+                limited.push(r.try_get("task_type")?);
+            }
+        }
+        limited.sort();
+        limited.dedup();
+        let allowances =
+            if limited.is_empty() { store::Allowances::new() } else { allowances(&mut tx, &limited).await? };
+        let Placement { placed, sessions } = place(&candidates, &allowances);
+        let placed = store::only_candidates(&candidates, placed, &allowances);
         if placed.is_empty() {
             tx.rollback().await?;
             return Ok(Vec::new());
@@ -209,5 +303,13 @@ impl PgStore {
                 .map_err(StoreError::from)
         )?;
         rows.iter().map(decode::held).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn claims_take_the_lock_that_limit_writers_take() {
+        assert!(super::CLAIM_BEGIN.contains(&format!("({}, ", super::LIMITS_LOCK)), "{}", super::CLAIM_BEGIN);
     }
 }

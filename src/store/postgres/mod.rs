@@ -17,6 +17,7 @@ mod claim;
 mod dependents;
 mod failures;
 mod jobs;
+mod limits;
 mod prune;
 mod read;
 mod report;

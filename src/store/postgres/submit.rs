@@ -98,14 +98,21 @@ pub(super) async fn insert_tasks(
         tasks.iter().map(|t| (!t.depends_on.is_empty()).then_some(t.depends_on.len() as i32)).collect();
     let policies: Vec<Option<&str>> =
         tasks.iter().map(|t| (!t.depends_on.is_empty()).then_some(t.on_parent_failure.as_str())).collect();
+    let requires: Vec<Option<String>> =
+        tasks.iter().map(|t| decode::encode_requires(&t.needs.requires)).collect();
+    let weights: Vec<Option<i32>> =
+        tasks.iter().map(|t| (t.needs.weight > 1).then_some(t.needs.weight as i32)).collect();
+    let affinity: Vec<Option<&str>> = tasks.iter().map(|t| t.needs.affinity_key.as_deref()).collect();
     let sql = format!(
         "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
-                            run_after, traceparent, status, parents, blocked_on, on_parent_failure)
+                            run_after, traceparent, status, parents, blocked_on, on_parent_failure,
+                            requires, weight, affinity_key)
          SELECT i, ty, p, pr, ma, tm, k, j, COALESCE(ra, now()), tp,
-                CASE WHEN n IS NULL THEN 'pending' ELSE 'blocked' END, n, n, pol
+                CASE WHEN n IS NULL THEN 'pending' ELSE 'blocked' END, n, n, pol, rq, wt, ak
          FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::int[], $5::int[], $6::bigint[],
-                     $7::text[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int[], $12::text[])
-              AS u(i, ty, p, pr, ma, tm, k, j, ra, tp, n, pol)
+                     $7::text[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int[], $12::text[],
+                     $13::text[], $14::int[], $15::text[])
+              AS u(i, ty, p, pr, ma, tm, k, j, ra, tp, n, pol, rq, wt, ak)
          ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING {TASK_COLUMNS}"
     );
@@ -122,6 +129,9 @@ pub(super) async fn insert_tasks(
         .bind(&traceparents)
         .bind(&parents)
         .bind(&policies)
+        .bind(&requires)
+        .bind(&weights)
+        .bind(&affinity)
         .fetch_all(&mut **tx)
         .await?;
     let mut inserted: std::collections::HashMap<Uuid, Task> =

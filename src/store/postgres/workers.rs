@@ -32,6 +32,7 @@ impl PgStore {
         upsert_worker(&mut *tx, w).await?;
         let rows = sqlx::query(sql::ADOPT).bind(&w.id.0).bind(w.session_id).fetch_all(&mut *tx).await?;
         let mut held = rows.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
+        let weights = decode::weights(&rows)?;
         let mut requeued = Vec::new();
         let mut settled = super::super::Settled::default();
         if let Some(holding) = &w.holding {
@@ -44,7 +45,7 @@ impl PgStore {
         tx.commit().await?;
         self.settled.send(settled);
         held.sort_by_key(|h| h.task_id);
-        Ok(Registration { held, requeued })
+        Ok(Registration { held, requeued, weights })
     }
 
     pub(in crate::store) async fn set_worker_state(

@@ -13,6 +13,7 @@ mod claim;
 mod dependents;
 mod failures;
 mod jobs;
+mod limits;
 mod prune;
 mod read;
 mod report;

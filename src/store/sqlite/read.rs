@@ -70,7 +70,7 @@ impl SqliteStore {
                 .map(|r| Ok((WorkerId(r.text("id")?), r.uuid("session_id")?)))
                 .collect::<Result<HashMap<_, _>>>()?;
         let held = sqlx::query(
-            "SELECT id, attempt, worker_id, session_id, status, assigned_at FROM tasks
+            "SELECT id, attempt, worker_id, session_id, status, assigned_at, weight FROM tasks
              WHERE worker_id IN (SELECT value FROM json_each($1)) AND status IN ('assigned', 'running')",
         )
         .bind(&ids)

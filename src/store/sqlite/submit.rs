@@ -75,9 +75,9 @@ pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<(
     let sql = format!(
         "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
                             run_after, created_at, updated_at, traceparent, status, parents, blocked_on,
-                            on_parent_failure)
+                            on_parent_failure, requires, weight, affinity_key)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($10, $9), $9, $9, $11,
-                 CASE WHEN $12 IS NULL THEN 'pending' ELSE 'blocked' END, $12, $12, $13)
+                 CASE WHEN $12 IS NULL THEN 'pending' ELSE 'blocked' END, $12, $12, $13, $14, $15, $16)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING {TASK_COLUMNS}"
     );
@@ -97,6 +97,9 @@ pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<(
             .bind(t.traceparent.as_deref())
             .bind((!t.depends_on.is_empty()).then_some(t.depends_on.len() as i64))
             .bind((!t.depends_on.is_empty()).then_some(t.on_parent_failure.as_str()))
+            .bind(decode::encode_requires(&t.needs.requires))
+            .bind((t.needs.weight > 1).then_some(i64::from(t.needs.weight)))
+            .bind(t.needs.affinity_key.as_deref())
             .fetch_optional(&mut **tx)
             .await?;
         if let Some(row) = row {

@@ -31,6 +31,7 @@ impl SqliteStore {
         let rows =
             sqlx::query(sql::ADOPT).bind(&w.id.0).bind(w.session_id.to_string()).fetch_all(&mut *tx).await?;
         let mut held = rows.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
+        let weights = decode::weights(&rows)?;
         let mut requeued = Vec::new();
         let mut settled = crate::store::Settled::default();
         if let Some(holding) = &w.holding {
@@ -45,7 +46,7 @@ impl SqliteStore {
         tx.commit().await?;
         self.settled.send(settled);
         held.sort_by_key(|h| h.task_id);
-        Ok(Registration { held, requeued })
+        Ok(Registration { held, requeued, weights })
     }
 
     pub(in crate::store) async fn set_worker_state(

@@ -1,0 +1,20 @@
+-- Placement beyond task types: what a task asks of its worker, and per-type concurrency limits.
+-- Each new task column is NULL when the task asks nothing of it, so plain tasks write no more.
+
+-- Label requirements as JSON text: {"eq": ["key=value", ...], "min": [["key", number], ...]}.
+ALTER TABLE tasks ADD COLUMN requires text;
+-- Slots the task takes on its worker, when more than one (checked at submission: a CHECK here
+-- would scan the whole table when the column is added).
+ALTER TABLE tasks ADD COLUMN weight integer;
+-- Tasks with the same key prefer the same worker.
+ALTER TABLE tasks ADD COLUMN affinity_key text;
+
+-- At most max_in_flight tasks of a type assigned or running at once, across every replica. A
+-- claim of a limited type locks its row until it commits. `source` says who set it: limits from
+-- the configuration are written at startup; an admin's limit stays until an admin clears it.
+CREATE TABLE type_limits (
+    task_type     text PRIMARY KEY,
+    max_in_flight integer NOT NULL CHECK (max_in_flight >= 0),
+    source        text NOT NULL CHECK (source IN ('config', 'admin')),
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
