@@ -83,8 +83,11 @@ pub(super) const RENEW: &str =
 /// against that limit. Keyed by schema, as the pruner's lock.
 pub(super) const LIMITS_LOCK: i32 = 0x6c69_6d74;
 
-const CLAIM_BEGIN: &str =
-    "BEGIN; SELECT pg_advisory_xact_lock_shared(1818848628, hashtext(current_schema()))";
+/// A claim's `BEGIN`, in one round trip: the limits lock (above), and no sequential scans, as
+/// [`super::BATCH_BEGIN`].
+pub(super) const CLAIM_BEGIN: &str = "BEGIN; \
+     SELECT pg_advisory_xact_lock_shared(1818848628, hashtext(current_schema())); \
+     SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
 /// Types at their concurrency limit: their tasks are no candidates. A hint read without locks;
 /// the limit itself is held under the limit's row lock (see [`allowances`]).
@@ -147,6 +150,40 @@ async fn allowances(tx: &mut sqlx::PgConnection, types: &[String]) -> Result<sto
         .collect()
 }
 
+/// The candidates of a claim: `$1` the most of them (of each type, with `$3` the types), `$2`
+/// the worker shapes ([`FITS`]).
+pub(super) fn candidates_query(types: &TypeFilter) -> String {
+    match types {
+        TypeFilter::Any => format!(
+            "WITH {SATURATED}
+             SELECT {CANDIDATE_COLUMNS} FROM tasks t
+             WHERE t.status = 'pending' AND t.run_after <= now()
+               AND t.task_type NOT IN (SELECT task_type FROM saturated) AND {FITS}
+             ORDER BY t.priority DESC, t.id
+             LIMIT $1
+             FOR UPDATE OF t SKIP LOCKED"
+        ),
+        // Up to `limit` candidates of each type, so older tasks of one type can never fill the
+        // list and hide the tasks another free worker could run.
+        TypeFilter::Only(_) => format!(
+            "WITH {SATURATED}
+             SELECT c.* FROM (
+                 SELECT name FROM unnest($3::text[]) AS ty(name)
+                 WHERE name NOT IN (SELECT task_type FROM saturated)
+             ) AS ty,
+             LATERAL (
+                 SELECT {CANDIDATE_COLUMNS} FROM tasks t
+                 WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
+                   AND {FITS}
+                 ORDER BY t.priority DESC, t.id
+                 LIMIT $1
+                 FOR UPDATE OF t SKIP LOCKED
+             ) AS c
+             ORDER BY c.priority DESC, c.id"
+        ),
+    }
+}
+
 impl PgStore {
     pub(in crate::store) async fn claim<F>(
         &self,
@@ -160,49 +197,11 @@ impl PgStore {
     {
         let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
         let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
+        let sql = sqlx::AssertSqlSafe(candidates_query(&filter.types));
+        let query = sqlx::query(sql).bind(i64::from(limit)).bind(shapes);
         let rows = match &filter.types {
-            TypeFilter::Any => {
-                let sql = format!(
-                    "WITH {SATURATED}
-                     SELECT {CANDIDATE_COLUMNS} FROM tasks t
-                     WHERE t.status = 'pending' AND t.run_after <= now()
-                       AND t.task_type NOT IN (SELECT task_type FROM saturated) AND {FITS}
-                     ORDER BY t.priority DESC, t.id
-                     LIMIT $1
-                     FOR UPDATE OF t SKIP LOCKED"
-                );
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(i64::from(limit))
-                    .bind(shapes)
-                    .fetch_all(&mut *tx)
-                    .await?
-            }
-            // Up to `limit` candidates of each type, so older tasks of one type can never fill
-            // the list and hide the tasks another free worker could run.
-            TypeFilter::Only(types) => {
-                let sql = format!(
-                    "WITH {SATURATED}
-                     SELECT c.* FROM (
-                         SELECT name FROM unnest($3::text[]) AS ty(name)
-                         WHERE name NOT IN (SELECT task_type FROM saturated)
-                     ) AS ty,
-                     LATERAL (
-                         SELECT {CANDIDATE_COLUMNS} FROM tasks t
-                         WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
-                           AND {FITS}
-                         ORDER BY t.priority DESC, t.id
-                         LIMIT $1
-                         FOR UPDATE OF t SKIP LOCKED
-                     ) AS c
-                     ORDER BY c.priority DESC, c.id"
-                );
-                sqlx::query(sqlx::AssertSqlSafe(sql))
-                    .bind(i64::from(limit))
-                    .bind(shapes)
-                    .bind(types)
-                    .fetch_all(&mut *tx)
-                    .await?
-            }
+            TypeFilter::Any => query.fetch_all(&mut *tx).await?,
+            TypeFilter::Only(types) => query.bind(types).fetch_all(&mut *tx).await?,
         };
         let candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
         if candidates.is_empty() {

@@ -44,7 +44,7 @@ impl PgStore {
         let held: Vec<Held> = reports.iter().map(|c| c.held.clone()).collect();
         let (ids, workers, attempts) = held_arrays(&held);
         let results: Vec<&[u8]> = reports.iter().map(|c| c.result.as_slice()).collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(super::BATCH_BEGIN).await?;
         // A task whose `running` mark has not landed yet started when it was delivered.
         let ago: Vec<Option<i64>> = reports.iter().map(|c| c.delivered.map(micros_ago)).collect();
         let applied = sqlx::query(COMPLETE)
