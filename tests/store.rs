@@ -2096,6 +2096,34 @@ mod cases {
             job.total,
             job.counts
         );
+        let ids = |tasks: Vec<coordinator::domain::Task>| tasks.iter().map(|t| t.id).collect::<Vec<_>>();
+        let first_ids = ids(s.job_tasks(first.id).await.expect("job_tasks"));
+        assert_eq!(ids(s.job_tasks(again.id).await.expect("job_tasks")), first_ids, "{b}: the same members");
+
+        // A job mixing new tasks with ones its keys return (one of them twice) lists them all, in
+        // submission order, and each listing of its tasks finds them.
+        let fresh = new_task("prove");
+        let (mixed, created) = s
+            .create_job("mixed", vec![keyed(1), fresh.clone(), keyed(0), keyed(1)])
+            .await
+            .expect("create_job");
+        assert_eq!(created.iter().map(|c| c.created).collect::<Vec<_>>(), [false, true, false, false], "{b}");
+        let order = ids(s.job_tasks(mixed.id).await.expect("job_tasks"));
+        assert_eq!(order, [first_ids[1], fresh.id, first_ids[0], first_ids[1]], "{b}: submission order");
+        let mut listed = ids(s
+            .list_tasks(&TaskFilter { job_id: Some(mixed.id), limit: 100, ..TaskFilter::default() })
+            .await
+            .expect("list_tasks"));
+        listed.sort();
+        let mut want = vec![first_ids[0], first_ids[1], fresh.id];
+        want.sort();
+        assert_eq!(listed, want, "{b}: listed by job");
+        let job = s.get_job(mixed.id).await.expect("get_job").expect("job");
+        assert_eq!(
+            (job.total, job.count(TaskState::Completed), job.count(TaskState::Pending)),
+            (4, 3, 1),
+            "{b}"
+        );
     }
 
     pub async fn list_tasks_filters_and_pages_in_id_order(s: &Store) {
@@ -2555,7 +2583,8 @@ mod cases {
         complete_one(s, &h, b"ok").await;
         wait_until_finished_before(s, Duration::from_millis(1)).await;
         let p = prune(s, &short_ages(), 1000).await;
-        assert_eq!((p.tasks, p.job_tasks, p.jobs), (1, 1, 0), "{b}: the job keeps a live task");
+        // A job's own tasks are members by their own rows: no membership rows to delete.
+        assert_eq!((p.tasks, p.job_tasks, p.jobs), (1, 0, 0), "{b}: the job keeps a live task");
         let j = s.get_job(job.id).await.expect("get_job").expect("the job is kept");
         assert_eq!((j.total, j.count(TaskState::Pending), j.pruned()), (2, 1, 1), "{b}");
         assert!(!j.done(), "{b}");
@@ -2566,7 +2595,7 @@ mod cases {
         assert!(j.done(), "{b}: done with one task pruned and one completed");
         wait_until_finished_before(s, Duration::from_millis(1)).await;
         let p = prune(s, &short_ages(), 1000).await;
-        assert_eq!((p.tasks, p.job_tasks, p.jobs), (1, 1, 1), "{b}");
+        assert_eq!((p.tasks, p.job_tasks, p.jobs), (1, 0, 1), "{b}");
         assert_eq!(s.get_job(job.id).await.expect("get_job"), None, "{b}");
 
         // A job young enough to have lost nothing to the pruner is not taken for an empty one.

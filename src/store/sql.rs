@@ -26,20 +26,20 @@ pub(super) const JOB_TASKS: &str = concat!(
     "SELECT ",
     task_columns!(),
     " FROM (
-         SELECT t.*, j.position AS job_position FROM tasks t JOIN job_tasks j ON j.task_id = t.id
-         WHERE j.job_id = $1
-     ) AS members ORDER BY job_position"
+         SELECT t.*, m.position AS member_position FROM tasks t JOIN job_members m ON m.task_id = t.id
+         WHERE m.job_id = $1
+     ) AS members ORDER BY member_position"
 );
 
 /// The ids of a job's tasks.
-pub(super) const JOB_TASK_IDS: &str = "SELECT task_id FROM job_tasks WHERE job_id = $1";
+pub(super) const JOB_TASK_IDS: &str = "SELECT task_id FROM job_members WHERE job_id = $1";
 
 /// A job's header.
 pub(super) const JOB: &str = "SELECT name, total, created_at FROM jobs WHERE id = $1";
 
 /// A job's tasks counted by state.
 pub(super) const JOB_COUNTS: &str =
-    "SELECT t.status, count(*) AS n FROM job_tasks j JOIN tasks t ON t.id = j.task_id
+    "SELECT t.status, count(*) AS n FROM job_members j JOIN tasks t ON t.id = j.task_id
      WHERE j.job_id = $1 GROUP BY t.status";
 
 /// The tasks a worker holds.

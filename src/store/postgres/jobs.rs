@@ -20,7 +20,7 @@ impl PgStore {
                  WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
              )
              SELECT p.id, p.name, p.total, p.created_at, t.status, count(t.id) AS n
-             FROM page p LEFT JOIN job_tasks jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
+             FROM page p LEFT JOIN job_members jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
              GROUP BY p.id, p.name, p.total, p.created_at, t.status
              ORDER BY p.id DESC",
         )
@@ -54,7 +54,7 @@ impl PgStore {
             "WITH c AS (
                  UPDATE tasks SET status = 'cancelled', error = $2, finished_at = now(), updated_at = now(),
                      lease_expires_at = NULL
-                 WHERE id IN (SELECT task_id FROM job_tasks WHERE job_id = $1)
+                 WHERE id IN (SELECT task_id FROM job_members WHERE job_id = $1)
                    AND status IN ('blocked', 'pending', 'assigned', 'running')
                  RETURNING {TASK_COLUMNS}
              )

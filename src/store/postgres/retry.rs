@@ -50,7 +50,7 @@ impl PgStore {
             "WITH c AS (
                  SELECT id FROM tasks
                  WHERE status IN ('failed', CASE WHEN $1::boolean THEN 'cancelled' END)
-                   AND ($2::uuid IS NULL OR id IN (SELECT task_id FROM job_tasks WHERE job_id = $2))
+                   AND ($2::uuid IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $2))
                    AND ($3::text IS NULL OR task_type = $3)
                    AND ($4::text IS NULL OR strpos(error, $4) > 0)
                    AND ($5::timestamptz IS NULL OR finished_at >= $5)

@@ -51,15 +51,25 @@ impl PgStore {
             .fetch_one(&mut *tx)
             .await?;
         let (created, settled) = insert_tasks(&mut tx, tasks).await?;
-        let members: Vec<Uuid> = created.iter().map(|c| c.task.id.0).collect();
-        sqlx::query(
-            "INSERT INTO job_tasks (job_id, position, task_id)
-             SELECT $1, ord - 1, id FROM unnest($2::uuid[]) WITH ORDINALITY AS m(id, ord)",
-        )
-        .bind(job_id.0)
-        .bind(&members)
-        .execute(&mut *tx)
-        .await?;
+        // A task this submission created is a member by its own row (job_id, job_position); a
+        // row of its own only for a task an idempotency key returned.
+        let (positions, shared): (Vec<i32>, Vec<Uuid>) = created
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.created)
+            .map(|(i, c)| (i as i32, c.task.id.0))
+            .unzip();
+        if !shared.is_empty() {
+            sqlx::query(
+                "INSERT INTO job_tasks (job_id, position, task_id)
+                 SELECT $1, pos, id FROM unnest($2::int[], $3::uuid[]) AS m(pos, id)",
+            )
+            .bind(job_id.0)
+            .bind(&positions)
+            .bind(&shared)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         self.settled.send(settled);
         let mut counts = BTreeMap::new();
@@ -92,6 +102,9 @@ pub(super) async fn insert_tasks(
     let timeouts: Vec<i64> = tasks.iter().map(|t| duration_ms(t.timeout)).collect();
     let keys: Vec<Option<&str>> = tasks.iter().map(|t| t.idempotency_key.as_deref()).collect();
     let jobs: Vec<Option<Uuid>> = tasks.iter().map(|t| t.job_id.map(|j| j.0)).collect();
+    // Only a job's submission names a job: its tasks, in order.
+    let positions: Vec<Option<i32>> =
+        tasks.iter().enumerate().map(|(i, t)| t.job_id.map(|_| i as i32)).collect();
     let run_after: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_after).collect();
     let traceparents: Vec<Option<&str>> = tasks.iter().map(|t| t.traceparent.as_deref()).collect();
     let parents: Vec<Option<i32>> =
@@ -106,13 +119,13 @@ pub(super) async fn insert_tasks(
     let sql = format!(
         "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
                             run_after, traceparent, status, parents, blocked_on, on_parent_failure,
-                            requires, weight, affinity_key)
+                            requires, weight, affinity_key, job_position)
          SELECT i, ty, p, pr, ma, tm, k, j, COALESCE(ra, now()), tp,
-                CASE WHEN n IS NULL THEN 'pending' ELSE 'blocked' END, n, n, pol, rq, wt, ak
+                CASE WHEN n IS NULL THEN 'pending' ELSE 'blocked' END, n, n, pol, rq, wt, ak, jp
          FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::int[], $5::int[], $6::bigint[],
                      $7::text[], $8::uuid[], $9::timestamptz[], $10::text[], $11::int[], $12::text[],
-                     $13::text[], $14::int[], $15::text[])
-              AS u(i, ty, p, pr, ma, tm, k, j, ra, tp, n, pol, rq, wt, ak)
+                     $13::text[], $14::int[], $15::text[], $16::int[])
+              AS u(i, ty, p, pr, ma, tm, k, j, ra, tp, n, pol, rq, wt, ak, jp)
          ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
          RETURNING {TASK_COLUMNS}"
     );
@@ -132,6 +145,7 @@ pub(super) async fn insert_tasks(
         .bind(&requires)
         .bind(&weights)
         .bind(&affinity)
+        .bind(&positions)
         .fetch_all(&mut **tx)
         .await?;
     let mut inserted: std::collections::HashMap<Uuid, Task> =

@@ -20,7 +20,7 @@ impl SqliteStore {
                  WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
              )
              SELECT p.id, p.name, p.total, p.created_at, t.status, count(t.id) AS n
-             FROM page p LEFT JOIN job_tasks jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
+             FROM page p LEFT JOIN job_members jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
              GROUP BY p.id, p.name, p.total, p.created_at, t.status
              ORDER BY p.id DESC",
         )
@@ -49,7 +49,7 @@ impl SqliteStore {
         let sql = format!(
             "UPDATE tasks SET status = 'cancelled', error = $2, finished_at = $3, updated_at = $3,
                  lease_expires_at = NULL
-             WHERE id IN (SELECT task_id FROM job_tasks WHERE job_id = $1)
+             WHERE id IN (SELECT task_id FROM job_members WHERE job_id = $1)
                AND status IN ('blocked', 'pending', 'assigned', 'running')
              RETURNING {TASK_COLUMNS}"
         );

@@ -37,7 +37,7 @@ impl SqliteStore {
             "SELECT {TASK_COLUMNS} FROM tasks
              WHERE ($1 IS NULL OR status = $1)
                AND ($2 IS NULL OR task_type = $2)
-               AND ($3 IS NULL OR id IN (SELECT task_id FROM job_tasks WHERE job_id = $3))
+               AND ($3 IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $3))
                AND ($4 IS NULL OR worker_id = $4)
                AND ($5 IS NULL OR id > $5)
              ORDER BY id LIMIT $6"

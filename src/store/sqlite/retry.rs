@@ -49,7 +49,7 @@ impl SqliteStore {
              WHERE status IN ('failed', 'cancelled') AND id IN (
                  SELECT id FROM tasks
                  WHERE status IN ('failed', CASE WHEN $2 THEN 'cancelled' END)
-                   AND ($3 IS NULL OR id IN (SELECT task_id FROM job_tasks WHERE job_id = $3))
+                   AND ($3 IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $3))
                    AND ($4 IS NULL OR task_type = $4)
                    AND ($5 IS NULL OR instr(error, $5) > 0)
                    AND ($6 IS NULL OR finished_at >= $6)

@@ -40,7 +40,9 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
         let (created, settled) = insert_tasks(&mut tx, tasks).await?;
-        for (position, c) in created.iter().enumerate() {
+        // A task this submission created is a member by its own row (job_id, job_position); a
+        // row of its own only for a task an idempotency key returned.
+        for (position, c) in created.iter().enumerate().filter(|(_, c)| !c.created) {
             sqlx::query("INSERT INTO job_tasks (job_id, position, task_id) VALUES ($1, $2, $3)")
                 .bind(job_id.to_string())
                 .bind(position as i64)
@@ -75,14 +77,15 @@ pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<(
     let sql = format!(
         "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, idempotency_key, job_id,
                             run_after, created_at, updated_at, traceparent, status, parents, blocked_on,
-                            on_parent_failure, requires, weight, affinity_key)
+                            on_parent_failure, requires, weight, affinity_key, job_position)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($10, $9), $9, $9, $11,
-                 CASE WHEN $12 IS NULL THEN 'pending' ELSE 'blocked' END, $12, $12, $13, $14, $15, $16)
+                 CASE WHEN $12 IS NULL THEN 'pending' ELSE 'blocked' END, $12, $12, $13, $14, $15, $16, $17)
          ON CONFLICT (idempotency_key) DO NOTHING
          RETURNING {TASK_COLUMNS}"
     );
     let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
+    // Only a job's submission names a job: its tasks, in order.
+    for (position, t) in tasks.iter().enumerate() {
         let row = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
             .bind(t.id.to_string())
             .bind(&t.task_type)
@@ -100,6 +103,7 @@ pub(super) async fn insert_tasks(tx: &mut Tx<'_>, tasks: &[NewTask]) -> Result<(
             .bind(decode::encode_requires(&t.needs.requires))
             .bind((t.needs.weight > 1).then_some(i64::from(t.needs.weight)))
             .bind(t.needs.affinity_key.as_deref())
+            .bind(t.job_id.map(|_| position as i64))
             .fetch_optional(&mut **tx)
             .await?;
         if let Some(row) = row {
