@@ -155,6 +155,7 @@ impl App {
 
         let lease = c.stale_task_timeout;
         let (batchers, batch_handles) = batches::spawn(&store, lease, &effects);
+
         let core = Core::new(
             CoreConfig {
                 coordinator_id: c.id.clone(),
@@ -194,6 +195,7 @@ impl App {
             Arc::new(effects.clone()),
             stats.clone(),
         );
+        core.place_at_submission(scheduler.at_submission());
         let sweeper = Sweeper::new(
             store.clone(),
             Arc::new(effects.clone()),

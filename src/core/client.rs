@@ -100,8 +100,12 @@ impl Core {
     /// wakes the scheduler.
     pub async fn submit(&self, tasks: Vec<NewTask>) -> Result<Submitted, CoreError> {
         let (view, warnings) = self.check_types(&tasks).await?;
-        let created = self.inner.store.create_tasks(&tasks).await?;
-        self.inner.effects.submitted(created.iter().filter(|c| c.created).count());
+        let created = match self.inner.at_submission.get() {
+            Some(placer) => placer.create(&tasks).await?,
+            None => self.inner.store.create_tasks(&tasks).await?,
+        };
+        let unassigned = created.iter().filter(|c| c.created && c.task.state != TaskState::Assigned).count();
+        self.inner.effects.submitted(created.iter().filter(|c| c.created).count(), unassigned);
         let waiting = match &view {
             Some(v) => v.waiting_each(created.iter().map(|c| &c.task), Utc::now()),
             None => vec![None; created.len()],
@@ -118,7 +122,8 @@ impl Core {
     pub async fn submit_job(&self, name: &str, tasks: Vec<NewTask>) -> Result<SubmittedJob, CoreError> {
         let (_, warnings) = self.check_types(&tasks).await?;
         let (job, created) = self.inner.store.create_job(name, tasks).await?;
-        self.inner.effects.submitted(created.iter().filter(|c| c.created).count());
+        let created_n = created.iter().filter(|c| c.created).count();
+        self.inner.effects.submitted(created_n, created_n);
         Ok(SubmittedJob { job, task_ids: created.iter().map(|c| c.task.id).collect(), warnings })
     }
 

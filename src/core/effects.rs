@@ -50,14 +50,17 @@ impl Effects {
         tokio::spawn(transition).await
     }
 
-    /// New tasks were stored.
-    pub fn submitted(&self, created: usize) {
+    /// New tasks were stored, `waiting` of them for a claim (the others were assigned as they
+    /// were stored).
+    pub fn submitted(&self, created: usize, waiting: usize) {
         if created == 0 {
             return;
         }
         metrics::tasks_submitted(created as u64);
-        self.wake.wake();
-        self.notifier.runnable();
+        if waiting > 0 {
+            self.wake.wake();
+            self.notifier.runnable();
+        }
     }
 
     /// A type's concurrency limit changed: tasks it held back may start, here and on every

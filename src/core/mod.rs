@@ -34,6 +34,7 @@ use crate::{
     events::Events,
     fleet::Fleet,
     registry::Registry,
+    scheduler::AtSubmission,
     store::{RetryPolicy, Store},
 };
 use effects::Effects;
@@ -84,6 +85,9 @@ struct Inner {
     batchers: Batchers,
     /// What the live workers run, across replicas.
     fleet: Fleet,
+    /// Places submissions on free workers as they are stored; unset: the scheduler claims
+    /// every task.
+    at_submission: std::sync::OnceLock<AtSubmission>,
     /// Cancelled when shutdown begins: open streams end with `Unavailable` and new
     /// registrations and streams are refused.
     closing: CancellationToken,
@@ -100,7 +104,17 @@ impl Core {
         closing: CancellationToken,
     ) -> Self {
         let fleet = Fleet::new(store.clone(), registry.clone(), config.heartbeat_timeout);
-        Self { inner: Arc::new(Inner { config, store, registry, effects, events, batchers, fleet, closing }) }
+        let at_submission = std::sync::OnceLock::new();
+        let inner =
+            Inner { config, store, registry, effects, events, batchers, fleet, at_submission, closing };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// From now on, submissions are placed on free workers as they are stored, by `placer`
+    /// (made by the scheduler it shares placement's turn with). Set once; a second call changes
+    /// nothing.
+    pub fn place_at_submission(&self, placer: AtSubmission) {
+        let _ = self.inner.at_submission.set(placer);
     }
 
     pub fn config(&self) -> &CoreConfig {

@@ -107,7 +107,8 @@ impl Core {
                     info!(schedule_id = %f.schedule.id, name = %f.schedule.name, tasks = new, "schedule fired");
                 }
             }
-            self.inner.effects.submitted(fired.iter().flat_map(|f| &f.created).filter(|c| c.created).count());
+            let fired_now = fired.iter().flat_map(|f| &f.created).filter(|c| c.created).count();
+            self.inner.effects.submitted(fired_now, fired_now);
             if n < FIRE_BATCH as usize {
                 return Ok(created);
             }

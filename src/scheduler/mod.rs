@@ -4,6 +4,7 @@
 //! function), persists the assignments in one transaction, then pushes each into its worker's
 //! stream. A push that fails puts its task back to pending at once.
 
+pub mod at_submission;
 pub mod placement;
 
 use std::{
@@ -22,11 +23,21 @@ use tracing::{debug, warn};
 use crate::{
     config::Strategy,
     domain::Wake,
+    domain::{Assignment, WorkerId},
     events::Events,
     metrics,
     registry::Registry,
     store::{ClaimFilter, Held, Placement, Requeued, Shapes, Store, TypeFilter},
 };
+
+pub use at_submission::AtSubmission;
+
+/// Placement's turn, and the round-robin position it keeps. A scheduler pass holds it from the
+/// moment it looks at the workers until its pushes are done, and so does a submission that
+/// places its own tasks ([`AtSubmission`]): a free slot counts only once it is pushed into, so
+/// two placements at once could give the same slot twice.
+#[derive(Debug, Clone, Default)]
+pub struct Placing(Arc<tokio::sync::Mutex<usize>>);
 
 /// The effects of tasks given back (free their slots, count them, tell watchers and the other
 /// replicas, wake the scheduler). The core implements it; the scheduler and the sweeper sit
@@ -62,8 +73,7 @@ pub struct Scheduler {
     events: Events,
     effects: Arc<dyn OnRequeue>,
     stats: Arc<SchedulerStats>,
-    /// Round-robin position, kept across passes.
-    cursor: usize,
+    placing: Placing,
 }
 
 impl Scheduler {
@@ -76,7 +86,22 @@ impl Scheduler {
         effects: Arc<dyn OnRequeue>,
         stats: Arc<SchedulerStats>,
     ) -> Self {
-        Self { config, store, registry, wake, events, effects, stats, cursor: 0 }
+        Self { config, store, registry, wake, events, effects, stats, placing: Placing::default() }
+    }
+
+    /// What places submissions on this replica's free workers as they are stored, taking
+    /// placement's turn with this scheduler's passes.
+    pub fn at_submission(&self) -> AtSubmission {
+        AtSubmission {
+            strategy: self.config.strategy,
+            lease: self.config.lease,
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            events: self.events.clone(),
+            effects: self.effects.clone(),
+            stats: self.stats.clone(),
+            placing: self.placing.clone(),
+        }
     }
 
     /// Runs passes on every tick and wake-up until `shutdown`.
@@ -133,20 +158,29 @@ impl Scheduler {
         let filter = ClaimFilter { types, shapes: Shapes::of(&workers) };
         let limit = free.min(self.config.batch_size);
         let strategy = self.config.strategy;
-        let mut cursor = self.cursor;
         let mut sessions = HashMap::new();
         let mut affinity = (0, 0);
-        let registry = &self.registry;
+        // Placement's turn, taken once there are candidates to place and held until their
+        // pushes are done. A submission placing its own tasks holds it for one insert: then
+        // this pass places nothing, waits for it and goes again.
+        let mut turn = None;
+        let mut busy = false;
+        let (registry, placing) = (&self.registry, &self.placing);
         let assignments = match self
             .store
             .claim_fenced(limit, &filter, self.config.lease, |candidates, allowances| {
+                let Ok(mut held) = placing.0.clone().try_lock_owned() else {
+                    busy = true;
+                    return Placement::default();
+                };
                 // The workers as they are now, not as they were when the pass began: the wait for
                 // the database can be long, and a task submitted meanwhile was submitted to the
                 // workers connected since, not only to those connected before.
                 let (workers, fence) = registry.schedulable();
                 sessions.clone_from(&fence);
-                let placed = placement::place(strategy, candidates, &workers, &mut cursor, allowances);
+                let placed = placement::place(strategy, candidates, &workers, &mut held, allowances);
                 affinity = (placed.affinity_hits, placed.affinity_misses);
+                turn = Some(held);
                 Placement { placed: placed.placed, sessions: fence }
             })
             .await
@@ -162,45 +196,74 @@ impl Scheduler {
         if affinity != (0, 0) {
             metrics::affinity_placements(affinity.0, affinity.1);
         }
-        self.cursor = cursor;
-        let claimed = assignments.len() as u32;
-        let mut undelivered = Vec::new();
-        let now = Utc::now();
-        for a in assignments {
-            let latency = (now - a.created_at).to_std().unwrap_or_default();
-            let task_id = a.task_id;
-            let held = Held { task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
-            let Some(session) = sessions.get(&a.worker_id).copied() else {
-                undelivered.push(held);
-                continue;
-            };
-            match self.registry.push(a, session) {
-                Ok(()) => {
-                    self.stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
-                    metrics::task_assigned(latency);
-                    self.events.changed(task_id);
-                }
-                Err(error) => {
-                    self.stats.assignments_failed.fetch_add(1, Ordering::Relaxed);
-                    debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, %error, "push failed; requeueing");
-                    undelivered.push(held);
-                }
-            }
+        if busy {
+            drop(self.placing.0.lock().await);
+            return Ok(Pass::Full);
         }
+        let claimed = assignments.len() as u32;
+        let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats);
+        drop(turn);
         if !undelivered.is_empty() {
-            let n = undelivered.len();
-            match self.store.requeue_undelivered(&undelivered).await {
-                Ok(requeued) => self.effects.requeued(&requeued),
-                Err(e) => {
-                    self.registry.request_reconcile();
-                    return Err(e);
-                }
-            }
-            warn!(count = n, "assignments could not be pushed and went back to pending");
+            give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await?;
             return Ok(Pass::Done);
         }
         Ok(if claimed == limit && claimed > 0 { Pass::Full } else { Pass::Done })
     }
+}
+
+/// Pushes each assignment into its worker's stream under the session it was made for; the
+/// attempts that could not be pushed (the worker went, or its session changed) come back, to
+/// be given back to pending.
+fn deliver(
+    assignments: Vec<Assignment>,
+    sessions: &HashMap<WorkerId, uuid::Uuid>,
+    registry: &Registry,
+    events: &Events,
+    stats: &SchedulerStats,
+) -> Vec<Held> {
+    let mut undelivered = Vec::new();
+    let now = Utc::now();
+    for a in assignments {
+        let latency = (now - a.created_at).to_std().unwrap_or_default();
+        let task_id = a.task_id;
+        let held = Held { task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
+        let Some(session) = sessions.get(&a.worker_id).copied() else {
+            undelivered.push(held);
+            continue;
+        };
+        match registry.push(a, session) {
+            Ok(()) => {
+                stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
+                metrics::task_assigned(latency);
+                events.changed(task_id);
+            }
+            Err(error) => {
+                stats.assignments_failed.fetch_add(1, Ordering::Relaxed);
+                debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, %error, "push failed; requeueing");
+                undelivered.push(held);
+            }
+        }
+    }
+    undelivered
+}
+
+/// Gives the attempts [`deliver`] could not push back to pending.
+async fn give_back(
+    undelivered: &[Held],
+    store: &Store,
+    registry: &Registry,
+    effects: &dyn OnRequeue,
+) -> crate::store::Result<()> {
+    match store.requeue_undelivered(undelivered).await {
+        Ok(requeued) => effects.requeued(&requeued),
+        Err(e) => {
+            // Still assigned to workers that never heard of them: the reconciliation returns them.
+            registry.request_reconcile();
+            return Err(e);
+        }
+    }
+    warn!(count = undelivered.len(), "assignments could not be pushed and went back to pending");
+    Ok(())
 }
 
 /// How a pass ended.

@@ -754,6 +754,28 @@ impl Store {
         timed!("create_tasks", self, s => s.create_tasks(tasks).await)
     }
 
+    /// Whether [`Store::create_tasks_placed`] can assign at submission (Postgres); on SQLite,
+    /// whose one writer serializes every claim, it only creates.
+    pub fn assigns_at_submission(&self) -> bool {
+        matches!(self, Store::Postgres(_))
+    }
+
+    /// Creates tasks as [`Store::create_tasks`], those `placement` places already assigned to
+    /// their worker, under the session fence of a claim, where nothing a claim would check stands
+    /// in the way (parents, a later start, a concurrency limit, older pending tasks of the type):
+    /// those come back as assignments, to push. The others are created pending (or blocked).
+    pub async fn create_tasks_placed(
+        &self,
+        tasks: &[NewTask],
+        placement: &Placement,
+        lease: Duration,
+    ) -> Result<(Vec<Created>, Vec<Assignment>)> {
+        if tasks.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        timed!("create_tasks", self, s => s.create_tasks_placed(tasks, placement, lease).await)
+    }
+
     /// Creates a job and its tasks in one transaction.
     pub async fn create_job(&self, name: &str, mut tasks: Vec<NewTask>) -> Result<(Job, Vec<Created>)> {
         let job_id = JobId::new();

@@ -87,7 +87,7 @@ pub(super) const LIMITS_LOCK: i32 = 0x6c69_6d74;
 /// [`super::BATCH_BEGIN`].
 pub(super) const CLAIM_BEGIN: &str = "BEGIN; \
      SELECT pg_advisory_xact_lock_shared(1818848628, hashtext(current_schema())); \
-     SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+     SET LOCAL enable_seqscan = off; SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_generic_plan";
 
 /// Types at their concurrency limit: their tasks are no candidates. A hint read without locks;
 /// the limit itself is held under the limit's row lock (see [`allowances`]).

@@ -16,6 +16,17 @@ use crate::{
 };
 
 impl SqliteStore {
+    /// Creates `tasks` pending: on SQLite the scheduler's claim places them (see
+    /// [`crate::store::Store::assigns_at_submission`]).
+    pub(in crate::store) async fn create_tasks_placed(
+        &self,
+        tasks: &[NewTask],
+        _placement: &crate::store::Placement,
+        _lease: std::time::Duration,
+    ) -> Result<(Vec<Created>, Vec<crate::domain::Assignment>)> {
+        Ok((self.create_tasks(tasks).await?, Vec::new()))
+    }
+
     pub(in crate::store) async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
         let mut tx = self.writer.begin().await?;
         let (out, settled) = insert_tasks(&mut tx, tasks).await?;

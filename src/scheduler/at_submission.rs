@@ -1,0 +1,242 @@
+//! Placement at submission: a task submitted while one of this replica's workers has a free
+//! slot for it is inserted already assigned to that worker and pushed as soon as the insert
+//! commits, without waiting for a scheduler pass to claim it. The insert, its session fence and
+//! its other checks are the store's ([`Store::create_tasks_placed`]); here the workers are
+//! picked, under placement's turn ([`Placing`]), and the assignments pushed.
+//!
+//! A submission takes the turn only when it is free or frees soon ([`TURN_WAIT`]): under load
+//! the scheduler holds it for its passes, and the tasks are inserted pending for those passes
+//! to claim, as they would be without this path.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use chrono::Utc;
+
+use super::{OnRequeue, Placing, SchedulerStats, deliver, give_back, placement};
+use crate::{
+    config::Strategy,
+    domain::{Candidate, NewTask},
+    events::Events,
+    metrics,
+    registry::Registry,
+    store::{self, Created, Placement, Store},
+};
+
+/// How long a submission waits for placement's turn before it leaves its tasks to the
+/// scheduler: about one empty pass.
+pub const TURN_WAIT: Duration = Duration::from_millis(1);
+
+/// Places submissions on the workers of this replica ([`super::Scheduler::at_submission`]).
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AtSubmission {
+    pub(super) strategy: Strategy,
+    pub(super) lease: Duration,
+    pub(super) store: Store,
+    pub(super) registry: Registry,
+    pub(super) events: Events,
+    pub(super) effects: Arc<dyn OnRequeue>,
+    pub(super) stats: Arc<SchedulerStats>,
+    pub(super) placing: Placing,
+}
+
+impl AtSubmission {
+    /// Creates `tasks`; those a free worker of this replica can take now are created assigned
+    /// to it and pushed. What each submission got, as [`Store::create_tasks`] answers it.
+    pub async fn create(&self, tasks: &[NewTask]) -> store::Result<Vec<Created>> {
+        let now = Utc::now();
+        let candidates: Vec<Candidate> = tasks
+            .iter()
+            .filter(|t| t.depends_on.is_empty() && t.run_after.is_none_or(|at| at <= now))
+            .map(|t| Candidate {
+                id: t.id,
+                task_type: t.task_type.clone(),
+                priority: t.priority,
+                needs: t.needs.clone(),
+            })
+            .collect();
+        if candidates.is_empty() || !self.store.assigns_at_submission() {
+            return self.store.create_tasks(tasks).await;
+        }
+        let mut turn = match self.placing.0.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => match tokio::time::timeout(TURN_WAIT, self.placing.0.lock()).await {
+                Ok(turn) => turn,
+                Err(_) => return self.store.create_tasks(tasks).await,
+            },
+        };
+        let (workers, sessions) = self.registry.schedulable();
+        let mut cursor = *turn;
+        let placed = placement::place(self.strategy, &candidates, &workers, &mut cursor, &HashMap::new());
+        if placed.placed.is_empty() {
+            drop(turn);
+            return self.store.create_tasks(tasks).await;
+        }
+        if (placed.affinity_hits, placed.affinity_misses) != (0, 0) {
+            metrics::affinity_placements(placed.affinity_hits, placed.affinity_misses);
+        }
+        let placement = Placement { placed: placed.placed, sessions: sessions.clone() };
+        let (created, assigned) = match self.store.create_tasks_placed(tasks, &placement, self.lease).await {
+            Ok(out) => out,
+            Err(e) => {
+                // The commit's outcome may be unknown: the reconciliation returns whatever was
+                // assigned to workers that never heard of it.
+                self.registry.request_reconcile();
+                return Err(e);
+            }
+        };
+        if !assigned.is_empty() {
+            *turn = cursor;
+        }
+        let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats);
+        if !undelivered.is_empty() {
+            // The tasks are stored: the submission succeeded whatever happens to their delivery.
+            // A failed give-back is the reconciliation's (requested by `give_back`).
+            let _ = give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await;
+        }
+        Ok(created)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        domain::{TaskState, Wake, WorkerId},
+        registry::{Push, RegistryConfig},
+        store::{Requeued, testing},
+    };
+
+    #[derive(Debug)]
+    struct NoEffects;
+
+    impl OnRequeue for NoEffects {
+        fn requeued(&self, _: &[Requeued]) {}
+    }
+
+    /// A Postgres test database, a registry with worker `w` (`slots` slots) connected, and the
+    /// placer; `None` without `TEST_DATABASE_URL`.
+    async fn setup(
+        slots: u32,
+    ) -> Option<(testing::TestDb, AtSubmission, tokio::sync::mpsc::Receiver<Push>, Placing)> {
+        let db = testing::TestDb::postgres().await?;
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        registry.register(testing::registration("w", slots)).await.expect("register");
+        let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let placing = Placing::default();
+        let placer = AtSubmission {
+            strategy: Strategy::RoundRobin,
+            lease: Duration::from_secs(60),
+            store: db.store.clone(),
+            registry,
+            events: Events::new(),
+            effects: Arc::new(NoEffects),
+            stats: Arc::new(SchedulerStats::default()),
+            placing: placing.clone(),
+        };
+        Some((db, placer, stream, placing))
+    }
+
+    fn pushed(stream: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<crate::domain::TaskId> {
+        let mut out = Vec::new();
+        while let Ok(Push::Run(a)) = stream.try_recv() {
+            out.push(a.task_id);
+        }
+        out
+    }
+
+    /// A task submitted while a worker has a free slot is stored assigned to it (first attempt,
+    /// under its session, with a lease) and pushed at once, with no claim; a second one finds
+    /// the slot taken and waits pending for a claim.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_submission_is_assigned_to_a_free_worker_as_it_is_stored() {
+        let Some((db, placer, mut stream, _)) = setup(1).await else { panic!("TEST_DATABASE_URL") };
+        let first = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&first)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Assigned);
+        assert_eq!(pushed(&mut stream), vec![first.id]);
+        let stored = db.store.get_task(first.id).await.unwrap().expect("stored");
+        assert_eq!((stored.state, stored.attempt), (TaskState::Assigned, 1));
+        assert_eq!(stored.worker_id, Some(WorkerId::from("w")));
+        assert!(stored.lease_expires_at.is_some());
+        let held = db.store.held_by(&WorkerId::from("w")).await.unwrap();
+        assert_eq!(held.iter().map(|h| (h.task_id, h.attempt)).collect::<Vec<_>>(), vec![(first.id, 1)]);
+
+        let second = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&second)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending, "the worker's one slot is taken");
+        assert!(pushed(&mut stream).is_empty());
+        db.cleanup().await;
+    }
+
+    /// The worker registered again elsewhere (a new session in its row, another replica's now)
+    /// after this replica looked at it: the insert's fence sees the new session, and the task
+    /// is stored pending, never assigned to the old session.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_submission_is_not_assigned_to_a_session_the_database_replaced() {
+        let Some((db, placer, mut stream, _)) = setup(4).await else { panic!("TEST_DATABASE_URL") };
+        let crate::store::Store::Postgres(pg) = &db.store else { unreachable!() };
+        sqlx::query("UPDATE workers SET session_id = $1 WHERE id = 'w'")
+            .bind(uuid::Uuid::now_v7())
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        let task = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&task)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending);
+        let stored = db.store.get_task(task.id).await.unwrap().expect("stored");
+        assert_eq!((stored.state, stored.attempt, stored.worker_id), (TaskState::Pending, 0, None));
+        assert!(pushed(&mut stream).is_empty());
+        db.cleanup().await;
+    }
+
+    /// What a claim would hold back is not assigned at submission either: an older pending
+    /// task of the type at the same priority goes first, a type under a concurrency limit is
+    /// counted by claims only, a task with parents waits for them and one due later waits for
+    /// its time. A task of higher priority than the pending ones is assigned.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_submission_is_assigned_only_where_a_claim_would_take_it() {
+        let Some((db, placer, mut stream, _)) = setup(10).await else { panic!("TEST_DATABASE_URL") };
+        // Older and pending (stored without placement): a new task of its type waits behind it.
+        db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
+        let behind = testing::new_task("prove");
+        let mut urgent = testing::new_task("prove");
+        urgent.priority = 5;
+        db.store.set_type_limit("limited", Some(100)).await.unwrap();
+        let limited = testing::new_task("limited");
+        let parent = testing::new_task("other");
+        let mut child = testing::new_task("other");
+        child.depends_on = vec![parent.id];
+        let mut later = testing::new_task("other");
+        later.run_after = Some(Utc::now() + chrono::Duration::hours(1));
+        let tasks = [behind, urgent.clone(), limited, parent.clone(), child, later];
+        let created = placer.create(&tasks).await.expect("create");
+        let states: Vec<TaskState> = created.iter().map(|c| c.task.state).collect();
+        use TaskState::{Assigned, Blocked, Pending};
+        assert_eq!(states, vec![Pending, Assigned, Pending, Assigned, Blocked, Pending]);
+        let mut sent = pushed(&mut stream);
+        sent.sort();
+        let mut expected = vec![urgent.id, parent.id];
+        expected.sort();
+        assert_eq!(sent, expected);
+        db.cleanup().await;
+    }
+
+    /// While a scheduler pass holds placement's turn, a submission does not wait for it beyond
+    /// [`TURN_WAIT`]: its tasks are stored pending for the claims.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_submission_leaves_its_tasks_to_the_claims_while_a_pass_places() {
+        let Some((db, placer, mut stream, placing)) = setup(4).await else { panic!("TEST_DATABASE_URL") };
+        let turn = placing.0.lock().await;
+        let task = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&task)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending);
+        assert!(pushed(&mut stream).is_empty());
+        drop(turn);
+        db.cleanup().await;
+    }
+}
