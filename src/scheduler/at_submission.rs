@@ -225,6 +225,53 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// A pass that finds candidates while a submission holds placement's turn places none of
+    /// them (a free slot counts only once pushed into: both could give the same one) and waits
+    /// for the turn; the pass after it places them.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_pass_places_nothing_while_a_submission_holds_the_turn() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        registry.register(testing::registration("w", 3)).await.expect("register");
+        let (_, mut stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let backlog: Vec<_> = (0..5).map(|_| testing::new_task("prove")).collect();
+        db.store.create_tasks(&backlog).await.unwrap();
+        let config = super::super::SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let mut scheduler = super::super::Scheduler::new(
+            config,
+            db.store.clone(),
+            registry.clone(),
+            Wake::default(),
+            Events::new(),
+            Arc::new(NoEffects),
+            Arc::new(SchedulerStats::default()),
+        );
+        let placer = scheduler.at_submission();
+        let turn = placer.placing.0.clone().lock_owned().await;
+        let pass = tokio::spawn(async move {
+            let first = scheduler.pass().await.expect("pass");
+            (scheduler, first)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!pass.is_finished(), "the pass waits for the turn");
+        assert!(pushed(&mut stream).is_empty(), "nothing placed while the turn is held");
+        assert!(db.store.held_by(&WorkerId::from("w")).await.unwrap().is_empty());
+        drop(turn);
+        let (mut scheduler, first) = pass.await.expect("pass task");
+        assert_eq!(first, super::super::Pass::Full, "it goes again");
+        assert!(pushed(&mut stream).is_empty());
+        scheduler.pass().await.expect("pass");
+        assert_eq!(pushed(&mut stream).len(), 3);
+        assert_eq!(db.store.held_by(&WorkerId::from("w")).await.unwrap().len(), 3);
+        db.cleanup().await;
+    }
+
     /// While a scheduler pass holds placement's turn, a submission does not wait for it beyond
     /// [`TURN_WAIT`]: its tasks are stored pending for the claims.
     #[tokio::test]
