@@ -100,12 +100,20 @@ impl Core {
     /// wakes the scheduler.
     pub async fn submit(&self, tasks: Vec<NewTask>) -> Result<Submitted, CoreError> {
         let (view, warnings) = self.check_types(&tasks).await?;
-        let created = match self.inner.at_submission.get() {
-            Some(placer) => placer.create(&tasks).await?,
-            None => self.inner.store.create_tasks(&tasks).await?,
-        };
-        let unassigned = created.iter().filter(|c| c.created && c.task.state != TaskState::Assigned).count();
-        self.inner.effects.submitted(created.iter().filter(|c| c.created).count(), unassigned);
+        let inner = self.inner.clone();
+        // Detached: a task assigned as it is stored is pushed (or given back) and the scheduler
+        // woken for the others whatever happens to this request.
+        let created = Effects::detached(async move {
+            let created = match inner.at_submission.get() {
+                Some(placer) => placer.create(&tasks).await?,
+                None => inner.store.create_tasks(&tasks).await?,
+            };
+            let unassigned =
+                created.iter().filter(|c| c.created && c.task.state != TaskState::Assigned).count();
+            inner.effects.submitted(created.iter().filter(|c| c.created).count(), unassigned);
+            Ok::<_, crate::store::StoreError>(created)
+        })
+        .await??;
         let waiting = match &view {
             Some(v) => v.waiting_each(created.iter().map(|c| &c.task), Utc::now()),
             None => vec![None; created.len()],
