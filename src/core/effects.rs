@@ -9,7 +9,7 @@
 
 use std::future::Future;
 
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::{
     domain::{TaskId, TaskState, Wake},
@@ -43,11 +43,12 @@ impl Effects {
     }
 
     /// Runs `transition` (a store call followed by its effects) to the end in a task of its own
-    /// and waits for it: dropping the caller does not stop it.
+    /// and waits for it: dropping the caller does not stop it. The task runs in the caller's
+    /// span, so its database calls stay in the caller's trace.
     pub async fn detached<T: Send + 'static>(
         transition: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
-        tokio::spawn(transition).await
+        tokio::spawn(transition.in_current_span()).await
     }
 
     /// New tasks were stored, `waiting` of them for a claim (the others were assigned as they
