@@ -65,8 +65,10 @@ pub struct BenchOptions {
     pub concurrency: u32,
     /// Assignments each worker queues beyond its slots.
     pub prefetch: u32,
-    /// Tasks per submission (one job each).
+    /// Tasks per submission (one job each, unless `no_jobs`).
     pub batch: usize,
+    /// Submit the bulk phase with SubmitTasks, tasks outside any job.
+    pub no_jobs: bool,
     /// Tasks in the one-at-a-time latency phase.
     pub trickle: usize,
     /// A running coordinator (`http://host:9090`); ignored with `embedded`.
@@ -129,6 +131,8 @@ pub struct BenchReport {
     /// Assignments each worker queues beyond its slots.
     pub prefetch: u32,
     pub batch: usize,
+    /// Whether each batch of the bulk phase was a job (else tasks outside any job).
+    pub jobs: bool,
     pub submit_seconds: f64,
     pub submit_per_second: f64,
     pub end_to_end_seconds: f64,
@@ -541,6 +545,26 @@ impl Run<'_> {
         self.counters.iter().map(|c| c.accepted.load(Ordering::Relaxed)).sum::<u64>()
     }
 
+    /// How many of the bulk phase's tasks (submitted outside jobs) are completed, one GetTask
+    /// each, 32 at a time.
+    async fn completed_outside_jobs(&self, submitted: &[(Vec<String>, Instant)]) -> anyhow::Result<u64> {
+        use futures::{StreamExt, TryStreamExt};
+        let ids = submitted.iter().flat_map(|(ids, _)| ids.iter().cloned());
+        let states: Vec<i32> = futures::stream::iter(ids)
+            .map(|task_id| {
+                let mut client = self.client.clone();
+                async move {
+                    let req = proto::GetTaskRequest { task_id, include_attempts: false };
+                    let task = client.get_task(req).await?.into_inner();
+                    anyhow::Ok(task.status)
+                }
+            })
+            .buffer_unordered(32)
+            .try_collect()
+            .await?;
+        Ok(states.iter().filter(|s| **s == proto::TaskStatus::Completed as i32).count() as u64)
+    }
+
     fn task(&self) -> proto::SubmitTaskRequest {
         proto::SubmitTaskRequest { task_type: self.task_type.to_owned(), ..Default::default() }
     }
@@ -571,7 +595,7 @@ impl Run<'_> {
         }
         let before_bulk = self.accepted();
 
-        // Bulk: N tasks in jobs of `batch`.
+        // Bulk: N tasks in jobs of `batch` (or batches outside any job).
         let cost_start = meter.start().await;
         let t0 = Instant::now();
         let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
@@ -582,13 +606,19 @@ impl Run<'_> {
             left -= n;
             let at = Instant::now();
             let tasks = (0..n).map(|_| self.task()).collect();
-            let resp = self
-                .client
-                .submit_job(proto::SubmitJobRequest { name: format!("bench-{}", self.run_id), tasks })
-                .await?
-                .into_inner();
-            jobs.push(resp.job_id);
-            submitted_at.push((resp.task_ids, at));
+            let ids = if opts.no_jobs {
+                let resp = self.client.submit_tasks(proto::SubmitTasksRequest { tasks }).await?.into_inner();
+                resp.results.into_iter().map(|r| r.task_id).collect()
+            } else {
+                let resp = self
+                    .client
+                    .submit_job(proto::SubmitJobRequest { name: format!("bench-{}", self.run_id), tasks })
+                    .await?
+                    .into_inner();
+                jobs.push(resp.job_id);
+                resp.task_ids
+            };
+            submitted_at.push((ids, at));
         }
         let submit = t0.elapsed();
         let target = before_bulk + opts.tasks as u64;
@@ -621,6 +651,9 @@ impl Run<'_> {
                 .into_inner();
             completed += u64::from(j.completed);
         }
+        if opts.no_jobs {
+            completed = self.completed_outside_jobs(&submitted_at).await?;
+        }
         let duplicates: u64 = self.counters.iter().map(|c| c.duplicates.load(Ordering::Relaxed)).sum();
         let refused: u64 = self.counters.iter().map(|c| c.refused.load(Ordering::Relaxed)).sum();
         let total_accepted = self.accepted();
@@ -648,6 +681,7 @@ impl Run<'_> {
             total_concurrency: opts.workers as u64 * u64::from(opts.concurrency),
             prefetch: opts.prefetch,
             batch: opts.batch,
+            jobs: !opts.no_jobs,
             submit_seconds: submit.as_secs_f64(),
             submit_per_second: opts.tasks as f64 / submit.as_secs_f64(),
             end_to_end_seconds: end_to_end.as_secs_f64(),
@@ -712,7 +746,7 @@ impl BenchReport {
         let t = &self.trickle_latency;
         format!(
             "backend           {}\n\
-             tasks             {} ({} workers x {} slots = {} at once, prefetch {}, jobs of {})\n\
+             tasks             {} ({} workers x {} slots = {} at once, prefetch {}, {} of {})\n\
              submit            {:.0} tasks/s ({:.2} s)\n\
              end to end        {:.0} tasks/s ({:.2} s, first submit to last accepted report)\n\
              latency (bulk)    p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (submit -> worker start)\n\
@@ -725,6 +759,7 @@ impl BenchReport {
             self.concurrency,
             self.total_concurrency,
             self.prefetch,
+            if self.jobs { "jobs" } else { "batches outside jobs" },
             self.batch,
             self.submit_per_second,
             self.submit_seconds,

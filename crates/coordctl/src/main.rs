@@ -242,6 +242,9 @@ enum Cmd {
         /// Tasks per submission.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        /// Submit the bulk phase with SubmitTasks, outside any job (one job per batch otherwise).
+        #[arg(long)]
+        no_jobs: bool,
         /// Tasks in the one-at-a-time latency phase.
         #[arg(long, default_value_t = 200)]
         trickle: usize,
@@ -439,6 +442,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         concurrency,
         prefetch,
         batch,
+        no_jobs,
         trickle,
         embedded,
         database_url,
@@ -451,6 +455,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             concurrency,
             prefetch,
             batch,
+            no_jobs,
             trickle,
             endpoint: cli.coordinator.clone(),
             embedded,
