@@ -185,7 +185,10 @@ pub(super) fn held_arrays(held: &[Held]) -> (Vec<Uuid>, Vec<String>, Vec<i32>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, TypeFilter, testing};
+    use crate::{
+        domain::TaskState,
+        store::{Store, TypeFilter, testing},
+    };
 
     /// The hot path's batch statements find their tasks by key or row even on a table that was
     /// never analyzed (a new database under its first load, or autovacuum off), never through a
@@ -206,9 +209,7 @@ mod tests {
         // Each of these indexes holds every task in some live state: a plan that reads one
         // reads the whole backlog to find a batch.
         for (name, plan) in &plans {
-            for index in
-                ["tasks_runnable", "tasks_runnable_by_type", "tasks_status", "tasks_lease", "tasks_worker"]
-            {
+            for index in ["tasks_runnable_by_type", "tasks_status", "tasks_worker"] {
                 assert!(!plan.contains(&format!(" on {index} ")), "{name} reads {index}:\n{plan}");
             }
         }
@@ -273,8 +274,7 @@ mod tests {
     }
 
     /// The plans of the hot path's batch statements for the tasks `rows` (id, place), each run as
-    /// the store runs it: the claim's assignment and the completions in their transactions, the
-    /// running marks and renewals on their own.
+    /// the store runs it: each in a transaction with its planner settings.
     async fn batch_plans(pg: &PgStore, rows: Vec<(Uuid, String)>) -> Vec<(&'static str, String)> {
         let (ids, places): (Vec<Uuid>, Vec<String>) = rows.into_iter().unzip();
         let workers: Vec<String> = vec!["w1".into(); ids.len()];
@@ -296,12 +296,13 @@ mod tests {
             .await
             .unwrap();
         tx.rollback().await.unwrap();
+        let mut tx = pg.pool().begin_with(BATCH_BEGIN).await.unwrap();
         let mark_running = explain(claim::MARK_RUNNING)
             .bind(&ids)
             .bind(&workers)
             .bind(&attempts)
             .bind(&ago_us)
-            .fetch_all(pg.pool())
+            .fetch_all(&mut *tx)
             .await
             .unwrap();
         let renew = explain(claim::RENEW)
@@ -309,9 +310,10 @@ mod tests {
             .bind(&workers)
             .bind(&attempts)
             .bind(60_000i64)
-            .fetch_all(pg.pool())
+            .fetch_all(&mut *tx)
             .await
             .unwrap();
+        tx.rollback().await.unwrap();
         let mut tx = pg.pool().begin_with(BATCH_BEGIN).await.unwrap();
         let complete = explain(report::COMPLETE)
             .bind(&ids)
@@ -327,6 +329,119 @@ mod tests {
             .into_iter()
             .map(|(name, plan)| (name, plan.join("\n")))
             .collect()
+    }
+
+    /// Listing by state, under the generic plan a pooled connection settles on after a few runs:
+    /// pending and blocked tasks are read from tasks_status in id order, tasks out on workers
+    /// from tasks_worker; never a walk of every task in id order past the finished ones.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn listing_by_state_reads_the_index_of_that_state_under_a_generic_plan() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let finished: Vec<_> = (0..2000).map(|_| testing::new_task("prove")).collect();
+        db.store.create_tasks(&finished).await.unwrap();
+        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        let live: Vec<_> = (0..20).map(|_| testing::new_task("prove")).collect();
+        db.store.create_tasks(&live).await.unwrap();
+        let worker = crate::domain::WorkerId("w1".into());
+        db.store
+            .claim(5, &TypeFilter::Any, Duration::from_secs(60), |c| {
+                c.iter().map(|c| (c.id, worker.clone())).collect()
+            })
+            .await
+            .unwrap();
+        sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
+        let mut conn = pg.pool().acquire().await.unwrap();
+        sqlx::raw_sql("SET plan_cache_mode = force_generic_plan").execute(&mut *conn).await.unwrap();
+        for (state, index) in [
+            (TaskState::Pending, "tasks_status"),
+            (TaskState::Blocked, "tasks_status"),
+            (TaskState::Assigned, "tasks_worker"),
+            (TaskState::Running, "tasks_worker"),
+        ] {
+            let prepare = format!(
+                "PREPARE listing (text, uuid, text, uuid, bigint) AS {}",
+                read::list_tasks_query(Some(state))
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut *conn).await.unwrap();
+            let plan: Vec<String> =
+                sqlx::query_scalar("EXPLAIN EXECUTE listing (NULL, NULL, NULL, NULL, 50)")
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap();
+            let plan = plan.join("\n");
+            sqlx::raw_sql("DEALLOCATE listing").execute(&mut *conn).await.unwrap();
+            let read_from =
+                plan.contains(&format!("using {index} ")) || plan.contains(&format!(" on {index} "));
+            assert!(read_from, "{state:?} is not read from {index}:\n{plan}");
+            assert!(!plan.contains("Seq Scan on tasks"), "{state:?}:\n{plan}");
+            assert!(!plan.contains("using tasks_pkey"), "{state:?} walks the tasks in id order:\n{plan}");
+        }
+        sqlx::raw_sql("RESET plan_cache_mode").execute(&mut *conn).await.unwrap();
+        drop(conn);
+        db.cleanup().await;
+    }
+
+    /// Every status change writes a new version of the task's row into each index whose
+    /// predicate it meets (the status is in the predicates, so the update cannot be HOT): on the
+    /// happy path each version is in the indexes a lookup of that state needs, and no other.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn each_version_of_a_task_is_in_the_indexes_its_state_is_looked_up_by() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let indexes: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_get_expr(i.indpred, i.indrelid) FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'tasks'::regclass",
+        )
+        .fetch_all(pg.pool())
+        .await
+        .unwrap();
+        let task = testing::new_task("prove");
+        let id = task.id;
+        db.store.create_tasks(&[task]).await.unwrap();
+        let holding = |id: crate::domain::TaskId| {
+            let indexes = indexes.clone();
+            async move {
+                let mut names = Vec::new();
+                for (name, predicate) in indexes {
+                    let sql = format!(
+                        "SELECT count(*) FROM tasks WHERE id = $1 AND ({})",
+                        predicate.as_deref().unwrap_or("true")
+                    );
+                    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                        .bind(id.0)
+                        .fetch_one(pg.pool())
+                        .await
+                        .unwrap();
+                    if n == 1 {
+                        names.push(name);
+                    }
+                }
+                names.sort();
+                names
+            }
+        };
+        assert_eq!(holding(id).await, ["tasks_pkey", "tasks_runnable_by_type", "tasks_status"], "pending");
+        let worker = crate::domain::WorkerId("w1".into());
+        let held = db
+            .store
+            .claim(1, &TypeFilter::Any, Duration::from_secs(60), |c| vec![(c[0].id, worker.clone())])
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(holding(id).await, ["tasks_pkey", "tasks_worker"], "assigned");
+        let held = Held { task_id: id, worker_id: worker, attempt: 1 };
+        db.store
+            .complete(&[crate::store::Completion { held, result: Vec::new(), delivered: None }])
+            .await
+            .unwrap();
+        assert_eq!(holding(id).await, ["tasks_completed_by", "tasks_finished", "tasks_pkey"], "completed");
+        db.cleanup().await;
     }
 
     /// Whether a plan (EXPLAIN's text) scans `tasks` sequentially below a nested loop, that is

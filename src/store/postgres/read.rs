@@ -33,18 +33,8 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<Task>> {
-        // Absent filters are passed as NULL so the statement text never changes.
-        let sql = format!(
-            "SELECT {TASK_COLUMNS} FROM tasks
-             WHERE ($1::text IS NULL OR status = $1)
-               AND ($2::text IS NULL OR task_type = $2)
-               AND ($3::uuid IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $3))
-               AND ($4::text IS NULL OR worker_id = $4)
-               AND ($5::uuid IS NULL OR id > $5)
-             ORDER BY id LIMIT $6"
-        );
+        let sql = list_tasks_query(f.state);
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(f.state.map(|s| s.as_str()))
             .bind(f.task_type.as_deref())
             .bind(f.job_id.map(|j| j.0))
             .bind(f.worker_id.as_ref().map(|w| w.0.as_str()))
@@ -164,4 +154,30 @@ impl PgStore {
         let rows = sqlx::query(sql::JOB_TASKS).bind(id.0).fetch_all(&self.pool).await?;
         rows.iter().map(decode::task).collect()
     }
+}
+
+/// Tasks by filter, in id order from `$4`: `$1` type, `$2` job, `$3` worker, `$5` the most. The
+/// state is part of the statement's text, so that even a generic plan uses the index of that
+/// state; the other absent filters are passed as NULL.
+pub(super) fn list_tasks_query(state: Option<TaskState>) -> String {
+    let from = match state {
+        None => "tasks".to_owned(),
+        // Tasks out on workers are found by tasks_worker: all of them (as many as the fleet has
+        // slots), then ordered, rather than walking every task in id order.
+        Some(s @ (TaskState::Assigned | TaskState::Running)) => format!(
+            "(SELECT * FROM tasks WHERE status IN ('assigned', 'running') OFFSET 0) AS live
+             WHERE status = '{}'",
+            s.as_str()
+        ),
+        Some(s) => format!("tasks WHERE status = '{}'", s.as_str()),
+    };
+    let filter = if state.is_some() { "AND" } else { "WHERE" };
+    format!(
+        "SELECT {TASK_COLUMNS} FROM {from}
+         {filter} ($1::text IS NULL OR task_type = $1)
+           AND ($2::uuid IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $2))
+           AND ($3::text IS NULL OR worker_id = $3)
+           AND id > COALESCE($4::uuid, '00000000-0000-0000-0000-000000000000')
+         ORDER BY id LIMIT $5"
+    )
 }
