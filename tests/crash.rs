@@ -20,10 +20,6 @@ use coordinator::{
 use coordinator_worker::{Worker, WorkerOptions, handler_fn};
 use tokio_util::sync::CancellationToken;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn write_config(dir: &Path, url: &str, grpc: u16, http: u16) -> std::path::PathBuf {
     let path = dir.join("coordinator.yaml");
     let yaml = format!(
@@ -98,7 +94,7 @@ async fn completed(db: &TestDb) -> u64 {
 
 async fn kill_restart_and_drain(db: &TestDb) {
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
+    let [grpc, http] = common::free_ports();
     let config = write_config(dir.path(), &db.url, grpc, http);
     let endpoint = format!("http://127.0.0.1:{grpc}");
     let mut coordinator = spawn_coordinator(&config);

@@ -58,10 +58,6 @@ struct Fleet {
     workers: Vec<(String, Proc)>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Tokens of the three roles: the coordinator reads the worker one from its environment, the
 /// client one from a file and knows the admin one by its SHA-256; the worker binary takes
 /// `WORKER_TOKEN` and coordctl `--token-file`.
@@ -93,7 +89,7 @@ fn wait_log(p: &Proc, needle: &str, limit: Duration) {
 impl Fleet {
     fn start(db: &TestDb) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let (grpc, http) = (free_port(), free_port());
+        let [grpc, http] = common::free_ports();
         let config = dir.path().join("coordinator.yaml");
         std::fs::write(
             &config,

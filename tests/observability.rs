@@ -653,10 +653,6 @@ async fn postgres_a_burst_of_unknown_task_types_creates_no_series() {
 
 // ---- logs ----
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The coordinator binary on a fresh SQLite database, its stdout collected line by line.
 struct Logged {
     child: Child,
@@ -669,7 +665,7 @@ struct Logged {
 impl Logged {
     fn start(logging: &str, rust_log: Option<&str>) -> Logged {
         let dir = tempfile::tempdir().unwrap();
-        let (grpc, http) = (free_port(), free_port());
+        let [grpc, http] = common::free_ports();
         let config = dir.path().join("coordinator.yaml");
         let yaml = format!(
             "coordinator: {{id: log-test, bind_address: 127.0.0.1, grpc_port: {grpc}, http_port: {http}, \

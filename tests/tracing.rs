@@ -119,10 +119,6 @@ async fn wait_log(p: &Proc, needle: &str) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn find<'a>(spans: &'a [Received], service: &str, name: &str) -> Option<&'a Span> {
     spans.iter().find(|r| r.service == service && r.span.name == name).map(|r| &r.span)
 }
@@ -145,7 +141,7 @@ async fn one_trace_runs_from_the_submitter_through_the_coordinator_and_the_worke
 
     // A coordinator on SQLite and one worker, both exporting to it.
     let dir = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_port(), free_port());
+    let [grpc, http] = common::free_ports();
     let config = dir.path().join("coordinator.yaml");
     std::fs::write(
         &config,

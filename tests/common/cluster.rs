@@ -20,10 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::common::{Client, client, http_get};
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn ms(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
@@ -122,7 +118,7 @@ impl Replica {
     /// As [`Replica::new`], with `extra` (whole top-level sections of YAML) appended to its
     /// configuration file.
     pub fn with_yaml(dir: &Path, id: &str, url: &str, t: Timings, extra: &str) -> Replica {
-        let (grpc, http) = (free_port(), free_port());
+        let [grpc, http] = crate::common::free_ports();
         let (age, grace) = t.connection_age.unwrap_or((Duration::from_secs(1800), Duration::from_secs(60)));
         let yaml = format!(
             "coordinator:
@@ -398,7 +394,8 @@ impl OwnPostgres {
             let ok = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path()).status();
             assert!(ok.map(|s| s.success()).unwrap_or(false), "chown the postgres directory");
         }
-        let pg = OwnPostgres { port: free_port(), bin, data, dir };
+        let [port] = crate::common::free_ports();
+        let pg = OwnPostgres { port, bin, data, dir };
         pg.run(
             "initdb",
             &["-D", pg.data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"],

@@ -510,3 +510,12 @@ pub async fn worker_state(client: &mut Client, id: &str) -> proto::WorkerState {
     let w = workers.into_iter().find(|w| w.worker_id == id).expect("worker listed");
     proto::WorkerState::try_from(w.state).unwrap()
 }
+
+/// `N` distinct loopback ports that were free a moment ago, for a child process to bind. The
+/// probing listeners are all held until every port is picked: released one by one, the kernel
+/// may hand the same port out twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> =
+        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port")).collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("a bound port").port())
+}
