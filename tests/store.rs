@@ -78,7 +78,6 @@ store_tests!(
     claim_skips_tasks_whose_run_after_is_in_the_future,
     a_task_submitted_to_run_later_is_not_claimed_before_its_time,
     claim_type_filter_only_offers_those_types,
-    a_claim_of_any_type_offers_the_oldest_of_each_type,
     claim_leaves_tasks_that_place_omits_pending,
     claim_ignores_placements_of_tasks_that_were_not_candidates,
     claim_assigns_attempt_worker_lease_deadline_and_history,
@@ -627,34 +626,6 @@ mod cases {
             vec![tasks[1].id],
             "{b}"
         );
-    }
-
-    /// A fleet where one free worker takes anything and another only `b`: the oldest `a` tasks
-    /// must not fill the candidates and hide the `b` task from the worker that can run it.
-    pub async fn a_claim_of_any_type_offers_the_oldest_of_each_type(s: &Store) {
-        let b = s.backend();
-        let a = create_n(s, "a", 3).await;
-        let only_b = create_one(s, new_task("b")).await;
-        let later =
-            create_one(s, NewTask { run_after: Some(Utc::now() + TimeDelta::hours(1)), ..new_task("c") })
-                .await;
-        let mut offered = Vec::new();
-        let got = s
-            .claim(2, &TypeFilter::Any, LONG_LEASE, |c: &[Candidate]| {
-                offered = c.iter().map(|c| c.id).collect();
-                vec![(a[0].id, w("anything")), (only_b.id, w("b-only"))]
-            })
-            .await
-            .expect("claim");
-        assert_eq!(offered, vec![a[0].id, a[1].id, only_b.id], "{b}: two of a, the b, no c before its time");
-        let got: BTreeSet<TaskId> = got.iter().map(|a| a.task_id).collect();
-        assert_eq!(got, BTreeSet::from([a[0].id, only_b.id]), "{b}");
-        assert_eq!(
-            get(s, a[1].id).await.state,
-            TaskState::Pending,
-            "{b}: offered, not placed: still pending"
-        );
-        assert_eq!(get(s, later.id).await.state, TaskState::Pending, "{b}");
     }
 
     pub async fn claim_leaves_tasks_that_place_omits_pending(s: &Store) {

@@ -3,13 +3,9 @@
 -- Every status change is an update that cannot be HOT (the status is in index predicates), so
 -- each new version of a task's row takes an entry in every index whose predicate it meets. Only
 -- the indexes a lookup needs stay, and each only for the states that lookup reads:
---   pending:   tasks_pkey, tasks_runnable_by_type, tasks_status
+--   pending:   tasks_pkey, tasks_runnable, tasks_runnable_by_type, tasks_status
 --   assigned:  tasks_pkey, tasks_worker
 --   completed: tasks_pkey, tasks_finished, tasks_completed_by
-
--- Claims of any type walk the pending types on tasks_runnable_by_type (a skip scan, one probe
--- per type) and take the oldest tasks of each: no second index of all pending tasks.
-DROP INDEX IF EXISTS tasks_runnable;
 
 -- Expired leases are looked for among the tasks out on workers (tasks_worker holds them all,
 -- bounded by the fleet's slots); the lease itself is not indexed, so a renewal that changes

@@ -150,46 +150,39 @@ async fn allowances(tx: &mut sqlx::PgConnection, types: &[String]) -> Result<sto
         .collect()
 }
 
-/// The candidates of a claim: up to `$1` of each type (of the types in `$3`, or of every type
-/// with pending tasks), oldest first by priority; `$2` the worker shapes ([`FITS`]). Per type, so
-/// older tasks of one type can never fill the list and hide the tasks another free worker could
-/// run.
+/// The candidates of a claim: `$1` the most of them (of each type, with `$3` the types), `$2`
+/// the worker shapes ([`FITS`]).
 pub(super) fn candidates_query(types: &TypeFilter) -> String {
-    let (with, names) = match types {
-        TypeFilter::Any => (format!("WITH RECURSIVE {SATURATED}, {PENDING_TYPE_WALK}"), PENDING_TYPES),
-        TypeFilter::Only(_) => {
-            (format!("WITH {SATURATED}"), "SELECT name FROM unnest($3::text[]) AS ty(name)")
-        }
-    };
-    format!(
-        "{with}
-         SELECT c.* FROM (
-             SELECT name FROM ({names}) AS named
-             WHERE name NOT IN (SELECT task_type FROM saturated)
-         ) AS ty,
-         LATERAL (
+    match types {
+        TypeFilter::Any => format!(
+            "WITH {SATURATED}
              SELECT {CANDIDATE_COLUMNS} FROM tasks t
-             WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
-               AND {FITS}
+             WHERE t.status = 'pending' AND t.run_after <= now()
+               AND t.task_type NOT IN (SELECT task_type FROM saturated) AND {FITS}
              ORDER BY t.priority DESC, t.id
              LIMIT $1
-             FOR UPDATE OF t SKIP LOCKED
-         ) AS c
-         ORDER BY c.priority DESC, c.id"
-    )
+             FOR UPDATE OF t SKIP LOCKED"
+        ),
+        // Up to `limit` candidates of each type, so older tasks of one type can never fill the
+        // list and hide the tasks another free worker could run.
+        TypeFilter::Only(_) => format!(
+            "WITH {SATURATED}
+             SELECT c.* FROM (
+                 SELECT name FROM unnest($3::text[]) AS ty(name)
+                 WHERE name NOT IN (SELECT task_type FROM saturated)
+             ) AS ty,
+             LATERAL (
+                 SELECT {CANDIDATE_COLUMNS} FROM tasks t
+                 WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
+                   AND {FITS}
+                 ORDER BY t.priority DESC, t.id
+                 LIMIT $1
+                 FOR UPDATE OF t SKIP LOCKED
+             ) AS c
+             ORDER BY c.priority DESC, c.id"
+        ),
+    }
 }
-
-/// The types that have pending tasks, found on `tasks_runnable_by_type` one probe per type (a
-/// skip scan): the next type after the last one found, until there is none.
-const PENDING_TYPE_WALK: &str = "pending_types(name) AS (
-             (SELECT t.task_type FROM tasks t WHERE t.status = 'pending' ORDER BY t.task_type LIMIT 1)
-             UNION ALL
-             SELECT (SELECT t.task_type FROM tasks t WHERE t.status = 'pending' AND t.task_type > p.name
-                     ORDER BY t.task_type LIMIT 1)
-             FROM pending_types p WHERE p.name IS NOT NULL
-         )";
-
-const PENDING_TYPES: &str = "SELECT name FROM pending_types WHERE name IS NOT NULL";
 
 impl PgStore {
     pub(in crate::store) async fn claim<F>(

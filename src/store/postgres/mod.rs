@@ -209,7 +209,7 @@ mod tests {
         // Each of these indexes holds every task in some live state: a plan that reads one
         // reads the whole backlog to find a batch.
         for (name, plan) in &plans {
-            for index in ["tasks_runnable_by_type", "tasks_status", "tasks_worker"] {
+            for index in ["tasks_runnable", "tasks_runnable_by_type", "tasks_status", "tasks_worker"] {
                 assert!(!plan.contains(&format!(" on {index} ")), "{name} reads {index}:\n{plan}");
             }
         }
@@ -426,7 +426,11 @@ mod tests {
                 names
             }
         };
-        assert_eq!(holding(id).await, ["tasks_pkey", "tasks_runnable_by_type", "tasks_status"], "pending");
+        assert_eq!(
+            holding(id).await,
+            ["tasks_pkey", "tasks_runnable", "tasks_runnable_by_type", "tasks_status"],
+            "pending"
+        );
         let worker = crate::domain::WorkerId("w1".into());
         let held = db
             .store

@@ -57,15 +57,6 @@ async fn allowances(tx: &mut sqlx::SqliteConnection) -> Result<store::Allowances
         .collect()
 }
 
-/// The types that have pending tasks, one probe of `tasks_runnable_by_type` per type.
-const PENDING_TYPES: &str = "WITH RECURSIVE pending_types(name) AS (
-         SELECT min(task_type) FROM tasks WHERE status = 'pending'
-         UNION ALL
-         SELECT (SELECT min(task_type) FROM tasks WHERE status = 'pending' AND task_type > p.name)
-         FROM pending_types p WHERE p.name IS NOT NULL
-     )
-     SELECT name FROM pending_types WHERE name IS NOT NULL";
-
 impl SqliteStore {
     pub(in crate::store) async fn claim<F>(
         &self,
@@ -83,9 +74,9 @@ impl SqliteStore {
         let allowances = allowances(&mut tx).await?;
         // Up to `limit` candidates of each type, so older tasks of one type can never fill the
         // list and hide the tasks another free worker could run; none of a type at its limit.
-        let pending_types: Vec<String> = match &filter.types {
-            TypeFilter::Any => sqlx::query_scalar(PENDING_TYPES).fetch_all(&mut *tx).await?,
-            TypeFilter::Only(t) => t.clone(),
+        let one_type: Vec<Option<&str>> = match &filter.types {
+            TypeFilter::Any => vec![None],
+            TypeFilter::Only(t) => t.iter().map(|t| Some(t.as_str())).collect(),
         };
         let saturated: Vec<&str> =
             allowances.iter().filter(|(_, left)| **left == 0).map(|(t, _)| t.as_str()).collect();
@@ -93,13 +84,13 @@ impl SqliteStore {
         let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
         let sql = format!(
             "SELECT id, task_type, priority, requires, weight, affinity_key FROM tasks t
-             WHERE status = 'pending' AND run_after <= $1 AND task_type = $3
+             WHERE status = 'pending' AND run_after <= $1 AND ($3 IS NULL OR task_type = $3)
                AND task_type NOT IN (SELECT value FROM json_each($5)) AND {FITS}
              ORDER BY priority DESC, id
              LIMIT $2"
         );
         let mut rows = Vec::new();
-        for task_type in pending_types.iter().filter(|t| allowances.get(t.as_str()) != Some(&0)) {
+        for task_type in one_type.into_iter().filter(|t| t.is_none_or(|t| allowances.get(t) != Some(&0))) {
             rows.extend(
                 sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(micros(now))
