@@ -253,12 +253,29 @@ mod tests {
             Arc::new(SchedulerStats::default()),
         );
         let placer = scheduler.at_submission();
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let index_scans = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COALESCE(sum(idx_scan), 0)::bigint FROM pg_stat_user_indexes
+                 WHERE relid = 'tasks'::regclass",
+            )
+            .fetch_one(pg.pool())
+            .await
+            .unwrap()
+        };
+        let before = index_scans().await;
         let turn = placer.placing.0.clone().lock_owned().await;
         let pass = tokio::spawn(async move {
             let first = scheduler.pass().await.expect("pass");
             (scheduler, first)
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The pass has read its candidates once the statistics show its index scan: from then
+        // on it either places them or waits for the turn.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while index_scans().await == before {
+            assert!(std::time::Instant::now() < deadline, "the pass never read its candidates");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(!pass.is_finished(), "the pass waits for the turn");
         assert!(pushed(&mut stream).is_empty(), "nothing placed while the turn is held");
         assert!(db.store.held_by(&WorkerId::from("w")).await.unwrap().is_empty());
