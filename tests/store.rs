@@ -78,6 +78,7 @@ store_tests!(
     claim_skips_tasks_whose_run_after_is_in_the_future,
     a_task_submitted_to_run_later_is_not_claimed_before_its_time,
     claim_type_filter_only_offers_those_types,
+    claim_type_filter_any_and_offers_the_first_of_any_type_and_of_each_named_type,
     claim_leaves_tasks_that_place_omits_pending,
     claim_ignores_placements_of_tasks_that_were_not_candidates,
     claim_assigns_attempt_worker_lease_deadline_and_history,
@@ -626,6 +627,41 @@ mod cases {
             vec![tasks[1].id],
             "{b}"
         );
+    }
+
+    /// Five `a` tasks, then a `b` and a `c`: a claim of 2 of any type and of each of `b` offers the
+    /// first two `a` and the `b` (not the `c`), each once, and assigns what placement chose.
+    pub async fn claim_type_filter_any_and_offers_the_first_of_any_type_and_of_each_named_type(s: &Store) {
+        let b = s.backend();
+        let a = create_n(s, "a", 5).await;
+        let bt = create_one(s, new_task("b")).await;
+        let ct = create_one(s, new_task("c")).await;
+        let mixed = TypeFilter::AnyAnd(vec!["b".into()]);
+        let mut offered = Vec::new();
+        let got = s
+            .claim(2, &mixed, LONG_LEASE, |c: &[Candidate]| {
+                offered = c.iter().map(|c| c.id).collect();
+                vec![(a[0].id, w("any")), (bt.id, w("only-b"))]
+            })
+            .await
+            .expect("claim");
+        assert_eq!(offered, vec![a[0].id, a[1].id, bt.id], "{b}: in priority order, each once");
+        let got: BTreeSet<(TaskId, WorkerId)> =
+            got.iter().map(|a| (a.task_id, a.worker_id.clone())).collect();
+        assert_eq!(got, BTreeSet::from([(a[0].id, w("any")), (bt.id, w("only-b"))]), "{b}");
+        assert_eq!(get(s, a[1].id).await.state, TaskState::Pending, "{b}: offered, not placed");
+        assert_eq!(get(s, ct.id).await, ct, "{b}: the c task was not offered");
+
+        // A named type among the first of any type is offered once.
+        let mut offered = Vec::new();
+        let mixed = TypeFilter::AnyAnd(vec!["a".into(), "c".into()]);
+        s.claim(3, &mixed, LONG_LEASE, |c: &[Candidate]| {
+            offered = c.iter().map(|c| c.id).collect();
+            Vec::new()
+        })
+        .await
+        .expect("claim");
+        assert_eq!(offered, vec![a[1].id, a[2].id, a[3].id, ct.id], "{b}");
     }
 
     pub async fn claim_leaves_tasks_that_place_omits_pending(s: &Store) {

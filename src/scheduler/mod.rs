@@ -147,13 +147,14 @@ impl Scheduler {
         if free == 0 {
             return Ok(Pass::Done);
         }
-        let types = if offering.iter().any(|w| w.capabilities.is_empty()) {
-            TypeFilter::Any
-        } else {
-            let mut t: Vec<String> = offering.iter().flat_map(|w| w.capabilities.iter().cloned()).collect();
-            t.sort();
-            t.dedup();
-            TypeFilter::Only(t)
+        let mut specialized: Vec<String> =
+            offering.iter().flat_map(|w| w.capabilities.iter().cloned()).collect();
+        specialized.sort();
+        specialized.dedup();
+        let types = match (offering.iter().any(|w| w.capabilities.is_empty()), specialized.is_empty()) {
+            (true, true) => TypeFilter::Any,
+            (true, false) => TypeFilter::AnyAnd(specialized),
+            (false, _) => TypeFilter::Only(specialized),
         };
         let filter = ClaimFilter { types, shapes: Shapes::of(&workers) };
         let limit = free.min(self.config.batch_size);
@@ -207,7 +208,7 @@ impl Scheduler {
             give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await?;
             return Ok(Pass::Done);
         }
-        Ok(if claimed == limit && claimed > 0 { Pass::Full } else { Pass::Done })
+        Ok(if claimed >= limit && claimed > 0 { Pass::Full } else { Pass::Done })
     }
 }
 
@@ -282,7 +283,10 @@ mod tests {
     use crate::{
         domain::WorkerId,
         registry::RegistryConfig,
-        store::testing::{self, TestDb},
+        store::{
+            WorkerRegistration,
+            testing::{self, TestDb},
+        },
     };
 
     #[derive(Debug)]
@@ -359,6 +363,67 @@ mod tests {
         }
         store.close().await;
         db.cleanup().await;
+    }
+
+    /// A worker that takes any type and one that takes only `b`, one slot each; five `a` tasks
+    /// are older than the one `b`. One pass runs an `a` on the first and the `b` on the second:
+    /// the older `a` tasks do not fill the candidates and leave the `b` worker idle.
+    async fn a_pass_offers_a_specialized_worker_its_type_behind_older_tasks_of_others(db: TestDb) {
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        let mut streams = Vec::new();
+        for (id, caps) in [("any", vec![]), ("only-b", vec!["b".to_owned()])] {
+            let registration = WorkerRegistration { capabilities: caps, ..testing::registration(id, 1) };
+            registry.register(registration).await.expect("register");
+            streams.push(registry.attach(&WorkerId::from(id)).expect("attach").1);
+        }
+        let older: Vec<_> = (0..5).map(|_| testing::new_task("a")).collect();
+        db.store.create_tasks(&older).await.expect("submit");
+        let b = testing::new_task("b");
+        db.store.create_tasks(std::slice::from_ref(&b)).await.expect("submit");
+
+        let config = SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let stats = Arc::new(SchedulerStats::default());
+        let (store, events) = (db.store.clone(), Events::new());
+        let mut scheduler = Scheduler::new(
+            config,
+            store,
+            registry.clone(),
+            Wake::default(),
+            events,
+            Arc::new(NoEffects),
+            stats,
+        );
+        scheduler.pass().await.expect("pass");
+
+        let held = |id: &'static str| {
+            let store = db.store.clone();
+            async move {
+                let held = store.held_by(&WorkerId::from(id)).await.expect("held_by");
+                held.iter().map(|h| h.task_id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(held("any").await, vec![older[0].id], "the first task goes to the worker of any type");
+        assert_eq!(held("only-b").await, vec![b.id], "the b task goes to the b worker in the same pass");
+        drop(streams);
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_pass_offers_a_specialized_worker_its_type_behind_older_tasks_of_others_sqlite() {
+        a_pass_offers_a_specialized_worker_its_type_behind_older_tasks_of_others(TestDb::sqlite().await)
+            .await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_pass_offers_a_specialized_worker_its_type_behind_older_tasks_of_others_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_pass_offers_a_specialized_worker_its_type_behind_older_tasks_of_others(db).await;
     }
 
     #[tokio::test]

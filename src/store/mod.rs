@@ -410,11 +410,19 @@ pub struct Audit {
     pub accepted_twice: u64,
 }
 
-/// Which task types a claim may take.
+/// Which task types a claim may take, and so which candidates it reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TypeFilter {
+    /// Any type: the first `limit` by priority.
     Any,
+    /// These types only: up to `limit` of each, so older tasks of one type never fill the list
+    /// and hide the tasks of another that a free worker could run.
     Only(Vec<String>),
+    /// Any type, as [`TypeFilter::Any`], and beyond those up to `limit` of each of these types:
+    /// the free workers are of both kinds, some taking any type and some only these. The first
+    /// `limit` alone can be all of types the specialized workers do not take, and leave them
+    /// idle while their tasks wait behind.
+    AnyAnd(Vec<String>),
 }
 
 /// Which tasks a claim may take: their types, and, for tasks that require labels or weigh more

@@ -153,33 +153,39 @@ async fn allowances(tx: &mut sqlx::PgConnection, types: &[String]) -> Result<sto
 /// The candidates of a claim: `$1` the most of them (of each type, with `$3` the types), `$2`
 /// the worker shapes ([`FITS`]).
 pub(super) fn candidates_query(types: &TypeFilter) -> String {
-    match types {
-        TypeFilter::Any => format!(
-            "WITH {SATURATED}
+    let any = format!(
+        "SELECT {CANDIDATE_COLUMNS} FROM tasks t
+         WHERE t.status = 'pending' AND t.run_after <= now()
+           AND t.task_type NOT IN (SELECT task_type FROM saturated) AND {FITS}
+         ORDER BY t.priority DESC, t.id
+         LIMIT $1
+         FOR UPDATE OF t SKIP LOCKED"
+    );
+    // Up to `limit` candidates of each type, so older tasks of one type can never fill the list
+    // and hide the tasks another free worker could run.
+    let each = format!(
+        "SELECT c.* FROM (
+             SELECT name FROM unnest($3::text[]) AS ty(name)
+             WHERE name NOT IN (SELECT task_type FROM saturated)
+         ) AS ty,
+         LATERAL (
              SELECT {CANDIDATE_COLUMNS} FROM tasks t
-             WHERE t.status = 'pending' AND t.run_after <= now()
-               AND t.task_type NOT IN (SELECT task_type FROM saturated) AND {FITS}
+             WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
+               AND {FITS}
              ORDER BY t.priority DESC, t.id
              LIMIT $1
-             FOR UPDATE OF t SKIP LOCKED"
-        ),
-        // Up to `limit` candidates of each type, so older tasks of one type can never fill the
-        // list and hide the tasks another free worker could run.
-        TypeFilter::Only(_) => format!(
-            "WITH {SATURATED}
-             SELECT c.* FROM (
-                 SELECT name FROM unnest($3::text[]) AS ty(name)
-                 WHERE name NOT IN (SELECT task_type FROM saturated)
-             ) AS ty,
-             LATERAL (
-                 SELECT {CANDIDATE_COLUMNS} FROM tasks t
-                 WHERE t.status = 'pending' AND t.run_after <= now() AND t.task_type = ty.name
-                   AND {FITS}
-                 ORDER BY t.priority DESC, t.id
-                 LIMIT $1
-                 FOR UPDATE OF t SKIP LOCKED
-             ) AS c
-             ORDER BY c.priority DESC, c.id"
+             FOR UPDATE OF t SKIP LOCKED
+         ) AS c"
+    );
+    match types {
+        TypeFilter::Any => format!("WITH {SATURATED} {any}"),
+        TypeFilter::Only(_) => format!("WITH {SATURATED} {each} ORDER BY c.priority DESC, c.id"),
+        // A task among the first of any type and the first of its own is read (and locked, by
+        // this transaction both times) twice: the union keeps it once.
+        TypeFilter::AnyAnd(_) => format!(
+            "WITH {SATURATED}, top AS ({any}), each_type AS ({each})
+             SELECT * FROM top UNION SELECT * FROM each_type
+             ORDER BY priority DESC, id"
         ),
     }
 }
@@ -201,7 +207,9 @@ impl PgStore {
         let query = sqlx::query(sql).bind(i64::from(limit)).bind(shapes);
         let rows = match &filter.types {
             TypeFilter::Any => query.fetch_all(&mut *tx).await?,
-            TypeFilter::Only(types) => query.bind(types).fetch_all(&mut *tx).await?,
+            TypeFilter::Only(types) | TypeFilter::AnyAnd(types) => {
+                query.bind(types).fetch_all(&mut *tx).await?
+            }
         };
         let candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
         if candidates.is_empty() {

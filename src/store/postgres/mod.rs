@@ -240,13 +240,14 @@ mod tests {
             db.store.create_tasks(&batch).await.unwrap();
         }
         let mut tx = pg.pool().begin_with(claim::CLAIM_BEGIN).await.unwrap();
-        for types in [TypeFilter::Any, TypeFilter::Only(vec!["prove".into()])] {
+        let prove = vec!["prove".to_owned()];
+        for types in [TypeFilter::Any, TypeFilter::Only(prove.clone()), TypeFilter::AnyAnd(prove)] {
             let sql = format!("EXPLAIN {}", claim::candidates_query(&types));
             let query =
                 sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql)).bind(300i64).bind(None::<&str>);
             let query = match &types {
                 TypeFilter::Any => query,
-                TypeFilter::Only(t) => query.bind(t.clone()),
+                TypeFilter::Only(t) | TypeFilter::AnyAnd(t) => query.bind(t.clone()),
             };
             let plan = query.fetch_all(&mut *tx).await.unwrap().join("\n");
             assert!(!plan.contains("Seq Scan on tasks"), "candidates of {types:?} scan tasks:\n{plan}");

@@ -77,6 +77,9 @@ impl SqliteStore {
         let one_type: Vec<Option<&str>> = match &filter.types {
             TypeFilter::Any => vec![None],
             TypeFilter::Only(t) => t.iter().map(|t| Some(t.as_str())).collect(),
+            TypeFilter::AnyAnd(t) => {
+                std::iter::once(None).chain(t.iter().map(|t| Some(t.as_str()))).collect()
+            }
         };
         let saturated: Vec<&str> =
             allowances.iter().filter(|(_, left)| **left == 0).map(|(t, _)| t.as_str()).collect();
@@ -107,6 +110,8 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        // A task among the first of any type and the first of its own is read twice.
+        candidates.dedup_by_key(|c| c.id);
         let offered: std::collections::HashSet<&str> =
             candidates.iter().map(|c| c.task_type.as_str()).collect();
         let allowances: store::Allowances =
