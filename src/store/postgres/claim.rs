@@ -83,11 +83,12 @@ pub(super) const RENEW: &str =
 /// against that limit. Keyed by schema, as the pruner's lock.
 pub(super) const LIMITS_LOCK: i32 = 0x6c69_6d74;
 
-/// A claim's `BEGIN`, in one round trip: the limits lock (above), and no sequential scans, as
-/// [`super::BATCH_BEGIN`].
-pub(super) const CLAIM_BEGIN: &str = "BEGIN; \
-     SELECT pg_advisory_xact_lock_shared(1818848628, hashtext(current_schema())); \
-     SET LOCAL enable_seqscan = off; SET LOCAL jit = off; SET LOCAL plan_cache_mode = force_generic_plan";
+/// A claim's `BEGIN`, in one round trip: the limits lock (above) and the planner settings of
+/// [`super::BATCH_BEGIN`], in one statement.
+pub(super) const CLAIM_BEGIN: &str = concat!(
+    "BEGIN; SELECT pg_advisory_xact_lock_shared(1818848628, hashtext(current_schema())), ",
+    super::batch_settings!()
+);
 
 /// Types at their concurrency limit: their tasks are no candidates. A hint read without locks;
 /// the limit itself is held under the limit's row lock (see [`allowances`]).
