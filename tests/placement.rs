@@ -189,6 +189,41 @@ async fn a_type_limit_holds_in_the_claim_whatever_placement_decides(db: &TestDb)
     assert!(limits.is_empty(), "{limits:?}");
 }
 
+on_every_backend!(a_claim_for_a_mixed_fleet_offers_only_what_its_limits_and_shapes_allow);
+/// A claim for a worker of any type and a worker of `licensed` and `gpu` only (labelled
+/// `gpu=a10`): the first of any type and the first of each of those types, and from neither a
+/// task of a type at its limit nor one that no free worker fits.
+async fn a_claim_for_a_mixed_fleet_offers_only_what_its_limits_and_shapes_allow(db: &TestDb) {
+    let s = &db.store;
+    s.set_type_limit("licensed", Some(1)).await.unwrap();
+    s.create_tasks(&[task("licensed")]).await.unwrap();
+    let (got, _) = claim_all(s, "w1").await;
+    assert_eq!(got.len(), 1, "{got:?}");
+
+    let licensed: Vec<NewTask> = (0..3).map(|_| task("licensed")).collect();
+    let unfit: Vec<NewTask> = (0..3).map(|_| needing("gpu", &["gpu=h100"], 1)).collect();
+    let fit: Vec<NewTask> = (0..2).map(|_| needing("gpu", &["gpu=a10"], 1)).collect();
+    let plain: Vec<NewTask> = (0..2).map(|_| task("plain")).collect();
+    for batch in [&licensed, &unfit, &fit, &plain] {
+        s.create_tasks(batch).await.unwrap();
+    }
+    let workers = [slot(&[], &[], 1), slot(&["licensed", "gpu"], &[("gpu", "a10")], 1)];
+    let filter = ClaimFilter {
+        types: TypeFilter::AnyAnd(vec!["gpu".into(), "licensed".into()]),
+        shapes: Some(Shapes::of(&workers).unwrap()),
+    };
+    let mut seen = Vec::new();
+    s.claim_fenced(3, &filter, LEASE, |c: &[Candidate], _: &Allowances| {
+        seen = c.iter().map(|c| c.id).collect();
+        Placement::default()
+    })
+    .await
+    .unwrap();
+    // The first 3 of any type the fleet can take: the two a10 tasks and the first plain one.
+    let expected = ids(&[fit, plain[..1].to_vec()].concat());
+    assert_eq!(sorted(seen), expected, "no licensed task (at its limit), no h100 task (no worker fits)");
+}
+
 on_every_backend!(configured_limits_are_written_at_startup_and_an_admins_stay);
 /// The configuration's limits are written (and dropped when no longer configured); an admin's
 /// limit of a type wins over the configuration's until cleared.
