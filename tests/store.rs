@@ -2160,6 +2160,18 @@ mod cases {
             (4, 3, 1),
             "{b}"
         );
+        // Listed as they are read one by one, and a job without tasks lists with none.
+        let (empty, _) = s.create_job("empty", Vec::new()).await.expect("create_job");
+        let listed = s.list_jobs(None, 10).await.expect("list_jobs");
+        let summary = |id| {
+            let j = listed.iter().find(|j| j.id == id).expect("listed");
+            (j.total, j.count(TaskState::Completed), j.count(TaskState::Pending))
+        };
+        assert_eq!(
+            [summary(first.id), summary(again.id), summary(mixed.id), summary(empty.id)],
+            [(2, 2, 0), (2, 2, 0), (4, 3, 1), (0, 0, 0)],
+            "{b}"
+        );
     }
 
     pub async fn list_tasks_filters_and_pages_in_id_order(s: &Store) {

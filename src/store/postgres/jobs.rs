@@ -12,22 +12,22 @@ use crate::{
     },
 };
 
+/// A page of jobs, newest first, with their tasks counted by state.
+pub(super) const LIST_JOBS: &str = concat!(
+    "WITH page AS (
+         SELECT id, name, total, created_at FROM jobs
+         WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
+     )",
+    sql::page_counts!()
+);
+
 impl PgStore {
     pub(in crate::store) async fn list_jobs(&self, before: Option<JobId>, limit: u32) -> Result<Vec<Job>> {
-        let rows = sqlx::query(
-            "WITH page AS (
-                 SELECT id, name, total, created_at FROM jobs
-                 WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
-             )
-             SELECT p.id, p.name, p.total, p.created_at, t.status, count(t.id) AS n
-             FROM page p LEFT JOIN job_members jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
-             GROUP BY p.id, p.name, p.total, p.created_at, t.status
-             ORDER BY p.id DESC",
-        )
-        .bind(before.map(|j| j.0))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(LIST_JOBS)
+            .bind(before.map(|j| j.0))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         decode::jobs(&rows)
     }
 

@@ -207,7 +207,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::TaskState,
-        store::{Store, TypeFilter, testing},
+        store::{Store, TypeFilter, sql, testing},
     };
 
     /// The hot path's batch statements find their tasks by key or row even on a table that was
@@ -466,6 +466,39 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(holding(id).await, ["tasks_completed_by", "tasks_finished", "tasks_pkey"], "completed");
+        db.cleanup().await;
+    }
+
+    /// A job's counts, its tasks and a page of jobs read each member task once (through the
+    /// `job_members` view a member was read twice: by the view, then again by its id). Counted
+    /// from the table's statistics of the reading transaction, with 5,000 tasks of another job
+    /// beside the 200 of this one.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn job_reads_read_each_member_task_once() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let other: Vec<_> = (0..5000).map(|_| testing::new_task("prove")).collect();
+        db.store.create_job("other", other).await.unwrap();
+        let tasks: Vec<_> = (0..200).map(|_| testing::new_task("prove")).collect();
+        let (job, _) = db.store.create_job("j", tasks).await.unwrap();
+        sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
+        let read =
+            "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
+                    WHERE relid = 'tasks'::regclass";
+        for (name, sql) in [("counts", sql::JOB_COUNTS), ("tasks", sql::JOB_TASKS), ("page", jobs::LIST_JOBS)]
+        {
+            let mut tx = pg.pool().begin().await.unwrap();
+            let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            // A page of one job: the newest, this one.
+            let query =
+                if name == "page" { query.bind(None::<Uuid>).bind(1i64) } else { query.bind(job.id.0) };
+            query.fetch_all(&mut *tx).await.unwrap();
+            let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+            tx.rollback().await.unwrap();
+            assert_eq!(after - before, 200, "{name}: task rows read for 200 members");
+        }
         db.cleanup().await;
     }
 

@@ -14,16 +14,13 @@ use crate::{
 
 impl SqliteStore {
     pub(in crate::store) async fn list_jobs(&self, before: Option<JobId>, limit: u32) -> Result<Vec<Job>> {
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "WITH page AS (
                  SELECT id, name, total, created_at FROM jobs
                  WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
-             )
-             SELECT p.id, p.name, p.total, p.created_at, t.status, count(t.id) AS n
-             FROM page p LEFT JOIN job_members jt ON jt.job_id = p.id LEFT JOIN tasks t ON t.id = jt.task_id
-             GROUP BY p.id, p.name, p.total, p.created_at, t.status
-             ORDER BY p.id DESC",
-        )
+             )",
+            sql::page_counts!()
+        ))
         .bind(before.map(|j| j.to_string()))
         .bind(i64::from(limit))
         .fetch_all(&self.reader)
