@@ -386,7 +386,7 @@ mod tests {
         ] {
             let prepare = format!(
                 "PREPARE listing (text, uuid, text, uuid, bigint) AS {}",
-                read::list_tasks_query(Some(state))
+                read::list_tasks_query(Some(state), false)
             );
             sqlx::raw_sql(sqlx::AssertSqlSafe(prepare)).execute(&mut *conn).await.unwrap();
             let plan: Vec<String> =
@@ -470,34 +470,48 @@ mod tests {
     }
 
     /// A job's counts, its tasks and a page of jobs read each member task once (through the
-    /// `job_members` view a member was read twice: by the view, then again by its id). Counted
-    /// from the table's statistics of the reading transaction, with 5,000 tasks of another job
-    /// beside the 200 of this one.
+    /// `job_members` view a member was read twice: by the view, then again by its id), and a
+    /// listing by job reads the job's tasks, not every older task on the way to them. Counted
+    /// from the table's statistics of the reading transaction, with 25 older jobs of 200 tasks
+    /// beside this one.
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn job_reads_read_each_member_task_once() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        let other: Vec<_> = (0..5000).map(|_| testing::new_task("prove")).collect();
-        db.store.create_job("other", other).await.unwrap();
+        for _ in 0..25 {
+            let older: Vec<_> = (0..200).map(|_| testing::new_task("prove")).collect();
+            db.store.create_job("older", older).await.unwrap();
+        }
         let tasks: Vec<_> = (0..200).map(|_| testing::new_task("prove")).collect();
         let (job, _) = db.store.create_job("j", tasks).await.unwrap();
         sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
         let read =
             "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
                     WHERE relid = 'tasks'::regclass";
-        for (name, sql) in [("counts", sql::JOB_COUNTS), ("tasks", sql::JOB_TASKS), ("page", jobs::LIST_JOBS)]
-        {
+        let list = read::list_tasks_query(None, true);
+        // Listing reads the members' ids, then their rows (to order them and take a page).
+        for (name, sql, rows) in [
+            ("counts", sql::JOB_COUNTS, 200),
+            ("tasks", sql::JOB_TASKS, 200),
+            ("page", jobs::LIST_JOBS, 200),
+            ("listing", list.as_str(), 400),
+        ] {
             let mut tx = pg.pool().begin().await.unwrap();
             let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
             let query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            // A page of one job: the newest, this one.
-            let query =
-                if name == "page" { query.bind(None::<Uuid>).bind(1i64) } else { query.bind(job.id.0) };
+            let query = match name {
+                // A page of one job: the newest, this one.
+                "page" => query.bind(None::<Uuid>).bind(1i64),
+                "listing" => {
+                    query.bind(None::<&str>).bind(job.id.0).bind(None::<&str>).bind(None::<Uuid>).bind(100i64)
+                }
+                _ => query.bind(job.id.0),
+            };
             query.fetch_all(&mut *tx).await.unwrap();
             let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
             tx.rollback().await.unwrap();
-            assert_eq!(after - before, 200, "{name}: task rows read for 200 members");
+            assert_eq!(after - before, rows, "{name}: task rows read for 200 members");
         }
         db.cleanup().await;
     }

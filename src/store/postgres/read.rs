@@ -33,7 +33,7 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn list_tasks(&self, f: &TaskFilter) -> Result<Vec<Task>> {
-        let sql = list_tasks_query(f.state);
+        let sql = list_tasks_query(f.state, f.job_id.is_some());
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(f.task_type.as_deref())
             .bind(f.job_id.map(|j| j.0))
@@ -158,24 +158,42 @@ impl PgStore {
 
 /// Tasks by filter, in id order from `$4`: `$1` type, `$2` job, `$3` worker, `$5` the most. The
 /// state is part of the statement's text, so that even a generic plan uses the index of that
-/// state; the other absent filters are passed as NULL.
-pub(super) fn list_tasks_query(state: Option<TaskState>) -> String {
-    let from = match state {
-        None => "tasks".to_owned(),
+/// state; the other absent filters are passed as NULL. With a job (`by_job`) the tasks are
+/// read from the job's members, then ordered: walking every task in id order to find them
+/// reads all the tasks older than the job's before its first page.
+pub(super) fn list_tasks_query(state: Option<TaskState>, by_job: bool) -> String {
+    let from = match (state, by_job) {
+        // Each task once, also one a submission named twice (by the same idempotency key), and
+        // each found by its id (`OFFSET 0`: never joined against a scan of every task).
+        (_, true) => "(SELECT t.* FROM (
+             SELECT DISTINCT id FROM (
+                 SELECT id FROM tasks WHERE job_id = $2 AND job_position IS NOT NULL
+                 UNION ALL
+                 SELECT task_id FROM job_tasks WHERE job_id = $2
+             ) AS ids
+         ) AS m, LATERAL (SELECT * FROM tasks t WHERE t.id = m.id OFFSET 0) AS t) AS members"
+            .to_owned(),
+        (None, false) => "tasks".to_owned(),
         // Tasks out on workers are found by tasks_worker: all of them (as many as the fleet has
         // slots), then ordered, rather than walking every task in id order.
-        Some(s @ (TaskState::Assigned | TaskState::Running)) => format!(
+        (Some(s @ (TaskState::Assigned | TaskState::Running)), false) => format!(
             "(SELECT * FROM tasks WHERE status IN ('assigned', 'running') OFFSET 0) AS live
              WHERE status = '{}'",
             s.as_str()
         ),
-        Some(s) => format!("tasks WHERE status = '{}'", s.as_str()),
+        (Some(s), false) => format!("tasks WHERE status = '{}'", s.as_str()),
     };
-    let filter = if state.is_some() { "AND" } else { "WHERE" };
+    let (from, filter) = match (state, by_job) {
+        (Some(s), true) => (format!("{from} WHERE status = '{}'", s.as_str()), "AND"),
+        (None, true) | (None, false) => (from, "WHERE"),
+        (Some(_), false) => (from, "AND"),
+    };
+    // Without a job `$2` is NULL; with one, the members above are the job's.
+    let job = if by_job { "$2::uuid IS NOT NULL" } else { "$2::uuid IS NULL" };
     format!(
         "SELECT {TASK_COLUMNS} FROM {from}
          {filter} ($1::text IS NULL OR task_type = $1)
-           AND ($2::uuid IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $2))
+           AND {job}
            AND ($3::text IS NULL OR worker_id = $3)
            AND id > COALESCE($4::uuid, '00000000-0000-0000-0000-000000000000')
          ORDER BY id LIMIT $5"
