@@ -147,10 +147,12 @@ impl Scheduler {
         if free == 0 {
             return Ok(Pass::Done);
         }
-        let mut specialized: Vec<String> =
-            offering.iter().flat_map(|w| w.capabilities.iter().cloned()).collect();
-        specialized.sort();
+        // The distinct types of the workers that take only some, copied once each (a fleet has
+        // many workers and few types).
+        let mut specialized: Vec<&String> = offering.iter().flat_map(|w| w.capabilities.iter()).collect();
+        specialized.sort_unstable();
         specialized.dedup();
+        let specialized: Vec<String> = specialized.into_iter().cloned().collect();
         let types = match (offering.iter().any(|w| w.capabilities.is_empty()), specialized.is_empty()) {
             (true, true) => TypeFilter::Any,
             (true, false) => TypeFilter::AnyAnd(specialized),
