@@ -162,17 +162,13 @@ impl PgStore {
 /// read from the job's members, then ordered: walking every task in id order to find them
 /// reads all the tasks older than the job's before its first page.
 pub(super) fn list_tasks_query(state: Option<TaskState>, by_job: bool) -> String {
+    // Each member once (a submission may name a task twice, by the same idempotency key), each
+    // found by its id (`OFFSET 0`: never joined against a scan of every task).
+    let members = "(SELECT t.* FROM (SELECT DISTINCT task_id FROM job_members WHERE job_id = $2) AS m,
+         LATERAL (SELECT * FROM tasks t WHERE t.id = m.task_id OFFSET 0) AS t) AS members";
     let from = match (state, by_job) {
-        // Each task once, also one a submission named twice (by the same idempotency key), and
-        // each found by its id (`OFFSET 0`: never joined against a scan of every task).
-        (_, true) => "(SELECT t.* FROM (
-             SELECT DISTINCT id FROM (
-                 SELECT id FROM tasks WHERE job_id = $2 AND job_position IS NOT NULL
-                 UNION ALL
-                 SELECT task_id FROM job_tasks WHERE job_id = $2
-             ) AS ids
-         ) AS m, LATERAL (SELECT * FROM tasks t WHERE t.id = m.id OFFSET 0) AS t) AS members"
-            .to_owned(),
+        (None, true) => members.to_owned(),
+        (Some(s), true) => format!("{members} WHERE status = '{}'", s.as_str()),
         (None, false) => "tasks".to_owned(),
         // Tasks out on workers are found by tasks_worker: all of them (as many as the fleet has
         // slots), then ordered, rather than walking every task in id order.
@@ -183,11 +179,7 @@ pub(super) fn list_tasks_query(state: Option<TaskState>, by_job: bool) -> String
         ),
         (Some(s), false) => format!("tasks WHERE status = '{}'", s.as_str()),
     };
-    let (from, filter) = match (state, by_job) {
-        (Some(s), true) => (format!("{from} WHERE status = '{}'", s.as_str()), "AND"),
-        (None, true) | (None, false) => (from, "WHERE"),
-        (Some(_), false) => (from, "AND"),
-    };
+    let filter = if state.is_some() { "AND" } else { "WHERE" };
     // Without a job `$2` is NULL; with one, the members above are the job's.
     let job = if by_job { "$2::uuid IS NOT NULL" } else { "$2::uuid IS NULL" };
     format!(
