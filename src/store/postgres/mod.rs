@@ -210,6 +210,14 @@ mod tests {
         store::{Store, TypeFilter, sql, testing},
     };
 
+    /// Submits `n` pending tasks of type `prove`, in batches of at most 1,000.
+    async fn prove_tasks(store: &Store, n: usize) {
+        for start in (0..n).step_by(1000) {
+            let batch: Vec<_> = (start..n.min(start + 1000)).map(|_| testing::new_task("prove")).collect();
+            store.create_tasks(&batch).await.unwrap();
+        }
+    }
+
     /// The hot path's batch statements find their tasks by key or row even on a table that was
     /// never analyzed (a new database under its first load, or autovacuum off), never through a
     /// partial index on the status: without statistics that index looks like a few rows, and it
@@ -219,10 +227,7 @@ mod tests {
     async fn batch_statements_never_read_a_whole_state_before_any_analyze() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        for _ in 0..10 {
-            let batch: Vec<_> = (0..1000).map(|_| testing::new_task("prove")).collect();
-            db.store.create_tasks(&batch).await.unwrap();
-        }
+        prove_tasks(&db.store, 10_000).await;
         let rows: Vec<(Uuid, String)> =
             sqlx::query_as("SELECT id, ctid::text FROM tasks LIMIT 50").fetch_all(pg.pool()).await.unwrap();
         let plans = batch_plans(pg, rows).await;
@@ -248,17 +253,13 @@ mod tests {
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
         // The statistics stay those of the quiet moment for the whole test.
         sqlx::query("ALTER TABLE tasks SET (autovacuum_enabled = off)").execute(pg.pool()).await.unwrap();
-        let quiet: Vec<_> = (0..200).map(|_| testing::new_task("prove")).collect();
-        db.store.create_tasks(&quiet).await.unwrap();
+        prove_tasks(&db.store, 200).await;
         sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
             .execute(pg.pool())
             .await
             .unwrap();
         sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
-        for _ in 0..10 {
-            let batch: Vec<_> = (0..1000).map(|_| testing::new_task("prove")).collect();
-            db.store.create_tasks(&batch).await.unwrap();
-        }
+        prove_tasks(&db.store, 10_000).await;
         let mut tx = pg.pool().begin_with(claim::CLAIM_BEGIN).await.unwrap();
         let prove = vec!["prove".to_owned()];
         for types in [TypeFilter::Any, TypeFilter::Only(prove.clone()), TypeFilter::AnyAnd(prove)] {
@@ -360,14 +361,12 @@ mod tests {
     async fn listing_by_state_reads_the_index_of_that_state_under_a_generic_plan() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        let finished: Vec<_> = (0..2000).map(|_| testing::new_task("prove")).collect();
-        db.store.create_tasks(&finished).await.unwrap();
+        prove_tasks(&db.store, 2000).await;
         sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
             .execute(pg.pool())
             .await
             .unwrap();
-        let live: Vec<_> = (0..20).map(|_| testing::new_task("prove")).collect();
-        db.store.create_tasks(&live).await.unwrap();
+        prove_tasks(&db.store, 20).await;
         let worker = crate::domain::WorkerId("w1".into());
         db.store
             .claim(5, &TypeFilter::Any, Duration::from_secs(60), |c| {
@@ -526,8 +525,7 @@ mod tests {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
         sqlx::query("ALTER TABLE tasks SET (autovacuum_enabled = off)").execute(pg.pool()).await.unwrap();
-        let few: Vec<_> = (0..3).map(|_| testing::new_task("prove")).collect();
-        db.store.create_tasks(&few).await.unwrap();
+        prove_tasks(&db.store, 3).await;
         sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
         let statements = [
             ("claim", claim::CLAIM_BEGIN, claim::CLAIM_ASSIGN, "('{}', '{}', 60000, '{}', '{}')"),
@@ -540,10 +538,7 @@ mod tests {
             let run = format!("{begin}; PREPARE {name} AS {sql}; EXECUTE {name} {args}; COMMIT");
             sqlx::raw_sql(sqlx::AssertSqlSafe(run)).execute(&mut *conn).await.unwrap();
         }
-        for _ in 0..10 {
-            let batch: Vec<_> = (0..1000).map(|_| testing::new_task("prove")).collect();
-            db.store.create_tasks(&batch).await.unwrap();
-        }
+        prove_tasks(&db.store, 10_000).await;
         for (name, begin, _, args) in statements {
             sqlx::raw_sql(sqlx::AssertSqlSafe(begin)).execute(&mut *conn).await.unwrap();
             let explain = format!("EXPLAIN EXECUTE {name} {args}");
