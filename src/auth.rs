@@ -224,8 +224,8 @@ pub fn grpc_access(path: &str) -> Access {
         "grpc.health.v1.Health" => Access::Open,
         "grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection" => Access::AnyRole,
         "coordinator.CoordinatorService" => match method {
-            "RegisterWorker" | "SendHeartbeat" | "ReceiveTasks" | "ReportCompletion" | "ReportFailure"
-            | "Deregister" => Access::Role(Role::Worker),
+            "RegisterWorker" | "SendHeartbeat" | "ReceiveTasks" | "ReportCompletion"
+            | "ReportCompletions" | "ReportFailure" | "Deregister" => Access::Role(Role::Worker),
             "SubmitTask" | "SubmitTasks" | "GetTask" | "ListTasks" | "CancelTask" | "WatchTask"
             | "SubmitJob" | "GetJob" | "ListJobs" | "CancelJob" | "WatchJob" | "GetFailureSummary"
             | "ListSchedules" => Access::Role(Role::Client),

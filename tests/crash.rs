@@ -123,22 +123,7 @@ async fn kill_restart_and_drain(db: &TestDb) {
     const N: usize = 60;
     let mut client = client(&endpoint).await;
     wait_connected(&client, &["crash-w0", "crash-w1", "crash-w2"]).await;
-    let tasks = (0..N)
-        .map(|i| proto::SubmitTaskRequest {
-            task_type: "prove".into(),
-            payload: format!("block-{i}").into_bytes(),
-            ..Default::default()
-        })
-        .collect();
-    let ids: Vec<String> = client
-        .submit_tasks(proto::SubmitTasksRequest { tasks })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| r.task_id)
-        .collect();
+    let ids = submit_batch(&mut client, "prove", N, |i| format!("block-{i}").into_bytes()).await;
 
     // Kill it without warning part-way through.
     wait_until("a quarter of the tasks completed", Duration::from_secs(30), || async {

@@ -83,22 +83,7 @@ async fn three_workers_share_work_within_capacity_exactly_once(db: &TestDb) {
     }
     wait_connected(&client, &ids).await;
     const N: usize = 31;
-    let tasks = (0..N)
-        .map(|i| proto::SubmitTaskRequest {
-            task_type: "prove".into(),
-            payload: vec![i as u8],
-            ..Default::default()
-        })
-        .collect();
-    let submitted: Vec<String> = client
-        .submit_tasks(proto::SubmitTasksRequest { tasks })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| r.task_id)
-        .collect();
+    let submitted = submit_batch(&mut client, "prove", N, |i| vec![i as u8]).await;
     let mut per_worker: HashMap<String, usize> = HashMap::new();
     let mut seen = HashSet::new();
     let mut done = 0;
@@ -281,6 +266,89 @@ async fn reports_are_fenced_by_worker_and_attempt(db: &TestDb) {
     let task = get_task(&mut client, &id).await;
     assert_eq!(task.result, b"result");
     assert_completed_exactly_once(db, &[id]).await;
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are);
+async fn a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "batch-a", 3, &[]).await;
+    let mut other = RawWorker::connect(&c.endpoint(), "batch-b", 1, &["nothing-matches"]).await;
+    wait_connected(&client, &["batch-a"]).await;
+    let mut held = Vec::new();
+    for i in 0..3 {
+        submit(&mut client, "noop", &[i]).await;
+        let a = w.next(T).await;
+        held.push((a.task_id, a.attempt));
+    }
+    let entry = |(id, attempt): &(String, u32), result: &[u8]| proto::CompletionEntry {
+        task_id: id.clone(),
+        attempt: *attempt,
+        result: result.to_vec(),
+        held_ms: 5,
+        traceparent: String::new(),
+    };
+    let report = |worker: &mut RawWorker, completions: Vec<proto::CompletionEntry>| {
+        let (mut c, worker_id) = (worker.client.clone(), worker.id.clone());
+        async move {
+            c.report_completions(proto::ReportCompletionsRequest { worker_id, completions })
+                .await
+                .map(|r| r.into_inner().verdicts)
+        }
+    };
+    let codes = |verdicts: &[proto::CompletionVerdict]| {
+        verdicts.iter().map(|v| (Code::from_i32(v.code), v.duplicate)).collect::<Vec<_>>()
+    };
+
+    // Another worker's batch changes nothing.
+    let stolen = report(&mut other, held.iter().map(|h| entry(h, b"stolen")).collect()).await.unwrap();
+    assert_eq!(codes(&stolen), [(Code::FailedPrecondition, false); 3]);
+    assert!(stolen[0].message.contains("is not held by worker batch-b"), "{}", stolen[0].message);
+
+    let (t0, t1, t2) = (&held[0], &held[1], &held[2]);
+    let verdicts = report(
+        &mut w,
+        vec![
+            entry(t0, b"r0"),
+            // The same result twice in one call: one is accepted, the other is its duplicate.
+            entry(t1, b"r1"),
+            entry(t1, b"r1"),
+            entry(&(t2.0.clone(), t2.1 + 1), b"future"),
+            entry(&(TaskId::new().to_string(), 1), b"?"),
+            entry(&("not-a-uuid".into(), 1), b"?"),
+        ],
+    )
+    .await
+    .unwrap();
+    let got = codes(&verdicts);
+    assert_eq!(got[0], (Code::Ok, false));
+    let mut twice = [got[1], got[2]];
+    twice.sort_by_key(|(_, duplicate)| *duplicate);
+    assert_eq!(twice, [(Code::Ok, false), (Code::Ok, true)], "{verdicts:?}");
+    assert_eq!(
+        &got[3..],
+        [(Code::FailedPrecondition, false), (Code::NotFound, false), (Code::InvalidArgument, false)]
+    );
+    assert!(verdicts[..3].iter().all(|v| v.status == proto::TaskStatus::Completed as i32));
+    assert!(verdicts[5].message.contains("task_id"), "{}", verdicts[5].message);
+
+    // The rest: the one left, and repeats of the two accepted.
+    let verdicts = report(&mut w, vec![entry(t2, b"r2"), entry(t0, b"r0"), entry(t1, b"r1")]).await.unwrap();
+    assert_eq!(codes(&verdicts), [(Code::Ok, false), (Code::Ok, true), (Code::Ok, true)]);
+    // Nothing to report is not an error.
+    assert!(report(&mut w, vec![]).await.unwrap().is_empty());
+    // Over the limit, the call is refused as a whole and changes nothing.
+    let many = (0..1001).map(|_| entry(t0, b"r0")).collect();
+    let e = report(&mut w, many).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("at most 1000"), "{}", e.message());
+
+    for ((id, _), result) in held.iter().zip([b"r0", b"r1", b"r2"]) {
+        assert_eq!(get_task(&mut client, id).await.result, result);
+    }
+    let ids: Vec<String> = held.into_iter().map(|(id, _)| id).collect();
+    assert_completed_exactly_once(db, &ids).await;
     c.stop().await.unwrap();
 }
 

@@ -267,6 +267,17 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
         })
         .await
         .map(|_| ()),
+        w.report_completions(proto::ReportCompletionsRequest {
+            worker_id: b.clone(),
+            completions: vec![proto::CompletionEntry {
+                task_id: id.clone(),
+                attempt: assignment.attempt,
+                result: b"stolen".to_vec(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .map(|_| ()),
         w.report_failure(proto::ReportFailureRequest {
             worker_id: b.clone(),
             task_id: id.clone(),
@@ -417,12 +428,13 @@ fn req<T>(msg: T, who: As) -> tonic::Request<T> {
 }
 
 /// Every method of the service, with a message that passes validation where it can.
-const METHODS: [(&str, Role); 28] = [
+const METHODS: [(&str, Role); 29] = [
     ("RegisterWorker", Role::Worker),
     ("SendHeartbeat", Role::Worker),
     ("ReceiveTasks", Role::Worker),
     ("ReportCompletion", Role::Worker),
     ("ReportFailure", Role::Worker),
+    ("ReportCompletions", Role::Worker),
     ("Deregister", Role::Worker),
     ("SubmitTask", Role::Client),
     ("SubmitTasks", Role::Client),
@@ -480,6 +492,20 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
                     attempt: 1,
                     result: vec![],
                     held_ms: 0,
+                },
+                who,
+            ))
+            .await
+            .map(|_| ()),
+        "ReportCompletions" => c
+            .report_completions(req(
+                proto::ReportCompletionsRequest {
+                    worker_id: wid(),
+                    completions: vec![proto::CompletionEntry {
+                        task_id: tid(),
+                        attempt: 1,
+                        ..Default::default()
+                    }],
                 },
                 who,
             ))

@@ -850,6 +850,37 @@ impl From<Accepted> for proto::ReportResponse {
     }
 }
 
+/// Entries one `ReportCompletions` call may carry.
+pub const MAX_REPORTS: usize = 1_000;
+
+pub fn report_count(n: usize) -> Result<(), CoreError> {
+    if n > MAX_REPORTS {
+        return Err(invalid("completions", format!("must hold at most {MAX_REPORTS} entries")));
+    }
+    Ok(())
+}
+
+/// One entry's answer, as `ReportCompletion` would have answered it alone.
+pub fn completion_verdict(r: Result<Accepted, CoreError>) -> proto::CompletionVerdict {
+    match r {
+        Ok(a) => proto::CompletionVerdict {
+            code: tonic::Code::Ok as i32,
+            message: String::new(),
+            duplicate: a.duplicate,
+            status: task_state(a.state) as i32,
+        },
+        Err(e) => {
+            let s = tonic::Status::from(e);
+            proto::CompletionVerdict {
+                code: s.code() as i32,
+                message: s.message().to_owned(),
+                duplicate: false,
+                status: proto::TaskStatus::Unspecified as i32,
+            }
+        }
+    }
+}
+
 pub fn failure_summary(
     since: DateTime<Utc>,
     until: DateTime<Utc>,

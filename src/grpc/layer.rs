@@ -136,6 +136,7 @@ const METHODS: &[(&str, &str, &str)] = &[
     (COORDINATOR, "ReceiveTasks", SERVER_STREAM),
     (COORDINATOR, "ReportCompletion", UNARY),
     (COORDINATOR, "ReportFailure", UNARY),
+    (COORDINATOR, "ReportCompletions", UNARY),
     (COORDINATOR, "Deregister", UNARY),
     (COORDINATOR, "SubmitTask", UNARY),
     (COORDINATOR, "SubmitTasks", UNARY),

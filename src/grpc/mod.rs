@@ -76,6 +76,13 @@ impl CoordinatorService for Service {
         worker_api::report_completion(&self.core, request).await
     }
 
+    async fn report_completions(
+        &self,
+        request: Request<proto::ReportCompletionsRequest>,
+    ) -> Result<Response<proto::ReportCompletionsResponse>, Status> {
+        worker_api::report_completions(&self.core, request).await
+    }
+
     async fn report_failure(
         &self,
         request: Request<proto::ReportFailureRequest>,

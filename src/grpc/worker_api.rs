@@ -4,6 +4,7 @@
 
 use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use super::{BoxStream, auth, convert, serve::ConnectionDraining};
 use crate::{core::Core, proto};
@@ -67,6 +68,44 @@ pub async fn report_completion(
     let held = convert::held(&req.worker_id, &req.task_id, req.attempt)?;
     let accepted = core.complete(held, req.result, req.held_ms).await?;
     Ok(Response::new(accepted.into()))
+}
+
+/// Each entry as [`report_completion`] would answer it alone, all at once: the store's
+/// completion batcher takes them together.
+pub async fn report_completions(
+    core: &Core,
+    request: Request<proto::ReportCompletionsRequest>,
+) -> Result<Response<proto::ReportCompletionsResponse>, Status> {
+    auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
+    let req = request.into_inner();
+    convert::report_count(req.completions.len())?;
+    let worker = req.worker_id;
+    let verdicts = req.completions.into_iter().map(|c| {
+        let span = entry_span(&c.traceparent);
+        let worker = &worker;
+        async move {
+            let held = convert::held(worker, &c.task_id, c.attempt)?;
+            core.complete(held, c.result, c.held_ms).await
+        }
+        .instrument(span)
+    });
+    let verdicts = futures::future::join_all(verdicts).await;
+    Ok(Response::new(proto::ReportCompletionsResponse {
+        verdicts: verdicts.into_iter().map(convert::completion_verdict).collect(),
+    }))
+}
+
+/// The span of one entry of a [`report_completions`] call: a child of the worker's report
+/// when the entry carries its context, otherwise none (the call's own span covers it).
+fn entry_span(traceparent: &str) -> tracing::Span {
+    match crate::telemetry::parse_traceparent(traceparent) {
+        Some(parent) => {
+            let span = tracing::info_span!("report_completion", otel.kind = "server");
+            crate::telemetry::set_remote_parent(&span, parent);
+            span
+        }
+        None => tracing::Span::none(),
+    }
 }
 
 pub async fn report_failure(

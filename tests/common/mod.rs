@@ -471,6 +471,31 @@ pub async fn submit(client: &mut Client, task_type: &str, payload: &[u8]) -> Str
         .task_id
 }
 
+/// Submits `n` tasks of `task_type` in one batch, the i-th with `payload(i)`; their ids, in order.
+pub async fn submit_batch(
+    client: &mut Client,
+    task_type: &str,
+    n: usize,
+    payload: impl Fn(usize) -> Vec<u8>,
+) -> Vec<String> {
+    let tasks = (0..n)
+        .map(|i| proto::SubmitTaskRequest {
+            task_type: task_type.into(),
+            payload: payload(i),
+            ..Default::default()
+        })
+        .collect();
+    client
+        .submit_tasks(proto::SubmitTasksRequest { tasks })
+        .await
+        .expect("submit a batch")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.task_id)
+        .collect()
+}
+
 pub async fn get_task(client: &mut Client, id: &str) -> proto::Task {
     client
         .get_task(proto::GetTaskRequest { task_id: id.into(), ..Default::default() })
