@@ -401,11 +401,11 @@ async fn observe(db: &TestDb, backend: &str) {
     wait_connected(&client, &[worker_id.as_str()]).await;
     let n = 7;
     let mut ids = Vec::new();
+    // One at a time: each result goes alone, as `ReportCompletion` (results that finish while
+    // another is on its way would go together, in one `ReportCompletions`).
     for i in 0..n {
         let payload = if i == 0 { b"fail".to_vec() } else { format!("{i}").into_bytes() };
-        ids.push(submit(&mut client, "echo", &payload).await);
-    }
-    for id in &ids {
+        let id = submit(&mut client, "echo", &payload).await;
         wait_until("the task finishes", Duration::from_secs(20), || {
             let (id, mut client) = (id.clone(), client.clone());
             async move {
@@ -416,6 +416,7 @@ async fn observe(db: &TestDb, backend: &str) {
             }
         })
         .await;
+        ids.push(id);
     }
     // A task nobody runs, a refused call, a REST call, and a stream watched to its end.
     let unschedulable = format!("nobody-runs-{backend}");

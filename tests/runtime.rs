@@ -352,6 +352,64 @@ async fn a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are(db: &
     c.stop().await.unwrap();
 }
 
+on_every_backend!(results_that_finish_together_go_in_one_call_each_accepted_once);
+async fn results_that_finish_together_go_in_one_call_each_accepted_once(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    const N: usize = 24;
+    let mut o = WorkerOptions::new(c.endpoint(), "together");
+    o.max_concurrent = N as u32;
+    // Every handler waits until all N have started, so their results finish at once: the
+    // first goes alone and the others wait for it, then go together.
+    let gate = Arc::new(tokio::sync::Barrier::new(N));
+    let worker = Worker::new(
+        o,
+        handler_fn(move |t| {
+            let gate = gate.clone();
+            async move {
+                gate.wait().await;
+                Ok(t.payload)
+            }
+        }),
+    )
+    .unwrap();
+    let counters = worker.counters();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(worker.run(stop.clone()));
+    wait_connected(&client, &["together"]).await;
+    let (_, before) = http_get(c.http, "/metrics").await.unwrap();
+    let ids = submit_batch(&mut client, "noop", N, |i| format!("r{i}").into_bytes()).await;
+    wait_until("every result is accepted", Duration::from_secs(20), || {
+        let counters = counters.clone();
+        async move { counters.accepted.load(std::sync::atomic::Ordering::Relaxed) == N as u64 }
+    })
+    .await;
+    let (_, after) = http_get(c.http, "/metrics").await.unwrap();
+    let calls = |method: &str| {
+        let series = format!(
+            r#"grpc_server_handled_total{{grpc_service="coordinator.CoordinatorService",grpc_method="{method}",grpc_type="unary",grpc_code="OK"}}"#
+        );
+        let value = |scrape: &str| {
+            scrape
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()).and_then(|v| v.trim().parse::<f64>().ok()))
+                .unwrap_or(0.0)
+        };
+        value(&after) - value(&before)
+    };
+    let (alone, batched) = (calls("ReportCompletion"), calls("ReportCompletions"));
+    assert!(batched >= 1.0, "results that waited went together: {alone} alone, {batched} batched");
+    assert!(alone + batched < N as f64, "{alone} alone, {batched} batched for {N} results");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(get_task(&mut client, id).await.result, format!("r{i}").into_bytes());
+    }
+    assert_completed_exactly_once(db, &ids).await;
+    assert_eq!(counters.duplicates.load(std::sync::atomic::Ordering::Relaxed), 0);
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    c.stop().await.unwrap();
+}
+
 on_every_backend!(retriable_failures_back_off_until_max_attempts_then_fail);
 async fn retriable_failures_back_off_until_max_attempts_then_fail(db: &TestDb) {
     let c = TestCoordinator::start(db, |cfg| {

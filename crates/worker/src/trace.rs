@@ -32,6 +32,17 @@ pub(crate) fn request<T>(span: &Span, message: T) -> tonic::Request<T> {
     request
 }
 
+/// `span`'s context as a W3C `traceparent` value, or empty when it has none to send.
+pub(crate) fn context_of(span: &Span) -> String {
+    #[cfg(feature = "otel")]
+    return traceparent(span).unwrap_or_default();
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = span;
+        String::new()
+    }
+}
+
 #[cfg(feature = "otel")]
 pub use otel::{parse_traceparent, traceparent};
 

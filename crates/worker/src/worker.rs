@@ -144,7 +144,10 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     ceiling.mul_f64(rand::random::<f64>())
 }
 
-use crate::client::{Client, ClientSecurity};
+use crate::{
+    client::{Client, ClientSecurity},
+    report::Reporter,
+};
 
 #[derive(Debug)]
 struct Running {
@@ -174,6 +177,8 @@ pub struct Worker {
     opts: WorkerOptions,
     handler: Arc<dyn Handler>,
     client: Client,
+    /// Successful results on their way, batched while one is in flight.
+    reporter: Arc<Reporter<Client>>,
     /// std Mutex: short map operations only, never held across `.await`.
     running: Arc<Mutex<HashMap<String, Running>>>,
     slots: Arc<Semaphore>,
@@ -210,10 +215,12 @@ impl Worker {
     pub fn new(opts: WorkerOptions, handler: Arc<dyn Handler>) -> Result<Self, Error> {
         let client = crate::client::connect_lazy(&opts.endpoint, &opts.security, opts.max_message_size)?;
         let slots = Arc::new(Semaphore::new(opts.max_concurrent.max(1) as usize));
+        let reporter = Arc::new(Reporter::new(opts.worker_id.clone(), client.clone(), opts.max_message_size));
         Ok(Self {
             opts,
             handler,
             client,
+            reporter,
             running: Arc::default(),
             slots,
             counters: Arc::default(),
@@ -334,6 +341,7 @@ impl Worker {
         info!(worker_id = %self.opts.worker_id, coordinator_id = %resp.coordinator_id,
               session_id = %resp.session_id, "registered; task stream open");
         kick.notify_one();
+        self.reporter.registered();
         self.counters.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             // Reap finished task runners so the set does not grow.
@@ -496,27 +504,13 @@ impl Worker {
         let mut outcome = oversize_as_failure(outcome, self.opts.max_message_size);
         let mut tries = 0u32;
         loop {
-            let mut client = self.client.clone();
-            let span = tracing::Span::current();
             let sent = match &outcome {
-                Ok(result) => {
-                    client
-                        .report_completion(crate::trace::request(
-                            &span,
-                            proto::ReportCompletionRequest {
-                                worker_id: self.opts.worker_id.clone(),
-                                task_id: task_id.to_owned(),
-                                attempt,
-                                result: result.clone(),
-                                held_ms,
-                            },
-                        ))
-                        .await
-                }
+                Ok(result) => self.reporter.complete(task_id, attempt, result.clone(), held_ms).await,
                 Err(f) => {
+                    let mut client = self.client.clone();
                     client
                         .report_failure(crate::trace::request(
-                            &span,
+                            &tracing::Span::current(),
                             proto::ReportFailureRequest {
                                 worker_id: self.opts.worker_id.clone(),
                                 task_id: task_id.to_owned(),
@@ -528,11 +522,11 @@ impl Worker {
                             },
                         ))
                         .await
+                        .map(|resp| resp.into_inner().duplicate)
                 }
             };
             match sent {
-                Ok(resp) => {
-                    let duplicate = resp.get_ref().duplicate;
+                Ok(duplicate) => {
                     let counter = if duplicate { &self.counters.duplicates } else { &self.counters.accepted };
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     debug!(worker_id = %self.opts.worker_id, task_id, attempt, ok = outcome.is_ok(), duplicate, "result accepted");
