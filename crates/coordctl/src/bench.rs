@@ -169,6 +169,9 @@ pub struct Cost {
     pub coordinator_cpu_ms_per_task: Option<f64>,
     /// CPU milliseconds per task of every `postgres` process on this machine.
     pub database_cpu_ms_per_task: Option<f64>,
+    /// CPU milliseconds per task of this process (the benchmark's workers and client), against
+    /// a separate coordinator; absent with `embedded`, where the coordinator's figure holds it.
+    pub load_cpu_ms_per_task: Option<f64>,
     pub notes: Vec<String>,
 }
 
@@ -225,6 +228,7 @@ mod cpu {
 struct CostStart {
     coordinator_cpu: Option<Duration>,
     database_cpu: Option<Duration>,
+    load_cpu: Option<Duration>,
     #[cfg(feature = "embedded")]
     db: Option<coordinator::store::stats::DbCounters>,
 }
@@ -232,6 +236,8 @@ struct CostStart {
 /// Samples the costs of the bulk phase.
 struct CostMeter {
     coordinator_pid: Option<u32>,
+    /// This process, when it is not also the coordinator.
+    load_pid: Option<u32>,
     /// Whether the database runs on this machine, so its processes' CPU is readable.
     local_database: bool,
     #[cfg(feature = "embedded")]
@@ -279,6 +285,7 @@ impl CostMeter {
         }
         CostMeter {
             coordinator_pid,
+            load_pid: (!opts.embedded).then(std::process::id),
             local_database,
             #[cfg(feature = "embedded")]
             db,
@@ -290,6 +297,7 @@ impl CostMeter {
         CostStart {
             coordinator_cpu: self.coordinator_pid.and_then(cpu::of),
             database_cpu: if self.local_database { cpu::of_named("postgres") } else { None },
+            load_cpu: self.load_pid.and_then(cpu::of),
             #[cfg(feature = "embedded")]
             db: match &mut self.db {
                 Some(s) => s.sample().await.ok(),
@@ -312,6 +320,7 @@ impl CostMeter {
                 start.database_cpu,
                 if self.local_database { cpu::of_named("postgres") } else { None },
             ),
+            load_cpu_ms_per_task: ms(start.load_cpu, self.load_pid.and_then(cpu::of)),
             notes: self.notes.clone(),
             ..Cost::default()
         };
@@ -375,7 +384,7 @@ impl Cost {
         let mut out = format!(
             "per task          rows written {} (inserted {}, updated {} of which HOT {}, deleted {}), \
              commits {}, statements {}, WAL {} bytes\n\
-             cpu per task      coordinator {} ms, database {} ms\n",
+             cpu per task      coordinator {} ms, database {} ms, load generator {} ms\n",
             f(self.rows_written_per_task, 2),
             f(self.rows_inserted_per_task, 2),
             f(self.rows_updated_per_task, 2),
@@ -386,6 +395,7 @@ impl Cost {
             f(self.wal_bytes_per_task, 0),
             f(self.coordinator_cpu_ms_per_task, 3),
             f(self.database_cpu_ms_per_task, 3),
+            f(self.load_cpu_ms_per_task, 3),
         );
         out.push_str(&render_notes(&self.notes));
         out
