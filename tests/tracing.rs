@@ -254,6 +254,45 @@ auth:
         "ReportCompletion continues the worker's report span"
     );
 
+    // Results reported together: each entry's span continues the context the entry carries.
+    let mut raw = RawWorker::connect(&endpoint, "traced-raw", 2, &["traced-raw"]).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        common::submit(&mut client, "traced-raw", b"").await;
+        let a = raw.next(Duration::from_secs(10)).await;
+        held.push((a.task_id, a.attempt));
+    }
+    let mut reports: Vec<([u8; 16], [u8; 8])> = Vec::new();
+    let completions = held
+        .iter()
+        .map(|(task_id, attempt)| {
+            let (mut trace, mut span): ([u8; 16], [u8; 8]) = (rand::random(), rand::random());
+            (trace[0], span[0]) = (trace[0] | 1, span[0] | 1);
+            reports.push((trace, span));
+            proto::CompletionEntry {
+                task_id: task_id.clone(),
+                attempt: *attempt,
+                traceparent: format!("00-{}-{}-01", hex(&trace), hex(&span)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let verdicts = raw
+        .client
+        .report_completions(proto::ReportCompletionsRequest { worker_id: raw.id.clone(), completions })
+        .await
+        .unwrap()
+        .into_inner()
+        .verdicts;
+    assert!(verdicts.iter().all(|v| v.code == 0), "{verdicts:?}");
+    for (trace, span) in &reports {
+        wait_until("the entry's span arrives in its own trace", Duration::from_secs(30), || async {
+            let spans = receiver.of_trace(trace);
+            find(&spans, "coordinator", "report_completion").is_some_and(|s| s.parent_span_id == span)
+        })
+        .await;
+    }
+
     drop(worker);
     drop(coordinator);
     server.abort();
