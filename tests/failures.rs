@@ -34,18 +34,7 @@ async fn submit_one(client: &mut Client, task_type: &str, max_attempts: u32) -> 
 
 /// `n` tasks of `task_type`, each cancelled while it waits.
 async fn cancelled_tasks(client: &mut Client, task_type: &str, n: usize) -> Vec<String> {
-    let tasks = (0..n)
-        .map(|_| proto::SubmitTaskRequest { task_type: task_type.into(), ..Default::default() })
-        .collect();
-    let ids: Vec<String> = client
-        .submit_tasks(proto::SubmitTasksRequest { tasks })
-        .await
-        .expect("submit")
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|t| t.task_id)
-        .collect();
+    let ids = submit_batch(client, task_type, n, |_| Vec::new()).await;
     for id in &ids {
         client
             .cancel_task(proto::CancelTaskRequest { task_id: id.clone(), reason: String::new() })
