@@ -78,14 +78,25 @@ async fn submit_sleep(client: &mut Client, key: &str, ms: u64) -> String {
     loop {
         match client.submit_task(req.clone()).await {
             Ok(r) => return r.into_inner().task_id,
+            // The connection aged under the call: sent again (the key makes it one task). A
+            // request that met the GOAWAY in flight fails in the client's transport (hyper
+            // answers `Internal` for it), not with a status the server sent.
             Err(s)
-                if tries < 5 && matches!(s.code(), Code::Unknown | Code::Unavailable | Code::Cancelled) =>
+                if tries < 5
+                    && (matches!(s.code(), Code::Unknown | Code::Unavailable | Code::Cancelled)
+                        || from_transport(&s)) =>
             {
                 tries += 1
             }
             Err(s) => panic!("submit {key}: {s:?}"),
         }
     }
+}
+
+/// Whether the call failed in the client's transport (a connection closed under it) rather
+/// than with a status the server sent.
+fn from_transport(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some_and(|e| e.is::<tonic::transport::Error>())
 }
 
 fn total(counters: &[Arc<WorkerCounters>], f: impl Fn(&WorkerCounters) -> u64) -> u64 {
