@@ -301,6 +301,8 @@ async fn a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are(db: &
         verdicts.iter().map(|v| (Code::from_i32(v.code), v.duplicate)).collect::<Vec<_>>()
     };
 
+    let (_, before) = http_get(c.http, "/metrics").await.unwrap();
+
     // Another worker's batch changes nothing.
     let stolen = report(&mut other, held.iter().map(|h| entry(h, b"stolen")).collect()).await.unwrap();
     assert_eq!(codes(&stolen), [(Code::FailedPrecondition, false); 3]);
@@ -343,6 +345,21 @@ async fn a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are(db: &
     let e = report(&mut w, many).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("at most 1000"), "{}", e.message());
+
+    // Each entry is counted by the code it was answered with (other tests of this process may
+    // add to the same counters, never take away).
+    let (_, after) = http_get(c.http, "/metrics").await.unwrap();
+    let entries = |scrape: &str, code: &str| {
+        let series = format!(r#"coordinator_report_entries_total{{grpc_code="{code}"}} "#);
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for (code, n) in [("OK", 6.0), ("FailedPrecondition", 4.0), ("NotFound", 1.0), ("InvalidArgument", 1.0)] {
+        let counted = entries(&after, code) - entries(&before, code);
+        assert!(counted >= n, "{code}: {counted} entries counted, {n} answered");
+    }
 
     for ((id, _), result) in held.iter().zip([b"r0", b"r1", b"r2"]) {
         assert_eq!(get_task(&mut client, id).await.result, result);

@@ -89,10 +89,12 @@ pub async fn report_completions(
         }
         .instrument(span)
     });
-    let verdicts = futures::future::join_all(verdicts).await;
-    Ok(Response::new(proto::ReportCompletionsResponse {
-        verdicts: verdicts.into_iter().map(convert::completion_verdict).collect(),
-    }))
+    let verdicts: Vec<proto::CompletionVerdict> =
+        futures::future::join_all(verdicts).await.into_iter().map(convert::completion_verdict).collect();
+    for v in &verdicts {
+        crate::metrics::report_entry(super::layer::code_label(v.code));
+    }
+    Ok(Response::new(proto::ReportCompletionsResponse { verdicts }))
 }
 
 /// The span of one entry of a [`report_completions`] call: a child of the worker's report

@@ -33,6 +33,7 @@ pub const WORKER_TRANSITIONS: &str = "coordinator_worker_transitions_total";
 pub const DISPATCH_LATENCY: &str = "coordinator_dispatch_latency_seconds";
 pub const TASK_DURATION: &str = "coordinator_task_duration_seconds";
 pub const AUTH_FAILURES: &str = "coordinator_auth_failures_total";
+pub const REPORT_ENTRIES: &str = "coordinator_report_entries_total";
 pub const DB_QUERY: &str = "coordinator_db_query_seconds";
 pub const INFLIGHT_CORRECTIONS: &str = "coordinator_inflight_corrections_total";
 pub const BACKGROUND_FAILURES: &str = "coordinator_background_failures_total";
@@ -69,6 +70,7 @@ pub const ALL: &[&str] = &[
     DISPATCH_LATENCY,
     TASK_DURATION,
     AUTH_FAILURES,
+    REPORT_ENTRIES,
     DB_QUERY,
     INFLIGHT_CORRECTIONS,
     BACKGROUND_FAILURES,
@@ -103,6 +105,12 @@ pub const BACKGROUND_TASKS: &[&str] = &[
 ];
 /// Tables the pruner deletes from (`coordinator_pruned_rows_total{table}`).
 pub const PRUNED_TABLES: &[&str] = &["tasks", "task_attempts", "job_tasks", "jobs", "workers"];
+
+/// Codes an entry of `ReportCompletions` is answered with, registered at start
+/// (`coordinator_report_entries_total{grpc_code}`; another code gets its series when it first
+/// happens).
+pub const REPORT_ENTRY_CODES: &[&str] =
+    &["OK", "InvalidArgument", "NotFound", "FailedPrecondition", "OutOfRange", "Unavailable", "Internal"];
 
 /// Reasons an auth check refuses a call (`coordinator_auth_failures_total{reason}`).
 pub const AUTH_FAILURE_REASONS: &[&str] =
@@ -235,6 +243,10 @@ fn describe() {
     );
     describe_histogram!(TASK_DURATION, metrics::Unit::Seconds, "From push to accepted report, by task type.");
     describe_counter!(AUTH_FAILURES, "Calls refused by the auth check, by reason.");
+    describe_counter!(
+        REPORT_ENTRIES,
+        "Results reported together in ReportCompletions calls, by the gRPC code each was answered with."
+    );
     describe_histogram!(DB_QUERY, metrics::Unit::Seconds, "Database statement duration, by operation.");
     describe_counter!(PRUNED_ROWS, "Rows deleted by the retention pruner, by table.");
     describe_counter!(GRPC_STARTED, "gRPC calls started, by service, method and type.");
@@ -290,6 +302,9 @@ fn describe() {
     for kind in CORRECTION_KINDS {
         counter!(INFLIGHT_CORRECTIONS, "kind" => *kind).absolute(0);
     }
+    for code in REPORT_ENTRY_CODES {
+        counter!(REPORT_ENTRIES, "grpc_code" => *code).absolute(0);
+    }
     for task in BACKGROUND_TASKS {
         counter!(BACKGROUND_FAILURES, "task" => *task).absolute(0);
     }
@@ -328,6 +343,12 @@ pub fn background_failure(task: &'static str) {
 /// Cross-replica notifications sent or received.
 pub fn notifications(direction: &'static str, n: u64) {
     counter!(NOTIFICATIONS, "direction" => direction).increment(n);
+}
+
+/// One entry of a `ReportCompletions` call, answered with `grpc_code` (a name as
+/// `grpc_server_handled_total` writes it).
+pub fn report_entry(grpc_code: &'static str) {
+    counter!(REPORT_ENTRIES, "grpc_code" => grpc_code).increment(1);
 }
 
 pub fn auth_failure(reason: &'static str) {
