@@ -221,16 +221,6 @@ fn has_sample(scrape: &str, series: &str) -> bool {
         .any(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
 }
 
-/// The value of one series, e.g. `grpc_server_handled_total{grpc_method="SubmitTask",grpc_code="OK"}`
-/// (labels in the order the exporter writes them); 0 when absent.
-fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
-}
-
 fn manifest(rel: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }

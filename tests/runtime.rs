@@ -350,11 +350,7 @@ async fn a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are(db: &
     // add to the same counters, never take away).
     let (_, after) = http_get(c.http, "/metrics").await.unwrap();
     let entries = |scrape: &str, code: &str| {
-        let series = format!(r#"coordinator_report_entries_total{{grpc_code="{code}"}} "#);
-        scrape
-            .lines()
-            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
+        sample(scrape, &format!(r#"coordinator_report_entries_total{{grpc_code="{code}"}}"#))
     };
     for (code, n) in [("OK", 6.0), ("FailedPrecondition", 4.0), ("NotFound", 1.0), ("InvalidArgument", 1.0)] {
         let counted = entries(&after, code) - entries(&before, code);
@@ -406,13 +402,7 @@ async fn results_that_finish_together_go_in_one_call_each_accepted_once(db: &Tes
         let series = format!(
             r#"grpc_server_handled_total{{grpc_service="coordinator.CoordinatorService",grpc_method="{method}",grpc_type="unary",grpc_code="OK"}}"#
         );
-        let value = |scrape: &str| {
-            scrape
-                .lines()
-                .find_map(|l| l.strip_prefix(series.as_str()).and_then(|v| v.trim().parse::<f64>().ok()))
-                .unwrap_or(0.0)
-        };
-        value(&after) - value(&before)
+        sample(&after, &series) - sample(&before, &series)
     };
     let (alone, batched) = (calls("ReportCompletion"), calls("ReportCompletions"));
     assert!(batched >= 1.0, "results that waited went together: {alone} alone, {batched} batched");

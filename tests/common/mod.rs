@@ -496,6 +496,16 @@ pub async fn submit_batch(
         .collect()
 }
 
+/// The value of one series, e.g. `grpc_server_handled_total{grpc_method="SubmitTask",grpc_code="OK"}`
+/// (labels in the order the exporter writes them); 0 when absent.
+pub fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
 pub async fn get_task(client: &mut Client, id: &str) -> proto::Task {
     client
         .get_task(proto::GetTaskRequest { task_id: id.into(), ..Default::default() })

@@ -172,6 +172,8 @@ impl<T: Transport> Reporter<T> {
         if batch.len() == 1 || !self.batched.load(Ordering::Relaxed) {
             return self.each_alone(batch).await;
         }
+        // The results are copied: a coordinator without the call, or with a lower message
+        // limit, gets them again one per call.
         let request = proto::ReportCompletionsRequest {
             worker_id: self.worker_id.clone(),
             completions: batch
@@ -219,21 +221,23 @@ impl<T: Transport> Reporter<T> {
         }
     }
 
-    /// One `ReportCompletion` per entry, all at once, each under its own report span.
+    /// One `ReportCompletion` per entry, all at once, each under its own report span. The
+    /// entries' results move into their calls: a caller whose report fails sends its own copy
+    /// again.
     async fn each_alone(&self, batch: Vec<Entry>) {
         let calls = batch.into_iter().map(|e| async move {
+            let Entry { task_id, attempt, result, held_ms, span, reply } = e;
             let request = crate::trace::request(
-                &e.span,
+                &span,
                 proto::ReportCompletionRequest {
                     worker_id: self.worker_id.clone(),
-                    task_id: e.task_id.clone(),
-                    attempt: e.attempt,
-                    result: e.result.clone(),
-                    held_ms: e.held_ms,
+                    task_id,
+                    attempt,
+                    result,
+                    held_ms,
                 },
             );
-            let verdict = self.transport.one(request).await;
-            e.answer(verdict);
+            let _ = reply.send(self.transport.one(request).await);
         });
         futures::future::join_all(calls).await;
     }
