@@ -11,6 +11,8 @@ macro_rules! task_columns {
     };
 }
 
+pub(super) use task_columns;
+
 /// Every column of a task ([`super::decode::task`] reads them by name).
 pub(super) const TASK_COLUMNS: &str = task_columns!();
 
@@ -21,58 +23,11 @@ pub(super) const TASK: &str = concat!("SELECT ", task_columns!(), " FROM tasks W
 pub(super) const TASK_BY_KEY: &str =
     concat!("SELECT ", task_columns!(), " FROM tasks WHERE idempotency_key = $1");
 
-/// The rows of job `$1`'s tasks, each read once, with the member's position in the submission:
-/// the tasks it created (their own row says so) and those it shares with another submission
-/// (a row of `job_tasks` each). The `job_members` view lists the same members, but a task read
-/// through it is read twice (the view, then the task by its id).
-macro_rules! job_member_tasks {
-    () => {
-        "SELECT t.*, t.job_position AS member_position FROM tasks t
-         WHERE t.job_id = $1 AND t.job_position IS NOT NULL
-         UNION ALL
-         SELECT t.*, m.position AS member_position FROM job_tasks m JOIN tasks t ON t.id = m.task_id
-         WHERE m.job_id = $1"
-    };
-}
-
-/// A job's tasks, in submission order.
-pub(super) const JOB_TASKS: &str = concat!(
-    "SELECT ",
-    task_columns!(),
-    " FROM (",
-    job_member_tasks!(),
-    ") AS members ORDER BY member_position"
-);
-
-/// After a `WITH page AS (...)` of jobs (id, name, total, created_at): those jobs with their tasks
-/// counted by state, each task read once (as [`JOB_COUNTS`]); a job without tasks has one row
-/// with a NULL state.
-macro_rules! page_counts {
-    () => {
-        ", members AS (
-             SELECT t.job_id, t.status FROM tasks t
-             WHERE t.job_id IN (SELECT id FROM page) AND t.job_position IS NOT NULL
-             UNION ALL
-             SELECT m.job_id, t.status FROM job_tasks m JOIN tasks t ON t.id = m.task_id
-             WHERE m.job_id IN (SELECT id FROM page)
-         )
-         SELECT p.id, p.name, p.total, p.created_at, m.status, count(m.status) AS n
-         FROM page p LEFT JOIN members m ON m.job_id = p.id
-         GROUP BY p.id, p.name, p.total, p.created_at, m.status
-         ORDER BY p.id DESC"
-    };
-}
-pub(super) use page_counts;
-
 /// The ids of a job's tasks.
 pub(super) const JOB_TASK_IDS: &str = "SELECT task_id FROM job_members WHERE job_id = $1";
 
 /// A job's header.
 pub(super) const JOB: &str = "SELECT name, total, created_at FROM jobs WHERE id = $1";
-
-/// A job's tasks counted by state.
-pub(super) const JOB_COUNTS: &str =
-    concat!("SELECT status, count(*) AS n FROM (", job_member_tasks!(), ") AS members GROUP BY status");
 
 /// The tasks a worker holds.
 pub(super) const HELD_BY: &str = "SELECT id, attempt, worker_id FROM tasks

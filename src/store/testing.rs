@@ -75,6 +75,33 @@ pub fn db_config(url: &str) -> DatabaseConfig {
     }
 }
 
+/// A fresh, empty schema on the `TEST_DATABASE_URL` server, for a test that migrates it itself;
+/// [`TestDb::postgres_in`] opens the store in it (and drops it at cleanup).
+#[derive(Debug)]
+pub struct EmptySchema {
+    base: String,
+    schema: String,
+    /// A URL that reaches the schema.
+    pub url: String,
+}
+
+impl EmptySchema {
+    /// `None` when `TEST_DATABASE_URL` is not set.
+    pub async fn new() -> Option<EmptySchema> {
+        let base = postgres_url()?;
+        let schema = format!("t_{}", Uuid::now_v7().simple());
+        let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to TEST_DATABASE_URL");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&mut conn)
+            .await
+            .expect("create test schema");
+        conn.close().await.ok();
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        Some(EmptySchema { base, schema, url })
+    }
+}
+
 impl TestDb {
     /// A fresh SQLite database in a temporary directory.
     pub async fn sqlite() -> TestDb {
@@ -89,18 +116,15 @@ impl TestDb {
     /// (build.rs sets `test_postgres` when the variable is set), so without a server it is
     /// reported ignored, never passed.
     pub async fn postgres() -> Option<TestDb> {
-        let base = postgres_url()?;
-        let schema = format!("t_{}", Uuid::now_v7().simple());
-        let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to TEST_DATABASE_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test schema");
-        conn.close().await.ok();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        let empty = EmptySchema::new().await?;
+        Some(Self::postgres_in(empty).await)
+    }
+
+    /// Opens the store (migrating what is not yet migrated) in a schema of [`EmptySchema`].
+    pub async fn postgres_in(empty: EmptySchema) -> TestDb {
+        let EmptySchema { base, schema, url } = empty;
         let store = Store::connect(&db_config(&url)).await.expect("open postgres test schema");
-        Some(TestDb { store, url, schema: Some((base, schema)), _dir: None })
+        TestDb { store, url, schema: Some((base, schema)), _dir: None }
     }
 
     /// Closes the pool and drops the Postgres schema.

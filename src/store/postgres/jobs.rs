@@ -12,13 +12,48 @@ use crate::{
     },
 };
 
-/// A page of jobs, newest first, with their tasks counted by state.
+/// The members of the jobs that satisfy `$cond` (on `m.job_id`), each with its task's row read
+/// once, by key (`OFFSET 0`: never joined against a scan of every task): the job's list of
+/// members (`job_members`), then each task by its id. A member whose task was pruned is left out.
+macro_rules! member_tasks {
+    ($columns:literal, $cond:literal) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM job_members m, LATERAL (SELECT * FROM tasks t WHERE t.id = m.task_id OFFSET 0) AS t
+             WHERE m.job_id ",
+            $cond
+        )
+    };
+}
+
+/// A job's tasks, in submission order.
+pub(super) const JOB_TASKS: &str = concat!(
+    "SELECT ",
+    sql::task_columns!(),
+    " FROM (",
+    member_tasks!("t.*, m.position AS member_position", "= $1"),
+    ") AS members ORDER BY member_position"
+);
+
+/// A job's tasks counted by state.
+pub(super) const JOB_COUNTS: &str =
+    concat!(member_tasks!("t.status, count(*) AS n", "= $1"), " GROUP BY t.status");
+
+/// A page of jobs, newest first, with their tasks counted by state (a job without tasks has one
+/// row with a NULL state).
 pub(super) const LIST_JOBS: &str = concat!(
     "WITH page AS (
          SELECT id, name, total, created_at FROM jobs
          WHERE ($1::uuid IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
-     )",
-    sql::page_counts!()
+     ),
+     members AS (",
+    member_tasks!("m.job_id, t.status", "IN (SELECT id FROM page)"),
+    ")
+     SELECT p.id, p.name, p.total, p.created_at, m.status, count(m.status) AS n
+     FROM page p LEFT JOIN members m ON m.job_id = p.id
+     GROUP BY p.id, p.name, p.total, p.created_at, m.status
+     ORDER BY p.id DESC"
 );
 
 impl PgStore {

@@ -85,13 +85,14 @@ impl PgStore {
         }
         if let Some(age) = rules.shortest_task_age() {
             // Members are added only when a job is created, in the same transaction, so a job
-            // without members is one the pruner emptied (or an empty submission).
+            // none of whose members is left is one the pruner emptied (or an empty submission).
             out.jobs = sqlx::query(
                 "DELETE FROM jobs WHERE id IN (
                      SELECT j.id FROM jobs j
                      WHERE j.created_at < now() - $1 * interval '1 millisecond'
-                       AND NOT EXISTS (SELECT 1 FROM job_tasks m WHERE m.job_id = j.id)
-                       AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id)
+                       AND NOT EXISTS (SELECT 1 FROM job_members m
+                                       WHERE m.job_id = j.id
+                                         AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = m.task_id))
                      ORDER BY j.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
             )
             .bind(duration_ms(age))

@@ -144,14 +144,14 @@ impl PgStore {
         let Some(row) = sqlx::query(sql::JOB).bind(id.0).fetch_optional(&self.pool).await? else {
             return Ok(None);
         };
-        let rows = sqlx::query(sql::JOB_COUNTS).bind(id.0).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(super::jobs::JOB_COUNTS).bind(id.0).fetch_all(&self.pool).await?;
         let counts =
             rows.iter().map(|r| decode::state_count(r).map(|(s, n)| (s, n as u32))).collect::<Result<_>>()?;
         decode::job(&row, id, counts).map(Some)
     }
 
     pub(in crate::store) async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
-        let rows = sqlx::query(sql::JOB_TASKS).bind(id.0).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(super::jobs::JOB_TASKS).bind(id.0).fetch_all(&self.pool).await?;
         rows.iter().map(decode::task).collect()
     }
 }

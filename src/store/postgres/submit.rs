@@ -74,15 +74,21 @@ impl PgStore {
         tasks: &[NewTask],
     ) -> Result<(Job, Vec<Created>)> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("INSERT INTO jobs (id, name, total) VALUES ($1, $2, $3) RETURNING created_at")
-            .bind(job_id.0)
-            .bind(name)
-            .bind(tasks.len() as i32)
-            .fetch_one(&mut *tx)
-            .await?;
         let (created, settled) = insert_tasks(&mut tx, tasks).await?;
-        // A task this submission created is a member by its own row (job_id, job_position); a
-        // row of its own only for a task an idempotency key returned.
+        // The job lists its members, in submission order: the tasks it created and those an
+        // idempotency key returned. Its tasks are not indexed by job (see migration 0015).
+        let members: Vec<Uuid> = created.iter().map(|c| c.task.id.0).collect();
+        let row = sqlx::query(
+            "INSERT INTO jobs (id, name, total, members) VALUES ($1, $2, $3, $4) RETURNING created_at",
+        )
+        .bind(job_id.0)
+        .bind(name)
+        .bind(tasks.len() as i32)
+        .bind(&members)
+        .fetch_one(&mut *tx)
+        .await?;
+        // A replica of an earlier version reads a job's members from its tasks' rows (job_id,
+        // job_position, still written) and from job_tasks for a task an idempotency key returned.
         let (positions, shared): (Vec<i32>, Vec<Uuid>) = created
             .iter()
             .enumerate()

@@ -12,6 +12,52 @@ use crate::{
     },
 };
 
+/// The rows of job `$1`'s tasks, each read once, with the member's position in the submission:
+/// the tasks it created (their own row says so) and those it shares with another submission
+/// (a row of `job_tasks` each). The `job_members` view lists the same members, but a task read
+/// through it is read twice (the view, then the task by its id).
+macro_rules! job_member_tasks {
+    () => {
+        "SELECT t.*, t.job_position AS member_position FROM tasks t
+         WHERE t.job_id = $1 AND t.job_position IS NOT NULL
+         UNION ALL
+         SELECT t.*, m.position AS member_position FROM job_tasks m JOIN tasks t ON t.id = m.task_id
+         WHERE m.job_id = $1"
+    };
+}
+
+/// A job's tasks, in submission order.
+pub(super) const JOB_TASKS: &str = concat!(
+    "SELECT ",
+    sql::task_columns!(),
+    " FROM (",
+    job_member_tasks!(),
+    ") AS members ORDER BY member_position"
+);
+
+/// A job's tasks counted by state.
+pub(super) const JOB_COUNTS: &str =
+    concat!("SELECT status, count(*) AS n FROM (", job_member_tasks!(), ") AS members GROUP BY status");
+
+/// After a `WITH page AS (...)` of jobs (id, name, total, created_at): those jobs with their tasks
+/// counted by state, each task read once (as [`JOB_COUNTS`]); a job without tasks has one row
+/// with a NULL state.
+macro_rules! page_counts {
+    () => {
+        ", members AS (
+             SELECT t.job_id, t.status FROM tasks t
+             WHERE t.job_id IN (SELECT id FROM page) AND t.job_position IS NOT NULL
+             UNION ALL
+             SELECT m.job_id, t.status FROM job_tasks m JOIN tasks t ON t.id = m.task_id
+             WHERE m.job_id IN (SELECT id FROM page)
+         )
+         SELECT p.id, p.name, p.total, p.created_at, m.status, count(m.status) AS n
+         FROM page p LEFT JOIN members m ON m.job_id = p.id
+         GROUP BY p.id, p.name, p.total, p.created_at, m.status
+         ORDER BY p.id DESC"
+    };
+}
+
 impl SqliteStore {
     pub(in crate::store) async fn list_jobs(&self, before: Option<JobId>, limit: u32) -> Result<Vec<Job>> {
         let rows = sqlx::query(concat!(
@@ -19,7 +65,7 @@ impl SqliteStore {
                  SELECT id, name, total, created_at FROM jobs
                  WHERE ($1 IS NULL OR id < $1) ORDER BY id DESC LIMIT $2
              )",
-            sql::page_counts!()
+            page_counts!()
         ))
         .bind(before.map(|j| j.to_string()))
         .bind(i64::from(limit))

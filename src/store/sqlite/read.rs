@@ -154,14 +154,14 @@ impl SqliteStore {
         let Some(row) = sqlx::query(sql::JOB).bind(id.to_string()).fetch_optional(&self.reader).await? else {
             return Ok(None);
         };
-        let rows = sqlx::query(sql::JOB_COUNTS).bind(id.to_string()).fetch_all(&self.reader).await?;
+        let rows = sqlx::query(super::jobs::JOB_COUNTS).bind(id.to_string()).fetch_all(&self.reader).await?;
         let counts =
             rows.iter().map(|r| decode::state_count(r).map(|(s, n)| (s, n as u32))).collect::<Result<_>>()?;
         decode::job(&row, id, counts).map(Some)
     }
 
     pub(in crate::store) async fn job_tasks(&self, id: JobId) -> Result<Vec<Task>> {
-        let rows = sqlx::query(sql::JOB_TASKS).bind(id.to_string()).fetch_all(&self.reader).await?;
+        let rows = sqlx::query(super::jobs::JOB_TASKS).bind(id.to_string()).fetch_all(&self.reader).await?;
         rows.iter().map(decode::task).collect()
     }
 }
