@@ -585,6 +585,55 @@ mod tests {
         let mut expected = vec![l0, l1];
         expected.sort();
         assert_eq!(members, expected);
+
+        // A job is pruned once none of its members is left, whether it lists them or not.
+        let short = Some(Duration::from_millis(1));
+        let rules =
+            crate::store::Retention { completed: short, failed: short, cancelled: short, workers: None };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let pruned_jobs = || {
+            let store = db.store.clone();
+            async move { store.prune(&rules, 1000).await.unwrap().expect("no other pruner").jobs }
+        };
+        assert_eq!(pruned_jobs().await, 1, "only the job with no task left");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        sqlx::query("DELETE FROM tasks").execute(pg.pool()).await.unwrap();
+        assert_eq!(pruned_jobs().await, 2, "the job with a list and the one without");
+        assert!(db.store.list_jobs(None, 10).await.unwrap().is_empty());
+        db.cleanup().await;
+    }
+
+    /// The pruner's search for emptied jobs checks each old job through its list of members, a
+    /// key lookup until one is found: it never reads every task (as a join of every job's
+    /// members against a scan of `tasks` did, 0.3 s per pass with 300,000 tasks in jobs).
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn pruning_jobs_looks_up_members_of_old_jobs_and_reads_no_whole_table() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        for _ in 0..20 {
+            db.store.create_job("j", (0..100).map(|_| testing::new_task("prove")).collect()).await.unwrap();
+        }
+        let (empty, _) = db.store.create_job("empty", Vec::new()).await.unwrap();
+        sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut tx = pg.pool().begin().await.unwrap();
+        let explain = format!("EXPLAIN (ANALYZE, COSTS OFF) {}", prune::PRUNE_JOBS);
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+            .bind(1i64)
+            .bind(1000i64)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        let left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs").fetch_all(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        let plan = plan.join("\n");
+        assert_eq!(left.len(), 20, "the emptied job went, the others stay:\n{plan}");
+        assert!(!left.contains(&empty.id.0));
+        for line in plan.lines().filter(|l| l.contains("Seq Scan on tasks")) {
+            assert!(line.contains("never executed"), "the pruner scans tasks:\n{plan}");
+        }
+        assert!(!plan.contains("Hash Anti Join"), "{plan}");
         db.cleanup().await;
     }
 

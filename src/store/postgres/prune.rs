@@ -11,6 +11,23 @@ use crate::store::{Pruned, Result, Retention, duration_ms};
 /// are per database and two deployments may share one in schemas of their own.
 pub const PRUNER_LOCK: i32 = 0x7072_756e;
 
+/// Deletes up to `$2` jobs older than `$1` ms none of whose members is left. Members are added
+/// only when a job is created, in the same transaction, so such a job is one the pruner emptied
+/// (or an empty submission). Each old job is checked on its own, oldest first (the CASE keeps
+/// the checks per job, never a join of every job's members against every task): through its
+/// list, a key lookup per member until one is found; for a job without one (see migration 0015),
+/// through its tasks' rows and `job_tasks`.
+pub(super) const PRUNE_JOBS: &str = "DELETE FROM jobs WHERE id IN (
+         SELECT j.id FROM jobs j
+         WHERE j.created_at < now() - $1 * interval '1 millisecond'
+           AND CASE WHEN j.members IS NOT NULL
+               THEN NOT EXISTS (SELECT 1 FROM unnest(j.members) AS m(id)
+                                WHERE EXISTS (SELECT 1 FROM tasks t WHERE t.id = m.id))
+               ELSE NOT EXISTS (SELECT 1 FROM job_tasks s WHERE s.job_id = j.id)
+                    AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id)
+               END
+         ORDER BY j.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)";
+
 impl PgStore {
     pub(in crate::store) async fn prune(&self, rules: &Retention, limit: u32) -> Result<Option<Pruned>> {
         let mut tx = self.pool.begin().await?;
@@ -84,22 +101,12 @@ impl PgStore {
             left -= tasks as i64;
         }
         if let Some(age) = rules.shortest_task_age() {
-            // Members are added only when a job is created, in the same transaction, so a job
-            // none of whose members is left is one the pruner emptied (or an empty submission).
-            out.jobs = sqlx::query(
-                "DELETE FROM jobs WHERE id IN (
-                     SELECT j.id FROM jobs j
-                     WHERE j.created_at < now() - $1 * interval '1 millisecond'
-                       AND NOT EXISTS (SELECT 1 FROM job_members m
-                                       WHERE m.job_id = j.id
-                                         AND EXISTS (SELECT 1 FROM tasks t WHERE t.id = m.task_id))
-                     ORDER BY j.created_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(duration_ms(age))
-            .bind(i64::from(limit))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            out.jobs = sqlx::query(PRUNE_JOBS)
+                .bind(duration_ms(age))
+                .bind(i64::from(limit))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         }
         if let Some(age) = rules.workers {
             // The row lock makes a registration of the same worker either land first (its
