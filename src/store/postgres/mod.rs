@@ -637,6 +637,52 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// Retrying a job's failed tasks reads the job's members, not every task (in id order, or
+    /// every failed one) on the way to them. Counted from the table's statistics of the retrying
+    /// transaction, with 30 older jobs of 100 failed tasks beside this one.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn retrying_by_job_reads_the_jobs_members_only() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        for _ in 0..30 {
+            db.store
+                .create_job("older", (0..100).map(|_| testing::new_task("prove")).collect())
+                .await
+                .unwrap();
+        }
+        let (job, _) =
+            db.store.create_job("j", (0..100).map(|_| testing::new_task("prove")).collect()).await.unwrap();
+        sqlx::query("UPDATE tasks SET status = 'failed', error = 'boom', finished_at = now()")
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
+        let read =
+            "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
+                    WHERE relid = 'tasks'::regclass";
+        let mut tx = pg.pool().begin().await.unwrap();
+        let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        let retried: Vec<(Uuid,)> = sqlx::query_as(sqlx::AssertSqlSafe(retry::retry_batch_query(true)))
+            .bind(false)
+            .bind(job.id.0)
+            .bind(None::<&str>)
+            .bind(None::<&str>)
+            .bind(None::<chrono::DateTime<chrono::Utc>>)
+            .bind(None::<chrono::DateTime<chrono::Utc>>)
+            .bind(None::<Uuid>)
+            .bind(50i64)
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(retried.len(), 50);
+        // The members' rows (100), then the 50 retried once more by the update.
+        assert!(after - before <= 160, "{} task rows read to retry 50 of a job of 100", after - before);
+        db.cleanup().await;
+    }
+
     /// The batch statements plan once per connection (`force_generic_plan`) and keep that plan.
     /// One made while `tasks` held three rows, then run with 10,000 pending (no analyze in
     /// between, as on a connection that outlives a burst), still finds each row of its batch by

@@ -44,25 +44,7 @@ impl PgStore {
         after: Option<TaskId>,
         limit: u32,
     ) -> Result<Vec<TaskId>> {
-        // Candidates are locked in id order; a task another retry moved first no longer matches
-        // the status check when its lock is released, and is left alone.
-        let sql = format!(
-            "WITH c AS (
-                 SELECT id FROM tasks
-                 WHERE status IN ('failed', CASE WHEN $1::boolean THEN 'cancelled' END)
-                   AND ($2::uuid IS NULL OR id IN (SELECT task_id FROM job_members WHERE job_id = $2))
-                   AND ($3::text IS NULL OR task_type = $3)
-                   AND ($4::text IS NULL OR strpos(error, $4) > 0)
-                   AND ($5::timestamptz IS NULL OR finished_at >= $5)
-                   AND ($6::timestamptz IS NULL OR finished_at < $6)
-                   AND ($7::uuid IS NULL OR id > $7)
-                 ORDER BY id LIMIT $8
-                 FOR UPDATE
-             )
-             UPDATE tasks t SET {RESET}
-             FROM c WHERE t.id = c.id AND t.status IN ('failed', 'cancelled')
-             RETURNING t.id"
-        );
+        let sql = retry_batch_query(f.job_id.is_some());
         let rows: Vec<(uuid::Uuid,)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(f.include_cancelled)
             .bind(f.job_id.map(|j| j.0))
@@ -79,4 +61,36 @@ impl PgStore {
         ids.sort_unstable();
         Ok(ids)
     }
+}
+
+/// Retries a batch of failed (and, with `$1`, cancelled) tasks by filter: `$2` job, `$3` type,
+/// `$4` text in the error, `$5`..`$6` finished between, after `$7` in id order, at most `$8`.
+/// Candidates are locked in id order; a task another retry moved first no longer matches the
+/// status check when its lock is released, and is left alone. With a job (`by_job`) the
+/// candidates are the job's members after the cursor, found by key: walking every task in id
+/// order to find them reads the whole table.
+pub(super) fn retry_batch_query(by_job: bool) -> String {
+    let job = if by_job {
+        "id = ANY (ARRAY(SELECT task_id FROM job_members
+                         WHERE job_id = $2 AND ($7::uuid IS NULL OR task_id > $7)))"
+    } else {
+        "$2::uuid IS NULL"
+    };
+    format!(
+        "WITH c AS (
+             SELECT id FROM tasks
+             WHERE status IN ('failed', CASE WHEN $1::boolean THEN 'cancelled' END)
+               AND {job}
+               AND ($3::text IS NULL OR task_type = $3)
+               AND ($4::text IS NULL OR strpos(error, $4) > 0)
+               AND ($5::timestamptz IS NULL OR finished_at >= $5)
+               AND ($6::timestamptz IS NULL OR finished_at < $6)
+               AND ($7::uuid IS NULL OR id > $7)
+             ORDER BY id LIMIT $8
+             FOR UPDATE
+         )
+         UPDATE tasks t SET {RESET}
+         FROM c WHERE t.id = c.id AND t.status IN ('failed', 'cancelled')
+         RETURNING t.id"
+    )
 }
