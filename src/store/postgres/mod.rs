@@ -210,6 +210,17 @@ mod tests {
         store::{Store, TypeFilter, testing},
     };
 
+    /// The rows of `tasks` read so far by the transaction `tx` (its table statistics).
+    async fn tasks_rows_read(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> i64 {
+        sqlx::query_scalar(
+            "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
+             WHERE relid = 'tasks'::regclass",
+        )
+        .fetch_one(&mut **tx)
+        .await
+        .unwrap()
+    }
+
     /// Submits `n` pending tasks of type `prove`, in batches of at most 1,000.
     async fn prove_tasks(store: &Store, n: usize) {
         for start in (0..n).step_by(1000) {
@@ -484,9 +495,6 @@ mod tests {
         let tasks: Vec<_> = (0..200).map(|_| testing::new_task("prove")).collect();
         let (job, _) = db.store.create_job("j", tasks).await.unwrap();
         sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
-        let read =
-            "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
-                    WHERE relid = 'tasks'::regclass";
         let list = read::list_tasks_query(None, true);
         // Each reads the members' ids from the job's row, then each member's row once.
         for (name, sql, rows) in [
@@ -496,7 +504,7 @@ mod tests {
             ("listing", list.as_str(), 200),
         ] {
             let mut tx = pg.pool().begin().await.unwrap();
-            let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+            let before: i64 = tasks_rows_read(&mut tx).await;
             let query = sqlx::query(sqlx::AssertSqlSafe(sql));
             let query = match name {
                 // A page of one job: the newest, this one.
@@ -507,7 +515,7 @@ mod tests {
                 _ => query.bind(job.id.0),
             };
             query.fetch_all(&mut *tx).await.unwrap();
-            let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+            let after: i64 = tasks_rows_read(&mut tx).await;
             tx.rollback().await.unwrap();
             assert_eq!(after - before, rows, "{name}: task rows read for 200 members");
         }
@@ -658,11 +666,8 @@ mod tests {
             .await
             .unwrap();
         sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
-        let read =
-            "SELECT COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables
-                    WHERE relid = 'tasks'::regclass";
         let mut tx = pg.pool().begin().await.unwrap();
-        let before: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        let before: i64 = tasks_rows_read(&mut tx).await;
         let retried: Vec<(Uuid,)> = sqlx::query_as(sqlx::AssertSqlSafe(retry::retry_batch_query(true)))
             .bind(false)
             .bind(job.id.0)
@@ -675,7 +680,7 @@ mod tests {
             .fetch_all(&mut *tx)
             .await
             .unwrap();
-        let after: i64 = sqlx::query_scalar(read).fetch_one(&mut *tx).await.unwrap();
+        let after: i64 = tasks_rows_read(&mut tx).await;
         tx.rollback().await.unwrap();
         assert_eq!(retried.len(), 50);
         // The members' rows (100), then the 50 retried once more by the update.
