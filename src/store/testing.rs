@@ -89,17 +89,23 @@ impl EmptySchema {
     /// `None` when `TEST_DATABASE_URL` is not set.
     pub async fn new() -> Option<EmptySchema> {
         let base = postgres_url()?;
-        let schema = format!("t_{}", Uuid::now_v7().simple());
-        let mut conn = sqlx::PgConnection::connect(&base).await.expect("connect to TEST_DATABASE_URL");
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .execute(&mut conn)
-            .await
-            .expect("create test schema");
-        conn.close().await.ok();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        let (url, schema) = create_schema(&base, "t").await;
         Some(EmptySchema { base, schema, url })
     }
+}
+
+/// Creates a schema named `<prefix>_<uuid>` on the server of `base`: a URL whose connections use
+/// it, and its name.
+pub async fn create_schema(base: &str, prefix: &str) -> (String, String) {
+    let schema = format!("{prefix}_{}", Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(base).await.expect("connect to TEST_DATABASE_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .expect("create the test schema");
+    conn.close().await.ok();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    (format!("{base}{sep}options=-c%20search_path%3D{schema}"), schema)
 }
 
 impl TestDb {

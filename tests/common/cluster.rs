@@ -451,15 +451,7 @@ impl Drop for OwnPostgres {
 
 /// A fresh schema on the server of `base` and a URL whose connections use it.
 pub async fn fresh_schema(base: &str) -> (String, String) {
-    let schema = format!("chaos_{}", uuid::Uuid::now_v7().simple());
-    let mut conn = sqlx::PgConnection::connect(base).await.expect("connect to TEST_DATABASE_URL");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut conn)
-        .await
-        .expect("create the test schema");
-    conn.close().await.ok();
-    let sep = if base.contains('?') { '&' } else { '?' };
-    (format!("{base}{sep}options=-c%20search_path%3D{schema}"), schema)
+    coordinator::store::testing::create_schema(base, "chaos").await
 }
 
 /// Drops its schema when it goes out of scope, on panic too (after the processes using it were

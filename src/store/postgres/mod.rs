@@ -221,6 +221,22 @@ mod tests {
         .unwrap()
     }
 
+    /// Waits until every job is more than a millisecond old by the database's clock (the age a
+    /// pruning test gives jobs).
+    async fn jobs_older_than_a_millisecond(pool: &PgPool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !sqlx::query_scalar::<_, bool>(
+            "SELECT COALESCE(bool_and(created_at < now() - interval '1 millisecond'), true) FROM jobs",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        {
+            assert!(std::time::Instant::now() < deadline, "jobs never aged");
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Submits `n` pending tasks of type `prove`, in batches of at most 1,000.
     async fn prove_tasks(store: &Store, n: usize) {
         for start in (0..n).step_by(1000) {
@@ -598,13 +614,13 @@ mod tests {
         let short = Some(Duration::from_millis(1));
         let rules =
             crate::store::Retention { completed: short, failed: short, cancelled: short, workers: None };
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        jobs_older_than_a_millisecond(pg.pool()).await;
         let pruned_jobs = || {
             let store = db.store.clone();
             async move { store.prune(&rules, 1000).await.unwrap().expect("no other pruner").jobs }
         };
         assert_eq!(pruned_jobs().await, 1, "only the job with no task left");
-        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
         sqlx::query("DELETE FROM tasks").execute(pg.pool()).await.unwrap();
         assert_eq!(pruned_jobs().await, 2, "the job with a list and the one without");
         assert!(db.store.list_jobs(None, 10).await.unwrap().is_empty());
@@ -624,7 +640,7 @@ mod tests {
         }
         let (empty, _) = db.store.create_job("empty", Vec::new()).await.unwrap();
         sqlx::query("ANALYZE").execute(pg.pool()).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        jobs_older_than_a_millisecond(pg.pool()).await;
         let mut tx = pg.pool().begin().await.unwrap();
         let explain = format!("EXPLAIN (ANALYZE, COSTS OFF) {}", prune::PRUNE_JOBS);
         let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
