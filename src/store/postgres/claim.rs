@@ -22,7 +22,10 @@ use crate::{
 /// registration of a new session (which updates that row) either commits first and the placement
 /// is dropped, or waits for this claim and then adopts what it assigned. Each candidate is found
 /// where its locked row is (`$5`, its `ctid`, which cannot change while this transaction holds
-/// the row): one row fetch each, whatever the table's statistics say.
+/// the row): one row fetch each, whatever the table's statistics say. Its key is checked wrapped
+/// in `IS TRUE`: a join on the key would let a plan made on an empty table walk all of
+/// `tasks_pkey` instead ([`super::batch_settings`]). (A place is a safe way to a row only while
+/// this transaction holds it: a row updated meanwhile has a newer version elsewhere.)
 pub(super) const CLAIM_ASSIGN: &str =
     "WITH a AS (SELECT * FROM unnest($1::uuid[], $2::text[], $4::uuid[], $5::text[]::tid[])
                 AS a(id, worker_id, session_id, row_at)),
@@ -39,7 +42,7 @@ pub(super) const CLAIM_ASSIGN: &str =
              assigned_at = now(), started_at = NULL, updated_at = now(),
              lease_expires_at = now() + $3::bigint * interval '1 millisecond'
          FROM a
-         WHERE t.ctid = a.row_at AND t.id = a.id AND (t.status = 'pending') IS TRUE
+         WHERE t.ctid = a.row_at AND (t.id = a.id) IS TRUE AND (t.status = 'pending') IS TRUE
            AND (a.session_id IS NULL
                 OR EXISTS (SELECT 1 FROM fence f WHERE f.id = a.worker_id AND f.session_id = a.session_id))
          RETURNING t.id, t.task_type, t.payload, t.attempt, t.worker_id, t.priority, t.job_id,
@@ -47,7 +50,8 @@ pub(super) const CLAIM_ASSIGN: &str =
      )
      SELECT * FROM upd";
 
-/// Delivered assignments become `running`, started when they left on their stream.
+/// Delivered assignments become `running`, started when they left on their stream. Each task
+/// is found by its key ([`super::batch_settings`]).
 pub(super) const MARK_RUNNING: &str =
     "WITH h AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[])
                 AS h(id, worker_id, attempt, ago_us)),
@@ -56,13 +60,14 @@ pub(super) const MARK_RUNNING: &str =
          SET status = 'running', started_at = now() - h.ago_us * interval '1 microsecond',
              updated_at = now()
          FROM h
-         WHERE t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
+         WHERE t.id = ANY(ARRAY[h.id]) AND (t.worker_id = h.worker_id AND t.attempt = h.attempt) IS TRUE
            AND (t.status = 'assigned') IS TRUE
          RETURNING t.id
      )
      SELECT count(*) AS n FROM upd";
 
-/// Renews the leases of attempts still held, by (task, worker, attempt).
+/// Renews the leases of attempts still held, by (task, worker, attempt); each task found by its
+/// key ([`super::batch_settings`]).
 pub(super) const RENEW: &str =
     "WITH h AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[]) AS h(id, worker_id, attempt)),
      upd AS (
@@ -70,7 +75,7 @@ pub(super) const RENEW: &str =
          SET lease_expires_at = now() + $4::bigint * interval '1 millisecond',
              status = 'running', started_at = COALESCE(t.started_at, now()), updated_at = now()
          FROM h
-         WHERE t.id = h.id AND t.worker_id = h.worker_id AND t.attempt = h.attempt
+         WHERE t.id = ANY(ARRAY[h.id]) AND (t.worker_id = h.worker_id AND t.attempt = h.attempt) IS TRUE
            AND (t.status IN ('assigned', 'running')) IS TRUE
          RETURNING t.id, t.attempt, t.worker_id
      )

@@ -17,6 +17,7 @@ use crate::{
 };
 
 /// Completes held attempts, each named by (task, worker, attempt): the first report of each wins.
+/// Each task is found by its key ([`super::batch_settings`]).
 pub(super) const COMPLETE: &str = "WITH r AS (
          SELECT DISTINCT ON (id, worker_id, attempt) id, worker_id, attempt, result, ago_us
          FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bytea[], $5::bigint[]) WITH ORDINALITY
@@ -29,7 +30,7 @@ pub(super) const COMPLETE: &str = "WITH r AS (
              started_at = COALESCE(t.started_at, now() - r.ago_us * interval '1 microsecond', now()),
              updated_at = now(), lease_expires_at = NULL
          FROM r
-         WHERE t.id = r.id AND t.worker_id = r.worker_id AND t.attempt = r.attempt
+         WHERE t.id = ANY(ARRAY[r.id]) AND (t.worker_id = r.worker_id AND t.attempt = r.attempt) IS TRUE
            AND (t.status IN ('assigned', 'running')) IS TRUE
          RETURNING t.id, t.attempt, t.worker_id, t.dependents
      )
