@@ -216,7 +216,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::{JobId, TaskState},
-        store::{Store, TypeFilter, testing},
+        store::{ClaimFilter, Store, TypeFilter, testing},
     };
 
     /// The rows of `tasks` read so far by the transaction `tx` (its table statistics).
@@ -502,6 +502,174 @@ mod tests {
             .unwrap();
         assert_eq!(holding(id).await, ["tasks_completed_by", "tasks_finished", "tasks_pkey"], "completed");
         db.cleanup().await;
+    }
+
+    /// An update whose new version stays on its row's page logs only the bytes from the first
+    /// to the last that differ from the version before. A claim and a completion each change
+    /// adjacent columns of the task's row: no column either leaves as it was (and that takes
+    /// bytes: a null takes none) lies between two it changes, so neither logs it again.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_claim_and_a_completion_each_change_adjacent_columns_of_the_task_row() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute
+             WHERE attrelid = 'tasks'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+        .fetch_all(pg.pool())
+        .await
+        .unwrap();
+        let registration = testing::registration("w1", 1);
+        db.store.register_worker(&registration).await.unwrap();
+        // A task with what a submission may give it, so that its unchanged columns take bytes.
+        let mut task = testing::new_task("prove");
+        task.payload = vec![7; 300];
+        task.priority = 3;
+        task.idempotency_key = Some("key-1".into());
+        task.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let (_, created) = db.store.create_job("j", vec![task]).await.unwrap();
+        let id = created[0].task.id;
+        let row = || async move {
+            let text: String = sqlx::query_scalar("SELECT to_jsonb(t)::text FROM tasks t WHERE t.id = $1")
+                .bind(id.0)
+                .fetch_one(pg.pool())
+                .await
+                .unwrap();
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        };
+        let pending = row().await;
+        let worker = registration.id.clone();
+        let session = registration.session_id;
+        let held = db
+            .store
+            .claim_fenced(1, &ClaimFilter::types(TypeFilter::Any), Duration::from_secs(60), |c, _| {
+                crate::store::Placement {
+                    placed: vec![(c[0].id, worker.clone())],
+                    sessions: std::collections::HashMap::from([(worker.clone(), session)]),
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(held.len(), 1);
+        let assigned = row().await;
+        let held = Held { task_id: id, worker_id: worker.clone(), attempt: 1 };
+        let delivered = Some(std::time::Instant::now());
+        db.store
+            .complete(&[crate::store::Completion { held, result: b"proof".to_vec(), delivered }])
+            .await
+            .unwrap();
+        let completed = row().await;
+        for (step, before, after) in [("claim", &pending, &assigned), ("completion", &assigned, &completed)] {
+            let changed: Vec<&str> = columns
+                .iter()
+                .filter(|c| before[c.as_str()] != after[c.as_str()])
+                .map(String::as_str)
+                .collect();
+            let first = columns.iter().position(|c| c == changed[0]).unwrap();
+            let last = columns.iter().position(|c| c == changed[changed.len() - 1]).unwrap();
+            let logged_unchanged: Vec<&str> = columns[first..=last]
+                .iter()
+                .filter(|c| before[c.as_str()] == after[c.as_str()] && !after[c.as_str()].is_null())
+                .map(String::as_str)
+                .collect();
+            assert!(
+                logged_unchanged.is_empty(),
+                "a {step} changes {changed:?}, with {logged_unchanged:?} between them"
+            );
+        }
+        assert_eq!(completed["status"], "completed");
+        db.cleanup().await;
+    }
+
+    /// Migration 0016 writes `tasks` again with its columns in another order: every row keeps
+    /// every value, and the table keeps its indexes, constraints, storage settings and the view
+    /// over it, as they were.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn the_task_table_written_again_in_its_new_order_keeps_every_row_and_index() {
+        let empty = testing::EmptySchema::new().await.expect("TEST_DATABASE_URL");
+        let pool = PgPool::connect(&empty.url).await.unwrap();
+        MIGRATOR.run_to(15, &pool).await.unwrap();
+        let job = Uuid::now_v7();
+        sqlx::query("INSERT INTO jobs (id, name, total, members) VALUES ($1, 'j', 2, ARRAY[$2, $3]::uuid[])")
+            .bind(job)
+            .bind(Uuid::from_u128(1))
+            .bind(Uuid::from_u128(2))
+            .execute(&pool)
+            .await
+            .unwrap();
+        // One task in each shape a row takes: pending in a job, out on a worker, completed,
+        // failed with a retry counted, blocked on a parent with placement needs.
+        sqlx::query(
+            "INSERT INTO tasks (id, task_type, payload, priority, max_attempts, timeout_ms, job_id,
+                                job_position, idempotency_key, traceparent, status, attempt, failures,
+                                worker_id, session_id, lease_expires_at, assigned_at, started_at,
+                                finished_at, result, error, run_after, parents, blocked_on,
+                                dependents, on_parent_failure, requires, weight, affinity_key)
+             VALUES
+             ($1, 'prove', '\\x0102', 5, 3, 60000, $6, 0, 'k1', '00-ab-cd-01', 'pending', 0, 0,
+              NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, now() + interval '1 hour', NULL, NULL,
+              1, NULL, NULL, NULL, NULL),
+             ($2, 'prove', '\\x03', 0, 3, 1000, $6, 1, NULL, NULL, 'running', 2, 1, 'w1', $7,
+              now() + interval '1 minute', now(), now(), NULL, NULL, 'lost its lease', now(), NULL,
+              NULL, NULL, NULL, NULL, NULL, NULL),
+             ($3, 'agg', '', 0, 1, 1000, NULL, NULL, NULL, NULL, 'completed', 1, 0, 'w1', $7, NULL,
+              now(), now(), now(), '\\xff', NULL, now(), NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+             ($4, 'agg', '', 0, 2, 1000, NULL, NULL, 'k2', NULL, 'failed', 2, 2, 'w2', NULL, NULL,
+              now(), now(), now(), NULL, 'out of memory', now(), NULL, NULL, NULL, NULL, NULL, NULL, NULL),
+             ($5, 'gpu', '', 0, 3, 1000, NULL, NULL, NULL, NULL, 'blocked', 0, 0, NULL, NULL, NULL,
+              NULL, NULL, NULL, NULL, NULL, now(), 1, 1, NULL, 'cancel', '{\"eq\":[\"gpu\"]}', 2, 'key')",
+        )
+        .bind(Uuid::from_u128(1))
+        .bind(Uuid::from_u128(2))
+        .bind(Uuid::from_u128(3))
+        .bind(Uuid::from_u128(4))
+        .bind(Uuid::from_u128(5))
+        .bind(job)
+        .bind(Uuid::now_v7())
+        .execute(&pool)
+        .await
+        .unwrap();
+        let rows = || {
+            let pool = pool.clone();
+            async move {
+                let text: String =
+                    sqlx::query_scalar("SELECT jsonb_agg(to_jsonb(t) ORDER BY t.id)::text FROM tasks t")
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                serde_json::from_str::<serde_json::Value>(&text).unwrap()
+            }
+        };
+        let definitions = || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar::<_, String>(
+                    "SELECT indexname || ': ' || indexdef FROM pg_indexes
+                     WHERE schemaname = current_schema() AND tablename = 'tasks'
+                     UNION ALL
+                     SELECT conname || ': ' || pg_get_constraintdef(oid) FROM pg_constraint
+                     WHERE conrelid = 'tasks'::regclass
+                     UNION ALL
+                     SELECT 'options: ' || array_to_string(reloptions, ',') FROM pg_class
+                     WHERE oid = 'tasks'::regclass
+                     UNION ALL
+                     SELECT 'job_members: ' || pg_get_viewdef('job_members'::regclass)
+                     ORDER BY 1",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap()
+            }
+        };
+        let (rows_before, definitions_before) = (rows().await, definitions().await);
+        assert_eq!(rows_before.as_array().map(Vec::len), Some(5));
+        MIGRATOR.run(&pool).await.unwrap();
+        assert_eq!(rows().await, rows_before);
+        assert_eq!(definitions().await, definitions_before);
+        pool.close().await;
+        testing::TestDb::postgres_in(empty).await.cleanup().await;
     }
 
     /// A job's counts, its tasks, a page of jobs and a listing by job read each member task once
