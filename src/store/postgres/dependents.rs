@@ -12,6 +12,60 @@ use crate::{
     store::{Created, Result, Settled, StoreError, decode, parent_ended, sql::PARENT_RESULTS},
 };
 
+/// The dependents of tasks that just completed, locked in id order (as [`LOCK_BY_ID`]).
+pub(super) const RELEASE_LOCK: &str =
+    "SELECT 1 FROM tasks WHERE id = ANY(ARRAY(SELECT child FROM task_parents WHERE parent = ANY($1)))
+         ORDER BY id::text COLLATE \"C\" FOR NO KEY UPDATE";
+
+/// Dependents of tasks that just completed: one parent fewer each, pending at none.
+pub(super) const RELEASE: &str = "WITH e AS (
+             SELECT p.child, count(*)::int AS n FROM task_parents p
+             WHERE p.parent = ANY($1) GROUP BY p.child
+         ),
+         rel AS (
+             UPDATE tasks c
+             SET blocked_on = c.blocked_on - e.n,
+                 status = CASE WHEN c.status = 'blocked' AND c.blocked_on <= e.n THEN 'pending' ELSE c.status END,
+                 updated_at = now()
+             FROM e
+             WHERE c.id = ANY(ARRAY[e.child])
+             RETURNING c.id, c.status
+         )
+         SELECT id FROM rel WHERE status = 'pending'";
+
+/// The parents of a submission: one more dependent each.
+pub(super) const LINK_PARENTS: &str = "UPDATE tasks t SET dependents = COALESCE(t.dependents, 0) + v.n
+         FROM (SELECT parent, count(*)::int AS n FROM unnest($1::uuid[]) AS e(parent) GROUP BY parent) v
+         WHERE t.id = ANY(ARRAY[v.parent])
+         RETURNING t.id, t.status, t.error";
+
+/// New dependents of parents that already ended: released, or ended by the parent's end.
+pub(super) const SETTLE_CHILDREN: &str = "UPDATE tasks t
+         SET blocked_on = t.blocked_on - v.done,
+             status = CASE WHEN v.error IS NOT NULL
+                           THEN CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END
+                           WHEN t.blocked_on - v.done <= 0 THEN 'pending' ELSE 'blocked' END,
+             error = v.error,
+             finished_at = CASE WHEN v.error IS NOT NULL THEN now() END,
+             updated_at = now()
+         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS v(id, done, error)
+         WHERE t.id = ANY(ARRAY[v.id])
+         RETURNING t.id, t.status, t.error, t.finished_at, t.updated_at";
+
+/// One level of the dependents of ended tasks, ended by `on_parent_failure`.
+pub(super) const END_LEVEL: &str = "UPDATE tasks t
+             SET status = CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END,
+                 error = v.cause, finished_at = now(), updated_at = now()
+             FROM unnest($1::uuid[], $2::text[]) AS v(id, cause)
+             WHERE t.id = ANY(ARRAY[v.id]) AND (t.status = 'blocked') IS TRUE
+             RETURNING t.id, t.status, v.cause";
+
+/// Locks the tasks `$1` in id order. The order is written as the id's text (the same order, byte
+/// by byte), not the id itself: the key's order would let a plan made on an empty table walk
+/// all of `tasks_pkey` for it instead of looking up each task ([`super::batch_settings`]).
+pub(super) const LOCK_BY_ID: &str =
+    "SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id::text COLLATE \"C\" FOR NO KEY UPDATE";
+
 /// Ends the dependents of each root (a task that failed for good or was cancelled), and theirs:
 /// every descendant still blocked fails or is cancelled by its `on_parent_failure`, with the
 /// root's end in its error. Returns them with the state each ended in.
@@ -46,22 +100,8 @@ pub(super) async fn end_dependents(
             next.iter().map(|r| Ok((r.try_get("id")?, r.try_get("cause")?))).collect::<Result<_>>()?;
         level.sort();
         let (level_ids, level_causes): (Vec<Uuid>, Vec<String>) = level.into_iter().unzip();
-        sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-            .bind(&level_ids)
-            .execute(&mut **tx)
-            .await?;
-        let rows = sqlx::query(
-            "UPDATE tasks t
-             SET status = CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END,
-                 error = v.cause, finished_at = now(), updated_at = now()
-             FROM unnest($1::uuid[], $2::text[]) AS v(id, cause)
-             WHERE t.id = v.id AND (t.status = 'blocked') IS TRUE
-             RETURNING t.id, t.status, v.cause",
-        )
-        .bind(&level_ids)
-        .bind(&level_causes)
-        .fetch_all(&mut **tx)
-        .await?;
+        sqlx::query(LOCK_BY_ID).bind(&level_ids).execute(&mut **tx).await?;
+        let rows = sqlx::query(END_LEVEL).bind(&level_ids).bind(&level_causes).fetch_all(&mut **tx).await?;
         (ids, causes) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
         for r in rows {
             let id: Uuid = r.try_get("id")?;
@@ -81,32 +121,8 @@ pub(super) async fn release(tx: &mut Transaction<'_, Postgres>, parents: &[Uuid]
     }
     // The dependents locked in id order first: two completions releasing the same children in
     // different orders would deadlock.
-    sqlx::query(
-        "SELECT 1 FROM tasks WHERE id IN (SELECT child FROM task_parents WHERE parent = ANY($1))
-         ORDER BY id FOR NO KEY UPDATE",
-    )
-    .bind(parents)
-    .execute(&mut **tx)
-    .await?;
-    let rows = sqlx::query(
-        "WITH e AS (
-             SELECT p.child, count(*)::int AS n FROM task_parents p
-             WHERE p.parent = ANY($1) GROUP BY p.child
-         ),
-         rel AS (
-             UPDATE tasks c
-             SET blocked_on = c.blocked_on - e.n,
-                 status = CASE WHEN c.status = 'blocked' AND c.blocked_on <= e.n THEN 'pending' ELSE c.status END,
-                 updated_at = now()
-             FROM e
-             WHERE c.id = e.child
-             RETURNING c.id, c.status
-         )
-         SELECT id FROM rel WHERE status = 'pending'",
-    )
-    .bind(parents)
-    .fetch_all(&mut **tx)
-    .await?;
+    sqlx::query(RELEASE_LOCK).bind(parents).execute(&mut **tx).await?;
+    let rows = sqlx::query(RELEASE).bind(parents).fetch_all(&mut **tx).await?;
     rows.iter().map(|r| Ok(TaskId(r.try_get("id")?))).collect()
 }
 
@@ -150,19 +166,8 @@ pub(super) async fn link(
     let mut distinct: Vec<Uuid> = parents.iter().copied().collect::<HashSet<_>>().into_iter().collect();
     distinct.sort();
     // Locked in id order first, so two submissions naming the same parents cannot deadlock.
-    sqlx::query("SELECT 1 FROM tasks WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(&distinct)
-        .execute(&mut **tx)
-        .await?;
-    let rows = sqlx::query(
-        "UPDATE tasks t SET dependents = COALESCE(t.dependents, 0) + v.n
-         FROM (SELECT parent, count(*)::int AS n FROM unnest($1::uuid[]) AS e(parent) GROUP BY parent) v
-         WHERE t.id = v.parent
-         RETURNING t.id, t.status, t.error",
-    )
-    .bind(&parents)
-    .fetch_all(&mut **tx)
-    .await?;
+    sqlx::query(LOCK_BY_ID).bind(&distinct).execute(&mut **tx).await?;
+    let rows = sqlx::query(LINK_PARENTS).bind(&parents).fetch_all(&mut **tx).await?;
     let mut status: HashMap<Uuid, (TaskState, Option<String>)> = HashMap::with_capacity(rows.len());
     for r in &rows {
         status.insert(r.try_get("id")?, (decode::state(r.try_get("status")?)?, r.try_get("error")?));
@@ -192,24 +197,8 @@ pub(super) async fn link(
     }
     let counts: Vec<i32> = fix.iter().map(|c| done.get(c).copied().unwrap_or(0)).collect();
     let errors: Vec<Option<&str>> = fix.iter().map(|c| ended_by.get(c).map(String::as_str)).collect();
-    let rows = sqlx::query(
-        "UPDATE tasks t
-         SET blocked_on = t.blocked_on - v.done,
-             status = CASE WHEN v.error IS NOT NULL
-                           THEN CASE WHEN t.on_parent_failure = 'cancel' THEN 'cancelled' ELSE 'failed' END
-                           WHEN t.blocked_on - v.done <= 0 THEN 'pending' ELSE 'blocked' END,
-             error = v.error,
-             finished_at = CASE WHEN v.error IS NOT NULL THEN now() END,
-             updated_at = now()
-         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS v(id, done, error)
-         WHERE t.id = v.id
-         RETURNING t.id, t.status, t.error, t.finished_at, t.updated_at",
-    )
-    .bind(&fix)
-    .bind(&counts)
-    .bind(&errors)
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows =
+        sqlx::query(SETTLE_CHILDREN).bind(&fix).bind(&counts).bind(&errors).fetch_all(&mut **tx).await?;
     let at: HashMap<TaskId, usize> = created.iter().enumerate().map(|(i, c)| (c.task.id, i)).collect();
     let mut roots = Vec::new();
     for r in rows {

@@ -885,7 +885,10 @@ mod tests {
     /// One made while `tasks` held no row or three (analyzed: a new table, or one pruned empty),
     /// then run with 10,000 pending (no analyze in between, as on a connection that outlives a
     /// burst), still finds each row of its batch by key or by place: every scan of `tasks` is
-    /// a lookup, never a walk of the table or of a whole index of it.
+    /// a lookup, never a walk of the table or of a whole index of it. The statements are those
+    /// of the claim, the running mark, the renewal, the completion and what runs in its
+    /// transaction (the classification of reports it did not apply, the release of dependents),
+    /// and a submission's links to its parents.
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn a_batch_statements_plan_made_on_a_small_table_finds_its_rows_by_key_once_it_has_grown() {
@@ -900,6 +903,13 @@ mod tests {
                 ("mark_running", BATCH_BEGIN, claim::MARK_RUNNING, "('{}', '{}', '{}', '{}')"),
                 ("renew", BATCH_BEGIN, claim::RENEW, "('{}', '{}', '{}', 60000)"),
                 ("complete", BATCH_BEGIN, report::COMPLETE, "('{}', '{}', '{}', '{}', '{}')"),
+                ("outcomes", BATCH_BEGIN, report::OUTCOMES, "('{}', '{}', '{}')"),
+                ("release_lock", BATCH_BEGIN, dependents::RELEASE_LOCK, "('{}')"),
+                ("release", BATCH_BEGIN, dependents::RELEASE, "('{}')"),
+                ("lock_by_id", BATCH_BEGIN, dependents::LOCK_BY_ID, "('{}')"),
+                ("link_parents", BATCH_BEGIN, dependents::LINK_PARENTS, "('{}')"),
+                ("settle_children", BATCH_BEGIN, dependents::SETTLE_CHILDREN, "('{}', '{}', '{}')"),
+                ("end_level", BATCH_BEGIN, dependents::END_LEVEL, "('{}', '{}')"),
             ];
             let mut conn = pg.pool().acquire().await.unwrap();
             for (name, begin, sql, args) in statements {
@@ -914,7 +924,7 @@ mod tests {
                     sqlx::query_scalar(sqlx::AssertSqlSafe(explain)).fetch_all(&mut *conn).await.unwrap();
                 sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.unwrap();
                 let plan = plan.join("\n");
-                for whole in ["Seq Scan", "Hash Join", "Merge Join", "Bitmap Heap Scan on tasks"] {
+                for whole in ["Seq Scan", "Hash Join", "Merge Join"] {
                     assert!(
                         !plan.contains(whole),
                         "{name} (made at {start} rows) keeps a plan with a {whole}:\n{plan}"
@@ -929,7 +939,9 @@ mod tests {
                     let next = lines.get(i + 1).copied().unwrap_or("");
                     let lookup = (lines[i].contains("Index Scan using tasks_pkey on tasks")
                         && next.contains("Index Cond: (id = "))
-                        || (lines[i].contains("Tid Scan on tasks") && next.contains("TID Cond: "));
+                        || (lines[i].contains("Tid Scan on tasks") && next.contains("TID Cond: "))
+                        || (lines[i].contains("Bitmap Heap Scan on tasks")
+                            && next.contains("Recheck Cond: (id = "));
                     assert!(
                         lookup,
                         "{name} (made at {start} rows) reads tasks other than by key or place:\n{plan}"
@@ -941,67 +953,72 @@ mod tests {
         }
     }
 
-    /// A completion that finds its task's row being updated by another transaction (a running
-    /// mark, a lease renewal) waits for it, then applies to the version that transaction wrote:
-    /// the batch's lookup holds for the newer version too.
+    /// A completion that finds its task's row being updated by another transaction waits for it,
+    /// then decides on the version that transaction wrote: it applies after a running mark of
+    /// its attempt, and not after the task went to another attempt (a requeue and a new claim).
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-    async fn a_completion_that_waits_on_a_running_mark_applies_once_the_mark_commits() {
+    async fn a_completion_that_waits_on_another_update_of_its_task_decides_on_the_newer_version() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        let created = db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
-        let id = created[0].task.id;
-        let worker = crate::domain::WorkerId("w1".into());
-        let claimed = db
-            .store
-            .claim(1, &TypeFilter::Any, Duration::from_secs(60), |c| vec![(c[0].id, worker.clone())])
-            .await
-            .unwrap();
-        assert_eq!(claimed.len(), 1);
-        // The running mark, not yet committed: the row's newer version is elsewhere on its page.
-        let mut mark = pg.pool().begin().await.unwrap();
-        sqlx::query(
-            "UPDATE tasks SET status = 'running', started_at = now(), updated_at = now() WHERE id = $1",
-        )
-        .bind(id.0)
-        .execute(&mut *mark)
-        .await
-        .unwrap();
-        let xid: String =
-            sqlx::query_scalar("SELECT pg_current_xact_id()::text").fetch_one(&mut *mark).await.unwrap();
-        let store = db.store.clone();
-        let held = Held { task_id: id, worker_id: worker, attempt: 1 };
-        let completion = tokio::spawn(async move {
-            store
-                .complete(&[crate::store::Completion { held, result: b"proof".to_vec(), delivered: None }])
+        let cases = [
+            (
+                "UPDATE tasks SET status = 'running', started_at = now(), updated_at = now() WHERE id = $1",
+                true,
+            ),
+            ("UPDATE tasks SET attempt = 2, worker_id = 'w2', updated_at = now() WHERE id = $1", false),
+        ];
+        for (update, applies) in cases {
+            let created = db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
+            let id = created[0].task.id;
+            let worker = crate::domain::WorkerId("w1".into());
+            let claimed = db
+                .store
+                .claim(1, &TypeFilter::Any, Duration::from_secs(60), |c| vec![(c[0].id, worker.clone())])
                 .await
-        });
-        // Until the completion waits for the mark's transaction.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks
-                 WHERE locktype = 'transactionid' AND NOT granted AND transactionid::text = $1",
-            )
-            .bind(&xid)
-            .fetch_one(pg.pool())
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
+                .unwrap();
+            assert_eq!(claimed.len(), 1);
+            // The other update, not yet committed: the row's newer version is elsewhere.
+            let mut other = pg.pool().begin().await.unwrap();
+            sqlx::query(update).bind(id.0).execute(&mut *other).await.unwrap();
+            let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::xid::text")
+                .fetch_one(&mut *other)
+                .await
+                .unwrap();
+            let store = db.store.clone();
+            let held = Held { task_id: id, worker_id: worker, attempt: 1 };
+            let completion = tokio::spawn(async move {
+                let report = crate::store::Completion { held, result: b"proof".to_vec(), delivered: None };
+                store.complete(&[report]).await
+            });
+            // Until the completion waits for the other transaction.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks
+                     WHERE locktype = 'transactionid' AND NOT granted AND transactionid::text = $1",
+                )
+                .bind(&xid)
+                .fetch_one(pg.pool())
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "the completion never waited ({update})");
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            assert!(std::time::Instant::now() < deadline, "the completion never waited for the mark");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            other.commit().await.unwrap();
+            let outcomes = completion.await.unwrap().unwrap();
+            let applied = outcomes == [crate::store::ReportOutcome::Applied { state: TaskState::Completed }];
+            assert_eq!(applied, applies, "after {update}: {outcomes:?}");
+            let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+                .bind(id.0)
+                .fetch_one(pg.pool())
+                .await
+                .unwrap();
+            assert_eq!(status == "completed", applies, "after {update}: {status}");
         }
-        mark.commit().await.unwrap();
-        let outcomes = completion.await.unwrap().unwrap();
-        assert_eq!(outcomes, [crate::store::ReportOutcome::Applied { state: TaskState::Completed }]);
-        let status: String = sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
-            .bind(id.0)
-            .fetch_one(pg.pool())
-            .await
-            .unwrap();
-        assert_eq!(status, "completed");
         db.cleanup().await;
     }
 

@@ -36,6 +36,16 @@ pub(super) const COMPLETE: &str = "WITH r AS (
      )
      SELECT id, attempt, worker_id, dependents FROM upd";
 
+/// The task row and the closed attempt of each unapplied report, to classify it; each found by its
+/// key ([`super::batch_settings`]).
+pub(super) const OUTCOMES: &str = "SELECT r.ord, t.status, t.attempt,
+                CASE WHEN t.status = 'completed' AND t.attempt = r.attempt AND t.worker_id = r.worker_id
+                     THEN 'completed' ELSE a.outcome END AS outcome
+         FROM unnest($1::uuid[], $2::text[], $3::int[]) WITH ORDINALITY AS r(id, worker_id, attempt, ord)
+         LEFT JOIN tasks t ON t.id = ANY(ARRAY[r.id])
+         LEFT JOIN task_attempts a ON a.task_id = ANY(ARRAY[r.id])
+             AND (a.attempt = r.attempt AND a.worker_id = r.worker_id) IS TRUE";
+
 impl PgStore {
     pub(in crate::store) async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
         retry_conflicts!(self.complete_once(reports).await)
@@ -97,19 +107,8 @@ impl PgStore {
             let sub: Vec<Held> = rest.iter().map(|&i| held[i].clone()).collect();
             let (ids, workers, attempts) = held_arrays(&sub);
             // A completed attempt has no attempt row: its task's row says it.
-            let rows = sqlx::query(
-                "SELECT r.ord, t.status, t.attempt,
-                        CASE WHEN t.status = 'completed' AND t.attempt = r.attempt AND t.worker_id = r.worker_id
-                             THEN 'completed' ELSE a.outcome END AS outcome
-                 FROM unnest($1::uuid[], $2::text[], $3::int[]) WITH ORDINALITY AS r(id, worker_id, attempt, ord)
-                 LEFT JOIN tasks t ON t.id = r.id
-                 LEFT JOIN task_attempts a ON a.task_id = r.id AND a.attempt = r.attempt AND a.worker_id = r.worker_id",
-            )
-            .bind(&ids)
-            .bind(&workers)
-            .bind(&attempts)
-            .fetch_all(&mut **tx)
-            .await?;
+            let rows =
+                sqlx::query(OUTCOMES).bind(&ids).bind(&workers).bind(&attempts).fetch_all(&mut **tx).await?;
             for r in rows {
                 let ord: i64 = r.try_get("ord")?;
                 let status: Option<String> = r.try_get("status")?;
