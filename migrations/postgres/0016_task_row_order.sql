@@ -10,9 +10,11 @@
 -- for it; see docs/operations.md on upgrades), then builds its indexes again. The new table is
 -- left unanalyzed, as a new one is: statistics of an empty table would make a connection's
 -- batch statements plan for a table of no rows (autovacuum analyzes it once it has rows).
-LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;
-
+-- The view first: a read of job_members locks the view, then tasks. Locking tasks first would let
+-- such a read hold the view while this waits for it, and each wait for the other.
 DROP VIEW IF EXISTS job_members;
+
+LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;
 
 CREATE TABLE tasks_reordered (
     id                UUID NOT NULL,

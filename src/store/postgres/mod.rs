@@ -583,8 +583,8 @@ mod tests {
     }
 
     /// Migration 0016 writes `tasks` again with its columns in another order: every row keeps
-    /// every value, and the table keeps its indexes, constraints, storage settings and the view
-    /// over it, as they were.
+    /// every value, and the table keeps its columns' types, defaults and nullability, its
+    /// indexes, constraints, storage settings and the view over it, as they were.
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn the_task_table_written_again_in_its_new_order_keeps_every_row_and_index() {
@@ -654,6 +654,14 @@ mod tests {
                      UNION ALL
                      SELECT 'options: ' || array_to_string(reloptions, ',') FROM pg_class
                      WHERE oid = 'tasks'::regclass
+                     UNION ALL
+                     SELECT 'column ' || a.attname || ': ' || format_type(a.atttypid, a.atttypmod)
+                            || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+                            || COALESCE(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
+                            || ' statistics ' || a.attstattarget
+                     FROM pg_attribute a
+                     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+                     WHERE a.attrelid = 'tasks'::regclass AND a.attnum > 0 AND NOT a.attisdropped
                      UNION ALL
                      SELECT 'job_members: ' || pg_get_viewdef('job_members'::regclass)
                      ORDER BY 1",
