@@ -230,6 +230,15 @@ mod tests {
         .unwrap()
     }
 
+    /// A fresh schema migrated up to `version` (for a test of the migrations after it), and a
+    /// pool on it.
+    async fn schema_migrated_to(version: i64) -> (testing::EmptySchema, PgPool) {
+        let empty = testing::EmptySchema::new().await.expect("TEST_DATABASE_URL");
+        let pool = PgPool::connect(&empty.url).await.unwrap();
+        MIGRATOR.run_to(version, &pool).await.unwrap();
+        (empty, pool)
+    }
+
     /// Waits until every job is more than a millisecond old by the database's clock (the age a
     /// pruning test gives jobs).
     async fn jobs_older_than_a_millisecond(pool: &PgPool) {
@@ -588,9 +597,7 @@ mod tests {
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn the_task_table_written_again_in_its_new_order_keeps_every_row_and_index() {
-        let empty = testing::EmptySchema::new().await.expect("TEST_DATABASE_URL");
-        let pool = PgPool::connect(&empty.url).await.unwrap();
-        MIGRATOR.run_to(15, &pool).await.unwrap();
+        let (empty, pool) = schema_migrated_to(15).await;
         let job = Uuid::now_v7();
         sqlx::query("INSERT INTO jobs (id, name, total, members) VALUES ($1, 'j', 2, ARRAY[$2, $3]::uuid[])")
             .bind(job)
@@ -730,9 +737,7 @@ mod tests {
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn jobs_stored_before_their_members_were_listed_read_as_before() {
-        let empty = testing::EmptySchema::new().await.expect("TEST_DATABASE_URL");
-        let pool = PgPool::connect(&empty.url).await.unwrap();
-        MIGRATOR.run_to(14, &pool).await.unwrap();
+        let (empty, pool) = schema_migrated_to(14).await;
         let (a, pruned, later) = (JobId::new(), JobId::new(), JobId::new());
         let [a0, shared, a2, l0, l1] = [(); 5].map(|_| Uuid::now_v7());
         let task =
