@@ -4,7 +4,9 @@
 //!
 //! - a trickle phase with idle workers: one task at a time, submit -> worker start latency;
 //! - a bulk phase: N tasks submitted in jobs of `batch`, submit rate, end-to-end tasks/s (first
-//!   submit to last accepted report), and submit -> worker start latency percentiles;
+//!   submit to last accepted report), and submit -> worker start latency percentiles; as fast as
+//!   the coordinator takes them (a backlog), or paced at `rate` tasks/s (a fleet that keeps up,
+//!   where a task submitted outside a job is assigned as it is stored);
 //!
 //! and checks that every task completed and was accepted exactly once.
 //!
@@ -69,6 +71,9 @@ pub struct BenchOptions {
     pub batch: usize,
     /// Submit the bulk phase with SubmitTasks, tasks outside any job.
     pub no_jobs: bool,
+    /// Submit the bulk phase at this many tasks per second, its batches evenly spaced (as fast
+    /// as the coordinator answers when absent).
+    pub rate: Option<f64>,
     /// Tasks in the one-at-a-time latency phase.
     pub trickle: usize,
     /// A running coordinator (`http://host:9090`); ignored with `embedded`.
@@ -133,6 +138,8 @@ pub struct BenchReport {
     pub batch: usize,
     /// Whether each batch of the bulk phase was a job (else tasks outside any job).
     pub jobs: bool,
+    /// The pace of the bulk phase's submissions, tasks/s (absent: as fast as answered).
+    pub rate: Option<f64>,
     pub submit_seconds: f64,
     pub submit_per_second: f64,
     pub end_to_end_seconds: f64,
@@ -413,6 +420,9 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     if opts.tasks == 0 || opts.workers == 0 || opts.batch == 0 {
         bail!("--tasks, --workers and --batch must be at least 1");
     }
+    if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        bail!("--rate must be a number of tasks per second above 0");
+    }
     if !opts.embedded {
         let meter = CostMeter::new(&opts, None).await;
         return with_workers(&opts, &opts.endpoint, &opts.security, None, meter).await;
@@ -612,6 +622,9 @@ impl Run<'_> {
         let mut jobs = Vec::new();
         let mut left = opts.tasks;
         while left > 0 {
+            if let Some(rate) = opts.rate {
+                tokio::time::sleep_until(due(t0, opts.tasks - left, rate).into()).await;
+            }
             let n = left.min(opts.batch);
             left -= n;
             let at = Instant::now();
@@ -692,6 +705,7 @@ impl Run<'_> {
             prefetch: opts.prefetch,
             batch: opts.batch,
             jobs: !opts.no_jobs,
+            rate: opts.rate,
             submit_seconds: submit.as_secs_f64(),
             submit_per_second: opts.tasks as f64 / submit.as_secs_f64(),
             end_to_end_seconds: end_to_end.as_secs_f64(),
@@ -708,6 +722,11 @@ impl Run<'_> {
             cost,
         })
     }
+}
+
+/// When the submission that follows the first `sent` tasks is due, at `rate` tasks/s from `t0`.
+fn due(t0: Instant, sent: usize, rate: f64) -> Instant {
+    t0 + Duration::from_secs_f64(sent as f64 / rate)
 }
 
 async fn wait_connected(client: &mut Client, ids: &[String]) -> anyhow::Result<()> {
@@ -757,7 +776,7 @@ impl BenchReport {
         format!(
             "backend           {}\n\
              tasks             {} ({} workers x {} slots = {} at once, prefetch {}, {} of {})\n\
-             submit            {:.0} tasks/s ({:.2} s)\n\
+             submit            {:.0} tasks/s ({:.2} s{})\n\
              end to end        {:.0} tasks/s ({:.2} s, first submit to last accepted report)\n\
              latency (bulk)    p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  (submit -> worker start)\n\
              latency (trickle) p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} tasks one at a time)\n\
@@ -773,6 +792,10 @@ impl BenchReport {
             self.batch,
             self.submit_per_second,
             self.submit_seconds,
+            match self.rate {
+                Some(r) => format!(", paced at {r:.0} tasks/s"),
+                None => String::new(),
+            },
             self.end_to_end_per_second,
             self.end_to_end_seconds,
             l.p50_ms,
@@ -806,5 +829,13 @@ mod tests {
         assert_eq!((p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms), (50.0, 90.0, 99.0, 100.0));
         assert_eq!(Percentiles::of(vec![]).samples, 0);
         assert_eq!(Percentiles::of(vec![Duration::from_millis(7)]).p99_ms, 7.0);
+    }
+
+    #[test]
+    fn paced_submissions_are_due_evenly_from_the_start() {
+        let t0 = Instant::now();
+        assert_eq!(due(t0, 0, 500.0), t0);
+        assert_eq!(due(t0, 1000, 500.0), t0 + Duration::from_secs(2));
+        assert_eq!(due(t0, 250, 1000.0) - t0, Duration::from_millis(250));
     }
 }

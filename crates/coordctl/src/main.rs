@@ -245,6 +245,10 @@ enum Cmd {
         /// Submit the bulk phase with SubmitTasks, outside any job (one job per batch otherwise).
         #[arg(long)]
         no_jobs: bool,
+        /// Pace the bulk phase's submissions at this many tasks per second, batches evenly
+        /// spaced (as fast as the coordinator answers otherwise).
+        #[arg(long)]
+        rate: Option<f64>,
         /// Tasks in the one-at-a-time latency phase.
         #[arg(long, default_value_t = 200)]
         trickle: usize,
@@ -443,6 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         prefetch,
         batch,
         no_jobs,
+        rate,
         trickle,
         embedded,
         database_url,
@@ -456,6 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prefetch,
             batch,
             no_jobs,
+            rate,
             trickle,
             endpoint: cli.coordinator.clone(),
             embedded,
