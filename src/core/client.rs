@@ -126,12 +126,24 @@ impl Core {
         Ok(Submitted { tasks, warnings })
     }
 
-    /// Stores a job and its tasks.
+    /// Stores a job and its tasks, those a free worker can take now assigned as they are
+    /// stored (as [`Core::submit`] does), and wakes the scheduler for the others.
     pub async fn submit_job(&self, name: &str, tasks: Vec<NewTask>) -> Result<SubmittedJob, CoreError> {
         let (_, warnings) = self.check_types(&tasks).await?;
-        let (job, created) = self.inner.store.create_job(name, tasks).await?;
-        let created_n = created.iter().filter(|c| c.created).count();
-        self.inner.effects.submitted(created_n, created_n);
+        let inner = self.inner.clone();
+        let name = name.to_owned();
+        // Detached, as a submission of tasks is.
+        let (job, created) = Effects::detached(async move {
+            let (job, created) = match inner.at_submission.get() {
+                Some(placer) => placer.create_job(&name, tasks).await?,
+                None => inner.store.create_job(&name, tasks).await?,
+            };
+            let unassigned =
+                created.iter().filter(|c| c.created && c.task.state != TaskState::Assigned).count();
+            inner.effects.submitted(created.iter().filter(|c| c.created).count(), unassigned);
+            Ok::<_, crate::store::StoreError>((job, created))
+        })
+        .await??;
         Ok(SubmittedJob { job, task_ids: created.iter().map(|c| c.task.id).collect(), warnings })
     }
 

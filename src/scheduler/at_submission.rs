@@ -1,5 +1,5 @@
-//! Placement at submission: a task submitted while one of this replica's workers has a free
-//! slot for it is inserted already assigned to that worker and pushed as soon as the insert
+//! Placement at submission: a task submitted (alone, in a batch or in a job) while one of this
+//! replica's workers has a free slot for it is inserted already assigned to that worker and pushed as soon as the insert
 //! commits, without waiting for a scheduler pass to claim it. The insert, its session fence and
 //! its other checks are the store's ([`Store::create_tasks_placed`]); here the workers are
 //! picked, under placement's turn ([`Placing`]), and the assignments pushed.
@@ -15,7 +15,7 @@ use chrono::Utc;
 use super::{OnRequeue, Placing, SchedulerStats, deliver, give_back, placement};
 use crate::{
     config::Strategy,
-    domain::{Candidate, NewTask},
+    domain::{Assignment, Candidate, Job, JobId, NewTask},
     events::Events,
     metrics,
     registry::Registry,
@@ -44,6 +44,28 @@ impl AtSubmission {
     /// Creates `tasks`; those a free worker of this replica can take now are created assigned
     /// to it and pushed. What each submission got, as [`Store::create_tasks`] answers it.
     pub async fn create(&self, tasks: &[NewTask]) -> store::Result<Vec<Created>> {
+        self.place(tasks, Tasks).await
+    }
+
+    /// Creates a job of `tasks` as [`Store::create_job`] does, those a free worker of this
+    /// replica can take now assigned to it and pushed, as [`Self::create`] places them.
+    pub async fn create_job(
+        &self,
+        name: &str,
+        mut tasks: Vec<NewTask>,
+    ) -> store::Result<(Job, Vec<Created>)> {
+        let id = store::new_job(&mut tasks);
+        self.place(&tasks, JobOf { id, name }).await
+    }
+
+    /// Picks free workers of this replica for `tasks` under placement's turn, stores them with
+    /// `insert` (given an empty placement when none is picked or the turn is not free soon), and
+    /// pushes what the insert assigned.
+    async fn place<I: Insert>(&self, tasks: &[NewTask], insert: I) -> store::Result<I::Out> {
+        let unplaced = async || {
+            let (out, _) = insert.insert(&self.store, tasks, &Placement::default(), self.lease).await?;
+            Ok(out)
+        };
         let now = Utc::now();
         let candidates: Vec<Candidate> = tasks
             .iter()
@@ -56,13 +78,13 @@ impl AtSubmission {
             })
             .collect();
         if candidates.is_empty() || !self.store.assigns_at_submission() {
-            return self.store.create_tasks(tasks).await;
+            return unplaced().await;
         }
         let mut turn = match self.placing.0.try_lock() {
             Ok(turn) => turn,
             Err(_) => match tokio::time::timeout(TURN_WAIT, self.placing.0.lock()).await {
                 Ok(turn) => turn,
-                Err(_) => return self.store.create_tasks(tasks).await,
+                Err(_) => return unplaced().await,
             },
         };
         let (workers, sessions) = self.registry.schedulable();
@@ -70,13 +92,13 @@ impl AtSubmission {
         let placed = placement::place(self.strategy, &candidates, &workers, &mut cursor, &HashMap::new());
         if placed.placed.is_empty() {
             drop(turn);
-            return self.store.create_tasks(tasks).await;
+            return unplaced().await;
         }
         if (placed.affinity_hits, placed.affinity_misses) != (0, 0) {
             metrics::affinity_placements(placed.affinity_hits, placed.affinity_misses);
         }
         let placement = Placement { placed: placed.placed, sessions: sessions.clone() };
-        let (created, assigned) = match self.store.create_tasks_placed(tasks, &placement, self.lease).await {
+        let (out, assigned) = match insert.insert(&self.store, tasks, &placement, self.lease).await {
             Ok(out) => out,
             Err(e) => {
                 // The commit's outcome may be unknown: the reconciliation returns whatever was
@@ -94,7 +116,60 @@ impl AtSubmission {
             // A failed give-back is the reconciliation's (requested by `give_back`).
             let _ = give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await;
         }
-        Ok(created)
+        Ok(out)
+    }
+}
+
+/// How a submission is stored: its tasks alone ([`Tasks`]) or as a job ([`JobOf`]), those of
+/// `placement` assigned where the store's checks let them be.
+trait Insert {
+    type Out;
+
+    fn insert(
+        &self,
+        store: &Store,
+        tasks: &[NewTask],
+        placement: &Placement,
+        lease: Duration,
+    ) -> impl Future<Output = store::Result<(Self::Out, Vec<Assignment>)>> + Send;
+}
+
+/// Tasks outside any job: [`Store::create_tasks_placed`].
+struct Tasks;
+
+impl Insert for Tasks {
+    type Out = Vec<Created>;
+
+    async fn insert(
+        &self,
+        store: &Store,
+        tasks: &[NewTask],
+        placement: &Placement,
+        lease: Duration,
+    ) -> store::Result<(Vec<Created>, Vec<Assignment>)> {
+        store.create_tasks_placed(tasks, placement, lease).await
+    }
+}
+
+/// The tasks of job `id`: [`Store::create_job_placed`].
+struct JobOf<'a> {
+    id: JobId,
+    name: &'a str,
+}
+
+impl Insert for JobOf<'_> {
+    type Out = (Job, Vec<Created>);
+
+    async fn insert(
+        &self,
+        store: &Store,
+        tasks: &[NewTask],
+        placement: &Placement,
+        lease: Duration,
+    ) -> store::Result<((Job, Vec<Created>), Vec<Assignment>)> {
+        let (job, created, assigned) =
+            store.create_job_placed(self.id, self.name, tasks, placement, lease).await?;
+        Ok(((job, created), assigned))
     }
 }
 
@@ -167,6 +242,57 @@ mod tests {
         let created = placer.create(std::slice::from_ref(&second)).await.expect("create");
         assert_eq!(created[0].task.state, TaskState::Pending, "the worker's one slot is taken");
         assert!(pushed(&mut stream).is_empty());
+        db.cleanup().await;
+    }
+
+    /// A job submitted while its worker has free slots is stored with as many of its tasks
+    /// assigned to it (first attempt, its session, a lease) and pushed as the slots allow, the
+    /// rest pending for a claim; its counts and its members say so.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_job_is_assigned_to_free_workers_as_it_is_stored() {
+        let Some((db, placer, mut stream, _)) = setup(2).await else { panic!("TEST_DATABASE_URL") };
+        let tasks: Vec<_> = (0..3).map(|_| testing::new_task("prove")).collect();
+        let (job, created) = placer.create_job("j", tasks.clone()).await.expect("create job");
+        let states: Vec<TaskState> = created.iter().map(|c| c.task.state).collect();
+        assert_eq!(states, vec![TaskState::Assigned, TaskState::Assigned, TaskState::Pending]);
+        assert!(created.iter().all(|c| c.created && c.task.job_id == Some(job.id)));
+        assert_eq!(pushed(&mut stream), vec![tasks[0].id, tasks[1].id]);
+        let counts = |job: &crate::domain::Job| {
+            (job.counts.get(&TaskState::Assigned).copied(), job.counts.get(&TaskState::Pending).copied())
+        };
+        assert_eq!(counts(&job), (Some(2), Some(1)));
+        let stored = db.store.get_job(job.id).await.unwrap().expect("the job");
+        assert_eq!((stored.total, counts(&stored)), (3, (Some(2), Some(1))));
+        let held = db.store.held_by(&WorkerId::from("w")).await.unwrap();
+        let mut held: Vec<_> = held.iter().map(|h| (h.task_id, h.attempt)).collect();
+        held.sort();
+        let mut expected = vec![(tasks[0].id, 1), (tasks[1].id, 1)];
+        expected.sort();
+        assert_eq!(held, expected);
+        let members: Vec<_> = db.store.job_tasks(job.id).await.unwrap().iter().map(|t| t.id).collect();
+        assert_eq!(members, tasks.iter().map(|t| t.id).collect::<Vec<_>>());
+        db.cleanup().await;
+    }
+
+    /// A job meets the same session fence as a submission of tasks: its worker registered again
+    /// elsewhere after placement looked, and nothing of the job is assigned to the old session.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_job_is_not_assigned_to_a_session_the_database_replaced() {
+        let Some((db, placer, mut stream, _)) = setup(4).await else { panic!("TEST_DATABASE_URL") };
+        let crate::store::Store::Postgres(pg) = &db.store else { unreachable!() };
+        sqlx::query("UPDATE workers SET session_id = $1 WHERE id = 'w'")
+            .bind(uuid::Uuid::now_v7())
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..2).map(|_| testing::new_task("prove")).collect();
+        let (job, created) = placer.create_job("j", tasks).await.expect("create job");
+        assert!(created.iter().all(|c| c.task.state == TaskState::Pending), "{created:?}");
+        assert_eq!(job.counts.get(&TaskState::Pending), Some(&2));
+        assert!(pushed(&mut stream).is_empty());
+        assert!(db.store.held_by(&WorkerId::from("w")).await.unwrap().is_empty());
         db.cleanup().await;
     }
 

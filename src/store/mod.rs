@@ -286,6 +286,15 @@ fn occurrence_tasks(schedule: &Schedule, firing: &Firing) -> Vec<NewTask> {
     firing.occurrences.iter().map(|o| schedule.template.task(schedule.id, *o)).collect()
 }
 
+/// A new job's id, named as the job of each of `tasks`.
+pub fn new_job(tasks: &mut [NewTask]) -> JobId {
+    let job_id = JobId::new();
+    for t in tasks {
+        t.job_id = Some(job_id);
+    }
+    job_id
+}
+
 /// How many of `created` are new: the runs a firing adds to its schedule.
 fn new_runs(created: &[Created]) -> i64 {
     created.iter().filter(|c| c.created).count() as i64
@@ -781,16 +790,32 @@ impl Store {
         if tasks.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
+        if placement.placed.is_empty() {
+            return Ok((self.create_tasks(tasks).await?, Vec::new()));
+        }
         timed!("create_tasks", self, s => s.create_tasks_placed(tasks, placement, lease).await)
     }
 
     /// Creates a job and its tasks in one transaction.
     pub async fn create_job(&self, name: &str, mut tasks: Vec<NewTask>) -> Result<(Job, Vec<Created>)> {
-        let job_id = JobId::new();
-        for t in &mut tasks {
-            t.job_id = Some(job_id);
-        }
-        timed!("create_job", self, s => s.create_job(job_id, name, &tasks).await)
+        let job_id = new_job(&mut tasks);
+        let (job, created, _) =
+            self.create_job_placed(job_id, name, &tasks, &Placement::default(), Duration::ZERO).await?;
+        Ok((job, created))
+    }
+
+    /// Creates job `job_id` (each of `tasks` names it: see [`new_job`]) and its tasks in one
+    /// transaction, those `placement` places already assigned to their worker where
+    /// [`Store::create_tasks_placed`] would assign them; those come back as assignments, to push.
+    pub async fn create_job_placed(
+        &self,
+        job_id: JobId,
+        name: &str,
+        tasks: &[NewTask],
+        placement: &Placement,
+        lease: Duration,
+    ) -> Result<(Job, Vec<Created>, Vec<Assignment>)> {
+        timed!("create_job", self, s => s.create_job(job_id, name, tasks, placement, lease).await)
     }
 
     pub async fn get_task(&self, id: TaskId) -> Result<Option<Task>> {

@@ -58,13 +58,18 @@ impl PgStore {
         })
     }
 
+    /// Creates the job and its tasks, those in `placement` inserted assigned as
+    /// [`Self::create_tasks_placed`] inserts them.
     pub(in crate::store) async fn create_job(
         &self,
         job_id: JobId,
         name: &str,
         tasks: &[NewTask],
-    ) -> Result<(Job, Vec<Created>)> {
-        retry_conflicts!(self.create_job_once(job_id, name, tasks).await)
+        placement: &Placement,
+        lease: Duration,
+    ) -> Result<(Job, Vec<Created>, Vec<Assignment>)> {
+        let direct = (!placement.placed.is_empty()).then(|| Direct::of(tasks, placement, lease));
+        retry_conflicts!(self.create_job_once(job_id, name, tasks, direct.as_ref()).await)
     }
 
     async fn create_job_once(
@@ -72,9 +77,13 @@ impl PgStore {
         job_id: JobId,
         name: &str,
         tasks: &[NewTask],
-    ) -> Result<(Job, Vec<Created>)> {
-        let mut tx = self.pool.begin().await?;
-        let (created, settled) = insert_tasks(&mut tx, tasks).await?;
+        direct: Option<&Direct>,
+    ) -> Result<(Job, Vec<Created>, Vec<Assignment>)> {
+        let mut tx = match direct {
+            Some(_) => self.pool.begin_with(DIRECT_BEGIN).await?,
+            None => self.pool.begin().await?,
+        };
+        let Inserted { created, settled, assigned } = insert(&mut tx, tasks, direct).await?;
         // The job lists its members, in submission order: the tasks it created and those an
         // idempotency key returned. Its tasks are not indexed by job (see migration 0015).
         let members: Vec<Uuid> = created.iter().map(|c| c.task.id.0).collect();
@@ -119,7 +128,7 @@ impl PgStore {
             counts,
             created_at: row.try_get("created_at")?,
         };
-        Ok((job, created))
+        Ok((job, created, assigned))
     }
 }
 

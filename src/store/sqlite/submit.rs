@@ -35,12 +35,15 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// Creates the job and its tasks pending, as [`Self::create_tasks_placed`] does.
     pub(in crate::store) async fn create_job(
         &self,
         job_id: JobId,
         name: &str,
         tasks: &[NewTask],
-    ) -> Result<(Job, Vec<Created>)> {
+        _placement: &crate::store::Placement,
+        _lease: std::time::Duration,
+    ) -> Result<(Job, Vec<Created>, Vec<crate::domain::Assignment>)> {
         let now = Utc::now();
         let mut tx = self.writer.begin().await?;
         sqlx::query("INSERT INTO jobs (id, name, total, created_at) VALUES ($1, $2, $3, $4)")
@@ -76,6 +79,7 @@ impl SqliteStore {
                 created_at: from_micros(micros(now)),
             },
             created,
+            Vec::new(),
         ))
     }
 }
