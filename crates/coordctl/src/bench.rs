@@ -71,8 +71,9 @@ pub struct BenchOptions {
     pub batch: usize,
     /// Submit the bulk phase with SubmitTasks, tasks outside any job.
     pub no_jobs: bool,
-    /// Submit the bulk phase at this many tasks per second, its batches evenly spaced (as fast
-    /// as the coordinator answers when absent).
+    /// Submit the bulk phase at this many tasks per second, its batches evenly spaced, each sent
+    /// when due whether or not those before it were answered (one after the other, as fast as
+    /// the coordinator answers, when absent).
     pub rate: Option<f64>,
     /// Tasks in the one-at-a-time latency phase.
     pub trickle: usize,
@@ -620,6 +621,10 @@ impl Run<'_> {
         let t0 = Instant::now();
         let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
         let mut jobs = Vec::new();
+        let job_name = (!opts.no_jobs).then(|| format!("bench-{}", self.run_id));
+        // Paced, each submission goes out when it is due, whether or not the ones before it
+        // have been answered (a fleet's clients do not wait for each other).
+        let mut paced = tokio::task::JoinSet::new();
         let mut left = opts.tasks;
         while left > 0 {
             if let Some(rate) = opts.rate {
@@ -629,18 +634,19 @@ impl Run<'_> {
             left -= n;
             let at = Instant::now();
             let tasks = (0..n).map(|_| self.task()).collect();
-            let ids = if opts.no_jobs {
-                let resp = self.client.submit_tasks(proto::SubmitTasksRequest { tasks }).await?.into_inner();
-                resp.results.into_iter().map(|r| r.task_id).collect()
+            let submission = submit(self.client.clone(), job_name.clone(), tasks);
+            if opts.rate.is_some() {
+                paced.spawn(async move { (submission.await, at) });
             } else {
-                let resp = self
-                    .client
-                    .submit_job(proto::SubmitJobRequest { name: format!("bench-{}", self.run_id), tasks })
-                    .await?
-                    .into_inner();
-                jobs.push(resp.job_id);
-                resp.task_ids
-            };
+                let (ids, job) = submission.await?;
+                jobs.extend(job);
+                submitted_at.push((ids, at));
+            }
+        }
+        while let Some(done) = paced.join_next().await {
+            let (submitted, at) = done.context("a paced submission")?;
+            let (ids, job) = submitted?;
+            jobs.extend(job);
             submitted_at.push((ids, at));
         }
         let submit = t0.elapsed();
@@ -722,6 +728,25 @@ impl Run<'_> {
             cost,
         })
     }
+}
+
+/// Submits `tasks` as a job named `job_name`, or outside any job without one: the tasks' ids,
+/// and the job's.
+async fn submit(
+    mut client: Client,
+    job_name: Option<String>,
+    tasks: Vec<proto::SubmitTaskRequest>,
+) -> anyhow::Result<(Vec<String>, Option<String>)> {
+    Ok(match job_name {
+        None => {
+            let resp = client.submit_tasks(proto::SubmitTasksRequest { tasks }).await?.into_inner();
+            (resp.results.into_iter().map(|r| r.task_id).collect(), None)
+        }
+        Some(name) => {
+            let resp = client.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
+            (resp.task_ids, Some(resp.job_id))
+        }
+    })
 }
 
 /// When the submission that follows the first `sent` tasks is due, at `rate` tasks/s from `t0`.

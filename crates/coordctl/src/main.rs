@@ -246,7 +246,7 @@ enum Cmd {
         #[arg(long)]
         no_jobs: bool,
         /// Pace the bulk phase's submissions at this many tasks per second, batches evenly
-        /// spaced (as fast as the coordinator answers otherwise).
+        /// spaced and each sent when due (one after the other, as fast as answered, otherwise).
         #[arg(long)]
         rate: Option<f64>,
         /// Tasks in the one-at-a-time latency phase.
