@@ -8,14 +8,18 @@
 //! the scheduler holds it for its passes, and the tasks are inserted pending for those passes
 //! to claim, as they would be without this path.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use chrono::Utc;
 
-use super::{OnRequeue, Placing, SchedulerStats, deliver, give_back, placement};
+use super::{Backlog, OnRequeue, Placing, SchedulerStats, deliver, give_back, placement};
 use crate::{
     config::Strategy,
-    domain::{Assignment, Candidate, Job, JobId, NewTask},
+    domain::{Assignment, Candidate, Job, JobId, NewTask, TaskId},
     events::Events,
     metrics,
     registry::Registry,
@@ -38,6 +42,7 @@ pub struct AtSubmission {
     pub(super) effects: Arc<dyn OnRequeue>,
     pub(super) stats: Arc<SchedulerStats>,
     pub(super) placing: Placing,
+    pub(super) backlog: Backlog,
 }
 
 impl AtSubmission {
@@ -67,7 +72,7 @@ impl AtSubmission {
             Ok(out)
         };
         let now = Utc::now();
-        let candidates: Vec<Candidate> = tasks
+        let mut candidates: Vec<Candidate> = tasks
             .iter()
             .filter(|t| t.depends_on.is_empty() && t.run_after.is_none_or(|at| at <= now))
             .map(|t| Candidate {
@@ -77,6 +82,7 @@ impl AtSubmission {
                 needs: t.needs.clone(),
             })
             .collect();
+        self.backlog.keep_clear(&mut candidates);
         if candidates.is_empty() || !self.store.assigns_at_submission() {
             return unplaced().await;
         }
@@ -109,6 +115,13 @@ impl AtSubmission {
         };
         if !assigned.is_empty() {
             *turn = cursor;
+        }
+        if assigned.len() < placement.placed.len() {
+            // Refused by the insert's checks: most often an older pending task of the type.
+            let given: HashSet<TaskId> = assigned.iter().map(|a| a.task_id).collect();
+            let refused: HashSet<TaskId> =
+                placement.placed.iter().map(|(t, _)| *t).filter(|t| !given.contains(t)).collect();
+            self.backlog.mark(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
         }
         let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats);
         if !undelivered.is_empty() {
@@ -208,6 +221,7 @@ mod tests {
             effects: Arc::new(NoEffects),
             stats: Arc::new(SchedulerStats::default()),
             placing: placing.clone(),
+            backlog: Backlog::default(),
         };
         Some((db, placer, stream, placing))
     }
@@ -412,6 +426,68 @@ mod tests {
         scheduler.pass().await.expect("pass");
         assert_eq!(pushed(&mut stream).len(), 3);
         assert_eq!(db.store.held_by(&WorkerId::from("w")).await.unwrap().len(), 3);
+        db.cleanup().await;
+    }
+
+    /// A type a placed submission found backlogged (an older task of it pending) is left to the
+    /// claims by the submissions after it, without placement's turn, even once nothing of it is
+    /// pending; the pass that claims its tasks with room to spare clears it, and the next
+    /// submission is placed again. A pass that comes back full marks the type again.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_backlogged_type_is_left_to_the_claims_until_a_pass_clears_it() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        registry.register(testing::registration("w", 4)).await.expect("register");
+        let (_, mut stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let config = super::super::SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let mut scheduler = super::super::Scheduler::new(
+            config,
+            db.store.clone(),
+            registry.clone(),
+            Wake::default(),
+            Events::new(),
+            Arc::new(NoEffects),
+            Arc::new(SchedulerStats::default()),
+        );
+        let placer = scheduler.at_submission();
+        let older = testing::new_task("prove");
+        db.store.create_tasks(std::slice::from_ref(&older)).await.unwrap();
+        let first = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&first)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending, "behind the older one");
+        assert!(placer.backlog.contains("prove"));
+
+        // Nothing of the type is pending now: the insert's check would let a task through, the
+        // hint keeps it for the claims.
+        for t in [&older, &first] {
+            db.store.cancel(t.id, "gone").await.unwrap().expect("cancelled");
+        }
+        let second = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&second)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending);
+        assert!(pushed(&mut stream).is_empty());
+
+        // The pass claims it with room to spare and clears the type.
+        assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
+        assert_eq!(pushed(&mut stream), vec![second.id]);
+        assert!(!placer.backlog.contains("prove"));
+        let third = testing::new_task("prove");
+        let created = placer.create(std::slice::from_ref(&third)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Assigned);
+        assert_eq!(pushed(&mut stream), vec![third.id]);
+
+        // Two slots left and three pending: the pass fills both and marks the type.
+        let backlog: Vec<_> = (0..3).map(|_| testing::new_task("prove")).collect();
+        db.store.create_tasks(&backlog).await.unwrap();
+        assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Full);
+        assert_eq!(pushed(&mut stream).len(), 2);
+        assert!(placer.backlog.contains("prove"));
         db.cleanup().await;
     }
 

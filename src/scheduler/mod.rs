@@ -8,7 +8,7 @@ pub mod at_submission;
 pub mod placement;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use crate::{
     config::Strategy,
     domain::Wake,
-    domain::{Assignment, WorkerId},
+    domain::{Assignment, Candidate, TaskId, WorkerId},
     events::Events,
     metrics,
     registry::Registry,
@@ -38,6 +38,65 @@ pub use at_submission::AtSubmission;
 /// two placements at once could give the same slot twice.
 #[derive(Debug, Clone, Default)]
 pub struct Placing(Arc<tokio::sync::Mutex<usize>>);
+
+/// The task types of which this replica last saw runnable tasks left unplaced: a pass left
+/// some of its candidates pending or came back full (there may be more), or a placed submission
+/// had some refused by the insert's checks. A submission of such a type is stored pending for
+/// the claims without taking placement's turn: the insert would refuse it anyway (an older
+/// task of its type is pending), and holding the turn meanwhile holds up the passes that work
+/// the backlog off. A pass that places every candidate with room to spare clears the types it
+/// offered. Only a hint: a type wrongly thought clear costs one placed insert that stores the
+/// task pending (and marks the type), one wrongly thought backlogged a claim.
+#[derive(Debug, Clone, Default)]
+pub struct Backlog(Arc<std::sync::Mutex<HashSet<String>>>);
+
+impl Backlog {
+    fn types(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops from `candidates` the tasks of backlogged types.
+    fn keep_clear(&self, candidates: &mut Vec<Candidate>) {
+        let types = self.types();
+        if !types.is_empty() {
+            candidates.retain(|c| !types.contains(&c.task_type));
+        }
+    }
+
+    /// Marks `types` backlogged.
+    fn mark<'a>(&self, types: impl IntoIterator<Item = &'a String>) {
+        let mut set = self.types();
+        for t in types {
+            if !set.contains(t) {
+                set.insert(t.clone());
+            }
+        }
+    }
+
+    /// After a pass that offered `offered` and placed candidates of the types `took`, leaving
+    /// candidates of the types `left` pending.
+    fn after_pass(&self, offered: &TypeFilter, took: &[String], left: &[String], full: bool) {
+        if full {
+            self.mark(took.iter().chain(left));
+            return;
+        }
+        {
+            let mut set = self.types();
+            match offered {
+                TypeFilter::Only(types) => types.iter().for_each(|t| {
+                    set.remove(t);
+                }),
+                TypeFilter::Any | TypeFilter::AnyAnd(_) => set.clear(),
+            }
+        }
+        self.mark(left);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn contains(&self, task_type: &str) -> bool {
+        self.types().contains(task_type)
+    }
+}
 
 /// The effects of tasks given back (free their slots, count them, tell watchers and the other
 /// replicas, wake the scheduler). The core implements it; the scheduler and the sweeper sit
@@ -74,6 +133,7 @@ pub struct Scheduler {
     effects: Arc<dyn OnRequeue>,
     stats: Arc<SchedulerStats>,
     placing: Placing,
+    backlog: Backlog,
 }
 
 impl Scheduler {
@@ -86,7 +146,17 @@ impl Scheduler {
         effects: Arc<dyn OnRequeue>,
         stats: Arc<SchedulerStats>,
     ) -> Self {
-        Self { config, store, registry, wake, events, effects, stats, placing: Placing::default() }
+        Self {
+            config,
+            store,
+            registry,
+            wake,
+            events,
+            effects,
+            stats,
+            placing: Placing::default(),
+            backlog: Backlog::default(),
+        }
     }
 
     /// What places submissions on this replica's free workers as they are stored, taking
@@ -101,6 +171,7 @@ impl Scheduler {
             effects: self.effects.clone(),
             stats: self.stats.clone(),
             placing: self.placing.clone(),
+            backlog: self.backlog.clone(),
         }
     }
 
@@ -163,6 +234,8 @@ impl Scheduler {
         let strategy = self.config.strategy;
         let mut sessions = HashMap::new();
         let mut affinity = (0, 0);
+        // The types of the candidates placed and of those left pending.
+        let (mut took, mut left) = (Vec::new(), Vec::new());
         // Placement's turn, taken once there are candidates to place and held until their
         // pushes are done. A submission placing its own tasks holds it for one insert: then
         // this pass places nothing, waits for it and goes again.
@@ -183,6 +256,13 @@ impl Scheduler {
                 sessions.clone_from(&fence);
                 let placed = placement::place(strategy, candidates, &workers, &mut held, allowances);
                 affinity = (placed.affinity_hits, placed.affinity_misses);
+                let placed_ids: HashSet<TaskId> = placed.placed.iter().map(|(t, _)| *t).collect();
+                for c in candidates {
+                    let side = if placed_ids.contains(&c.id) { &mut took } else { &mut left };
+                    if !side.contains(&c.task_type) {
+                        side.push(c.task_type.clone());
+                    }
+                }
                 turn = Some(held);
                 Placement { placed: placed.placed, sessions: fence }
             })
@@ -204,13 +284,15 @@ impl Scheduler {
             return Ok(Pass::Full);
         }
         let claimed = assignments.len() as u32;
+        let full = claimed >= limit && claimed > 0;
+        self.backlog.after_pass(&filter.types, &took, &left, full);
         let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats);
         drop(turn);
         if !undelivered.is_empty() {
             give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await?;
             return Ok(Pass::Done);
         }
-        Ok(if claimed >= limit && claimed > 0 { Pass::Full } else { Pass::Done })
+        Ok(if full { Pass::Full } else { Pass::Done })
     }
 }
 
