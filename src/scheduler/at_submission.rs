@@ -226,6 +226,33 @@ mod tests {
         Some((db, placer, stream, placing))
     }
 
+    /// A scheduler (its tick a minute apart) over a registry with worker `w` (`slots` slots)
+    /// connected, and that worker's stream.
+    async fn scheduler_with_worker(
+        db: &testing::TestDb,
+        slots: u32,
+    ) -> (super::super::Scheduler, tokio::sync::mpsc::Receiver<Push>) {
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        registry.register(testing::registration("w", slots)).await.expect("register");
+        let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let config = super::super::SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let scheduler = super::super::Scheduler::new(
+            config,
+            db.store.clone(),
+            registry,
+            Wake::default(),
+            Events::new(),
+            Arc::new(NoEffects),
+            Arc::new(SchedulerStats::default()),
+        );
+        (scheduler, stream)
+    }
+
     fn pushed(stream: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<crate::domain::TaskId> {
         let mut out = Vec::new();
         while let Ok(Push::Run(a)) = stream.try_recv() {
@@ -289,30 +316,9 @@ mod tests {
         db.cleanup().await;
     }
 
-    /// A job meets the same session fence as a submission of tasks: its worker registered again
-    /// elsewhere after placement looked, and nothing of the job is assigned to the old session.
-    #[tokio::test]
-    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
-    async fn a_job_is_not_assigned_to_a_session_the_database_replaced() {
-        let Some((db, placer, mut stream, _)) = setup(4).await else { panic!("TEST_DATABASE_URL") };
-        let crate::store::Store::Postgres(pg) = &db.store else { unreachable!() };
-        sqlx::query("UPDATE workers SET session_id = $1 WHERE id = 'w'")
-            .bind(uuid::Uuid::now_v7())
-            .execute(pg.pool())
-            .await
-            .unwrap();
-        let tasks: Vec<_> = (0..2).map(|_| testing::new_task("prove")).collect();
-        let (job, created) = placer.create_job("j", tasks).await.expect("create job");
-        assert!(created.iter().all(|c| c.task.state == TaskState::Pending), "{created:?}");
-        assert_eq!(job.counts.get(&TaskState::Pending), Some(&2));
-        assert!(pushed(&mut stream).is_empty());
-        assert!(db.store.held_by(&WorkerId::from("w")).await.unwrap().is_empty());
-        db.cleanup().await;
-    }
-
     /// The worker registered again elsewhere (a new session in its row, another replica's now)
     /// after this replica looked at it: the insert's fence sees the new session, and the task
-    /// is stored pending, never assigned to the old session.
+    /// (or a job's) is stored pending, never assigned to the old session.
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn a_submission_is_not_assigned_to_a_session_the_database_replaced() {
@@ -329,6 +335,13 @@ mod tests {
         let stored = db.store.get_task(task.id).await.unwrap().expect("stored");
         assert_eq!((stored.state, stored.attempt, stored.worker_id), (TaskState::Pending, 0, None));
         assert!(pushed(&mut stream).is_empty());
+        // A job meets the same fence.
+        let tasks: Vec<_> = (0..2).map(|_| testing::new_task("prove")).collect();
+        let (job, created) = placer.create_job("j", tasks).await.expect("create job");
+        assert!(created.iter().all(|c| c.task.state == TaskState::Pending), "{created:?}");
+        assert_eq!(job.counts.get(&TaskState::Pending), Some(&2));
+        assert!(pushed(&mut stream).is_empty());
+        assert!(db.store.held_by(&WorkerId::from("w")).await.unwrap().is_empty());
         db.cleanup().await;
     }
 
@@ -372,26 +385,9 @@ mod tests {
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn a_pass_places_nothing_while_a_submission_holds_the_turn() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
-        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
-        registry.register(testing::registration("w", 3)).await.expect("register");
-        let (_, mut stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let (mut scheduler, mut stream) = scheduler_with_worker(&db, 3).await;
         let backlog: Vec<_> = (0..5).map(|_| testing::new_task("prove")).collect();
         db.store.create_tasks(&backlog).await.unwrap();
-        let config = super::super::SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let mut scheduler = super::super::Scheduler::new(
-            config,
-            db.store.clone(),
-            registry.clone(),
-            Wake::default(),
-            Events::new(),
-            Arc::new(NoEffects),
-            Arc::new(SchedulerStats::default()),
-        );
         let placer = scheduler.at_submission();
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
         let index_scans = || async {
@@ -437,24 +433,7 @@ mod tests {
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn a_backlogged_type_is_left_to_the_claims_until_a_pass_clears_it() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
-        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
-        registry.register(testing::registration("w", 4)).await.expect("register");
-        let (_, mut stream) = registry.attach(&WorkerId::from("w")).expect("attach");
-        let config = super::super::SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let mut scheduler = super::super::Scheduler::new(
-            config,
-            db.store.clone(),
-            registry.clone(),
-            Wake::default(),
-            Events::new(),
-            Arc::new(NoEffects),
-            Arc::new(SchedulerStats::default()),
-        );
+        let (mut scheduler, mut stream) = scheduler_with_worker(&db, 4).await;
         let placer = scheduler.at_submission();
         let older = testing::new_task("prove");
         db.store.create_tasks(std::slice::from_ref(&older)).await.unwrap();
