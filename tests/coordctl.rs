@@ -100,7 +100,8 @@ on_every_backend!(bench_next_to_dev_workers);
 
 /// `coordctl bench --rate` spaces the bulk phase's submissions evenly at that pace: 120 tasks in
 /// batches of 6 at 100 tasks/s take at least 1.14 s to submit (the last batch is due then), and
-/// each is still run and accepted once. A rate that is not above 0 is refused in one line.
+/// each is still run and accepted once. A rate that is not above 0, or so low the submissions
+/// would take more than a day, is refused in one line.
 async fn bench_paces_its_submissions(db: &TestDb) {
     let tc = TestCoordinator::start(db, |_| {}).await;
     let args = ["bench", "--tasks", "120", "--workers", "2", "--concurrency", "4", "--batch", "6"];
@@ -116,13 +117,18 @@ async fn bench_paces_its_submissions(db: &TestDb) {
     let submit = report["submit_seconds"].as_f64().unwrap();
     assert!(submit >= 1.14, "paced submissions took {submit} s: {report}");
 
-    let mut refused = args.to_vec();
-    refused.extend(["--rate", "0"]);
-    let out = coordctl_async(&tc.endpoint(), &refused).await;
-    assert!(!out.status.success(), "{}", text(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--rate must be a number of tasks per second above 0"), "{}", text(&out));
-    assert_eq!(err.trim().lines().count(), 1, "{}", text(&out));
+    for (rate, says) in [
+        ("0", "--rate must be a number of tasks per second above 0"),
+        ("0.000001", "--rate 0.000001 would take more than a day to submit 120 tasks"),
+    ] {
+        let mut refused = args.to_vec();
+        refused.extend(["--rate", rate]);
+        let out = coordctl_async(&tc.endpoint(), &refused).await;
+        assert!(!out.status.success(), "{}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{}", text(&out));
+        assert_eq!(err.trim().lines().count(), 1, "{}", text(&out));
+    }
     tc.stop().await.unwrap();
 }
 

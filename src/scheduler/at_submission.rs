@@ -117,13 +117,17 @@ impl AtSubmission {
             *turn = cursor;
         }
         if assigned.len() < placement.placed.len() {
-            // Refused by the insert's checks: most often an older pending task of the type.
+            // Refused by the insert's checks: most often an older pending task of the type (or
+            // a concurrency limit, or the worker's session replaced; the next pass with room to
+            // spare clears the type again).
             let given: HashSet<TaskId> = assigned.iter().map(|a| a.task_id).collect();
             let refused: HashSet<TaskId> =
                 placement.placed.iter().map(|(t, _)| *t).filter(|t| !given.contains(t)).collect();
             self.backlog.mark(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
         }
         let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats);
+        // Pushed: the slots are counted. The give-back's round trip is not placement's.
+        drop(turn);
         if !undelivered.is_empty() {
             // The tasks are stored: the submission succeeded whatever happens to their delivery.
             // A failed give-back is the reconciliation's (requested by `give_back`).

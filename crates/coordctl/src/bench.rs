@@ -6,7 +6,7 @@
 //! - a bulk phase: N tasks submitted in jobs of `batch`, submit rate, end-to-end tasks/s (first
 //!   submit to last accepted report), and submit -> worker start latency percentiles; as fast as
 //!   the coordinator takes them (a backlog), or paced at `rate` tasks/s (a fleet that keeps up,
-//!   where a task submitted outside a job is assigned as it is stored);
+//!   where a task is assigned as it is stored);
 //!
 //! and checks that every task completed and was accepted exactly once.
 //!
@@ -421,8 +421,13 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     if opts.tasks == 0 || opts.workers == 0 || opts.batch == 0 {
         bail!("--tasks, --workers and --batch must be at least 1");
     }
-    if opts.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
-        bail!("--rate must be a number of tasks per second above 0");
+    if let Some(rate) = opts.rate {
+        if !(rate.is_finite() && rate > 0.0) {
+            bail!("--rate must be a number of tasks per second above 0");
+        }
+        if opts.tasks as f64 / rate > MAX_PACED.as_secs_f64() {
+            bail!("--rate {rate} would take more than a day to submit {} tasks", opts.tasks);
+        }
     }
     if !opts.embedded {
         let meter = CostMeter::new(&opts, None).await;
@@ -622,10 +627,18 @@ impl Run<'_> {
         let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
         let mut jobs = Vec::new();
         let job_name = (!opts.no_jobs).then(|| format!("bench-{}", self.run_id));
-        // Paced, each submission goes out when it is due, whether or not the ones before it
-        // have been answered (a fleet's clients do not wait for each other).
-        let mut paced = tokio::task::JoinSet::new();
+        // One submission after the other as fast as answered or, paced, each sent when it is
+        // due whether or not those before it were answered (a fleet's clients do not wait for
+        // each other); a failed one ends the run at once.
+        let mut inflight = tokio::task::JoinSet::new();
         let mut left = opts.tasks;
+        let mut record = |done: Result<_, tokio::task::JoinError>| {
+            let (submitted, at): (anyhow::Result<Submitted>, Instant) = done.context("a submission")?;
+            let (ids, job) = submitted?;
+            jobs.extend(job);
+            submitted_at.push((ids, at));
+            anyhow::Ok(())
+        };
         while left > 0 {
             if let Some(rate) = opts.rate {
                 tokio::time::sleep_until(due(t0, opts.tasks - left, rate).into()).await;
@@ -635,19 +648,18 @@ impl Run<'_> {
             let at = Instant::now();
             let tasks = (0..n).map(|_| self.task()).collect();
             let submission = submit(self.client.clone(), job_name.clone(), tasks);
-            if opts.rate.is_some() {
-                paced.spawn(async move { (submission.await, at) });
-            } else {
-                let (ids, job) = submission.await?;
-                jobs.extend(job);
-                submitted_at.push((ids, at));
+            inflight.spawn(async move { (submission.await, at) });
+            if opts.rate.is_none()
+                && let Some(done) = inflight.join_next().await
+            {
+                record(done)?;
+            }
+            while let Some(done) = inflight.try_join_next() {
+                record(done)?;
             }
         }
-        while let Some(done) = paced.join_next().await {
-            let (submitted, at) = done.context("a paced submission")?;
-            let (ids, job) = submitted?;
-            jobs.extend(job);
-            submitted_at.push((ids, at));
+        while let Some(done) = inflight.join_next().await {
+            record(done)?;
         }
         let submit = t0.elapsed();
         let target = before_bulk + opts.tasks as u64;
@@ -730,13 +742,15 @@ impl Run<'_> {
     }
 }
 
-/// Submits `tasks` as a job named `job_name`, or outside any job without one: the tasks' ids,
-/// and the job's.
+/// A submission's task ids and, for a job, the job's.
+type Submitted = (Vec<String>, Option<String>);
+
+/// Submits `tasks` as a job named `job_name`, or outside any job without one.
 async fn submit(
     mut client: Client,
     job_name: Option<String>,
     tasks: Vec<proto::SubmitTaskRequest>,
-) -> anyhow::Result<(Vec<String>, Option<String>)> {
+) -> anyhow::Result<Submitted> {
     Ok(match job_name {
         None => {
             let resp = client.submit_tasks(proto::SubmitTasksRequest { tasks }).await?.into_inner();
@@ -748,6 +762,9 @@ async fn submit(
         }
     })
 }
+
+/// The longest a paced bulk phase may take to submit.
+const MAX_PACED: Duration = Duration::from_secs(24 * 3600);
 
 /// When the submission that follows the first `sent` tasks is due, at `rate` tasks/s from `t0`.
 fn due(t0: Instant, sent: usize, rate: f64) -> Instant {

@@ -35,7 +35,8 @@ impl SqliteStore {
         Ok(out)
     }
 
-    /// Creates the job and its tasks pending, as [`Self::create_tasks_placed`] does.
+    /// Creates the job and its tasks unassigned (pending, or blocked on parents), as
+    /// [`Self::create_tasks_placed`] does.
     pub(in crate::store) async fn create_job(
         &self,
         job_id: JobId,
