@@ -86,10 +86,7 @@ mod tests {
         domain::{Wake, WorkerId},
         events::Events,
         registry::{Registry, RegistryConfig},
-        store::{
-            TypeFilter,
-            testing::{self, TestDb},
-        },
+        store::testing::{self, TestDb},
         wakeups::Notifier,
     };
 
@@ -106,12 +103,7 @@ mod tests {
         let session = registry.register(testing::registration("w1", 1)).await.unwrap().session_id;
         let (_stream, _rx) = registry.attach(&worker).unwrap();
         store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
-        let w = worker.clone();
-        let a = store
-            .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])
-            .await
-            .unwrap()
-            .remove(0);
+        let a = testing::claim_one(&store, &worker).await.remove(0);
         let held = Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt };
         registry.push(a, session).unwrap();
         assert_eq!(registry.session(&worker).unwrap().in_flight, 1);

@@ -185,16 +185,11 @@ impl OnRequeue for Effects {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::{
         domain::WorkerId,
         registry::RegistryConfig,
-        store::{
-            TypeFilter,
-            testing::{self, TestDb},
-        },
+        store::testing::{self, TestDb},
     };
 
     /// A retried report answered `Duplicate` (its first answer was lost with the slot still
@@ -209,13 +204,7 @@ mod tests {
         let session = registry.register(testing::registration("w1", 2)).await.unwrap().session_id;
         let (_, _rx) = registry.attach(&w).unwrap();
         db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
-        let wid = w.clone();
-        let a = db
-            .store
-            .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, wid)])
-            .await
-            .unwrap()
-            .remove(0);
+        let a = testing::claim_one(&db.store, &w).await.remove(0);
         let held = Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
         registry.push(a, session).unwrap();
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());

@@ -377,7 +377,7 @@ mod tests {
         events::Events,
         registry::{Registry, RegistryConfig},
         store::{
-            RetryPolicy, TypeFilter,
+            RetryPolicy,
             testing::{self, TestDb},
         },
         wakeups::Notifier,
@@ -436,12 +436,7 @@ mod tests {
         assert_eq!(joined.heartbeat_interval, Duration::from_secs(10));
         let submitted = core.submit(vec![testing::new_task("prove")]).await.unwrap();
         assert!(submitted.tasks[0].created && submitted.warnings.is_empty());
-        let w = worker.clone();
-        let a = store
-            .claim(1, &TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])
-            .await
-            .unwrap()
-            .remove(0);
+        let a = testing::claim_one(&store, &worker).await.remove(0);
         let held = Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt };
 
         let stale = Held { attempt: held.attempt + 1, ..held.clone() };

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{Store, WorkerRegistration};
 use crate::{
     config::DatabaseConfig,
-    domain::{NewTask, TaskId, WorkerId},
+    domain::{Assignment, NewTask, TaskId, WorkerId},
 };
 
 /// A task of `task_type` with an empty payload, 3 attempts and a minute's timeout.
@@ -30,6 +30,15 @@ pub fn new_task(task_type: &str) -> NewTask {
         on_parent_failure: Default::default(),
         needs: Default::default(),
     }
+}
+
+/// Claims the first runnable task for `worker`, with a minute's lease: its assignment, if any.
+pub async fn claim_one(store: &Store, worker: &WorkerId) -> Vec<Assignment> {
+    let w = worker.clone();
+    store
+        .claim(1, &super::TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])
+        .await
+        .expect("claim")
 }
 
 /// A registration of `id` with `max` slots, any task type, and a fresh session.

@@ -506,11 +506,7 @@ mod tests {
             "pending"
         );
         let worker = crate::domain::WorkerId("w1".into());
-        let held = db
-            .store
-            .claim(1, &TypeFilter::Any, Duration::from_secs(60), |c| vec![(c[0].id, worker.clone())])
-            .await
-            .unwrap();
+        let held = testing::claim_one(&db.store, &worker).await;
         assert_eq!(held.len(), 1);
         assert_eq!(holding(id).await, ["tasks_pkey", "tasks_worker"], "assigned");
         let held = Held { task_id: id, worker_id: worker, attempt: 1 };
@@ -994,11 +990,7 @@ mod tests {
             let created = db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
             let id = created[0].task.id;
             let worker = crate::domain::WorkerId("w1".into());
-            let claimed = db
-                .store
-                .claim(1, &TypeFilter::Any, Duration::from_secs(60), |c| vec![(c[0].id, worker.clone())])
-                .await
-                .unwrap();
+            let claimed = testing::claim_one(&db.store, &worker).await;
             assert_eq!(claimed.len(), 1);
             // The other update, not yet committed: the row's newer version is elsewhere.
             let mut other = pg.pool().begin().await.unwrap();
