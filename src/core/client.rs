@@ -108,9 +108,7 @@ impl Core {
                 Some(placer) => placer.create(&tasks).await?,
                 None => inner.store.create_tasks(&tasks).await?,
             };
-            let unassigned =
-                created.iter().filter(|c| c.created && c.task.state != TaskState::Assigned).count();
-            inner.effects.submitted(created.iter().filter(|c| c.created).count(), unassigned);
+            inner.effects.stored(&created);
             Ok::<_, crate::store::StoreError>(created)
         })
         .await??;
@@ -138,9 +136,7 @@ impl Core {
                 Some(placer) => placer.create_job(&name, tasks).await?,
                 None => inner.store.create_job(&name, tasks).await?,
             };
-            let unassigned =
-                created.iter().filter(|c| c.created && c.task.state != TaskState::Assigned).count();
-            inner.effects.submitted(created.iter().filter(|c| c.created).count(), unassigned);
+            inner.effects.stored(&created);
             Ok::<_, crate::store::StoreError>((job, created))
         })
         .await??;

@@ -17,7 +17,7 @@ use crate::{
     metrics,
     registry::Registry,
     scheduler::OnRequeue,
-    store::{Cancelled, Held, ReportOutcome, Requeued, Settled},
+    store::{Cancelled, Created, Held, ReportOutcome, Requeued, Settled},
     wakeups::Notifier,
 };
 
@@ -49,6 +49,14 @@ impl Effects {
         transition: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         tokio::spawn(transition.in_current_span()).await
+    }
+
+    /// A submission answered `created`: the new tasks among them not assigned as they were
+    /// stored wait for a claim.
+    pub fn stored(&self, created: &[Created]) {
+        let new = created.iter().filter(|c| c.created);
+        let waiting = new.clone().filter(|c| c.task.state != TaskState::Assigned).count();
+        self.submitted(new.count(), waiting);
     }
 
     /// New tasks were stored, `waiting` of them for a claim (the others were assigned as they
