@@ -11,10 +11,11 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::{Error, proto::coordinator_service_client::CoordinatorServiceClient};
+use crate::{Error, proto::coordinator_service_client::CoordinatorServiceClient, resend::Resend};
 
-/// A coordinator client that sends the token on every call.
-pub type Client = CoordinatorServiceClient<InterceptedService<Channel, Bearer>>;
+/// A coordinator client that sends the token on every call, and sends again a call that a
+/// connection going away turned back unseen ([`Resend`]).
+pub type Client = CoordinatorServiceClient<InterceptedService<Resend<Channel>, Bearer>>;
 
 /// HTTP/2 PING interval on an open connection. grpc-go servers by default refuse pings more
 /// often than every 5 minutes (`too_many_pings`) and pings on connections without calls; this
@@ -146,7 +147,7 @@ pub fn endpoint(url: &str, sec: &ClientSecurity) -> Result<Endpoint, Error> {
 /// A client over `channel` with the token and message limits.
 pub fn client(channel: Channel, sec: &ClientSecurity, max_message: usize) -> Result<Client, Error> {
     let bearer = Bearer::new(sec.token.as_deref())?;
-    Ok(CoordinatorServiceClient::with_interceptor(channel, bearer)
+    Ok(CoordinatorServiceClient::with_interceptor(Resend::new(channel), bearer)
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message))
 }

@@ -28,7 +28,8 @@
 //! # Layering
 //! Depends on the wire contract ([`proto`], generated code) and on tonic's client, tokio and
 //! rustls; nothing of the server (no database, no HTTP server, no metrics exporter). Inside:
-//! [`error`], [`size`] <- [`client`] (channel, TLS, token) <- `report` (results on their way,
+//! [`error`], [`size`], [`resend`] (calls a connection going away turned back unseen) <-
+//! [`client`] (channel, TLS, token) <- `report` (results on their way,
 //! batched while one is in flight) <- [`worker`] (the runtime) <- [`handlers`]
 //! (built-ins, `exec` per task, [`persistent`] prover processes over a framed protocol).
 //!
@@ -46,6 +47,7 @@ pub mod error;
 pub mod handlers;
 pub mod persistent;
 mod report;
+pub mod resend;
 pub mod size;
 pub mod trace;
 pub mod worker;

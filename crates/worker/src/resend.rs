@@ -1,0 +1,265 @@
+//! Calls the coordinator never saw are sent again, at once, on a new connection.
+//!
+//! A connection the coordinator ages (or a replica that shuts down) is sent GOAWAY naming the
+//! last stream the server took. A call the client started on it after that, or that was still
+//! queued for it when the client learned of the GOAWAY, fails without having reached a handler:
+//! HTTP/2 (RFC 9113, section 6.8) says such streams were not processed. tonic turns them into
+//! `INTERNAL` ("h2 protocol error") or `CANCELLED`, which a caller cannot tell from a call that
+//! failed on the server, so a report would wait out a backoff and log a failure for nothing.
+//! [`Resend`] sends such a call again, as gRPC's own transparent retry does, and only such a
+//! call: anything the server may have seen (a stream it took, then cut) fails as before.
+//!
+//! Every call of the coordinator's API sends one message, so the request body is read whole
+//! before the first send and kept for the next.
+
+use std::{
+    error::Error as StdError,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use tonic::body::Body;
+use tower::{Service, ServiceExt as _};
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Sends beyond the first that one call may take. Each goes out once the channel is ready
+/// again, that is on a new connection once the old one has gone; a server that keeps turning
+/// calls away without taking them is answered with the last error.
+const MAX_RESENDS: usize = 3;
+
+/// Wraps a channel so that calls the server never saw are sent again (module doc).
+#[derive(Debug, Clone)]
+pub struct Resend<S> {
+    inner: S,
+}
+
+impl<S> Resend<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S, B> Service<http::Request<Body>> for Resend<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    B: Send + 'static,
+{
+    type Response = http::Response<B>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // The service made ready above takes the first send; a clone waits for readiness
+        // before each later one (tower's pattern for a service called from a future).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let message: Bytes = body.collect().await?.to_bytes();
+            let request = |message: &Bytes| {
+                http::Request::from_parts(parts.clone(), Body::new(Full::new(message.clone())))
+            };
+            let mut answer = inner.call(request(&message)).await.map_err(Into::into);
+            for _ in 0..MAX_RESENDS {
+                match answer {
+                    Err(e) if never_seen(&*e) => {
+                        tracing::debug!(error = %e, "call refused unseen by a connection going away; sending it again");
+                        let ready = inner.ready().await.map_err(Into::into)?;
+                        answer = ready.call(request(&message)).await.map_err(Into::into);
+                    }
+                    _ => break,
+                }
+            }
+            answer
+        })
+    }
+}
+
+/// Whether `error` proves the server never took the call: the connection's GOAWAY named a
+/// last stream below it, or refused it (`REFUSED_STREAM`), or the client never sent it (it
+/// waited for a connection that closed first).
+fn never_seen(error: &(dyn StdError + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            // A remote GOAWAY reaches a stream only when its id is above the GOAWAY's last
+            // stream, or when the stream was opened after it: never processed either way.
+            return h2.is_remote()
+                && (h2.is_go_away() || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            // An HTTP/2 connection cancels only calls it had not sent: "connection was not
+            // ready", or still queued when the connection closed.
+            if hyper.is_canceled() {
+                return true;
+            }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use futures::future::poll_fn;
+    use tokio::{net::TcpListener, sync::mpsc};
+
+    use super::*;
+    use crate::{
+        client::{self, ClientSecurity},
+        proto,
+    };
+
+    /// What one server connection took: the path of each call, in order.
+    type Seen = mpsc::UnboundedSender<(usize, String)>;
+
+    /// A gRPC answer with an empty message (every response type of the API decodes from it)
+    /// and status OK.
+    async fn answer_ok(req: http::Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>) {
+        let mut body = req.into_body();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("request body");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        let head = http::Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap();
+        let mut send = respond.send_response(head, false).expect("response headers");
+        send.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), false).expect("response message");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        send.send_trailers(trailers).expect("trailers");
+    }
+
+    /// Serves every connection after the first normally, recording what it took.
+    async fn serve_normally(listener: Arc<TcpListener>, seen: Seen) {
+        let mut n = 1;
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            n += 1;
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    let _ = seen.send((n, req.uri().path().to_owned()));
+                    tokio::spawn(answer_ok(req, respond));
+                }
+            });
+        }
+    }
+
+    fn client_of(addr: std::net::SocketAddr) -> client::Client {
+        client::connect_lazy(&format!("http://{addr}"), &ClientSecurity::default(), 1 << 20).unwrap()
+    }
+
+    fn report() -> proto::ReportCompletionRequest {
+        proto::ReportCompletionRequest { task_id: "t-1".into(), attempt: 1, ..Default::default() }
+    }
+
+    /// A connection goes away (GOAWAY naming the heartbeat's stream as the last it took) while
+    /// a heartbeat is in flight on it and a report has just been sent on it: the report, past
+    /// the GOAWAY's last stream, is sent again on a new connection and answered; the heartbeat,
+    /// which the server took, fails with its connection and is not sent again. Each reached a
+    /// server once.
+    #[tokio::test]
+    async fn a_call_past_the_goaway_is_sent_again_and_one_before_it_is_not() {
+        let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = listener.local_addr().unwrap();
+        let (seen, mut took) = mpsc::unbounded_channel();
+        let (first_taken, mut heartbeat_arrived) = mpsc::unbounded_channel::<()>();
+        let (go_away, mut told_to_go_away) = mpsc::unbounded_channel::<()>();
+        let first = {
+            let (listener, seen) = (listener.clone(), seen.clone());
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve_normally(listener, seen.clone()));
+                let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+                let (req, _respond) = conn.accept().await.expect("a first call").expect("its stream");
+                seen.send((1, req.uri().path().to_owned())).unwrap();
+                first_taken.send(()).unwrap();
+                // The connection is not polled until told: the report's stream waits unread
+                // in the socket, so the GOAWAY's last stream is the heartbeat's.
+                told_to_go_away.recv().await.unwrap();
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| conn.poll_closed(cx))).await;
+            })
+        };
+        let client = client_of(addr);
+        let heartbeat = {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.send_heartbeat(proto::HeartbeatRequest::default()).await })
+        };
+        heartbeat_arrived.recv().await.unwrap();
+        let reporting = {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.report_completion(report()).await })
+        };
+        // Long enough on loopback for the report's stream to reach the first connection.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        go_away.send(()).unwrap();
+
+        let answered = reporting.await.unwrap();
+        assert!(answered.is_ok(), "the report is sent again, not failed: {answered:?}");
+        let lost = heartbeat.await.unwrap();
+        assert!(lost.is_err(), "the heartbeat, taken before the GOAWAY, fails with its connection: {lost:?}");
+        first.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut calls = Vec::new();
+        while let Ok(call) = took.try_recv() {
+            calls.push(call);
+        }
+        assert_eq!(
+            calls,
+            [
+                (1, "/coordinator.CoordinatorService/SendHeartbeat".to_owned()),
+                (2, "/coordinator.CoordinatorService/ReportCompletion".to_owned()),
+            ],
+            "each call reached a server once, the report on the second connection"
+        );
+    }
+
+    /// A call the server took and then lost with its connection may have been handled: it
+    /// fails to its caller (who decides) and is not sent again.
+    #[tokio::test]
+    async fn a_call_the_server_took_is_not_sent_again() {
+        let listener = Arc::new(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = listener.local_addr().unwrap();
+        let (seen, mut took) = mpsc::unbounded_channel();
+        let server = {
+            let (listener, seen) = (listener.clone(), seen.clone());
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+                let (req, _respond) = conn.accept().await.expect("a call").expect("its stream");
+                seen.send((1, req.uri().path().to_owned())).unwrap();
+                // The connection is dropped with the call unanswered.
+                drop(conn);
+                tokio::spawn(serve_normally(listener, seen));
+            })
+        };
+        let answered = client_of(addr).report_completion(report()).await;
+        assert!(answered.is_err(), "a call cut after the server took it fails: {answered:?}");
+        server.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut calls = Vec::new();
+        while let Ok(call) = took.try_recv() {
+            calls.push(call);
+        }
+        assert_eq!(calls, [(1, "/coordinator.CoordinatorService/ReportCompletion".to_owned())]);
+    }
+}
