@@ -246,9 +246,9 @@ async fn check_aged(c: Cluster, t: &Tally, n: i64, name: &str, started: Instant)
     report(&t.line(
         name,
         &format!(
-            "elapsed_ms={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
+            "elapsed_ms={} resends={} proxied_connections={:?} worker_moves={} slot_corrections={corrections} \
              worker_protocol_errors={protocol_errors} worker_unreachable_lines={unreachable}",
-            started.elapsed().as_millis(),
+            started.elapsed().as_millis(), c.worker_log_lines("sending it again"),
             c.proxied(),
             c.moves()
         ),

@@ -239,7 +239,7 @@ drain_grace: 5s
 backoff_base: 100ms
 backoff_max: 1s
 logging:
-  level: info,h2=warn,tonic=warn,hyper=warn
+  level: info,h2=warn,tonic=warn,hyper=warn,coordinator_worker::resend=debug
   format: json
 {extra}"
     );
