@@ -7,7 +7,8 @@
 //! `INTERNAL` ("h2 protocol error") or `CANCELLED`, which a caller cannot tell from a call that
 //! failed on the server, so a report would wait out a backoff and log a failure for nothing.
 //! [`Resend`] sends such a call again, as gRPC's own transparent retry does, and only such a
-//! call: anything the server may have seen (a stream it took, then cut) fails as before.
+//! call: anything the server may have seen (a stream it took, then cut) fails as before. A call
+//! turned back unseen on every send fails `UNAVAILABLE`, what a retry later can fix.
 //!
 //! Every call of the coordinator's API sends one message, so the request body is read whole
 //! before the first send and kept for the next.
@@ -80,7 +81,15 @@ where
                     _ => break,
                 }
             }
-            answer
+            // Turned back unseen every time: the server never had it, so a retry later can
+            // only help. tonic takes the status from the error as it is.
+            match answer {
+                Err(e) if never_seen(&*e) => Err(BoxError::from(tonic::Status::unavailable(format!(
+                    "the coordinator turned the call back without taking it, {} times: {e}",
+                    MAX_RESENDS + 1
+                )))),
+                answer => answer,
+            }
         })
     }
 }
@@ -261,5 +270,36 @@ mod tests {
             calls.push(call);
         }
         assert_eq!(calls, [(1, "/coordinator.CoordinatorService/ReportCompletion".to_owned())]);
+    }
+
+    /// A server that refuses every stream (`REFUSED_STREAM`) is sent each call at most
+    /// `1 + MAX_RESENDS` times, and the caller gets `UNAVAILABLE`: the call was never taken,
+    /// so a retry later can help.
+    #[tokio::test]
+    async fn a_call_refused_every_time_is_sent_a_bounded_number_of_times_then_unavailable() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen, mut took) = mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+                    while let Some(Ok((req, mut respond))) = conn.accept().await {
+                        let _ = seen.send(req.uri().path().to_owned());
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                    }
+                });
+            }
+        });
+        let refused = client_of(addr).report_completion(report()).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut sends = 0;
+        while took.try_recv().is_ok() {
+            sends += 1;
+        }
+        assert_eq!(sends, 1 + MAX_RESENDS, "the first send and every resend, and no more");
     }
 }
