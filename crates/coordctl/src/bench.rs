@@ -627,39 +627,14 @@ impl Run<'_> {
         let mut submitted_at: Vec<(Vec<String>, Instant)> = Vec::new();
         let mut jobs = Vec::new();
         let job_name = (!opts.no_jobs).then(|| format!("bench-{}", self.run_id));
-        // One submission after the other as fast as answered or, paced, each sent when it is
-        // due whether or not those before it were answered (a fleet's clients do not wait for
-        // each other); a failed one ends the run at once.
-        let mut inflight = tokio::task::JoinSet::new();
-        let mut left = opts.tasks;
-        let mut record = |done: Result<_, tokio::task::JoinError>| {
-            let (submitted, at): (anyhow::Result<Submitted>, Instant) = done.context("a submission")?;
-            let (ids, job) = submitted?;
+        let sent = send_all(t0, opts.tasks, opts.batch, opts.rate, |n| {
+            let tasks = (0..n).map(|_| self.task()).collect();
+            submit(self.client.clone(), job_name.clone(), tasks)
+        })
+        .await?;
+        for ((ids, job), at) in sent {
             jobs.extend(job);
             submitted_at.push((ids, at));
-            anyhow::Ok(())
-        };
-        while left > 0 {
-            if let Some(rate) = opts.rate {
-                tokio::time::sleep_until(due(t0, opts.tasks - left, rate).into()).await;
-            }
-            let n = left.min(opts.batch);
-            left -= n;
-            let at = Instant::now();
-            let tasks = (0..n).map(|_| self.task()).collect();
-            let submission = submit(self.client.clone(), job_name.clone(), tasks);
-            inflight.spawn(async move { (submission.await, at) });
-            if opts.rate.is_none()
-                && let Some(done) = inflight.join_next().await
-            {
-                record(done)?;
-            }
-            while let Some(done) = inflight.try_join_next() {
-                record(done)?;
-            }
-        }
-        while let Some(done) = inflight.join_next().await {
-            record(done)?;
         }
         let submit = t0.elapsed();
         let target = before_bulk + opts.tasks as u64;
@@ -763,6 +738,54 @@ async fn submit(
     })
 }
 
+/// Sends `tasks` tasks from `t0` in submissions of at most `batch` (`send(n)` makes one of `n`):
+/// one after the other as fast as they are answered or, at `rate` tasks/s, each when it is due
+/// whether or not those before it were answered (a fleet's clients do not wait for each other).
+/// Returns each submission's answer and when it was sent; the first failure ends the phase.
+async fn send_all<T, F, Fut>(
+    t0: Instant,
+    tasks: usize,
+    batch: usize,
+    rate: Option<f64>,
+    mut send: F,
+) -> anyhow::Result<Vec<(T, Instant)>>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut sent = Vec::new();
+    let mut record = |done: Result<(anyhow::Result<T>, Instant), tokio::task::JoinError>| {
+        let (answer, at) = done.context("a submission")?;
+        sent.push((answer?, at));
+        anyhow::Ok(())
+    };
+    let mut left = tasks;
+    while left > 0 {
+        if let Some(rate) = rate {
+            tokio::time::sleep_until(due(t0, tasks - left, rate).into()).await;
+        }
+        let n = left.min(batch);
+        left -= n;
+        let at = Instant::now();
+        let submission = send(n);
+        inflight.spawn(async move { (submission.await, at) });
+        if rate.is_none()
+            && let Some(done) = inflight.join_next().await
+        {
+            record(done)?;
+        }
+        while let Some(done) = inflight.try_join_next() {
+            record(done)?;
+        }
+    }
+    while let Some(done) = inflight.join_next().await {
+        record(done)?;
+    }
+    Ok(sent)
+}
+
 /// The longest a paced bulk phase may take to submit.
 const MAX_PACED: Duration = Duration::from_secs(24 * 3600);
 
@@ -862,6 +885,65 @@ impl BenchReport {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// Sends that each take 300 ms to be answered, `send_all` paced at 2,500 tasks/s in
+    /// submissions of 50 (one due every 20 ms): each goes out when it is due, the last long
+    /// before the first is answered. Unpaced, each waits for the answer before it. (Tokio's
+    /// clock is paused, so the times are exact.)
+    #[tokio::test(start_paused = true)]
+    async fn paced_submissions_go_out_when_due_without_waiting_for_answers() {
+        for (rate, gap) in [(Some(2_500.0), 20), (None, 300)] {
+            let starts = Arc::new(Mutex::new(Vec::new()));
+            let sent = send_all(Instant::now(), 500, 50, rate, |n| {
+                let starts = starts.clone();
+                async move {
+                    starts.lock().unwrap().push(tokio::time::Instant::now());
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    anyhow::Ok(n)
+                }
+            })
+            .await
+            .unwrap();
+            assert_eq!(sent.iter().map(|(n, _)| n).sum::<usize>(), 500, "{rate:?}");
+            let starts = starts.lock().unwrap().clone();
+            assert_eq!(starts.len(), 10);
+            for (i, at) in starts.iter().enumerate() {
+                let since = (*at - starts[0]).as_millis() as u64;
+                let want = gap * i as u64;
+                assert!(
+                    since.abs_diff(want) <= 2,
+                    "{rate:?}: submission {i} went out at {since} ms, not {want}"
+                );
+            }
+        }
+    }
+
+    /// A failed submission ends the phase with its error.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_submission_ends_the_phase() {
+        let calls = Arc::new(Mutex::new(0));
+        let failed = send_all(Instant::now(), 500, 50, Some(2_500.0), |_| {
+            let calls = calls.clone();
+            async move {
+                let n = {
+                    let mut c = calls.lock().unwrap();
+                    *c += 1;
+                    *c
+                };
+                if n == 3 {
+                    anyhow::bail!("refused");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                anyhow::Ok(())
+            }
+        })
+        .await
+        .unwrap_err();
+        assert!(failed.to_string().contains("refused"), "{failed:#}");
+        assert!(*calls.lock().unwrap() < 10, "the phase stopped at the failure");
+    }
+
     use super::*;
 
     #[test]
