@@ -171,6 +171,16 @@ mod tests {
         }
     }
 
+    /// What the servers took, once the calls in flight have had time to land.
+    async fn calls_taken<T>(took: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut calls = Vec::new();
+        while let Ok(call) = took.try_recv() {
+            calls.push(call);
+        }
+        calls
+    }
+
     fn client_of(addr: std::net::SocketAddr) -> client::Client {
         client::connect_lazy(&format!("http://{addr}"), &ClientSecurity::default(), 1 << 20).unwrap()
     }
@@ -227,11 +237,7 @@ mod tests {
         let lost = heartbeat.await.unwrap();
         assert!(lost.is_err(), "the heartbeat, taken before the GOAWAY, fails with its connection: {lost:?}");
         first.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut calls = Vec::new();
-        while let Ok(call) = took.try_recv() {
-            calls.push(call);
-        }
+        let calls = calls_taken(&mut took).await;
         assert_eq!(
             calls,
             [
@@ -264,11 +270,7 @@ mod tests {
         let answered = client_of(addr).report_completion(report()).await;
         assert!(answered.is_err(), "a call cut after the server took it fails: {answered:?}");
         server.await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut calls = Vec::new();
-        while let Ok(call) = took.try_recv() {
-            calls.push(call);
-        }
+        let calls = calls_taken(&mut took).await;
         assert_eq!(calls, [(1, "/coordinator.CoordinatorService/ReportCompletion".to_owned())]);
     }
 
@@ -295,11 +297,7 @@ mod tests {
         });
         let refused = client_of(addr).report_completion(report()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut sends = 0;
-        while took.try_recv().is_ok() {
-            sends += 1;
-        }
+        let sends = calls_taken(&mut took).await.len();
         assert_eq!(sends, 1 + MAX_RESENDS, "the first send and every resend, and no more");
     }
 }
