@@ -28,8 +28,8 @@ use tower::{Service, ServiceExt as _};
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Sends beyond the first that one call may take. Each goes out once the channel is ready
-/// again, that is on a new connection once the old one has gone; a server that keeps turning
-/// calls away without taking them is answered with the last error.
+/// again, that is on a new connection once the old one has gone; a call a server keeps turning
+/// away without taking it fails `UNAVAILABLE`.
 const MAX_RESENDS: usize = 3;
 
 /// Wraps a channel so that calls the server never saw are sent again (module doc).
