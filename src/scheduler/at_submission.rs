@@ -474,6 +474,51 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// A type under a concurrency limit is never assigned by the insert: once a pass has seen
+    /// its limit, its submissions go to the claims without trying placement (and so without
+    /// being refused and marking the type backlogged). A pass that finds the limit gone clears
+    /// the type, and the next submission is placed again.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_limited_type_is_left_to_the_claims_until_a_pass_finds_its_limit_gone() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let (mut scheduler, mut stream) = scheduler_with_worker(&db, 4).await;
+        let placer = scheduler.at_submission();
+        db.store.set_type_limit("limited", Some(100)).await.unwrap();
+        let first = testing::new_task("limited");
+        let created = placer.create(std::slice::from_ref(&first)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending, "the insert refuses a limited type");
+        assert!(placer.backlog.contains("limited"), "refused: marked backlogged");
+        assert!(!placer.backlog.limited("limited"), "no pass has seen the limit yet");
+
+        // The pass claims it under the limit, with room to spare.
+        assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
+        assert_eq!(pushed(&mut stream), vec![first.id]);
+        assert!(!placer.backlog.contains("limited"));
+        assert!(placer.backlog.limited("limited"));
+
+        // Not tried at the insert, so not refused: the type is not marked backlogged again.
+        let second = testing::new_task("limited");
+        let created = placer.create(std::slice::from_ref(&second)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Pending);
+        assert!(!placer.backlog.contains("limited"), "left to the claims without trying the insert");
+        assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
+        assert_eq!(pushed(&mut stream), vec![second.id]);
+
+        // The limit removed: the next pass's candidate shows it, and placement resumes.
+        db.store.set_type_limit("limited", None).await.unwrap();
+        let third = testing::new_task("limited");
+        placer.create(std::slice::from_ref(&third)).await.expect("create");
+        assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
+        assert_eq!(pushed(&mut stream), vec![third.id]);
+        assert!(!placer.backlog.limited("limited"));
+        let fourth = testing::new_task("limited");
+        let created = placer.create(std::slice::from_ref(&fourth)).await.expect("create");
+        assert_eq!(created[0].task.state, TaskState::Assigned);
+        assert_eq!(pushed(&mut stream), vec![fourth.id]);
+        db.cleanup().await;
+    }
+
     /// While a scheduler pass holds placement's turn, a submission does not wait for it beyond
     /// [`TURN_WAIT`]: its tasks are stored pending for the claims.
     #[tokio::test]

@@ -39,33 +39,49 @@ pub use at_submission::AtSubmission;
 #[derive(Debug, Clone, Default)]
 pub struct Placing(Arc<tokio::sync::Mutex<usize>>);
 
-/// The task types of which this replica last saw runnable tasks left unplaced: a pass left
-/// some of its candidates pending or came back full (there may be more), or a placed submission
-/// had some refused by the insert's checks. A submission of such a type is stored pending for
-/// the claims without taking placement's turn: the insert would refuse it anyway (an older
-/// task of its type is pending), and holding the turn meanwhile holds up the passes that work
-/// the backlog off. A pass that places every candidate with room to spare clears the types it
-/// offered. Only a hint: a type wrongly thought clear costs one placed insert that stores the
-/// task pending (and marks the type), one wrongly thought backlogged a claim.
+/// The task types a submission should leave to the claims, as this replica last saw them.
+///
+/// Backlogged types: a pass left some of its candidates pending or came back full (there may be
+/// more), or a placed submission had some refused by the insert's checks. The insert would
+/// refuse such a task anyway (an older task of its type is pending), and holding placement's
+/// turn meanwhile holds up the passes that work the backlog off. A pass that places every
+/// candidate with room to spare clears the types it offered.
+///
+/// Limited types: a pass found the type under a concurrency limit. The insert never assigns
+/// such a task (the limit is counted under its row lock, in the claim). A pass that sees a
+/// candidate of the type without a limit clears it.
+///
+/// A submission of either kind is stored pending without taking placement's turn. Only a hint:
+/// a type wrongly thought clear costs one placed insert that stores the task pending (and marks
+/// the type), one wrongly thought backlogged or limited a claim.
 #[derive(Debug, Clone, Default)]
-pub struct Backlog(Arc<std::sync::Mutex<HashSet<String>>>);
+pub struct Backlog(Arc<std::sync::Mutex<Hints>>);
+
+#[derive(Debug, Default)]
+struct Hints {
+    backlogged: HashSet<String>,
+    limited: HashSet<String>,
+}
 
 impl Backlog {
-    fn types(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    /// std Mutex: held to read or change the sets, never across an await.
+    fn hints(&self) -> std::sync::MutexGuard<'_, Hints> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops from `candidates` the tasks of backlogged types.
+    /// Drops from `candidates` the tasks of backlogged or limited types.
     fn keep_clear(&self, candidates: &mut Vec<Candidate>) {
-        let types = self.types();
-        if !types.is_empty() {
-            candidates.retain(|c| !types.contains(&c.task_type));
+        let hints = self.hints();
+        if !hints.backlogged.is_empty() || !hints.limited.is_empty() {
+            candidates.retain(|c| {
+                !hints.backlogged.contains(&c.task_type) && !hints.limited.contains(&c.task_type)
+            });
         }
     }
 
     /// Marks `types` backlogged.
     fn mark<'a>(&self, types: impl IntoIterator<Item = &'a String>) {
-        let mut set = self.types();
+        let set = &mut self.hints().backlogged;
         for t in types {
             if !set.contains(t) {
                 set.insert(t.clone());
@@ -74,14 +90,34 @@ impl Backlog {
     }
 
     /// After a pass that offered `offered` and placed candidates of the types `took`, leaving
-    /// candidates of the types `left` pending.
-    fn after_pass(&self, offered: &TypeFilter, took: &[String], left: &[String], full: bool) {
+    /// candidates of the types `left` pending; `limits` holds the concurrency limits the pass
+    /// found for the types of its candidates.
+    fn after_pass(
+        &self,
+        offered: &TypeFilter,
+        took: &[String],
+        left: &[String],
+        limits: &crate::store::Allowances,
+        full: bool,
+    ) {
+        {
+            let limited = &mut self.hints().limited;
+            for t in took.iter().chain(left) {
+                if limits.contains_key(t) {
+                    if !limited.contains(t) {
+                        limited.insert(t.clone());
+                    }
+                } else {
+                    limited.remove(t);
+                }
+            }
+        }
         if full {
             self.mark(took.iter().chain(left));
             return;
         }
         {
-            let mut set = self.types();
+            let set = &mut self.hints().backlogged;
             match offered {
                 TypeFilter::Only(types) => types.iter().for_each(|t| {
                     set.remove(t);
@@ -94,7 +130,12 @@ impl Backlog {
 
     #[cfg(test)]
     pub(crate) fn contains(&self, task_type: &str) -> bool {
-        self.types().contains(task_type)
+        self.hints().backlogged.contains(task_type)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn limited(&self, task_type: &str) -> bool {
+        self.hints().limited.contains(task_type)
     }
 }
 
@@ -236,6 +277,8 @@ impl Scheduler {
         let mut affinity = (0, 0);
         // The types of the candidates placed and of those left pending.
         let (mut took, mut left) = (Vec::new(), Vec::new());
+        // The concurrency limits of the candidates' types, as the claim found them.
+        let mut limits = crate::store::Allowances::new();
         // Placement's turn, taken once there are candidates to place and held until their
         // pushes are done. A submission placing its own tasks holds it for one insert: then
         // this pass places nothing, waits for it and goes again.
@@ -263,6 +306,7 @@ impl Scheduler {
                         side.push(c.task_type.clone());
                     }
                 }
+                limits.clone_from(allowances);
                 turn = Some(held);
                 Placement { placed: placed.placed, sessions: fence }
             })
@@ -285,7 +329,7 @@ impl Scheduler {
         }
         let claimed = assignments.len() as u32;
         let full = claimed >= limit && claimed > 0;
-        self.backlog.after_pass(&filter.types, &took, &left, full);
+        self.backlog.after_pass(&filter.types, &took, &left, &limits, full);
         let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats);
         drop(turn);
         if !undelivered.is_empty() {
