@@ -257,6 +257,14 @@ mod tests {
         (scheduler, stream)
     }
 
+    /// Submits one new task of `task_type` through `placer`: its id and the state it was stored
+    /// in.
+    async fn submit_one(placer: &AtSubmission, task_type: &str) -> (crate::domain::TaskId, TaskState) {
+        let task = testing::new_task(task_type);
+        let created = placer.create(std::slice::from_ref(&task)).await.expect("create");
+        (task.id, created[0].task.state)
+    }
+
     fn pushed(stream: &mut tokio::sync::mpsc::Receiver<Push>) -> Vec<crate::domain::TaskId> {
         let mut out = Vec::new();
         while let Ok(Push::Run(a)) = stream.try_recv() {
@@ -441,29 +449,26 @@ mod tests {
         let placer = scheduler.at_submission();
         let older = testing::new_task("prove");
         db.store.create_tasks(std::slice::from_ref(&older)).await.unwrap();
-        let first = testing::new_task("prove");
-        let created = placer.create(std::slice::from_ref(&first)).await.expect("create");
-        assert_eq!(created[0].task.state, TaskState::Pending, "behind the older one");
+        let (first, state) = submit_one(&placer, "prove").await;
+        assert_eq!(state, TaskState::Pending, "behind the older one");
         assert!(placer.backlog.contains("prove"));
 
         // Nothing of the type is pending now: the insert's check would let a task through, the
         // hint keeps it for the claims.
-        for t in [&older, &first] {
-            db.store.cancel(t.id, "gone").await.unwrap().expect("cancelled");
+        for id in [older.id, first] {
+            db.store.cancel(id, "gone").await.unwrap().expect("cancelled");
         }
-        let second = testing::new_task("prove");
-        let created = placer.create(std::slice::from_ref(&second)).await.expect("create");
-        assert_eq!(created[0].task.state, TaskState::Pending);
+        let (second, state) = submit_one(&placer, "prove").await;
+        assert_eq!(state, TaskState::Pending);
         assert!(pushed(&mut stream).is_empty());
 
         // The pass claims it with room to spare and clears the type.
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
-        assert_eq!(pushed(&mut stream), vec![second.id]);
+        assert_eq!(pushed(&mut stream), vec![second]);
         assert!(!placer.backlog.contains("prove"));
-        let third = testing::new_task("prove");
-        let created = placer.create(std::slice::from_ref(&third)).await.expect("create");
-        assert_eq!(created[0].task.state, TaskState::Assigned);
-        assert_eq!(pushed(&mut stream), vec![third.id]);
+        let (third, state) = submit_one(&placer, "prove").await;
+        assert_eq!(state, TaskState::Assigned);
+        assert_eq!(pushed(&mut stream), vec![third]);
 
         // Two slots left and three pending: the pass fills both and marks the type.
         let backlog: Vec<_> = (0..3).map(|_| testing::new_task("prove")).collect();
@@ -485,37 +490,33 @@ mod tests {
         let (mut scheduler, mut stream) = scheduler_with_worker(&db, 4).await;
         let placer = scheduler.at_submission();
         db.store.set_type_limit("limited", Some(100)).await.unwrap();
-        let first = testing::new_task("limited");
-        let created = placer.create(std::slice::from_ref(&first)).await.expect("create");
-        assert_eq!(created[0].task.state, TaskState::Pending, "the insert refuses a limited type");
+        let (first, state) = submit_one(&placer, "limited").await;
+        assert_eq!(state, TaskState::Pending, "the insert refuses a limited type");
         assert!(placer.backlog.contains("limited"), "refused: marked backlogged");
         assert!(!placer.backlog.limited("limited"), "no pass has seen the limit yet");
 
         // The pass claims it under the limit, with room to spare.
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
-        assert_eq!(pushed(&mut stream), vec![first.id]);
+        assert_eq!(pushed(&mut stream), vec![first]);
         assert!(!placer.backlog.contains("limited"));
         assert!(placer.backlog.limited("limited"));
 
         // Not tried at the insert, so not refused: the type is not marked backlogged again.
-        let second = testing::new_task("limited");
-        let created = placer.create(std::slice::from_ref(&second)).await.expect("create");
-        assert_eq!(created[0].task.state, TaskState::Pending);
+        let (second, state) = submit_one(&placer, "limited").await;
+        assert_eq!(state, TaskState::Pending);
         assert!(!placer.backlog.contains("limited"), "left to the claims without trying the insert");
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
-        assert_eq!(pushed(&mut stream), vec![second.id]);
+        assert_eq!(pushed(&mut stream), vec![second]);
 
         // The limit removed: the next pass's candidate shows it, and placement resumes.
         db.store.set_type_limit("limited", None).await.unwrap();
-        let third = testing::new_task("limited");
-        placer.create(std::slice::from_ref(&third)).await.expect("create");
+        let (third, _) = submit_one(&placer, "limited").await;
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
-        assert_eq!(pushed(&mut stream), vec![third.id]);
+        assert_eq!(pushed(&mut stream), vec![third]);
         assert!(!placer.backlog.limited("limited"));
-        let fourth = testing::new_task("limited");
-        let created = placer.create(std::slice::from_ref(&fourth)).await.expect("create");
-        assert_eq!(created[0].task.state, TaskState::Assigned);
-        assert_eq!(pushed(&mut stream), vec![fourth.id]);
+        let (fourth, state) = submit_one(&placer, "limited").await;
+        assert_eq!(state, TaskState::Assigned);
+        assert_eq!(pushed(&mut stream), vec![fourth]);
         db.cleanup().await;
     }
 
