@@ -82,11 +82,7 @@ impl Backlog {
     /// Marks `types` backlogged.
     fn mark<'a>(&self, types: impl IntoIterator<Item = &'a String>) {
         let set = &mut self.hints().backlogged;
-        for t in types {
-            if !set.contains(t) {
-                set.insert(t.clone());
-            }
-        }
+        types.into_iter().for_each(|t| add(set, t));
     }
 
     /// After a pass that offered `offered` and placed candidates of the types `took`, leaving
@@ -100,32 +96,28 @@ impl Backlog {
         limits: &crate::store::Allowances,
         full: bool,
     ) {
-        {
-            let limited = &mut self.hints().limited;
-            for t in took.iter().chain(left) {
-                if limits.contains_key(t) {
-                    if !limited.contains(t) {
-                        limited.insert(t.clone());
-                    }
-                } else {
-                    limited.remove(t);
-                }
+        let mut hints = self.hints();
+        for t in took.iter().chain(left) {
+            if limits.contains_key(t) {
+                add(&mut hints.limited, t);
+            } else {
+                hints.limited.remove(t);
             }
         }
-        if full {
-            self.mark(took.iter().chain(left));
-            return;
-        }
-        {
-            let set = &mut self.hints().backlogged;
+        // Full: there may be more of every type it took. Otherwise the types offered are clear
+        // but for those it left pending.
+        let still = if full {
+            took
+        } else {
             match offered {
                 TypeFilter::Only(types) => types.iter().for_each(|t| {
-                    set.remove(t);
+                    hints.backlogged.remove(t);
                 }),
-                TypeFilter::Any | TypeFilter::AnyAnd(_) => set.clear(),
+                TypeFilter::Any | TypeFilter::AnyAnd(_) => hints.backlogged.clear(),
             }
-        }
-        self.mark(left);
+            &[]
+        };
+        still.iter().chain(left).for_each(|t| add(&mut hints.backlogged, t));
     }
 
     #[cfg(test)]
@@ -136,6 +128,13 @@ impl Backlog {
     #[cfg(test)]
     pub(crate) fn limited(&self, task_type: &str) -> bool {
         self.hints().limited.contains(task_type)
+    }
+}
+
+/// Adds `t` to `set`, copying it only when it is not there yet.
+fn add(set: &mut HashSet<String>, t: &String) {
+    if !set.contains(t) {
+        set.insert(t.clone());
     }
 }
 

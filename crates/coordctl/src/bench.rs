@@ -887,6 +887,8 @@ impl BenchReport {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use super::*;
+
     /// Sends that each take 300 ms to be answered, `send_all` paced at 2,500 tasks/s in
     /// submissions of 50 (one due every 20 ms): each goes out when it is due, the last long
     /// before the first is answered. Unpaced, each waits for the answer before it. (Tokio's
@@ -943,8 +945,6 @@ mod tests {
         assert!(failed.to_string().contains("refused"), "{failed:#}");
         assert!(*calls.lock().unwrap() < 10, "the phase stopped at the failure");
     }
-
-    use super::*;
 
     #[test]
     fn percentiles_pick_nearest_rank() {

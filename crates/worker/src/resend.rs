@@ -171,9 +171,26 @@ mod tests {
         }
     }
 
-    /// What the servers took, once the calls in flight have had time to land.
-    async fn calls_taken<T>(took: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    /// Waits (at most 10 s) until a HEADERS frame of `stream` is among the bytes waiting unread
+    /// in `socket`: its 9-byte frame header ends with type 1, END_HEADERS and the stream id.
+    async fn wait_for_headers_of_stream(socket: &std::net::TcpStream, stream: u8) {
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..2_000 {
+            if let Ok(n) = socket.peek(&mut buf) {
+                let waiting = &buf[..n];
+                if waiting.windows(6).any(|w| w[0] == 1 && w[1] & 0x4 != 0 && w[2..] == [0, 0, 0, stream]) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("no HEADERS frame of stream {stream} arrived");
+    }
+
+    /// What the servers took. Called once the calls have been answered: a server records a
+    /// call before it answers or drops it, and a call is sent again only before its caller is
+    /// answered, so nothing more can arrive.
+    fn calls_taken<T>(took: &mut mpsc::UnboundedReceiver<T>) -> Vec<T> {
         let mut calls = Vec::new();
         while let Ok(call) = took.try_recv() {
             calls.push(call);
@@ -200,19 +217,22 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (seen, mut took) = mpsc::unbounded_channel();
         let (first_taken, mut heartbeat_arrived) = mpsc::unbounded_channel::<()>();
-        let (go_away, mut told_to_go_away) = mpsc::unbounded_channel::<()>();
         let first = {
             let (listener, seen) = (listener.clone(), seen.clone());
             tokio::spawn(async move {
                 let (tcp, _) = listener.accept().await.unwrap();
                 tokio::spawn(serve_normally(listener, seen.clone()));
+                // A second handle on the socket, to see what waits in it unread.
+                let tcp = tcp.into_std().unwrap();
+                let peek = tcp.try_clone().unwrap();
+                let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
                 let mut conn = h2::server::handshake(tcp).await.expect("handshake");
                 let (req, _respond) = conn.accept().await.expect("a first call").expect("its stream");
                 seen.send((1, req.uri().path().to_owned())).unwrap();
                 first_taken.send(()).unwrap();
-                // The connection is not polled until told: the report's stream waits unread
-                // in the socket, so the GOAWAY's last stream is the heartbeat's.
-                told_to_go_away.recv().await.unwrap();
+                // The connection is not polled until the report's stream (3) waits unread in
+                // the socket: the GOAWAY's last stream is then the heartbeat's.
+                wait_for_headers_of_stream(&peek, 3).await;
                 conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                 let _ =
                     tokio::time::timeout(Duration::from_secs(5), poll_fn(|cx| conn.poll_closed(cx))).await;
@@ -228,16 +248,13 @@ mod tests {
             let mut c = client.clone();
             tokio::spawn(async move { c.report_completion(report()).await })
         };
-        // Long enough on loopback for the report's stream to reach the first connection.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        go_away.send(()).unwrap();
 
         let answered = reporting.await.unwrap();
         assert!(answered.is_ok(), "the report is sent again, not failed: {answered:?}");
         let lost = heartbeat.await.unwrap();
         assert!(lost.is_err(), "the heartbeat, taken before the GOAWAY, fails with its connection: {lost:?}");
         first.await.unwrap();
-        let calls = calls_taken(&mut took).await;
+        let calls = calls_taken(&mut took);
         assert_eq!(
             calls,
             [
@@ -270,7 +287,7 @@ mod tests {
         let answered = client_of(addr).report_completion(report()).await;
         assert!(answered.is_err(), "a call cut after the server took it fails: {answered:?}");
         server.await.unwrap();
-        let calls = calls_taken(&mut took).await;
+        let calls = calls_taken(&mut took);
         assert_eq!(calls, [(1, "/coordinator.CoordinatorService/ReportCompletion".to_owned())]);
     }
 
@@ -297,7 +314,7 @@ mod tests {
         });
         let refused = client_of(addr).report_completion(report()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-        let sends = calls_taken(&mut took).await.len();
+        let sends = calls_taken(&mut took).len();
         assert_eq!(sends, 1 + MAX_RESENDS, "the first send and every resend, and no more");
     }
 }
