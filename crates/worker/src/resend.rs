@@ -1,4 +1,4 @@
-//! Calls the coordinator never saw are sent again, at once, on a new connection.
+//! Calls the coordinator never saw are sent again, at once.
 //!
 //! A connection the coordinator ages (or a replica that shuts down) is sent GOAWAY naming the
 //! last stream the server took. A call the client started on it after that, or that was still
@@ -12,6 +12,11 @@
 //!
 //! Every call of the coordinator's API sends one message, so the request body is read whole
 //! before the first send and kept for the next.
+//!
+//! "Never saw" holds for the call's handler, not always for its headers: a GOAWAY that arrives
+//! while the client opens a stream can fail the call after its HEADERS frame left but before its
+//! message did. The server then never decodes a message and no handler runs; only what acts on
+//! headers alone (the server's auth check, its metrics and trace layers) sees the call twice.
 
 use std::{
     error::Error as StdError,
@@ -28,8 +33,11 @@ use tower::{Service, ServiceExt as _};
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Sends beyond the first that one call may take. Each goes out once the channel is ready
-/// again, that is on a new connection once the old one has gone; a call a server keeps turning
-/// away without taking it fails `UNAVAILABLE`.
+/// again. After a GOAWAY the first of them usually still lands in the queue of the connection
+/// going away (the channel reconnects only once that connection has closed, which its task
+/// learns when a new request wakes it) and comes back cancelled, unsent; the next goes out on a
+/// new connection. A `REFUSED_STREAM` is answered on the same connection, straight away. A call
+/// a server keeps turning away without taking it fails `UNAVAILABLE`.
 const MAX_RESENDS: usize = 3;
 
 /// Wraps a channel so that calls the server never saw are sent again (module doc).
