@@ -3,7 +3,8 @@
 //! Submissions and requeues say "there is runnable work" (every replica's scheduler wakes), and
 //! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them). The
 //! [`Notifier`] coalesces what happened since its last statement into one `pg_notify` call, so
-//! a busy replica sends a few notifications per batch rather than one per task. The listener
+//! a busy replica sends a few notifications per batch rather than one per task, and finished
+//! tasks at most every [`FINISHED_SPACING`]. The listener
 //! reconnects by itself; when it was away, notifications may have been lost, so it wakes
 //! everything once, and `poll_interval` stays the fallback. On SQLite (one process) both are
 //! no-ops.
@@ -13,7 +14,7 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
@@ -25,6 +26,10 @@ use crate::{
     store::Store,
 };
 
+/// Finished tasks are sent at most this often: under load the notifier would otherwise send a
+/// statement (and a commit) per batch of completions, for watchers on the other replicas that
+/// then see a completion up to this much later. Runnable work goes out at once.
+const FINISHED_SPACING: Duration = Duration::from_millis(5);
 /// Task ids per notification: 36-byte ids stay well under Postgres' 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 150;
 /// Backoff of the listener's reconnects.
@@ -99,6 +104,7 @@ impl Wakeups {
             return Ok(());
         };
         let mut notes = Vec::new();
+        let mut last_sent: Option<Instant> = None;
         loop {
             let n = tokio::select! {
                 biased;
@@ -111,7 +117,11 @@ impl Wakeups {
             if n == 0 {
                 return Ok(());
             }
+            if let Some(last) = last_sent {
+                gather(&mut rx, &mut notes, last + FINISHED_SPACING, &shutdown).await;
+            }
             let payloads = encode(&self.origin, notes.drain(..));
+            last_sent = Some(Instant::now());
             if let Err(error) = self.store.notify(&payloads).await {
                 // Lost notifications cost latency only: the other replicas poll.
                 debug!(%error, "failed to notify other replicas");
@@ -201,6 +211,31 @@ impl Wakeups {
     }
 }
 
+/// Waits until `until` for more notes while `notes` holds only finished tasks, adding what
+/// comes to `notes`; returns at once when a runnable note is among them (a submission on this
+/// replica for a worker on another must not wait), at `shutdown`, or when the notifier's
+/// senders are gone.
+async fn gather(
+    rx: &mut mpsc::UnboundedReceiver<Note>,
+    notes: &mut Vec<Note>,
+    until: Instant,
+    shutdown: &CancellationToken,
+) {
+    let mut seen = 0;
+    loop {
+        if notes[seen..].iter().any(|n| matches!(n, Note::Runnable)) {
+            return;
+        }
+        seen = notes.len();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(until) => return,
+            n = rx.recv_many(notes, 4096) => if n == 0 { return },
+        }
+    }
+}
+
 /// Payloads: `<origin> r` (runnable work) and `<origin> f <id>,<id>,...` (finished tasks).
 fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
     let mut runnable = false;
@@ -274,5 +309,56 @@ mod tests {
         assert_eq!(back, want);
         assert_eq!(decode("a", &payloads[0]), Decoded::Own, "own notifications are ignored");
         assert_eq!(decode("b", "garbage"), Decoded::Unknown);
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Sends `note` after `after`.
+    fn later(tx: &mpsc::UnboundedSender<Note>, after: Duration, note: Note) {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = tx.send(note);
+        });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finished_tasks_wait_out_the_spacing_together_and_runnable_work_does_not_wait() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let shutdown = CancellationToken::new();
+
+        let t0 = Instant::now();
+        let mut notes = vec![Note::Finished(TaskId::new())];
+        later(&tx, ms(2), Note::Finished(TaskId::new()));
+        later(&tx, ms(4), Note::Finished(TaskId::new()));
+        gather(&mut rx, &mut notes, t0 + FINISHED_SPACING, &shutdown).await;
+        assert_eq!((t0.elapsed(), notes.len()), (FINISHED_SPACING, 3), "one statement for all three");
+
+        let t1 = Instant::now();
+        let mut notes = vec![Note::Finished(TaskId::new())];
+        later(&tx, ms(1), Note::Runnable);
+        gather(&mut rx, &mut notes, t1 + FINISHED_SPACING, &shutdown).await;
+        assert_eq!((t1.elapsed(), notes.len()), (ms(1), 2), "runnable work ends the wait");
+
+        let t2 = Instant::now();
+        let mut notes = vec![Note::Runnable];
+        gather(&mut rx, &mut notes, t2 + FINISHED_SPACING, &shutdown).await;
+        assert_eq!(t2.elapsed(), Duration::ZERO, "runnable work never waits");
+
+        let t3 = Instant::now();
+        let mut notes = vec![Note::Finished(TaskId::new())];
+        gather(&mut rx, &mut notes, t3 - ms(1), &shutdown).await;
+        assert_eq!(t3.elapsed(), Duration::ZERO, "no wait once the spacing has passed");
+
+        let t4 = Instant::now();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ms(3)).await;
+            stop.cancel();
+        });
+        gather(&mut rx, &mut notes, t4 + FINISHED_SPACING, &shutdown).await;
+        assert_eq!(t4.elapsed(), ms(3), "shutdown ends the wait");
     }
 }
