@@ -301,7 +301,17 @@ impl CostMeter {
         }
     }
 
+    /// The readings the bulk phase's costs are measured from. The database counters are read
+    /// once Postgres has published what came before (the trickle phase's tasks, the workers'
+    /// registrations): a backend publishes within [`STATS_SETTLE`] of its last statement, so
+    /// a sample taken at once would leave some of it to be counted as the bulk phase's.
+    ///
+    /// [`STATS_SETTLE`]: coordinator::store::stats::STATS_SETTLE
     async fn start(&mut self) -> CostStart {
+        #[cfg(feature = "embedded")]
+        if self.db.is_some() {
+            tokio::time::sleep(coordinator::store::stats::STATS_SETTLE).await;
+        }
         CostStart {
             coordinator_cpu: self.coordinator_pid.and_then(cpu::of),
             database_cpu: if self.local_database { cpu::of_named("postgres") } else { None },

@@ -239,7 +239,8 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
 
     // The window: database counters and memory around it, reads timed within it.
     let mut meter = DbMeter::new(opts.database_url.as_deref(), &mut notes).await;
-    let before = meter.sample().await;
+    // Once the registrations' writes are published: they are not the idle fleet's.
+    let before = meter.settle_and_sample().await;
     let bearer = opts.security.token.as_deref();
     let server_before = match &opts.metrics_url {
         Some(url) => Some(heartbeat_buckets(url, bearer).await?),
