@@ -36,9 +36,14 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// again. After a GOAWAY the first of them usually still lands in the queue of the connection
 /// going away (the channel reconnects only once that connection has closed, which its task
 /// learns when a new request wakes it) and comes back cancelled, unsent; the next goes out on a
-/// new connection. A `REFUSED_STREAM` is answered on the same connection, straight away. A call
-/// a server keeps turning away without taking it fails `UNAVAILABLE`.
+/// new connection. A `REFUSED_STREAM` is answered on the same connection, after
+/// [`REFUSED_PAUSE`]. A call a server keeps turning away without taking it fails `UNAVAILABLE`.
 const MAX_RESENDS: usize = 3;
+
+/// How long a call the server refused (`REFUSED_STREAM`: over its limit of streams, or closing)
+/// waits before it is sent again, doubled for each refusal of the same call: 10, 20, 40 ms. A call
+/// turned back by a GOAWAY goes again at once, to the next connection.
+const REFUSED_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Wraps a channel so that calls the server never saw are sent again (module doc).
 #[derive(Debug, Clone)]
@@ -79,10 +84,15 @@ where
                 http::Request::from_parts(parts.clone(), Body::new(Full::new(message.clone())))
             };
             let mut answer = inner.call(request(&message)).await.map_err(Into::into);
+            let mut pause = REFUSED_PAUSE;
             for _ in 0..MAX_RESENDS {
                 match answer {
                     Err(e) if never_seen(&*e) => {
-                        tracing::debug!(error = %e, "call refused unseen by a connection going away; sending it again");
+                        tracing::debug!(error = %e, "call turned back unseen; sending it again");
+                        if refused(&*e) {
+                            tokio::time::sleep(pause).await;
+                            pause *= 2;
+                        }
                         let ready = inner.ready().await.map_err(Into::into)?;
                         answer = ready.call(request(&message)).await.map_err(Into::into);
                     }
@@ -120,6 +130,18 @@ fn never_seen(error: &(dyn StdError + 'static)) -> bool {
             if hyper.is_canceled() {
                 return true;
             }
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// Whether `error` is the server's `REFUSED_STREAM`.
+fn refused(error: &(dyn StdError + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
         }
         cause = e.source();
     }
@@ -300,13 +322,13 @@ mod tests {
     }
 
     /// A server that refuses every stream (`REFUSED_STREAM`) is sent each call at most
-    /// `1 + MAX_RESENDS` times, and the caller gets `UNAVAILABLE`: the call was never taken,
-    /// so a retry later can help.
+    /// `1 + MAX_RESENDS` times, each resend after a pause twice as long as the one before, and
+    /// the caller gets `UNAVAILABLE`: the call was never taken, so a retry later can help.
     #[tokio::test]
     async fn a_call_refused_every_time_is_sent_a_bounded_number_of_times_then_unavailable() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (seen, mut took) = mpsc::unbounded_channel::<String>();
+        let (seen, mut took) = mpsc::unbounded_channel::<(std::time::Instant, String)>();
         tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { return };
@@ -314,7 +336,7 @@ mod tests {
                 tokio::spawn(async move {
                     let mut conn = h2::server::handshake(tcp).await.expect("handshake");
                     while let Some(Ok((req, mut respond))) = conn.accept().await {
-                        let _ = seen.send(req.uri().path().to_owned());
+                        let _ = seen.send((std::time::Instant::now(), req.uri().path().to_owned()));
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                     }
                 });
@@ -322,7 +344,15 @@ mod tests {
         });
         let refused = client_of(addr).report_completion(report()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-        let sends = calls_taken(&mut took).len();
-        assert_eq!(sends, 1 + MAX_RESENDS, "the first send and every resend, and no more");
+        let sends = calls_taken(&mut took);
+        assert_eq!(sends.len(), 1 + MAX_RESENDS, "the first send and every resend, and no more");
+        // Each resend waited at least its pause after the refusal before it (the server sees a
+        // send after the client sent it, so the gaps it sees are no shorter than the pauses).
+        let mut pause = REFUSED_PAUSE;
+        for pair in sends.windows(2) {
+            let gap = pair[1].0 - pair[0].0;
+            assert!(gap >= pause, "a resend {gap:?} after the refusal before it, not after {pause:?}");
+            pause *= 2;
+        }
     }
 }
