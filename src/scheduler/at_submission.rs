@@ -116,6 +116,7 @@ impl AtSubmission {
         if !assigned.is_empty() {
             *turn = cursor;
         }
+        let mut refused_types: Vec<&String> = Vec::new();
         if assigned.len() < placement.placed.len() {
             // Refused by the insert's checks: most often an older pending task of the type (or
             // a concurrency limit, or the worker's session replaced; the next pass with room to
@@ -123,17 +124,34 @@ impl AtSubmission {
             let given: HashSet<TaskId> = assigned.iter().map(|a| a.task_id).collect();
             let refused: HashSet<TaskId> =
                 placement.placed.iter().map(|(t, _)| *t).filter(|t| !given.contains(t)).collect();
-            self.backlog.mark(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
+            refused_types.extend(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
+            self.backlog.mark(refused_types.iter().copied());
         }
         let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats);
         // Pushed: the slots are counted. The give-back's round trip is not placement's.
         drop(turn);
+        if !refused_types.is_empty() {
+            self.mark_limited(&refused_types).await;
+        }
         if !undelivered.is_empty() {
             // The tasks are stored: the submission succeeded whatever happens to their delivery.
             // A failed give-back is the reconciliation's (requested by `give_back`).
             let _ = give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await;
         }
         Ok(out)
+    }
+
+    /// Marks those of `refused` (types the insert refused to assign) that have a concurrency
+    /// limit as limited. The insert refuses every task of such a type, and a pass never marks
+    /// a type at its limit (the claim finds no candidate of it, and a pass that offered the type
+    /// and came back with room clears it as backlogged): without this, every submission of it
+    /// would take placement's turn for an insert that assigns nothing. A hint like the rest: on
+    /// an error nothing is marked, and a pass that sees a candidate of the type without a limit
+    /// clears it.
+    async fn mark_limited(&self, refused: &[&String]) {
+        if let Ok(limits) = self.store.type_limits().await {
+            self.backlog.mark_limited(limits.iter().map(|l| &l.task_type).filter(|t| refused.contains(t)));
+        }
     }
 }
 
@@ -479,44 +497,46 @@ mod tests {
         db.cleanup().await;
     }
 
-    /// A type under a concurrency limit is never assigned by the insert: once a pass has seen
-    /// its limit, its submissions go to the claims without trying placement (and so without
-    /// being refused and marking the type backlogged). A pass that finds the limit gone clears
-    /// the type, and the next submission is placed again.
+    /// A type under a concurrency limit is never assigned by the insert. The first submission
+    /// of it that the insert refuses marks it limited (the type has a limit), and the
+    /// submissions after it go to the claims without trying placement. A pass that finds the
+    /// type at its limit (no candidate of it) leaves it marked: it used to clear it as no longer
+    /// backlogged, so every submission of a type at its limit tried the insert again. A pass
+    /// that finds the limit gone clears it, and the next submission is placed again.
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn a_limited_type_is_left_to_the_claims_until_a_pass_finds_its_limit_gone() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let (mut scheduler, mut stream) = scheduler_with_worker(&db, 4).await;
         let placer = scheduler.at_submission();
-        db.store.set_type_limit("limited", Some(100)).await.unwrap();
+        db.store.set_type_limit("limited", Some(1)).await.unwrap();
         let (first, state) = submit_one(&placer, "limited").await;
         assert_eq!(state, TaskState::Pending, "the insert refuses a limited type");
-        assert!(placer.backlog.contains("limited"), "refused: marked backlogged");
-        assert!(!placer.backlog.limited("limited"), "no pass has seen the limit yet");
+        assert!(placer.backlog.limited("limited"), "refused, and the type has a limit");
+        assert!(!placer.backlog.contains("limited"), "the limit holds it back, not an older task");
 
-        // The pass claims it under the limit, with room to spare.
+        // The pass claims it under the limit: the type is at its limit now.
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
         assert_eq!(pushed(&mut stream), vec![first]);
-        assert!(!placer.backlog.contains("limited"));
         assert!(placer.backlog.limited("limited"));
 
-        // Not tried at the insert, so not refused: the type is not marked backlogged again.
+        // At its limit: the next task waits, and a pass that offers the type finds no candidate
+        // of it and leaves it marked.
         let (second, state) = submit_one(&placer, "limited").await;
         assert_eq!(state, TaskState::Pending);
-        assert!(!placer.backlog.contains("limited"), "left to the claims without trying the insert");
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
-        assert_eq!(pushed(&mut stream), vec![second]);
+        assert!(pushed(&mut stream).is_empty());
+        assert!(placer.backlog.limited("limited"), "a pass that saw no candidate of it keeps it");
+        assert!(!placer.backlog.contains("limited"));
 
         // The limit removed: the next pass's candidate shows it, and placement resumes.
         db.store.set_type_limit("limited", None).await.unwrap();
-        let (third, _) = submit_one(&placer, "limited").await;
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
-        assert_eq!(pushed(&mut stream), vec![third]);
+        assert_eq!(pushed(&mut stream), vec![second]);
         assert!(!placer.backlog.limited("limited"));
-        let (fourth, state) = submit_one(&placer, "limited").await;
+        let (third, state) = submit_one(&placer, "limited").await;
         assert_eq!(state, TaskState::Assigned);
-        assert_eq!(pushed(&mut stream), vec![fourth]);
+        assert_eq!(pushed(&mut stream), vec![third]);
         db.cleanup().await;
     }
 

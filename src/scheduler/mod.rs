@@ -47,9 +47,10 @@ pub struct Placing(Arc<tokio::sync::Mutex<usize>>);
 /// turn meanwhile holds up the passes that work the backlog off. A pass that places every
 /// candidate with room to spare clears the types it offered.
 ///
-/// Limited types: a pass found the type under a concurrency limit. The insert never assigns
-/// such a task (the limit is counted under its row lock, in the claim). A pass that sees a
-/// candidate of the type without a limit clears it.
+/// Limited types: a pass found the type under a concurrency limit, or a placed submission had
+/// some refused by the insert and the type has a limit. The insert never assigns such a task
+/// (the limit is counted under its row lock, in the claim). A pass that sees a candidate of the
+/// type without a limit clears it.
 ///
 /// A submission of either kind is stored pending without taking placement's turn. Only a hint:
 /// a type wrongly thought clear costs one placed insert that stores the task pending (and marks
@@ -83,6 +84,16 @@ impl Backlog {
     fn mark<'a>(&self, types: impl IntoIterator<Item = &'a String>) {
         let set = &mut self.hints().backlogged;
         types.into_iter().for_each(|t| add(set, t));
+    }
+
+    /// Marks `types` limited (and no longer backlogged: the limit, not an older task, holds
+    /// them back).
+    fn mark_limited<'a>(&self, types: impl IntoIterator<Item = &'a String>) {
+        let mut hints = self.hints();
+        for t in types {
+            hints.backlogged.remove(t);
+            add(&mut hints.limited, t);
+        }
     }
 
     /// After a pass that offered `offered` and placed candidates of the types `took`, leaving
