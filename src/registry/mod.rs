@@ -112,10 +112,20 @@ impl RegistryConfig {
     fn reconcile_every(&self) -> Duration {
         self.heartbeat_timeout.clamp(Duration::from_millis(500), Duration::from_secs(30))
     }
+
+    /// Whether a flush writes a worker's latest heartbeat, `since` after it last did: once
+    /// `liveness_write_every` has passed by half a flush period. Flushes tick at a fixed period,
+    /// so a bare `>= liveness_write_every` would fall on the tick at exactly the interval (or,
+    /// by the tick's jitter, on the next), and the replica's own row, written at every flush,
+    /// would take the total over one row per worker a minute; the half period settles it on the
+    /// first tick past the interval (65 s with the default 5 s flushes).
+    fn liveness_due(&self, since: Duration) -> bool {
+        since >= self.liveness_write_every + self.flush_every() / 2
+    }
 }
 
 /// How often at most the database learns of a worker's heartbeats (it learns of every state
-/// change at once). Other replicas judge a worker by its replica's liveness while that replica
+/// change at once); in practice at the first flush past it (`RegistryConfig::liveness_due`). Other replicas judge a worker by its replica's liveness while that replica
 /// is seen, so this bounds writes, not detection.
 pub const LIVENESS_WRITE_EVERY: Duration = Duration::from_secs(60);
 
@@ -802,14 +812,16 @@ impl Registry {
     /// this replica is seen, its workers' rows are current: it writes every state change.)
     pub async fn flush_heartbeats(&self) -> crate::store::Result<()> {
         self.shared.store.touch_coordinator(&self.shared.config.coordinator_id).await?;
-        let every = self.shared.config.liveness_write_every;
+        let config = &self.shared.config;
         let now = Instant::now();
         let beats: Vec<(WorkerId, DateTime<Utc>)> = {
             let mut state = self.lock();
             state
                 .sessions
                 .iter_mut()
-                .filter(|(_, s)| s.heartbeat_dirty && now.duration_since(s.heartbeat_written) >= every)
+                .filter(|(_, s)| {
+                    s.heartbeat_dirty && config.liveness_due(now.duration_since(s.heartbeat_written))
+                })
                 .map(|(id, s)| {
                     s.heartbeat_dirty = false;
                     s.heartbeat_written = now;
@@ -823,7 +835,8 @@ impl Registry {
             for (id, _) in &beats {
                 if let Some(s) = state.sessions.get_mut(id) {
                     s.heartbeat_dirty = true;
-                    s.heartbeat_written = now.checked_sub(every).unwrap_or(now);
+                    s.heartbeat_written =
+                        now.checked_sub(config.liveness_write_every + config.flush_every()).unwrap_or(now);
                 }
             }
             return Err(e);
@@ -1217,7 +1230,8 @@ mod tests {
         let row = stored().await;
         assert_eq!(row.last_heartbeat_at, registered, "within the interval of the registration: not written");
         assert!(row.owner_seen_at.is_some(), "the replica's row was written");
-        tokio::time::sleep(Duration::from_millis(1550)).await;
+        // Due half a flush period (2.5 s with the 30 s timeout) past the interval.
+        tokio::time::sleep(Duration::from_millis(4050)).await;
         r.heartbeat(&w).await.unwrap();
         r.flush_heartbeats().await.unwrap();
         let written = stored().await.last_heartbeat_at;
@@ -1226,6 +1240,21 @@ mod tests {
         r.flush_heartbeats().await.unwrap();
         assert_eq!(stored().await.last_heartbeat_at, written, "then not again within the interval");
         db.cleanup().await;
+    }
+
+    /// A worker's heartbeat is written at the first flush past the interval, not at the flush
+    /// that falls on it: with the replica's own row written at every flush, a write on the
+    /// interval itself took the total over one row per worker a minute.
+    #[test]
+    fn liveness_is_written_at_the_first_flush_past_the_interval() {
+        let c = config();
+        let (every, flush) = (c.liveness_write_every, c.flush_every());
+        assert_eq!((every, flush), (Duration::from_secs(60), Duration::from_secs(5)));
+        assert!(!c.liveness_due(every - flush), "a flush before the interval");
+        assert!(!c.liveness_due(every), "the flush on the interval");
+        assert!(!c.liveness_due(every + Duration::from_millis(20)), "that flush, a little late");
+        assert!(c.liveness_due(every + flush), "the next flush");
+        assert!(c.liveness_due(every + flush - Duration::from_millis(20)), "that flush, a little early");
     }
 
     /// A heartbeat's attempts need a database renewal only when this replica did not grant or
