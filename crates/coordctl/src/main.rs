@@ -271,7 +271,8 @@ enum Cmd {
         /// Workers sharing one HTTP/2 connection.
         #[arg(long, default_value_t = 100)]
         per_connection: usize,
-        /// How long the connected fleet is watched (at least a minute shows the heartbeat writes).
+        /// How long the connected fleet is watched. Heartbeat writes are counted whole, about one
+        /// per worker every 65 s: a window of several minutes shows their rate.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         window: Duration,
         /// The coordinator's process id, for its resident memory.
