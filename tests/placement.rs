@@ -189,6 +189,23 @@ async fn a_type_limit_holds_in_the_claim_whatever_placement_decides(db: &TestDb)
     assert!(limits.is_empty(), "{limits:?}");
 }
 
+on_every_backend!(limited_types_names_those_of_the_given_types_that_have_a_limit);
+/// The lookup a refused submission makes: of the types given, those with a limit (from the
+/// configuration or an admin, a limit of 0 too), and none once cleared.
+async fn limited_types_names_those_of_the_given_types_that_have_a_limit(db: &TestDb) {
+    let s = &db.store;
+    s.seed_type_limits(&BTreeMap::from([("seeded".to_string(), 3)])).await.unwrap();
+    s.set_type_limit("licensed", Some(0)).await.unwrap();
+    s.set_type_limit("other", Some(1)).await.unwrap();
+    let names = |t: &[&str]| t.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    let got = s.limited_types(&names(&["licensed", "free", "seeded", "it's"])).await.unwrap();
+    assert_eq!(got, ["licensed", "seeded"].map(String::from).into(), "only the given types with a limit");
+    assert!(s.limited_types(&[]).await.unwrap().is_empty());
+    s.set_type_limit("licensed", None).await.unwrap();
+    let got = s.limited_types(&names(&["licensed", "seeded"])).await.unwrap();
+    assert_eq!(got, ["seeded"].map(String::from).into(), "cleared");
+}
+
 on_every_backend!(a_claim_for_a_mixed_fleet_offers_only_what_its_limits_and_shapes_allow);
 /// A claim for a worker of any type and a worker of `licensed` and `gpu` only (labelled
 /// `gpu=a10`): the first of any type and the first of each of those types, and from neither a

@@ -149,8 +149,11 @@ impl AtSubmission {
     /// an error nothing is marked, and a pass that sees a candidate of the type without a limit
     /// clears it.
     async fn mark_limited(&self, refused: &[&String]) {
-        if let Ok(limits) = self.store.type_limits().await {
-            self.backlog.mark_limited(limits.iter().map(|l| &l.task_type).filter(|t| refused.contains(t)));
+        let mut types: Vec<String> = refused.iter().map(|t| (*t).clone()).collect();
+        types.sort_unstable();
+        types.dedup();
+        if let Ok(limited) = self.store.limited_types(&types).await {
+            self.backlog.mark_limited(limited.iter());
         }
     }
 }

@@ -993,6 +993,14 @@ impl Store {
         timed!("type_limits", self, s => s.type_limits().await)
     }
 
+    /// Which of `types` have a concurrency limit: one key lookup each, nothing counted.
+    pub async fn limited_types(&self, types: &[String]) -> Result<HashSet<String>> {
+        if types.is_empty() {
+            return Ok(HashSet::new());
+        }
+        timed!("limited_types", self, s => s.limited_types(types).await)
+    }
+
     /// Tasks the store says `worker` holds (assigned or running), with their attempts.
     pub async fn held_by(&self, worker: &WorkerId) -> Result<Vec<Held>> {
         timed!("held_by", self, s => s.held_by(worker).await)

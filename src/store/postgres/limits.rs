@@ -1,6 +1,9 @@
 //! Per-type concurrency limits: the rows claims lock (see `claim::allowances`).
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
 use super::{PgStore, retry_conflicts};
 use crate::{
@@ -65,6 +68,15 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub(in crate::store) async fn limited_types(&self, types: &[String]) -> Result<HashSet<String>> {
+        let rows: Vec<(String,)> =
+            sqlx::query_as("SELECT task_type FROM type_limits WHERE task_type = ANY($1)")
+                .bind(types)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
     pub(in crate::store) async fn type_limits(&self) -> Result<Vec<TypeLimit>> {

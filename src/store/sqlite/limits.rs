@@ -1,6 +1,6 @@
 //! Per-type concurrency limits (see `claim::allowances`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::Utc;
 
@@ -55,6 +55,17 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub(in crate::store) async fn limited_types(&self, types: &[String]) -> Result<HashSet<String>> {
+        let names = crate::store::decode::encode_json(&types);
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT task_type FROM type_limits WHERE task_type IN (SELECT value FROM json_each($1))",
+        )
+        .bind(names)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
     pub(in crate::store) async fn type_limits(&self) -> Result<Vec<TypeLimit>> {
