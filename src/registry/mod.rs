@@ -125,8 +125,9 @@ impl RegistryConfig {
 }
 
 /// How often at most the database learns of a worker's heartbeats (it learns of every state
-/// change at once); in practice at the first flush past it (`RegistryConfig::liveness_due`). Other replicas judge a worker by its replica's liveness while that replica
-/// is seen, so this bounds writes, not detection.
+/// change at once); in practice at the first flush past it (`RegistryConfig::liveness_due`).
+/// Other replicas judge a worker by its replica's liveness while that replica is seen, so this
+/// bounds writes, not detection.
 pub const LIVENESS_WRITE_EVERY: Duration = Duration::from_secs(60);
 
 /// A difference between memory and database seen once, corrected when seen again.
