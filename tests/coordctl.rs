@@ -170,6 +170,31 @@ async fn bench_counts_the_writes_of_its_bulk_phase_only() {
     db.cleanup().await;
 }
 
+/// The benchmarks' database counters keep the rows of `workers` apart from the rest: a
+/// registration writes one there, a submitted task one in `tasks`.
+#[tokio::test]
+async fn db_stats_count_the_rows_of_workers_apart() {
+    use coordinator::store::stats::{DbStats, STATS_SETTLE};
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let mut stats = DbStats::connect(&db.url).await.unwrap().expect("a Postgres database");
+    let before = stats.sample().await.unwrap();
+    db.store.register_worker(&coordinator::store::testing::registration("w1", 1)).await.unwrap();
+    db.store.create_tasks(&[coordinator::store::testing::new_task("prove")]).await.unwrap();
+    // Published once the writing connections go idle (within STATS_SETTLE).
+    let deadline = std::time::Instant::now() + STATS_SETTLE + Duration::from_secs(5);
+    let written = loop {
+        let d = stats.sample().await.unwrap().since(&before);
+        if d.worker_rows >= 1 && d.rows_written() > d.worker_rows {
+            break d;
+        }
+        assert!(std::time::Instant::now() < deadline, "not counted: {d:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // (The rest also holds whatever the migrations wrote before they were published.)
+    assert_eq!(written.worker_rows, 1, "the registration alone: {written:?}");
+    db.cleanup().await;
+}
+
 // ---- WatchTask and coordctl watch ----
 
 /// Collects a watch stream's events until it ends.

@@ -27,6 +27,8 @@ pub struct DbCounters {
     pub rows_updated: i64,
     pub rows_hot_updated: i64,
     pub rows_deleted: i64,
+    /// Of those, the rows written in `workers` (registrations, state changes, heartbeat times).
+    pub worker_rows: i64,
     /// WAL written by the whole cluster (`pg_stat_wal`), so other databases' work counts too.
     pub wal_bytes: i64,
     /// Statements run in this database, when `pg_stat_statements` is loaded and created.
@@ -42,6 +44,7 @@ impl DbCounters {
             rows_updated: self.rows_updated - earlier.rows_updated,
             rows_hot_updated: self.rows_hot_updated - earlier.rows_hot_updated,
             rows_deleted: self.rows_deleted - earlier.rows_deleted,
+            worker_rows: self.worker_rows - earlier.worker_rows,
             wal_bytes: self.wal_bytes - earlier.wal_bytes,
             statements: self.statements.zip(earlier.statements).map(|(a, b)| a - b),
         }
@@ -87,11 +90,13 @@ impl DbStats {
     pub async fn sample(&mut self) -> Result<DbCounters> {
         let r = sqlx::query(
             "SELECT d.xact_commit AS commits,
-                    t.ins, t.upd, t.hot, t.del,
+                    t.ins, t.upd, t.hot, t.del, t.workers,
                     (SELECT wal_bytes FROM pg_stat_wal)::bigint AS wal_bytes
              FROM pg_stat_database d,
                   (SELECT COALESCE(sum(n_tup_ins), 0)::bigint AS ins, COALESCE(sum(n_tup_upd), 0)::bigint AS upd,
-                          COALESCE(sum(n_tup_hot_upd), 0)::bigint AS hot, COALESCE(sum(n_tup_del), 0)::bigint AS del
+                          COALESCE(sum(n_tup_hot_upd), 0)::bigint AS hot, COALESCE(sum(n_tup_del), 0)::bigint AS del,
+                          COALESCE(sum(n_tup_ins + n_tup_upd + n_tup_del) FILTER (WHERE relname = 'workers'), 0)::bigint
+                              AS workers
                    FROM pg_stat_user_tables WHERE schemaname = current_schema()) AS t
              WHERE d.datname = current_database()",
         )
@@ -115,6 +120,7 @@ impl DbStats {
             rows_updated: r.try_get("upd")?,
             rows_hot_updated: r.try_get("hot")?,
             rows_deleted: r.try_get("del")?,
+            worker_rows: r.try_get("workers")?,
             wal_bytes: r.try_get("wal_bytes")?,
             statements,
         })

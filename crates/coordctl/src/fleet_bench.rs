@@ -62,6 +62,9 @@ pub struct FleetReport {
     pub window_seconds: f64,
     /// Rows the database wrote during the window, per worker per minute.
     pub db_rows_per_worker_minute: Option<f64>,
+    /// Of those, the rows of the `workers` table (the workers' own: heartbeat times, state
+    /// changes); the rest is the replica's own row and anything else the coordinator wrote.
+    pub db_worker_rows_per_worker_minute: Option<f64>,
     pub db_commits_per_second: Option<f64>,
     pub notes: Vec<String>,
 }
@@ -300,10 +303,8 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
     }
 
     let minutes = window.as_secs_f64() / 60.0;
-    let (rows, commits) = match (before, after) {
-        (Some(b), Some(a)) => (Some(a.0 - b.0), Some(a.1 - b.1)),
-        _ => (None, None),
-    };
+    let delta = before.zip(after).map(|(b, a)| a.since(&b));
+    let per_worker_minute = |rows: i64| rows as f64 / opts.workers as f64 / minutes;
     let heartbeat =
         Percentiles::of(std::mem::take(&mut *latencies.lock().unwrap_or_else(|e| e.into_inner())));
     Ok(FleetReport {
@@ -318,8 +319,9 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
         server_heartbeat: server,
         heartbeat_interval_ms: interval.as_millis() as u64,
         window_seconds: window.as_secs_f64(),
-        db_rows_per_worker_minute: rows.map(|r| r as f64 / opts.workers as f64 / minutes),
-        db_commits_per_second: commits.map(|c| c as f64 / window.as_secs_f64()),
+        db_rows_per_worker_minute: delta.map(|d| per_worker_minute(d.rows)),
+        db_worker_rows_per_worker_minute: delta.map(|d| per_worker_minute(d.worker_rows)),
+        db_commits_per_second: delta.map(|d| d.commits as f64 / window.as_secs_f64()),
         notes,
     })
 }
@@ -331,7 +333,25 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// (rows written, commits) of the coordinator's database, when it can be read.
+/// Cumulative writes of the coordinator's database: rows (of which in `workers`) and commits.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    rows: i64,
+    worker_rows: i64,
+    commits: i64,
+}
+
+impl Written {
+    fn since(&self, earlier: &Written) -> Written {
+        Written {
+            rows: self.rows - earlier.rows,
+            worker_rows: self.worker_rows - earlier.worker_rows,
+            commits: self.commits - earlier.commits,
+        }
+    }
+}
+
+/// The coordinator's database's counters, when they can be read.
 struct DbMeter {
     #[cfg(feature = "embedded")]
     stats: Option<coordinator::store::stats::DbStats>,
@@ -351,16 +371,20 @@ impl DbMeter {
         }
     }
 
-    async fn sample(&mut self) -> Option<(i64, i64)> {
+    async fn sample(&mut self) -> Option<Written> {
         #[cfg(feature = "embedded")]
         if let Some(s) = &mut self.stats {
-            return s.sample().await.ok().map(|c| (c.rows_written(), c.commits));
+            return s.sample().await.ok().map(|c| Written {
+                rows: c.rows_written(),
+                worker_rows: c.worker_rows,
+                commits: c.commits,
+            });
         }
         None
     }
 
     /// A sample once Postgres has published what its backends did.
-    async fn settle_and_sample(&mut self) -> Option<(i64, i64)> {
+    async fn settle_and_sample(&mut self) -> Option<Written> {
         #[cfg(feature = "embedded")]
         if self.stats.is_some() {
             tokio::time::sleep(coordinator::store::stats::STATS_SETTLE).await;
@@ -381,7 +405,7 @@ impl FleetReport {
              ListWorkers       first page p50 {:.2} ms p99 {:.2} ms; all pages {:.2} s\n\
              heartbeat         p50 {:.2} ms p90 {:.2} ms p99 {:.2} ms max {:.2} ms ({} round trips, client side)\n\
              heartbeat server  {}\n\
-             database          {} rows written per worker-minute, {} commits/s ({:.0} s window)\n",
+             database          {} rows written per worker-minute ({} in workers), {} commits/s ({:.0} s window)\n",
             self.workers,
             self.connections,
             self.heartbeat_interval_ms,
@@ -407,6 +431,7 @@ impl FleetReport {
                 )
             ),
             f(self.db_rows_per_worker_minute, 3),
+            f(self.db_worker_rows_per_worker_minute, 3),
             f(self.db_commits_per_second, 2),
             self.window_seconds,
         );
