@@ -1218,6 +1218,8 @@ mod tests {
         let db = TestDb::sqlite().await;
         let mut c = config();
         c.liveness_write_every = Duration::from_millis(1500);
+        // Flushes every 100 ms: a heartbeat is due 50 ms past the interval.
+        c.heartbeat_timeout = Duration::from_millis(200);
         let (r, _dead) = Registry::new(c, db.store.clone(), Wake::default());
         let w = WorkerId::from("w1");
         r.register(registration("w1")).await.unwrap();
@@ -1231,8 +1233,7 @@ mod tests {
         let row = stored().await;
         assert_eq!(row.last_heartbeat_at, registered, "within the interval of the registration: not written");
         assert!(row.owner_seen_at.is_some(), "the replica's row was written");
-        // Due half a flush period (2.5 s with the 30 s timeout) past the interval.
-        tokio::time::sleep(Duration::from_millis(4050)).await;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
         r.heartbeat(&w).await.unwrap();
         r.flush_heartbeats().await.unwrap();
         let written = stored().await.last_heartbeat_at;

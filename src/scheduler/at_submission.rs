@@ -9,7 +9,7 @@
 //! to claim, as they would be without this path.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -116,7 +116,8 @@ impl AtSubmission {
         if !assigned.is_empty() {
             *turn = cursor;
         }
-        let mut refused_types: Vec<&String> = Vec::new();
+        // Each refused type once (a batch may hold many tasks of one type).
+        let mut refused_types: BTreeSet<&String> = BTreeSet::new();
         if assigned.len() < placement.placed.len() {
             // Refused by the insert's checks: most often an older pending task of the type (or
             // a concurrency limit, or the worker's session replaced; the next pass with room to
@@ -148,10 +149,8 @@ impl AtSubmission {
     /// would take placement's turn for an insert that assigns nothing. A hint like the rest: on
     /// an error nothing is marked, and a pass that sees a candidate of the type without a limit
     /// clears it.
-    async fn mark_limited(&self, refused: &[&String]) {
-        let mut types: Vec<String> = refused.iter().map(|t| (*t).clone()).collect();
-        types.sort_unstable();
-        types.dedup();
+    async fn mark_limited(&self, refused: &BTreeSet<&String>) {
+        let types: Vec<String> = refused.iter().map(|t| (*t).clone()).collect();
         if let Ok(limited) = self.store.limited_types(&types).await {
             self.backlog.mark_limited(limited.iter());
         }
