@@ -991,6 +991,47 @@ async fn a_stale_revocation_leaves_the_current_attempt_of_the_same_task_alone(db
     c.stop().await.unwrap();
 }
 
+on_every_backend!(a_running_task_s_lease_is_renewed_only_near_its_end);
+/// A lease of 6 s under heartbeats every 250 ms (timeout 1 s) is renewed in the database once
+/// two thirds of it have passed, not at the first heartbeat a third of the way through: the
+/// stored expiry stays as granted for 3 s of heartbeats, then moves before it is reached.
+async fn a_running_task_s_lease_is_renewed_only_near_its_end(db: &TestDb) {
+    let c = TestCoordinator::start(db, |c| {
+        c.coordinator.heartbeat_timeout = Duration::from_secs(1);
+        c.coordinator.stale_task_timeout = Duration::from_secs(6);
+    })
+    .await;
+    let mut w = RawWorker::connect(&c.endpoint(), "w1", 1, &["prove"]).await;
+    let mut client = c.client().await;
+    wait_connected(&client, &["w1"]).await;
+    let id = submit(&mut client, "prove", b"x").await;
+    let task = w.next(T).await;
+    let received = std::time::Instant::now();
+    let tid: TaskId = id.parse().unwrap();
+    let expiry =
+        || async { db.store.get_task(tid).await.unwrap().expect("task").lease_expires_at.expect("leased") };
+    let granted = expiry().await;
+    let running = [(task.task_id.as_str(), task.attempt)];
+    while received.elapsed() < Duration::from_secs(3) {
+        assert!(w.heartbeat(&running).await.expect("heartbeat").revoked.is_empty(), "still held");
+        assert_eq!(expiry().await, granted, "renewed {:?} after the task arrived", received.elapsed());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    loop {
+        assert!(w.heartbeat(&running).await.expect("heartbeat").revoked.is_empty(), "still held");
+        let now = expiry().await;
+        if now != granted {
+            assert!(chrono::Utc::now() < granted, "renewed only after the lease ran out");
+            assert!(now > granted);
+            break;
+        }
+        assert!(received.elapsed() < Duration::from_secs(10), "the lease was never renewed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    w.complete(&id, task.attempt, b"ok").await.expect("still its attempt");
+    c.stop().await.unwrap();
+}
+
 on_every_backend!(a_draining_worker_out_of_time_hands_its_task_back_uncharged);
 /// A worker stopped while its task still runs deregisters, waits out its grace period, then
 /// hands the task back: pending at once, no attempt charged, outcome `released`.

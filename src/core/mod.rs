@@ -55,8 +55,8 @@ pub struct SubmitLimits {
 pub struct CoreConfig {
     pub coordinator_id: String,
     pub heartbeat_timeout: Duration,
-    /// How long a lease runs (`coordinator.stale_task_timeout`); heartbeats renew one once a
-    /// third of it has passed.
+    /// How long a lease runs (`coordinator.stale_task_timeout`); heartbeats renew one once it
+    /// comes close to its end ([`CoreConfig::renew_after`]).
     pub lease: Duration,
     pub retry: RetryPolicy,
     pub limits: SubmitLimits,
@@ -66,6 +66,19 @@ pub struct CoreConfig {
     /// Refuse a submission of a type no live worker declared (`tasks.reject_unknown_types`);
     /// otherwise it is accepted with a warning.
     pub reject_unknown_types: bool,
+}
+
+impl CoreConfig {
+    /// How long after a lease was granted or renewed a heartbeat renews it in the database:
+    /// once no more than a third of it, or three heartbeat intervals (a heartbeat timeout) if
+    /// longer, is left. With the defaults (a 5-minute lease, heartbeats every 10 s) a running
+    /// task's lease is written every 200 s, not every 100 s, with 100 s (ten heartbeats) left for
+    /// a renewal that a slow or unreachable database delays; a lease as short as the heartbeat
+    /// timeout is renewed at every heartbeat. The lease a worker dies with is at most a whole
+    /// term either way.
+    pub fn renew_after(&self) -> Duration {
+        self.lease.saturating_sub((self.lease / 3).max(self.heartbeat_timeout))
+    }
 }
 
 /// The use cases. Cheap to clone.

@@ -128,10 +128,10 @@ impl Core {
             .map(|(task_id, attempt)| Held { task_id, worker_id: worker.clone(), attempt })
             .collect();
         let state = self.inner.registry.heartbeat(worker).await?;
-        // Only leases a third or more through their term are renewed in the database (which
-        // also revokes what the worker no longer holds); a lease this replica granted or
-        // renewed more recently has two thirds of its term left, more than two heartbeats.
-        let due = self.inner.registry.leases_due(worker, reported, self.inner.config.lease / 3);
+        // Only leases close to their end are renewed in the database (which also revokes what
+        // the worker no longer holds); one this replica granted or renewed more recently has
+        // at least a third of its term and three heartbeats left ([`CoreConfig::renew_after`]).
+        let due = self.inner.registry.leases_due(worker, reported, self.inner.config.renew_after());
         let renewed: HashSet<Held> = if due.is_empty() {
             HashSet::new()
         } else {
@@ -383,6 +383,32 @@ mod tests {
         wakeups::Notifier,
     };
     use tokio_util::sync::CancellationToken;
+
+    /// A lease is renewed with a third of it left, or a heartbeat timeout (three heartbeats)
+    /// when that is longer; a lease as short as the heartbeat timeout at every heartbeat.
+    #[test]
+    fn leases_are_renewed_with_a_third_or_three_heartbeats_left() {
+        let renew_after = |lease: u64, heartbeat_timeout: u64| {
+            let config = CoreConfig {
+                coordinator_id: "c".into(),
+                heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
+                lease: Duration::from_secs(lease),
+                retry: RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10) },
+                limits: SubmitLimits {
+                    default_max_attempts: 3,
+                    default_timeout: Duration::from_secs(60),
+                    max_payload_size: 1024,
+                },
+                watch_poll: Duration::from_secs(1),
+                reject_unknown_types: false,
+            };
+            config.renew_after().as_secs()
+        };
+        assert_eq!(renew_after(300, 30), 200, "the defaults: a third of the lease left");
+        assert_eq!(renew_after(60, 30), 30, "three heartbeats left, more than a third");
+        assert_eq!(renew_after(30, 30), 0, "as short as the heartbeat timeout: every heartbeat");
+        assert_eq!(renew_after(3600, 30), 2400);
+    }
 
     /// Acceptance is exactly-once, straight through the core: the first report of the attempt
     /// wins, a repeat is a duplicate, and a report for an attempt the worker does not hold

@@ -691,7 +691,7 @@ impl Registry {
                         attempt,
                         weight,
                         // The claim granted the lease just before this push (milliseconds
-                        // at most, against renewals due after a third of the lease).
+                        // at most, against renewals due with a third of the lease left).
                         lease_from: Some(Instant::now()),
                         task_type: Some(task_type),
                         since: Instant::now(),
@@ -1281,7 +1281,7 @@ mod tests {
             "just pushed: not due; not held as reported: the database decides"
         );
         let due = r.leases_due(&w, vec![held.clone()], Duration::ZERO);
-        assert_eq!(due, vec![held.clone()], "a third of the lease has passed");
+        assert_eq!(due, vec![held.clone()], "its renewal is due");
         r.leases_renewed(&w, std::slice::from_ref(&held), Instant::now());
         assert!(r.leases_due(&w, vec![held.clone()], Duration::from_secs(10)).is_empty(), "just renewed");
         // Taken over by a new session (a reconnect): unknown age, renewed at once.
