@@ -384,23 +384,32 @@ mod tests {
     };
     use tokio_util::sync::CancellationToken;
 
+    /// A heartbeat timeout of 30 s and a lease of 60 s.
+    fn config() -> CoreConfig {
+        CoreConfig {
+            coordinator_id: "c".into(),
+            heartbeat_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(60),
+            retry: RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10) },
+            limits: SubmitLimits {
+                default_max_attempts: 3,
+                default_timeout: Duration::from_secs(60),
+                max_payload_size: 1024,
+            },
+            watch_poll: Duration::from_secs(1),
+            reject_unknown_types: false,
+        }
+    }
+
     /// A lease is renewed with a third of it left, or a heartbeat timeout (three heartbeats)
     /// when that is longer; a lease as short as the heartbeat timeout at every heartbeat.
     #[test]
     fn leases_are_renewed_with_a_third_or_three_heartbeats_left() {
         let renew_after = |lease: u64, heartbeat_timeout: u64| {
             let config = CoreConfig {
-                coordinator_id: "c".into(),
                 heartbeat_timeout: Duration::from_secs(heartbeat_timeout),
                 lease: Duration::from_secs(lease),
-                retry: RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10) },
-                limits: SubmitLimits {
-                    default_max_attempts: 3,
-                    default_timeout: Duration::from_secs(60),
-                    max_payload_size: 1024,
-                },
-                watch_poll: Duration::from_secs(1),
-                reject_unknown_types: false,
+                ..config()
             };
             config.renew_after().as_secs()
         };
@@ -422,21 +431,8 @@ mod tests {
         let (registry, _dead) = Registry::new(registry_config, store.clone(), wake.clone());
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
         let (batchers, _handles) = batches::spawn(&store, Duration::from_secs(60), &effects);
-        let config = CoreConfig {
-            coordinator_id: "c".into(),
-            heartbeat_timeout: Duration::from_secs(30),
-            lease: Duration::from_secs(60),
-            retry: RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10) },
-            limits: SubmitLimits {
-                default_max_attempts: 3,
-                default_timeout: Duration::from_secs(60),
-                max_payload_size: 1024,
-            },
-            watch_poll: Duration::from_secs(1),
-            reject_unknown_types: false,
-        };
         let core = Core::new(
-            config,
+            config(),
             store.clone(),
             registry.clone(),
             effects,
