@@ -66,11 +66,16 @@ const CLIENT_TOKEN: &str = "e2e-client-token-0123456789";
 const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 
 fn spawn_logged(bin: &str, args: &[&str], log: &Path) -> Child {
+    spawn_logged_as(bin, args, log, WORKER_TOKEN)
+}
+
+/// [`spawn_logged`] with `worker_token` as `WORKER_TOKEN` (empty: none).
+fn spawn_logged_as(bin: &str, args: &[&str], log: &Path, worker_token: &str) -> Child {
     let file = std::fs::File::create(log).unwrap();
     Command::new(bin)
         .args(args)
         .env("E2E_WORKER_TOKEN", WORKER_TOKEN)
-        .env("WORKER_TOKEN", WORKER_TOKEN)
+        .env("WORKER_TOKEN", worker_token)
         .env("RUST_LOG", "info,sqlx=warn,h2=warn,tonic=warn,hyper=warn,tower=warn")
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
@@ -248,6 +253,21 @@ async fn fleet_end_to_end(db: &TestDb) {
     );
     let out = coordctl(Some(ADMIN_TOKEN), &["workers"]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("worker-1"), "{out:?}");
+
+    // A worker without a token, and one with a client's, say which token to fix (not that the
+    // coordinator is out of reach) and keep trying.
+    for (id, token, says) in [
+        ("tokenless", "", "the coordinator refused the worker's token: set one of its worker tokens"),
+        ("client-token", CLIENT_TOKEN, "it needs a token of the worker role"),
+    ] {
+        let log = fleet.dir.path().join(format!("{id}.log"));
+        let args = ["--coordinator", fleet.endpoint.as_str(), "--worker-id", id];
+        let mut p = Proc { child: spawn_logged_as(env!("CARGO_BIN_EXE_worker"), &args, &log, token), log };
+        wait_log(&p, says, Duration::from_secs(30));
+        assert!(!p.log_text().contains("coordinator unreachable"), "{}", p.log_text());
+        p.signal("-TERM");
+        assert!(p.wait(Duration::from_secs(20)).success(), "{}", p.log_text());
+    }
 
     // primes: 9592 below 100000, fanned out over the workers.
     let out = fleet.coordctl_ok(&["primes", "--low", "0", "--high", "100000", "--slices", "8"]);

@@ -70,10 +70,7 @@ const DEFAULT_GRPC_PORT: u16 = 9090;
 /// coordinator's HTTP port given where its gRPC port belongs), a line that says so.
 pub fn status_line(s: &tonic::Status) -> String {
     let m = s.message();
-    let http_answer = m.contains("while receiving response with status:")
-        || m.contains("mapped from HTTP status code")
-        || m.contains("invalid compression flag");
-    if http_answer {
+    if is_http_answer(s) {
         let grpc = DEFAULT_GRPC_PORT;
         return format!(
             "the address answered as a plain HTTP server, not gRPC: this looks like the coordinator's \
@@ -81,6 +78,14 @@ pub fn status_line(s: &tonic::Status) -> String {
         );
     }
     format!("{:?}: {m}", s.code())
+}
+
+/// Whether `s` is how tonic reports an answer from a plain HTTP server, not a gRPC status.
+pub(crate) fn is_http_answer(s: &tonic::Status) -> bool {
+    let m = s.message();
+    m.contains("while receiving response with status:")
+        || m.contains("mapped from HTTP status code")
+        || m.contains("invalid compression flag")
 }
 
 impl Error {

@@ -19,7 +19,7 @@ use std::{
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
-use tracing::{Instrument as _, debug, info, warn};
+use tracing::{Instrument as _, debug, error, info, warn};
 
 use crate::{Error, proto};
 
@@ -136,6 +136,43 @@ where
         }
     }
     Arc::new(FnHandler(f))
+}
+
+/// A coordinator that answered but refused the worker: a mistake in its settings, which a
+/// retry alone does not fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// No token, or one the coordinator does not know.
+    Unauthenticated,
+    /// A token of another role (a client's), or one that names another worker.
+    PermissionDenied,
+    /// The address is a plain HTTP server: the coordinator's HTTP port, not its gRPC port.
+    NotGrpc,
+}
+
+impl Refusal {
+    fn of(status: &Status) -> Option<Self> {
+        match status.code() {
+            Code::Unauthenticated => Some(Self::Unauthenticated),
+            Code::PermissionDenied => Some(Self::PermissionDenied),
+            _ if crate::error::is_http_answer(status) => Some(Self::NotGrpc),
+            _ => None,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => {
+                "the coordinator refused the worker's token: set one of its worker tokens (WORKER_TOKEN or --token-file)"
+            }
+            Self::PermissionDenied => {
+                "the coordinator refused the worker's token for this worker: it needs a token of the worker role that may act as this worker id"
+            }
+            Self::NotGrpc => {
+                "the coordinator address is not its gRPC port (coordinator.grpc_port, default 9090)"
+            }
+        }
+    }
 }
 
 /// Full-jitter exponential backoff: a random delay in `[0, min(max, base * 2^n)]`.
@@ -279,8 +316,19 @@ impl Worker {
                 Err(status) => {
                     failures += 1;
                     let delay = backoff(this.opts.backoff_base, this.opts.backoff_max, failures);
-                    warn!(worker_id = %this.opts.worker_id, code = ?status.code(), error = %status.message(),
-                          attempt = failures, delay_ms = delay.as_millis() as u64, "coordinator unreachable; reconnecting");
+                    let (worker_id, delay_ms) = (&this.opts.worker_id, delay.as_millis() as u64);
+                    match Refusal::of(&status) {
+                        // Retried all the same: a Secret mounted late or a coordinator restarted
+                        // with new tokens heals it; meanwhile the line says what to fix.
+                        Some(refusal) => {
+                            error!(worker_id = %worker_id, code = ?status.code(), error = %crate::error::status_line(&status),
+                                   attempt = failures, delay_ms, "{}; retrying", refusal.what())
+                        }
+                        None => {
+                            warn!(worker_id = %worker_id, code = ?status.code(), error = %status.message(),
+                                      attempt = failures, delay_ms, "coordinator unreachable; reconnecting")
+                        }
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(delay) => {}
@@ -719,6 +767,34 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refusals a retry alone cannot fix are told apart from a coordinator out of reach, each
+    /// with what to fix.
+    #[test]
+    fn refusals_say_what_to_fix() {
+        let of = |s: Status| Refusal::of(&s);
+        assert_eq!(
+            of(Status::unauthenticated("missing authorization header")),
+            Some(Refusal::Unauthenticated)
+        );
+        assert_eq!(of(Status::permission_denied("wrong role")), Some(Refusal::PermissionDenied));
+        // What tonic answers when the address is the coordinator's HTTP port.
+        let http = Status::internal(
+            "protocol error: received message with invalid compression flag: 123 (valid flags are 0 and 1) \
+             while receiving response with status: 404 Not Found",
+        );
+        assert_eq!(of(http), Some(Refusal::NotGrpc));
+        for transient in [
+            Status::unavailable("tcp connect error: Connection refused"),
+            Status::internal("h2 protocol error"),
+            Status::not_found("unknown worker"),
+        ] {
+            assert_eq!(of(transient.clone()), None, "{transient:?}");
+        }
+        assert!(Refusal::Unauthenticated.what().contains("WORKER_TOKEN"));
+        assert!(Refusal::PermissionDenied.what().contains("worker role"));
+        assert!(Refusal::NotGrpc.what().contains("grpc_port"));
+    }
 
     #[test]
     fn backoff_is_jittered_and_capped() {
