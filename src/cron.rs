@@ -2,8 +2,8 @@
 //! which occurrences a schedule that is due creates now, by its policy for occurrences missed
 //! while nothing could fire them (every replica down, the database unreachable).
 //!
-//! Expressions have 5 fields (minute hour day-of-month month day-of-week) or 6 with seconds
-//! first, in the POSIX/Vixie dialect with the usual extensions (`L`, `#`, `W`, names), as the
+//! Expressions have 5 fields (minute hour day-of-month month day-of-week), 6 with seconds
+//! first or 7 with a year last, in the POSIX/Vixie dialect with the usual extensions (`L`, `#`, `W`, names), as the
 //! `croner` crate reads them; the time zone is an IANA name (`Europe/Berlin`), so a daily 02:30
 //! follows daylight saving time.
 
@@ -159,6 +159,7 @@ mod tests {
     fn expressions_and_zones_are_checked() {
         assert!(CronSpec::parse("*/5 * * * *", "").is_ok());
         assert!(CronSpec::parse("* * * * * *", "UTC").is_ok(), "six fields: seconds first");
+        assert!(CronSpec::parse("0 0 2 * * * 2099", "UTC").is_ok(), "seven fields: a year last");
         assert!(CronSpec::parse("0 30 2 * * *", "Europe/Berlin").is_ok());
         let (field, bad) = CronSpec::parse("every minute", "").unwrap_err();
         assert!(field == "cron" && bad.starts_with("\"every minute\" is not a cron expression"), "{bad}");

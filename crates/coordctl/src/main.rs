@@ -312,7 +312,8 @@ enum ScheduleCmd {
         /// A unique name.
         #[arg(long)]
         name: String,
-        /// 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first.
+        /// 5 fields (minute hour day-of-month month day-of-week), 6 with seconds first, or 7 with a
+        /// year last.
         #[arg(long)]
         cron: String,
         /// IANA time zone the expression is read in (default UTC), e.g. Europe/Berlin.
