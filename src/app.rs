@@ -129,6 +129,8 @@ impl App {
             store.clone(),
             wake.clone(),
         );
+        // Before anything is served or written under this replica's name.
+        registry.claim_name().await?;
 
         // Tokens, in the order they fire.
         let stop_assigning = CancellationToken::new();

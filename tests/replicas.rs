@@ -195,3 +195,42 @@ async fn a_short_task_reported_through_the_other_replica_before_its_mark_lasts_w
         assert!((low..low + 200).contains(&ms), "the {row} row of a task held {held_ms} ms measures {ms} ms");
     }
 }
+
+/// A second replica given the name of one that runs refuses to start, with a line that says so;
+/// the running one keeps its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_second_replica_of_a_running_one_s_name_refuses_to_start() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let named = |c: &mut coordinator::config::Config| {
+        c.coordinator.id = "twin".into();
+        c.coordinator.heartbeat_timeout = Duration::from_secs(1);
+        c.coordinator.stale_task_timeout = Duration::from_secs(5);
+    };
+    let a = TestCoordinator::start(&db, named).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.store.coordinator_row("twin").await.unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "replica a never wrote its row");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held_by = db.store.coordinator_row("twin").await.unwrap().unwrap().instance;
+
+    let mut config = test_config(&db.url);
+    named(&mut config);
+    let app = coordinator::app::App::connect(config).await.expect("connects");
+    let [grpc, http] = free_ports();
+    let grpc = tokio::net::TcpListener::bind(("127.0.0.1", grpc)).await.unwrap();
+    let http = tokio::net::TcpListener::bind(("127.0.0.1", http)).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let served = tokio::time::timeout(Duration::from_secs(10), app.serve(grpc, http, shutdown.clone()))
+        .await
+        .expect("refused within the wait");
+    shutdown.cancel();
+    let e = served.expect_err("a second replica named twin must not serve");
+    let line = format!("{e:#}");
+    assert!(line.contains("coordinator.id \"twin\" is in use by another running replica"), "{line}");
+    assert!(!line.contains('\n'), "one line: {line}");
+    assert_eq!(db.store.coordinator_row("twin").await.unwrap().unwrap().instance, held_by);
+    a.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -131,6 +131,7 @@ store_tests!(
     flush_heartbeats_updates_many_workers_and_never_moves_backwards,
     live_workers_are_active_or_suspect_and_heard_from_lately,
     a_worker_stays_live_while_its_replica_is_seen,
+    a_replica_s_row_says_which_process_refreshed_it,
     worker_stats_count_outcomes_and_duration,
     // jobs, listings, counts
     jobs_track_their_tasks_until_done,
@@ -1956,6 +1957,24 @@ mod cases {
         assert_eq!(names, ["active", "silent", "suspect"], "{b}: within a longer window");
     }
 
+    /// Each refresh of a replica's row names its process and answers the one it replaced.
+    pub async fn a_replica_s_row_says_which_process_refreshed_it(s: &Store) {
+        let b = s.backend();
+        assert_eq!(s.coordinator_row("named").await.unwrap(), None, "{b}");
+        assert_eq!(s.touch_coordinator("named", "first").await.unwrap(), None, "{b}: a new row");
+        let row = s.coordinator_row("named").await.unwrap().expect("row");
+        assert_eq!(row.instance.as_deref(), Some("first"), "{b}");
+        assert!(row.seen_ago < Duration::from_secs(5), "{b}: {row:?}");
+        assert_eq!(s.touch_coordinator("named", "first").await.unwrap().as_deref(), Some("first"), "{b}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(s.touch_coordinator("named", "second").await.unwrap().as_deref(), Some("first"), "{b}");
+        let later = s.coordinator_row("named").await.unwrap().expect("row");
+        assert_eq!(later.instance.as_deref(), Some("second"), "{b}");
+        assert!(later.last_seen_at > row.last_seen_at, "{b}: {row:?} then {later:?}");
+        s.forget_coordinator("named").await.unwrap();
+        assert_eq!(s.coordinator_row("named").await.unwrap(), None, "{b}");
+    }
+
     /// Heartbeats reach the database about once a minute; a worker whose replica is seen is
     /// live on its row's state alone, one whose replica is gone only on its own heartbeats.
     pub async fn a_worker_stays_live_while_its_replica_is_seen(s: &Store) {
@@ -1966,7 +1985,7 @@ mod cases {
         gone.coordinator_id = "replica-b".into();
         s.upsert_worker(&here).await.expect("upsert");
         s.upsert_worker(&gone).await.expect("upsert");
-        s.touch_coordinator("replica-b").await.expect("touch");
+        s.touch_coordinator("replica-b", "b-1").await.expect("touch");
         let window = Duration::from_millis(300);
         let registered = s.get_worker(&w("quiet-here")).await.unwrap().unwrap().last_heartbeat_at;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1975,8 +1994,8 @@ mod cases {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // Only replica-a is seen lately (replica-b's row is as old as the heartbeats).
-        s.touch_coordinator("replica-a").await.expect("touch");
-        s.touch_coordinator("replica-a").await.expect("touch again");
+        s.touch_coordinator("replica-a", "a-1").await.expect("touch");
+        s.touch_coordinator("replica-a", "a-1").await.expect("touch again");
         let live = s.live_workers(window).await.expect("live_workers");
         let names: Vec<&str> = live.iter().map(|r| r.id.0.as_str()).collect();
         assert_eq!(names, ["quiet-here"], "{b}: silent, but its replica is seen");

@@ -29,7 +29,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use self::liveness::{Heartbeat, Observed, Timeouts, Transition};
@@ -65,6 +65,18 @@ pub enum PushError {
 pub enum RegistryError {
     #[error("worker {0} is not registered")]
     UnknownWorker(WorkerId),
+}
+
+/// Why a replica may not take its name.
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error(
+        "coordinator.id {id:?} is in use by another running replica (its row in coordinators was \
+         refreshed {seen_ms} ms ago, while this one waited): give each replica its own id"
+    )]
+    Taken { id: String, seen_ms: u64 },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// Timings of the heartbeat machine.
@@ -187,6 +199,13 @@ struct Shared {
     dead_tx: mpsc::UnboundedSender<DeadSession>,
     /// Wakes the reconciliation at once (after a claim or requeue whose outcome is unknown).
     reconcile_now: tokio::sync::Notify,
+    /// This process, as written in this replica's row in `coordinators` at each refresh.
+    instance: String,
+    /// Set by the first refresh: the instance it replaced may be this replica's previous
+    /// process; one replaced by a later refresh is another running process of the same name.
+    refreshed: std::sync::atomic::AtomicBool,
+    /// The other process found refreshing this replica's row, once one was.
+    name_shared_with: Mutex<Option<String>>,
 }
 
 /// A session the heartbeat machine declared DEAD.
@@ -401,6 +420,9 @@ impl Registry {
             state: Mutex::new(State::default()),
             dead_tx,
             reconcile_now: tokio::sync::Notify::new(),
+            instance: Uuid::now_v7().to_string(),
+            refreshed: std::sync::atomic::AtomicBool::new(false),
+            name_shared_with: Mutex::new(None),
         };
         (Registry { shared: Arc::new(shared) }, dead_rx)
     }
@@ -808,11 +830,47 @@ impl Registry {
         }
     }
 
+    /// Makes sure no other running process goes by this replica's name before it serves. A row
+    /// of this name refreshed within three refresh periods belongs to a replica of the same
+    /// name still running, or to this replica's previous process, killed moments ago: this
+    /// waits a period and a half, and a row refreshed again meanwhile is the other replica's.
+    /// (A replica stopped cleanly has removed its row, and one gone longer is not waited for.)
+    pub async fn claim_name(&self) -> Result<(), NameError> {
+        let (id, every) = (&self.shared.config.coordinator_id, self.shared.config.flush_every());
+        let store = &self.shared.store;
+        let Some(first) = store.coordinator_row(id).await? else { return Ok(()) };
+        if first.seen_ago > every * 3 {
+            return Ok(());
+        }
+        info!(coordinator_id = %id, seen_ms = first.seen_ago.as_millis() as u64,
+              "this replica's name was in use moments ago; waiting to see whether that replica still runs");
+        tokio::time::sleep(every * 3 / 2).await;
+        match store.coordinator_row(id).await? {
+            Some(now) if now.last_seen_at > first.last_seen_at => {
+                Err(NameError::Taken { id: id.clone(), seen_ms: now.seen_ago.as_millis() as u64 })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The other process found writing this replica's row in `coordinators` while it runs: a
+    /// second replica given the same `coordinator.id`.
+    pub fn name_shared_with(&self) -> Option<String> {
+        self.shared.name_shared_with.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Notes in the store that this replica is alive, then writes the heartbeat times it has
     /// not written for `liveness_write_every`, in one statement for all those workers. (While
     /// this replica is seen, its workers' rows are current: it writes every state change.)
     pub async fn flush_heartbeats(&self) -> crate::store::Result<()> {
-        self.shared.store.touch_coordinator(&self.shared.config.coordinator_id).await?;
+        let (id, instance) = (&self.shared.config.coordinator_id, &self.shared.instance);
+        let replaced = self.shared.store.touch_coordinator(id, instance).await?;
+        let first = !self.shared.refreshed.swap(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(other) = replaced.filter(|other| other != instance && !first) {
+            error!(coordinator_id = %id, other_instance = %other,
+                   "another running replica goes by this replica's coordinator.id: give each replica its own id");
+            *self.shared.name_shared_with.lock().unwrap_or_else(|e| e.into_inner()) = Some(other);
+        }
         let config = &self.shared.config;
         let now = Instant::now();
         let beats: Vec<(WorkerId, DateTime<Utc>)> = {
@@ -1208,6 +1266,53 @@ mod tests {
         let stored = db.store.get_worker(&w).await.unwrap().unwrap().state;
         assert_eq!(stored, WorkerState::Active, "the return is recorded");
         assert_eq!(r.schedulable().0.iter().map(|s| &s.id).collect::<Vec<_>>(), vec![&w]);
+        db.cleanup().await;
+    }
+
+    /// The first refresh of the replica's row may replace its previous process; a process that
+    /// writes the row after that is another replica of the same name, and is named.
+    #[tokio::test]
+    async fn another_process_refreshing_the_replica_s_row_is_named() {
+        let db = TestDb::sqlite().await;
+        let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
+        db.store.touch_coordinator("c", "previous-process").await.unwrap();
+        r.flush_heartbeats().await.unwrap();
+        assert_eq!(r.name_shared_with(), None, "the first refresh takes the name over");
+        r.flush_heartbeats().await.unwrap();
+        assert_eq!(r.name_shared_with(), None, "its own refresh");
+        db.store.touch_coordinator("c", "twin").await.unwrap();
+        r.flush_heartbeats().await.unwrap();
+        assert_eq!(r.name_shared_with().as_deref(), Some("twin"));
+        db.cleanup().await;
+    }
+
+    /// A name last refreshed moments ago by a process that is gone (killed) is taken after a
+    /// period and a half; one refreshed meanwhile is refused; an old or absent row is taken at once.
+    #[tokio::test]
+    async fn a_name_is_taken_unless_another_process_keeps_refreshing_it() {
+        let db = TestDb::sqlite().await;
+        let mut c = config();
+        c.heartbeat_timeout = Duration::from_millis(400); // refreshes every 200 ms
+        let (r, _dead) = Registry::new(c, db.store.clone(), Wake::default());
+        let started = Instant::now();
+        r.claim_name().await.expect("no row");
+        assert!(started.elapsed() < Duration::from_millis(200), "no row: no wait");
+
+        db.store.touch_coordinator("c", "killed").await.unwrap();
+        let started = Instant::now();
+        r.claim_name().await.expect("a row nobody refreshes any more");
+        assert!(started.elapsed() >= Duration::from_millis(300), "waited a period and a half");
+
+        let store = db.store.clone();
+        let twin = tokio::spawn(async move {
+            loop {
+                store.touch_coordinator("c", "twin").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        let refused = r.claim_name().await.expect_err("a row another process keeps refreshing");
+        assert!(matches!(&refused, NameError::Taken { id, .. } if id == "c"), "{refused}");
+        twin.abort();
         db.cleanup().await;
     }
 

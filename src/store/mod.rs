@@ -510,6 +510,16 @@ pub struct TaskFilter {
     pub limit: u32,
 }
 
+/// A replica's row in `coordinators`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaRow {
+    /// The process that last refreshed it (NULL in rows from before instances were recorded).
+    pub instance: Option<String>,
+    pub last_seen_at: DateTime<Utc>,
+    /// How long ago that was.
+    pub seen_ago: Duration,
+}
+
 /// A worker's registration as written on `RegisterWorker`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRegistration {
@@ -1127,9 +1137,16 @@ impl Store {
         timed!("set_worker_state", self, s => s.set_worker_state(id, session, state, last_seen).await)
     }
 
-    /// Notes that replica `id` is alive (its row's `last_seen_at` is now).
-    pub async fn touch_coordinator(&self, id: &str) -> Result<()> {
-        timed!("touch_coordinator", self, s => s.touch_coordinator(id).await)
+    /// Notes that replica `id`, run by the process `instance`, is alive (its row's
+    /// `last_seen_at` is now); answers the instance that held the row before, if any.
+    pub async fn touch_coordinator(&self, id: &str, instance: &str) -> Result<Option<String>> {
+        timed!("touch_coordinator", self, s => s.touch_coordinator(id, instance).await)
+    }
+
+    /// Replica `id`'s row: which process last refreshed it, when, and how long ago by the
+    /// database's clock.
+    pub async fn coordinator_row(&self, id: &str) -> Result<Option<ReplicaRow>> {
+        timed!("coordinator_row", self, s => s.coordinator_row(id).await)
     }
 
     /// Removes replica `id`'s row (it stopped cleanly).

@@ -3,12 +3,13 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::Row;
 use uuid::Uuid;
 
 use super::{PgStore, retry_conflicts};
 use crate::{
     domain::{WorkerId, WorkerState},
-    store::{Registration, Result, StoreError, WorkerRegistration, decode, sql},
+    store::{Registration, ReplicaRow, Result, StoreError, WorkerRegistration, decode, sql},
 };
 
 impl PgStore {
@@ -68,15 +69,41 @@ impl PgStore {
         Ok(r.rows_affected() == 1)
     }
 
-    pub(in crate::store) async fn touch_coordinator(&self, id: &str) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO coordinators (id) VALUES ($1)
-             ON CONFLICT (id) DO UPDATE SET last_seen_at = now()",
+    pub(in crate::store) async fn touch_coordinator(
+        &self,
+        id: &str,
+        instance: &str,
+    ) -> Result<Option<String>> {
+        let previous: Option<Option<String>> = sqlx::query_scalar(
+            "WITH prev AS (SELECT instance_id FROM coordinators WHERE id = $1)
+             INSERT INTO coordinators (id, instance_id) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET last_seen_at = now(), instance_id = EXCLUDED.instance_id
+             RETURNING (SELECT instance_id FROM prev)",
         )
         .bind(id)
-        .execute(&self.pool)
+        .bind(instance)
+        .fetch_optional(&self.pool)
         .await?;
-        Ok(())
+        Ok(previous.flatten())
+    }
+
+    pub(in crate::store) async fn coordinator_row(&self, id: &str) -> Result<Option<ReplicaRow>> {
+        let row = sqlx::query(
+            "SELECT instance_id, last_seen_at,
+                    (extract(epoch FROM now() - last_seen_at) * 1000)::bigint AS ago_ms
+             FROM coordinators WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(ReplicaRow {
+                instance: r.try_get("instance_id")?,
+                last_seen_at: r.try_get("last_seen_at")?,
+                seen_ago: std::time::Duration::from_millis(r.try_get::<i64, _>("ago_ms")?.max(0) as u64),
+            })
+        })
+        .transpose()
     }
 
     pub(in crate::store) async fn forget_coordinator(&self, id: &str) -> Result<()> {

@@ -7,7 +7,7 @@ use super::SqliteStore;
 use crate::{
     domain::{WorkerId, WorkerState},
     store::{
-        Registration, Result, WorkerRegistration,
+        Registration, ReplicaRow, Result, WorkerRegistration,
         decode::{self, micros},
         sql,
     },
@@ -70,17 +70,46 @@ impl SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
-    pub(in crate::store) async fn touch_coordinator(&self, id: &str) -> Result<()> {
+    pub(in crate::store) async fn touch_coordinator(
+        &self,
+        id: &str,
+        instance: &str,
+    ) -> Result<Option<String>> {
         let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        let previous: Option<Option<String>> =
+            sqlx::query_scalar("SELECT instance_id FROM coordinators WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
         sqlx::query(
-            "INSERT INTO coordinators (id, started_at, last_seen_at) VALUES ($1, $2, $2)
-             ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at",
+            "INSERT INTO coordinators (id, started_at, last_seen_at, instance_id) VALUES ($1, $2, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET last_seen_at = excluded.last_seen_at,
+                                            instance_id = excluded.instance_id",
         )
         .bind(id)
         .bind(now)
-        .execute(&self.writer)
+        .bind(instance)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(previous.flatten())
+    }
+
+    pub(in crate::store) async fn coordinator_row(&self, id: &str) -> Result<Option<ReplicaRow>> {
+        let row: Option<(Option<String>, i64)> =
+            sqlx::query_as("SELECT instance_id, last_seen_at FROM coordinators WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(row.map(|(instance, seen)| {
+            let last_seen_at = decode::from_micros(seen);
+            ReplicaRow {
+                instance,
+                last_seen_at,
+                seen_ago: (Utc::now() - last_seen_at).to_std().unwrap_or_default(),
+            }
+        }))
     }
 
     pub(in crate::store) async fn forget_coordinator(&self, id: &str) -> Result<()> {
