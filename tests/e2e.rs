@@ -415,6 +415,9 @@ async fn fleet_end_to_end(db: &TestDb) {
     let logs: String = fleet.workers.iter().map(|(_, p)| p.log_text()).collect();
     assert!(logs.contains("coordinator unreachable; reconnecting"), "workers logged their reconnects");
     assert!(logs.contains("delay_ms"), "with their backoff delays");
+    // A heartbeat that reached the restarted coordinator before the worker registered again was
+    // answered "unknown worker": that registration answers it; no second one follows.
+    assert!(!logs.contains("coordinator does not know this worker"), "registered twice:\n{logs}");
     let audit = db.store.audit().await.unwrap();
     assert_eq!(audit.accepted_twice, 0);
 

@@ -390,7 +390,10 @@ impl Worker {
               session_id = %resp.session_id, "registered; task stream open");
         kick.notify_one();
         self.reporter.registered();
-        self.counters.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.counters.sessions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // A heartbeat that reached the coordinator before this registration and was answered
+        // "unknown worker" asked for one: it is answered by this registration.
+        let _ = futures::FutureExt::now_or_never(reregister.notified());
         loop {
             // Reap finished task runners so the set does not grow.
             while tasks.try_join_next().is_some() {}
@@ -632,6 +635,9 @@ impl Worker {
             let running_tasks = self.running_tasks();
             let mut client = self.client.clone();
             let req = proto::HeartbeatRequest { worker_id: self.opts.worker_id.clone(), running_tasks };
+            // The registration this heartbeat speaks for: an "unknown worker" answer to it means
+            // nothing once the worker has registered again meanwhile.
+            let session = self.counters.sessions.load(std::sync::atomic::Ordering::SeqCst);
             match tokio::time::timeout(every.max(Duration::from_secs(1)), client.send_heartbeat(req)).await {
                 Ok(Ok(resp)) => {
                     let resp = resp.into_inner();
@@ -654,7 +660,11 @@ impl Worker {
                         }
                     }
                 }
-                Ok(Err(s)) if s.code() == Code::NotFound => reregister.notify_one(),
+                Ok(Err(s)) if s.code() == Code::NotFound => {
+                    if self.counters.sessions.load(std::sync::atomic::Ordering::SeqCst) == session {
+                        reregister.notify_one();
+                    }
+                }
                 Ok(Err(s)) => debug!(code = ?s.code(), error = %s.message(), "heartbeat failed"),
                 Err(_) => debug!("heartbeat timed out"),
             }
