@@ -52,6 +52,29 @@ use crate::{
 /// most: at least three times within the series TTL, so no gauge that is set expires.
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
+/// The tokens and certificates the configuration names, read and checked.
+type Files = (Authenticator, Option<ReloadingConfig>, Option<ReloadingConfig>);
+
+fn load_files(config: &Config) -> anyhow::Result<Files> {
+    tls::install_crypto_provider();
+    let auth = Authenticator::from_config(&config.auth)?;
+    let (grpc_tls, http_tls) = if config.tls.enabled {
+        let grpc = ReloadingConfig::load(&config.tls, tls::Port::Grpc)?;
+        let http =
+            if config.http.tls { Some(ReloadingConfig::load(&config.tls, tls::Port::Http)?) } else { None };
+        (Some(grpc), http)
+    } else {
+        (None, None)
+    };
+    Ok((auth, grpc_tls, http_tls))
+}
+
+/// Reads the token and certificate files the configuration names, as [`App::serve`] will: a
+/// missing or bad one is reported before the database is touched.
+pub fn check_files(config: &Config) -> anyhow::Result<()> {
+    load_files(config).map(drop)
+}
+
 /// A coordinator whose database is open and migrated, ready to serve.
 #[derive(Debug)]
 pub struct App {
@@ -88,25 +111,13 @@ impl App {
     ) -> anyhow::Result<()> {
         let App { config, store, lock } = self;
         let started = Instant::now();
-        tls::install_crypto_provider();
-        let auth = Authenticator::from_config(&config.auth)?;
+        let (auth, grpc_tls, http_tls) = load_files(&config)?;
         if !auth.enabled() {
             warn!(
                 "authentication is off (auth.enabled: false): any caller that reaches the ports may \
                  submit, report and list; keep them on a trusted network"
             );
         }
-        let (grpc_tls, http_tls) = if config.tls.enabled {
-            let grpc = ReloadingConfig::load(&config.tls, tls::Port::Grpc)?;
-            let http = if config.http.tls {
-                Some(ReloadingConfig::load(&config.tls, tls::Port::Http)?)
-            } else {
-                None
-            };
-            (Some(grpc), http)
-        } else {
-            (None, None)
-        };
         // Per instance, so replicas started together do not recycle connections together.
         let connection_age = (!config.grpc.max_connection_age.is_zero())
             .then(|| config.grpc.max_connection_age.mul_f64(rand::random_range(0.9..1.1)));

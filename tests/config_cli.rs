@@ -410,6 +410,43 @@ fn grpc_port_in_use_names_the_key_and_address() {
     drop(taken);
 }
 
+/// A missing token file and a port in use are named before the database is touched: with an
+/// unreachable database as well, the line is about the file or the port, and nothing was
+/// migrated meanwhile.
+#[test]
+fn files_and_ports_are_checked_before_the_database() {
+    let dir = tempdir();
+    let missing = dir.path().join("tokens").join("worker");
+    let tokens = format!(
+        "auth:\n  enabled: true\n  tokens:\n    - name: workers\n      role: worker\n      file: {}\n",
+        missing.display()
+    );
+    let cfg = write(
+        dir.path(),
+        "c.yaml",
+        &std::fs::read_to_string(unreachable_postgres_config(dir.path()))
+            .unwrap()
+            .replace("auth:\n  enabled: false\n", &tokens),
+    );
+    let out = run(dir.path(), &["-config", &cfg], &[]);
+    let line = assert_one_line_failure(&out, &["token", &missing.display().to_string()], &[]);
+    assert!(!line.contains("127.0.0.1:1"), "the database was tried first: {line}");
+
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken.local_addr().unwrap().port();
+    let cfg = write(
+        dir.path(),
+        "c.yaml",
+        &std::fs::read_to_string(unreachable_postgres_config(dir.path()))
+            .unwrap()
+            .replace("grpc_port: 0", &format!("grpc_port: {port}")),
+    );
+    let out = run(dir.path(), &["-config", &cfg], &[]);
+    let line = assert_one_line_failure(&out, &["coordinator.grpc_port", &format!("127.0.0.1:{port}")], &[]);
+    assert!(!line.contains("127.0.0.1:1"), "the database was tried first: {line}");
+    drop(taken);
+}
+
 // ---- a good configuration starts and stops ----
 
 fn message(line: &Value) -> Option<&str> {

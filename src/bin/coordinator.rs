@@ -240,10 +240,10 @@ async fn run(config: Config) -> ExitCode {
     let ip = config.coordinator.bind_address;
     let grpc_addr = SocketAddr::new(ip, config.coordinator.grpc_port);
     let http_addr = SocketAddr::new(ip, config.coordinator.http_port);
-    let app = match App::connect(config).await {
-        Ok(app) => app,
-        Err(e) => return fail(e),
-    };
+    // The mistakes a file or a port can hold are reported before the database is touched.
+    if let Err(e) = app::check_files(&config) {
+        return fail(error_text::anyhow_line(&e));
+    }
     let grpc = match app::bind(grpc_addr, "coordinator.grpc_port").await {
         Ok(l) => l,
         Err(e) => return fail(error_text::anyhow_line(&e)),
@@ -251,6 +251,10 @@ async fn run(config: Config) -> ExitCode {
     let http = match app::bind(http_addr, "coordinator.http_port").await {
         Ok(l) => l,
         Err(e) => return fail(error_text::anyhow_line(&e)),
+    };
+    let app = match App::connect(config).await {
+        Ok(app) => app,
+        Err(e) => return fail(e),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(app::shutdown_on_signals(shutdown.clone()));
