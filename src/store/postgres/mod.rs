@@ -121,7 +121,11 @@ const CHECK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 impl PgStore {
     pub(in crate::store) async fn connect(cfg: &DatabaseConfig) -> std::result::Result<Self, sqlx::Error> {
-        let options = PgConnectOptions::from_str(&cfg.url)?.application_name("coordinator");
+        // Notices ("relation ... already exists, skipping" at every start's migration check)
+        // are not the coordinator's to log; warnings and errors still arrive.
+        let options = PgConnectOptions::from_str(&cfg.url)?
+            .application_name("coordinator")
+            .options([("client_min_messages", "warning")]);
         // One direct connection first: an unreachable or misconfigured server fails at once with
         // its real cause (refused, bad password, no such database) rather than a pool timeout.
         use sqlx::{ConnectOptions, Connection};
@@ -405,6 +409,19 @@ mod tests {
             .into_iter()
             .map(|(name, plan)| (name, plan.join("\n")))
             .collect()
+    }
+
+    /// The server's notices (the migration check's "already exists, skipping" at every start)
+    /// are not sent to the coordinator; warnings are.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn connections_take_warnings_but_not_notices() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let level: String =
+            sqlx::query_scalar("SHOW client_min_messages").fetch_one(pg.pool()).await.unwrap();
+        assert_eq!(level, "warning");
+        db.cleanup().await;
     }
 
     /// Listing by state, under the generic plan a pooled connection settles on after a few runs:
