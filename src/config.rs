@@ -772,17 +772,25 @@ fn scalar_from_env(raw: &str, current: &Value) -> Value {
     }
 }
 
-/// Turns `-config FILE` / `-config=FILE` (Go style) into `--config` so both spellings work.
+/// Turns Go-style flags (`-config FILE`, `-config=FILE`, any `-word` of letters and dashes)
+/// into long ones (`--config`), so both spellings work and a mistyped one (`-conf`) is named as
+/// an unknown flag with the nearest real one, not read as `-c onf`. A short flag with its value
+/// attached is left alone when the value holds anything but letters and dashes (`-cfile.yaml`),
+/// as are words that start with two dashes or none.
 pub fn normalize_args<I: IntoIterator<Item = String>>(args: I) -> Vec<String> {
+    let go_style = |word: &str| {
+        word.len() >= 3
+            && word.starts_with(|c: char| c.is_ascii_lowercase())
+            && word.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+    };
     args.into_iter()
-        .map(|a| {
-            if a == "-config" {
-                "--config".to_owned()
-            } else if let Some(rest) = a.strip_prefix("-config=") {
-                format!("--config={rest}")
-            } else {
-                a
-            }
+        .map(|a| match a.strip_prefix('-') {
+            Some(rest) if !rest.starts_with('-') => match rest.split_once('=') {
+                Some((flag, value)) if go_style(flag) => format!("--{flag}={value}"),
+                None if go_style(rest) => format!("--{rest}"),
+                _ => a,
+            },
+            _ => a,
         })
         .collect()
 }
@@ -961,6 +969,16 @@ mod tests {
         assert_eq!(args, ["coordinator", "--config", "a.yaml"]);
         let args = normalize_args(["coordinator", "-config=b.yaml"].map(String::from));
         assert_eq!(args, ["coordinator", "--config=b.yaml"]);
+        // A mistyped one stays a flag of its own, for the parser to name.
+        let args = normalize_args(["coordinator", "-conf", "x.yaml"].map(String::from));
+        assert_eq!(args, ["coordinator", "--conf", "x.yaml"]);
+        let args = normalize_args(["coordinator", "dev", "-ephemeral", "-grpc-port=0"].map(String::from));
+        assert_eq!(args, ["coordinator", "dev", "--ephemeral", "--grpc-port=0"]);
+        // Short flags, attached values, long flags and plain words are left alone.
+        for kept in [["-c", "x.yaml"], ["-cx.yaml", "dev"], ["--config", "-"], ["-c", "./-odd.yaml"]] {
+            let args = normalize_args(kept.map(String::from));
+            assert_eq!(args, kept);
+        }
     }
 
     #[test]
