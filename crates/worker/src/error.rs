@@ -70,6 +70,15 @@ const DEFAULT_GRPC_PORT: u16 = 9090;
 /// coordinator's HTTP port given where its gRPC port belongs), a line that says so.
 pub fn status_line(s: &tonic::Status) -> String {
     let m = s.message();
+    // Refused here before it was sent: the request is over this client's own message limit.
+    if s.code() == tonic::Code::OutOfRange && m.starts_with("Error, encoded message length too large") {
+        let found = m.split("found ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("?");
+        return format!(
+            "OutOfRange: the request ({found} bytes) is over this client's message limit and was not \
+             sent (raise --max-message-size; the coordinator takes payloads up to its \
+             tasks.max_payload_size)"
+        );
+    }
     if is_http_answer(s) {
         let grpc = DEFAULT_GRPC_PORT;
         return format!(
@@ -104,5 +113,23 @@ impl Error {
             ),
             Error::Config(_) | Error::File { .. } | Error::Spawn { .. } => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request over the client's own limit is named as such, not in the codec's words.
+    #[test]
+    fn a_request_over_the_client_s_limit_says_so() {
+        let s = tonic::Status::out_of_range(
+            "Error, encoded message length too large: found 12000013 bytes, the limit is: 10485760 bytes",
+        );
+        let line = status_line(&s);
+        assert!(line.starts_with("OutOfRange: the request (12000013 bytes) is over this client's"), "{line}");
+        assert!(line.contains("--max-message-size"), "{line}");
+        let server = tonic::Status::out_of_range("payload: 5000000 bytes is over the limit of 4194304 bytes");
+        assert_eq!(status_line(&server), format!("OutOfRange: {}", server.message()));
     }
 }
