@@ -41,7 +41,7 @@ use crate::{
     registry::{Registry, RegistryConfig},
     rest::RestState,
     scheduler::{Scheduler, SchedulerConfig, SchedulerStats},
-    store::{RetryPolicy, Store, StoreError, sqlite::ProcessLock},
+    store::{RetryPolicy, Store, sqlite::ProcessLock},
     sweeper::Sweeper,
     telemetry,
     tls::{self, ReloadingConfig},
@@ -69,12 +69,6 @@ fn load_files(config: &Config) -> anyhow::Result<Files> {
     Ok((auth, grpc_tls, http_tls))
 }
 
-/// Reads the token and certificate files the configuration names, as [`App::serve`] will: a
-/// missing or bad one is reported before the database is touched.
-pub fn check_files(config: &Config) -> anyhow::Result<()> {
-    load_files(config).map(drop)
-}
-
 /// A coordinator whose database is open and migrated, ready to serve.
 #[derive(Debug)]
 pub struct App {
@@ -82,11 +76,15 @@ pub struct App {
     store: Store,
     /// Held until [`App::serve`] has closed the store: no other process serves this SQLite file.
     lock: Option<ProcessLock>,
+    files: Files,
 }
 
 impl App {
-    /// Connects to the database and applies migrations.
-    pub async fn connect(config: Config) -> Result<App, StoreError> {
+    /// Reads the token and certificate files the configuration names (a missing or bad one is
+    /// reported before the database is touched), then connects to the database and applies
+    /// migrations. A database error is a [`crate::store::StoreError`] in the chain.
+    pub async fn connect(config: Config) -> anyhow::Result<App> {
+        let files = load_files(&config)?;
         let lock = if config.database.url.starts_with("sqlite:") {
             ProcessLock::acquire(&config.database.url)?
         } else {
@@ -95,7 +93,7 @@ impl App {
         let store = Store::connect(&config.database).await?;
         store.seed_type_limits(&config.scheduler.type_limits).await?;
         info!(database = %redact_url(&config.database.url), backend = store.backend(), "database ready");
-        Ok(App { config, store, lock })
+        Ok(App { config, store, lock, files })
     }
 
     pub fn store(&self) -> &Store {
@@ -109,9 +107,8 @@ impl App {
         http_listener: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let App { config, store, lock } = self;
+        let App { config, store, lock, files: (auth, grpc_tls, http_tls) } = self;
         let started = Instant::now();
-        let (auth, grpc_tls, http_tls) = load_files(&config)?;
         if !auth.enabled() {
             warn!(
                 "authentication is off (auth.enabled: false): any caller that reaches the ports may \

@@ -64,6 +64,15 @@ fn main() -> ExitCode {
     runtime.block_on(run(config))
 }
 
+/// An [`App::connect`] failure on one line: a database error as the store words it, a file's
+/// with its causes.
+fn connect_line(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<coordinator::store::StoreError>() {
+        Some(store) => store.to_string(),
+        None => error_text::anyhow_line(e),
+    }
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("coordinator: {message}");
     ExitCode::FAILURE
@@ -109,7 +118,7 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
         let database = config.database.url.clone();
         let app = match App::connect(config).await {
             Ok(app) => app,
-            Err(e) => return fail(e),
+            Err(e) => return fail(connect_line(&e)),
         };
         let grpc = match app::bind(SocketAddr::new(ip, grpc_port), "--grpc-port").await {
             Ok(l) => l,
@@ -240,10 +249,8 @@ async fn run(config: Config) -> ExitCode {
     let ip = config.coordinator.bind_address;
     let grpc_addr = SocketAddr::new(ip, config.coordinator.grpc_port);
     let http_addr = SocketAddr::new(ip, config.coordinator.http_port);
-    // The mistakes a file or a port can hold are reported before the database is touched.
-    if let Err(e) = app::check_files(&config) {
-        return fail(error_text::anyhow_line(&e));
-    }
+    // Ports first, then the files the configuration names, then the database: a mistake in
+    // either of the first two is reported before anything is migrated.
     let grpc = match app::bind(grpc_addr, "coordinator.grpc_port").await {
         Ok(l) => l,
         Err(e) => return fail(error_text::anyhow_line(&e)),
@@ -254,7 +261,7 @@ async fn run(config: Config) -> ExitCode {
     };
     let app = match App::connect(config).await {
         Ok(app) => app,
-        Err(e) => return fail(e),
+        Err(e) => return fail(connect_line(&e)),
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(app::shutdown_on_signals(shutdown.clone()));

@@ -1287,16 +1287,14 @@ mod tests {
     }
 
     /// A name last refreshed moments ago by a process that is gone (killed) is taken after a
-    /// period and a half; one refreshed meanwhile is refused; an old or absent row is taken at once.
+    /// period and a half; one refreshed meanwhile is refused; an absent row is taken.
     #[tokio::test]
     async fn a_name_is_taken_unless_another_process_keeps_refreshing_it() {
         let db = TestDb::sqlite().await;
         let mut c = config();
         c.heartbeat_timeout = Duration::from_millis(400); // refreshes every 200 ms
         let (r, _dead) = Registry::new(c, db.store.clone(), Wake::default());
-        let started = Instant::now();
         r.claim_name().await.expect("no row");
-        assert!(started.elapsed() < Duration::from_millis(200), "no row: no wait");
 
         db.store.touch_coordinator("c", "killed").await.unwrap();
         let started = Instant::now();

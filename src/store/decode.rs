@@ -13,7 +13,8 @@ use sqlx::{Row, postgres::PgRow, sqlite::SqliteRow};
 use uuid::Uuid;
 
 use super::{
-    Audit, FailureGroup, FailureSummary, Held, HeldRow, PendingType, Result, StoreError, policy::Charges,
+    Audit, FailureGroup, FailureSummary, Held, HeldRow, PendingType, ReplicaRow, Result, StoreError,
+    policy::Charges,
 };
 use crate::domain::{
     Assignment, AttemptRecord, Candidate, Job, JobId, MissedRuns, Needs, ParentResult, Requirement, Schedule,
@@ -261,6 +262,16 @@ pub(super) fn schedule(r: &impl Cols) -> Result<Schedule> {
         last_run_at: r.opt_time("last_run_at")?,
         runs: count(r, "runs")?,
         created_at: r.time("created_at")?,
+    })
+}
+
+/// A `coordinators` row, its age as of `now` (the database's clock where it has one).
+pub(super) fn replica(r: &impl Cols, now: DateTime<Utc>) -> Result<ReplicaRow> {
+    let last_seen_at = r.time("last_seen_at")?;
+    Ok(ReplicaRow {
+        instance: r.opt_text("instance_id")?,
+        last_seen_at,
+        seen_ago: (now - last_seen_at).to_std().unwrap_or_default(),
     })
 }
 

@@ -88,22 +88,12 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn coordinator_row(&self, id: &str) -> Result<Option<ReplicaRow>> {
-        let row = sqlx::query(
-            "SELECT instance_id, last_seen_at,
-                    (extract(epoch FROM now() - last_seen_at) * 1000)::bigint AS ago_ms
-             FROM coordinators WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            Ok(ReplicaRow {
-                instance: r.try_get("instance_id")?,
-                last_seen_at: r.try_get("last_seen_at")?,
-                seen_ago: std::time::Duration::from_millis(r.try_get::<i64, _>("ago_ms")?.max(0) as u64),
-            })
-        })
-        .transpose()
+        let row =
+            sqlx::query("SELECT instance_id, last_seen_at, now() AS now FROM coordinators WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| decode::replica(&r, r.try_get("now")?)).transpose()
     }
 
     pub(in crate::store) async fn forget_coordinator(&self, id: &str) -> Result<()> {

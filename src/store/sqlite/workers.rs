@@ -97,19 +97,11 @@ impl SqliteStore {
     }
 
     pub(in crate::store) async fn coordinator_row(&self, id: &str) -> Result<Option<ReplicaRow>> {
-        let row: Option<(Option<String>, i64)> =
-            sqlx::query_as("SELECT instance_id, last_seen_at FROM coordinators WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.reader)
-                .await?;
-        Ok(row.map(|(instance, seen)| {
-            let last_seen_at = decode::from_micros(seen);
-            ReplicaRow {
-                instance,
-                last_seen_at,
-                seen_ago: (Utc::now() - last_seen_at).to_std().unwrap_or_default(),
-            }
-        }))
+        let row = sqlx::query("SELECT instance_id, last_seen_at FROM coordinators WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|r| decode::replica(&r, Utc::now())).transpose()
     }
 
     pub(in crate::store) async fn forget_coordinator(&self, id: &str) -> Result<()> {
