@@ -296,6 +296,24 @@ async fn fleet_end_to_end(db: &TestDb) {
     let out = fleet.coordctl(&["job", "submit", cycle.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("InvalidArgument") && err.contains("cycle"), "{err}");
+    // A key of the wrong type is refused before anything is submitted, naming line and key.
+    let typo = fleet.dir.path().join("typo.jsonl");
+    std::fs::write(&typo, "{\"type\":\"noop\"}\n{\"type\":\"noop\",\"depends_on\":\"#0\"}\n").unwrap();
+    let out = fleet.coordctl(&["job", "submit", typo.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("typo.jsonl line 2: \"depends_on\" must be an array of strings"), "{err}");
+    // `job submit` prints the job id alone, for `$(...)`; `job watch` exits as its worst task.
+    let mixed = fleet.dir.path().join("mixed.jsonl");
+    std::fs::write(
+        &mixed,
+        "{\"type\":\"echo\",\"payload\":\"ok\"}\n{\"type\":\"is_prime\",\"payload\":\"not json\",\"max_attempts\":1}\n",
+    )
+    .unwrap();
+    let job_id = fleet.coordctl_ok(&["job", "submit", mixed.to_str().unwrap()]).trim().to_owned();
+    uuid::Uuid::parse_str(&job_id).unwrap_or_else(|e| panic!("{job_id:?}: {e}"));
+    let out = fleet.coordctl(&["job", "watch", &job_id]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stdout));
 
     // is-prime, with the worker that answered.
     let out = fleet.coordctl_ok(&["is-prime", "17", "18", "19"]);

@@ -116,9 +116,9 @@ async fn a_gpu_task_waits_for_then_runs_on_the_one_worker_with_the_label() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let shown = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(shown.contains("(7 tasks)"), "{shown}");
-    let job_id = shown.split_whitespace().next().unwrap().to_string();
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert!(told.trim_end().ends_with("\n7 tasks") || told.trim() == "7 tasks", "{told}");
+    let job_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let out = coordctl_command(&coordinator.endpoint(), &["--json", "job", "get", &job_id]).output().unwrap();
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("job as JSON");
     assert_eq!((job["pending"].as_u64(), job["blocked"].as_u64()), (Some(4), Some(3)), "{job}");

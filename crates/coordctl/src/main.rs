@@ -20,6 +20,7 @@ use coordinator_worker::{
 
 mod bench;
 mod fleet_bench;
+mod job_file;
 
 use bench::BenchOptions;
 use serde_json::json;
@@ -822,50 +823,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Job(JobCmd::Submit { file }) => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
-            let mut tasks = Vec::new();
-            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let v: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("{} line {}", file.display(), n + 1))?;
-                let task_type = v["type"]
-                    .as_str()
-                    .with_context(|| format!("{} line {}: no \"type\"", file.display(), n + 1))?;
-                let payload = match &v["payload"] {
-                    serde_json::Value::Null => Vec::new(),
-                    serde_json::Value::String(s) => s.clone().into_bytes(),
-                    other => other.to_string().into_bytes(),
-                };
-                tasks.push(proto::SubmitTaskRequest {
-                    task_type: task_type.into(),
-                    payload,
-                    priority: v["priority"].as_i64().unwrap_or(0) as i32,
-                    max_attempts: v["max_attempts"].as_u64().unwrap_or(0) as u32,
-                    idempotency_key: v["idempotency_key"].as_str().unwrap_or_default().into(),
-                    timeout_ms: 0,
-                    delay_ms: v["delay_ms"].as_u64().unwrap_or(0),
-                    run_at: None,
-                    // Parents: task ids, or "#N" for the task on line N+1 of this file.
-                    depends_on: v["depends_on"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect())
-                        .unwrap_or_default(),
-                    on_parent_failure: parent_failure(v["on_parent_failure"].as_str().unwrap_or("fail"))
-                        as i32,
-                    // Worker labels it needs ("gpu=h100", "mem_gb>=256"), slots, affinity key.
-                    requires: v["requires"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|r| r.as_str().map(str::to_owned)).collect())
-                        .unwrap_or_default(),
-                    weight: v["weight"].as_u64().unwrap_or(0) as u32,
-                    affinity_key: v["affinity_key"].as_str().unwrap_or_default().into(),
-                });
-            }
+            let tasks = job_file::parse(&file.display().to_string(), &text)?;
             let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
             let r = c.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
             warn_all(&r.warnings);
             if json_out {
                 println!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings}));
             } else {
-                println!("{} ({} tasks)", r.job_id, r.task_ids.len());
+                // The id alone on stdout, so `J=$(coordctl job submit f.jsonl)` works.
+                println!("{}", r.job_id);
+                eprintln!("{} tasks", r.task_ids.len());
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -916,7 +883,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("{}", progress(&j));
                 }
                 if j.done {
-                    return Ok(ExitCode::SUCCESS);
+                    return Ok(job_exit(&j));
                 }
             }
             bail!("the watch of job {job_id} ended before the job did")
@@ -1248,6 +1215,18 @@ impl Waiting {
 fn warn_all(warnings: &[String]) {
     for w in warnings {
         eprintln!("coordctl: warning: {w}");
+    }
+}
+
+/// A finished job exits as its worst task would with `watch`: 3 when one failed, else 4 when
+/// one was cancelled, else 0.
+fn job_exit(j: &proto::Job) -> ExitCode {
+    if j.failed > 0 {
+        ExitCode::from(3)
+    } else if j.cancelled > 0 {
+        ExitCode::from(4)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
