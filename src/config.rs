@@ -636,8 +636,8 @@ impl Config {
                 });
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
-            return Err(invalid("logging.level", format!("{:?}: {e}", self.logging.level)));
+        if let Some(e) = level_spec_error(&self.logging.level) {
+            return Err(invalid("logging.level", e));
         }
         Ok(())
     }
@@ -808,6 +808,29 @@ pub fn env_overrides() -> BTreeMap<String, String> {
     leaves.into_iter().map(|p| (p.join("_").to_uppercase(), p.join("."))).collect()
 }
 
+/// Why `spec` is not a log level specification, if it is not: a level (`info`), or
+/// comma-separated directives (`info,sqlx=warn`). A bare word that is not a level is refused
+/// although the filter syntax reads it as a target to log everything of and nothing else: a
+/// misspelt `warnn` would otherwise silence every line (a target is named as `target=level`).
+pub fn level_spec_error(spec: &str) -> Option<String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(spec) {
+        return Some(format!("{spec:?}: {e}"));
+    }
+    let bare = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[']))
+        .find(|d| !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(d)));
+    bare.map(|d| {
+        let within = if d == spec.trim() { String::new() } else { format!("{spec:?}: ") };
+        format!(
+            "{within}{d:?} is not a level (trace, debug, info, warn, error or off; a target takes \
+             one after it: {d}=debug)"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -938,6 +961,8 @@ mod tests {
             ("tls.cert_file", Box::new(|c| c.tls.enabled = true)),
             ("grpc.max_recv_msg_size", Box::new(|c| c.grpc.max_recv_msg_size = ByteSize(10))),
             ("logging.level", Box::new(|c| c.logging.level = "info,=[".into())),
+            // Read by the filter as a target to log alone: every other line would be silenced.
+            ("logging.level", Box::new(|c| c.logging.level = "warnn".into())),
             ("auth.tokens", Box::new(|c| c.auth.enabled = true)),
             ("retention.workers", Box::new(|c| c.retention.workers = Duration::from_secs(30))),
             ("retention.interval", Box::new(|c| c.retention.interval = Duration::ZERO)),
@@ -950,6 +975,19 @@ mod tests {
             let err = c.validate().expect_err(key).to_string();
             assert!(err.starts_with(&format!("config key {key}:")), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn a_level_is_a_level_name_or_directives() {
+        for ok in ["info", "WARN", "off", "info,sqlx=warn", "coordinator=debug", "debug,h2=error"] {
+            assert_eq!(level_spec_error(ok), None, "{ok}");
+        }
+        // Each of these parses as a filter that logs one target and silences every other line.
+        for bad in ["warnn", "loud", "info,coordinatr", "information"] {
+            let e = level_spec_error(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.contains("is not a level"), "{bad}: {e}");
+        }
+        assert!(level_spec_error("info,=[").is_some());
     }
 
     #[test]

@@ -154,11 +154,14 @@ pub fn submission_traceparent(header: Option<&str>) -> Option<String> {
 }
 
 fn log_filter(cfg: &LoggingConfig) -> EnvFilter {
-    std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")))
+    let from_env = std::env::var("RUST_LOG").ok().filter(|v| !v.is_empty());
+    if let Some(v) = &from_env {
+        match crate::config::level_spec_error(v) {
+            None => return EnvFilter::new(v),
+            Some(e) => eprintln!("RUST_LOG ignored, logging.level used instead: {e}"),
+        }
+    }
+    EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 fn log_output(

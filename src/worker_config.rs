@@ -176,6 +176,9 @@ impl WorkerConfig {
                 ));
             }
         }
+        if let Some(e) = crate::config::level_spec_error(&self.logging.level) {
+            return Err(format!("logging.level: {e}"));
+        }
         Ok(())
     }
 
@@ -321,6 +324,8 @@ mod tests {
         assert!(e.starts_with("persistent[0].processes"), "{e}");
         let e = invalid("persistent:\n  - task_type: echo\n    command: [p]\n");
         assert_eq!(e, "persistent[0].task_type: \"echo\" is already served by another handler");
+        let e = invalid("logging:\n  level: warnn\n");
+        assert!(e.starts_with("logging.level: \"warnn\" is not a level"), "{e}");
         let e = serde_norway::from_str::<WorkerConfig>(
             "persistent:\n  - task_type: p\n    command: [p]\n    procs: 2\n",
         )
