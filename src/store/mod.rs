@@ -99,11 +99,17 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// SQLSTATEs that mean "the server is going away, starting up or full", not "the request is
-/// wrong": class 08 (connection exception), 57P01..57P03 (admin or crash shutdown, cannot
-/// connect now), 53300 (too many connections). A retry can fix them.
+/// SQLSTATEs that mean "the server cannot serve this process now", not "the request is wrong":
+/// class 08 (connection exception), 57P01..57P03 (admin or crash shutdown, cannot connect now),
+/// class 53 (insufficient resources: too many connections, disk full, out of memory), and what a
+/// new connection meets when the server is up but will not take it: 55000 (the database does
+/// not allow connections), 3D000 (no such database: dropped, or not restored yet), 28000 and
+/// 28P01 (the password or the access rules changed), 25006 (a read-only standby: the address
+/// names a replica after a failover). A retry can fix them once the server is set right.
 fn connection_class(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "55000" | "3D000" | "28000" | "28P01" | "25006")
 }
 
 /// Whether the database is reachable, as this process's store calls see it, and when it last
@@ -1252,7 +1258,10 @@ mod tests {
 
     #[test]
     fn connection_class_errors_are_unavailable_and_others_are_not() {
-        for code in ["08006", "08001", "08P01", "57P01", "57P02", "57P03", "53300"] {
+        for code in [
+            "08006", "08001", "08P01", "57P01", "57P02", "57P03", "53300", "53100", "55000", "3D000",
+            "28P01", "25006",
+        ] {
             assert!(connection_class(code), "{code}");
         }
         for code in ["23505", "40001", "22P02", "42P01"] {
