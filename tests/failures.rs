@@ -230,7 +230,8 @@ async fn coordctl_retries_one_task_or_many_by_filter(db: &TestDb) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition: task"), "{}", text(&out));
 
     let out = coordctl_async(&c.endpoint(), &["retry"]).await;
-    assert_eq!(out.status.code(), Some(1), "no filter: {}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "no filter is a usage error: {}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--type"), "{}", text(&out));
     let out = coordctl_async(
         &c.endpoint(),
         &[

@@ -145,8 +145,11 @@ enum Cmd {
     ///
     /// A retried task is pending again with a fresh attempts budget; its attempt history stays.
     /// Filters combine; at least one is needed. Prints the ids retried, one a line.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true)
+        .args(["task_id", "job", "task_type", "error", "since", "until"])))]
     Retry {
         /// The task to retry; leave out to retry by filter.
+        #[arg(conflicts_with_all = ["job", "task_type", "error", "since", "until", "include_cancelled", "limit"])]
         task_id: Option<String>,
         /// Tasks of this job.
         #[arg(long)]
@@ -380,6 +383,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    if let Err(e) = check_usage(&cli.cmd) {
+        eprintln!("coordctl: {e}");
+        return ExitCode::from(2);
+    }
     // Warnings and errors of the libraries, on stderr; stdout is the command's output.
     let filter = std::env::var("RUST_LOG").ok().and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
     tracing_subscriber::fmt()
@@ -401,6 +408,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A worker's labels as `key=value` pairs in key order (what `--requires` names), or `-`.
+fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    if pairs.is_empty() { "-".into() } else { pairs.join(",") }
+}
+
+/// Usage mistakes clap cannot see, found before connecting: they exit 2 as clap's do.
+fn check_usage(cmd: &Cmd) -> anyhow::Result<()> {
+    if let Cmd::Retry { since, until, .. } | Cmd::Failures { since, until, .. } = cmd {
+        let since = since.as_deref().map(|s| parse_time("--since", s)).transpose()?;
+        let until = until.as_deref().map(|s| parse_time("--until", s)).transpose()?;
+        if let (Some(a), Some(b)) = (since, until)
+            && (b.seconds, b.nanos) <= (a.seconds, a.nanos)
+        {
+            // An age counts back from now: --since 1h --until 2h ends before it starts.
+            bail!("--until must be later than --since (an age such as 2h counts back from now)");
+        }
+    }
+    Ok(())
 }
 
 /// A gRPC status as "CODE: message"; other errors with their causes on one line.
@@ -619,16 +648,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             include_cancelled,
             limit,
         } => {
-            if job.is_some()
-                || task_type.is_some()
-                || error.is_some()
-                || since.is_some()
-                || until.is_some()
-                || include_cancelled
-                || limit != 0
-            {
-                bail!("give a task id or filters, not both");
-            }
+            // clap refuses an id with filters (a usage error); these are their defaults.
+            debug_assert!(job.is_none() && task_type.is_none() && error.is_none());
+            debug_assert!(since.is_none() && until.is_none() && !include_cancelled && limit == 0);
             let t = c.retry_task(proto::RetryTaskRequest { task_id }).await?.into_inner();
             if json_out {
                 print_task(&t, true);
@@ -643,13 +665,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Retry { task_id: None, job, task_type, error, since, until, include_cancelled, limit } => {
+            let finished_after = since.as_deref().map(|s| parse_time("--since", s)).transpose()?;
+            let finished_before = until.as_deref().map(|s| parse_time("--until", s)).transpose()?;
             let r = c
                 .retry_tasks(proto::RetryTasksRequest {
                     job_id: job.unwrap_or_default(),
                     task_type: task_type.unwrap_or_default(),
                     error_contains: error.unwrap_or_default(),
-                    finished_after: since.as_deref().map(|s| parse_time("--since", s)).transpose()?,
-                    finished_before: until.as_deref().map(|s| parse_time("--until", s)).transpose()?,
+                    finished_after,
+                    finished_before,
                     include_cancelled,
                     limit,
                 })
@@ -773,26 +797,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         json!({"worker_id": w.worker_id, "state": worker_state_name(w.state),
                                "max_concurrent_tasks": w.max_concurrent_tasks, "in_flight": w.in_flight,
                                "capabilities": w.capabilities, "connected": w.connected, "version": w.version,
-                               "hostname": w.hostname,
+                               "hostname": w.hostname, "labels": w.labels,
                                "last_heartbeat": w.last_heartbeat.as_ref().map(ts_string)})
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<28}  {:<9}  {:>9}  {:<9}  {:<25}  CAPABILITIES",
+                    "{:<28}  {:<9}  {:>9}  {:<9}  {:<25}  CAPABILITIES  LABELS",
                     "WORKER", "STATE", "IN FLIGHT", "STREAM", "LAST HEARTBEAT"
                 );
                 for w in &workers {
                     println!(
-                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<9}  {:<25}  {}",
+                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<9}  {:<25}  {}  {}",
                         w.worker_id,
                         worker_state_name(w.state),
                         w.in_flight,
                         w.max_concurrent_tasks,
                         if w.connected { "open" } else { "-" },
                         w.last_heartbeat.as_ref().map(ts_string).unwrap_or_default(),
-                        if w.capabilities.is_empty() { "(any)".to_owned() } else { w.capabilities.join(",") }
+                        if w.capabilities.is_empty() { "(any)".to_owned() } else { w.capabilities.join(",") },
+                        labels_text(&w.labels)
                     );
                 }
             }

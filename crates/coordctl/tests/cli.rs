@@ -34,6 +34,24 @@ fn a_usage_mistake_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("TASK_ID"));
 }
 
+/// `retry` needs a task id or a filter, not both, and a window that ends after it starts: each
+/// mistake is named with its flags before anything is sent (no coordinator listens here).
+#[test]
+fn retry_s_usage_mistakes_exit_2_naming_the_flags() {
+    for (args, names) in [
+        (&["retry"][..], "--job"),
+        (&["retry", "0190f5c2-0000-7000-8000-000000000000", "--type", "prove"][..], "--type"),
+        (&["retry", "--since", "1h", "--until", "2h"][..], "--until must be later than --since"),
+        (&["failures", "--since", "1h", "--until", "2h"][..], "--until must be later than --since"),
+        (&["retry", "--since", "yesterday"][..], "--since \"yesterday\""),
+    ] {
+        let out = coordctl(&[&["--coordinator", "http://127.0.0.1:1"][..], args].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(names), "{args:?}: {stderr}");
+    }
+}
+
 #[test]
 fn a_coordinator_that_is_not_there_is_one_line_and_exit_1() {
     // A port nothing listens on: bind one, note it, close it.
