@@ -104,6 +104,15 @@ async fn a_gpu_task_waits_for_then_runs_on_the_one_worker_with_the_label() {
     for id in &ids {
         assert_eq!(get(&c, id).await.worker_id, "cpu-1");
     }
+    // The labels a task's `requires` is matched against are listed with each worker.
+    let listed = coordctl_command(&coordinator.endpoint(), &["workers"]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let row = |id: &str| listed.lines().find(|l| l.starts_with(id)).unwrap_or_default().to_owned();
+    assert!(row("gpu-1").ends_with("gpu=h100") && row("cpu-1").ends_with("gpu=a100"), "{listed}");
+    let listed = coordctl_command(&coordinator.endpoint(), &["--json", "workers"]).output().unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("workers as JSON");
+    let gpu = listed.as_array().unwrap().iter().find(|w| w["worker_id"] == "gpu-1").expect("gpu-1 listed");
+    assert_eq!(gpu["labels"], serde_json::json!({"gpu": "h100"}), "{listed}");
 
     // The README's chunk -> batch -> bundle pipeline is a job coordctl submits as written: the
     // chunks wait for a worker of their type, the batches and the bundle for their parents.
