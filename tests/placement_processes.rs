@@ -131,6 +131,14 @@ async fn a_gpu_task_waits_for_then_runs_on_the_one_worker_with_the_label() {
     let out = coordctl_command(&coordinator.endpoint(), &["--json", "job", "get", &job_id]).output().unwrap();
     let job: serde_json::Value = serde_json::from_slice(&out.stdout).expect("job as JSON");
     assert_eq!((job["pending"].as_u64(), job["blocked"].as_u64()), (Some(4), Some(3)), "{job}");
+    // The jobs table adds up: its blocked tasks have a column of their own.
+    let out = coordctl_command(&coordinator.endpoint(), &["jobs"]).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
+    let row: Vec<&str> =
+        table.lines().find(|l| l.starts_with(&job_id)).unwrap_or_default().split_whitespace().collect();
+    let at = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("{name}: {table}"));
+    assert_eq!((row[at("TOTAL")], row[at("BLOCKED")], row[at("PENDING")]), ("7", "3", "4"), "{table}");
 }
 
 /// Tasks of `task_type` assigned or running, sampled as fast as the database answers until

@@ -936,10 +936,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::Value::Array(jobs.iter().map(job_json).collect()));
             } else {
                 println!(
-                    "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
+                    "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
                     "JOB",
                     "NAME",
                     "TOTAL",
+                    "BLOCKED",
                     "PENDING",
                     "RUNNING",
                     "COMPLETED",
@@ -949,10 +950,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for j in &jobs {
                     println!(
-                        "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
+                        "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
                         j.job_id,
                         j.name,
                         j.total,
+                        j.blocked,
                         j.pending,
                         j.assigned + j.running,
                         j.completed,
