@@ -551,6 +551,22 @@ impl Config {
                 format!("{:?} is not a postgres:// or sqlite: URL", redact_url(&db.url)),
             ));
         }
+        if let Some(rest) = db.url.strip_prefix("sqlite:") {
+            // Every pooled connection to an in-memory database opens a database of its own: the
+            // tables one connection migrated, the next would not see.
+            let path = rest.trim_start_matches("//");
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() || path == ":memory:" || rest.contains("mode=memory") {
+                return Err(invalid(
+                    "database.url",
+                    format!(
+                        "{:?} names no database file; write sqlite://path/to/coordinator.db (an \
+                         in-memory database is not shared between the coordinator's connections)",
+                        db.url
+                    ),
+                ));
+            }
+        }
         if db.max_open_conns == 0 {
             return Err(invalid("database.max_open_conns", "must be at least 1"));
         }
@@ -954,6 +970,11 @@ mod tests {
                 Box::new(|c| c.coordinator.stale_task_timeout = Duration::from_secs(1)),
             ),
             ("database.url", Box::new(|c| c.database.url = "mysql://x".into())),
+            // Each of these opens a database of its own per connection: "no such table" later.
+            ("database.url", Box::new(|c| c.database.url = "sqlite:".into())),
+            ("database.url", Box::new(|c| c.database.url = "sqlite://".into())),
+            ("database.url", Box::new(|c| c.database.url = "sqlite::memory:".into())),
+            ("database.url", Box::new(|c| c.database.url = "sqlite://x.db?mode=memory".into())),
             ("database.max_idle_conns", Box::new(|c| c.database.max_idle_conns = 99)),
             ("scheduler.batch_size", Box::new(|c| c.scheduler.batch_size = 0)),
             ("tasks.default_max_attempts", Box::new(|c| c.tasks.default_max_attempts = 0)),
