@@ -272,13 +272,31 @@ fn to_json<M: prost::Message + Named>(msg: &M) -> Value {
     dm.serialize_with_options(serde_json::value::Serializer, &opts).unwrap_or(Value::Null)
 }
 
-/// A protobuf message from JSON; the error names what is wrong, for a 400.
+/// A protobuf message from a JSON body; the error names the field (`tasks[0].priority`) and
+/// what is wrong with it, for a 400.
 fn from_json<M: prost::Message + Named + Default>(value: &[u8]) -> Result<M, String> {
-    let desc = POOL.get_message_by_name(M::NAME).ok_or_else(|| format!("no descriptor for {}", M::NAME))?;
+    decode_json(value).map_err(|(field, e)| match field {
+        Some(field) => format!("request body, field {field}: {e}"),
+        None => format!("request body: {e}"),
+    })
+}
+
+/// The message, or the path of the field that failed (when inside one) and the error.
+fn decode_json<M: prost::Message + Named + Default>(
+    value: &[u8],
+) -> Result<M, (Option<String>, serde_json::Error)> {
+    let desc = POOL
+        .get_message_by_name(M::NAME)
+        .ok_or_else(|| (None, serde::de::Error::custom(format!("no descriptor for {}", M::NAME))))?;
     let mut de = serde_json::Deserializer::from_slice(value);
-    let dm = DynamicMessage::deserialize(desc, &mut de).map_err(|e| format!("request body: {e}"))?;
-    de.end().map_err(|e| format!("request body: {e}"))?;
-    dm.transcode_to::<M>().map_err(|e| format!("request body: {e}"))
+    let mut track = serde_path_to_error::Track::new();
+    let dm = DynamicMessage::deserialize(desc, serde_path_to_error::Deserializer::new(&mut de, &mut track))
+        .map_err(|e| {
+        let path = track.path().to_string();
+        ((path != "." && !path.is_empty()).then_some(path), e)
+    })?;
+    de.end().map_err(|e| (None, e))?;
+    dm.transcode_to::<M>().map_err(|e| (None, serde::de::Error::custom(e)))
 }
 
 fn bad_json(message: String) -> Response {
@@ -381,8 +399,7 @@ async fn list_tasks(State(s): State<RestState>, Query(q): Query<HashMap<String, 
         };
         obj.insert(k, Value::String(v));
     }
-    let body = Value::Object(obj).to_string();
-    let req = match from_json::<proto::ListTasksRequest>(body.as_bytes()) {
+    let req = match query_message::<proto::ListTasksRequest>(obj) {
         Ok(r) => r,
         Err(message) => return bad_json(message),
     };
@@ -438,8 +455,27 @@ async fn get_job(State(s): State<RestState>, Path(id): Path<String>, Query(q): Q
 /// A request message from query parameters named as its fields (values as in its JSON); the
 /// error names what is wrong, for a 400.
 fn from_query<M: prost::Message + Named + Default>(q: HashMap<String, String>) -> Result<M, String> {
-    let body = Value::Object(q.into_iter().map(|(k, v)| (k, Value::String(v))).collect()).to_string();
-    from_json::<M>(body.as_bytes())
+    query_message(q.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
+}
+
+/// [`from_query`] of parameters already made JSON values: the error names the parameter, and
+/// no line or column (there is no body).
+fn query_message<M: prost::Message + Named + Default>(
+    q: serde_json::Map<String, Value>,
+) -> Result<M, String> {
+    let body = Value::Object(q).to_string();
+    decode_json::<M>(body.as_bytes()).map_err(|(field, e)| {
+        let text = e.to_string();
+        // serde_json places the error in the JSON it was given; the caller wrote no JSON.
+        let text = match text.rfind(" at line ") {
+            Some(at) => text[..at].to_owned(),
+            None => text,
+        };
+        match field {
+            Some(field) => format!("query parameter {field}: {text}"),
+            None => format!("query parameters: {text}"),
+        }
+    })
 }
 
 async fn list_jobs(State(s): State<RestState>, Query(q): Query<HashMap<String, String>>) -> Response {

@@ -936,6 +936,35 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
             serde_json::from_str(&text).unwrap_or_else(|_| panic!("{path}: not JSON: {text}"));
         assert_eq!(v["error"], error, "{method} {path}: {text}");
     }
+    // A field of the wrong type or range is named: in a body by its path, in a query string as
+    // the parameter (with no line and column of a JSON text the caller never wrote).
+    for (method, path, body, names) in [
+        (
+            "POST",
+            "/api/v1/tasks",
+            r#"{"task_type":"echo","priority":"high"}"#,
+            "request body, field priority: ",
+        ),
+        ("POST", "/api/v1/tasks", r#"{"task_type":"echo","priority":99999999999}"#, "field priority: "),
+        (
+            "POST",
+            "/api/v1/jobs",
+            r#"{"tasks":[{"task_type":"echo"},{"task_type":"echo","weight":-1}]}"#,
+            "field tasks[1].weight: ",
+        ),
+        ("GET", "/api/v1/tasks?status=bogus", "", "query parameter status: "),
+        ("GET", "/api/v1/tasks?page_size=-1", "", "query parameter page_size: "),
+        ("GET", "/api/v1/jobs?page_size=many", "", "query parameter page_size: "),
+    ] {
+        let (got, text) = http(c.http, method, path, None, body).await;
+        assert_eq!(got, 400, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let message = v["message"].as_str().unwrap_or_default();
+        assert!(message.contains(names), "{method} {path} {body}: {message}");
+        if path.contains('?') {
+            assert!(!message.contains("line 1") && !message.contains("body"), "{path}: {message}");
+        }
+    }
     assert_eq!(c.store.task_counts().await.unwrap().values().sum::<u64>(), 0, "no task stored over REST");
     // And a good REST round trip.
     let (code, text) =
