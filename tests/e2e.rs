@@ -314,6 +314,12 @@ async fn fleet_end_to_end(db: &TestDb) {
     uuid::Uuid::parse_str(&job_id).unwrap_or_else(|e| panic!("{job_id:?}: {e}"));
     let out = fleet.coordctl(&["job", "watch", &job_id]);
     assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stdout));
+    // A list cut at its limit says so; a limit of 0 is a usage error.
+    let out = fleet.coordctl(&["tasks", "--limit", "2"]);
+    let (shown, told) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && shown.lines().count() == 3, "{shown}{told}");
+    assert!(told.contains("more tasks match than the 2 shown"), "{told}");
+    assert_eq!(fleet.coordctl(&["tasks", "--limit", "0"]).status.code(), Some(2));
 
     // is-prime, with the worker that answered.
     let out = fleet.coordctl_ok(&["is-prime", "17", "18", "19"]);

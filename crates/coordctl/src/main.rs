@@ -187,15 +187,17 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         top: u32,
     },
-    /// List tasks.
+    /// List tasks, oldest first; says on stderr when more match than it shows.
     Tasks {
+        /// blocked, pending, assigned, running, completed, failed or cancelled.
         #[arg(long)]
         status: Option<String>,
         #[arg(long = "type")]
         task_type: Option<String>,
         #[arg(long)]
         job: Option<String>,
-        #[arg(long, default_value_t = 50)]
+        /// Show at most this many (1 to 1000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
     },
     /// List workers.
@@ -745,17 +747,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 None => 0,
                 Some(s) => parse_status(s)? as i32,
             };
-            let tasks = c
+            let page = c
                 .list_tasks(proto::ListTasksRequest {
                     status,
                     task_type: task_type.unwrap_or_default(),
                     job_id: job.unwrap_or_default(),
-                    page_size: limit.clamp(1, 1000),
+                    page_size: limit,
                     ..Default::default()
                 })
                 .await?
-                .into_inner()
-                .tasks;
+                .into_inner();
+            let tasks = page.tasks;
+            if !page.next_page_token.is_empty() {
+                eprintln!(
+                    "coordctl: more tasks match than the {} shown (oldest first): raise --limit (at most \
+                     1000) or narrow with --status, --type or --job",
+                    tasks.len()
+                );
+            }
             if json_out {
                 println!("{}", serde_json::Value::Array(tasks.iter().map(task_json).collect()));
             } else {
