@@ -465,3 +465,42 @@ async fn a_submission_racing_an_end_two_levels_up_is_never_left_blocked(db: &Tes
         assert_eq!(state(s, kid.id).await, TaskState::Cancelled, "round {round}");
     }
 }
+
+on_every_backend!(a_blocked_task_shows_its_parents_and_which_it_waits_for);
+/// `GetTask` (and `coordctl get`) list a task's parents in its order, each with its status: a
+/// blocked task says what it waits for without a look into the database.
+async fn a_blocked_task_shows_its_parents_and_which_it_waits_for(db: &TestDb) {
+    use coordinator::proto;
+
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    // No worker runs `stage`: both parents stay pending; one completes through the store.
+    let first = submit(&mut client, "stage", b"").await;
+    let second = submit(&mut client, "stage", b"").await;
+    let req = proto::SubmitTaskRequest {
+        task_type: "stage".into(),
+        depends_on: vec![second.clone(), first.clone()],
+        ..Default::default()
+    };
+    let child = client.submit_task(req).await.unwrap().into_inner().task.unwrap().task_id;
+    let a = claim(&c.store, &[TaskId(first.parse().unwrap())], "w1").await.remove(0);
+    complete(&c.store, &a, b"done").await;
+
+    let shown = get_task(&mut client, &child).await;
+    assert_eq!(shown.status, proto::TaskStatus::Blocked as i32);
+    let parents: Vec<(String, i32)> = shown.parents.iter().map(|p| (p.task_id.clone(), p.status)).collect();
+    assert_eq!(
+        parents,
+        [
+            (second.clone(), proto::TaskStatus::Pending as i32),
+            (first.clone(), proto::TaskStatus::Completed as i32)
+        ]
+    );
+    let out = coordctl(&c.endpoint(), &["get", &child]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("parents   {second} (pending), {first} (completed)")), "{text}");
+    assert!(text.contains("waiting   for 1 of its 2 parents to complete"), "{text}");
+    // A task without parents lists none.
+    assert!(get_task(&mut client, &first).await.parents.is_empty());
+    c.stop().await.unwrap();
+}

@@ -26,6 +26,9 @@ pub struct Shown {
     pub waiting: Option<Waiting>,
     /// Every attempt, oldest first, when they were asked for; else empty.
     pub attempts: Vec<AttemptRecord>,
+    /// Its parents in the order it named them, each with its state (`None`: pruned); read for
+    /// one task ([`Client::get_task`]), else empty.
+    pub parents: Vec<(TaskId, Option<TaskState>)>,
 }
 
 /// One submitted task.
@@ -152,6 +155,7 @@ impl Core {
         if with_attempts {
             shown.attempts = self.inner.store.attempts(id).await?;
         }
+        shown.parents = self.inner.store.parents(id).await?;
         Ok(shown)
     }
 
@@ -196,7 +200,7 @@ impl Core {
             // before the watch began. `None` while the first attempt seen is still assigned.
             let mut ran = (first.state != TaskState::Assigned).then_some(first.attempt);
             let terminal = first.state.is_terminal();
-            yield Ok(TaskUpdate::Changed(Box::new(Shown { task: first, waiting, attempts: Vec::new() })));
+            yield Ok(TaskUpdate::Changed(Box::new(Shown { task: first, waiting, attempts: Vec::new(), parents: Vec::new() })));
             if terminal {
                 return;
             }
@@ -244,7 +248,7 @@ impl Core {
                     if ran != Some(task.attempt) && task.state != TaskState::Assigned {
                         ran = Some(task.attempt);
                     }
-                    yield Ok(TaskUpdate::Changed(Box::new(Shown { task, waiting, attempts: Vec::new() })));
+                    yield Ok(TaskUpdate::Changed(Box::new(Shown { task, waiting, attempts: Vec::new(), parents: Vec::new() })));
                     last = now;
                 }
                 if terminal {
@@ -349,7 +353,7 @@ impl Core {
         tasks
             .into_iter()
             .zip(waiting)
-            .map(|(task, waiting)| Shown { task, waiting, attempts: Vec::new() })
+            .map(|(task, waiting)| Shown { task, waiting, attempts: Vec::new(), parents: Vec::new() })
             .collect()
     }
 

@@ -486,6 +486,7 @@ impl From<Task> for proto::Task {
             pending_reason: proto::PendingReason::Unspecified as i32,
             pending_detail: String::new(),
             attempts: Vec::new(),
+            parents: Vec::new(),
             requires: t.needs.requires.iter().map(ToString::to_string).collect(),
             weight: t.needs.weight,
             affinity_key: t.needs.affinity_key.unwrap_or_default(),
@@ -745,6 +746,14 @@ impl From<Shown> for proto::Task {
     fn from(s: Shown) -> Self {
         let mut task = waiting_task(s.task, s.waiting);
         task.attempts = s.attempts.into_iter().map(Into::into).collect();
+        task.parents = s
+            .parents
+            .into_iter()
+            .map(|(id, state)| proto::TaskParent {
+                task_id: id.to_string(),
+                status: state.map_or(proto::TaskStatus::Unspecified, task_state) as i32,
+            })
+            .collect();
         task
     }
 }

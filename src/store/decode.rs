@@ -308,6 +308,11 @@ pub(super) fn attempt(r: &impl Cols) -> Result<AttemptRecord> {
     })
 }
 
+/// A parent of a task (`parent`, `status`): its id and, unless pruned, its state.
+pub(super) fn parent(r: &impl Cols) -> Result<(TaskId, Option<TaskState>)> {
+    Ok((TaskId(r.uuid("parent")?), r.opt_text("status")?.as_deref().map(state).transpose()?))
+}
+
 /// A task's `id, worker_id, attempt`: the fence.
 pub(super) fn held(r: &impl Cols) -> Result<Held> {
     Ok(Held {

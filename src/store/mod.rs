@@ -1036,6 +1036,11 @@ impl Store {
         timed!("attempts", self, s => s.attempts(id).await)
     }
 
+    /// A task's parents in the order it named them, each with its state (`None`: pruned).
+    pub async fn parents(&self, id: TaskId) -> Result<Vec<(TaskId, Option<TaskState>)>> {
+        timed!("parents", self, s => s.parents(id).await)
+    }
+
     /// Number of tasks in each state.
     pub async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
         timed!("task_counts", self, s => s.task_counts().await)

@@ -38,6 +38,11 @@ pub(super) const ADOPT: &str = "UPDATE tasks SET session_id = $2
      WHERE worker_id = $1 AND status IN ('assigned', 'running')
      RETURNING id, attempt, worker_id, weight";
 
+/// A task's parents in the order it named them, with each one's state (none: pruned).
+pub(super) const PARENTS: &str = "SELECT p.parent, t.status FROM task_parents p
+     LEFT JOIN tasks t ON t.id = p.parent
+     WHERE p.child = $1 ORDER BY p.position";
+
 /// A task's assignment history, oldest first: the attempt rows (attempts that ended other than
 /// completed), and the attempt in flight or the one that completed, read from the task's row.
 pub(super) const ATTEMPTS: &str =

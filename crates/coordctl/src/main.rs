@@ -1493,7 +1493,14 @@ fn task_json(t: &proto::Task) -> serde_json::Value {
            "created_at": t.created_at.as_ref().map(ts_string), "finished_at": t.finished_at.as_ref().map(ts_string),
            "pending_reason": pending_reason_name(t.pending_reason), "pending_detail": t.pending_detail,
            "requires": t.requires, "weight": t.weight.max(1), "affinity_key": t.affinity_key,
-           "attempts": t.attempts.iter().map(attempt_json).collect::<Vec<_>>()})
+           "attempts": t.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
+           "parents": t.parents.iter().map(|p| json!({"task_id": p.task_id, "status": parent_status(p)}))
+               .collect::<Vec<_>>()})
+}
+
+/// A parent's status; one no longer stored completed and was pruned.
+fn parent_status(p: &proto::TaskParent) -> &'static str {
+    if p.status == proto::TaskStatus::Unspecified as i32 { "pruned" } else { status_name(p.status) }
 }
 
 fn attempt_json(a: &proto::TaskAttempt) -> serde_json::Value {
@@ -1538,8 +1545,16 @@ fn print_task(t: &proto::Task, json_out: bool) {
     if !t.affinity_key.is_empty() {
         println!("affinity  {}", t.affinity_key);
     }
+    if !t.parents.is_empty() {
+        let shown: Vec<String> =
+            t.parents.iter().map(|p| format!("{} ({})", p.task_id, parent_status(p))).collect();
+        println!("parents   {}", shown.join(", "));
+    }
     if !t.pending_detail.is_empty() {
         println!("waiting   {}", t.pending_detail);
+    } else if t.status == proto::TaskStatus::Blocked as i32 {
+        let open = t.parents.iter().filter(|p| p.status != proto::TaskStatus::Completed as i32).count();
+        println!("waiting   for {open} of its {} parents to complete", t.parents.len());
     }
     if !t.job_id.is_empty() {
         println!("job       {}", t.job_id);

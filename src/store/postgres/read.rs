@@ -77,6 +77,11 @@ impl PgStore {
         rows.iter().map(decode::attempt).collect()
     }
 
+    pub(in crate::store) async fn parents(&self, id: TaskId) -> Result<Vec<(TaskId, Option<TaskState>)>> {
+        let rows = sqlx::query(sql::PARENTS).bind(id.0).fetch_all(&self.pool).await?;
+        rows.iter().map(decode::parent).collect()
+    }
+
     pub(in crate::store) async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
         let rows = sqlx::query(sql::TASK_COUNTS).fetch_all(&self.pool).await?;
         rows.iter().map(decode::state_count).collect()
