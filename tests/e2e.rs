@@ -320,6 +320,14 @@ async fn fleet_end_to_end(db: &TestDb) {
     assert!(out.status.success() && shown.lines().count() == 3, "{shown}{told}");
     assert!(told.contains("more tasks match than the 2 shown"), "{told}");
     assert_eq!(fleet.coordctl(&["tasks", "--limit", "0"]).status.code(), Some(2));
+    // A second submission with the same idempotency key gets the first task, and is told so.
+    let key = ["--idempotency-key", "e2e-once"];
+    let first = fleet.coordctl_ok(&[&["submit", "--type", "echo", "--payload", "one"][..], &key].concat());
+    let out = fleet.coordctl(&[&["submit", "--type", "echo", "--payload", "two"][..], &key].concat());
+    let told = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), first, "{told}");
+    assert!(told.contains("the idempotency key names a task submitted before"), "{told}");
+    assert!(!fleet.coordctl(&["submit", "--type", "echo"]).stderr.starts_with(b"coordctl: the idempotency"));
 
     // is-prime, with the worker that answered.
     let out = fleet.coordctl_ok(&["is-prime", "17", "18", "19"]);

@@ -565,6 +565,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 })
                 .await?
                 .into_inner();
+            if !resp.created && !json_out {
+                // Otherwise a second submission with another payload looks like a new task.
+                eprintln!(
+                    "coordctl: the idempotency key names a task submitted before: that task is shown, \
+                     and this submission's type and payload were not used"
+                );
+            }
             if !wait {
                 warn_all(&resp.warnings);
                 if json_out {
@@ -658,10 +665,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_task(&t, true);
             } else {
                 println!(
-                    "retried {} (now {}, {} attempts so far)",
+                    "retried {} (now {}, {} so far)",
                     t.task_id,
                     status_name(t.status),
-                    t.attempt
+                    count(t.attempt, "attempt")
                 );
             }
             Ok(ExitCode::SUCCESS)
@@ -687,7 +694,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for id in &r.task_ids {
                     println!("{id}");
                 }
-                eprintln!("retried {} tasks", r.retried);
+                eprintln!("retried {}", count(r.retried, "task"));
                 if r.more {
                     eprintln!("more tasks may match: the limit was reached; run again to retry them");
                 }
@@ -1496,6 +1503,11 @@ fn task_json(t: &proto::Task) -> serde_json::Value {
            "attempts": t.attempts.iter().map(attempt_json).collect::<Vec<_>>(),
            "parents": t.parents.iter().map(|p| json!({"task_id": p.task_id, "status": parent_status(p)}))
                .collect::<Vec<_>>()})
+}
+
+/// `1 task`, `2 tasks`.
+fn count(n: u32, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
 }
 
 /// A parent's status; one no longer stored completed and was pruned.
