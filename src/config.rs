@@ -40,6 +40,35 @@ pub enum ConfigError {
     Token { name: String, message: String },
 }
 
+/// The YAML reader's words for number types ("expected u16"), said as an operator reads them.
+pub(crate) fn plain_types(message: &str) -> String {
+    const WORDS: [(&str, &str); 8] = [
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected i32", "expected a whole number from -2147483648 to 2147483647"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+    ];
+    let mut out = message.to_owned();
+    for (word, plain) in WORDS {
+        // Whole words only: "expected u16" must not touch "expected u160".
+        let mut from = 0;
+        while let Some(at) = out[from..].find(word).map(|i| i + from) {
+            let end = at + word.len();
+            if out[end..].starts_with(|c: char| c.is_ascii_alphanumeric()) {
+                from = end;
+                continue;
+            }
+            out.replace_range(at..end, plain);
+            from = at + plain.len();
+        }
+    }
+    out
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
@@ -428,7 +457,7 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        serde_norway::from_str(text).map_err(|e| e.to_string())
+        serde_norway::from_str(text).map_err(|e| plain_types(&e.to_string()))
     }
 
     /// Applies environment overrides: every scalar key, by its path joined with `_`, upper-cased.
@@ -458,7 +487,7 @@ impl Config {
             serde_norway::from_value::<Config>(tree.clone()).map_err(|e| ConfigError::Env {
                 var: var.clone(),
                 value: raw.clone(),
-                message: e.to_string(),
+                message: plain_types(&e.to_string()),
             })?;
             applied.push(var);
         }
@@ -1009,6 +1038,19 @@ mod tests {
             assert!(e.contains("is not a level"), "{bad}: {e}");
         }
         assert!(level_spec_error("info,=[").is_some());
+    }
+
+    #[test]
+    fn number_types_are_named_in_words() {
+        let e = Config::from_yaml("coordinator:\n  grpc_port: -1\n").unwrap_err();
+        assert!(e.contains("expected a whole number from 0 to 65535"), "{e}");
+        assert!(!e.contains("u16"), "{e}");
+        let e = Config::from_yaml("database:\n  max_open_conns: -3\n").unwrap_err();
+        assert!(e.contains("expected a whole number from 0 to 4294967295"), "{e}");
+        let env = HashMap::from([("COORDINATOR_HTTP_PORT".to_owned(), "70000".to_owned())]);
+        let e = Config::default().with_env(&env).unwrap_err().to_string();
+        assert!(e.contains("COORDINATOR_HTTP_PORT") && e.contains("from 0 to 65535"), "{e}");
+        assert_eq!(plain_types("expected u160"), "expected u160");
     }
 
     #[test]

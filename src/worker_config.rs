@@ -125,7 +125,9 @@ impl WorkerConfig {
         if text.trim().is_empty() {
             return Ok(WorkerConfig::default());
         }
-        serde_norway::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        serde_norway::from_str(&text).map_err(|e| {
+            format!("config file {}: {}", path.display(), crate::config::plain_types(&e.to_string()))
+        })
     }
 
     pub fn validate(&self) -> Result<(), String> {
