@@ -241,6 +241,11 @@ async fn a_type_limit_holds_across_two_replicas_under_load_and_changes_at_runtim
     assert_eq!(tally.completed, TASKS as i64, "{tally:?}");
     let listed = coordctl_command(&a.endpoint(), &["limits", "list"]).output().unwrap();
     assert!(String::from_utf8_lossy(&listed.stdout).contains("of 3"), "{listed:?}");
+    // A limit is cleared; a type with no limit is not reported cleared.
+    let cleared = coordctl_command(&a.endpoint(), &["limits", "clear", "sleep"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cleared.stdout).trim(), "cleared the limit of sleep");
+    let none = coordctl_command(&a.endpoint(), &["limits", "clear", "nosuch"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&none.stdout).trim(), "nosuch had no limit to clear");
     drop(workers);
     pool.close().await;
 }

@@ -1372,11 +1372,15 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
             vec![c.set_type_limit(set(task_type, max_in_flight, false)).await?.into_inner()]
         }
         LimitsCmd::Clear { task_type } => {
+            let before = c.list_type_limits(proto::ListTypeLimitsRequest {}).await?.into_inner().limits;
+            let had = before.iter().any(|l| l.task_type == task_type);
             c.set_type_limit(set(task_type.clone(), 0, true)).await?;
             if json_out {
-                println!("{}", json!({"task_type": task_type, "cleared": true}));
-            } else {
+                println!("{}", json!({"task_type": task_type, "cleared": had}));
+            } else if had {
                 println!("cleared the limit of {task_type}");
+            } else {
+                println!("{task_type} had no limit to clear");
             }
             return Ok(ExitCode::SUCCESS);
         }
