@@ -143,6 +143,9 @@ fn expected_program(dir: &Path) -> String {
 fn hint_commands_run_as_printed_from_the_repository_root() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dev = start_dev(root);
+    let workers =
+        dev.hint.iter().find(|l| l.trim_start().starts_with("workers")).cloned().unwrap_or_default();
+    assert!(workers.contains("1 local (dev-worker-1), handlers: "), "{workers:?}");
     assert_runs(root, &dev, "submit --type echo --payload hello --wait", "hello");
     assert_runs(root, &dev, "workers", "dev-worker-1");
     let line = dev.coordctl_line("workers");

@@ -35,7 +35,7 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         workers: u32,
         /// Tasks each local worker runs at once.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         max_concurrent: u32,
         #[arg(long, default_value_t = 9090)]
         grpc_port: u16,
@@ -160,9 +160,13 @@ fn dev(ephemeral: bool, workers: u32, max_concurrent: u32, grpc_port: u16, http_
         ] {
             try_these.push_str(&format!("  {} {args}\n", coordctl.command));
         }
+        let local_workers = match workers {
+            0 => format!("none started here (--workers 0): start one with `worker --coordinator {endpoint}`"),
+            1 => format!("1 local (dev-worker-1), handlers: {}", builtin_names().join(", ")),
+            n => format!("{n} local (dev-worker-1..{n}), handlers: {}", builtin_names().join(", ")),
+        };
         println!(
-            "\ncoordinator dev is running\n  gRPC     {endpoint}\n  HTTP     http://{http_addr}\n  database {database}\n  workers  {workers} local (dev-worker-1..{workers}), handlers: {}\n\ntry, in another terminal in this directory:\n{try_these}  curl -s http://{http_addr}/health\n{}\nCtrl-C stops it.\n",
-            builtin_names().join(", "),
+            "\ncoordinator dev is running\n  gRPC     {endpoint}\n  HTTP     http://{http_addr}\n  database {database}\n  workers  {local_workers}\n\ntry, in another terminal in this directory:\n{try_these}  curl -s http://{http_addr}/health\n{}\nCtrl-C stops it.\n",
             coordctl.note.map(|n| format!("({n})\n")).unwrap_or_default(),
         );
         // Ctrl-C: the local workers drain first (their results land), then the coordinator.
