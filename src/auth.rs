@@ -152,9 +152,13 @@ impl Authenticator {
         }
         let principal = found.ok_or_else(|| Refusal::unauthenticated("unknown_token", "unknown token"))?;
         if !access.allows(principal.role) {
+            let needs = match access {
+                Access::Role(r) => format!("a {r} or admin token"),
+                _ => "an admin token".to_owned(),
+            };
             return Err(Refusal::forbidden(
                 "wrong_role",
-                format!("the {} role may not call this", principal.role),
+                format!("the {} role may not call this: it needs {needs}", principal.role),
             ));
         }
         Ok(Some(principal.clone()))
@@ -278,6 +282,10 @@ mod tests {
         assert_eq!(a.check(c, submit).unwrap().unwrap().role, Role::Client);
         assert!(a.check(c, stream).unwrap_err().forbidden);
         assert_eq!(a.check(c, workers).unwrap_err().reason, "wrong_role");
+        // The refusal says which token would do.
+        let e = a.check(w, submit).unwrap_err().message;
+        assert_eq!(e, "the worker role may not call this: it needs a client or admin token");
+        assert!(a.check(c, workers).unwrap_err().message.ends_with("it needs an admin token"));
         for access in [submit, stream, workers] {
             assert_eq!(a.check(ad, access).unwrap().unwrap().role, Role::Admin);
         }
