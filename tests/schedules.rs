@@ -155,6 +155,12 @@ async fn schedules_over_rest_and_coordctl(db: &TestDb) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("nightly") && text.contains("hourly"), "{text}");
     assert!(text.contains("paused") && text.contains("active"), "{text}");
+    // --json lists are one array, as every other list's (and `[]` when empty).
+    let out = coordctl_async(&c.endpoint(), &["--json", "schedule", "list"]).await;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON array");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    let out = coordctl_async(&c.endpoint(), &["--json", "limits", "list"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]", "{out:?}");
     let out = coordctl_async(&c.endpoint(), &["schedule", "delete", &id]).await;
     assert!(out.status.success(), "{out:?}");
     let (code, _) = http_request(c.http, "DELETE", &format!("/api/v1/schedules/{id}"), "").await.unwrap();

@@ -1366,6 +1366,7 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
         max_in_flight,
         clear,
     };
+    let list = matches!(cmd, LimitsCmd::List);
     let shown = match cmd {
         LimitsCmd::List => c.list_type_limits(proto::ListTypeLimitsRequest {}).await?.into_inner().limits,
         LimitsCmd::Set { task_type, max_in_flight } => {
@@ -1385,21 +1386,35 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
             return Ok(ExitCode::SUCCESS);
         }
     };
-    for l in shown {
-        if json_out {
-            println!(
-                "{}",
+    if json_out {
+        let all: Vec<serde_json::Value> = shown
+            .iter()
+            .map(|l| {
                 json!({"task_type": l.task_type, "max_in_flight": l.max_in_flight, "source": l.source,
                        "in_flight": l.in_flight})
-            );
-        } else {
-            println!("{:<24} {:>3} of {:<6} ({})", l.task_type, l.in_flight, l.max_in_flight, l.source);
-        }
+            })
+            .collect();
+        print_json_shown(all, list);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for l in shown {
+        println!("{:<24} {:>3} of {:<6} ({})", l.task_type, l.in_flight, l.max_in_flight, l.source);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--json` of a list command: one array, `[]` when empty (as `tasks`, `jobs` and `workers`
+/// print); of a command that made or changed one thing: that object.
+fn print_json_shown(mut all: Vec<serde_json::Value>, list: bool) {
+    if list || all.len() != 1 {
+        println!("{}", serde_json::Value::Array(all));
+    } else {
+        println!("{}", all.remove(0));
+    }
+}
+
 async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> anyhow::Result<ExitCode> {
+    let list = matches!(cmd, ScheduleCmd::List);
     let shown = match cmd {
         ScheduleCmd::Create {
             name,
@@ -1461,15 +1476,15 @@ async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> a
             return Ok(ExitCode::SUCCESS);
         }
     };
+    let mut all = Vec::new();
     for s in shown {
         let next = s.next_run_at.as_ref().map(ts_string).unwrap_or_else(|| "-".into());
         let task_type = s.task.as_ref().map(|t| t.task_type.clone()).unwrap_or_default();
         if json_out {
-            println!(
-                "{}",
+            all.push(
                 json!({"schedule_id": s.schedule_id, "name": s.name, "cron": s.cron, "timezone": s.timezone,
-                       "task_type": task_type, "paused": s.paused, "next_run_at": next, "runs": s.runs,
-                       "last_run_at": s.last_run_at.as_ref().map(ts_string)})
+                   "task_type": task_type, "paused": s.paused, "next_run_at": next, "runs": s.runs,
+                   "last_run_at": s.last_run_at.as_ref().map(ts_string)}),
             );
         } else {
             let state = if s.paused { "paused" } else { "active" };
@@ -1478,6 +1493,9 @@ async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> a
                 s.schedule_id, s.name, s.cron, s.timezone, task_type, state, next, s.runs
             );
         }
+    }
+    if json_out {
+        print_json_shown(all, list);
     }
     Ok(ExitCode::SUCCESS)
 }
