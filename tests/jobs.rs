@@ -210,14 +210,25 @@ async fn watch_job_streams_progress_until_the_job_is_done(db: &TestDb) {
     let endpoint = c.endpoint();
     let id = other.job_id.clone();
     let cli = tokio::spawn(async move { coordctl_async(&endpoint, &["job", "watch", &id]).await });
-    for _ in 0..2 {
+    for result in [&b"line one\nline two\n"[..], b"ok\n"] {
         let a = worker.next(Duration::from_secs(10)).await;
-        worker.complete(&a.task_id, a.attempt, b"ok").await.unwrap();
+        worker.complete(&a.task_id, a.attempt, result).await.unwrap();
     }
     let out = cli.await.unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.lines().last().unwrap_or_default().starts_with("2/2 done"), "{}", text(&out));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.windows(2).all(|w| w[0] != w[1]), "a line only when it changes: {stdout}");
+
+    // Results that end in a newline or span lines keep one row each.
+    let out = coordctl_async(&c.endpoint(), &["job", "get", &other.job_id, "--results"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> = stdout.lines().collect();
+    assert_eq!(rows.len(), 3, "a header and one row per task: {stdout}");
+    assert!(rows.iter().any(|r| r.ends_with(r"line one\nline two")), "{stdout}");
+    assert!(rows.iter().any(|r| r.ends_with(" ok")), "{stdout}");
     c.stop().await.unwrap();
 }
 

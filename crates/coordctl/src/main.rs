@@ -25,34 +25,37 @@ mod job_file;
 use bench::BenchOptions;
 use serde_json::json;
 
+/// The heading of the options every command takes, listed apart from its own.
+const GLOBAL: &str = "Global options";
+
 /// Client of the coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "coordctl", version)]
 struct Cli {
     /// Coordinator gRPC URL.
-    #[arg(long, global = true, env = "COORDCTL_COORDINATOR", default_value = "http://127.0.0.1:9090")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "COORDCTL_COORDINATOR", default_value = "http://127.0.0.1:9090")]
     coordinator: String,
     /// Machine-readable JSON output.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL)]
     json: bool,
     /// Bearer token (client or admin role). Prefer COORDCTL_TOKEN or --token-file: flags show
     /// in `ps`.
-    #[arg(long, global = true, env = "COORDCTL_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "COORDCTL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// File holding the bearer token.
-    #[arg(long, global = true, env = "COORDCTL_TOKEN_FILE")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "COORDCTL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// PEM CA bundle that signed the coordinator's certificate (use an https:// URL).
-    #[arg(long, global = true, env = "COORDCTL_CA_FILE")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "COORDCTL_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// PEM client certificate, for mTLS.
-    #[arg(long, global = true, env = "COORDCTL_CERT_FILE")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "COORDCTL_CERT_FILE")]
     cert_file: Option<PathBuf>,
     /// PEM key of --cert-file.
-    #[arg(long, global = true, env = "COORDCTL_KEY_FILE")]
+    #[arg(long, global = true, help_heading = GLOBAL, env = "COORDCTL_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// Largest gRPC message sent or accepted.
-    #[arg(long, global = true, default_value = "10MiB")]
+    #[arg(long, global = true, help_heading = GLOBAL, default_value = "10MiB")]
     max_message_size: ByteSize,
     #[command(subcommand)]
     cmd: Cmd,
@@ -80,15 +83,21 @@ enum Cmd {
     /// register later), unless the coordinator refuses unknown types.
     #[command(after_help = WAIT_EXIT_STATUS)]
     Submit {
+        /// The task type; only workers that declared it run the task.
         #[arg(long = "type")]
         task_type: String,
         /// The payload, or @FILE to read it from a file.
         #[arg(long, default_value = "")]
         payload: String,
+        /// Higher runs first among pending tasks; may be negative.
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i32,
+        /// Attempts before the task fails for good (0: the coordinator's
+        /// tasks.default_max_attempts).
         #[arg(long, default_value_t = 0)]
         max_attempts: u32,
+        /// A key of the caller's: a second submission with the same key returns the first
+        /// task instead of storing another.
         #[arg(long)]
         idempotency_key: Option<String>,
         /// Per-attempt deadline, e.g. 30s or 2h.
@@ -137,6 +146,7 @@ enum Cmd {
     /// Cancel a task.
     Cancel {
         task_id: String,
+        /// Why, kept as the task's error and told to the worker running it.
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -192,8 +202,10 @@ enum Cmd {
         /// blocked, pending, assigned, running, completed, failed or cancelled.
         #[arg(long)]
         status: Option<String>,
+        /// Only tasks of this type.
         #[arg(long = "type")]
         task_type: Option<String>,
+        /// Only tasks of this job (its id).
         #[arg(long)]
         job: Option<String>,
         /// Show at most this many (1 to 1000).
@@ -206,6 +218,7 @@ enum Cmd {
     Stats { worker_id: String },
     /// List jobs, newest first, with their tasks counted by state.
     Jobs {
+        /// Show at most this many (the newest).
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
@@ -220,10 +233,13 @@ enum Cmd {
     Limits(LimitsCmd),
     /// Count primes in [low, high) as a job of slices spread over the workers.
     Primes {
+        /// The range's first number.
         #[arg(long)]
         low: u64,
+        /// The number after the range's last.
         #[arg(long)]
         high: u64,
+        /// Tasks the range is split into.
         #[arg(long, default_value_t = 8)]
         slices: u64,
         /// Add the slices up on the workers too: one `sum_counts` task that depends on every
@@ -235,8 +251,10 @@ enum Cmd {
     IsPrime { numbers: Vec<u64> },
     /// Load generator: W workers, N tasks; prints throughput and latency.
     Bench {
+        /// Tasks of the bulk phase.
         #[arg(long, default_value_t = 20_000)]
         tasks: usize,
+        /// Workers the benchmark runs (in its own process).
         #[arg(long, default_value_t = 8)]
         workers: usize,
         /// Tasks each worker runs at once.
@@ -272,6 +290,7 @@ enum Cmd {
     /// Measure what a large idle fleet costs a running coordinator: memory, connect time,
     /// ListWorkers, heartbeat round trips, database writes per worker-minute (admin).
     BenchFleet {
+        /// Idle workers to register.
         #[arg(long, default_value_t = 10_000)]
         workers: usize,
         /// Workers sharing one HTTP/2 connection.
@@ -299,13 +318,16 @@ enum LimitsCmd {
     List,
     /// At most N tasks of TYPE assigned or running at once; stays until cleared.
     Set {
+        /// The task type.
         #[arg(value_name = "TYPE")]
         task_type: String,
+        /// Tasks of the type assigned or running at once, across every replica (0 holds the type).
         #[arg(value_name = "N")]
         max_in_flight: u32,
     },
     /// Remove TYPE's limit.
     Clear {
+        /// The task type.
         #[arg(value_name = "TYPE")]
         task_type: String,
     },
@@ -325,13 +347,17 @@ enum ScheduleCmd {
         /// IANA time zone the expression is read in (default UTC), e.g. Europe/Berlin.
         #[arg(long, default_value = "")]
         timezone: String,
+        /// The type of the task each occurrence creates.
         #[arg(long = "type")]
         task_type: String,
         /// The payload, or @FILE to read it from a file.
         #[arg(long, default_value = "")]
         payload: String,
+        /// Higher runs first among pending tasks; may be negative.
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i32,
+        /// Attempts before the task fails for good (0: the coordinator's
+        /// tasks.default_max_attempts).
         #[arg(long, default_value_t = 0)]
         max_attempts: u32,
         /// Per-attempt deadline, e.g. 30s or 2h.
@@ -362,6 +388,7 @@ enum JobCmd {
     /// Show a job's progress (and results).
     Get {
         job_id: String,
+        /// Also list each task with its worker, time taken and result or error.
         #[arg(long)]
         results: bool,
     },
@@ -370,6 +397,7 @@ enum JobCmd {
     /// Cancel every task of a job that has not ended; running ones are told to stop.
     Cancel {
         job_id: String,
+        /// Why, kept as each cancelled task's error and told to the workers running them.
         #[arg(long, default_value = "")]
         reason: String,
     },
@@ -432,6 +460,21 @@ fn check_usage(cmd: &Cmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Text shown in one row of a listing: trailing white space dropped, line breaks and other
+/// control characters inside written as escapes (`\n`), so a result that ends in a newline or
+/// spans lines keeps its row.
+fn table_cell(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.trim_end().chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A gRPC status as "CODE: message"; other errors with their causes on one line.
@@ -898,9 +941,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for r in &j.results {
                     let body = if r.error.is_empty() {
-                        String::from_utf8_lossy(&r.result).into_owned()
+                        table_cell(&String::from_utf8_lossy(&r.result))
                     } else {
-                        r.error.clone()
+                        table_cell(&r.error)
                     };
                     println!(
                         "  {}  {:<10} {:<24} {:>6} ms  {}",
@@ -917,11 +960,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Job(JobCmd::Watch { job_id }) => {
             let mut stream =
                 c.watch_job(proto::WatchJobRequest { job_id: job_id.clone() }).await?.into_inner();
+            // A task going from assigned to running changes no count this line shows: a line
+            // is printed when what it says changes.
+            let mut last = String::new();
             while let Some(j) = stream.message().await? {
                 if json_out {
                     println!("{}", job_json(&j));
                 } else {
-                    println!("{}", progress(&j));
+                    let line = progress(&j);
+                    if line != last {
+                        println!("{line}");
+                        last = line;
+                    }
                 }
                 if j.done {
                     return Ok(job_exit(&j));
@@ -1594,10 +1644,10 @@ fn print_task(t: &proto::Task, json_out: bool) {
         println!("job       {}", t.job_id);
     }
     if !t.error.is_empty() {
-        println!("error     {}", t.error);
+        println!("error     {}", table_cell(&t.error));
     }
     if !t.result.is_empty() {
-        println!("result    {}", String::from_utf8_lossy(&t.result));
+        println!("result    {}", table_cell(&String::from_utf8_lossy(&t.result)));
     }
     for a in &t.attempts {
         let outcome = if a.outcome.is_empty() { "running" } else { a.outcome.as_str() };
@@ -1608,5 +1658,45 @@ fn print_task(t: &proto::Task, json_out: bool) {
         };
         let error = if a.error.is_empty() { String::new() } else { format!(": {}", a.error) };
         println!("attempt {} on {} at {at}: {outcome}{took}{error}", a.attempt, a.worker_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every flag of every command says what it does in `--help`, and the options every command
+    /// takes are listed apart from the command's own.
+    #[test]
+    fn every_flag_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || ["help", "version"].contains(&id) {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+                if arg.is_global_set() && arg.get_help_heading() != Some(GLOBAL) {
+                    missing.push(format!("{path} --{id}: global, not under {GLOBAL:?}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "coordctl", &mut missing);
+        assert!(missing.is_empty(), "flags without help: {missing:#?}");
+    }
+
+    #[test]
+    fn a_cell_keeps_its_row() {
+        assert_eq!(table_cell("line one\nline two\n"), r"line one\nline two");
+        assert_eq!(table_cell("tab\there\r\n"), r"tab\there");
+        assert_eq!(table_cell("plain"), "plain");
     }
 }
