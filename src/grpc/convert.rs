@@ -82,10 +82,20 @@ fn check_name(field: &str, s: &str, max: usize) -> Result<(), CoreError> {
     if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || "._:@-/".contains(*c))) {
         return Err(invalid(
             field,
-            format!("character {c:?} is not allowed (use letters, digits and ._:@-/)"),
+            format!("character {} is not allowed (use letters, digits and ._:@-/)", shown(c)),
         ));
     }
     Ok(())
+}
+
+/// A character as a caller can read it whatever their language: `'é' (U+00E9)`, and the code
+/// point alone for one that prints as nothing or as space (`U+0001`, `U+0020`).
+fn shown(c: char) -> String {
+    if c.is_control() || c.is_whitespace() {
+        format!("U+{:04X}", c as u32)
+    } else {
+        format!("'{c}' (U+{:04X})", c as u32)
+    }
 }
 
 pub fn task_id(field: &str, s: &str) -> Result<TaskId, CoreError> {
@@ -925,6 +935,14 @@ mod tests {
             default_timeout: Duration::from_secs(60),
             max_payload_size: 1024,
         }
+    }
+
+    #[test]
+    fn a_refused_character_is_named_in_plain_terms() {
+        let said = |s: &str| check_name("task_type", s, 128).unwrap_err().to_string();
+        assert!(said("a\u{1}b").contains("character U+0001 is not allowed"), "{}", said("a\u{1}b"));
+        assert!(said("a b").contains("character U+0020 is not allowed"), "{}", said("a b"));
+        assert!(said("prové").contains("character 'é' (U+00E9) is not allowed"), "{}", said("prové"));
     }
 
     #[test]
