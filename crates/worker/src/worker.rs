@@ -146,6 +146,8 @@ enum Refusal {
     Unauthenticated,
     /// A token of another role (a client's), or one that names another worker.
     PermissionDenied,
+    /// A client certificate issued to another worker id (mTLS).
+    CertificateMismatch,
     /// The address is a plain HTTP server: the coordinator's HTTP port, not its gRPC port.
     NotGrpc,
 }
@@ -154,6 +156,9 @@ impl Refusal {
     fn of(status: &Status) -> Option<Self> {
         match status.code() {
             Code::Unauthenticated => Some(Self::Unauthenticated),
+            Code::PermissionDenied if status.message().contains("client certificate") => {
+                Some(Self::CertificateMismatch)
+            }
             Code::PermissionDenied => Some(Self::PermissionDenied),
             _ if crate::error::is_http_answer(status) => Some(Self::NotGrpc),
             _ => None,
@@ -168,6 +173,9 @@ impl Refusal {
             Self::PermissionDenied => {
                 "the coordinator refused the worker's token for this worker: it needs a token of the worker role that may act as this worker id"
             }
+            Self::CertificateMismatch => {
+                "the coordinator refused the worker's client certificate: it is issued to another name than this worker id (WORKER_ID or --worker-id)"
+            }
             Self::NotGrpc => {
                 "the coordinator address is not its gRPC port (coordinator.grpc_port, default 9090)"
             }
@@ -179,6 +187,47 @@ impl Refusal {
 pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     let ceiling = base.saturating_mul(1u32 << n.min(20)).min(max);
     ceiling.mul_f64(rand::random::<f64>())
+}
+
+/// A session that had its task stream open at least this long counts as a success: the failure
+/// that ends it starts the backoff over. Long enough that a coordinator that crashes a few
+/// seconds after each start is retried less and less often, like one that refuses.
+const SESSION_HELD: Duration = Duration::from_secs(10);
+
+/// Failed connection attempts in a row, the exponent of the reconnect [`backoff`]. A session
+/// that registered and held its stream ends the run of failures, so a coordinator that goes
+/// away after serving (a replica restarted in a rollout) is left for another at once, whatever
+/// happened before; a coordinator that keeps refusing, or drops every stream at once, is
+/// retried less and less often.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Failures(u32);
+
+impl Failures {
+    /// After a session that failed; `held`: how long its task stream was open (None: it never
+    /// opened). Returns the number of failures in a row, the one just counted included.
+    fn failed(&mut self, held: Option<Duration>) -> u32 {
+        self.0 = if held.is_some_and(|d| d >= SESSION_HELD) { 1 } else { self.0.saturating_add(1) };
+        self.0
+    }
+
+    /// After a session that ended cleanly.
+    fn ended_cleanly(&mut self) {
+        self.0 = 0;
+    }
+}
+
+/// A session that ended in an error, and how long its task stream was open before it did.
+#[derive(Debug)]
+struct SessionError {
+    status: Status,
+    held: Option<Duration>,
+}
+
+impl From<Status> for SessionError {
+    /// An error before the task stream opened.
+    fn from(status: Status) -> Self {
+        SessionError { status, held: None }
+    }
 }
 
 use crate::{
@@ -305,16 +354,16 @@ impl Worker {
             stop_heartbeats.clone(),
         ));
 
-        let mut failures = 0u32;
+        let mut failures = Failures::default();
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             match this.session(&mut tasks, &heartbeat_interval, &reregister, &kick, &shutdown).await {
                 Ok(SessionEnd::Shutdown) => break,
-                Ok(SessionEnd::Reconnect) => failures = 0,
-                Err(status) => {
-                    failures += 1;
+                Ok(SessionEnd::Reconnect) => failures.ended_cleanly(),
+                Err(SessionError { status, held }) => {
+                    let failures = failures.failed(held);
                     let delay = backoff(this.opts.backoff_base, this.opts.backoff_max, failures);
                     let (worker_id, delay_ms) = (&this.opts.worker_id, delay.as_millis() as u64);
                     match Refusal::of(&status) {
@@ -323,6 +372,15 @@ impl Worker {
                         Some(refusal) => {
                             error!(worker_id = %worker_id, code = ?status.code(), error = %crate::error::status_line(&status),
                                    attempt = failures, delay_ms, "{}; retrying", refusal.what())
+                        }
+                        // A replica that served this session and is shutting down (a rollout)
+                        // says so: planned, and handled by reconnecting.
+                        None if held.is_some()
+                            && status.code() == tonic::Code::Unavailable
+                            && status.message().contains("shutting down") =>
+                        {
+                            info!(worker_id = %worker_id, error = %status.message(), attempt = failures, delay_ms,
+                                  "task stream ended by the coordinator; reconnecting")
                         }
                         None => {
                             warn!(worker_id = %worker_id, code = ?status.code(), error = %status.message(),
@@ -359,7 +417,7 @@ impl Worker {
         reregister: &Arc<tokio::sync::Notify>,
         kick: &Arc<tokio::sync::Notify>,
         shutdown: &CancellationToken,
-    ) -> Result<SessionEnd, Status> {
+    ) -> Result<SessionEnd, SessionError> {
         let mut client = self.client.clone();
         let resp = client
             .register_worker(proto::RegisterWorkerRequest {
@@ -388,6 +446,7 @@ impl Worker {
             .into_inner();
         info!(worker_id = %self.opts.worker_id, coordinator_id = %resp.coordinator_id,
               session_id = %resp.session_id, "registered; task stream open");
+        let opened = std::time::Instant::now();
         kick.notify_one();
         self.reporter.registered();
         self.counters.sessions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -423,7 +482,7 @@ impl Worker {
                     Ok(None) => return Ok(SessionEnd::Reconnect),
                     Err(status) => {
                         self.counters.stream_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        return Err(status);
+                        return Err(SessionError { status, held: Some(opened.elapsed()) });
                     }
                 },
             }
@@ -788,6 +847,11 @@ mod tests {
             Some(Refusal::Unauthenticated)
         );
         assert_eq!(of(Status::permission_denied("wrong role")), Some(Refusal::PermissionDenied));
+        assert_eq!(
+            of(Status::permission_denied("the client certificate is for another worker id")),
+            Some(Refusal::CertificateMismatch)
+        );
+        assert!(Refusal::CertificateMismatch.what().contains("certificate"));
         // What tonic answers when the address is the coordinator's HTTP port.
         let http = Status::internal(
             "protocol error: received message with invalid compression flag: 123 (valid flags are 0 and 1) \
@@ -804,6 +868,26 @@ mod tests {
         assert!(Refusal::Unauthenticated.what().contains("WORKER_TOKEN"));
         assert!(Refusal::PermissionDenied.what().contains("worker role"));
         assert!(Refusal::NotGrpc.what().contains("grpc_port"));
+    }
+
+    #[test]
+    fn a_session_that_held_its_stream_starts_the_backoff_over() {
+        let mut f = Failures::default();
+        // Refused or unreachable: each attempt waits longer.
+        assert_eq!([f.failed(None), f.failed(None), f.failed(None)], [1, 2, 3]);
+        // A stream dropped soon is no success (a coordinator that fails every stream, or
+        // crashes a few seconds after each start).
+        assert_eq!(f.failed(Some(Duration::from_millis(10))), 4);
+        assert_eq!(f.failed(Some(SESSION_HELD - Duration::from_millis(1))), 5);
+        // A session that served, then broke (its replica restarted): the next attempt waits as
+        // little as the first, whatever came before.
+        for _ in 0..10 {
+            f.failed(None);
+        }
+        assert_eq!(f.failed(Some(SESSION_HELD)), 1);
+        assert_eq!(f.failed(None), 2);
+        f.ended_cleanly();
+        assert_eq!(f.failed(None), 1);
     }
 
     #[test]
