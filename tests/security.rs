@@ -236,6 +236,27 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
     let c = TestCoordinator::start(&db, |cfg| tls_on(cfg, &files, Some("ca.pem"))).await;
 
     assert_ne!(probe(&https(&c), &security(Some(&ca_file), None)).await, Code::Ok, "no client certificate");
+    // coordctl without a client certificate: exit 1 with a line on stderr every time, never a
+    // silent death by SIGPIPE from a write to the socket the server closed.
+    for _ in 0..6 {
+        let out = tokio::task::spawn_blocking({
+            let (url, ca) = (https(&c), ca_file.clone());
+            move || {
+                std::process::Command::new(common::coordctl_bin())
+                    .args(["--coordinator", &url, "--ca-file"])
+                    .arg(&ca)
+                    .arg("workers")
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
+        assert!(stderr.starts_with("coordctl: ") && stderr.lines().count() == 1, "{stderr}");
+        assert!(stderr.contains("--cert-file and --key-file"), "says what is missing: {stderr}");
+    }
     let sec = security(Some(&ca_file), Some((&a.0, &a.1)));
     let mut w = client::connect(&https(&c), &sec, client::DEFAULT_MAX_MESSAGE).await.unwrap();
     let register = |id: &str| proto::RegisterWorkerRequest {

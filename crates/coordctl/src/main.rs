@@ -18,6 +18,26 @@ use coordinator_worker::{
     proto,
 };
 
+/// `print!` to stdout, ending the process as [`stdout_failed`] says when stdout is gone.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout(), $($arg)*) {
+            crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// `println!` to stdout, ending the process as [`stdout_failed`] says when stdout is gone.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            crate::stdout_failed(e);
+        }
+    }};
+}
+
 mod bench;
 mod fleet_bench;
 mod job_file;
@@ -404,14 +424,6 @@ enum JobCmd {
 }
 
 fn main() -> ExitCode {
-    // Piped into `head` or a pager that quits: end quietly when the reader goes away, as
-    // command-line tools do, instead of panicking on the failed write.
-    #[cfg(unix)]
-    // SAFETY: called first thing in main, before any thread exists; it only resets a signal
-    // disposition to the default.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
     if let Err(e) = check_usage(&cli.cmd) {
         eprintln!("coordctl: {e}");
@@ -431,12 +443,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls_without_cert = cli.coordinator.starts_with("https://") && cli.cert_file.is_none();
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("coordctl: {}", one_line(&e));
+            let line = one_line(&e);
+            eprintln!("coordctl: {line}{}", if tls_without_cert { client_cert_hint(&line) } else { "" });
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What to add to an error over TLS without a client certificate when the coordinator ended
+/// the connection at its start: asked for a certificate (TLS 1.3 says so after the handshake,
+/// and the request may already be on its way, so the close is also seen as a broken pipe).
+fn client_cert_hint(line: &str) -> &'static str {
+    if line.contains("CertificateRequired") {
+        " (the coordinator requires a client certificate: give --cert-file and --key-file)"
+    } else if line.contains("transport error") && line.contains("broken pipe") {
+        " (the coordinator closed the connection; if it requires client certificates, give \
+         --cert-file and --key-file)"
+    } else {
+        ""
     }
 }
 
@@ -460,6 +488,24 @@ fn check_usage(cmd: &Cmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Output could not be written. Piped into `head` or a pager that quits, coordctl ends as
+/// command-line tools do, by SIGPIPE (exit status 141 in a shell), quietly. Only stdout ends it
+/// so: SIGPIPE stays ignored otherwise, and a connection the coordinator closed is an error
+/// like any other.
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        #[cfg(unix)]
+        // SAFETY: restores the default disposition of SIGPIPE and raises it, so the process
+        // ends by that signal; nothing runs after it.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    eprintln!("coordctl: cannot write the output: {e}");
+    std::process::exit(1)
 }
 
 /// Text shown in one row of a listing: trailing white space dropped, line breaks and other
@@ -498,9 +544,9 @@ fn security(cli: &Cli) -> anyhow::Result<ClientSecurity> {
 /// A benchmark's report: JSON with `--json`, else its rendering for people.
 fn print_report(report: &impl serde::Serialize, json: bool, rendered: String) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        outln!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print!("{rendered}");
+        out!("{rendered}");
     }
     Ok(())
 }
@@ -618,12 +664,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !wait {
                 warn_all(&resp.warnings);
                 if json_out {
-                    println!(
+                    outln!(
                         "{}",
                         json!({"task_id": resp.task_id, "created": resp.created, "warnings": resp.warnings})
                     );
                 } else {
-                    println!("{}", resp.task_id);
+                    outln!("{}", resp.task_id);
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -632,7 +678,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json_out {
                 print_task(&task, true);
             } else if task.status == proto::TaskStatus::Completed as i32 {
-                println!("{}", String::from_utf8_lossy(&task.result));
+                outln!("{}", String::from_utf8_lossy(&task.result));
             } else {
                 eprintln!("task {} {}: {}", task.task_id, status_name(task.status), task.error);
             }
@@ -651,7 +697,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut waiting = Waiting::default();
             while let Some(ev) = stream.message().await? {
                 if json_out {
-                    println!("{}", event_json(&ev));
+                    outln!("{}", event_json(&ev));
                 } else {
                     // A pending task's event comes again when the reason it waits changes: that
                     // is a `waiting:` line, not a new state.
@@ -664,7 +710,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         };
                         let err =
                             if ev.error.is_empty() { String::new() } else { format!(" ({})", ev.error) };
-                        println!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
+                        outln!("{} attempt {}{worker}{err}", status_name(ev.status), ev.attempt);
                     }
                     waiting.show(ev.pending_reason, &ev.pending_detail, false);
                     last = Some(state);
@@ -679,14 +725,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = c.cancel_task(proto::CancelTaskRequest { task_id, reason }).await?.into_inner();
             let task = r.task.unwrap_or_default();
             if json_out {
-                println!(
+                outln!(
                     "{}",
                     json!({"task_id": task.task_id, "cancelled": r.cancelled, "status": status_name(task.status)})
                 );
             } else if r.cancelled {
-                println!("cancelled {}", task.task_id);
+                outln!("cancelled {}", task.task_id);
             } else {
-                println!("{} was already {}", task.task_id, status_name(task.status));
+                outln!("{} was already {}", task.task_id, status_name(task.status));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -707,7 +753,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json_out {
                 print_task(&t, true);
             } else {
-                println!(
+                outln!(
                     "retried {} (now {}, {} so far)",
                     t.task_id,
                     status_name(t.status),
@@ -732,10 +778,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await?
                 .into_inner();
             if json_out {
-                println!("{}", json!({"retried": r.retried, "task_ids": r.task_ids, "more": r.more}));
+                outln!("{}", json!({"retried": r.retried, "task_ids": r.task_ids, "more": r.more}));
             } else {
                 for id in &r.task_ids {
-                    println!("{id}");
+                    outln!("{id}");
                 }
                 eprintln!("retried {}", count(r.retried, "task"));
                 if r.more {
@@ -764,7 +810,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                "last_failed_at": g.last_failed_at.as_ref().map(ts_string)})
                     })
                     .collect();
-                println!(
+                outln!(
                     "{}",
                     json!({"since": window(&f.since), "until": window(&f.until), "failed": f.failed,
                            "failed_by_type": f.failed_by_type, "top_errors": groups,
@@ -772,23 +818,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("{} tasks failed from {} to {}", f.failed, window(&f.since), window(&f.until));
+            outln!("{} tasks failed from {} to {}", f.failed, window(&f.since), window(&f.until));
             let mut by_type: Vec<_> = f.failed_by_type.iter().collect();
             by_type.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
             for (t, n) in by_type {
-                println!("  {n:>7}  {t}");
+                outln!("  {n:>7}  {t}");
             }
             if !f.top_errors.is_empty() {
-                println!("\n{:>7}  {:<16}  {:<36}  ERROR", "COUNT", "TYPE", "SAMPLE TASK");
+                outln!("\n{:>7}  {:<16}  {:<36}  ERROR", "COUNT", "TYPE", "SAMPLE TASK");
                 for g in &f.top_errors {
-                    println!("{:>7}  {:<16}  {:<36}  {}", g.count, g.task_type, g.sample_task_id, g.error);
+                    outln!("{:>7}  {:<16}  {:<36}  {}", g.count, g.task_type, g.sample_task_id, g.error);
                 }
             }
             let mut outcomes: Vec<_> = f.attempt_outcomes.iter().collect();
             outcomes.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            println!("\nattempts ended, by outcome:");
+            outln!("\nattempts ended, by outcome:");
             for (o, n) in outcomes {
-                println!("  {n:>7}  {o}");
+                outln!("  {n:>7}  {o}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -816,14 +862,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
             }
             if json_out {
-                println!("{}", serde_json::Value::Array(tasks.iter().map(task_json).collect()));
+                outln!("{}", serde_json::Value::Array(tasks.iter().map(task_json).collect()));
             } else {
-                println!(
+                outln!(
                     "{:<36}  {:<16}  {:<10}  {:>7}  {:<24}  WAITING",
-                    "TASK", "TYPE", "STATUS", "ATTEMPT", "WORKER"
+                    "TASK",
+                    "TYPE",
+                    "STATUS",
+                    "ATTEMPT",
+                    "WORKER"
                 );
                 for t in &tasks {
-                    println!(
+                    outln!(
                         "{:<36}  {:<16}  {:<10}  {:>7}  {:<24}  {}",
                         t.task_id,
                         t.task_type,
@@ -860,14 +910,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                "last_heartbeat": w.last_heartbeat.as_ref().map(ts_string)})
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(v));
+                outln!("{}", serde_json::Value::Array(v));
             } else {
-                println!(
+                outln!(
                     "{:<28}  {:<9}  {:>9}  {:<9}  {:<25}  CAPABILITIES  LABELS",
-                    "WORKER", "STATE", "IN FLIGHT", "STREAM", "LAST HEARTBEAT"
+                    "WORKER",
+                    "STATE",
+                    "IN FLIGHT",
+                    "STREAM",
+                    "LAST HEARTBEAT"
                 );
                 for w in &workers {
-                    println!(
+                    outln!(
                         "{:<28}  {:<9}  {:>4}/{:<4}  {:<9}  {:<25}  {}  {}",
                         w.worker_id,
                         worker_state_name(w.state),
@@ -887,7 +941,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Stats { worker_id } => {
             let s = c.get_worker_stats(proto::GetWorkerStatsRequest { worker_id }).await?.into_inner();
             if json_out {
-                println!(
+                outln!(
                     "{}",
                     json!({"worker_id": s.worker_id, "state": worker_state_name(s.state),
                            "tasks_completed": s.tasks_completed, "tasks_failed": s.tasks_failed,
@@ -895,13 +949,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                            "in_flight": s.in_flight})
                 );
             } else {
-                println!("worker          {}", s.worker_id);
-                println!("state           {}", worker_state_name(s.state));
-                println!("completed       {}", s.tasks_completed);
-                println!("failed          {}", s.tasks_failed);
-                println!("in flight       {}", s.in_flight);
-                println!("total duration  {} ms", s.total_duration_ms);
-                println!("mean duration   {} ms", s.mean_duration_ms);
+                outln!("worker          {}", s.worker_id);
+                outln!("state           {}", worker_state_name(s.state));
+                outln!("completed       {}", s.tasks_completed);
+                outln!("failed          {}", s.tasks_failed);
+                outln!("in flight       {}", s.in_flight);
+                outln!("total duration  {} ms", s.total_duration_ms);
+                outln!("mean duration   {} ms", s.mean_duration_ms);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -912,10 +966,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = c.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
             warn_all(&r.warnings);
             if json_out {
-                println!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings}));
+                outln!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings}));
             } else {
                 // The id alone on stdout, so `J=$(coordctl job submit f.jsonl)` works.
-                println!("{}", r.job_id);
+                outln!("{}", r.job_id);
                 eprintln!("{} tasks", r.task_ids.len());
             }
             Ok(ExitCode::SUCCESS)
@@ -923,9 +977,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Job(JobCmd::Get { job_id, results }) => {
             let j = c.get_job(proto::GetJobRequest { job_id, include_results: results }).await?.into_inner();
             if json_out {
-                println!("{}", job_json(&j));
+                outln!("{}", job_json(&j));
             } else {
-                println!(
+                outln!(
                     "job {} ({}): {} tasks; {} blocked, {} pending, {} assigned, {} running, {} completed, {} failed, {} cancelled{}",
                     j.job_id,
                     j.name,
@@ -945,7 +999,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     } else {
                         table_cell(&r.error)
                     };
-                    println!(
+                    outln!(
                         "  {}  {:<10} {:<24} {:>6} ms  {}",
                         r.task_id,
                         status_name(r.status),
@@ -965,11 +1019,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut last = String::new();
             while let Some(j) = stream.message().await? {
                 if json_out {
-                    println!("{}", job_json(&j));
+                    outln!("{}", job_json(&j));
                 } else {
                     let line = progress(&j);
                     if line != last {
-                        println!("{line}");
+                        outln!("{line}");
                         last = line;
                     }
                 }
@@ -983,9 +1037,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = c.cancel_job(proto::CancelJobRequest { job_id, reason }).await?.into_inner();
             let j = r.job.unwrap_or_default();
             if json_out {
-                println!("{}", json!({"cancelled": r.cancelled, "job": job_json(&j)}));
+                outln!("{}", json!({"cancelled": r.cancelled, "job": job_json(&j)}));
             } else {
-                println!("cancelled {} of the {} tasks of job {}", r.cancelled, j.total, j.job_id);
+                outln!("cancelled {} of the {} tasks of job {}", r.cancelled, j.total, j.job_id);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -999,9 +1053,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .into_inner()
                 .jobs;
             if json_out {
-                println!("{}", serde_json::Value::Array(jobs.iter().map(job_json).collect()));
+                outln!("{}", serde_json::Value::Array(jobs.iter().map(job_json).collect()));
             } else {
-                println!(
+                outln!(
                     "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
                     "JOB",
                     "NAME",
@@ -1015,7 +1069,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "CREATED"
                 );
                 for j in &jobs {
-                    println!(
+                    outln!(
                         "{:<36}  {:<20}  {:>6}  {:>7}  {:>7}  {:>7}  {:>9}  {:>6}  {:>9}  {:<24}",
                         j.job_id,
                         j.name,
@@ -1153,14 +1207,14 @@ async fn primes(
         _ => {}
     }
     if json_out {
-        println!(
+        outln!(
             "{}",
             json!({"job_id": j.job_id, "low": low, "high": high, "total": if failures.is_empty() { Some(total) } else { None },
                    "slices": rows, "failures": failures})
         );
     } else {
         for row in &rows {
-            println!(
+            outln!(
                 "  [{:>12}, {:>12})  {:>9}  {:<24} {:>6} ms",
                 row["low"].as_u64().unwrap_or_default(),
                 row["high"].as_u64().unwrap_or_default(),
@@ -1170,17 +1224,17 @@ async fn primes(
             );
         }
         if failures.is_empty() && server_side {
-            println!("{total} primes in [{low}, {high}) (summed on a worker)");
+            outln!("{total} primes in [{low}, {high}) (summed on a worker)");
         } else if failures.is_empty() {
-            println!("{total} primes in [{low}, {high})");
+            outln!("{total} primes in [{low}, {high})");
         } else {
-            println!(
+            outln!(
                 "partial result: {total} primes counted in the slices that completed; {} of {} slices failed:",
                 failures.len(),
                 ranges.len()
             );
             for f in &failures {
-                println!("  {f}");
+                outln!("  {f}");
             }
         }
     }
@@ -1248,7 +1302,7 @@ async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Re
                 if json_out {
                     out.push(json!({"number": n, "is_prime": p, "worker_id": r.worker_id}));
                 } else {
-                    println!("{n} is prime: {p} (processed by {})", r.worker_id);
+                    outln!("{n} is prime: {p} (processed by {})", r.worker_id);
                 }
             }
             _ => {
@@ -1256,13 +1310,13 @@ async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Re
                 if json_out {
                     out.push(json!({"number": n, "error": r.error, "status": status_name(r.status)}));
                 } else {
-                    println!("{n}: {} {}", status_name(r.status), r.error);
+                    outln!("{n}: {} {}", status_name(r.status), r.error);
                 }
             }
         }
     }
     if json_out {
-        println!("{}", serde_json::Value::Array(out));
+        outln!("{}", serde_json::Value::Array(out));
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
@@ -1427,11 +1481,11 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
             let had = before.iter().any(|l| l.task_type == task_type);
             c.set_type_limit(set(task_type.clone(), 0, true)).await?;
             if json_out {
-                println!("{}", json!({"task_type": task_type, "cleared": had}));
+                outln!("{}", json!({"task_type": task_type, "cleared": had}));
             } else if had {
-                println!("cleared the limit of {task_type}");
+                outln!("cleared the limit of {task_type}");
             } else {
-                println!("{task_type} had no limit to clear");
+                outln!("{task_type} had no limit to clear");
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -1448,7 +1502,7 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
         return Ok(ExitCode::SUCCESS);
     }
     for l in shown {
-        println!("{:<24} {:>3} of {:<6} ({})", l.task_type, l.in_flight, l.max_in_flight, l.source);
+        outln!("{:<24} {:>3} of {:<6} ({})", l.task_type, l.in_flight, l.max_in_flight, l.source);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1457,9 +1511,9 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
 /// print); of a command that made or changed one thing: that object.
 fn print_json_shown(mut all: Vec<serde_json::Value>, list: bool) {
     if list || all.len() != 1 {
-        println!("{}", serde_json::Value::Array(all));
+        outln!("{}", serde_json::Value::Array(all));
     } else {
-        println!("{}", all.remove(0));
+        outln!("{}", all.remove(0));
     }
 }
 
@@ -1519,9 +1573,9 @@ async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> a
         ScheduleCmd::Delete { schedule_id } => {
             c.delete_schedule(proto::DeleteScheduleRequest { schedule_id: schedule_id.clone() }).await?;
             if json_out {
-                println!("{}", json!({"schedule_id": schedule_id, "deleted": true}));
+                outln!("{}", json!({"schedule_id": schedule_id, "deleted": true}));
             } else {
-                println!("deleted {schedule_id}");
+                outln!("deleted {schedule_id}");
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -1538,9 +1592,16 @@ async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> a
             );
         } else {
             let state = if s.paused { "paused" } else { "active" };
-            println!(
+            outln!(
                 "{}  {:<20} {:<16} {:<12} {:<8} {} next {} runs {}",
-                s.schedule_id, s.name, s.cron, s.timezone, task_type, state, next, s.runs
+                s.schedule_id,
+                s.name,
+                s.cron,
+                s.timezone,
+                task_type,
+                state,
+                next,
+                s.runs
             );
         }
     }
@@ -1610,44 +1671,44 @@ fn job_json(j: &proto::Job) -> serde_json::Value {
 
 fn print_task(t: &proto::Task, json_out: bool) {
     if json_out {
-        println!("{}", task_json(t));
+        outln!("{}", task_json(t));
         return;
     }
-    println!("task      {}", t.task_id);
-    println!("type      {}", t.task_type);
-    println!("status    {}", status_name(t.status));
-    println!("attempt   {} of {} ({} failed)", t.attempt, t.max_attempts, t.failures);
+    outln!("task      {}", t.task_id);
+    outln!("type      {}", t.task_type);
+    outln!("status    {}", status_name(t.status));
+    outln!("attempt   {} of {} ({} failed)", t.attempt, t.max_attempts, t.failures);
     if !t.worker_id.is_empty() {
-        println!("worker    {}", t.worker_id);
+        outln!("worker    {}", t.worker_id);
     }
     if !t.requires.is_empty() {
-        println!("requires  {}", t.requires.join(", "));
+        outln!("requires  {}", t.requires.join(", "));
     }
     if t.weight > 1 {
-        println!("weight    {} slots", t.weight);
+        outln!("weight    {} slots", t.weight);
     }
     if !t.affinity_key.is_empty() {
-        println!("affinity  {}", t.affinity_key);
+        outln!("affinity  {}", t.affinity_key);
     }
     if !t.parents.is_empty() {
         let shown: Vec<String> =
             t.parents.iter().map(|p| format!("{} ({})", p.task_id, parent_status(p))).collect();
-        println!("parents   {}", shown.join(", "));
+        outln!("parents   {}", shown.join(", "));
     }
     if !t.pending_detail.is_empty() {
-        println!("waiting   {}", t.pending_detail);
+        outln!("waiting   {}", t.pending_detail);
     } else if t.status == proto::TaskStatus::Blocked as i32 {
         let open = t.parents.iter().filter(|p| p.status != proto::TaskStatus::Completed as i32).count();
-        println!("waiting   for {open} of its {} parents to complete", t.parents.len());
+        outln!("waiting   for {open} of its {} parents to complete", t.parents.len());
     }
     if !t.job_id.is_empty() {
-        println!("job       {}", t.job_id);
+        outln!("job       {}", t.job_id);
     }
     if !t.error.is_empty() {
-        println!("error     {}", table_cell(&t.error));
+        outln!("error     {}", table_cell(&t.error));
     }
     if !t.result.is_empty() {
-        println!("result    {}", table_cell(&String::from_utf8_lossy(&t.result)));
+        outln!("result    {}", table_cell(&String::from_utf8_lossy(&t.result)));
     }
     for a in &t.attempts {
         let outcome = if a.outcome.is_empty() { "running" } else { a.outcome.as_str() };
@@ -1657,7 +1718,7 @@ fn print_task(t: &proto::Task, json_out: bool) {
             _ => String::new(),
         };
         let error = if a.error.is_empty() { String::new() } else { format!(": {}", a.error) };
-        println!("attempt {} on {} at {at}: {outcome}{took}{error}", a.attempt, a.worker_id);
+        outln!("attempt {} on {} at {at}: {outcome}{took}{error}", a.attempt, a.worker_id);
     }
 }
 

@@ -86,7 +86,21 @@ pub fn status_line(s: &tonic::Status) -> String {
              HTTP port; gRPC listens on coordinator.grpc_port, default {grpc}"
         );
     }
-    format!("{:?}: {m}", s.code())
+    // tonic says only "transport error" for a connection that failed under the call; what
+    // failed is in its causes (a refused handshake, a reset).
+    match std::error::Error::source(s) {
+        Some(cause) => {
+            let cause = one_line(cause);
+            if cause.is_empty() || m.contains(&cause) {
+                format!("{:?}: {m}", s.code())
+            } else if cause.starts_with(m) {
+                format!("{:?}: {cause}", s.code())
+            } else {
+                format!("{:?}: {m}: {cause}", s.code())
+            }
+        }
+        None => format!("{:?}: {m}", s.code()),
+    }
 }
 
 /// Whether `s` is how tonic reports an answer from a plain HTTP server, not a gRPC status.
