@@ -364,6 +364,102 @@ async fn watch_exit_codes_say_how_the_task_ended() {
     db.cleanup().await;
 }
 
+/// The replica answering `watch`, `job watch` and `submit --wait` shuts down (a rollout) and
+/// another takes its address: coordctl follows the task and the job on, says so on stderr, and
+/// ends as they end, instead of failing with "coordinator is shutting down".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watches_follow_a_task_and_a_job_across_a_replica_restart() {
+    let db = TestDb::sqlite().await;
+    let [port] = free_ports::<1>();
+    let addr = format!("127.0.0.1:{port}");
+    let a = TestCoordinator::start_at(&db.url, &addr, |cfg| cfg.coordinator.id = "replica-a".into()).await;
+    let endpoint = a.endpoint();
+    let mut client = a.client().await;
+    let task = submit(&mut client, "nobody-runs-this", b"x").await;
+    let job = client
+        .submit_job(proto::SubmitJobRequest {
+            name: "across".into(),
+            tasks: vec![proto::SubmitTaskRequest {
+                task_type: "nobody-runs-this".into(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Each command has printed its first line (or, for --wait, opened its watch) before the
+    // replica goes.
+    let spawn = |endpoint: &str, args: Vec<String>| {
+        let mut child = coordctl_command(endpoint, &args.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run coordctl");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+        (child, first, stdout)
+    };
+    let watches = tokio::task::spawn_blocking({
+        let (task, job, e) = (task.clone(), job.job_id.clone(), endpoint.clone());
+        move || [spawn(&e, vec!["watch".into(), task]), spawn(&e, vec!["job".into(), "watch".into(), job])]
+    })
+    .await
+    .unwrap();
+    let wait = tokio::task::spawn_blocking({
+        let endpoint = endpoint.clone();
+        move || coordctl(&endpoint, &["submit", "--type", "waited-for", "--wait"])
+    });
+    // Its task is stored; its watch opens on this replica or, once it is gone, on the next.
+    wait_until("submit --wait has submitted", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let req = proto::ListTasksRequest { task_type: "waited-for".into(), ..Default::default() };
+            client.list_tasks(req).await.is_ok_and(|r| !r.into_inner().tasks.is_empty())
+        }
+    })
+    .await;
+    a.stop().await.unwrap();
+    let b = TestCoordinator::start_at(&db.url, &addr, |cfg| cfg.coordinator.id = "replica-b".into()).await;
+    let mut client = b.client().await;
+    let waited = client
+        .list_tasks(proto::ListTasksRequest { task_type: "waited-for".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .remove(0)
+        .task_id;
+    for id in [&task, &job.job_id, &waited] {
+        let req = proto::CancelTaskRequest { task_id: id.clone(), reason: "done with it".into() };
+        if id == &job.job_id {
+            client
+                .cancel_job(proto::CancelJobRequest { job_id: id.clone(), reason: req.reason })
+                .await
+                .unwrap();
+        } else {
+            client.cancel_task(req).await.unwrap();
+        }
+    }
+    for (child, first, mut rest) in watches {
+        let out = tokio::task::spawn_blocking(move || {
+            let mut tail = String::new();
+            std::io::Read::read_to_string(&mut rest, &mut tail).unwrap();
+            (child.wait_with_output().unwrap(), first + &tail)
+        })
+        .await
+        .unwrap();
+        let (out, stdout) = out;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "ends as cancelled: {stdout}\n{stderr}");
+        assert!(stderr.contains("broke") && stderr.contains("following it again"), "{stderr}");
+    }
+    let out = wait.await.unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 // ---- a type no live worker runs ----
 
 fn reason(t: &proto::Task) -> proto::PendingReason {

@@ -132,6 +132,12 @@ impl TestCoordinator {
     }
 
     pub async fn start_url(url: &str, tweak: impl FnOnce(&mut Config)) -> TestCoordinator {
+        Self::start_at(url, "127.0.0.1:0", tweak).await
+    }
+
+    /// A coordinator whose gRPC server listens on `grpc` (a replica started again where another
+    /// stopped, as behind a Service).
+    pub async fn start_at(url: &str, grpc: &str, tweak: impl FnOnce(&mut Config)) -> TestCoordinator {
         let mut config = test_config(url);
         tweak(&mut config);
         config.validate().expect("test config is valid");
@@ -140,7 +146,7 @@ impl TestCoordinator {
         }
         let app = App::connect(config).await.expect("coordinator connects");
         let store = app.store().clone();
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_listener = TcpListener::bind(grpc).await.unwrap();
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap();
         let http = http_listener.local_addr().unwrap();

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use coordinator_worker::{
     ByteSize,
     client::{Client, ClientSecurity},
-    error::{one_line as error_line, status_line},
+    error::status_line,
     proto,
 };
 
@@ -525,10 +525,19 @@ fn table_cell(text: &str) -> String {
 
 /// A gRPC status as "CODE: message"; other errors with their causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
-    if let Some(s) = e.downcast_ref::<tonic::Status>() {
-        return status_line(s);
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        // A status says its own causes.
+        if let Some(s) = cause.downcast_ref::<tonic::Status>() {
+            parts.push(status_line(s));
+            break;
+        }
+        let text = cause.to_string();
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
     }
-    error_line(&**e)
+    parts.join(": ")
 }
 
 fn security(cli: &Cli) -> anyhow::Result<ClientSecurity> {
@@ -674,7 +683,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             // With --wait the first `waiting:` line says the same as a warning would.
-            let task = wait_task(&mut c, &resp.task_id).await?;
+            let task = wait_task(&mut c, &resp.task_id)
+                .await
+                .with_context(|| format!("task {} was submitted; following it failed", resp.task_id))?;
             if json_out {
                 print_task(&task, true);
             } else if task.status == proto::TaskStatus::Completed as i32 {
@@ -691,8 +702,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Watch { task_id } => {
-            let mut stream =
-                c.watch_task(proto::WatchTaskRequest { task_id: task_id.clone() }).await?.into_inner();
+            let mut stream = follow_task(&c, &task_id).await?;
             let mut last: Option<(i32, u32, String)> = None;
             let mut waiting = Waiting::default();
             while let Some(ev) = stream.message().await? {
@@ -1012,8 +1022,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Job(JobCmd::Watch { job_id }) => {
-            let mut stream =
-                c.watch_job(proto::WatchJobRequest { job_id: job_id.clone() }).await?.into_inner();
+            let mut stream = follow_job(&c, &job_id).await?;
             // A task going from assigned to running changes no count this line shows: a line
             // is printed when what it says changes.
             let mut last = String::new();
@@ -1110,7 +1119,7 @@ fn read_payload(arg: &str) -> anyhow::Result<Vec<u8>> {
 
 /// Waits for a task to end (watching its state), showing progress on a terminal.
 async fn wait_task(c: &mut Client, task_id: &str) -> anyhow::Result<proto::Task> {
-    let mut stream = c.watch_task(proto::WatchTaskRequest { task_id: task_id.into() }).await?.into_inner();
+    let mut stream = follow_task(c, task_id).await?;
     let tty = std::io::stderr().is_terminal();
     let mut waiting = Waiting::default();
     let mut ended = false;
@@ -1245,7 +1254,7 @@ async fn primes(
 /// with its results.
 async fn wait_job(c: &mut Client, job_id: &str) -> anyhow::Result<proto::Job> {
     let tty = std::io::stderr().is_terminal();
-    let mut stream = c.watch_job(proto::WatchJobRequest { job_id: job_id.into() }).await?.into_inner();
+    let mut stream = follow_job(c, job_id).await?;
     let mut done = false;
     while let Some(j) = stream.message().await? {
         if tty {
@@ -1261,6 +1270,142 @@ async fn wait_job(c: &mut Client, job_id: &str) -> anyhow::Result<proto::Job> {
     }
     Ok(c.get_job(proto::GetJobRequest { job_id: job_id.into(), include_results: true }).await?.into_inner())
 }
+
+/// How long a broken watch is opened again before coordctl gives up on it.
+const FOLLOW_FOR: Duration = Duration::from_secs(30);
+
+/// A watch (`WatchTask`, `WatchJob`) followed across the replicas that answer it: when the one
+/// answering goes away (it shuts down in a rollout, or its connection breaks), the watch is
+/// opened again through the same address, so by another replica behind a shared one, and
+/// starts, as every watch does, with the current state. A watch that cannot be opened again
+/// for [`FOLLOW_FOR`] fails with the error that broke it.
+struct Follow<T, F> {
+    open: F,
+    stream: Option<tonic::Streaming<T>>,
+    what: String,
+}
+
+impl<T, F, Fut> Follow<T, F>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>,
+{
+    /// Opens the watch, again while the replica answering is going away (as [`Follow::message`]
+    /// does); a refusal (no such task, a bad token) is the command's error at once.
+    async fn open(open: F, what: String) -> anyhow::Result<Self> {
+        let mut follow = Follow { open, stream: None, what };
+        follow.reopen().await?;
+        Ok(follow)
+    }
+
+    /// Opens the watch when it is not open, for up to [`FOLLOW_FOR`] while it fails as
+    /// [`follows_again`] allows.
+    async fn reopen(&mut self) -> anyhow::Result<()> {
+        let mut broke_at: Option<std::time::Instant> = None;
+        let mut pause = Duration::from_millis(100);
+        while self.stream.is_none() {
+            match (self.open)().await {
+                Ok(r) => self.stream = Some(r.into_inner()),
+                Err(status) => self.broke(status, &mut broke_at, &mut pause).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// After the watch failed with `status`: waits before the next try when it may be opened
+    /// again (said on stderr the first time), else gives the error back.
+    async fn broke(
+        &mut self,
+        status: tonic::Status,
+        broke_at: &mut Option<std::time::Instant>,
+        pause: &mut Duration,
+    ) -> anyhow::Result<()> {
+        if !follows_again(&status) || broke_at.is_some_and(|t| t.elapsed() >= FOLLOW_FOR) {
+            return Err(status.into());
+        }
+        if broke_at.is_none() {
+            eprintln!(
+                "coordctl: the watch of {} broke ({}); following it again",
+                self.what,
+                status_line(&status)
+            );
+            *broke_at = Some(std::time::Instant::now());
+        }
+        self.stream = None;
+        tokio::time::sleep(*pause).await;
+        *pause = (*pause * 2).min(Duration::from_secs(2));
+        Ok(())
+    }
+
+    /// The watch's next message; `None` once the coordinator ends it.
+    async fn message(&mut self) -> anyhow::Result<Option<T>> {
+        let mut broke_at: Option<std::time::Instant> = None;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let got = match self.stream.as_mut() {
+                Some(stream) => stream.message().await,
+                None => match (self.open)().await {
+                    Ok(r) => {
+                        self.stream = Some(r.into_inner());
+                        continue;
+                    }
+                    Err(status) => Err(status),
+                },
+            };
+            match got {
+                Ok(m) => return Ok(m),
+                Err(status) => self.broke(status, &mut broke_at, &mut pause).await?,
+            }
+        }
+    }
+}
+
+/// Whether a watch that failed so may be opened again: the replica went away or is going, or
+/// the connection under the call broke (a replica killed, a node lost, a connection aged out
+/// or cut by a proxy), which this client reports itself, with the cause attached.
+fn follows_again(status: &tonic::Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled => {
+            let m = status.message();
+            std::error::Error::source(status).is_some()
+                || m.contains("transport error")
+                || m.contains("h2 protocol error")
+        }
+        _ => false,
+    }
+}
+
+/// `WatchTask` of `task_id`, followed across replicas ([`Follow`]).
+async fn follow_task(
+    c: &Client,
+    task_id: &str,
+) -> anyhow::Result<Follow<proto::TaskEvent, impl FnMut() -> WatchCall<proto::TaskEvent> + use<>>> {
+    let (c, req) = (c.clone(), proto::WatchTaskRequest { task_id: task_id.into() });
+    let open = move || -> WatchCall<proto::TaskEvent> {
+        let (mut c, req) = (c.clone(), req.clone());
+        Box::pin(async move { c.watch_task(req).await })
+    };
+    Follow::open(open, format!("task {task_id}")).await
+}
+
+/// `WatchJob` of `job_id`, followed across replicas ([`Follow`]).
+async fn follow_job(
+    c: &Client,
+    job_id: &str,
+) -> anyhow::Result<Follow<proto::Job, impl FnMut() -> WatchCall<proto::Job> + use<>>> {
+    let (c, req) = (c.clone(), proto::WatchJobRequest { job_id: job_id.into() });
+    let open = move || -> WatchCall<proto::Job> {
+        let (mut c, req) = (c.clone(), req.clone());
+        Box::pin(async move { c.watch_job(req).await })
+    };
+    Follow::open(open, format!("job {job_id}")).await
+}
+
+/// The opening of a watch, as [`Follow`] calls it.
+type WatchCall<T> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>> + Send>,
+>;
 
 /// A job's progress in one line.
 fn progress(j: &proto::Job) -> String {
@@ -1752,6 +1897,40 @@ mod tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "coordctl", &mut missing);
         assert!(missing.is_empty(), "flags without help: {missing:#?}");
+    }
+
+    #[test]
+    fn an_error_line_keeps_its_context_and_the_status() {
+        let e = anyhow::Error::from(tonic::Status::unavailable("coordinator is shutting down"))
+            .context("task T was submitted; following it failed");
+        assert_eq!(
+            one_line(&e),
+            "task T was submitted; following it failed: Unavailable: coordinator is shutting down"
+        );
+        let e = anyhow::Error::from(tonic::Status::not_found("no such task"));
+        assert_eq!(one_line(&e), "NotFound: no such task");
+        let e = anyhow::anyhow!("root").context("outer");
+        assert_eq!(one_line(&e), "outer: root");
+    }
+
+    #[test]
+    fn a_watch_is_followed_again_after_a_broken_connection_not_a_refusal() {
+        use tonic::Status;
+        for again in [
+            Status::unavailable("coordinator is shutting down; reconnect to another replica"),
+            Status::unknown("transport error"),
+            Status::internal("h2 protocol error: error reading a body from connection"),
+        ] {
+            assert!(follows_again(&again), "{again:?}");
+        }
+        for refused in [
+            Status::not_found("task not found"),
+            Status::permission_denied("no"),
+            Status::internal("something else"),
+            Status::unauthenticated("unknown token"),
+        ] {
+            assert!(!follows_again(&refused), "{refused:?}");
+        }
     }
 
     #[test]
