@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     auth::Authenticator,
@@ -512,8 +512,12 @@ pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("cannot bind {what} address {addr}"))
 }
 
+/// A signal this soon after the first is the same request delivered twice (GNU `timeout` and
+/// some supervisors signal the process and its group at once), not a second request.
+const SAME_SIGNAL_WITHIN: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Cancels `shutdown` on the first SIGINT or SIGTERM; a second one exits the process at once
-/// (status 130).
+/// (status 130), unless it comes within [`SAME_SIGNAL_WITHIN`] of the first.
 pub async fn shutdown_on_signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -526,10 +530,17 @@ pub async fn shutdown_on_signals(shutdown: CancellationToken) {
         _ = int.recv() => {}
     }
     info!("signal received: shutting down (a second signal exits at once)");
+    let first = std::time::Instant::now();
     shutdown.cancel();
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if first.elapsed() >= SAME_SIGNAL_WITHIN {
+            break;
+        }
+        debug!("the same signal again at once: taken as one");
     }
     warn!("second signal: exiting now");
     std::process::exit(130);
