@@ -691,6 +691,10 @@ async fn coordctl_says_why_a_task_waits_and_keeps_waiting() {
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.lines().next().unwrap().ends_with("WAITING"), "{listed}");
     assert!(listed.lines().any(|l| l.starts_with(&id) && l.ends_with("no_worker")), "{listed}");
+    // A state that does not exist is a usage error, as other bad flags are.
+    let out = coordctl_async(&endpoint, &["tasks", "--status", "bogus"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use blocked, pending"), "{}", text(&out));
 
     let mut child = coordctl_command(&endpoint, &["submit", "--type", "late", "--payload", "hi", "--wait"])
         .stdout(Stdio::piped())

@@ -477,6 +477,9 @@ fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
 
 /// Usage mistakes clap cannot see, found before connecting: they exit 2 as clap's do.
 fn check_usage(cmd: &Cmd) -> anyhow::Result<()> {
+    if let Cmd::Tasks { status: Some(s), .. } = cmd {
+        parse_status(s)?;
+    }
     if let Cmd::Retry { since, until, .. } | Cmd::Failures { since, until, .. } = cmd {
         let since = since.as_deref().map(|s| parse_time("--since", s)).transpose()?;
         let until = until.as_deref().map(|s| parse_time("--until", s)).transpose()?;
