@@ -460,6 +460,41 @@ async fn watches_follow_a_task_and_a_job_across_a_replica_restart() {
     db.cleanup().await;
 }
 
+/// Two replicas: `coordctl workers` through either says which replica holds each worker, and
+/// that its stream is open there, not here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn workers_name_the_replica_that_holds_them() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let a = TestCoordinator::start(&db, |cfg| cfg.coordinator.id = "replica-a".into()).await;
+    let b = TestCoordinator::start(&db, |cfg| cfg.coordinator.id = "replica-b".into()).await;
+    let on_b = RawWorker::connect(&b.endpoint(), "w-on-b", 1, &["echo"]).await;
+    wait_connected(&b.client().await, &["w-on-b"]).await;
+    for (replica, here) in [(&a, false), (&b, true)] {
+        let out = coordctl_async(&replica.endpoint(), &["--json", "workers"]).await;
+        assert!(out.status.success(), "{}", text(&out));
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let w = &listed[0];
+        assert_eq!(
+            (w["worker_id"].as_str(), w["replica"].as_str()),
+            (Some("w-on-b"), Some("replica-b")),
+            "{listed}"
+        );
+        assert_eq!(w["connected"].as_bool(), Some(here), "{listed}");
+        let out = coordctl_async(&replica.endpoint(), &["workers"]).await;
+        let table = String::from_utf8_lossy(&out.stdout);
+        let header: Vec<&str> =
+            table.lines().next().unwrap().split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+        let row = table.lines().nth(1).unwrap();
+        assert!(header.contains(&"REPLICA") && row.contains("replica-b"), "{table}");
+        assert_eq!(row.contains("open here"), here, "{table}");
+    }
+    drop(on_b);
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 // ---- a type no live worker runs ----
 
 fn reason(t: &proto::Task) -> proto::PendingReason {

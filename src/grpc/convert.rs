@@ -846,6 +846,7 @@ impl From<ListedWorker> for proto::WorkerInfo {
             last_heartbeat: Some(timestamp(l.last_seen)),
             registered_at: Some(timestamp(w.registered_at)),
             connected: l.connected,
+            coordinator_id: w.coordinator_id,
         }
     }
 }

@@ -919,28 +919,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         json!({"worker_id": w.worker_id, "state": worker_state_name(w.state),
                                "max_concurrent_tasks": w.max_concurrent_tasks, "in_flight": w.in_flight,
                                "capabilities": w.capabilities, "connected": w.connected, "version": w.version,
-                               "hostname": w.hostname, "labels": w.labels,
+                               "hostname": w.hostname, "labels": w.labels, "replica": w.coordinator_id,
                                "last_heartbeat": w.last_heartbeat.as_ref().map(ts_string)})
                     })
                     .collect();
                 outln!("{}", serde_json::Value::Array(v));
             } else {
                 outln!(
-                    "{:<28}  {:<9}  {:>9}  {:<9}  {:<25}  CAPABILITIES  LABELS",
+                    "{:<28}  {:<9}  {:>9}  {:<20}  {:<9}  {:<25}  CAPABILITIES  LABELS",
                     "WORKER",
                     "STATE",
                     "IN FLIGHT",
+                    "REPLICA",
                     "STREAM",
                     "LAST HEARTBEAT"
                 );
                 for w in &workers {
                     outln!(
-                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<9}  {:<25}  {}  {}",
+                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<20}  {:<9}  {:<25}  {}  {}",
                         w.worker_id,
                         worker_state_name(w.state),
                         w.in_flight,
                         w.max_concurrent_tasks,
-                        if w.connected { "open" } else { "-" },
+                        if w.coordinator_id.is_empty() { "-" } else { w.coordinator_id.as_str() },
+                        // Open to the replica that answered; another replica's workers show `-`.
+                        if w.connected { "open here" } else { "-" },
                         w.last_heartbeat.as_ref().map(ts_string).unwrap_or_default(),
                         if w.capabilities.is_empty() { "(any)".to_owned() } else { w.capabilities.join(",") },
                         labels_text(&w.labels)
