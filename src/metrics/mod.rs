@@ -367,6 +367,11 @@ pub fn worker_transition(from: WorkerState, to: WorkerState) {
     counter!(WORKER_TRANSITIONS, "from" => from.as_str(), "to" => to.as_str()).increment(1);
 }
 
+/// A drained worker left: its session and row are gone (`to="left"`, not a state it stays in).
+pub fn worker_left(from: WorkerState) {
+    counter!(WORKER_TRANSITIONS, "from" => from.as_str(), "to" => "left").increment(1);
+}
+
 pub fn poll_cycle() {
     counter!(POLL_CYCLES).increment(1);
 }

@@ -37,7 +37,7 @@ pub use crate::domain::FleetCounts as Counts;
 use crate::{
     domain::{Assignment, Attempt, TaskId, TaskState, Wake, WorkerId, WorkerSlot, WorkerState},
     metrics,
-    store::{Held, HeldRow, Registration, Requeued, Store, WorkerRegistration},
+    store::{Held, HeldRow, Leaving, Registration, Requeued, Store, WorkerRegistration},
 };
 
 /// What goes down a worker's task stream.
@@ -1112,9 +1112,12 @@ impl Registry {
             info!(worker_id = %id, "forgot dead worker");
         }
         for (id, session, from, to, transition) in changes {
+            if transition == Transition::Left && self.forget_left(&id, session, from).await {
+                continue;
+            }
             metrics::worker_transition(from, to);
             match transition {
-                Transition::Left => info!(worker_id = %id, "worker left: drained and gone quiet"),
+                Transition::Left => {}
                 Transition::Dead => {
                     warn!(worker_id = %id, "worker is dead: no heartbeat for 3x heartbeat_timeout")
                 }
@@ -1125,6 +1128,38 @@ impl Registry {
                 let _ = self.shared.dead_tx.send(DeadSession { worker_id: id, session_id: session });
             }
         }
+    }
+
+    /// A drained worker that went quiet leaves: its row is removed and its session forgotten,
+    /// so a rollout leaves no DEAD workers behind; a session another registration replaced is
+    /// forgotten too. False when the row stays because a task is still charged to that session,
+    /// or the database could not be reached: then it is DEAD like any silent worker, and the
+    /// sweeper takes back what it holds.
+    async fn forget_left(&self, worker: &WorkerId, session: Uuid, from: WorkerState) -> bool {
+        let superseded = match self.shared.store.forget_left_worker(worker, session).await {
+            Ok(Leaving::Removed) => false,
+            Ok(Leaving::Superseded) => true,
+            Ok(Leaving::Charged) => {
+                info!(worker_id = %worker, "worker left: drained and gone quiet; listed dead while a task is still charged to it");
+                return false;
+            }
+            Err(error) => {
+                warn!(%error, worker_id = %worker, "failed to remove a drained worker's row; listing it dead");
+                return false;
+            }
+        };
+        let mut state = self.lock();
+        if state.sessions.get(worker).is_some_and(|s| s.session_id == session) {
+            state.sessions.remove(worker);
+        }
+        drop(state);
+        metrics::worker_left(from);
+        if superseded {
+            info!(worker_id = %worker, "worker left: drained and gone quiet; it has registered again since");
+        } else {
+            info!(worker_id = %worker, "worker left: drained and gone quiet");
+        }
+        true
     }
 
     async fn persist_state(&self, worker: &WorkerId, session: Uuid, to: WorkerState) {
@@ -1175,9 +1210,7 @@ mod tests {
     /// A worker that deregistered and holds nothing is gone after one heartbeat_timeout of
     /// silence, not three (it is not listed as draining, then dead, for a minute after a clean
     /// stop); a draining worker that still holds a task keeps the usual 3x.
-    #[tokio::test]
-    async fn a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout() {
-        let db = TestDb::sqlite().await;
+    async fn a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout(db: TestDb) {
         let mut cfg = config();
         cfg.heartbeat_timeout = Duration::from_secs(1);
         let (r, _dead) = Registry::new(cfg, db.store.clone(), Wake::default());
@@ -1186,14 +1219,79 @@ mod tests {
         assign(&db.store, &busy).await;
         r.register(registration("busy")).await.unwrap();
         assert_eq!(in_flight(&r, &busy), 1, "it holds its task");
+        // A third drains here and registers again at another replica before it goes quiet here.
+        let moved = WorkerId::from("moved");
+        r.register(registration("moved")).await.unwrap();
         r.deregister(&gone).await.unwrap();
         r.deregister(&busy).await.unwrap();
+        r.deregister(&moved).await.unwrap();
+        let mut other_cfg = config();
+        other_cfg.coordinator_id = "other-replica".into();
+        let (other, _other_dead) = Registry::new(other_cfg, db.store.clone(), Wake::default());
+        let elsewhere = other.register(registration("moved")).await.unwrap().session_id;
         tokio::time::sleep(Duration::from_millis(1200)).await;
         r.check_liveness().await;
         let state = |w: &WorkerId| r.session(w).map(|s| s.state);
-        assert_eq!(state(&gone), Some(WorkerState::Dead), "left after one timeout");
+        assert_eq!(state(&gone), None, "left after one timeout: forgotten, not dead");
+        assert!(db.store.get_worker(&gone).await.unwrap().is_none(), "and its row removed");
         assert_eq!(state(&busy), Some(WorkerState::Draining), "still holds a task: 3x the timeout");
+        assert!(db.store.get_worker(&busy).await.unwrap().is_some());
+        assert_eq!(state(&moved), None, "forgotten here");
+        let row = db.store.get_worker(&moved).await.unwrap().expect("its new session's row stays");
+        assert_eq!((row.session_id, row.state), (elsewhere, WorkerState::Active));
         db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout_sqlite() {
+        a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout_postgres() {
+        a_drained_worker_that_went_quiet_leaves_after_one_heartbeat_timeout(
+            TestDb::postgres().await.expect("TEST_DATABASE_URL"),
+        )
+        .await;
+    }
+
+    /// A drained worker whose session is idle here but still has a task charged to it in the
+    /// store (an assignment this replica never pushed) is not forgotten: it is DEAD, and its
+    /// session goes to the sweeper, which takes the task back.
+    async fn a_drained_worker_still_charged_with_a_task_is_dead_not_forgotten(db: TestDb) {
+        let mut cfg = config();
+        cfg.heartbeat_timeout = Duration::from_secs(1);
+        let (r, mut dead) = Registry::new(cfg, db.store.clone(), Wake::default());
+        let w = WorkerId::from("charged");
+        let session = r.register(registration("charged")).await.unwrap().session_id;
+        // Charged to the session in the store, never pushed: the registry holds nothing.
+        let charged = assign(&db.store, &w).await;
+        r.deregister(&w).await.unwrap();
+        assert_eq!(in_flight(&r, &w), 0);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        r.check_liveness().await;
+        assert_eq!(r.session(&w).map(|s| s.state), Some(WorkerState::Dead));
+        assert_eq!(db.store.get_worker(&w).await.unwrap().map(|w| w.state), Some(WorkerState::Dead));
+        let handed = dead.try_recv().expect("its session goes to the sweeper");
+        assert_eq!((handed.worker_id, handed.session_id), (w, session));
+        let task = db.store.get_task(charged.task_id).await.unwrap().unwrap();
+        assert!(task.state.is_held(), "still charged until the sweeper takes it back");
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_drained_worker_still_charged_with_a_task_is_dead_not_forgotten_sqlite() {
+        a_drained_worker_still_charged_with_a_task_is_dead_not_forgotten(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_drained_worker_still_charged_with_a_task_is_dead_not_forgotten_postgres() {
+        a_drained_worker_still_charged_with_a_task_is_dead_not_forgotten(
+            TestDb::postgres().await.expect("TEST_DATABASE_URL"),
+        )
+        .await;
     }
 
     /// The effects of the heartbeat machine, driven by explicit instants: a silent worker is

@@ -526,6 +526,18 @@ pub struct ReplicaRow {
     pub seen_ago: Duration,
 }
 
+/// What [`Store::forget_left_worker`] did with a drained worker's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// The row is gone: the worker left.
+    Removed,
+    /// The row belongs to a newer session (the worker registered again), or is already gone:
+    /// nothing to do for this session.
+    Superseded,
+    /// A task is still assigned to or running on the worker: the row stays.
+    Charged,
+}
+
 /// A worker's registration as written on `RegisterWorker`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkerRegistration {
@@ -1146,6 +1158,14 @@ impl Store {
         last_seen: DateTime<Utc>,
     ) -> Result<bool> {
         timed!("set_worker_state", self, s => s.set_worker_state(id, session, state, last_seen).await)
+    }
+
+    /// Removes the row of a worker whose session `session` deregistered and left cleanly, if
+    /// that is still its session and no task is charged to it: a worker that drained leaves no
+    /// row behind. The row is locked before the tasks are looked at, so a claim fenced by that
+    /// row either committed first (and its task keeps the row) or waits and then finds no row.
+    pub async fn forget_left_worker(&self, id: &WorkerId, session: Uuid) -> Result<Leaving> {
+        timed!("forget_left_worker", self, s => s.forget_left_worker(id, session).await)
     }
 
     /// Notes that replica `id`, run by the process `instance`, is alive (its row's

@@ -223,6 +223,60 @@ mod tests {
         store::{ClaimFilter, Store, TypeFilter, testing},
     };
 
+    /// A drained worker's row is removed only while no task is charged to it, as the database
+    /// is once the row is locked: a claim that share-locked the row (its session fence) and
+    /// assigns a task to the worker commits first, and the removal then sees that task and
+    /// keeps the row (the tasks are read after the lock, in a statement of their own).
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_leaving_worker_keeps_its_row_for_a_claim_that_fenced_on_it() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let reg = testing::registration("leaving", 1);
+        let (worker, session) = (reg.id.clone(), reg.session_id);
+        db.store.register_worker(&reg).await.unwrap();
+        let task = testing::new_task("prove");
+        let id = task.id;
+        db.store.create_tasks(&[task]).await.unwrap();
+        // A claim in flight: its fence holds the worker's row.
+        let mut claim = pg.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR SHARE")
+            .bind(&worker.0)
+            .execute(&mut *claim)
+            .await
+            .unwrap();
+        let leaving = {
+            let (store, worker) = (db.store.clone(), worker.clone());
+            tokio::spawn(async move { store.forget_left_worker(&worker, session).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%FROM workers WHERE id = $1%'",
+            )
+            .fetch_one(pg.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the removal never waited for the claim");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        sqlx::query("UPDATE tasks SET status = 'assigned', worker_id = $1, session_id = $2, attempt = 1 WHERE id = $3")
+            .bind(&worker.0)
+            .bind(session)
+            .bind(id.0)
+            .execute(&mut *claim)
+            .await
+            .unwrap();
+        claim.commit().await.unwrap();
+        assert_eq!(leaving.await.unwrap().unwrap(), crate::store::Leaving::Charged);
+        assert!(db.store.get_worker(&worker).await.unwrap().is_some(), "the row stays with its task");
+        db.cleanup().await;
+    }
+
     /// Statistics for this test's own tables. A bare `ANALYZE` would visit every schema of the
     /// database, and fails when a test running beside this one drops its schema meanwhile.
     async fn analyze_schema(pool: &sqlx::PgPool) {

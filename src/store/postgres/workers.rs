@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::{PgStore, retry_conflicts};
 use crate::{
     domain::{WorkerId, WorkerState},
-    store::{Registration, ReplicaRow, Result, StoreError, WorkerRegistration, decode, sql},
+    store::{Leaving, Registration, ReplicaRow, Result, StoreError, WorkerRegistration, decode, sql},
 };
 
 impl PgStore {
@@ -67,6 +67,36 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    pub(in crate::store) async fn forget_left_worker(&self, id: &WorkerId, session: Uuid) -> Result<Leaving> {
+        let mut tx = self.pool.begin().await?;
+        // Locked first: a claim fenced by this row (it share-locks it) has committed by the time
+        // the tasks are read below, in a statement of their own, so its assignment is seen.
+        let current: Option<Uuid> =
+            sqlx::query_scalar("SELECT session_id FROM workers WHERE id = $1 FOR UPDATE")
+                .bind(&id.0)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if current != Some(session) {
+            return Ok(Leaving::Superseded);
+        }
+        let charged: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE worker_id = $1 AND status IN ('assigned', 'running'))",
+        )
+        .bind(&id.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        if charged {
+            return Ok(Leaving::Charged);
+        }
+        sqlx::query("DELETE FROM workers WHERE id = $1 AND session_id = $2")
+            .bind(&id.0)
+            .bind(session)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Leaving::Removed)
     }
 
     pub(in crate::store) async fn touch_coordinator(

@@ -7,7 +7,7 @@ use super::SqliteStore;
 use crate::{
     domain::{WorkerId, WorkerState},
     store::{
-        Registration, ReplicaRow, Result, WorkerRegistration,
+        Leaving, Registration, ReplicaRow, Result, WorkerRegistration,
         decode::{self, micros},
         sql,
     },
@@ -68,6 +68,34 @@ impl SqliteStore {
         .execute(&self.writer)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    pub(in crate::store) async fn forget_left_worker(&self, id: &WorkerId, session: Uuid) -> Result<Leaving> {
+        // One writer: nothing else writes between these statements.
+        let mut tx = self.writer.begin().await?;
+        let current: Option<String> = sqlx::query_scalar("SELECT session_id FROM workers WHERE id = $1")
+            .bind(&id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if current != Some(session.to_string()) {
+            return Ok(Leaving::Superseded);
+        }
+        let charged: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE worker_id = $1 AND status IN ('assigned', 'running'))",
+        )
+        .bind(&id.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        if charged {
+            return Ok(Leaving::Charged);
+        }
+        sqlx::query("DELETE FROM workers WHERE id = $1 AND session_id = $2")
+            .bind(&id.0)
+            .bind(session.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Leaving::Removed)
     }
 
     pub(in crate::store) async fn touch_coordinator(
