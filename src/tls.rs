@@ -80,7 +80,8 @@ impl ReloadingConfig {
             Ok(f) if f == *self.fingerprint.read().expect("tls fingerprint lock") => return false,
             Ok(_) => {}
             Err(error) => {
-                warn!(error = format!("{error:#}"), "tls files unreadable; keeping the current certificate");
+                warn!(port = ?self.port, cert_file = %self.files.cert_file, error = format!("{error:#}"),
+                      "tls files unreadable; keeping the current certificate");
                 return false;
             }
         }
@@ -93,6 +94,8 @@ impl ReloadingConfig {
             }
             Err(error) => {
                 warn!(
+                    port = ?self.port,
+                    cert_file = %self.files.cert_file,
                     error = format!("{error:#}"),
                     "new tls files are not usable; keeping the current certificate"
                 );

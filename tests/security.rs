@@ -187,6 +187,27 @@ async fn tls_refuses_plaintext_and_unknown_cas_and_serves_worker_and_coordctl() 
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "coordctl: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("over tls"), "{stdout}");
+    // A plaintext URL to the TLS port, and a TLS URL to a plaintext server: the line says so.
+    let out = std::process::Command::new(common::coordctl_bin())
+        .args(["--coordinator", &format!("http://{}", c.grpc), "tasks"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("use an https:// URL"), "{stderr}");
+    let plain_db = TestDb::sqlite().await;
+    let plain = TestCoordinator::start(&plain_db, |_| {}).await;
+    let out = std::process::Command::new(common::coordctl_bin())
+        .args(["--coordinator", &https(&plain), "--ca-file"])
+        .arg(&ca_file)
+        .arg("tasks")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("does not speak TLS"), "{stderr}");
+    plain.stop().await.unwrap();
+    plain_db.cleanup().await;
     // Without the CA, coordctl refuses the server's certificate.
     let out = std::process::Command::new(common::coordctl_bin())
         .args(["--coordinator", &https(&c), "--ca-file"])

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use coordinator_worker::{
     ByteSize,
     client::{Client, ClientSecurity},
-    error::status_line,
+    error::{scheme_hint, status_line},
     proto,
 };
 
@@ -443,12 +443,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let tls_without_cert = cli.coordinator.starts_with("https://") && cli.cert_file.is_none();
+    let tls = cli.coordinator.starts_with("https://");
+    let tls_without_cert = tls && cli.cert_file.is_none();
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);
-            eprintln!("coordctl: {line}{}", if tls_without_cert { client_cert_hint(&line) } else { "" });
+            let hint = match scheme_hint(&line, tls) {
+                "" if tls_without_cert => client_cert_hint(&line),
+                hint => hint,
+            };
+            eprintln!("coordctl: {line}{hint}");
             ExitCode::FAILURE
         }
     }

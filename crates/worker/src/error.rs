@@ -63,6 +63,21 @@ pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     one_line_with(e, |e| e.to_string())
 }
 
+/// What to add to an error line that may show TLS and plaintext crossed (`tls`: the client
+/// used an https:// URL): a plaintext client reads a TLS server's first bytes as an HTTP/2 frame
+/// of a wrong size, or finds the connection closed under its first call; a TLS client reads a
+/// plaintext answer as a broken TLS record. Empty for any other line.
+pub fn scheme_hint(line: &str, tls: bool) -> &'static str {
+    let closed = line.contains("transport error") && line.contains("broken pipe");
+    if !tls && (line.contains("frame with invalid size") || closed) {
+        " (if the coordinator serves TLS, use an https:// URL and its CA file)"
+    } else if tls && line.contains("InvalidContentType") {
+        " (the address does not speak TLS: use an http:// URL, or turn tls.enabled on at the coordinator)"
+    } else {
+        ""
+    }
+}
+
 /// The coordinator's default gRPC port, named when a client reached its HTTP port instead.
 const DEFAULT_GRPC_PORT: u16 = 9090;
 

@@ -383,8 +383,10 @@ impl Worker {
                                   "task stream ended by the coordinator; reconnecting")
                         }
                         None => {
+                            let line = crate::error::status_line(&status);
                             warn!(worker_id = %worker_id, code = ?status.code(), error = %status.message(),
-                                      attempt = failures, delay_ms, "coordinator unreachable; reconnecting")
+                                      attempt = failures, delay_ms, "coordinator unreachable; reconnecting{}",
+                                      crate::error::scheme_hint(&line, this.opts.endpoint.starts_with("https://")))
                         }
                     }
                     tokio::select! {
