@@ -155,6 +155,18 @@ async fn schedules_over_rest_and_coordctl(db: &TestDb) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("nightly") && text.contains("hourly"), "{text}");
     assert!(text.contains("paused") && text.contains("active"), "{text}");
+    assert!(
+        text.lines().next().is_some_and(|h| h.starts_with("SCHEDULE") && h.contains("NEXT RUN")),
+        "{text}"
+    );
+    let paused_row = text.lines().find(|l| l.contains("hourly")).unwrap();
+    let timestamp = |c: &str| c.len() == 24 && c.ends_with('Z') && c.contains('T');
+    assert!(
+        paused_row.contains("paused") && !paused_row.split_whitespace().any(timestamp),
+        "no next run while paused: {text}"
+    );
+    let active_row = text.lines().find(|l| l.contains("nightly")).unwrap();
+    assert!(active_row.split_whitespace().any(timestamp), "{text}");
     // --json lists are one array, as every other list's (and `[]` when empty).
     let out = coordctl_async(&c.endpoint(), &["--json", "schedule", "list"]).await;
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON array");

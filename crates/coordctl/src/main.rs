@@ -383,8 +383,9 @@ enum ScheduleCmd {
         /// Per-attempt deadline, e.g. 30s or 2h.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
-        /// Occurrences missed while no coordinator could fire them: latest (run the latest
-        /// once), skip, or all (the latest 1,000).
+        /// Occurrences more than a minute overdue when a coordinator gets to them (after an
+        /// outage): latest (run the latest once), skip, or all (the latest 1,000). Occurrences
+        /// less late than that all run.
         #[arg(long, default_value = "latest", value_parser = ["latest", "skip", "all"])]
         missed: String,
         /// Create it paused.
@@ -1737,6 +1738,13 @@ async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> a
         }
     };
     let mut all = Vec::new();
+    let row = |cells: [&str; 8]| {
+        let [id, name, cron, tz, ty, state, next, runs] = cells;
+        format!("{id:<36}  {name:<20}  {cron:<16}  {tz:<12}  {ty:<16}  {state:<6}  {next:<24}  {runs}")
+    };
+    if list && !json_out {
+        outln!("{}", row(["SCHEDULE", "NAME", "CRON", "TIMEZONE", "TYPE", "STATE", "NEXT RUN", "RUNS"]));
+    }
     for s in shown {
         let next = s.next_run_at.as_ref().map(ts_string).unwrap_or_else(|| "-".into());
         let task_type = s.task.as_ref().map(|t| t.task_type.clone()).unwrap_or_default();
@@ -1747,17 +1755,20 @@ async fn schedule_command(c: &mut Client, cmd: ScheduleCmd, json_out: bool) -> a
                    "last_run_at": s.last_run_at.as_ref().map(ts_string)}),
             );
         } else {
-            let state = if s.paused { "paused" } else { "active" };
+            // A paused schedule has no next run until it is resumed.
+            let (state, next) = if s.paused { ("paused", "-".to_owned()) } else { ("active", next) };
             outln!(
-                "{}  {:<20} {:<16} {:<12} {:<8} {} next {} runs {}",
-                s.schedule_id,
-                s.name,
-                s.cron,
-                s.timezone,
-                task_type,
-                state,
-                next,
-                s.runs
+                "{}",
+                row([
+                    &s.schedule_id,
+                    &s.name,
+                    &s.cron,
+                    &s.timezone,
+                    &task_type,
+                    state,
+                    &next,
+                    &s.runs.to_string()
+                ])
             );
         }
     }
