@@ -111,6 +111,17 @@ fn security(ca: Option<&Path>, client_cert: Option<(&Path, &Path)>) -> ClientSec
     }
 }
 
+/// coordctl against `url`, trusting `ca` (with `--ca-file`), run to its end.
+async fn coordctl_with_ca(url: &str, ca: Option<&Path>, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(common::coordctl_bin());
+    cmd.args(["--coordinator", url]);
+    if let Some(ca) = ca {
+        cmd.arg("--ca-file").arg(ca);
+    }
+    cmd.args(args);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
 /// One cheap call on a fresh connection: its code (`Ok` as `Code::Ok`).
 async fn probe(url: &str, sec: &ClientSecurity) -> Code {
     let mut c = match client::connect(url, sec, client::DEFAULT_MAX_MESSAGE).await {
@@ -171,50 +182,30 @@ async fn tls_refuses_plaintext_and_unknown_cas_and_serves_worker_and_coordctl() 
     let stop = CancellationToken::new();
     let worker = echo_worker(https(&c), "tls-worker", security(Some(&ca_file), None));
     let run = tokio::spawn(worker.run(stop.clone()));
-    let out = tokio::task::spawn_blocking({
-        let (url, ca) = (https(&c), ca_file.clone());
-        move || {
-            std::process::Command::new(common::coordctl_bin())
-                .args(["--coordinator", &url, "--ca-file"])
-                .arg(&ca)
-                .args(["submit", "--type", "echo", "--payload", "over tls", "--wait"])
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let out = coordctl_with_ca(
+        &https(&c),
+        Some(&ca_file),
+        &["submit", "--type", "echo", "--payload", "over tls", "--wait"],
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "coordctl: {stdout} {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("over tls"), "{stdout}");
     // A plaintext URL to the TLS port, and a TLS URL to a plaintext server: the line says so.
-    let out = std::process::Command::new(common::coordctl_bin())
-        .args(["--coordinator", &format!("http://{}", c.grpc), "tasks"])
-        .output()
-        .unwrap();
+    let out = coordctl_with_ca(&format!("http://{}", c.grpc), None, &["tasks"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("use an https:// URL"), "{stderr}");
     let plain_db = TestDb::sqlite().await;
     let plain = TestCoordinator::start(&plain_db, |_| {}).await;
-    let out = std::process::Command::new(common::coordctl_bin())
-        .args(["--coordinator", &https(&plain), "--ca-file"])
-        .arg(&ca_file)
-        .arg("tasks")
-        .output()
-        .unwrap();
+    let out = coordctl_with_ca(&https(&plain), Some(&ca_file), &["tasks"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("does not speak TLS"), "{stderr}");
     plain.stop().await.unwrap();
     plain_db.cleanup().await;
     // Without the CA, coordctl refuses the server's certificate.
-    let out = std::process::Command::new(common::coordctl_bin())
-        .args(["--coordinator", &https(&c), "--ca-file"])
-        .arg(&other_file)
-        .args(["tasks"])
-        .output()
-        .unwrap();
+    let out = coordctl_with_ca(&https(&c), Some(&other_file), &["tasks"]).await;
     assert!(!out.status.success());
     // The worker binary with --ca-file connects and opens its task stream.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
@@ -260,19 +251,7 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
     // coordctl without a client certificate: exit 1 with a line on stderr every time, never a
     // silent death by SIGPIPE from a write to the socket the server closed.
     for _ in 0..6 {
-        let out = tokio::task::spawn_blocking({
-            let (url, ca) = (https(&c), ca_file.clone());
-            move || {
-                std::process::Command::new(common::coordctl_bin())
-                    .args(["--coordinator", &url, "--ca-file"])
-                    .arg(&ca)
-                    .arg("workers")
-                    .output()
-                    .unwrap()
-            }
-        })
-        .await
-        .unwrap();
+        let out = coordctl_with_ca(&https(&c), Some(&ca_file), &["workers"]).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{:?}: {stderr}", out.status);
         assert!(stderr.starts_with("coordctl: ") && stderr.lines().count() == 1, "{stderr}");

@@ -103,8 +103,9 @@ where
             // only help. tonic takes the status from the error as it is.
             match answer {
                 Err(e) if never_seen(&*e) => Err(BoxError::from(tonic::Status::unavailable(format!(
-                    "the coordinator turned the call back without taking it, {} times: {e}",
-                    MAX_RESENDS + 1
+                    "the coordinator turned the call back without taking it, {} times: {}",
+                    MAX_RESENDS + 1,
+                    crate::error::one_line(&*e)
                 )))),
                 answer => answer,
             }
