@@ -654,7 +654,28 @@ struct Logged {
 }
 
 impl Logged {
+    /// Started on two free ports; again on two others when one was taken between the check and
+    /// the bind (by a connection of a test running beside this one).
     fn start(logging: &str, rust_log: Option<&str>) -> Logged {
+        for _ in 0..3 {
+            let mut c = Self::start_once(logging, rust_log);
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                if std::net::TcpStream::connect(("127.0.0.1", c.http)).is_ok() {
+                    return c;
+                }
+                if c.child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.child.kill();
+            let _ = c.child.wait();
+        }
+        panic!("the coordinator did not start on free ports three times");
+    }
+
+    fn start_once(logging: &str, rust_log: Option<&str>) -> Logged {
         let dir = tempfile::tempdir().unwrap();
         let [grpc, http] = common::free_ports();
         let config = dir.path().join("coordinator.yaml");
