@@ -462,11 +462,12 @@ fn main() -> ExitCode {
 
 /// What to add to an error over TLS without a client certificate when the coordinator ended
 /// the connection at its start: asked for a certificate (TLS 1.3 says so after the handshake,
-/// and the request may already be on its way, so the close is also seen as a broken pipe).
+/// and the request may already be on its way, so the close is also seen as a broken pipe or a
+/// closed connection).
 fn client_cert_hint(line: &str) -> &'static str {
     if line.contains("CertificateRequired") {
         " (the coordinator requires a client certificate: give --cert-file and --key-file)"
-    } else if line.contains("transport error") && line.contains("broken pipe") {
+    } else if coordinator_worker::error::connection_closed(line) {
         " (the coordinator closed the connection; if it requires client certificates, give \
          --cert-file and --key-file)"
     } else {
@@ -1953,6 +1954,19 @@ mod tests {
         ] {
             assert!(!follows_again(&refused), "{refused:?}");
         }
+    }
+
+    #[test]
+    fn a_connection_closed_at_its_start_over_tls_without_a_certificate_asks_for_one() {
+        for line in [
+            "Unknown: transport error: connection error: received fatal alert: CertificateRequired",
+            "Unknown: transport error: connection error: stream closed because of a broken pipe",
+            "Unavailable: the coordinator turned the call back without taking it, 4 times: \
+             transport error: operation was canceled: connection closed",
+        ] {
+            assert!(client_cert_hint(line).contains("--cert-file"), "{line}");
+        }
+        assert_eq!(client_cert_hint("NotFound: task not found"), "");
     }
 
     #[test]

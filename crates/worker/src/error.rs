@@ -63,12 +63,21 @@ pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     one_line_with(e, |e| e.to_string())
 }
 
+/// Whether an error line says the connection under the call was closed by the other end (a
+/// broken pipe, a reset, a close), as a server does that refuses a handshake.
+pub fn connection_closed(line: &str) -> bool {
+    line.contains("transport error")
+        && ["broken pipe", "connection closed", "connection reset", "Connection reset"]
+            .iter()
+            .any(|c| line.contains(c))
+}
+
 /// What to add to an error line that may show TLS and plaintext crossed (`tls`: the client
 /// used an https:// URL): a plaintext client reads a TLS server's first bytes as an HTTP/2 frame
 /// of a wrong size, or finds the connection closed under its first call; a TLS client reads a
 /// plaintext answer as a broken TLS record. Empty for any other line.
 pub fn scheme_hint(line: &str, tls: bool) -> &'static str {
-    let closed = line.contains("transport error") && line.contains("broken pipe");
+    let closed = connection_closed(line);
     if !tls && (line.contains("frame with invalid size") || closed) {
         " (if the coordinator serves TLS, use an https:// URL and its CA file)"
     } else if tls && line.contains("InvalidContentType") {
