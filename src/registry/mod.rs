@@ -1229,8 +1229,7 @@ mod tests {
         other_cfg.coordinator_id = "other-replica".into();
         let (other, _other_dead) = Registry::new(other_cfg, db.store.clone(), Wake::default());
         let elsewhere = other.register(registration("moved")).await.unwrap().session_id;
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        r.check_liveness().await;
+        r.check_liveness_at(Instant::now() + Duration::from_millis(1200)).await;
         let state = |w: &WorkerId| r.session(w).map(|s| s.state);
         assert_eq!(state(&gone), None, "left after one timeout: forgotten, not dead");
         assert!(db.store.get_worker(&gone).await.unwrap().is_none(), "and its row removed");
@@ -1269,8 +1268,7 @@ mod tests {
         let charged = assign(&db.store, &w).await;
         r.deregister(&w).await.unwrap();
         assert_eq!(in_flight(&r, &w), 0);
-        tokio::time::sleep(Duration::from_millis(1200)).await;
-        r.check_liveness().await;
+        r.check_liveness_at(Instant::now() + Duration::from_millis(1200)).await;
         assert_eq!(r.session(&w).map(|s| s.state), Some(WorkerState::Dead));
         assert_eq!(db.store.get_worker(&w).await.unwrap().map(|w| w.state), Some(WorkerState::Dead));
         let handed = dead.try_recv().expect("its session goes to the sweeper");

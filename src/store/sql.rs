@@ -33,6 +33,13 @@ pub(super) const JOB: &str = "SELECT name, total, created_at FROM jobs WHERE id 
 pub(super) const HELD_BY: &str = "SELECT id, attempt, worker_id FROM tasks
      WHERE worker_id = $1 AND status IN ('assigned', 'running') ORDER BY id";
 
+/// Whether any task is assigned to or running on a worker.
+pub(super) const CHARGED_TO: &str =
+    "SELECT EXISTS (SELECT 1 FROM tasks WHERE worker_id = $1 AND status IN ('assigned', 'running'))";
+
+/// Removes a worker's row if `$2` is still its session.
+pub(super) const DELETE_WORKER: &str = "DELETE FROM workers WHERE id = $1 AND session_id = $2";
+
 /// A registration's new session adopts the tasks its worker holds.
 pub(super) const ADOPT: &str = "UPDATE tasks SET session_id = $2
      WHERE worker_id = $1 AND status IN ('assigned', 'running')

@@ -1296,7 +1296,14 @@ struct Follow<T, F> {
     open: F,
     stream: Option<tonic::Streaming<T>>,
     what: String,
+    /// When the watch broke, if no message has come since.
+    broke_at: Option<std::time::Instant>,
+    /// The wait before the next try.
+    pause: Duration,
 }
+
+/// The first wait before a broken watch is opened again; it doubles up to 2 s.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
 
 impl<T, F, Fut> Follow<T, F>
 where
@@ -1306,20 +1313,18 @@ where
     /// Opens the watch, again while the replica answering is going away (as [`Follow::message`]
     /// does); a refusal (no such task, a bad token) is the command's error at once.
     async fn open(open: F, what: String) -> anyhow::Result<Self> {
-        let mut follow = Follow { open, stream: None, what };
+        let mut follow = Follow { open, stream: None, what, broke_at: None, pause: FIRST_PAUSE };
         follow.reopen().await?;
         Ok(follow)
     }
 
-    /// Opens the watch when it is not open, for up to [`FOLLOW_FOR`] while it fails as
-    /// [`follows_again`] allows.
+    /// Opens the watch when it is not open, trying again while it fails as [`follows_again`]
+    /// allows, until [`FOLLOW_FOR`] after it broke.
     async fn reopen(&mut self) -> anyhow::Result<()> {
-        let mut broke_at: Option<std::time::Instant> = None;
-        let mut pause = Duration::from_millis(100);
         while self.stream.is_none() {
             match (self.open)().await {
                 Ok(r) => self.stream = Some(r.into_inner()),
-                Err(status) => self.broke(status, &mut broke_at, &mut pause).await?,
+                Err(status) => self.broke(status).await?,
             }
         }
         Ok(())
@@ -1327,47 +1332,36 @@ where
 
     /// After the watch failed with `status`: waits before the next try when it may be opened
     /// again (said on stderr the first time), else gives the error back.
-    async fn broke(
-        &mut self,
-        status: tonic::Status,
-        broke_at: &mut Option<std::time::Instant>,
-        pause: &mut Duration,
-    ) -> anyhow::Result<()> {
-        if !follows_again(&status) || broke_at.is_some_and(|t| t.elapsed() >= FOLLOW_FOR) {
+    async fn broke(&mut self, status: tonic::Status) -> anyhow::Result<()> {
+        if !follows_again(&status) || self.broke_at.is_some_and(|t| t.elapsed() >= FOLLOW_FOR) {
             return Err(status.into());
         }
-        if broke_at.is_none() {
+        if self.broke_at.is_none() {
             eprintln!(
                 "coordctl: the watch of {} broke ({}); following it again",
                 self.what,
                 status_line(&status)
             );
-            *broke_at = Some(std::time::Instant::now());
+            self.broke_at = Some(std::time::Instant::now());
         }
         self.stream = None;
-        tokio::time::sleep(*pause).await;
-        *pause = (*pause * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
         Ok(())
     }
 
     /// The watch's next message; `None` once the coordinator ends it.
     async fn message(&mut self) -> anyhow::Result<Option<T>> {
-        let mut broke_at: Option<std::time::Instant> = None;
-        let mut pause = Duration::from_millis(100);
         loop {
-            let got = match self.stream.as_mut() {
-                Some(stream) => stream.message().await,
-                None => match (self.open)().await {
-                    Ok(r) => {
-                        self.stream = Some(r.into_inner());
-                        continue;
-                    }
-                    Err(status) => Err(status),
-                },
-            };
-            match got {
-                Ok(m) => return Ok(m),
-                Err(status) => self.broke(status, &mut broke_at, &mut pause).await?,
+            self.reopen().await?;
+            let Some(stream) = self.stream.as_mut() else { continue };
+            match stream.message().await {
+                Ok(m) => {
+                    // It works again: a later break is a new one.
+                    (self.broke_at, self.pause) = (None, FIRST_PAUSE);
+                    return Ok(m);
+                }
+                Err(status) => self.broke(status).await?,
             }
         }
     }

@@ -80,20 +80,11 @@ impl SqliteStore {
         if current != Some(session.to_string()) {
             return Ok(Leaving::Superseded);
         }
-        let charged: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM tasks WHERE worker_id = $1 AND status IN ('assigned', 'running'))",
-        )
-        .bind(&id.0)
-        .fetch_one(&mut *tx)
-        .await?;
+        let charged: bool = sqlx::query_scalar(sql::CHARGED_TO).bind(&id.0).fetch_one(&mut *tx).await?;
         if charged {
             return Ok(Leaving::Charged);
         }
-        sqlx::query("DELETE FROM workers WHERE id = $1 AND session_id = $2")
-            .bind(&id.0)
-            .bind(session.to_string())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(sql::DELETE_WORKER).bind(&id.0).bind(session.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(Leaving::Removed)
     }
