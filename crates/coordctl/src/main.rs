@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use coordinator_worker::{
     ByteSize,
     client::{Client, ClientSecurity},
-    error::{scheme_hint, status_line},
+    error::{one_line_with, scheme_hint, status_line},
     proto,
 };
 
@@ -535,19 +535,11 @@ fn table_cell(text: &str) -> String {
 
 /// A gRPC status as "CODE: message"; other errors with their causes on one line.
 fn one_line(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        // A status says its own causes.
-        if let Some(s) = cause.downcast_ref::<tonic::Status>() {
-            parts.push(status_line(s));
-            break;
-        }
-        let text = cause.to_string();
-        if !parts.last().is_some_and(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
+    // A status says its own causes: theirs, after it, are dropped as already said.
+    one_line_with(&**e, |cause| match cause.downcast_ref::<tonic::Status>() {
+        Some(s) => status_line(s),
+        None => cause.to_string(),
+    })
 }
 
 fn security(cli: &Cli) -> anyhow::Result<ClientSecurity> {
