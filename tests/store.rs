@@ -25,7 +25,8 @@ use coordinator::{
     store::{
         ClaimFilter, Completion, Failure, FailureGroup, Fired, Held, Holding, Placement, Pruned,
         ReportOutcome, Requeued, Retention, RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter,
-        TypeFilter, WorkerRegistration, testing::TestDb,
+        TypeFilter, WorkerRegistration,
+        testing::{RefillOn, TestDb},
     },
 };
 use uuid::Uuid;
@@ -94,6 +95,10 @@ store_tests!(
     complete_of_an_unknown_task_is_not_found,
     complete_batch_returns_one_outcome_per_report_in_order,
     complete_batch_with_a_stale_report_before_the_current_one_for_the_same_task,
+    // complete_and_claim
+    a_completion_claims_for_the_slots_it_frees_in_its_transaction,
+    a_completion_that_changed_nothing_claims_nothing,
+    a_refill_for_a_replaced_session_assigns_nothing_and_still_completes,
     // fail
     fail_retriable_goes_back_to_pending_after_backoff,
     fail_retriable_after_max_attempts_is_failed,
@@ -271,8 +276,13 @@ async fn claim_ids(s: &Store, ids: &[TaskId], worker: &WorkerId, lease: Duration
 
 /// A fenced claim of every runnable task for `worker` under `session`.
 async fn claim_all_for(s: &Store, worker: &str, session: Uuid) -> Vec<Assignment> {
+    claim_all_for_n(s, worker, session, 10).await
+}
+
+/// A fenced claim of up to `n` runnable tasks for `worker` under `session`.
+async fn claim_all_for_n(s: &Store, worker: &str, session: Uuid, n: u32) -> Vec<Assignment> {
     let sessions = HashMap::from([(w(worker), session)]);
-    s.claim_fenced(10, &ClaimFilter::types(TypeFilter::Any), LONG_LEASE, |c: &[Candidate], _| Placement {
+    s.claim_fenced(n, &ClaimFilter::types(TypeFilter::Any), LONG_LEASE, |c: &[Candidate], _| Placement {
         placed: c.iter().map(|c| (c.id, w(worker))).collect(),
         sessions,
     })
@@ -1135,6 +1145,77 @@ mod cases {
         );
         assert_eq!(task.state, TaskState::Completed, "{b}: the current attempt's completion applies");
         assert_eq!(task.result.as_deref(), Some(&b"current"[..]), "{b}");
+    }
+
+    // ---- complete_and_claim ----
+
+    /// One batch: the completion of A and, in its transaction, the claim of the next task for
+    /// the slot it frees, fenced by the worker's session. The refill is told what completed.
+    pub async fn a_completion_claims_for_the_slots_it_frees_in_its_transaction(s: &Store) {
+        let b = s.backend();
+        let session = Uuid::now_v7();
+        s.register_worker(&registration("w1", session)).await.expect("register");
+        let tasks = create_n(s, "prove", 3).await;
+        let a = held(&claim_all_for_n(s, "w1", session, 1).await[0]);
+        assert_eq!(a.task_id, tasks[0].id, "{b}");
+        let mut refill = RefillOn::new(&w("w1"), session);
+        let (out, next) = s
+            .complete_and_claim(&[completion(&a, b"a")], LONG_LEASE, &mut refill)
+            .await
+            .expect("complete_and_claim");
+        assert_eq!(out, vec![ReportOutcome::Applied { state: TaskState::Completed }], "{b}");
+        assert_eq!(refill.told, vec![vec![a.clone()]], "{b}: told what completed, once");
+        assert_eq!(next.len(), 1, "{b}: one slot freed, one task claimed: {next:?}");
+        assert_eq!((next[0].task_id, &next[0].worker_id, next[0].attempt), (tasks[1].id, &w("w1"), 1), "{b}");
+        let (done, given, left) =
+            (get(s, a.task_id).await, get(s, tasks[1].id).await, get(s, tasks[2].id).await);
+        assert_eq!((done.state, done.result.as_deref()), (TaskState::Completed, Some(&b"a"[..])), "{b}");
+        assert_eq!((given.state, given.worker_id.as_ref()), (TaskState::Assigned, Some(&w("w1"))), "{b}");
+        assert_eq!(left.state, TaskState::Pending, "{b}");
+        let holding: Vec<TaskId> =
+            s.held_by(&w("w1")).await.expect("held_by").iter().map(|h| h.task_id).collect();
+        assert_eq!(holding, vec![tasks[1].id], "{b}: the worker holds only the successor");
+    }
+
+    /// A report that applies nothing (an attempt the worker no longer holds) frees no slot: the
+    /// refill is told nothing completed and nothing is claimed.
+    pub async fn a_completion_that_changed_nothing_claims_nothing(s: &Store) {
+        let b = s.backend();
+        let session = Uuid::now_v7();
+        s.register_worker(&registration("w1", session)).await.expect("register");
+        let tasks = create_n(s, "prove", 2).await;
+        let a = held(&claim_all_for_n(s, "w1", session, 1).await[0]);
+        let old = Held { attempt: a.attempt + 1, ..a.clone() };
+        let mut refill = RefillOn::new(&w("w1"), session);
+        let (out, next) = s
+            .complete_and_claim(&[completion(&old, b"x")], LONG_LEASE, &mut refill)
+            .await
+            .expect("complete_and_claim");
+        assert!(matches!(out[0], ReportOutcome::Stale { attempt: 1, .. }), "{b}: {out:?}");
+        assert_eq!(refill.told, vec![Vec::<Held>::new()], "{b}");
+        assert!(next.is_empty(), "{b}: {next:?}");
+        assert_eq!(get(s, tasks[1].id).await.state, TaskState::Pending, "{b}");
+        assert_eq!(get(s, a.task_id).await.state, TaskState::Assigned, "{b}");
+    }
+
+    /// The worker registered a new session since the refill read its old one: the completion
+    /// (fenced by task, worker and attempt) applies, the claim under the old session assigns
+    /// nothing.
+    pub async fn a_refill_for_a_replaced_session_assigns_nothing_and_still_completes(s: &Store) {
+        let b = s.backend();
+        let (s1, s2) = (Uuid::now_v7(), Uuid::now_v7());
+        s.register_worker(&registration("w1", s1)).await.expect("register s1");
+        let tasks = create_n(s, "prove", 2).await;
+        let a = held(&claim_all_for_n(s, "w1", s1, 1).await[0]);
+        s.upsert_worker(&registration("w1", s2)).await.expect("a new session");
+        let mut refill = RefillOn::new(&w("w1"), s1);
+        let (out, next) = s
+            .complete_and_claim(&[completion(&a, b"a")], LONG_LEASE, &mut refill)
+            .await
+            .expect("complete_and_claim");
+        assert_eq!(out, vec![ReportOutcome::Applied { state: TaskState::Completed }], "{b}");
+        assert!(next.is_empty(), "{b}: the old session gets nothing: {next:?}");
+        assert_eq!(get(s, tasks[1].id).await.state, TaskState::Pending, "{b}");
     }
 
     // ---- fail ----

@@ -504,6 +504,17 @@ impl Shapes {
 /// its tasks assigned or running (none absent: no limit).
 pub type Allowances = HashMap<String, u32>;
 
+/// What a batch of completions claims for the slots it frees ([`Store::complete_and_claim`]).
+/// Called inside the transaction, so neither may wait on the database.
+pub trait Refill: Send {
+    /// Once the completions are applied (`completed`: the attempts that completed): how many
+    /// tasks to claim, at most, and which; `None` claims nothing.
+    fn wanted(&mut self, completed: &[Held]) -> Option<(u32, ClaimFilter)>;
+
+    /// Places the locked candidates, as the `place` of [`Store::claim_fenced`] does.
+    fn place(&mut self, candidates: &[Candidate], allowances: &Allowances) -> Placement;
+}
+
 /// Filter and page of `list_tasks`; pages are ordered by id (creation order).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskFilter {
@@ -937,6 +948,23 @@ impl Store {
             return Ok(Vec::new());
         }
         timed!("complete", self, s => s.complete(reports).await)
+    }
+
+    /// Completes tasks as [`Store::complete`] does and, in the same transaction, claims work for
+    /// the slots the completions free, as [`Store::claim_fenced`] claims it: `refill` is told
+    /// which attempts completed and answers how many tasks to claim and of which types (or
+    /// nothing), then places the locked candidates. A worker's next tasks are assigned in the
+    /// transaction that records its last results, without a claim of their own.
+    pub async fn complete_and_claim(
+        &self,
+        reports: &[Completion],
+        lease: Duration,
+        refill: &mut dyn Refill,
+    ) -> Result<(Vec<ReportOutcome>, Vec<Assignment>)> {
+        if reports.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        timed!("complete_and_claim", self, s => s.complete_and_claim(reports, lease, &mut *refill).await)
     }
 
     /// Records a failure: back to pending after backoff while attempts remain and the failure is

@@ -7,10 +7,10 @@ use std::time::Duration;
 use sqlx::Connection;
 use uuid::Uuid;
 
-use super::{Store, WorkerRegistration};
+use super::{Allowances, ClaimFilter, Held, Placement, Refill, Store, TypeFilter, WorkerRegistration};
 use crate::{
     config::DatabaseConfig,
-    domain::{Assignment, NewTask, TaskId, WorkerId},
+    domain::{Assignment, Candidate, NewTask, TaskId, WorkerId},
 };
 
 /// A task of `task_type` with an empty payload, 3 attempts and a minute's timeout.
@@ -39,6 +39,36 @@ pub async fn claim_one(store: &Store, worker: &WorkerId) -> Vec<Assignment> {
         .claim(1, &super::TypeFilter::Any, Duration::from_secs(60), move |c| vec![(c[0].id, w)])
         .await
         .expect("claim")
+}
+
+/// A [`Refill`] that claims up to one task of any type per completed attempt and places each
+/// candidate on `worker` under `session`; it keeps what it was told completed, call by call.
+#[derive(Debug)]
+pub struct RefillOn {
+    pub worker: WorkerId,
+    pub session: Uuid,
+    pub told: Vec<Vec<Held>>,
+}
+
+impl RefillOn {
+    pub fn new(worker: &WorkerId, session: Uuid) -> Self {
+        Self { worker: worker.clone(), session, told: Vec::new() }
+    }
+}
+
+impl Refill for RefillOn {
+    fn wanted(&mut self, completed: &[Held]) -> Option<(u32, ClaimFilter)> {
+        self.told.push(completed.to_vec());
+        let n = u32::try_from(completed.len()).ok().filter(|n| *n > 0)?;
+        Some((n, ClaimFilter::types(TypeFilter::Any)))
+    }
+
+    fn place(&mut self, candidates: &[Candidate], _: &Allowances) -> Placement {
+        Placement {
+            placed: candidates.iter().map(|c| (c.id, self.worker.clone())).collect(),
+            sessions: [(self.worker.clone(), self.session)].into(),
+        }
+    }
 }
 
 /// A registration of `id` with `max` slots, any task type, and a fresh session.

@@ -196,6 +196,81 @@ pub(super) fn candidates_query(types: &TypeFilter) -> String {
     }
 }
 
+/// A claim in `tx` (begun with [`CLAIM_BEGIN`]): candidates locked, placed by `place`, assigned
+/// under the session fence. The caller commits.
+pub(super) async fn claim_in<F>(
+    tx: &mut sqlx::PgConnection,
+    limit: u32,
+    filter: &ClaimFilter,
+    lease: Duration,
+    place: F,
+) -> Result<Vec<Assignment>>
+where
+    F: FnOnce(&[Candidate], &store::Allowances) -> Placement + Send,
+{
+    let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
+    let sql = sqlx::AssertSqlSafe(candidates_query(&filter.types));
+    let query = sqlx::query(sql).bind(i64::from(limit)).bind(shapes);
+    let rows = match &filter.types {
+        TypeFilter::Any => query.fetch_all(&mut *tx).await?,
+        TypeFilter::Only(types) | TypeFilter::AnyAnd(types) => query.bind(types).fetch_all(&mut *tx).await?,
+    };
+    let candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut limited: Vec<String> = Vec::new();
+    for r in &rows {
+        if r.try_get::<bool, _>("limited")? {
+            limited.push(r.try_get("task_type")?);
+        }
+    }
+    limited.sort();
+    limited.dedup();
+    let allowances =
+        if limited.is_empty() { store::Allowances::new() } else { allowances(&mut *tx, &limited).await? };
+    let Placement { placed, sessions } = place(&candidates, &allowances);
+    let placed = store::only_candidates(&candidates, placed, &allowances);
+    if placed.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Where each locked candidate's row is: it cannot move while this transaction holds it.
+    let mut row_at: HashMap<Uuid, String> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        row_at.insert(r.try_get("id")?, r.try_get("row_at")?);
+    }
+    let mut ids = Vec::with_capacity(placed.len());
+    let mut workers = Vec::with_capacity(placed.len());
+    let mut session_ids: Vec<Option<Uuid>> = Vec::with_capacity(placed.len());
+    let mut places = Vec::with_capacity(placed.len());
+    for (t, w) in placed {
+        places.push(row_at.get(&t.0).cloned().unwrap_or_else(|| "(0,0)".to_owned()));
+        ids.push(t.0);
+        session_ids.push(sessions.get(&w).copied());
+        workers.push(w.0);
+    }
+    let rows = sqlx::query(CLAIM_ASSIGN)
+        .bind(&ids)
+        .bind(&workers)
+        .bind(duration_ms(lease))
+        .bind(&session_ids)
+        .bind(&places)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut assignments = rows.iter().map(decode::assignment).collect::<Result<Vec<_>>>()?;
+    let mut with_parents = std::collections::HashSet::new();
+    for r in &rows {
+        if r.try_get::<Option<i32>, _>("parents")?.is_some_and(|n| n > 0) {
+            with_parents.insert(TaskId(r.try_get("id")?));
+        }
+    }
+    // In the claim's transaction: the assignments and what they carry commit (or fail) together.
+    if !with_parents.is_empty() {
+        super::dependents::parent_results(&mut *tx, &mut assignments, &with_parents).await?;
+    }
+    Ok(assignments)
+}
+
 impl PgStore {
     pub(in crate::store) async fn claim<F>(
         &self,
@@ -208,70 +283,12 @@ impl PgStore {
         F: FnOnce(&[Candidate], &store::Allowances) -> Placement + Send,
     {
         let mut tx = self.pool.begin_with(CLAIM_BEGIN).await?;
-        let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
-        let sql = sqlx::AssertSqlSafe(candidates_query(&filter.types));
-        let query = sqlx::query(sql).bind(i64::from(limit)).bind(shapes);
-        let rows = match &filter.types {
-            TypeFilter::Any => query.fetch_all(&mut *tx).await?,
-            TypeFilter::Only(types) | TypeFilter::AnyAnd(types) => {
-                query.bind(types).fetch_all(&mut *tx).await?
-            }
-        };
-        let candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut limited: Vec<String> = Vec::new();
-        for r in &rows {
-            if r.try_get::<bool, _>("limited")? {
-                limited.push(r.try_get("task_type")?);
-            }
-        }
-        limited.sort();
-        limited.dedup();
-        let allowances =
-            if limited.is_empty() { store::Allowances::new() } else { allowances(&mut tx, &limited).await? };
-        let Placement { placed, sessions } = place(&candidates, &allowances);
-        let placed = store::only_candidates(&candidates, placed, &allowances);
-        if placed.is_empty() {
+        let assignments = claim_in(&mut tx, limit, filter, lease, place).await?;
+        if assignments.is_empty() {
             tx.rollback().await?;
-            return Ok(Vec::new());
+        } else {
+            tx.commit().await?;
         }
-        // Where each locked candidate's row is: it cannot move while this transaction holds it.
-        let mut row_at: HashMap<Uuid, String> = HashMap::with_capacity(rows.len());
-        for r in &rows {
-            row_at.insert(r.try_get("id")?, r.try_get("row_at")?);
-        }
-        let mut ids = Vec::with_capacity(placed.len());
-        let mut workers = Vec::with_capacity(placed.len());
-        let mut session_ids: Vec<Option<Uuid>> = Vec::with_capacity(placed.len());
-        let mut places = Vec::with_capacity(placed.len());
-        for (t, w) in placed {
-            places.push(row_at.get(&t.0).cloned().unwrap_or_else(|| "(0,0)".to_owned()));
-            ids.push(t.0);
-            session_ids.push(sessions.get(&w).copied());
-            workers.push(w.0);
-        }
-        let rows = sqlx::query(CLAIM_ASSIGN)
-            .bind(&ids)
-            .bind(&workers)
-            .bind(duration_ms(lease))
-            .bind(&session_ids)
-            .bind(&places)
-            .fetch_all(&mut *tx)
-            .await?;
-        let mut assignments = rows.iter().map(decode::assignment).collect::<Result<Vec<_>>>()?;
-        let mut with_parents = std::collections::HashSet::new();
-        for r in &rows {
-            if r.try_get::<Option<i32>, _>("parents")?.is_some_and(|n| n > 0) {
-                with_parents.insert(TaskId(r.try_get("id")?));
-            }
-        }
-        // In the claim's transaction: the assignments and what they carry commit (or fail) together.
-        if !with_parents.is_empty() {
-            super::dependents::parent_results(&mut tx, &mut assignments, &with_parents).await?;
-        }
-        tx.commit().await?;
         Ok(assignments)
     }
 

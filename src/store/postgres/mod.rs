@@ -220,7 +220,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::{JobId, TaskState},
-        store::{ClaimFilter, Store, TypeFilter, testing},
+        store::{ClaimFilter, Completion, Store, TypeFilter, testing},
     };
 
     /// A drained worker's row is removed only while no task is charged to it, as the database
@@ -274,6 +274,82 @@ mod tests {
         claim.commit().await.unwrap();
         assert_eq!(leaving.await.unwrap().unwrap(), crate::store::Leaving::Charged);
         assert!(db.store.get_worker(&worker).await.unwrap().is_some(), "the row stays with its task");
+        db.cleanup().await;
+    }
+
+    /// A batch of completions that refills its workers locks their rows before its tasks' rows,
+    /// as a requeue of a worker does (the worker's row, then its tasks): a requeue that holds the
+    /// worker's row while such a batch completes one of its tasks takes that task back without
+    /// waiting, and the report then finds it taken. Locking the task first (the completion's
+    /// update, then the claim's fence on the worker) made the two wait on each other until the
+    /// deadlock check aborted one.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_refilling_completion_locks_its_workers_before_their_tasks() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let reg = testing::registration("refilled", 1);
+        let (worker, session) = (reg.id.clone(), reg.session_id);
+        db.store.register_worker(&reg).await.unwrap();
+        let (first, next) = (testing::new_task("prove"), testing::new_task("prove"));
+        let (first_id, next_id) = (first.id, next.id);
+        db.store.create_tasks(&[first, next]).await.unwrap();
+        let a = testing::claim_one(&db.store, &worker).await.remove(0);
+        assert_eq!(a.task_id, first_id);
+        let held = Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt };
+
+        // A requeue of the worker in flight: it holds the worker's row.
+        let mut requeue = pg.pool().begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE")
+            .bind(&worker.0)
+            .execute(&mut *requeue)
+            .await
+            .unwrap();
+        let batch = {
+            let (store, worker) = (db.store.clone(), worker.clone());
+            let completion = Completion { held: held.clone(), result: b"done".to_vec(), delivered: None };
+            tokio::spawn(async move {
+                let mut refill = testing::RefillOn::new(&worker, session);
+                let done =
+                    store.complete_and_claim(&[completion], Duration::from_secs(60), &mut refill).await;
+                (done, refill.told)
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%workers%' AND pid <> pg_backend_pid()",
+            )
+            .fetch_one(pg.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the batch never waited for the requeue");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The requeue takes the task back. Half the deadlock check's second: a batch holding the
+        // task's row would make it wait past that.
+        sqlx::query("SET LOCAL lock_timeout = '500ms'").execute(&mut *requeue).await.unwrap();
+        sqlx::query("UPDATE tasks SET status = 'pending', worker_id = NULL, session_id = NULL WHERE id = $1")
+            .bind(first_id.0)
+            .execute(&mut *requeue)
+            .await
+            .expect("the requeue takes the task without waiting for the batch");
+        requeue.commit().await.unwrap();
+
+        let (done, told) = batch.await.unwrap();
+        let (outcomes, assigned) = done.expect("the batch commits");
+        assert!(
+            matches!(outcomes[..], [crate::store::ReportOutcome::Stale { .. }]),
+            "the report finds its task taken back: {outcomes:?}"
+        );
+        assert_eq!(told, vec![Vec::<Held>::new()], "nothing completed, nothing to refill");
+        assert!(assigned.is_empty(), "{assigned:?}");
+        let next = db.store.get_task(next_id).await.unwrap().unwrap();
+        assert_eq!(next.state, TaskState::Pending);
         db.cleanup().await;
     }
 

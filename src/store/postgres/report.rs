@@ -7,12 +7,12 @@ use sqlx::Row;
 
 use uuid::Uuid;
 
-use super::{PgStore, dependents, held_arrays, retry_conflicts};
+use super::{PgStore, claim, dependents, held_arrays, retry_conflicts};
 use crate::{
-    domain::{TaskId, TaskState},
+    domain::{Assignment, TaskId, TaskState},
     store::{
-        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy, Settled, StoreError,
-        decode, micros_ago, policy, sql::TASK_COLUMNS,
+        Cancelled, Completion, Failure, Held, Refill, ReportOutcome, Result, RetryPolicy, Settled,
+        StoreError, decode, micros_ago, policy, sql::TASK_COLUMNS,
     },
 };
 
@@ -36,6 +36,10 @@ pub(super) const COMPLETE: &str = "WITH r AS (
      )
      SELECT id, attempt, worker_id, dependents FROM upd";
 
+/// The reporting workers' rows, share-locked in id order ([`PgStore::complete_and_claim`]).
+pub(super) const LOCK_WORKERS: &str =
+    "SELECT 1 FROM workers WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE";
+
 /// The task row and the closed attempt of each unapplied report, to classify it; each found by its
 /// key ([`super::batch_settings`]).
 pub(super) const OUTCOMES: &str = "SELECT r.ord, t.status, t.attempt,
@@ -52,10 +56,61 @@ impl PgStore {
     }
 
     async fn complete_once(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
+        let mut tx = self.pool.begin_with(super::BATCH_BEGIN).await?;
+        let (outcomes, released, _) = self.complete_in(&mut tx, reports).await?;
+        tx.commit().await?;
+        self.settled.send(Settled { released, ended: Vec::new() });
+        Ok(outcomes)
+    }
+
+    /// [`Self::complete`], and in the same transaction a claim for the slots it frees: `refill`
+    /// is told which attempts completed and says what to claim ([`Refill`]).
+    pub(in crate::store) async fn complete_and_claim(
+        &self,
+        reports: &[Completion],
+        lease: Duration,
+        refill: &mut dyn Refill,
+    ) -> Result<(Vec<ReportOutcome>, Vec<Assignment>)> {
+        retry_conflicts!(self.complete_and_claim_once(reports, lease, &mut *refill).await)
+    }
+
+    async fn complete_and_claim_once(
+        &self,
+        reports: &[Completion],
+        lease: Duration,
+        refill: &mut dyn Refill,
+    ) -> Result<(Vec<ReportOutcome>, Vec<Assignment>)> {
+        let mut tx = self.pool.begin_with(claim::CLAIM_BEGIN).await?;
+        // The reporting workers' rows before their tasks' rows, in the order registrations and
+        // requeues lock them (worker, then its tasks): a session's tasks taken back while this
+        // completes them wait for it or it for them, never both. The claim's fence below
+        // share-locks them again.
+        let mut workers: Vec<&str> = reports.iter().map(|c| c.held.worker_id.0.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        sqlx::query(LOCK_WORKERS).bind(&workers).execute(&mut *tx).await?;
+        let (outcomes, released, completed) = self.complete_in(&mut tx, reports).await?;
+        let assignments = match refill.wanted(&completed) {
+            Some((limit, filter)) => {
+                claim::claim_in(&mut tx, limit, &filter, lease, |c, a| refill.place(c, a)).await?
+            }
+            None => Vec::new(),
+        };
+        tx.commit().await?;
+        self.settled.send(Settled { released, ended: Vec::new() });
+        Ok((outcomes, assignments))
+    }
+
+    /// Applies completions in `tx`: one outcome per report, the tasks their completion
+    /// released (dependents), and the attempts that completed.
+    async fn complete_in(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        reports: &[Completion],
+    ) -> Result<(Vec<ReportOutcome>, Vec<TaskId>, Vec<Held>)> {
         let held: Vec<Held> = reports.iter().map(|c| c.held.clone()).collect();
         let (ids, workers, attempts) = held_arrays(&held);
         let results: Vec<&[u8]> = reports.iter().map(|c| c.result.as_slice()).collect();
-        let mut tx = self.pool.begin_with(super::BATCH_BEGIN).await?;
         // A task whose `running` mark has not landed yet started when it was delivered.
         let ago: Vec<Option<i64>> = reports.iter().map(|c| c.delivered.map(micros_ago)).collect();
         let applied = sqlx::query(COMPLETE)
@@ -64,7 +119,7 @@ impl PgStore {
             .bind(&attempts)
             .bind(&results)
             .bind(&ago)
-            .fetch_all(&mut *tx)
+            .fetch_all(&mut **tx)
             .await?;
         // A task's `dependents` as this update found it: a submission that named it committed
         // first (and the release below, a statement of its own, sees its edges), or it waits
@@ -75,12 +130,11 @@ impl PgStore {
                 parents.push(r.try_get::<Uuid, _>("id")?);
             }
         }
-        let released = dependents::release(&mut tx, &parents).await?;
-        let applied: HashSet<Held> = applied.iter().map(decode::held).collect::<Result<_>>()?;
-        let outcomes = self.outcomes(&mut tx, &held, applied, "completed", |_| TaskState::Completed).await?;
-        tx.commit().await?;
-        self.settled.send(Settled { released, ended: Vec::new() });
-        Ok(outcomes)
+        let released = dependents::release(tx, &parents).await?;
+        let completed: Vec<Held> = applied.iter().map(decode::held).collect::<Result<_>>()?;
+        let applied: HashSet<Held> = completed.iter().cloned().collect();
+        let outcomes = self.outcomes(tx, &held, applied, "completed", |_| TaskState::Completed).await?;
+        Ok((outcomes, released, completed))
     }
 
     /// One outcome per report: `Applied` for the first report of each applied (task, worker,

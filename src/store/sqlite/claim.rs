@@ -10,7 +10,7 @@ use std::{
 use chrono::Utc;
 use sqlx::Row;
 
-use super::{SqliteStore, plus_ms};
+use super::{SqliteStore, Tx, plus_ms};
 use crate::{
     domain::{Assignment, Candidate, WorkerId},
     store::{
@@ -57,6 +57,117 @@ async fn allowances(tx: &mut sqlx::SqliteConnection) -> Result<store::Allowances
         .collect()
 }
 
+/// A claim in `tx` (the writer's transaction): candidates read, placed by `place`, assigned
+/// under the session fence. The caller commits.
+pub(super) async fn claim_in<F>(
+    tx: &mut Tx<'_>,
+    limit: u32,
+    filter: &ClaimFilter,
+    lease: Duration,
+    place: F,
+) -> Result<Vec<Assignment>>
+where
+    F: FnOnce(&[Candidate], &store::Allowances) -> Placement + Send,
+{
+    // The clock after the wait for the writer: a task submitted during that wait is runnable.
+    let now = Utc::now();
+    let allowances = allowances(tx).await?;
+    // Up to `limit` candidates of each type, so older tasks of one type can never fill the
+    // list and hide the tasks another free worker could run; none of a type at its limit.
+    let one_type: Vec<Option<&str>> = match &filter.types {
+        TypeFilter::Any => vec![None],
+        TypeFilter::Only(t) => t.iter().map(|t| Some(t.as_str())).collect(),
+        TypeFilter::AnyAnd(t) => std::iter::once(None).chain(t.iter().map(|t| Some(t.as_str()))).collect(),
+    };
+    let saturated: Vec<&str> =
+        allowances.iter().filter(|(_, left)| **left == 0).map(|(t, _)| t.as_str()).collect();
+    let saturated = decode::encode_json(&saturated);
+    let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
+    let sql = format!(
+        "SELECT id, task_type, priority, requires, weight, affinity_key FROM tasks t
+         WHERE status = 'pending' AND run_after <= $1 AND ($3 IS NULL OR task_type = $3)
+           AND task_type NOT IN (SELECT value FROM json_each($5)) AND {FITS}
+         ORDER BY priority DESC, id
+         LIMIT $2"
+    );
+    let mut rows = Vec::new();
+    for task_type in one_type.into_iter().filter(|t| t.is_none_or(|t| allowances.get(t) != Some(&0))) {
+        rows.extend(
+            sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(micros(now))
+                .bind(i64::from(limit))
+                .bind(task_type)
+                .bind(shapes)
+                .bind(&saturated)
+                .fetch_all(&mut **tx)
+                .await?,
+        );
+    }
+    let mut candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+    // A task among the first of any type and the first of its own is read twice.
+    candidates.dedup_by_key(|c| c.id);
+    let offered: std::collections::HashSet<&str> = candidates.iter().map(|c| c.task_type.as_str()).collect();
+    let allowances: store::Allowances =
+        allowances.into_iter().filter(|(t, _)| offered.contains(t.as_str())).collect();
+    let Placement { placed, sessions } = place(&candidates, &allowances);
+    let placed = store::only_candidates(&candidates, placed, &allowances);
+    let lease_until = plus_ms(micros(now), duration_ms(lease));
+    let mut out = Vec::with_capacity(placed.len());
+    let mut with_parents = HashSet::new();
+    // The session fence: one writer runs at a time, so the session read here is the
+    // worker's current one until this transaction commits.
+    let mut current: HashMap<WorkerId, bool> = HashMap::new();
+    for (task_id, worker_id) in placed {
+        let session = sessions.get(&worker_id).copied();
+        if let Some(session) = session {
+            let fenced = match current.get(&worker_id) {
+                Some(ok) => *ok,
+                None => {
+                    let ok = sqlx::query("SELECT 1 FROM workers WHERE id = $1 AND session_id = $2")
+                        .bind(&worker_id.0)
+                        .bind(session.to_string())
+                        .fetch_optional(&mut **tx)
+                        .await?
+                        .is_some();
+                    current.insert(worker_id.clone(), ok);
+                    ok
+                }
+            };
+            if !fenced {
+                continue;
+            }
+        }
+        let row = sqlx::query(
+            "UPDATE tasks SET status = 'assigned', worker_id = $2, attempt = attempt + 1, session_id = $5,
+                 assigned_at = $3, started_at = NULL, updated_at = $3, lease_expires_at = $4
+             WHERE id = $1 AND status = 'pending'
+             RETURNING id, worker_id, attempt, task_type, payload, priority, job_id, timeout_ms, created_at,
+                       assigned_at, traceparent, parents, weight",
+        )
+        .bind(task_id.to_string())
+        .bind(&worker_id.0)
+        .bind(micros(now))
+        .bind(lease_until)
+        .bind(session.map(|s| s.to_string()))
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some(r) = row else { continue };
+        let a = decode::assignment(&r)?;
+        if r.try_get::<Option<i64>, _>("parents")?.is_some_and(|n| n > 0) {
+            with_parents.insert(a.task_id);
+        }
+        out.push(a);
+    }
+    if !with_parents.is_empty() {
+        super::dependents::parent_results(tx, &mut out, &with_parents).await?;
+    }
+    Ok(out)
+}
+
 impl SqliteStore {
     pub(in crate::store) async fn claim<F>(
         &self,
@@ -69,105 +180,7 @@ impl SqliteStore {
         F: FnOnce(&[Candidate], &store::Allowances) -> Placement + Send,
     {
         let mut tx = self.writer.begin().await?;
-        // The clock after the wait for the writer: a task submitted during that wait is runnable.
-        let now = Utc::now();
-        let allowances = allowances(&mut tx).await?;
-        // Up to `limit` candidates of each type, so older tasks of one type can never fill the
-        // list and hide the tasks another free worker could run; none of a type at its limit.
-        let one_type: Vec<Option<&str>> = match &filter.types {
-            TypeFilter::Any => vec![None],
-            TypeFilter::Only(t) => t.iter().map(|t| Some(t.as_str())).collect(),
-            TypeFilter::AnyAnd(t) => {
-                std::iter::once(None).chain(t.iter().map(|t| Some(t.as_str()))).collect()
-            }
-        };
-        let saturated: Vec<&str> =
-            allowances.iter().filter(|(_, left)| **left == 0).map(|(t, _)| t.as_str()).collect();
-        let saturated = decode::encode_json(&saturated);
-        let shapes = filter.shapes.as_ref().map(|s| s.0.as_str());
-        let sql = format!(
-            "SELECT id, task_type, priority, requires, weight, affinity_key FROM tasks t
-             WHERE status = 'pending' AND run_after <= $1 AND ($3 IS NULL OR task_type = $3)
-               AND task_type NOT IN (SELECT value FROM json_each($5)) AND {FITS}
-             ORDER BY priority DESC, id
-             LIMIT $2"
-        );
-        let mut rows = Vec::new();
-        for task_type in one_type.into_iter().filter(|t| t.is_none_or(|t| allowances.get(t) != Some(&0))) {
-            rows.extend(
-                sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                    .bind(micros(now))
-                    .bind(i64::from(limit))
-                    .bind(task_type)
-                    .bind(shapes)
-                    .bind(&saturated)
-                    .fetch_all(&mut *tx)
-                    .await?,
-            );
-        }
-        let mut candidates = rows.iter().map(decode::candidate).collect::<Result<Vec<_>>>()?;
-        if candidates.is_empty() {
-            return Ok(Vec::new());
-        }
-        candidates.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
-        // A task among the first of any type and the first of its own is read twice.
-        candidates.dedup_by_key(|c| c.id);
-        let offered: std::collections::HashSet<&str> =
-            candidates.iter().map(|c| c.task_type.as_str()).collect();
-        let allowances: store::Allowances =
-            allowances.into_iter().filter(|(t, _)| offered.contains(t.as_str())).collect();
-        let Placement { placed, sessions } = place(&candidates, &allowances);
-        let placed = store::only_candidates(&candidates, placed, &allowances);
-        let lease_until = plus_ms(micros(now), duration_ms(lease));
-        let mut out = Vec::with_capacity(placed.len());
-        let mut with_parents = HashSet::new();
-        // The session fence: one writer runs at a time, so the session read here is the
-        // worker's current one until this transaction commits.
-        let mut current: HashMap<WorkerId, bool> = HashMap::new();
-        for (task_id, worker_id) in placed {
-            let session = sessions.get(&worker_id).copied();
-            if let Some(session) = session {
-                let fenced = match current.get(&worker_id) {
-                    Some(ok) => *ok,
-                    None => {
-                        let ok = sqlx::query("SELECT 1 FROM workers WHERE id = $1 AND session_id = $2")
-                            .bind(&worker_id.0)
-                            .bind(session.to_string())
-                            .fetch_optional(&mut *tx)
-                            .await?
-                            .is_some();
-                        current.insert(worker_id.clone(), ok);
-                        ok
-                    }
-                };
-                if !fenced {
-                    continue;
-                }
-            }
-            let row = sqlx::query(
-                "UPDATE tasks SET status = 'assigned', worker_id = $2, attempt = attempt + 1, session_id = $5,
-                     assigned_at = $3, started_at = NULL, updated_at = $3, lease_expires_at = $4
-                 WHERE id = $1 AND status = 'pending'
-                 RETURNING id, worker_id, attempt, task_type, payload, priority, job_id, timeout_ms, created_at,
-                           assigned_at, traceparent, parents, weight",
-            )
-            .bind(task_id.to_string())
-            .bind(&worker_id.0)
-            .bind(micros(now))
-            .bind(lease_until)
-            .bind(session.map(|s| s.to_string()))
-            .fetch_optional(&mut *tx)
-            .await?;
-            let Some(r) = row else { continue };
-            let a = decode::assignment(&r)?;
-            if r.try_get::<Option<i64>, _>("parents")?.is_some_and(|n| n > 0) {
-                with_parents.insert(a.task_id);
-            }
-            out.push(a);
-        }
-        if !with_parents.is_empty() {
-            super::dependents::parent_results(&mut tx, &mut out, &with_parents).await?;
-        }
+        let out = claim_in(&mut tx, limit, filter, lease, place).await?;
         tx.commit().await?;
         Ok(out)
     }

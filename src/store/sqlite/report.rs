@@ -1,57 +1,92 @@
 //! Reports: completions and failures fenced by (task, worker, attempt), classified when they
 //! changed nothing; cancellation.
 
+use std::time::Duration;
+
 use chrono::Utc;
 use sqlx::Row;
 
 use super::{SqliteStore, Tx, dependents, plus_ms};
 use crate::{
-    domain::{TaskId, TaskState},
+    domain::{Assignment, TaskId, TaskState},
     store::{
-        Cancelled, Completion, Failure, Held, ReportOutcome, Result, RetryPolicy, Settled,
+        Cancelled, Completion, Failure, Held, Refill, ReportOutcome, Result, RetryPolicy, Settled,
         decode::{self, Cols, micros},
         micros_ago, policy,
         sql::TASK_COLUMNS,
     },
 };
 
+/// Applies completions in `tx`: one outcome per report, what their completion settled
+/// (dependents released), and the attempts that completed.
+async fn complete_in(
+    tx: &mut Tx<'_>,
+    reports: &[Completion],
+) -> Result<(Vec<ReportOutcome>, Settled, Vec<Held>)> {
+    let now = micros(Utc::now());
+    let mut out = Vec::with_capacity(reports.len());
+    let mut settled = Settled::default();
+    let mut completed = Vec::new();
+    for c in reports {
+        let h = &c.held;
+        // A task whose `running` mark has not landed yet started when it was delivered.
+        let started = c.delivered.map_or(now, |at| now - micros_ago(at));
+        let r = sqlx::query(
+            "UPDATE tasks SET status = 'completed', result = $4, error = NULL, finished_at = $5,
+                 started_at = COALESCE(started_at, $6), updated_at = $5, lease_expires_at = NULL
+             WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status IN ('assigned', 'running')
+             RETURNING dependents",
+        )
+        .bind(h.task_id.to_string())
+        .bind(&h.worker_id.0)
+        .bind(i64::from(h.attempt))
+        .bind(&c.result)
+        .bind(now)
+        .bind(started)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(r) = r {
+            // The completed attempt is recorded in the task's row only.
+            out.push(ReportOutcome::Applied { state: TaskState::Completed });
+            completed.push(h.clone());
+            if r.try_get::<Option<i64>, _>("dependents")?.is_some_and(|n| n > 0) {
+                settled.released.extend(dependents::release(tx, h.task_id, now).await?);
+            }
+        } else {
+            out.push(classify(tx, h, "completed").await?);
+        }
+    }
+    Ok((out, settled, completed))
+}
+
 impl SqliteStore {
     pub(in crate::store) async fn complete(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
         let mut tx = self.writer.begin().await?;
-        let now = micros(Utc::now());
-        let mut out = Vec::with_capacity(reports.len());
-        let mut settled = Settled::default();
-        for c in reports {
-            let h = &c.held;
-            // A task whose `running` mark has not landed yet started when it was delivered.
-            let started = c.delivered.map_or(now, |at| now - micros_ago(at));
-            let r = sqlx::query(
-                "UPDATE tasks SET status = 'completed', result = $4, error = NULL, finished_at = $5,
-                     started_at = COALESCE(started_at, $6), updated_at = $5, lease_expires_at = NULL
-                 WHERE id = $1 AND worker_id = $2 AND attempt = $3 AND status IN ('assigned', 'running')
-                 RETURNING dependents",
-            )
-            .bind(h.task_id.to_string())
-            .bind(&h.worker_id.0)
-            .bind(i64::from(h.attempt))
-            .bind(&c.result)
-            .bind(now)
-            .bind(started)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(r) = r {
-                // The completed attempt is recorded in the task's row only.
-                out.push(ReportOutcome::Applied { state: TaskState::Completed });
-                if r.try_get::<Option<i64>, _>("dependents")?.is_some_and(|n| n > 0) {
-                    settled.released.extend(dependents::release(&mut tx, h.task_id, now).await?);
-                }
-            } else {
-                out.push(classify(&mut tx, h, "completed").await?);
-            }
-        }
+        let (out, settled, _) = complete_in(&mut tx, reports).await?;
         tx.commit().await?;
         self.settled.send(settled);
         Ok(out)
+    }
+
+    /// [`Self::complete`], and in the same transaction a claim for the slots it frees: `refill`
+    /// is told which attempts completed and says what to claim ([`Refill`]).
+    pub(in crate::store) async fn complete_and_claim(
+        &self,
+        reports: &[Completion],
+        lease: Duration,
+        refill: &mut dyn Refill,
+    ) -> Result<(Vec<ReportOutcome>, Vec<Assignment>)> {
+        let mut tx = self.writer.begin().await?;
+        let (out, settled, completed) = complete_in(&mut tx, reports).await?;
+        let assignments = match refill.wanted(&completed) {
+            Some((limit, filter)) => {
+                super::claim::claim_in(&mut tx, limit, &filter, lease, |c, a| refill.place(c, a)).await?
+            }
+            None => Vec::new(),
+        };
+        tx.commit().await?;
+        self.settled.send(settled);
+        Ok((out, assignments))
     }
 
     pub(in crate::store) async fn fail(
