@@ -164,7 +164,21 @@ impl App {
         });
 
         let lease = c.stale_task_timeout;
-        let (batchers, batch_handles) = batches::spawn(&store, lease, &effects);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                strategy: config.scheduler.strategy,
+                batch_size: config.scheduler.batch_size,
+                poll_interval: c.poll_interval,
+                lease,
+            },
+            store.clone(),
+            registry.clone(),
+            wake.clone(),
+            events.clone(),
+            Arc::new(effects.clone()),
+            stats.clone(),
+        );
+        let (batchers, batch_handles) = batches::spawn(&store, lease, &effects, Some(scheduler.refiller()));
 
         let core = Core::new(
             CoreConfig {
@@ -191,20 +205,6 @@ impl App {
             closing.clone(),
         );
 
-        let scheduler = Scheduler::new(
-            SchedulerConfig {
-                strategy: config.scheduler.strategy,
-                batch_size: config.scheduler.batch_size,
-                poll_interval: c.poll_interval,
-                lease,
-            },
-            store.clone(),
-            registry.clone(),
-            wake.clone(),
-            events.clone(),
-            Arc::new(effects.clone()),
-            stats.clone(),
-        );
         core.place_at_submission(scheduler.at_submission());
         let sweeper = Sweeper::new(
             store.clone(),

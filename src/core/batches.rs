@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use super::effects::{Effects, Reported};
 use crate::{
     batch::Batcher,
+    scheduler::Refiller,
     store::{Completion, Held, ReportOutcome, Store},
 };
 
@@ -39,7 +40,15 @@ pub struct Batchers {
 }
 
 /// Starts the batch loops: their senders, and the handles to wait for at shutdown.
-pub fn spawn(store: &Store, lease: Duration, effects: &Effects) -> (Batchers, Vec<JoinHandle<()>>) {
+///
+/// With `refill`, a batch of completions also claims the next tasks for the slots it frees
+/// while tasks wait ([`Refiller`]).
+pub fn spawn(
+    store: &Store,
+    lease: Duration,
+    effects: &Effects,
+    refill: Option<Refiller>,
+) -> (Batchers, Vec<JoinHandle<()>>) {
     let s = store.clone();
     let fx = effects.clone();
     // The effects of each completion run here, in the batch loop, right after the commit: a
@@ -47,12 +56,21 @@ pub fn spawn(store: &Store, lease: Duration, effects: &Effects) -> (Batchers, Ve
     let (completions, h1) = Batcher::spawn(BATCH_MAX, move |items: Vec<Completion>| {
         let s = s.clone();
         let fx = fx.clone();
+        let refill = refill.clone();
         async move {
-            let outcomes = s.complete(&items).await?;
-            for (item, outcome) in items.iter().zip(&outcomes) {
-                fx.reported(&item.held, outcome, Reported::Completed);
+            let reported = |outcomes: &[ReportOutcome]| {
+                for (item, outcome) in items.iter().zip(outcomes) {
+                    fx.reported(&item.held, outcome, Reported::Completed);
+                }
+            };
+            match &refill {
+                Some(refill) => refill.complete(&items, reported).await,
+                None => {
+                    let outcomes = s.complete(&items).await?;
+                    reported(&outcomes);
+                    Ok(outcomes)
+                }
             }
-            Ok(outcomes)
         }
     });
     let s = store.clone();
@@ -109,7 +127,7 @@ mod tests {
         assert_eq!(registry.session(&worker).unwrap().in_flight, 1);
 
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
-        let (batchers, _handles) = spawn(&store, Duration::from_secs(60), &effects);
+        let (batchers, _handles) = spawn(&store, Duration::from_secs(60), &effects, None);
         let mut call =
             Box::pin(batchers.completions.call(Completion { held, result: b"ok".to_vec(), delivered: None }));
         assert!(futures::poll!(&mut call).is_pending(), "queued, waiting for its answer");

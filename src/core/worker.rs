@@ -430,7 +430,7 @@ mod tests {
         let registry_config = RegistryConfig::for_tests();
         let (registry, _dead) = Registry::new(registry_config, store.clone(), wake.clone());
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
-        let (batchers, _handles) = batches::spawn(&store, Duration::from_secs(60), &effects);
+        let (batchers, _handles) = batches::spawn(&store, Duration::from_secs(60), &effects, None);
         let core = Core::new(
             config(),
             store.clone(),

@@ -349,19 +349,32 @@ impl Session {
         self.in_flight.values().map(|f| f.weight).sum()
     }
 
-    fn free(&self) -> u32 {
-        self.capacity().saturating_sub(self.used())
-    }
-
-    /// Whether placement should offer this worker work now: any free slot, or for a worker
-    /// with a prefetch queue, once half of the queue is free. Its queue still holds work
-    /// meanwhile, and the refill then travels in one claim instead of one per finished task.
-    fn wants_work(&self) -> bool {
-        self.free() > 0 && self.free() >= self.prefetch.div_ceil(2)
-    }
-
     fn schedulable(&self) -> bool {
         self.state == WorkerState::Active && self.stream.as_ref().is_some_and(|s| s.open().is_some())
+    }
+
+    /// Whether the batch of its completions claims its next tasks ([`Registry::refillable`]).
+    fn refilled_by_completions(&self) -> bool {
+        self.prefetch == 0 && self.schedulable()
+    }
+
+    /// This worker as placement sees it. It offers its free slots only while it wants work: any
+    /// free slot, or for a worker with a prefetch queue, once half of the queue is free. Its
+    /// queue still holds work meanwhile, and the refill then travels in one claim instead of
+    /// one per finished task.
+    fn slot(&self, id: &WorkerId) -> WorkerSlot {
+        let used = self.used();
+        let free = self.capacity().saturating_sub(used);
+        let wants_work = free > 0 && free >= self.prefetch.div_ceil(2);
+        WorkerSlot {
+            id: id.clone(),
+            capabilities: self.capabilities.clone(),
+            free: if wants_work { free } else { 0 },
+            in_flight: used,
+            max: self.capacity(),
+            slots: self.max_concurrent_tasks,
+            labels: self.labels.clone(),
+        }
     }
 
     fn info(&self, id: &WorkerId) -> SessionInfo {
@@ -652,7 +665,7 @@ impl Registry {
     }
 
     /// Workers that may take work (ACTIVE, stream open), each with the slots it offers now
-    /// (none while it does not want work, see `wants_work`), and the session each assignment
+    /// (none while it does not want work, see `Session::slot`), and the session each assignment
     /// to them is fenced by. Full workers are listed too: affinity prefers a worker among all
     /// that could run a task, room or not, so that a key keeps its worker.
     pub fn schedulable(&self) -> (Vec<WorkerSlot>, HashMap<WorkerId, Uuid>) {
@@ -661,18 +674,48 @@ impl Registry {
         let mut slots = Vec::new();
         for (id, s) in state.sessions.iter().filter(|(_, s)| s.schedulable()) {
             sessions.insert(id.clone(), s.session_id);
-            slots.push(WorkerSlot {
-                id: id.clone(),
-                capabilities: s.capabilities.clone(),
-                free: if s.wants_work() { s.free() } else { 0 },
-                in_flight: s.used(),
-                max: s.capacity(),
-                slots: s.max_concurrent_tasks,
-                labels: s.labels.clone(),
-            });
+            slots.push(s.slot(id));
         }
         // A stable order makes round-robin fair across passes.
         slots.sort_by(|a, b| a.id.cmp(&b.id));
+        (slots, sessions)
+    }
+
+    /// Whether a batch of completions by `workers` may refill one of them (see
+    /// [`Self::refillable`]): one is schedulable here and has no prefetch queue.
+    pub fn refills_any<'a>(&self, mut workers: impl Iterator<Item = &'a WorkerId>) -> bool {
+        let state = self.lock();
+        workers.any(|w| state.sessions.get(w).is_some_and(|s| s.refilled_by_completions()))
+    }
+
+    /// The workers of `completed` (attempts whose completion is about to commit), each offering
+    /// the slots those attempts free and nothing more, and their sessions: what a batch of
+    /// completions refills ([`crate::store::Refill`]). Only attempts this process holds free
+    /// anything; a worker that is not schedulable (draining, suspect, no stream) is left out,
+    /// and so is one with a prefetch queue: passes refill it in bulk once half its queue is
+    /// free, and its queue hides the wait for them.
+    ///
+    /// The slots offered are never free for anyone else: they are counted taken until the
+    /// attempts are released, and their successors are pushed first ([`Self::push_freeing`]).
+    pub fn refillable(&self, completed: &[Held]) -> (Vec<WorkerSlot>, HashMap<WorkerId, Uuid>) {
+        let state = self.lock();
+        let mut freed: BTreeMap<&WorkerId, u32> = BTreeMap::new();
+        for h in completed {
+            let Some(s) = state.sessions.get(&h.worker_id) else { continue };
+            let weight =
+                s.in_flight.get(&h.task_id).filter(|f| f.attempt == h.attempt).map_or(0, |f| f.weight);
+            *freed.entry(&h.worker_id).or_default() += weight;
+        }
+        let mut sessions = HashMap::new();
+        let mut slots = Vec::new();
+        for (id, freed) in freed {
+            let Some(s) = state.sessions.get(id).filter(|s| s.refilled_by_completions()) else { continue };
+            sessions.insert(id.clone(), s.session_id);
+            let mut slot = s.slot(id);
+            slot.free = freed;
+            slot.in_flight = slot.in_flight.saturating_sub(freed);
+            slots.push(slot);
+        }
         (slots, sessions)
     }
 
@@ -693,6 +736,19 @@ impl Registry {
     /// session the assignment was made under: a push for a session that has been replaced since
     /// is refused (its task goes back to pending).
     pub fn push(&self, a: Assignment, session: Uuid) -> Result<(), PushError> {
+        self.push_freeing(a, session, None)
+    }
+
+    /// [`Self::push`] into slots that attempts about to be released free (`freeing`, see
+    /// [`Self::refillable`]), placed without placement's turn: refused (`Full`) unless the task
+    /// fits the worker's slots once those attempts that it still counts are released. With
+    /// `None`, not checked: placement's turn already counted the slot.
+    pub fn push_freeing(
+        &self,
+        a: Assignment,
+        session: Uuid,
+        freeing: Option<&[Held]>,
+    ) -> Result<(), PushError> {
         let mut state = self.lock();
         let seq = state.next_seq();
         let Some(s) = state.sessions.get_mut(&a.worker_id) else {
@@ -700,6 +756,17 @@ impl Registry {
         };
         if s.session_id != session {
             return Err(PushError::UnknownWorker);
+        }
+        if let Some(freeing) = freeing {
+            let leaving: u32 = freeing
+                .iter()
+                .filter(|h| h.worker_id == a.worker_id)
+                .filter_map(|h| s.in_flight.get(&h.task_id).filter(|f| f.attempt == h.attempt))
+                .map(|f| f.weight)
+                .sum();
+            if s.used().saturating_sub(leaving).saturating_add(a.weight) > s.capacity() {
+                return Err(PushError::Full);
+            }
         }
         let Some(tx) = s.stream.as_ref().and_then(|slot| slot.tx.as_ref()) else {
             return Err(PushError::NoStream);
@@ -1205,6 +1272,40 @@ mod tests {
 
     fn in_flight(r: &Registry, w: &WorkerId) -> u32 {
         r.session(w).map(|s| s.in_flight).unwrap_or_default()
+    }
+
+    /// A refill's push fits only the slots its completed attempts free: with one slot held by
+    /// A, a successor freeing A fits and a second does not; once A's slot was released early
+    /// (a duplicate report elsewhere) and a pass filled it, the successor no longer fits.
+    #[tokio::test]
+    async fn a_refill_push_fits_only_the_slots_its_completions_free() {
+        let db = TestDb::sqlite().await;
+        let r = Registry::new(config(), db.store.clone(), Wake::default()).0;
+        let w = WorkerId::from("one");
+        let session = r.register(testing::registration("one", 1)).await.unwrap().session_id;
+        // The stream is read as the worker would: a push waiting in it counts against the queue.
+        let (_, mut stream) = r.attach(&w).unwrap();
+        let a = assign(&db.store, &w).await;
+        let held_a = Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
+        r.push(a, session).unwrap();
+        stream.try_recv().unwrap();
+        let freeing = [held_a.clone()];
+        let (b, c) = (assign(&db.store, &w).await, assign(&db.store, &w).await);
+        r.push_freeing(b.clone(), session, Some(&freeing)).expect("B takes A's slot");
+        stream.try_recv().unwrap();
+        assert!(matches!(r.push_freeing(c.clone(), session, Some(&freeing)), Err(PushError::Full)));
+        r.release(&w, held_a.task_id, held_a.attempt);
+        assert_eq!(in_flight(&r, &w), 1, "B alone");
+
+        // A's slot released before its successor's push, and taken by a placement meanwhile.
+        let held_b = Held { task_id: b.task_id, worker_id: w.clone(), attempt: b.attempt };
+        r.release(&w, b.task_id, b.attempt);
+        r.push(c, session).unwrap();
+        stream.try_recv().unwrap();
+        let d = assign(&db.store, &w).await;
+        assert!(matches!(r.push_freeing(d, session, Some(&[held_b])), Err(PushError::Full)));
+        assert_eq!(in_flight(&r, &w), 1);
+        db.cleanup().await;
     }
 
     /// A worker that deregistered and holds nothing is gone after one heartbeat_timeout of

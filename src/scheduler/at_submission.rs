@@ -128,7 +128,7 @@ impl AtSubmission {
             refused_types.extend(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
             self.backlog.mark(refused_types.iter().copied());
         }
-        let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats);
+        let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats, None);
         // Pushed: the slots are counted. The give-back's round trip is not placement's.
         drop(turn);
         if !refused_types.is_empty() {
@@ -216,15 +216,9 @@ mod tests {
     use crate::{
         domain::{TaskState, Wake, WorkerId},
         registry::{Push, RegistryConfig},
-        store::{Requeued, testing},
+        scheduler::NoEffects,
+        store::testing,
     };
-
-    #[derive(Debug)]
-    struct NoEffects;
-
-    impl OnRequeue for NoEffects {
-        fn requeued(&self, _: &[Requeued]) {}
-    }
 
     /// A Postgres test database, a registry with worker `w` (`slots` slots) connected, and the
     /// placer; `None` without `TEST_DATABASE_URL`.

@@ -6,6 +6,7 @@
 
 pub mod at_submission;
 pub mod placement;
+pub mod refill;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,6 +32,7 @@ use crate::{
 };
 
 pub use at_submission::AtSubmission;
+pub use refill::Refiller;
 
 /// Placement's turn, and the round-robin position it keeps. A scheduler pass holds it from the
 /// moment it looks at the workers until its pushes are done, and so does a submission that
@@ -131,6 +133,20 @@ impl Backlog {
         still.iter().chain(left).for_each(|t| add(&mut hints.backlogged, t));
     }
 
+    /// Whether any type is thought backlogged.
+    fn any(&self) -> bool {
+        !self.hints().backlogged.is_empty()
+    }
+
+    /// Whether a claim of `types` may find a backlogged type.
+    fn offers(&self, types: &TypeFilter) -> bool {
+        let hints = self.hints();
+        match types {
+            TypeFilter::Any | TypeFilter::AnyAnd(_) => !hints.backlogged.is_empty(),
+            TypeFilter::Only(types) => types.iter().any(|t| hints.backlogged.contains(t)),
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn contains(&self, task_type: &str) -> bool {
         self.hints().backlogged.contains(task_type)
@@ -155,6 +171,16 @@ fn add(set: &mut HashSet<String>, t: &String) {
 pub trait OnRequeue: Send + Sync + std::fmt::Debug {
     /// Runs after the commit that gave `requeued` back.
     fn requeued(&self, requeued: &[Requeued]);
+}
+
+/// Requeues with no effects, for the tests of placement.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct NoEffects;
+
+#[cfg(test)]
+impl OnRequeue for NoEffects {
+    fn requeued(&self, _: &[Requeued]) {}
 }
 
 /// Counters shown on `/health`.
@@ -226,6 +252,22 @@ impl Scheduler {
         }
     }
 
+    /// What completes batches of reports and refills the slots they free, beside this
+    /// scheduler's passes.
+    pub fn refiller(&self) -> Refiller {
+        Refiller {
+            strategy: self.config.strategy,
+            batch_size: self.config.batch_size,
+            lease: self.config.lease,
+            store: self.store.clone(),
+            registry: self.registry.clone(),
+            events: self.events.clone(),
+            effects: self.effects.clone(),
+            stats: self.stats.clone(),
+            backlog: self.backlog.clone(),
+        }
+    }
+
     /// Runs passes on every tick and wake-up until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(self.config.poll_interval);
@@ -269,26 +311,11 @@ impl Scheduler {
         if free == 0 {
             return Ok(Pass::Done);
         }
-        // The distinct types of the workers that take only some, copied once each (a fleet has
-        // many workers and few types).
-        let mut specialized: Vec<&String> = offering.iter().flat_map(|w| w.capabilities.iter()).collect();
-        specialized.sort_unstable();
-        specialized.dedup();
-        let specialized: Vec<String> = specialized.into_iter().cloned().collect();
-        let types = match (offering.iter().any(|w| w.capabilities.is_empty()), specialized.is_empty()) {
-            (true, true) => TypeFilter::Any,
-            (true, false) => TypeFilter::AnyAnd(specialized),
-            (false, _) => TypeFilter::Only(specialized),
-        };
-        let filter = ClaimFilter { types, shapes: Shapes::of(&workers) };
+        let filter = ClaimFilter { types: offered_types(&offering), shapes: Shapes::of(&workers) };
         let limit = free.min(self.config.batch_size);
         let strategy = self.config.strategy;
         let mut sessions = HashMap::new();
-        let mut affinity = (0, 0);
-        // The types of the candidates placed and of those left pending.
-        let (mut took, mut left) = (Vec::new(), Vec::new());
-        // The concurrency limits of the candidates' types, as the claim found them.
-        let mut limits = crate::store::Allowances::new();
+        let mut tally = Tally::default();
         // Placement's turn, taken once there are candidates to place and held until their
         // pushes are done. A submission placing its own tasks holds it for one insert: then
         // this pass places nothing, waits for it and goes again.
@@ -308,15 +335,7 @@ impl Scheduler {
                 let (workers, fence) = registry.schedulable();
                 sessions.clone_from(&fence);
                 let placed = placement::place(strategy, candidates, &workers, &mut held, allowances);
-                affinity = (placed.affinity_hits, placed.affinity_misses);
-                let placed_ids: HashSet<TaskId> = placed.placed.iter().map(|(t, _)| *t).collect();
-                for c in candidates {
-                    let side = if placed_ids.contains(&c.id) { &mut took } else { &mut left };
-                    if !side.contains(&c.task_type) {
-                        side.push(c.task_type.clone());
-                    }
-                }
-                limits.clone_from(allowances);
+                tally = Tally::of(candidates, &placed, allowances);
                 turn = Some(held);
                 Placement { placed: placed.placed, sessions: fence }
             })
@@ -330,17 +349,12 @@ impl Scheduler {
                 return Err(e);
             }
         };
-        if affinity != (0, 0) {
-            metrics::affinity_placements(affinity.0, affinity.1);
-        }
         if busy {
             drop(self.placing.0.lock().await);
             return Ok(Pass::Full);
         }
-        let claimed = assignments.len() as u32;
-        let full = claimed >= limit && claimed > 0;
-        self.backlog.after_pass(&filter.types, &took, &left, &limits, full);
-        let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats);
+        let full = tally.after(&self.backlog, &filter.types, assignments.len(), limit);
+        let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats, None);
         drop(turn);
         if !undelivered.is_empty() {
             give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await?;
@@ -350,15 +364,78 @@ impl Scheduler {
     }
 }
 
+/// What a claim for `offering` (workers with free slots) asks for: every type when one of them
+/// takes any, with the types of those that take only some (copied once each: a fleet has many
+/// workers and few types).
+fn offered_types(offering: &[&placement::WorkerSlot]) -> TypeFilter {
+    let mut specialized: Vec<&String> = offering.iter().flat_map(|w| w.capabilities.iter()).collect();
+    specialized.sort_unstable();
+    specialized.dedup();
+    let specialized: Vec<String> = specialized.into_iter().cloned().collect();
+    match (offering.iter().any(|w| w.capabilities.is_empty()), specialized.is_empty()) {
+        (true, true) => TypeFilter::Any,
+        (true, false) => TypeFilter::AnyAnd(specialized),
+        (false, _) => TypeFilter::Only(specialized),
+    }
+}
+
+/// What one placement of claimed candidates saw, for the backlog hints ([`Backlog::after_pass`]).
+#[derive(Debug, Default)]
+struct Tally {
+    /// The types of the candidates placed, and of those left pending.
+    took: Vec<String>,
+    left: Vec<String>,
+    /// The concurrency limits of the candidates' types, as the claim found them.
+    limits: crate::store::Allowances,
+    affinity: (u32, u32),
+}
+
+impl Tally {
+    fn of(
+        candidates: &[Candidate],
+        placed: &placement::Placed,
+        allowances: &crate::store::Allowances,
+    ) -> Self {
+        let mut tally = Tally {
+            limits: allowances.clone(),
+            affinity: (placed.affinity_hits, placed.affinity_misses),
+            ..Tally::default()
+        };
+        let placed_ids: HashSet<TaskId> = placed.placed.iter().map(|(t, _)| *t).collect();
+        for c in candidates {
+            let side = if placed_ids.contains(&c.id) { &mut tally.took } else { &mut tally.left };
+            if !side.contains(&c.task_type) {
+                side.push(c.task_type.clone());
+            }
+        }
+        tally
+    }
+
+    /// Counts the affinity placements and updates the backlog hints after a claim of `limit`
+    /// that assigned `claimed`; answers whether it came back full (there may be more).
+    fn after(&self, backlog: &Backlog, offered: &TypeFilter, claimed: usize, limit: u32) -> bool {
+        if self.affinity != (0, 0) {
+            metrics::affinity_placements(self.affinity.0, self.affinity.1);
+        }
+        let full = claimed as u32 >= limit && claimed > 0;
+        backlog.after_pass(offered, &self.took, &self.left, &self.limits, full);
+        full
+    }
+}
+
 /// Pushes each assignment into its worker's stream under the session it was made for; the
 /// attempts that could not be pushed (the worker went, or its session changed) come back, to
 /// be given back to pending.
+///
+/// `freeing`: the assignments fill slots that these attempts free, placed without placement's
+/// turn ([`Registry::push_freeing`]).
 fn deliver(
     assignments: Vec<Assignment>,
     sessions: &HashMap<WorkerId, uuid::Uuid>,
     registry: &Registry,
     events: &Events,
     stats: &SchedulerStats,
+    freeing: Option<&[Held]>,
 ) -> Vec<Held> {
     let mut undelivered = Vec::new();
     let now = Utc::now();
@@ -370,7 +447,7 @@ fn deliver(
             undelivered.push(held);
             continue;
         };
-        match registry.push(a, session) {
+        match registry.push_freeing(a, session, freeing) {
             Ok(()) => {
                 stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
                 metrics::task_assigned(latency);
@@ -426,13 +503,6 @@ mod tests {
             testing::{self, TestDb},
         },
     };
-
-    #[derive(Debug)]
-    struct NoEffects;
-
-    impl OnRequeue for NoEffects {
-        fn requeued(&self, _: &[Requeued]) {}
-    }
 
     /// Takes the only connection of `store`'s pool (the writer's, on SQLite) until dropped.
     async fn hold_only_connection(store: &Store) -> Box<dyn Any + Send> {

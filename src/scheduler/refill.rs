@@ -1,0 +1,325 @@
+//! Refill at completion: while tasks wait, a batch of completions claims the next tasks for the
+//! slots it frees in its own transaction ([`Store::complete_and_claim`]), and pushes them as
+//! soon as it commits. A worker's next task is then on its way when its last result is
+//! recorded, without a scheduler pass and its claim between the two.
+//!
+//! A batch places only into the slots its own completions free ([`Registry::refillable`]), so
+//! it needs no placement turn and runs beside the scheduler's passes: those slots stay counted
+//! taken until the completed attempts are released, after their successors are pushed, and a
+//! push checks that its task fits once they are ([`Registry::push_freeing`]). When nothing waits
+//! (no type backlogged, see [`Backlog`]), or the worker drains or has a prefetch queue (its
+//! queue hides the wait for a pass, which refills it in bulk), the batch completes alone and
+//! the released slots wake the scheduler, as before.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use uuid::Uuid;
+
+use super::{Backlog, OnRequeue, SchedulerStats, Tally, deliver, give_back, offered_types, placement};
+use crate::{
+    config::Strategy,
+    domain::{Candidate, WorkerId, WorkerSlot},
+    events::Events,
+    registry::Registry,
+    store::{
+        self, Allowances, ClaimFilter, Completion, Held, Placement, Refill, ReportOutcome, Shapes, Store,
+        TypeFilter,
+    },
+};
+
+/// Completes batches of reports, refilling the slots they free ([`super::Scheduler::refiller`]).
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Refiller {
+    pub(super) strategy: Strategy,
+    pub(super) batch_size: u32,
+    pub(super) lease: Duration,
+    pub(super) store: Store,
+    pub(super) registry: Registry,
+    pub(super) events: Events,
+    pub(super) effects: Arc<dyn OnRequeue>,
+    pub(super) stats: Arc<SchedulerStats>,
+    pub(super) backlog: Backlog,
+}
+
+impl Refiller {
+    /// Completes `reports` (one outcome each, in order), pushes what the batch claimed for the
+    /// slots they free, then runs `reported` on the outcomes (it releases the completed
+    /// attempts' slots).
+    pub async fn complete(
+        &self,
+        reports: &[Completion],
+        reported: impl FnOnce(&[ReportOutcome]),
+    ) -> store::Result<Vec<ReportOutcome>> {
+        if !self.backlog.any() || !self.registry.refills_any(reports.iter().map(|c| &c.held.worker_id)) {
+            let outcomes = self.store.complete(reports).await?;
+            reported(&outcomes);
+            return Ok(outcomes);
+        }
+        let mut plan = Plan::new(self);
+        let (outcomes, assignments) =
+            match self.store.complete_and_claim(reports, self.lease, &mut plan).await {
+                Ok(done) => done,
+                Err(e) => {
+                    if plan.asked.is_some() {
+                        // The commit's outcome may be unknown: tasks may be assigned to workers that
+                        // will never hear of them. The reconciliation finds and returns them.
+                        self.registry.request_reconcile();
+                    }
+                    return Err(e);
+                }
+            };
+        let Some((offered, limit)) = &plan.asked else {
+            reported(&outcomes);
+            return Ok(outcomes);
+        };
+        plan.tally.after(&self.backlog, offered, assignments.len(), *limit);
+        // The successors first, then the completed attempts' slots are released: until then
+        // those slots count as taken, so no other placement gives them away meanwhile.
+        let undelivered = deliver(
+            assignments,
+            &plan.sessions,
+            &self.registry,
+            &self.events,
+            &self.stats,
+            Some(&plan.completed),
+        );
+        reported(&outcomes);
+        if !undelivered.is_empty() {
+            // The results are recorded whatever happens to the successors' delivery; a failed
+            // give-back is the reconciliation's (requested by `give_back`).
+            let _ = give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await;
+        }
+        Ok(outcomes)
+    }
+}
+
+/// One batch's refill, asked by the store inside the transaction.
+struct Plan<'a> {
+    refiller: &'a Refiller,
+    /// The attempts that completed, whose slots the refill fills.
+    completed: Vec<Held>,
+    /// The completing workers, each offering the slots its completed attempts free.
+    workers: Vec<WorkerSlot>,
+    sessions: HashMap<WorkerId, Uuid>,
+    /// The types claimed and how many at most; `None` when nothing was claimed.
+    asked: Option<(TypeFilter, u32)>,
+    tally: Tally,
+}
+
+impl<'a> Plan<'a> {
+    fn new(refiller: &'a Refiller) -> Self {
+        Plan {
+            refiller,
+            completed: Vec::new(),
+            workers: Vec::new(),
+            sessions: HashMap::new(),
+            asked: None,
+            tally: Tally::default(),
+        }
+    }
+}
+
+impl Refill for Plan<'_> {
+    fn wanted(&mut self, completed: &[Held]) -> Option<(u32, ClaimFilter)> {
+        // Asked again when the transaction is retried: start over.
+        self.asked = None;
+        self.tally = Tally::default();
+        let (workers, sessions) = self.refiller.registry.refillable(completed);
+        let offering: Vec<&WorkerSlot> = workers.iter().filter(|w| w.free > 0).collect();
+        let free: u32 = offering.iter().map(|w| w.free).sum();
+        let types = offered_types(&offering);
+        if free == 0 || !self.refiller.backlog.offers(&types) {
+            return None;
+        }
+        let limit = free.min(self.refiller.batch_size);
+        let filter = ClaimFilter { types: types.clone(), shapes: Shapes::of(&workers) };
+        self.asked = Some((types, limit));
+        self.completed = completed.to_vec();
+        self.workers = workers;
+        self.sessions = sessions;
+        Some((limit, filter))
+    }
+
+    fn place(&mut self, candidates: &[Candidate], allowances: &Allowances) -> Placement {
+        // Round-robin over this batch's workers only: the scheduler's position is its own.
+        let mut cursor = 0;
+        let placed =
+            placement::place(self.refiller.strategy, candidates, &self.workers, &mut cursor, allowances);
+        self.tally = Tally::of(candidates, &placed, allowances);
+        Placement { placed: placed.placed, sessions: self.sessions.clone() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::Strategy,
+        domain::{Wake, WorkerId},
+        registry::{Push, RegistryConfig},
+        scheduler::NoEffects,
+        store::testing::{self, TestDb},
+    };
+
+    /// A scheduler over a registry with worker `w` (one slot, a queue of `prefetch`) connected,
+    /// its stream, and `n` pending `prove` tasks (oldest first).
+    async fn one_slot_worker(
+        db: &TestDb,
+        n: usize,
+        prefetch: u32,
+    ) -> (super::super::Scheduler, Registry, tokio::sync::mpsc::Receiver<Push>, Vec<crate::domain::TaskId>)
+    {
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
+        let registration = crate::store::WorkerRegistration { prefetch, ..testing::registration("w", 1) };
+        registry.register(registration).await.expect("register");
+        let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let tasks: Vec<_> = (0..n).map(|_| testing::new_task("prove")).collect();
+        let ids = tasks.iter().map(|t| t.id).collect();
+        db.store.create_tasks(&tasks).await.expect("submit");
+        let config = super::super::SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let scheduler = super::super::Scheduler::new(
+            config,
+            db.store.clone(),
+            registry.clone(),
+            Wake::default(),
+            Events::new(),
+            Arc::new(NoEffects),
+            Arc::new(SchedulerStats::default()),
+        );
+        (scheduler, registry, stream, ids)
+    }
+
+    /// The next task the stream carries.
+    fn pushed(stream: &mut tokio::sync::mpsc::Receiver<Push>) -> Option<crate::domain::Assignment> {
+        match stream.try_recv() {
+            Ok(Push::Run(a)) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// Completes `a` through `refiller`, freeing its slot after the commit as the effects do.
+    async fn complete(
+        refiller: &Refiller,
+        registry: &Registry,
+        a: &crate::domain::Assignment,
+    ) -> ReportOutcome {
+        let held = Held { task_id: a.task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
+        let reports = [Completion { held: held.clone(), result: b"ok".to_vec(), delivered: None }];
+        let outcomes = refiller
+            .complete(&reports, |outcomes| {
+                if matches!(outcomes[0], ReportOutcome::Applied { .. }) {
+                    registry.release(&held.worker_id, held.task_id, held.attempt);
+                }
+            })
+            .await
+            .expect("complete");
+        outcomes[0].clone()
+    }
+
+    /// With tasks waiting, the batch that completes a worker's task pushes its next one: the
+    /// worker holds one task throughout, and no scheduler pass runs between the two. Once
+    /// nothing waits, a completion frees the slot and the type is no longer backlogged.
+    async fn a_batch_pushes_the_next_task_into_the_slot_it_frees(db: TestDb) {
+        let (mut scheduler, registry, mut stream, ids) = one_slot_worker(&db, 3, 0).await;
+        let refiller = scheduler.refiller();
+        scheduler.pass().await.expect("pass");
+        let mut running = pushed(&mut stream).expect("the first task");
+        assert_eq!(running.task_id, ids[0]);
+        assert!(refiller.backlog.contains("prove"), "a full pass leaves the type backlogged");
+        let worker = WorkerId::from("w");
+        for next in &ids[1..] {
+            assert!(matches!(complete(&refiller, &registry, &running).await, ReportOutcome::Applied { .. }));
+            running = pushed(&mut stream).expect("the next task, pushed by the batch");
+            assert_eq!(running.task_id, *next);
+            assert_eq!(registry.session(&worker).unwrap().in_flight, 1, "one slot, one task");
+            let held: Vec<_> =
+                db.store.held_by(&worker).await.expect("held_by").iter().map(|h| h.task_id).collect();
+            assert_eq!(held, vec![*next]);
+        }
+        assert!(matches!(complete(&refiller, &registry, &running).await, ReportOutcome::Applied { .. }));
+        assert!(pushed(&mut stream).is_none(), "nothing left");
+        assert_eq!(registry.session(&worker).unwrap().in_flight, 0);
+        assert!(!refiller.backlog.contains("prove"), "a refill with room to spare clears the type");
+        db.cleanup().await;
+    }
+
+    /// A worker with a prefetch queue is refilled by the passes, in bulk: a batch completes its
+    /// task and claims nothing.
+    async fn a_batch_leaves_a_prefetching_worker_to_the_passes(db: TestDb) {
+        let (mut scheduler, registry, mut stream, ids) = one_slot_worker(&db, 3, 1).await;
+        let refiller = scheduler.refiller();
+        scheduler.pass().await.expect("pass");
+        let (first, second) =
+            (pushed(&mut stream).expect("a task"), pushed(&mut stream).expect("a queued task"));
+        assert_eq!((first.task_id, second.task_id), (ids[0], ids[1]));
+        assert!(matches!(complete(&refiller, &registry, &first).await, ReportOutcome::Applied { .. }));
+        assert!(pushed(&mut stream).is_none(), "the batch claims nothing for it");
+        assert_eq!(
+            db.store.get_task(ids[2]).await.unwrap().unwrap().state,
+            crate::domain::TaskState::Pending
+        );
+        assert_eq!(registry.session(&WorkerId::from("w")).unwrap().in_flight, 1);
+        db.cleanup().await;
+    }
+
+    /// A batch refills only workers that want work: a draining worker is not refilled, and
+    /// its task waits.
+    async fn a_batch_never_refills_a_draining_worker(db: TestDb) {
+        let (mut scheduler, registry, mut stream, ids) = one_slot_worker(&db, 3, 0).await;
+        let refiller = scheduler.refiller();
+        scheduler.pass().await.expect("pass");
+        let second = pushed(&mut stream).expect("the first task");
+        let worker = WorkerId::from("w");
+        assert_eq!(second.task_id, ids[0]);
+        registry.deregister(&worker).await.expect("drain");
+        assert!(matches!(complete(&refiller, &registry, &second).await, ReportOutcome::Applied { .. }));
+        assert!(pushed(&mut stream).is_none(), "a draining worker gets nothing");
+        assert_eq!(
+            db.store.get_task(ids[1]).await.unwrap().unwrap().state,
+            crate::domain::TaskState::Pending
+        );
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_pushes_the_next_task_into_the_slot_it_frees_sqlite() {
+        a_batch_pushes_the_next_task_into_the_slot_it_frees(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_batch_pushes_the_next_task_into_the_slot_it_frees_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_batch_pushes_the_next_task_into_the_slot_it_frees(db).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_never_refills_a_draining_worker_sqlite() {
+        a_batch_never_refills_a_draining_worker(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_batch_never_refills_a_draining_worker_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_batch_never_refills_a_draining_worker(db).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_leaves_a_prefetching_worker_to_the_passes_sqlite() {
+        a_batch_leaves_a_prefetching_worker_to_the_passes(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_batch_leaves_a_prefetching_worker_to_the_passes_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_batch_leaves_a_prefetching_worker_to_the_passes(db).await;
+    }
+}
