@@ -24,8 +24,8 @@ use coordinator::{
     },
     store::{
         ClaimFilter, Completion, Failure, FailureGroup, Fired, Held, Holding, Placement, Pruned,
-        ReportOutcome, Requeued, Retention, RetryFilter, RetryOutcome, RetryPolicy, Store, TaskFilter,
-        TypeFilter, WorkerRegistration,
+        ReportOutcome, Requeued, Retention, RetryFilter, RetryOutcome, RetryPolicy, Shapes, Store,
+        TaskFilter, TypeFilter, WorkerRegistration,
         testing::{RefillOn, TestDb},
     },
 };
@@ -99,6 +99,7 @@ store_tests!(
     a_completion_claims_for_the_slots_it_frees_in_its_transaction,
     a_completion_that_changed_nothing_claims_nothing,
     a_refill_for_a_replaced_session_assigns_nothing_and_still_completes,
+    a_claim_that_fails_is_undone_alone_and_the_completions_commit,
     // fail
     fail_retriable_goes_back_to_pending_after_backoff,
     fail_retriable_after_max_attempts_is_failed,
@@ -1216,6 +1217,32 @@ mod cases {
         assert_eq!(out, vec![ReportOutcome::Applied { state: TaskState::Completed }], "{b}");
         assert!(next.is_empty(), "{b}: the old session gets nothing: {next:?}");
         assert_eq!(get(s, tasks[1].id).await.state, TaskState::Pending, "{b}");
+    }
+
+    /// The claim of a batch fails (here: worker shapes the database cannot read, checked for a
+    /// task that weighs two slots): it is rolled back alone, the refill is told, and the
+    /// completion commits.
+    pub async fn a_claim_that_fails_is_undone_alone_and_the_completions_commit(s: &Store) {
+        let b = s.backend();
+        let session = Uuid::now_v7();
+        s.register_worker(&registration("w1", session)).await.expect("register");
+        let first = create_one(s, new_task("prove")).await;
+        let mut heavy = new_task("prove");
+        heavy.needs.weight = 2;
+        let heavy = create_one(s, heavy).await;
+        let a = held(&claim_all_for_n(s, "w1", session, 1).await[0]);
+        assert_eq!(a.task_id, first.id, "{b}");
+        let mut refill = RefillOn::new(&w("w1"), session);
+        refill.shapes = Some(Shapes("not json".into()));
+        let (out, next) = s
+            .complete_and_claim(&[completion(&a, b"a")], LONG_LEASE, &mut refill)
+            .await
+            .expect("complete_and_claim");
+        assert_eq!(out, vec![ReportOutcome::Applied { state: TaskState::Completed }], "{b}");
+        assert!(next.is_empty(), "{b}: {next:?}");
+        assert_eq!(refill.failed.len(), 1, "{b}: the refill is told: {:?}", refill.failed);
+        assert_eq!(get(s, first.id).await.state, TaskState::Completed, "{b}: the completion committed");
+        assert_eq!(get(s, heavy.id).await.state, TaskState::Pending, "{b}");
     }
 
     // ---- fail ----

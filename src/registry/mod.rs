@@ -735,20 +735,18 @@ impl Registry {
     /// Pushes an assignment down its worker's stream and counts it in flight. `session` is the
     /// session the assignment was made under: a push for a session that has been replaced since
     /// is refused (its task goes back to pending).
+    ///
+    /// Refused (`Full`) when the task does not fit the worker's slots and queue: placement
+    /// counted the slot, but a slot freed and filled again between a placement and its push (a
+    /// refill beside a pass, see [`Self::refillable`]) must not take the worker past them.
     pub fn push(&self, a: Assignment, session: Uuid) -> Result<(), PushError> {
-        self.push_freeing(a, session, None)
+        self.push_freeing(a, session, &[])
     }
 
     /// [`Self::push`] into slots that attempts about to be released free (`freeing`, see
-    /// [`Self::refillable`]), placed without placement's turn: refused (`Full`) unless the task
-    /// fits the worker's slots once those attempts that it still counts are released. With
-    /// `None`, not checked: placement's turn already counted the slot.
-    pub fn push_freeing(
-        &self,
-        a: Assignment,
-        session: Uuid,
-        freeing: Option<&[Held]>,
-    ) -> Result<(), PushError> {
+    /// [`Self::refillable`]): the task must fit once those of them the worker still counts are
+    /// released.
+    pub fn push_freeing(&self, a: Assignment, session: Uuid, freeing: &[Held]) -> Result<(), PushError> {
         let mut state = self.lock();
         let seq = state.next_seq();
         let Some(s) = state.sessions.get_mut(&a.worker_id) else {
@@ -757,16 +755,14 @@ impl Registry {
         if s.session_id != session {
             return Err(PushError::UnknownWorker);
         }
-        if let Some(freeing) = freeing {
-            let leaving: u32 = freeing
-                .iter()
-                .filter(|h| h.worker_id == a.worker_id)
-                .filter_map(|h| s.in_flight.get(&h.task_id).filter(|f| f.attempt == h.attempt))
-                .map(|f| f.weight)
-                .sum();
-            if s.used().saturating_sub(leaving).saturating_add(a.weight) > s.capacity() {
-                return Err(PushError::Full);
-            }
+        let leaving: u32 = freeing
+            .iter()
+            .filter(|h| h.worker_id == a.worker_id)
+            .filter_map(|h| s.in_flight.get(&h.task_id).filter(|f| f.attempt == h.attempt))
+            .map(|f| f.weight)
+            .sum();
+        if s.used().saturating_sub(leaving).saturating_add(a.weight) > s.capacity() {
+            return Err(PushError::Full);
         }
         let Some(tx) = s.stream.as_ref().and_then(|slot| slot.tx.as_ref()) else {
             return Err(PushError::NoStream);
@@ -1291,19 +1287,29 @@ mod tests {
         stream.try_recv().unwrap();
         let freeing = [held_a.clone()];
         let (b, c) = (assign(&db.store, &w).await, assign(&db.store, &w).await);
-        r.push_freeing(b.clone(), session, Some(&freeing)).expect("B takes A's slot");
+        r.push_freeing(b.clone(), session, &freeing).expect("B takes A's slot");
         stream.try_recv().unwrap();
-        assert!(matches!(r.push_freeing(c.clone(), session, Some(&freeing)), Err(PushError::Full)));
+        assert!(matches!(r.push_freeing(c.clone(), session, &freeing), Err(PushError::Full)));
         r.release(&w, held_a.task_id, held_a.attempt);
         assert_eq!(in_flight(&r, &w), 1, "B alone");
 
         // A's slot released before its successor's push, and taken by a placement meanwhile.
         let held_b = Held { task_id: b.task_id, worker_id: w.clone(), attempt: b.attempt };
         r.release(&w, b.task_id, b.attempt);
+        let held_c = Held { task_id: c.task_id, worker_id: w.clone(), attempt: c.attempt };
         r.push(c, session).unwrap();
         stream.try_recv().unwrap();
         let d = assign(&db.store, &w).await;
-        assert!(matches!(r.push_freeing(d, session, Some(&[held_b])), Err(PushError::Full)));
+        assert!(matches!(r.push_freeing(d, session, &[held_b]), Err(PushError::Full)));
+        assert_eq!(in_flight(&r, &w), 1);
+
+        // The other order: the successor was pushed into the slot released early, and a pass
+        // that counted that slot free pushes after it: refused, the worker keeps one task.
+        r.release(&w, held_c.task_id, held_c.attempt);
+        let (e, f) = (assign(&db.store, &w).await, assign(&db.store, &w).await);
+        r.push_freeing(e, session, &[held_c]).expect("the successor fits the free slot");
+        stream.try_recv().unwrap();
+        assert!(matches!(r.push(f, session), Err(PushError::Full)));
         assert_eq!(in_flight(&r, &w), 1);
         db.cleanup().await;
     }

@@ -128,7 +128,7 @@ impl AtSubmission {
             refused_types.extend(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
             self.backlog.mark(refused_types.iter().copied());
         }
-        let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats, None);
+        let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats, &[]);
         // Pushed: the slots are counted. The give-back's round trip is not placement's.
         drop(turn);
         if !refused_types.is_empty() {

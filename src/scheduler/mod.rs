@@ -354,7 +354,7 @@ impl Scheduler {
             return Ok(Pass::Full);
         }
         let full = tally.after(&self.backlog, &filter.types, assignments.len(), limit);
-        let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats, None);
+        let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats, &[]);
         drop(turn);
         if !undelivered.is_empty() {
             give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await?;
@@ -427,15 +427,14 @@ impl Tally {
 /// attempts that could not be pushed (the worker went, or its session changed) come back, to
 /// be given back to pending.
 ///
-/// `freeing`: the assignments fill slots that these attempts free, placed without placement's
-/// turn ([`Registry::push_freeing`]).
+/// `freeing`: the assignments fill slots that these attempts free ([`Registry::push_freeing`]).
 fn deliver(
     assignments: Vec<Assignment>,
     sessions: &HashMap<WorkerId, uuid::Uuid>,
     registry: &Registry,
     events: &Events,
     stats: &SchedulerStats,
-    freeing: Option<&[Held]>,
+    freeing: &[Held],
 ) -> Vec<Held> {
     let mut undelivered = Vec::new();
     let now = Utc::now();

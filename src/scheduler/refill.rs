@@ -13,6 +13,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use tracing::warn;
 use uuid::Uuid;
 
 use super::{Backlog, OnRequeue, SchedulerStats, Tally, deliver, give_back, offered_types, placement};
@@ -76,14 +77,8 @@ impl Refiller {
         plan.tally.after(&self.backlog, offered, assignments.len(), *limit);
         // The successors first, then the completed attempts' slots are released: until then
         // those slots count as taken, so no other placement gives them away meanwhile.
-        let undelivered = deliver(
-            assignments,
-            &plan.sessions,
-            &self.registry,
-            &self.events,
-            &self.stats,
-            Some(&plan.completed),
-        );
+        let undelivered =
+            deliver(assignments, &plan.sessions, &self.registry, &self.events, &self.stats, &plan.completed);
         reported(&outcomes);
         if !undelivered.is_empty() {
             // The results are recorded whatever happens to the successors' delivery; a failed
@@ -142,12 +137,22 @@ impl Refill for Plan<'_> {
     }
 
     fn place(&mut self, candidates: &[Candidate], allowances: &Allowances) -> Placement {
+        // A task with an affinity key goes to the worker its key prefers among all of them,
+        // which only a pass sees: it stays pending for the pass the released slots wake.
+        let unkeyed: Vec<Candidate> =
+            candidates.iter().filter(|c| c.needs.affinity_key.is_none()).cloned().collect();
         // Round-robin over this batch's workers only: the scheduler's position is its own.
         let mut cursor = 0;
         let placed =
-            placement::place(self.refiller.strategy, candidates, &self.workers, &mut cursor, allowances);
+            placement::place(self.refiller.strategy, &unkeyed, &self.workers, &mut cursor, allowances);
         self.tally = Tally::of(candidates, &placed, allowances);
         Placement { placed: placed.placed, sessions: self.sessions.clone() }
+    }
+
+    fn claim_failed(&mut self, error: &store::StoreError) {
+        // Nothing was claimed: the hints stay as they were, the passes refill the slots.
+        warn!(%error, "claim with completed results failed; the results are recorded and the scheduler refills");
+        self.asked = None;
     }
 }
 
@@ -280,10 +285,8 @@ mod tests {
         registry.deregister(&worker).await.expect("drain");
         assert!(matches!(complete(&refiller, &registry, &second).await, ReportOutcome::Applied { .. }));
         assert!(pushed(&mut stream).is_none(), "a draining worker gets nothing");
-        assert_eq!(
-            db.store.get_task(ids[1]).await.unwrap().unwrap().state,
-            crate::domain::TaskState::Pending
-        );
+        let next = db.store.get_task(ids[1]).await.unwrap().unwrap();
+        assert_eq!((next.state, next.attempt), (crate::domain::TaskState::Pending, 0), "never assigned");
         db.cleanup().await;
     }
 

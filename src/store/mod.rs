@@ -513,6 +513,9 @@ pub trait Refill: Send {
 
     /// Places the locked candidates, as the `place` of [`Store::claim_fenced`] does.
     fn place(&mut self, candidates: &[Candidate], allowances: &Allowances) -> Placement;
+
+    /// The claim failed (`error`) and was rolled back; the completions commit without it.
+    fn claim_failed(&mut self, error: &StoreError);
 }
 
 /// Filter and page of `list_tasks`; pages are ordered by id (creation order).
@@ -954,7 +957,9 @@ impl Store {
     /// the slots the completions free, as [`Store::claim_fenced`] claims it: `refill` is told
     /// which attempts completed and answers how many tasks to claim and of which types (or
     /// nothing), then places the locked candidates. A worker's next tasks are assigned in the
-    /// transaction that records its last results, without a claim of their own.
+    /// transaction that records its last results, without a claim of their own. A claim that
+    /// fails is rolled back alone (a savepoint): the completions still commit, and `refill` is
+    /// told ([`Refill::claim_failed`]).
     pub async fn complete_and_claim(
         &self,
         reports: &[Completion],

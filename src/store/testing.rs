@@ -7,7 +7,9 @@ use std::time::Duration;
 use sqlx::Connection;
 use uuid::Uuid;
 
-use super::{Allowances, ClaimFilter, Held, Placement, Refill, Store, TypeFilter, WorkerRegistration};
+use super::{
+    Allowances, ClaimFilter, Held, Placement, Refill, Store, StoreError, TypeFilter, WorkerRegistration,
+};
 use crate::{
     config::DatabaseConfig,
     domain::{Assignment, Candidate, NewTask, TaskId, WorkerId},
@@ -48,11 +50,15 @@ pub struct RefillOn {
     pub worker: WorkerId,
     pub session: Uuid,
     pub told: Vec<Vec<Held>>,
+    /// With these shapes instead of none (the claim's check of worker shapes).
+    pub shapes: Option<super::Shapes>,
+    /// The errors of the claims that failed.
+    pub failed: Vec<String>,
 }
 
 impl RefillOn {
     pub fn new(worker: &WorkerId, session: Uuid) -> Self {
-        Self { worker: worker.clone(), session, told: Vec::new() }
+        Self { worker: worker.clone(), session, told: Vec::new(), shapes: None, failed: Vec::new() }
     }
 }
 
@@ -60,7 +66,7 @@ impl Refill for RefillOn {
     fn wanted(&mut self, completed: &[Held]) -> Option<(u32, ClaimFilter)> {
         self.told.push(completed.to_vec());
         let n = u32::try_from(completed.len()).ok().filter(|n| *n > 0)?;
-        Some((n, ClaimFilter::types(TypeFilter::Any)))
+        Some((n, ClaimFilter { types: TypeFilter::Any, shapes: self.shapes.clone() }))
     }
 
     fn place(&mut self, candidates: &[Candidate], _: &Allowances) -> Placement {
@@ -68,6 +74,10 @@ impl Refill for RefillOn {
             placed: candidates.iter().map(|c| (c.id, self.worker.clone())).collect(),
             sessions: [(self.worker.clone(), self.session)].into(),
         }
+    }
+
+    fn claim_failed(&mut self, error: &StoreError) {
+        self.failed.push(error.to_string());
     }
 }
 

@@ -300,6 +300,8 @@ mod tests {
 
         // A requeue of the worker in flight: it holds the worker's row.
         let mut requeue = pg.pool().begin().await.unwrap();
+        let requeue_pid: i32 =
+            sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *requeue).await.unwrap();
         sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE")
             .bind(&worker.0)
             .execute(&mut *requeue)
@@ -317,10 +319,11 @@ mod tests {
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
+            // The batch's backend, blocked by this requeue (and by nothing of another test).
             let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%workers%' AND pid <> pg_backend_pid()",
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
             )
+            .bind(requeue_pid)
             .fetch_one(pg.pool())
             .await
             .unwrap();

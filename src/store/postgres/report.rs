@@ -92,7 +92,18 @@ impl PgStore {
         let (outcomes, released, completed) = self.complete_in(&mut tx, reports).await?;
         let assignments = match refill.wanted(&completed) {
             Some((limit, filter)) => {
-                claim::claim_in(&mut tx, limit, &filter, lease, |c, a| refill.place(c, a)).await?
+                // The results do not depend on the claim: a claim that fails (a lock wait that
+                // times out, a row it cannot read) is undone alone and left to the passes.
+                sqlx::query("SAVEPOINT refill").execute(&mut *tx).await?;
+                match claim::claim_in(&mut tx, limit, &filter, lease, |c, a| refill.place(c, a)).await {
+                    Ok(assignments) => assignments,
+                    Err(e) if e.is_unavailable() => return Err(e),
+                    Err(e) => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT refill").execute(&mut *tx).await?;
+                        refill.claim_failed(&e);
+                        Vec::new()
+                    }
+                }
             }
             None => Vec::new(),
         };

@@ -126,6 +126,10 @@ impl PgStore {
         &self,
         beats: &[(WorkerId, DateTime<Utc>)],
     ) -> Result<u64> {
+        // In id order, as claims and batches of results lock workers' rows: two of them never
+        // wait on each other in a cycle.
+        let mut beats: Vec<&(WorkerId, DateTime<Utc>)> = beats.iter().collect();
+        beats.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let ids: Vec<&str> = beats.iter().map(|(w, _)| w.0.as_str()).collect();
         let ts: Vec<DateTime<Utc>> = beats.iter().map(|(_, t)| *t).collect();
         let r = sqlx::query(
