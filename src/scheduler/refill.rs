@@ -139,8 +139,13 @@ impl Refill for Plan<'_> {
     fn place(&mut self, candidates: &[Candidate], allowances: &Allowances) -> Placement {
         // A task with an affinity key goes to the worker its key prefers among all of them,
         // which only a pass sees: it stays pending for the pass the released slots wake.
-        let unkeyed: Vec<Candidate> =
-            candidates.iter().filter(|c| c.needs.affinity_key.is_none()).cloned().collect();
+        // Copied only when there is one (most batches have none).
+        let keyed = |c: &Candidate| c.needs.affinity_key.is_some();
+        let unkeyed: std::borrow::Cow<'_, [Candidate]> = if candidates.iter().any(keyed) {
+            candidates.iter().filter(|c| !keyed(c)).cloned().collect::<Vec<_>>().into()
+        } else {
+            candidates.into()
+        };
         // Round-robin over this batch's workers only: the scheduler's position is its own.
         let mut cursor = 0;
         let placed =
@@ -273,6 +278,25 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// A task with an affinity key is left to the pass: only a pass sees every worker its key
+    /// could prefer.
+    async fn a_batch_leaves_a_keyed_task_to_the_passes(db: TestDb) {
+        let (mut scheduler, registry, mut stream, _) = one_slot_worker(&db, 1, 0).await;
+        let refiller = scheduler.refiller();
+        scheduler.pass().await.expect("pass");
+        let first = pushed(&mut stream).expect("the first task");
+        assert!(refiller.backlog.contains("prove"));
+        let mut keyed = testing::new_task("prove");
+        keyed.needs.affinity_key = Some("circuit-7".into());
+        let id = keyed.id;
+        db.store.create_tasks(&[keyed]).await.expect("submit");
+        assert!(matches!(complete(&refiller, &registry, &first).await, ReportOutcome::Applied { .. }));
+        assert!(pushed(&mut stream).is_none(), "the batch claims nothing for it");
+        let task = db.store.get_task(id).await.unwrap().unwrap();
+        assert_eq!((task.state, task.attempt), (crate::domain::TaskState::Pending, 0));
+        db.cleanup().await;
+    }
+
     /// A batch refills only workers that want work: a draining worker is not refilled, and
     /// its task waits.
     async fn a_batch_never_refills_a_draining_worker(db: TestDb) {
@@ -324,5 +348,17 @@ mod tests {
     async fn a_batch_leaves_a_prefetching_worker_to_the_passes_postgres() {
         let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
         a_batch_leaves_a_prefetching_worker_to_the_passes(db).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_leaves_a_keyed_task_to_the_passes_sqlite() {
+        a_batch_leaves_a_keyed_task_to_the_passes(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_batch_leaves_a_keyed_task_to_the_passes_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_batch_leaves_a_keyed_task_to_the_passes(db).await;
     }
 }
