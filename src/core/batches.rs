@@ -84,14 +84,20 @@ pub fn spawn(
         }
     });
     let s = store.clone();
+    let fx = effects.clone();
     let (deliveries, h3) = Batcher::spawn(DELIVERY_BATCH_MAX, move |items: Vec<(Held, Instant)>| {
         let s = s.clone();
+        let fx = fx.clone();
         async move {
+            let answers = vec![(); items.len()];
+            let mut items = items;
             if let Some(oldest) = items.iter().map(|(_, at)| *at).min() {
                 tokio::time::sleep_until((oldest + DELIVERY_MARK_DELAY).into()).await;
             }
+            // Those that reported meanwhile need no mark: their result was written instead.
+            fx.retain_running(&mut items);
             s.mark_delivered(&items).await?;
-            Ok(vec![(); items.len()])
+            Ok(answers)
         }
     });
     (Batchers { completions, renewals, deliveries }, vec![h1, h2, h3])

@@ -7,7 +7,7 @@
 //! connection cut) cannot skip them. `Duplicate` and `Stale` answers free the slot too: the
 //! release is fenced by attempt, so it only ever frees the slot of that very attempt.
 
-use std::future::Future;
+use std::{future::Future, time::Instant};
 
 use tracing::{Instrument, info, warn};
 
@@ -49,6 +49,13 @@ impl Effects {
         transition: impl Future<Output = T> + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         tokio::spawn(transition.in_current_span()).await
+    }
+
+    /// Drops from `delivered` the attempts already over here, before their `running` mark
+    /// ([`Registry::retain_held`]): under load most have reported by then, and their update would
+    /// find nothing to do.
+    pub fn retain_running(&self, delivered: &mut Vec<(Held, Instant)>) {
+        self.registry.retain_held(delivered);
     }
 
     /// A submission answered `created`: the new tasks among them not assigned as they were

@@ -804,6 +804,19 @@ impl Registry {
         now
     }
 
+    /// Drops from `delivered` the attempts this registry knows are over: their worker's session
+    /// here no longer holds them (reported, cancelled, requeued, or freed by a reconciliation:
+    /// none is still `assigned` under that attempt, or it is about to stop being so). Attempts
+    /// of workers without a session here (they moved to another replica, or left) stay: this
+    /// replica cannot tell.
+    pub fn retain_held(&self, delivered: &mut Vec<(Held, Instant)>) {
+        let state = self.lock();
+        delivered.retain(|(h, _)| match state.sessions.get(&h.worker_id) {
+            Some(s) => s.in_flight.get(&h.task_id).is_some_and(|f| f.attempt == h.attempt),
+            None => true,
+        });
+    }
+
     /// When `worker`'s stream took (task, attempt), if this process delivered it.
     pub fn delivered_at(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> Option<Instant> {
         let state = self.lock();
@@ -1268,6 +1281,33 @@ mod tests {
 
     fn in_flight(r: &Registry, w: &WorkerId) -> u32 {
         r.session(w).map(|s| s.in_flight).unwrap_or_default()
+    }
+
+    /// Before their `running` mark, deliveries this registry knows are over are dropped: a
+    /// reported attempt and an older attempt of a task; a held one and one of a worker with no
+    /// session here stay.
+    #[tokio::test]
+    async fn deliveries_over_here_are_not_marked_running() {
+        let db = TestDb::sqlite().await;
+        let r = Registry::new(config(), db.store.clone(), Wake::default()).0;
+        let w = WorkerId::from("one");
+        let session = r.register(testing::registration("one", 2)).await.unwrap().session_id;
+        let (_, _stream) = r.attach(&w).unwrap();
+        let (a, b) = (assign(&db.store, &w).await, assign(&db.store, &w).await);
+        let held = |a: &Assignment| Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
+        let (held_a, held_b) = (held(&a), held(&b));
+        r.push(a, session).unwrap();
+        r.push(b, session).unwrap();
+        r.release(&w, held_b.task_id, held_b.attempt);
+        let elsewhere = Held { worker_id: WorkerId::from("elsewhere"), ..held_b.clone() };
+        let older = Held { attempt: held_a.attempt - 1, ..held_a.clone() };
+        let now = Instant::now();
+        let mut delivered: Vec<_> =
+            [&held_a, &held_b, &elsewhere, &older].into_iter().map(|h| (h.clone(), now)).collect();
+        r.retain_held(&mut delivered);
+        let kept: Vec<Held> = delivered.into_iter().map(|(h, _)| h).collect();
+        assert_eq!(kept, vec![held_a, elsewhere]);
+        db.cleanup().await;
     }
 
     /// A refill's push fits only the slots its completed attempts free: with one slot held by
