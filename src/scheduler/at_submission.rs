@@ -10,19 +10,15 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    sync::Arc,
     time::Duration,
 };
 
 use chrono::Utc;
 
-use super::{Backlog, OnRequeue, Placing, SchedulerStats, deliver, give_back, placement};
+use super::{Placing, Shared, placement};
 use crate::{
-    config::Strategy,
     domain::{Assignment, Candidate, Job, JobId, NewTask, TaskId},
-    events::Events,
     metrics,
-    registry::Registry,
     store::{self, Created, Placement, Store},
 };
 
@@ -34,15 +30,8 @@ pub const TURN_WAIT: Duration = Duration::from_millis(1);
 /// Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AtSubmission {
-    pub(super) strategy: Strategy,
-    pub(super) lease: Duration,
-    pub(super) store: Store,
-    pub(super) registry: Registry,
-    pub(super) events: Events,
-    pub(super) effects: Arc<dyn OnRequeue>,
-    pub(super) stats: Arc<SchedulerStats>,
+    pub(super) shared: Shared,
     pub(super) placing: Placing,
-    pub(super) backlog: Backlog,
 }
 
 impl AtSubmission {
@@ -68,7 +57,9 @@ impl AtSubmission {
     /// pushes what the insert assigned.
     async fn place<I: Insert>(&self, tasks: &[NewTask], insert: I) -> store::Result<I::Out> {
         let unplaced = async || {
-            let (out, _) = insert.insert(&self.store, tasks, &Placement::default(), self.lease).await?;
+            let (out, _) = insert
+                .insert(&self.shared.store, tasks, &Placement::default(), self.shared.config.lease)
+                .await?;
             Ok(out)
         };
         let now = Utc::now();
@@ -82,8 +73,8 @@ impl AtSubmission {
                 needs: t.needs.clone(),
             })
             .collect();
-        self.backlog.keep_clear(&mut candidates);
-        if candidates.is_empty() || !self.store.assigns_at_submission() {
+        self.shared.backlog.keep_clear(&mut candidates);
+        if candidates.is_empty() || !self.shared.store.assigns_at_submission() {
             return unplaced().await;
         }
         let mut turn = match self.placing.0.try_lock() {
@@ -93,9 +84,15 @@ impl AtSubmission {
                 Err(_) => return unplaced().await,
             },
         };
-        let (workers, sessions) = self.registry.schedulable();
+        let (workers, sessions) = self.shared.registry.schedulable();
         let mut cursor = *turn;
-        let placed = placement::place(self.strategy, &candidates, &workers, &mut cursor, &HashMap::new());
+        let placed = placement::place(
+            self.shared.config.strategy,
+            &candidates,
+            &workers,
+            &mut cursor,
+            &HashMap::new(),
+        );
         if placed.placed.is_empty() {
             drop(turn);
             return unplaced().await;
@@ -104,15 +101,16 @@ impl AtSubmission {
             metrics::affinity_placements(placed.affinity_hits, placed.affinity_misses);
         }
         let placement = Placement { placed: placed.placed, sessions: sessions.clone() };
-        let (out, assigned) = match insert.insert(&self.store, tasks, &placement, self.lease).await {
-            Ok(out) => out,
-            Err(e) => {
-                // The commit's outcome may be unknown: the reconciliation returns whatever was
-                // assigned to workers that never heard of it.
-                self.registry.request_reconcile();
-                return Err(e);
-            }
-        };
+        let (out, assigned) =
+            match insert.insert(&self.shared.store, tasks, &placement, self.shared.config.lease).await {
+                Ok(out) => out,
+                Err(e) => {
+                    // The commit's outcome may be unknown: the reconciliation returns whatever was
+                    // assigned to workers that never heard of it.
+                    self.shared.registry.request_reconcile();
+                    return Err(e);
+                }
+            };
         if !assigned.is_empty() {
             *turn = cursor;
         }
@@ -126,9 +124,9 @@ impl AtSubmission {
             let refused: HashSet<TaskId> =
                 placement.placed.iter().map(|(t, _)| *t).filter(|t| !given.contains(t)).collect();
             refused_types.extend(candidates.iter().filter(|c| refused.contains(&c.id)).map(|c| &c.task_type));
-            self.backlog.mark(refused_types.iter().copied());
+            self.shared.backlog.mark(refused_types.iter().copied());
         }
-        let undelivered = deliver(assigned, &sessions, &self.registry, &self.events, &self.stats, &[]);
+        let undelivered = self.shared.deliver(assigned, &sessions, &[]);
         // Pushed: the slots are counted. The give-back's round trip is not placement's.
         drop(turn);
         if !refused_types.is_empty() {
@@ -137,7 +135,7 @@ impl AtSubmission {
         if !undelivered.is_empty() {
             // The tasks are stored: the submission succeeded whatever happens to their delivery.
             // A failed give-back is the reconciliation's (requested by `give_back`).
-            let _ = give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await;
+            let _ = self.shared.give_back(&undelivered).await;
         }
         Ok(out)
     }
@@ -151,8 +149,8 @@ impl AtSubmission {
     /// clears it.
     async fn mark_limited(&self, refused: &BTreeSet<&String>) {
         let types: Vec<String> = refused.iter().map(|t| (*t).clone()).collect();
-        if let Ok(limited) = self.store.limited_types(&types).await {
-            self.backlog.mark_limited(limited.iter());
+        if let Ok(limited) = self.shared.store.limited_types(&types).await {
+            self.shared.backlog.mark_limited(limited.iter());
         }
     }
 }
@@ -212,11 +210,15 @@ impl Insert for JobOf<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::{sync::Arc, time::Duration};
+
     use super::*;
     use crate::{
+        config::Strategy,
         domain::{TaskState, Wake, WorkerId},
-        registry::{Push, RegistryConfig},
-        scheduler::NoEffects,
+        events::Events,
+        registry::{Push, Registry, RegistryConfig},
+        scheduler::{Backlog, NoEffects, SchedulerStats},
         store::testing,
     };
 
@@ -230,17 +232,22 @@ mod tests {
         registry.register(testing::registration("w", slots)).await.expect("register");
         let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
         let placing = Placing::default();
-        let placer = AtSubmission {
+        let config = super::super::SchedulerConfig {
             strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
             lease: Duration::from_secs(60),
+        };
+        let shared = Shared {
+            config,
             store: db.store.clone(),
             registry,
             events: Events::new(),
             effects: Arc::new(NoEffects),
             stats: Arc::new(SchedulerStats::default()),
-            placing: placing.clone(),
             backlog: Backlog::default(),
         };
+        let placer = AtSubmission { shared, placing: placing.clone() };
         Some((db, placer, stream, placing))
     }
 
@@ -465,7 +472,7 @@ mod tests {
         db.store.create_tasks(std::slice::from_ref(&older)).await.unwrap();
         let (first, state) = submit_one(&placer, "prove").await;
         assert_eq!(state, TaskState::Pending, "behind the older one");
-        assert!(placer.backlog.contains("prove"));
+        assert!(placer.shared.backlog.contains("prove"));
 
         // Nothing of the type is pending now: the insert's check would let a task through, the
         // hint keeps it for the claims.
@@ -479,7 +486,7 @@ mod tests {
         // The pass claims it with room to spare and clears the type.
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
         assert_eq!(pushed(&mut stream), vec![second]);
-        assert!(!placer.backlog.contains("prove"));
+        assert!(!placer.shared.backlog.contains("prove"));
         let (third, state) = submit_one(&placer, "prove").await;
         assert_eq!(state, TaskState::Assigned);
         assert_eq!(pushed(&mut stream), vec![third]);
@@ -489,7 +496,7 @@ mod tests {
         db.store.create_tasks(&backlog).await.unwrap();
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Full);
         assert_eq!(pushed(&mut stream).len(), 2);
-        assert!(placer.backlog.contains("prove"));
+        assert!(placer.shared.backlog.contains("prove"));
         db.cleanup().await;
     }
 
@@ -508,13 +515,13 @@ mod tests {
         db.store.set_type_limit("limited", Some(1)).await.unwrap();
         let (first, state) = submit_one(&placer, "limited").await;
         assert_eq!(state, TaskState::Pending, "the insert refuses a limited type");
-        assert!(placer.backlog.limited("limited"), "refused, and the type has a limit");
-        assert!(!placer.backlog.contains("limited"), "the limit holds it back, not an older task");
+        assert!(placer.shared.backlog.limited("limited"), "refused, and the type has a limit");
+        assert!(!placer.shared.backlog.contains("limited"), "the limit holds it back, not an older task");
 
         // The pass claims it under the limit: the type is at its limit now.
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
         assert_eq!(pushed(&mut stream), vec![first]);
-        assert!(placer.backlog.limited("limited"));
+        assert!(placer.shared.backlog.limited("limited"));
 
         // At its limit: the next task waits, and a pass that offers the type finds no candidate
         // of it and leaves it marked.
@@ -522,14 +529,14 @@ mod tests {
         assert_eq!(state, TaskState::Pending);
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
         assert!(pushed(&mut stream).is_empty());
-        assert!(placer.backlog.limited("limited"), "a pass that saw no candidate of it keeps it");
-        assert!(!placer.backlog.contains("limited"));
+        assert!(placer.shared.backlog.limited("limited"), "a pass that saw no candidate of it keeps it");
+        assert!(!placer.shared.backlog.contains("limited"));
 
         // The limit removed: the next pass's candidate shows it, and placement resumes.
         db.store.set_type_limit("limited", None).await.unwrap();
         assert_eq!(scheduler.pass().await.expect("pass"), super::super::Pass::Done);
         assert_eq!(pushed(&mut stream), vec![second]);
-        assert!(!placer.backlog.limited("limited"));
+        assert!(!placer.shared.backlog.limited("limited"));
         let (third, state) = submit_one(&placer, "limited").await;
         assert_eq!(state, TaskState::Assigned);
         assert_eq!(pushed(&mut stream), vec![third]);

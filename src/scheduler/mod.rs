@@ -47,7 +47,8 @@ pub struct Placing(Arc<tokio::sync::Mutex<usize>>);
 /// more), or a placed submission had some refused by the insert's checks. The insert would
 /// refuse such a task anyway (an older task of its type is pending), and holding placement's
 /// turn meanwhile holds up the passes that work the backlog off. A pass that places every
-/// candidate with room to spare clears the types it offered.
+/// candidate with room to spare clears the types it offered; a refill ([`Refiller`]) marks
+/// but never clears (it saw its own batch's workers only).
 ///
 /// Limited types: a pass found the type under a concurrency limit, or a placed submission had
 /// some refused by the insert and the type has a limit. The insert never assigns such a task
@@ -100,10 +101,12 @@ impl Backlog {
 
     /// After a pass that offered `offered` and placed candidates of the types `took`, leaving
     /// candidates of the types `left` pending; `limits` holds the concurrency limits the pass
-    /// found for the types of its candidates.
+    /// found for the types of its candidates. `offered` is `None` after a refill: it offered the
+    /// slots of its own batch's workers only, so a claim that came back with room to spare says
+    /// nothing of what the other workers could take, and clears nothing.
     fn after_pass(
         &self,
-        offered: &TypeFilter,
+        offered: Option<&TypeFilter>,
         took: &[String],
         left: &[String],
         limits: &crate::store::Allowances,
@@ -123,10 +126,11 @@ impl Backlog {
             took
         } else {
             match offered {
-                TypeFilter::Only(types) => types.iter().for_each(|t| {
+                Some(TypeFilter::Only(types)) => types.iter().for_each(|t| {
                     hints.backlogged.remove(t);
                 }),
-                TypeFilter::Any | TypeFilter::AnyAnd(_) => hints.backlogged.clear(),
+                Some(TypeFilter::Any | TypeFilter::AnyAnd(_)) => hints.backlogged.clear(),
+                None => {}
             }
             &[]
         };
@@ -202,14 +206,22 @@ pub struct SchedulerConfig {
 
 #[derive(Debug)]
 pub struct Scheduler {
+    shared: Shared,
+    wake: Wake,
+    placing: Placing,
+}
+
+/// What the passes, placement at submission ([`AtSubmission`]) and refills ([`Refiller`])
+/// share: the settings, the store they claim from, the workers they push to, where the
+/// outcomes go, and the backlog hints. Cheap to clone.
+#[derive(Debug, Clone)]
+struct Shared {
     config: SchedulerConfig,
     store: Store,
     registry: Registry,
-    wake: Wake,
     events: Events,
     effects: Arc<dyn OnRequeue>,
     stats: Arc<SchedulerStats>,
-    placing: Placing,
     backlog: Backlog,
 }
 
@@ -223,54 +235,26 @@ impl Scheduler {
         effects: Arc<dyn OnRequeue>,
         stats: Arc<SchedulerStats>,
     ) -> Self {
-        Self {
-            config,
-            store,
-            registry,
-            wake,
-            events,
-            effects,
-            stats,
-            placing: Placing::default(),
-            backlog: Backlog::default(),
-        }
+        let backlog = Backlog::default();
+        let shared = Shared { config, store, registry, events, effects, stats, backlog };
+        Self { shared, wake, placing: Placing::default() }
     }
 
     /// What places submissions on this replica's free workers as they are stored, taking
     /// placement's turn with this scheduler's passes.
     pub fn at_submission(&self) -> AtSubmission {
-        AtSubmission {
-            strategy: self.config.strategy,
-            lease: self.config.lease,
-            store: self.store.clone(),
-            registry: self.registry.clone(),
-            events: self.events.clone(),
-            effects: self.effects.clone(),
-            stats: self.stats.clone(),
-            placing: self.placing.clone(),
-            backlog: self.backlog.clone(),
-        }
+        AtSubmission { shared: self.shared.clone(), placing: self.placing.clone() }
     }
 
     /// What completes batches of reports and refills the slots they free, beside this
     /// scheduler's passes.
     pub fn refiller(&self) -> Refiller {
-        Refiller {
-            strategy: self.config.strategy,
-            batch_size: self.config.batch_size,
-            lease: self.config.lease,
-            store: self.store.clone(),
-            registry: self.registry.clone(),
-            events: self.events.clone(),
-            effects: self.effects.clone(),
-            stats: self.stats.clone(),
-            backlog: self.backlog.clone(),
-        }
+        Refiller { shared: self.shared.clone() }
     }
 
     /// Runs passes on every tick and wake-up until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut tick = tokio::time::interval(self.config.poll_interval);
+        let mut tick = tokio::time::interval(self.shared.config.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -301,19 +285,19 @@ impl Scheduler {
 
     /// One pass: claim, place, persist, push.
     pub async fn pass(&mut self) -> crate::store::Result<Pass> {
-        self.stats.poll_cycles.fetch_add(1, Ordering::Relaxed);
+        self.shared.stats.poll_cycles.fetch_add(1, Ordering::Relaxed);
         metrics::poll_cycle();
         // How much to claim, and of which types. Placement looks at the workers again once the
         // candidates are locked (see below).
-        let (workers, _) = self.registry.schedulable();
+        let (workers, _) = self.shared.registry.schedulable();
         let offering: Vec<&placement::WorkerSlot> = workers.iter().filter(|w| w.free > 0).collect();
         let free: u32 = offering.iter().map(|w| w.free).sum();
         if free == 0 {
             return Ok(Pass::Done);
         }
         let filter = ClaimFilter { types: offered_types(&offering), shapes: Shapes::of(&workers) };
-        let limit = free.min(self.config.batch_size);
-        let strategy = self.config.strategy;
+        let limit = free.min(self.shared.config.batch_size);
+        let strategy = self.shared.config.strategy;
         let mut sessions = HashMap::new();
         let mut tally = Tally::default();
         // Placement's turn, taken once there are candidates to place and held until their
@@ -321,10 +305,11 @@ impl Scheduler {
         // this pass places nothing, waits for it and goes again.
         let mut turn = None;
         let mut busy = false;
-        let (registry, placing) = (&self.registry, &self.placing);
+        let (registry, placing) = (&self.shared.registry, &self.placing);
         let assignments = match self
+            .shared
             .store
-            .claim_fenced(limit, &filter, self.config.lease, |candidates, allowances| {
+            .claim_fenced(limit, &filter, self.shared.config.lease, |candidates, allowances| {
                 let Ok(mut held) = placing.0.clone().try_lock_owned() else {
                     busy = true;
                     return Placement::default();
@@ -345,7 +330,7 @@ impl Scheduler {
             Err(e) => {
                 // The commit's outcome may be unknown: tasks may be assigned to workers that
                 // will never hear of them. The reconciliation finds and returns them.
-                self.registry.request_reconcile();
+                self.shared.registry.request_reconcile();
                 return Err(e);
             }
         };
@@ -353,11 +338,11 @@ impl Scheduler {
             drop(self.placing.0.lock().await);
             return Ok(Pass::Full);
         }
-        let full = tally.after(&self.backlog, &filter.types, assignments.len(), limit);
-        let undelivered = deliver(assignments, &sessions, &self.registry, &self.events, &self.stats, &[]);
+        let full = tally.after(&self.shared.backlog, Some(&filter.types), assignments.len(), limit);
+        let undelivered = self.shared.deliver(assignments, &sessions, &[]);
         drop(turn);
         if !undelivered.is_empty() {
-            give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await?;
+            self.shared.give_back(&undelivered).await?;
             return Ok(Pass::Done);
         }
         Ok(if full { Pass::Full } else { Pass::Done })
@@ -413,7 +398,9 @@ impl Tally {
 
     /// Counts the affinity placements and updates the backlog hints after a claim of `limit`
     /// that assigned `claimed`; answers whether it came back full (there may be more).
-    fn after(&self, backlog: &Backlog, offered: &TypeFilter, claimed: usize, limit: u32) -> bool {
+    ///
+    /// `offered`: the types the claim asked for, `None` for a refill ([`Backlog::after_pass`]).
+    fn after(&self, backlog: &Backlog, offered: Option<&TypeFilter>, claimed: usize, limit: u32) -> bool {
         if self.affinity != (0, 0) {
             metrics::affinity_placements(self.affinity.0, self.affinity.1);
         }
@@ -423,62 +410,58 @@ impl Tally {
     }
 }
 
-/// Pushes each assignment into its worker's stream under the session it was made for; the
-/// attempts that could not be pushed (the worker went, or its session changed) come back, to
-/// be given back to pending.
-///
-/// `freeing`: the assignments fill slots that these attempts free ([`Registry::push_freeing`]).
-fn deliver(
-    assignments: Vec<Assignment>,
-    sessions: &HashMap<WorkerId, uuid::Uuid>,
-    registry: &Registry,
-    events: &Events,
-    stats: &SchedulerStats,
-    freeing: &[Held],
-) -> Vec<Held> {
-    let mut undelivered = Vec::new();
-    let now = Utc::now();
-    for a in assignments {
-        let latency = (now - a.created_at).to_std().unwrap_or_default();
-        let task_id = a.task_id;
-        let held = Held { task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
-        let Some(session) = sessions.get(&a.worker_id).copied() else {
-            undelivered.push(held);
-            continue;
-        };
-        match registry.push_freeing(a, session, freeing) {
-            Ok(()) => {
-                stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
-                metrics::task_assigned(latency);
-                events.changed(task_id);
-            }
-            Err(error) => {
-                stats.assignments_failed.fetch_add(1, Ordering::Relaxed);
-                debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, %error, "push failed; requeueing");
+impl Shared {
+    /// Pushes each assignment into its worker's stream under the session it was made for; the
+    /// attempts that could not be pushed (the worker went, or its session changed) come back, to
+    /// be given back to pending.
+    ///
+    /// `freeing`: the assignments fill slots that these attempts free ([`Registry::push_freeing`]).
+    fn deliver(
+        &self,
+        assignments: Vec<Assignment>,
+        sessions: &HashMap<WorkerId, uuid::Uuid>,
+        freeing: &[Held],
+    ) -> Vec<Held> {
+        let Shared { registry, events, stats, .. } = self;
+        let mut undelivered = Vec::new();
+        let now = Utc::now();
+        for a in assignments {
+            let latency = (now - a.created_at).to_std().unwrap_or_default();
+            let task_id = a.task_id;
+            let held = Held { task_id, worker_id: a.worker_id.clone(), attempt: a.attempt };
+            let Some(session) = sessions.get(&a.worker_id).copied() else {
                 undelivered.push(held);
+                continue;
+            };
+            match registry.push_freeing(a, session, freeing) {
+                Ok(()) => {
+                    stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
+                    metrics::task_assigned(latency);
+                    events.changed(task_id);
+                }
+                Err(error) => {
+                    stats.assignments_failed.fetch_add(1, Ordering::Relaxed);
+                    debug!(task_id = %held.task_id, worker_id = %held.worker_id, attempt = held.attempt, %error, "push failed; requeueing");
+                    undelivered.push(held);
+                }
             }
         }
+        undelivered
     }
-    undelivered
-}
 
-/// Gives the attempts [`deliver`] could not push back to pending.
-async fn give_back(
-    undelivered: &[Held],
-    store: &Store,
-    registry: &Registry,
-    effects: &dyn OnRequeue,
-) -> crate::store::Result<()> {
-    match store.requeue_undelivered(undelivered).await {
-        Ok(requeued) => effects.requeued(&requeued),
-        Err(e) => {
-            // Still assigned to workers that never heard of them: the reconciliation returns them.
-            registry.request_reconcile();
-            return Err(e);
+    /// Gives the attempts [`Self::deliver`] could not push back to pending.
+    async fn give_back(&self, undelivered: &[Held]) -> crate::store::Result<()> {
+        match self.store.requeue_undelivered(undelivered).await {
+            Ok(requeued) => self.effects.requeued(&requeued),
+            Err(e) => {
+                // Still assigned to workers that never heard of them: the reconciliation returns them.
+                self.registry.request_reconcile();
+                return Err(e);
+            }
         }
+        warn!(count = undelivered.len(), "assignments could not be pushed and went back to pending");
+        Ok(())
     }
-    warn!(count = undelivered.len(), "assignments could not be pushed and went back to pending");
-    Ok(())
 }
 
 /// How a pass ended.

@@ -11,36 +11,22 @@
 //! queue hides the wait for a pass, which refills it in bulk), the batch completes alone and
 //! the released slots wake the scheduler, as before.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::collections::HashMap;
 
 use tracing::warn;
 use uuid::Uuid;
 
-use super::{Backlog, OnRequeue, SchedulerStats, Tally, deliver, give_back, offered_types, placement};
+use super::{Shared, Tally, offered_types, placement};
 use crate::{
-    config::Strategy,
     domain::{Candidate, WorkerId, WorkerSlot},
-    events::Events,
-    registry::Registry,
-    store::{
-        self, Allowances, ClaimFilter, Completion, Held, Placement, Refill, ReportOutcome, Shapes, Store,
-        TypeFilter,
-    },
+    store::{self, Allowances, ClaimFilter, Completion, Held, Placement, Refill, ReportOutcome, Shapes},
 };
 
 /// Completes batches of reports, refilling the slots they free ([`super::Scheduler::refiller`]).
 /// Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Refiller {
-    pub(super) strategy: Strategy,
-    pub(super) batch_size: u32,
-    pub(super) lease: Duration,
-    pub(super) store: Store,
-    pub(super) registry: Registry,
-    pub(super) events: Events,
-    pub(super) effects: Arc<dyn OnRequeue>,
-    pub(super) stats: Arc<SchedulerStats>,
-    pub(super) backlog: Backlog,
+    pub(super) shared: Shared,
 }
 
 impl Refiller {
@@ -52,38 +38,39 @@ impl Refiller {
         reports: &[Completion],
         reported: impl FnOnce(&[ReportOutcome]),
     ) -> store::Result<Vec<ReportOutcome>> {
-        if !self.backlog.any() || !self.registry.refills_any(reports.iter().map(|c| &c.held.worker_id)) {
-            let outcomes = self.store.complete(reports).await?;
+        if !self.shared.backlog.any()
+            || !self.shared.registry.refills_any(reports.iter().map(|c| &c.held.worker_id))
+        {
+            let outcomes = self.shared.store.complete(reports).await?;
             reported(&outcomes);
             return Ok(outcomes);
         }
         let mut plan = Plan::new(self);
         let (outcomes, assignments) =
-            match self.store.complete_and_claim(reports, self.lease, &mut plan).await {
+            match self.shared.store.complete_and_claim(reports, self.shared.config.lease, &mut plan).await {
                 Ok(done) => done,
                 Err(e) => {
                     if plan.asked.is_some() {
                         // The commit's outcome may be unknown: tasks may be assigned to workers that
                         // will never hear of them. The reconciliation finds and returns them.
-                        self.registry.request_reconcile();
+                        self.shared.registry.request_reconcile();
                     }
                     return Err(e);
                 }
             };
-        let Some((offered, limit)) = &plan.asked else {
+        let Some(limit) = plan.asked else {
             reported(&outcomes);
             return Ok(outcomes);
         };
-        plan.tally.after(&self.backlog, offered, assignments.len(), *limit);
+        plan.tally.after(&self.shared.backlog, None, assignments.len(), limit);
         // The successors first, then the completed attempts' slots are released: until then
         // those slots count as taken, so no other placement gives them away meanwhile.
-        let undelivered =
-            deliver(assignments, &plan.sessions, &self.registry, &self.events, &self.stats, &plan.completed);
+        let undelivered = self.shared.deliver(assignments, &plan.sessions, &plan.completed);
         reported(&outcomes);
         if !undelivered.is_empty() {
             // The results are recorded whatever happens to the successors' delivery; a failed
             // give-back is the reconciliation's (requested by `give_back`).
-            let _ = give_back(&undelivered, &self.store, &self.registry, self.effects.as_ref()).await;
+            let _ = self.shared.give_back(&undelivered).await;
         }
         Ok(outcomes)
     }
@@ -97,8 +84,8 @@ struct Plan<'a> {
     /// The completing workers, each offering the slots its completed attempts free.
     workers: Vec<WorkerSlot>,
     sessions: HashMap<WorkerId, Uuid>,
-    /// The types claimed and how many at most; `None` when nothing was claimed.
-    asked: Option<(TypeFilter, u32)>,
+    /// How many were claimed at most; `None` when nothing was claimed.
+    asked: Option<u32>,
     tally: Tally,
 }
 
@@ -120,16 +107,16 @@ impl Refill for Plan<'_> {
         // Asked again when the transaction is retried: start over.
         self.asked = None;
         self.tally = Tally::default();
-        let (workers, sessions) = self.refiller.registry.refillable(completed);
+        let (workers, sessions) = self.refiller.shared.registry.refillable(completed);
         let offering: Vec<&WorkerSlot> = workers.iter().filter(|w| w.free > 0).collect();
         let free: u32 = offering.iter().map(|w| w.free).sum();
         let types = offered_types(&offering);
-        if free == 0 || !self.refiller.backlog.offers(&types) {
+        if free == 0 || !self.refiller.shared.backlog.offers(&types) {
             return None;
         }
-        let limit = free.min(self.refiller.batch_size);
-        let filter = ClaimFilter { types: types.clone(), shapes: Shapes::of(&workers) };
-        self.asked = Some((types, limit));
+        let limit = free.min(self.refiller.shared.config.batch_size);
+        let filter = ClaimFilter { types, shapes: Shapes::of(&workers) };
+        self.asked = Some(limit);
         self.completed = completed.to_vec();
         self.workers = workers;
         self.sessions = sessions;
@@ -148,8 +135,13 @@ impl Refill for Plan<'_> {
         };
         // Round-robin over this batch's workers only: the scheduler's position is its own.
         let mut cursor = 0;
-        let placed =
-            placement::place(self.refiller.strategy, &unkeyed, &self.workers, &mut cursor, allowances);
+        let placed = placement::place(
+            self.refiller.shared.config.strategy,
+            &unkeyed,
+            &self.workers,
+            &mut cursor,
+            allowances,
+        );
         self.tally = Tally::of(candidates, &placed, allowances);
         Placement { placed: placed.placed, sessions: self.sessions.clone() }
     }
@@ -163,12 +155,15 @@ impl Refill for Plan<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::{sync::Arc, time::Duration};
+
     use super::*;
     use crate::{
         config::Strategy,
         domain::{Wake, WorkerId},
-        registry::{Push, RegistryConfig},
-        scheduler::NoEffects,
+        events::Events,
+        registry::{Push, Registry, RegistryConfig},
+        scheduler::{NoEffects, SchedulerStats},
         store::testing::{self, TestDb},
     };
 
@@ -234,14 +229,15 @@ mod tests {
 
     /// With tasks waiting, the batch that completes a worker's task pushes its next one: the
     /// worker holds one task throughout, and no scheduler pass runs between the two. Once
-    /// nothing waits, a completion frees the slot and the type is no longer backlogged.
+    /// nothing waits, a completion frees the slot, and the pass it wakes finds the type no
+    /// longer backlogged.
     async fn a_batch_pushes_the_next_task_into_the_slot_it_frees(db: TestDb) {
         let (mut scheduler, registry, mut stream, ids) = one_slot_worker(&db, 3, 0).await;
         let refiller = scheduler.refiller();
         scheduler.pass().await.expect("pass");
         let mut running = pushed(&mut stream).expect("the first task");
         assert_eq!(running.task_id, ids[0]);
-        assert!(refiller.backlog.contains("prove"), "a full pass leaves the type backlogged");
+        assert!(refiller.shared.backlog.contains("prove"), "a full pass leaves the type backlogged");
         let worker = WorkerId::from("w");
         for next in &ids[1..] {
             assert!(matches!(complete(&refiller, &registry, &running).await, ReportOutcome::Applied { .. }));
@@ -255,7 +251,12 @@ mod tests {
         assert!(matches!(complete(&refiller, &registry, &running).await, ReportOutcome::Applied { .. }));
         assert!(pushed(&mut stream).is_none(), "nothing left");
         assert_eq!(registry.session(&worker).unwrap().in_flight, 0);
-        assert!(!refiller.backlog.contains("prove"), "a refill with room to spare clears the type");
+        assert!(
+            refiller.shared.backlog.contains("prove"),
+            "a refill clears nothing: it saw its worker alone"
+        );
+        scheduler.pass().await.expect("pass");
+        assert!(!refiller.shared.backlog.contains("prove"), "the pass the freed slot wakes clears it");
         db.cleanup().await;
     }
 
@@ -285,7 +286,7 @@ mod tests {
         let refiller = scheduler.refiller();
         scheduler.pass().await.expect("pass");
         let first = pushed(&mut stream).expect("the first task");
-        assert!(refiller.backlog.contains("prove"));
+        assert!(refiller.shared.backlog.contains("prove"));
         let mut keyed = testing::new_task("prove");
         keyed.needs.affinity_key = Some("circuit-7".into());
         let id = keyed.id;
@@ -312,6 +313,47 @@ mod tests {
         let next = db.store.get_task(ids[1]).await.unwrap().unwrap();
         assert_eq!((next.state, next.attempt), (crate::domain::TaskState::Pending, 0), "never assigned");
         db.cleanup().await;
+    }
+
+    /// A refill sees only its own batch's workers: one that finds nothing its worker can take
+    /// leaves the backlog hints as they were, so the next completion of a worker that can take
+    /// the waiting task still refills it, without a pass.
+    async fn a_refill_that_finds_nothing_for_its_workers_keeps_the_hints(db: TestDb) {
+        let (mut scheduler, registry, mut plain, _) = one_slot_worker(&db, 1, 0).await;
+        let labels = [("gpu".to_string(), "a100".to_string())].into();
+        let gpu = crate::store::WorkerRegistration { labels, ..testing::registration("g", 1) };
+        registry.register(gpu).await.expect("register");
+        let (_, mut on_gpu) = registry.attach(&WorkerId::from("g")).expect("attach");
+        db.store.create_tasks(&[testing::new_task("prove")]).await.expect("submit");
+        let refiller = scheduler.refiller();
+        scheduler.pass().await.expect("pass");
+        let (first, second) =
+            (pushed(&mut plain).expect("a task for w"), pushed(&mut on_gpu).expect("a task for g"));
+        assert!(refiller.shared.backlog.contains("prove"), "a full pass leaves the type backlogged");
+        let mut needs_gpu = testing::new_task("prove");
+        needs_gpu.needs.requires =
+            vec![crate::domain::Requirement::Equals { key: "gpu".into(), value: "a100".into() }];
+        let id = needs_gpu.id;
+        db.store.create_tasks(&[needs_gpu]).await.expect("submit");
+
+        assert!(matches!(complete(&refiller, &registry, &first).await, ReportOutcome::Applied { .. }));
+        assert!(pushed(&mut plain).is_none(), "w cannot take it");
+        assert!(refiller.shared.backlog.contains("prove"), "w's refill saw w alone");
+        assert!(matches!(complete(&refiller, &registry, &second).await, ReportOutcome::Applied { .. }));
+        assert_eq!(pushed(&mut on_gpu).map(|a| a.task_id), Some(id), "g's refill pushed it");
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn a_refill_that_finds_nothing_for_its_workers_keeps_the_hints_sqlite() {
+        a_refill_that_finds_nothing_for_its_workers_keeps_the_hints(TestDb::sqlite().await).await;
+    }
+
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_refill_that_finds_nothing_for_its_workers_keeps_the_hints_postgres() {
+        let db = TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        a_refill_that_finds_nothing_for_its_workers_keeps_the_hints(db).await;
     }
 
     #[tokio::test]
