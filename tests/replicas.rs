@@ -1,8 +1,10 @@
 //! Two coordinators on one Postgres database, in this process: a submission to one replica
 //! wakes the other at once (LISTEN/NOTIFY), a watcher on one sees a completion made on the
-//! other, and a replica a worker has left never takes that worker's tasks back. The scheduler
-//! tick and the watch poll are set to a minute, so only a notification can explain a prompt
-//! answer. Postgres only: without `TEST_DATABASE_URL` each test is reported ignored.
+//! other, a replica a worker has left never takes that worker's tasks back, and a live worker's
+//! id is refused to another host on either replica. The scheduler tick and the watch poll are
+//! set to a minute, so only a notification can explain a prompt answer. Postgres only but for
+//! the one-replica SQLite form of the last: without `TEST_DATABASE_URL` the others are reported
+//! ignored.
 
 mod common;
 
@@ -132,6 +134,120 @@ async fn a_replica_the_worker_left_never_takes_its_tasks_back() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     db.cleanup().await;
+}
+
+/// Two processes on two hosts configured with one worker id: while the first one's session is
+/// live, a registration of the id from the second host is refused (ALREADY_EXISTS, naming the
+/// first host) on either replica, and the first keeps its task and completes it; once the first
+/// is gone, the second registers. A restart on the second's own host registers at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_live_workers_id_is_refused_to_another_host() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, quick_liveness).await;
+    id_in_use(&a, &b).await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// [`a_live_workers_id_is_refused_to_another_host`] with one replica on SQLite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_workers_id_is_refused_to_another_host_sqlite() {
+    let db = TestDb::sqlite().await;
+    let one = TestCoordinator::start(&db, quick_liveness).await;
+    id_in_use(&one, &one).await;
+    one.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+fn quick_liveness(c: &mut coordinator::config::Config) {
+    c.coordinator.heartbeat_timeout = Duration::from_millis(600);
+    c.coordinator.cleanup_interval = Duration::from_millis(200);
+}
+
+/// The worker registers on `a`; another host tries its id on `b`, then on `a`.
+async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
+    let register = |host: &str, instance: &str| proto::RegisterWorkerRequest {
+        worker_id: "dup".into(),
+        max_concurrent_tasks: 1,
+        capabilities: vec!["prove".into()],
+        hostname: host.into(),
+        instance_id: instance.into(),
+        ..Default::default()
+    };
+    let mut first = client(&a.endpoint()).await;
+    first.register_worker(register("gpu-1", "i-1")).await.expect("the first registers");
+    let mut stream = first
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "dup".into() })
+        .await
+        .expect("open task stream")
+        .into_inner();
+    wait_connected(&a.client().await, &["dup"]).await;
+    let id = submit(&mut a.client().await, "prove", b"x").await;
+    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("pushed")
+        .expect("stream")
+        .expect("an assignment");
+    assert_eq!((task.task_id.as_str(), task.attempt), (id.as_str(), 1));
+    let beats = {
+        let mut client = first.clone();
+        let (tid, attempt) = (task.task_id.clone(), task.attempt);
+        tokio::spawn(async move {
+            loop {
+                let _ = client
+                    .send_heartbeat(proto::HeartbeatRequest {
+                        worker_id: "dup".into(),
+                        running_tasks: vec![proto::RunningTask { task_id: tid.clone(), attempt }],
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    for replica in [b, a] {
+        let refused = client(&replica.endpoint())
+            .await
+            .register_worker(register("gpu-2", "i-2"))
+            .await
+            .expect_err("the id is in use");
+        assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+        assert!(refused.message().contains("gpu-1"), "names the host: {}", refused.message());
+    }
+    let t = get_task(&mut a.client().await, &id).await;
+    assert_eq!(t.attempt, 1, "never taken back: {t:?}");
+    let done = first
+        .report_completion(proto::ReportCompletionRequest {
+            worker_id: "dup".into(),
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            result: b"proof".to_vec(),
+            held_ms: 0,
+        })
+        .await
+        .expect("the first completes its task")
+        .into_inner();
+    assert!(!done.duplicate);
+
+    // The first goes away (no heartbeats, no stream): once it is no longer ACTIVE, the id is
+    // free for the second host.
+    beats.abort();
+    drop(stream);
+    let mut second = client(&b.endpoint()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match second.register_worker(register("gpu-2", "i-2")).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::AlreadyExists && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("the second never registered: {s:?}"),
+        }
+    }
+    // Its own restart (a new process on the same host) is not refused.
+    second.register_worker(register("gpu-2", "i-3")).await.expect("a restart on the same host");
 }
 
 /// Runs a task pushed by replica A and reported through replica B after `runs`, the report

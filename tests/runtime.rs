@@ -1548,3 +1548,72 @@ async fn a_prefetching_worker_queues_beyond_its_slots_and_hands_the_queue_back_o
     assert_eq!((completed, released), (1, 3), "the running task finished; the queued three went back");
     c.stop().await.unwrap();
 }
+
+/// A worker refused its id (a live worker of another host holds it) keeps trying while the
+/// holder heartbeats, and sends no heartbeats under that id: they would keep the holder's
+/// session alive after it died. Once the holder falls silent, the refused worker registers and
+/// runs the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refused_its_id_registers_once_the_holder_is_gone() {
+    let db = TestDb::sqlite().await;
+    let c = TestCoordinator::start(&db, |c| {
+        c.coordinator.heartbeat_timeout = Duration::from_secs(2);
+        c.coordinator.cleanup_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut client = c.client().await;
+    // The holder registers from gpu-1 and heartbeats (no stream: it takes no work).
+    client
+        .register_worker(proto::RegisterWorkerRequest {
+            worker_id: "dup".into(),
+            max_concurrent_tasks: 1,
+            hostname: "gpu-1".into(),
+            instance_id: "holder".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the holder registers");
+    let holder = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
+                let _ = client.send_heartbeat(beat).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut opts = WorkerOptions::new(c.endpoint(), "dup");
+    opts.hostname = "gpu-2".into();
+    opts.capabilities = vec!["prove".into()];
+    opts.heartbeat_interval = Some(Duration::from_millis(100));
+    opts.backoff_base = Duration::from_millis(50);
+    opts.backoff_max = Duration::from_millis(200);
+    let worker = Worker::new(opts, handler_fn(|_t| async { Ok(b"proof".to_vec()) })).unwrap();
+    let counters = worker.counters();
+    let sessions = || counters.sessions.load(std::sync::atomic::Ordering::SeqCst);
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    // Several registrations, each refused while the holder heartbeats.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sessions(), 0, "refused while the holder is live");
+    holder.abort();
+    let silent = Instant::now();
+    wait_until("the second registers", Duration::from_secs(15), || {
+        let n = sessions();
+        async move { n > 0 }
+    })
+    .await;
+    println!("registered {:?} after the holder fell silent", silent.elapsed());
+    let id = submit(&mut client, "prove", b"x").await;
+    wait_until("the task completes", Duration::from_secs(10), || {
+        let mut client = client.clone();
+        let id = id.clone();
+        async move { task_status(&mut client, &id).await == proto::TaskStatus::Completed }
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    c.stop().await.unwrap();
+    db.cleanup().await;
+}

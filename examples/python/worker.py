@@ -177,7 +177,13 @@ class Worker:
                     break
                 failures += 1
                 delay = backoff(failures)
-                log.warning("coordinator unreachable (%s: %s); reconnecting in %.2fs", e.code().name, e.details(), delay)
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                    # A live worker of another host holds this id: heartbeats under it would keep
+                    # that worker's session alive, so none go out until a registration succeeds.
+                    self.registered.clear()
+                    log.error("%s (give each worker its own id: WORKER_ID or --worker-id); retrying in %.2fs", e.details(), delay)
+                else:
+                    log.warning("coordinator unreachable (%s: %s); reconnecting in %.2fs", e.code().name, e.details(), delay)
             self.stop.wait(delay)
         self.drain()
         self.stop_heartbeats.set()

@@ -391,7 +391,7 @@ impl Core {
     /// The state shown for a worker this replica has no session for: its row's while its
     /// replica is seen, else derived from its last heartbeat, so a worker whose coordinator
     /// died does not look ACTIVE forever.
-    fn derived_state(&self, w: &WorkerRecord) -> WorkerState {
+    pub(super) fn derived_state(&self, w: &WorkerRecord) -> WorkerState {
         let timeout = self.inner.config.heartbeat_timeout;
         let ago = |t: DateTime<Utc>| (Utc::now() - t).to_std().unwrap_or_default();
         // While its replica is seen, the row is current: that replica writes each state change

@@ -92,6 +92,7 @@ impl Core {
             coordinator_id: self.inner.config.coordinator_id.clone(),
             holding: r.holding,
         };
+        self.refuse_id_in_use(&reg).await?;
         // Detached: tasks given back by the registration get their effects whatever happens to
         // this request.
         let inner = self.inner.clone();
@@ -113,6 +114,32 @@ impl Core {
             heartbeat_interval: self.inner.config.heartbeat_timeout / 3,
             coordinator_id: self.inner.config.coordinator_id.clone(),
         })
+    }
+
+    /// Refuses a registration from another host under the id of a worker whose session is
+    /// live (ACTIVE, as its replica keeps the row, or heartbeating within `heartbeat_timeout`
+    /// when no replica does): two processes sharing an id would otherwise replace each other's
+    /// session in turn, each registration giving back the tasks the other runs. A restart on
+    /// the same host, a worker that sends no hostname, and an id whose session is suspect,
+    /// dead, draining or gone register as before. Advisory, not a fence: two registrations at
+    /// the same moment may both pass, and the next one of the replaced process is refused.
+    async fn refuse_id_in_use(&self, reg: &WorkerRegistration) -> Result<(), CoreError> {
+        if reg.hostname.is_empty() {
+            return Ok(());
+        }
+        let Some(current) = self.inner.store.get_worker(&reg.id).await? else { return Ok(()) };
+        if current.hostname.is_empty()
+            || current.hostname == reg.hostname
+            || self.derived_state(&current) != WorkerState::Active
+        {
+            return Ok(());
+        }
+        warn!(worker_id = %reg.id, hostname = %reg.hostname, live_on = %current.hostname,
+              "refused a registration: the worker id is in use by a live worker on another host");
+        Err(CoreError::AlreadyExists(format!(
+            "worker id {} is in use by a live worker on host {}: give each worker its own id",
+            reg.id, current.hostname
+        )))
     }
 
     /// Marks the worker alive and renews the leases of the attempts it runs; the ones it no

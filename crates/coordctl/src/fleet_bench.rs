@@ -173,6 +173,9 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
         joins.push(tokio::spawn(async move {
             let mut members = Vec::with_capacity(ids.len());
             let mut interval = 0;
+            // As a worker sends it: the coordinator checks a registration's id against the
+            // live workers of other hosts.
+            let host = coordinator_worker::hostname();
             for id in ids {
                 let mut client = base.clone();
                 let r = client
@@ -180,6 +183,7 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
                         worker_id: id.clone(),
                         max_concurrent_tasks: 1,
                         capabilities: vec![task_type.clone()],
+                        hostname: host.clone(),
                         ..Default::default()
                     })
                     .await?

@@ -62,5 +62,5 @@ pub use tokio_util::sync::CancellationToken;
 pub use tonic::async_trait;
 pub use worker::{
     Handler, ParentResult, TaskContext, TaskFailure, Worker, WorkerCounters, WorkerOptions, backoff,
-    handler_fn,
+    handler_fn, hostname,
 };

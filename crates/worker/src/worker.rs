@@ -49,6 +49,9 @@ pub struct WorkerOptions {
     pub max_message_size: usize,
     /// Token and TLS towards the coordinator.
     pub security: ClientSecurity,
+    /// The machine's name, sent at registration (default: this host's). While a worker's
+    /// session is live, the coordinator refuses its id to a registration from another host.
+    pub hostname: String,
 }
 
 impl WorkerOptions {
@@ -66,6 +69,7 @@ impl WorkerOptions {
             drain_grace: Duration::from_secs(30),
             max_message_size: crate::client::DEFAULT_MAX_MESSAGE,
             security: ClientSecurity::default(),
+            hostname: hostname(),
         }
     }
 }
@@ -150,6 +154,8 @@ enum Refusal {
     CertificateMismatch,
     /// The address is a plain HTTP server: the coordinator's HTTP port, not its gRPC port.
     NotGrpc,
+    /// A live worker on another host is registered under this worker id.
+    IdInUse,
 }
 
 impl Refusal {
@@ -160,6 +166,7 @@ impl Refusal {
                 Some(Self::CertificateMismatch)
             }
             Code::PermissionDenied => Some(Self::PermissionDenied),
+            Code::AlreadyExists => Some(Self::IdInUse),
             _ if crate::error::is_http_answer(status) => Some(Self::NotGrpc),
             _ => None,
         }
@@ -178,6 +185,9 @@ impl Refusal {
             }
             Self::NotGrpc => {
                 "the coordinator address is not its gRPC port (coordinator.grpc_port, default 9090)"
+            }
+            Self::IdInUse => {
+                "another live worker is registered under this worker id: give each worker its own id (WORKER_ID or --worker-id)"
             }
         }
     }
@@ -271,6 +281,10 @@ pub struct Worker {
     counters: Arc<WorkerCounters>,
     /// Set once the worker told the coordinator it is draining.
     deregistered: std::sync::atomic::AtomicBool,
+    /// The coordinator refused this worker's id (a live worker of another host holds it):
+    /// heartbeats under that id would keep the other's session alive, so none go out until a
+    /// registration succeeds.
+    id_refused: std::sync::atomic::AtomicBool,
     /// Fires when the drain begins: queued (prefetched) tasks that have not started are handed
     /// back rather than started.
     draining: CancellationToken,
@@ -311,6 +325,7 @@ impl Worker {
             slots,
             counters: Arc::default(),
             deregistered: Default::default(),
+            id_refused: Default::default(),
             draining: CancellationToken::new(),
             instance_id: uuid::Uuid::now_v7().to_string(),
         })
@@ -370,6 +385,9 @@ impl Worker {
                         // Retried all the same: a Secret mounted late or a coordinator restarted
                         // with new tokens heals it; meanwhile the line says what to fix.
                         Some(refusal) => {
+                            if refusal == Refusal::IdInUse {
+                                this.id_refused.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
                             error!(worker_id = %worker_id, code = ?status.code(), error = %crate::error::status_line(&status),
                                    attempt = failures, delay_ms, "{}; retrying", refusal.what())
                         }
@@ -429,7 +447,7 @@ impl Worker {
                 capabilities: self.opts.capabilities.clone(),
                 labels: self.opts.labels.clone(),
                 version: env!("CARGO_PKG_VERSION").into(),
-                hostname: hostname(),
+                hostname: self.opts.hostname.clone(),
                 // Everything received on earlier streams has been dispatched by now (a session
                 // reads its stream to the end before the next registers), so this list is
                 // complete: what the coordinator has beyond it never arrived.
@@ -442,6 +460,7 @@ impl Worker {
             *heartbeat_interval.lock().unwrap_or_else(|e| e.into_inner()) =
                 Duration::from_millis(resp.heartbeat_interval_ms);
         }
+        self.id_refused.store(false, std::sync::atomic::Ordering::SeqCst);
         let mut stream = client
             .receive_tasks(proto::ReceiveTasksRequest { worker_id: self.opts.worker_id.clone() })
             .await?
@@ -693,6 +712,9 @@ impl Worker {
                 _ = tokio::time::sleep(every) => {}
                 _ = kick.notified() => {}
             }
+            if self.id_refused.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
             let running_tasks = self.running_tasks();
             let mut client = self.client.clone();
             let req = proto::HeartbeatRequest { worker_id: self.opts.worker_id.clone(), running_tasks };
@@ -860,6 +882,11 @@ mod tests {
              while receiving response with status: 404 Not Found",
         );
         assert_eq!(of(http), Some(Refusal::NotGrpc));
+        assert_eq!(
+            of(Status::already_exists("worker id w-1 is in use by a live worker on host gpu-1")),
+            Some(Refusal::IdInUse)
+        );
+        assert!(Refusal::IdInUse.what().contains("WORKER_ID"));
         for transient in [
             Status::unavailable("tcp connect error: Connection refused"),
             Status::internal("h2 protocol error"),
