@@ -3,8 +3,8 @@
 //! other, a replica a worker has left never takes that worker's tasks back, and a live worker's
 //! id is refused to another host on either replica. The scheduler tick and the watch poll are
 //! set to a minute, so only a notification can explain a prompt answer. Postgres only but for
-//! the one-replica SQLite form of the last: without `TEST_DATABASE_URL` the others are reported
-//! ignored.
+//! the one-replica SQLite forms of the last: without `TEST_DATABASE_URL` the others are
+//! reported ignored.
 
 mod common;
 
@@ -162,22 +162,63 @@ async fn a_live_workers_id_is_refused_to_another_host_sqlite() {
 }
 
 fn quick_liveness(c: &mut coordinator::config::Config) {
-    c.coordinator.heartbeat_timeout = Duration::from_millis(600);
+    c.coordinator.heartbeat_timeout = Duration::from_secs(2);
     c.coordinator.cleanup_interval = Duration::from_millis(200);
 }
 
-/// The worker registers on `a`; another host tries its id on `b`, then on `a`.
-async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
-    let register = |host: &str, instance: &str| proto::RegisterWorkerRequest {
-        worker_id: "dup".into(),
+/// A registration of worker `id` that says it holds nothing, from `host`.
+fn register(id: &str, host: &str, instance: &str) -> proto::RegisterWorkerRequest {
+    proto::RegisterWorkerRequest {
+        worker_id: id.into(),
         max_concurrent_tasks: 1,
         capabilities: vec!["prove".into()],
         hostname: host.into(),
         instance_id: instance.into(),
         ..Default::default()
-    };
+    }
+}
+
+/// A worker row a replica left ACTIVE when it stopped (the worker never deregistered) does not
+/// hold the id against a worker of another host once the replica runs again under the same
+/// name: the replica knows its own sessions, and has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_left_active_by_a_restarted_replica_does_not_hold_the_id() {
+    let db = TestDb::sqlite().await;
+    let before = TestCoordinator::start(&db, quick_liveness).await;
+    client(&before.endpoint())
+        .await
+        .register_worker(register("gone", "gpu-1", "i-1"))
+        .await
+        .expect("register");
+    before.stop().await.unwrap();
+    let again = TestCoordinator::start(&db, quick_liveness).await;
+    let row = db.store.get_worker(&"gone".into()).await.unwrap().expect("the row is left");
+    assert_eq!(row.state, coordinator::domain::WorkerState::Active, "left ACTIVE by the stop");
+    client(&again.endpoint())
+        .await
+        .register_worker(register("gone", "gpu-2", "i-2"))
+        .await
+        .expect("another host takes the id at once");
+    again.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// The worker registers on `a`; another host tries its id on `b`, then on `a`.
+async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     let mut first = client(&a.endpoint()).await;
-    first.register_worker(register("gpu-1", "i-1")).await.expect("the first registers");
+    first.register_worker(register("dup", "gpu-1", "i-1")).await.expect("the first registers");
+    // Heartbeats from the start: the session stays ACTIVE however slow the machine.
+    let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
+    first.send_heartbeat(beat.clone()).await.expect("a heartbeat");
+    let beats = {
+        let mut client = first.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = client.send_heartbeat(beat.clone()).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let mut stream = first
         .receive_tasks(proto::ReceiveTasksRequest { worker_id: "dup".into() })
         .await
@@ -191,26 +232,11 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
         .expect("stream")
         .expect("an assignment");
     assert_eq!((task.task_id.as_str(), task.attempt), (id.as_str(), 1));
-    let beats = {
-        let mut client = first.clone();
-        let (tid, attempt) = (task.task_id.clone(), task.attempt);
-        tokio::spawn(async move {
-            loop {
-                let _ = client
-                    .send_heartbeat(proto::HeartbeatRequest {
-                        worker_id: "dup".into(),
-                        running_tasks: vec![proto::RunningTask { task_id: tid.clone(), attempt }],
-                    })
-                    .await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
 
     for replica in [b, a] {
         let refused = client(&replica.endpoint())
             .await
-            .register_worker(register("gpu-2", "i-2"))
+            .register_worker(register("dup", "gpu-2", "i-2"))
             .await
             .expect_err("the id is in use");
         assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
@@ -238,7 +264,7 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     let mut second = client(&b.endpoint()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        match second.register_worker(register("gpu-2", "i-2")).await {
+        match second.register_worker(register("dup", "gpu-2", "i-2")).await {
             Ok(_) => break,
             Err(s) if s.code() == tonic::Code::AlreadyExists && std::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await
@@ -247,7 +273,7 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
         }
     }
     // Its own restart (a new process on the same host) is not refused.
-    second.register_worker(register("gpu-2", "i-3")).await.expect("a restart on the same host");
+    second.register_worker(register("dup", "gpu-2", "i-3")).await.expect("a restart on the same host");
 }
 
 /// Runs a task pushed by replica A and reported through replica B after `runs`, the report

@@ -1549,20 +1549,15 @@ async fn a_prefetching_worker_queues_beyond_its_slots_and_hands_the_queue_back_o
     c.stop().await.unwrap();
 }
 
-/// A worker refused its id (a live worker of another host holds it) keeps trying while the
-/// holder heartbeats, and sends no heartbeats under that id: they would keep the holder's
-/// session alive after it died. Once the holder falls silent, the refused worker registers and
-/// runs the work.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_refused_its_id_registers_once_the_holder_is_gone() {
-    let db = TestDb::sqlite().await;
-    let c = TestCoordinator::start(&db, |c| {
+/// A coordinator with a quick heartbeat timeout, a client, and a holder of worker id `dup`
+/// registered from gpu-1 that heartbeats (no stream: it takes no work) until aborted.
+async fn holder_of_dup(db: &TestDb) -> (TestCoordinator, Client, tokio::task::JoinHandle<()>) {
+    let c = TestCoordinator::start(db, |c| {
         c.coordinator.heartbeat_timeout = Duration::from_secs(2);
         c.coordinator.cleanup_interval = Duration::from_millis(200);
     })
     .await;
     let mut client = c.client().await;
-    // The holder registers from gpu-1 and heartbeats (no stream: it takes no work).
     client
         .register_worker(proto::RegisterWorkerRequest {
             worker_id: "dup".into(),
@@ -1573,34 +1568,54 @@ async fn a_worker_refused_its_id_registers_once_the_holder_is_gone() {
         })
         .await
         .expect("the holder registers");
+    let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
+    client.send_heartbeat(beat.clone()).await.expect("a heartbeat");
     let holder = {
         let mut client = client.clone();
         tokio::spawn(async move {
             loop {
-                let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
-                let _ = client.send_heartbeat(beat).await;
+                let _ = client.send_heartbeat(beat.clone()).await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
+    (c, client, holder)
+}
+
+/// An SDK worker of id `dup` on host gpu-2, quick to retry.
+fn second_dup(c: &TestCoordinator) -> Worker {
     let mut opts = WorkerOptions::new(c.endpoint(), "dup");
     opts.hostname = "gpu-2".into();
     opts.capabilities = vec!["prove".into()];
     opts.heartbeat_interval = Some(Duration::from_millis(100));
     opts.backoff_base = Duration::from_millis(50);
     opts.backoff_max = Duration::from_millis(200);
-    let worker = Worker::new(opts, handler_fn(|_t| async { Ok(b"proof".to_vec()) })).unwrap();
+    Worker::new(opts, handler_fn(|_t| async { Ok(b"proof".to_vec()) })).unwrap()
+}
+
+/// A worker refused its id (a live worker of another host holds it) keeps trying while the
+/// holder heartbeats, and sends no heartbeats under that id: they would keep the holder's
+/// session alive after it died. Once the holder falls silent, the refused worker registers and
+/// runs the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refused_its_id_registers_once_the_holder_is_gone() {
+    let db = TestDb::sqlite().await;
+    let (c, mut client, holder) = holder_of_dup(&db).await;
+    let worker = second_dup(&c);
     let counters = worker.counters();
-    let sessions = || counters.sessions.load(std::sync::atomic::Ordering::SeqCst);
+    let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::SeqCst);
     let shutdown = CancellationToken::new();
     let run = tokio::spawn(worker.run(shutdown.clone()));
-    // Several registrations, each refused while the holder heartbeats.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sessions(), 0, "refused while the holder is live");
+    wait_until("the second is refused twice", Duration::from_secs(10), || {
+        let n = count(&counters.refusals);
+        async move { n >= 2 }
+    })
+    .await;
+    assert_eq!(count(&counters.sessions), 0, "refused while the holder is live");
     holder.abort();
     let silent = Instant::now();
     wait_until("the second registers", Duration::from_secs(15), || {
-        let n = sessions();
+        let n = count(&counters.sessions);
         async move { n > 0 }
     })
     .await;
@@ -1614,6 +1629,33 @@ async fn a_worker_refused_its_id_registers_once_the_holder_is_gone() {
     .await;
     shutdown.cancel();
     run.await.unwrap().unwrap();
+    c.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A worker refused its id that stops leaves the holder alone: Deregister names only the id,
+/// and would drain the holder's session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_refused_its_id_does_not_drain_the_holder_when_it_stops() {
+    let db = TestDb::sqlite().await;
+    let (c, mut client, holder) = holder_of_dup(&db).await;
+    let worker = second_dup(&c);
+    let counters = worker.counters();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    wait_until("the second is refused", Duration::from_secs(10), || {
+        let n = counters.refusals.load(std::sync::atomic::Ordering::SeqCst);
+        async move { n >= 1 }
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        worker_state(&mut client, "dup").await,
+        proto::WorkerState::Active,
+        "the holder is not drained"
+    );
+    holder.abort();
     c.stop().await.unwrap();
     db.cleanup().await;
 }

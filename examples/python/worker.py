@@ -154,6 +154,7 @@ class Worker:
         self.stop_heartbeats = threading.Event()
         self.heartbeat_interval = 1.0  # until the coordinator says
         self.deregistered = False
+        self.id_refused = False  # a live worker of another host holds this id (ALREADY_EXISTS)
         self.deregister_lock = threading.Lock()
         self.stream = None  # the open ReceiveTasks call
         self.stream_ended = threading.Event()
@@ -181,6 +182,7 @@ class Worker:
                     # A live worker of another host holds this id: heartbeats under it would keep
                     # that worker's session alive, so none go out until a registration succeeds.
                     self.registered.clear()
+                    self.id_refused = True
                     log.error("%s (give each worker its own id: WORKER_ID or --worker-id); retrying in %.2fs", e.details(), delay)
                 else:
                     log.warning("coordinator unreachable (%s: %s); reconnecting in %.2fs", e.code().name, e.details(), delay)
@@ -216,6 +218,7 @@ class Worker:
             self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
         self.stream = self.stub.ReceiveTasks(pb.ReceiveTasksRequest(worker_id=self.worker_id), metadata=self.metadata)
         self.registered.set()
+        self.id_refused = False
         # The first heartbeat of a session goes out at once: it renews the leases of tasks
         # carried over from before a reconnect.
         self.kick.set()
@@ -385,6 +388,8 @@ class Worker:
             if self.deregistered:
                 return
             self.deregistered = True
+            if self.id_refused:
+                return  # the session under this id is another worker's: Deregister would drain it
             try:
                 resp = self.stub.Deregister(
                     pb.DeregisterRequest(worker_id=self.worker_id, reason="shutdown"), metadata=self.metadata, timeout=5

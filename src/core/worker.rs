@@ -117,21 +117,22 @@ impl Core {
     }
 
     /// Refuses a registration from another host under the id of a worker whose session is
-    /// live (ACTIVE, as its replica keeps the row, or heartbeating within `heartbeat_timeout`
-    /// when no replica does): two processes sharing an id would otherwise replace each other's
-    /// session in turn, each registration giving back the tasks the other runs. A restart on
-    /// the same host, a worker that sends no hostname, and an id whose session is suspect,
-    /// dead, draining or gone register as before. Advisory, not a fence: two registrations at
-    /// the same moment may both pass, and the next one of the replaced process is refused.
+    /// live ([`crate::registry::Registry::session_live`]): two processes sharing an id would
+    /// otherwise replace each other's session in turn, each registration giving back the tasks
+    /// the other runs. A restart on the same host, a worker that sends no hostname, and an id
+    /// whose session is suspect, dead, draining or gone register as before. Advisory, not a
+    /// fence: two registrations at the same moment may both pass, and the next one of the
+    /// replaced process is refused.
     async fn refuse_id_in_use(&self, reg: &WorkerRegistration) -> Result<(), CoreError> {
         if reg.hostname.is_empty() {
             return Ok(());
         }
         let Some(current) = self.inner.store.get_worker(&reg.id).await? else { return Ok(()) };
-        if current.hostname.is_empty()
-            || current.hostname == reg.hostname
-            || self.derived_state(&current) != WorkerState::Active
-        {
+        if current.hostname.is_empty() || current.hostname == reg.hostname {
+            return Ok(());
+        }
+        let active_by_row = self.derived_state(&current) == WorkerState::Active;
+        if !self.inner.registry.session_live(&current, active_by_row) {
             return Ok(());
         }
         warn!(worker_id = %reg.id, hostname = %reg.hostname, live_on = %current.hostname,

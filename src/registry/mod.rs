@@ -804,6 +804,24 @@ impl Registry {
         now
     }
 
+    /// Whether the session a worker row describes is live, as far as this replica can tell:
+    /// its own sessions by memory (the row's session, ACTIVE here; a row this replica's id left
+    /// ACTIVE before a restart has no session here), another replica's by the row: ACTIVE, and a
+    /// heartbeat written within a liveness write, a flush and a `heartbeat_timeout` (a live
+    /// worker's heartbeats reach its row at least that often; a row a replica left behind stops
+    /// looking live at most that long after its last write). `active_by_row`: the row's state as
+    /// the caller derives it from the row and its replica's liveness.
+    pub fn session_live(&self, row: &crate::domain::WorkerRecord, active_by_row: bool) -> bool {
+        let config = &self.shared.config;
+        if row.coordinator_id == config.coordinator_id {
+            return self
+                .session(&row.id)
+                .is_some_and(|s| s.session_id == row.session_id && s.state == WorkerState::Active);
+        }
+        let fresh = config.liveness_write_every + config.flush_every() + config.heartbeat_timeout;
+        active_by_row && (Utc::now() - row.last_heartbeat_at).to_std().is_ok_and(|ago| ago <= fresh)
+    }
+
     /// Drops from `delivered` the attempts this registry knows are over: their worker's session
     /// here no longer holds them (reported, cancelled, requeued, or freed by a reconciliation:
     /// none is still `assigned` under that attempt, or it is about to stop being so). Attempts

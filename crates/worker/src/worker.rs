@@ -266,6 +266,9 @@ pub struct WorkerCounters {
     /// Task streams that ended with an error (a cut connection, a protocol error, the
     /// coordinator shutting down) rather than cleanly.
     pub stream_errors: std::sync::atomic::AtomicU64,
+    /// Connections the coordinator refused for a mistake in the worker's settings (a token it
+    /// does not accept, an id a live worker of another host holds); each is retried.
+    pub refusals: std::sync::atomic::AtomicU64,
 }
 
 /// A worker. [`Worker::run`] drives it until shutdown.
@@ -385,6 +388,7 @@ impl Worker {
                         // Retried all the same: a Secret mounted late or a coordinator restarted
                         // with new tokens heals it; meanwhile the line says what to fix.
                         Some(refusal) => {
+                            this.counters.refusals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             if refusal == Refusal::IdInUse {
                                 this.id_refused.store(true, std::sync::atomic::Ordering::SeqCst);
                             }
@@ -757,6 +761,11 @@ impl Worker {
     /// Tells the coordinator this worker takes no new work (once).
     async fn deregister(&self) {
         if self.deregistered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        // Refused its id: the session under it is another worker's, which Deregister (keyed by
+        // id) would drain.
+        if self.id_refused.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let mut client = self.client.clone();
