@@ -777,10 +777,23 @@ async fn http(
         "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body.as_bytes()).await.unwrap();
+    // A server may answer a body over its limit before it has read all of it, and close: the
+    // rest of the write then fails (the peer reset the connection), and the answer is still
+    // there to read, as a client such as curl reads it.
+    let sent = async {
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(body.as_bytes()).await
+    };
+    if let Err(e) = sent.await {
+        let early = matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset);
+        assert!(early, "{method} {path}: {e}");
+    }
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.unwrap() {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !buf.is_empty() => {}
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
