@@ -552,11 +552,43 @@ pub async fn worker_state(client: &mut Client, id: &str) -> proto::WorkerState {
     proto::WorkerState::try_from(w.state).unwrap()
 }
 
-/// `N` distinct loopback ports that were free a moment ago, for a child process to bind. The
-/// probing listeners are all held until every port is picked: released one by one, the kernel
-/// may hand the same port out twice.
+/// `N` distinct loopback ports that are free now, for a child process to bind. They are picked
+/// below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), where no outgoing
+/// connection is given a local port: a port from that range (what binding port 0 hands out)
+/// could be taken by some connection between the pick and the child's bind, which made a
+/// replica fail to start with "Address already in use". A port is handed out once per test
+/// process; the probing listeners are held until every port is picked.
 pub fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<std::net::TcpListener> =
-        (0..N).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port")).collect();
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (20_000u16, ephemeral_from.min(32_768));
+    assert!(high > low + 1_000, "no room for test ports below the ephemeral range ({ephemeral_from})");
+    let span = u32::from(high - low);
+    // Each process starts somewhere else in the range: test processes running side by side
+    // rarely probe the same ports at the same moment.
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = Vec::with_capacity(N);
+    for i in 0..span {
+        if held.len() == N {
+            break;
+        }
+        let port = low + ((seed.wrapping_add(i)) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+            given.push(port);
+        }
+    }
+    assert_eq!(held.len(), N, "no {N} free ports in {low}..{high}");
     std::array::from_fn(|i| held[i].local_addr().expect("a bound port").port())
 }
