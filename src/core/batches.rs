@@ -85,12 +85,11 @@ pub fn spawn(
     });
     let s = store.clone();
     let fx = effects.clone();
-    let (deliveries, h3) = Batcher::spawn(DELIVERY_BATCH_MAX, move |items: Vec<(Held, Instant)>| {
+    let (deliveries, h3) = Batcher::spawn(DELIVERY_BATCH_MAX, move |mut items: Vec<(Held, Instant)>| {
         let s = s.clone();
         let fx = fx.clone();
         async move {
             let answers = vec![(); items.len()];
-            let mut items = items;
             if let Some(oldest) = items.iter().map(|(_, at)| *at).min() {
                 tokio::time::sleep_until((oldest + DELIVERY_MARK_DELAY).into()).await;
             }

@@ -814,8 +814,10 @@ impl Registry {
     pub fn session_live(&self, row: &crate::domain::WorkerRecord, active_by_row: bool) -> bool {
         let config = &self.shared.config;
         if row.coordinator_id == config.coordinator_id {
-            return self
-                .session(&row.id)
+            let state = self.lock();
+            return state
+                .sessions
+                .get(&row.id)
                 .is_some_and(|s| s.session_id == row.session_id && s.state == WorkerState::Active);
         }
         let fresh = config.liveness_write_every + config.flush_every() + config.heartbeat_timeout;

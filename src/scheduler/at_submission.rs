@@ -210,15 +210,12 @@ impl Insert for JobOf<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
+    use std::time::Duration;
 
     use super::*;
     use crate::{
-        config::Strategy,
         domain::{TaskState, Wake, WorkerId},
-        events::Events,
         registry::{Push, Registry, RegistryConfig},
-        scheduler::{Backlog, NoEffects, SchedulerStats},
         store::testing,
     };
 
@@ -231,23 +228,8 @@ mod tests {
         let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
         registry.register(testing::registration("w", slots)).await.expect("register");
         let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
-        let placing = Placing::default();
-        let config = super::super::SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let shared = Shared {
-            config,
-            store: db.store.clone(),
-            registry,
-            events: Events::new(),
-            effects: Arc::new(NoEffects),
-            stats: Arc::new(SchedulerStats::default()),
-            backlog: Backlog::default(),
-        };
-        let placer = AtSubmission { shared, placing: placing.clone() };
+        let placer = super::super::Scheduler::for_tests(db.store.clone(), registry).at_submission();
+        let placing = placer.placing.clone();
         Some((db, placer, stream, placing))
     }
 
@@ -260,22 +242,7 @@ mod tests {
         let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
         registry.register(testing::registration("w", slots)).await.expect("register");
         let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
-        let config = super::super::SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let scheduler = super::super::Scheduler::new(
-            config,
-            db.store.clone(),
-            registry,
-            Wake::default(),
-            Events::new(),
-            Arc::new(NoEffects),
-            Arc::new(SchedulerStats::default()),
-        );
-        (scheduler, stream)
+        (super::super::Scheduler::for_tests(db.store.clone(), registry), stream)
     }
 
     /// Submits one new task of `task_type` through `placer`: its id and the state it was stored

@@ -187,6 +187,22 @@ impl OnRequeue for NoEffects {
     fn requeued(&self, _: &[Requeued]) {}
 }
 
+#[cfg(test)]
+impl Scheduler {
+    /// A scheduler for the unit tests over `store` and `registry`: round robin, batches of 100,
+    /// a tick a minute apart, one-minute leases, no effects of requeues.
+    pub(crate) fn for_tests(store: Store, registry: Registry) -> Self {
+        let config = SchedulerConfig {
+            strategy: Strategy::RoundRobin,
+            batch_size: 100,
+            poll_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
+        };
+        let stats = Arc::new(SchedulerStats::default());
+        Scheduler::new(config, store, registry, Wake::default(), Events::new(), Arc::new(NoEffects), stats)
+    }
+}
+
 /// Counters shown on `/health`.
 #[derive(Debug, Default)]
 pub struct SchedulerStats {
@@ -514,22 +530,8 @@ mod tests {
         cfg.max_open_conns = 1;
         let store = Store::connect(&cfg).await.expect("connect");
         let held = hold_only_connection(&store).await;
-        let stats = Arc::new(SchedulerStats::default());
-        let config = SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let mut scheduler = Scheduler::new(
-            config,
-            store.clone(),
-            registry.clone(),
-            Wake::default(),
-            Events::new(),
-            Arc::new(NoEffects),
-            stats.clone(),
-        );
+        let mut scheduler = Scheduler::for_tests(store.clone(), registry.clone());
+        let stats = scheduler.shared.stats.clone();
         let pass = tokio::spawn(async move { scheduler.pass().await });
         // One thread: once the pass has counted itself it has looked at the workers and waits.
         while stats.poll_cycles.load(Ordering::Relaxed) == 0 {
@@ -571,23 +573,7 @@ mod tests {
         let b = testing::new_task("b");
         db.store.create_tasks(std::slice::from_ref(&b)).await.expect("submit");
 
-        let config = SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let stats = Arc::new(SchedulerStats::default());
-        let (store, events) = (db.store.clone(), Events::new());
-        let mut scheduler = Scheduler::new(
-            config,
-            store,
-            registry.clone(),
-            Wake::default(),
-            events,
-            Arc::new(NoEffects),
-            stats,
-        );
+        let mut scheduler = Scheduler::for_tests(db.store.clone(), registry.clone());
         scheduler.pass().await.expect("pass");
 
         let held = |id: &'static str| {

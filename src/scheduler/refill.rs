@@ -45,7 +45,7 @@ impl Refiller {
             reported(&outcomes);
             return Ok(outcomes);
         }
-        let mut plan = Plan::new(self);
+        let mut plan = Plan::new(&self.shared);
         let (outcomes, assignments) =
             match self.shared.store.complete_and_claim(reports, self.shared.config.lease, &mut plan).await {
                 Ok(done) => done,
@@ -78,7 +78,7 @@ impl Refiller {
 
 /// One batch's refill, asked by the store inside the transaction.
 struct Plan<'a> {
-    refiller: &'a Refiller,
+    shared: &'a Shared,
     /// The attempts that completed, whose slots the refill fills.
     completed: Vec<Held>,
     /// The completing workers, each offering the slots its completed attempts free.
@@ -90,9 +90,9 @@ struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    fn new(refiller: &'a Refiller) -> Self {
+    fn new(shared: &'a Shared) -> Self {
         Plan {
-            refiller,
+            shared,
             completed: Vec::new(),
             workers: Vec::new(),
             sessions: HashMap::new(),
@@ -107,14 +107,14 @@ impl Refill for Plan<'_> {
         // Asked again when the transaction is retried: start over.
         self.asked = None;
         self.tally = Tally::default();
-        let (workers, sessions) = self.refiller.shared.registry.refillable(completed);
+        let (workers, sessions) = self.shared.registry.refillable(completed);
         let offering: Vec<&WorkerSlot> = workers.iter().filter(|w| w.free > 0).collect();
         let free: u32 = offering.iter().map(|w| w.free).sum();
         let types = offered_types(&offering);
-        if free == 0 || !self.refiller.shared.backlog.offers(&types) {
+        if free == 0 || !self.shared.backlog.offers(&types) {
             return None;
         }
-        let limit = free.min(self.refiller.shared.config.batch_size);
+        let limit = free.min(self.shared.config.batch_size);
         let filter = ClaimFilter { types, shapes: Shapes::of(&workers) };
         self.asked = Some(limit);
         self.completed = completed.to_vec();
@@ -135,13 +135,8 @@ impl Refill for Plan<'_> {
         };
         // Round-robin over this batch's workers only: the scheduler's position is its own.
         let mut cursor = 0;
-        let placed = placement::place(
-            self.refiller.shared.config.strategy,
-            &unkeyed,
-            &self.workers,
-            &mut cursor,
-            allowances,
-        );
+        let placed =
+            placement::place(self.shared.config.strategy, &unkeyed, &self.workers, &mut cursor, allowances);
         self.tally = Tally::of(candidates, &placed, allowances);
         Placement { placed: placed.placed, sessions: self.sessions.clone() }
     }
@@ -155,15 +150,10 @@ impl Refill for Plan<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::{sync::Arc, time::Duration};
-
     use super::*;
     use crate::{
-        config::Strategy,
         domain::{Wake, WorkerId},
-        events::Events,
         registry::{Push, Registry, RegistryConfig},
-        scheduler::{NoEffects, SchedulerStats},
         store::testing::{self, TestDb},
     };
 
@@ -182,22 +172,7 @@ mod tests {
         let tasks: Vec<_> = (0..n).map(|_| testing::new_task("prove")).collect();
         let ids = tasks.iter().map(|t| t.id).collect();
         db.store.create_tasks(&tasks).await.expect("submit");
-        let config = super::super::SchedulerConfig {
-            strategy: Strategy::RoundRobin,
-            batch_size: 100,
-            poll_interval: Duration::from_secs(60),
-            lease: Duration::from_secs(60),
-        };
-        let scheduler = super::super::Scheduler::new(
-            config,
-            db.store.clone(),
-            registry.clone(),
-            Wake::default(),
-            Events::new(),
-            Arc::new(NoEffects),
-            Arc::new(SchedulerStats::default()),
-        );
-        (scheduler, registry, stream, ids)
+        (super::super::Scheduler::for_tests(db.store.clone(), registry.clone()), registry, stream, ids)
     }
 
     /// The next task the stream carries.
