@@ -459,6 +459,138 @@ async fn killed_workers_tasks_are_reassigned_in_time() {
     .await;
 }
 
+/// One pipeline job: `chunks` sleep tasks, two batches each depending on half of them (`#N`
+/// references), and a bundle depending on both batches; idempotency keys `<prefix>-<role>`.
+fn pipeline_job(prefix: &str, chunks: usize) -> proto::SubmitJobRequest {
+    let sleep = |key: String, ms: u64, parents: Vec<String>| proto::SubmitTaskRequest {
+        task_type: "sleep".into(),
+        payload: format!("{{\"ms\":{ms}}}").into_bytes(),
+        idempotency_key: key,
+        depends_on: parents,
+        ..Default::default()
+    };
+    let mut tasks: Vec<proto::SubmitTaskRequest> = (0..chunks)
+        .map(|i| sleep(format!("{prefix}-chunk-{i}"), 150 + 50 * (i as u64 % 5), vec![]))
+        .collect();
+    let half = chunks / 2;
+    tasks.push(sleep(format!("{prefix}-batch-0"), 200, (0..half).map(|i| format!("#{i}")).collect()));
+    tasks.push(sleep(format!("{prefix}-batch-1"), 200, (half..chunks).map(|i| format!("#{i}")).collect()));
+    tasks.push(sleep(
+        format!("{prefix}-bundle"),
+        100,
+        vec![format!("#{chunks}"), format!("#{}", chunks + 1)],
+    ));
+    proto::SubmitJobRequest { name: prefix.to_owned(), tasks }
+}
+
+/// Submits `jobs` one at a time, alternating replicas; a job that meets an unavailable replica
+/// or a broken connection is sent again to the other one (its tasks' idempotency keys return
+/// what an earlier try made). Returns each job's id as the last answer named it.
+async fn submit_jobs(
+    clients: Vec<Client>,
+    jobs: Vec<proto::SubmitJobRequest>,
+    pause: Duration,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ids = Vec::new();
+    for (n, job) in jobs.into_iter().enumerate() {
+        let mut target = n;
+        loop {
+            let mut c = clients[target % clients.len()].clone();
+            match tokio::time::timeout(Duration::from_secs(10), c.submit_job(job.clone())).await {
+                Ok(Ok(r)) => {
+                    ids.push(r.into_inner().job_id);
+                    break;
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => panic!("job refused: {s:?}"),
+                Ok(Err(_)) | Err(_) => {
+                    assert!(Instant::now() < deadline, "a job did not get through within 60 s");
+                    target += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+    ids
+}
+
+/// 7. Pipeline jobs (chunks -> two batches -> a bundle) on workers whose connections age every
+/// ~3 s, with `kill -9` of replica A mid-run (restarted 2 s later) while jobs are still being
+/// submitted: every task completes exactly once, none is taken from a live worker, no task is
+/// assigned before its last parent finished, and both replicas count every job done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn pipelines_survive_a_replica_kill_and_ageing() {
+    let (_serial, base) = serial().await;
+    bounded("pipelines, replica kill", async {
+        let mut c = shared_cluster(&base, aged(), 4, 3).await;
+        let (jobs, chunks) = (24, 6);
+        let n = (jobs * (chunks + 3)) as i64;
+        let started = Instant::now();
+        let submitter = tokio::spawn(submit_jobs(
+            c.clients.clone(),
+            (0..jobs).map(|j| pipeline_job(&format!("pipe-{j}"), chunks)).collect(),
+            Duration::from_millis(400),
+        ));
+        c.wait_completed(n / 4, Duration::from_secs(60)).await;
+        c.a.kill9();
+        let killed_at = Instant::now();
+        let completed_at_kill = c.completed().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.a.start().await;
+        let restarted_ms = killed_at.elapsed().as_millis();
+        let job_ids = submitter.await.expect("submitter");
+        assert_eq!(job_ids.len(), jobs);
+        let t = wait_settled(&c.pool, n, Duration::from_secs(90)).await;
+
+        // Every child assigned (each of its attempts) after its last parent finished; 20 ms of
+        // slack for the two transactions' clocks (parents sleep 150 ms or more).
+        let (children, early): (i64, i64) = sqlx::query_as(
+            "WITH ends AS (
+                 SELECT p.child, max(t.finished_at) AS last_parent_end
+                 FROM task_parents p JOIN tasks t ON t.id = p.parent GROUP BY p.child),
+             starts AS (
+                 SELECT task_id AS id, assigned_at FROM task_attempts
+                 UNION ALL SELECT id, assigned_at FROM tasks WHERE assigned_at IS NOT NULL)
+             SELECT (SELECT count(*) FROM ends),
+                    count(*) FILTER (WHERE s.assigned_at < e.last_parent_end - interval '20 milliseconds')
+             FROM ends e JOIN starts s ON s.id = e.child",
+        )
+        .fetch_one(&c.pool)
+        .await
+        .unwrap();
+        // Each replica's view of each job.
+        let mut not_done = Vec::new();
+        for client in &c.clients {
+            for id in &job_ids {
+                let req = proto::GetJobRequest { job_id: id.clone(), include_results: false };
+                let j = client.clone().get_job(req).await.expect("GetJob").into_inner();
+                if !(j.done && j.completed == j.total && j.total == (chunks + 3) as u32) {
+                    not_done.push(j);
+                }
+            }
+        }
+        report(&t.line(
+            "pipelines_replica_kill",
+            &format!(
+                "jobs={jobs} children={children} assigned_before_parents_ended={early} \
+                 completed_at_kill={completed_at_kill} restarted_after_ms={restarted_ms} worker_moves={} elapsed_ms={}",
+                c.moves(),
+                started.elapsed().as_millis()
+            ),
+        ));
+        assert!(completed_at_kill < n, "the kill landed mid-run");
+        assert_eq!(children, (jobs * 3) as i64, "every batch and bundle names its parents");
+        assert_eq!(early, 0, "no task was assigned before its last parent finished");
+        assert!(not_done.is_empty(), "jobs not counted done by a replica: {not_done:?}");
+        assert_all_completed_once(&t, n);
+        assert_nothing_taken_back(&t);
+        c.finish().await;
+    })
+    .await;
+}
+
 /// The test's own Postgres server, or `None` (after saying so) when its binaries are missing.
 fn own_postgres() -> Option<OwnPostgres> {
     if OwnPostgres::bin_dir().is_none() {
