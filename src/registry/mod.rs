@@ -740,13 +740,19 @@ impl Registry {
     /// counted the slot, but a slot freed and filled again between a placement and its push (a
     /// refill beside a pass, see [`Self::refillable`]) must not take the worker past them.
     pub fn push(&self, a: Assignment, session: Uuid) -> Result<(), PushError> {
-        self.push_freeing(a, session, &[])
+        self.push_freeing(a, session, [])
     }
 
     /// [`Self::push`] into slots that attempts about to be released free (`freeing`, see
     /// [`Self::refillable`]): the task must fit once those of them the worker still counts are
-    /// released.
-    pub fn push_freeing(&self, a: Assignment, session: Uuid, freeing: &[Held]) -> Result<(), PushError> {
+    /// released. Only `freeing`'s attempts of the assignment's worker count: callers pushing a
+    /// batch pass each worker its own (the work is per attempt passed, per push).
+    pub fn push_freeing<'h>(
+        &self,
+        a: Assignment,
+        session: Uuid,
+        freeing: impl IntoIterator<Item = &'h Held>,
+    ) -> Result<(), PushError> {
         let mut state = self.lock();
         let seq = state.next_seq();
         let Some(s) = state.sessions.get_mut(&a.worker_id) else {
@@ -756,7 +762,7 @@ impl Registry {
             return Err(PushError::UnknownWorker);
         }
         let leaving: u32 = freeing
-            .iter()
+            .into_iter()
             .filter(|h| h.worker_id == a.worker_id)
             .filter_map(|h| s.in_flight.get(&h.task_id).filter(|f| f.attempt == h.attempt))
             .map(|f| f.weight)

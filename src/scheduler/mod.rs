@@ -441,6 +441,11 @@ impl Shared {
         let Shared { registry, events, stats, .. } = self;
         let mut undelivered = Vec::new();
         let now = Utc::now();
+        // Each push counts only its worker's attempts: looked up, not scanned for each push.
+        let mut theirs: HashMap<&WorkerId, Vec<&Held>> = HashMap::new();
+        for h in freeing {
+            theirs.entry(&h.worker_id).or_default().push(h);
+        }
         for a in assignments {
             let latency = (now - a.created_at).to_std().unwrap_or_default();
             let task_id = a.task_id;
@@ -449,6 +454,7 @@ impl Shared {
                 undelivered.push(held);
                 continue;
             };
+            let freeing = theirs.get(&a.worker_id).into_iter().flatten().copied();
             match registry.push_freeing(a, session, freeing) {
                 Ok(()) => {
                     stats.tasks_assigned.fetch_add(1, Ordering::Relaxed);
