@@ -276,6 +276,75 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     second.register_worker(register("dup", "gpu-2", "i-3")).await.expect("a restart on the same host");
 }
 
+/// Two processes on one host under one id: while the first has its task stream open on this
+/// replica, a registration naming another process is refused (ALREADY_EXISTS) and the first
+/// keeps its task; the first process registering again (a reconnect) is not. Once the first's
+/// stream closes (its process exited), the second registers at once: a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_host_is_refused_while_the_first_streams() {
+    let db = TestDb::sqlite().await;
+    let one = TestCoordinator::start(&db, quick_liveness).await;
+    let mut first = client(&one.endpoint()).await;
+    first.register_worker(register("twin", "gpu-1", "i-1")).await.expect("the first registers");
+    let stream = first
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
+        .await
+        .expect("open task stream")
+        .into_inner();
+    wait_connected(&one.client().await, &["twin"]).await;
+    let mut stream = stream;
+    let id = submit(&mut one.client().await, "prove", b"x").await;
+    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("pushed")
+        .expect("stream")
+        .expect("an assignment");
+    assert_eq!(task.task_id, id);
+
+    let mut second = client(&one.endpoint()).await;
+    let refused = second
+        .register_worker(register("twin", "gpu-1", "i-2"))
+        .await
+        .expect_err("another process streams under the id");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(refused.message().contains("another live process on host gpu-1"), "{}", refused.message());
+    let t = get_task(&mut one.client().await, &id).await;
+    assert_eq!((t.attempt, t.status()), (1, proto::TaskStatus::Assigned), "not taken back: {t:?}");
+
+    // The first process registers again (a reconnect), listing its task: kept, not refused.
+    let mut again = register("twin", "gpu-1", "i-1");
+    again.running_tasks = vec![proto::RunningTask { task_id: id.clone(), attempt: 1 }];
+    first.register_worker(again).await.expect("the first process's reconnect");
+    let t = get_task(&mut one.client().await, &id).await;
+    assert_eq!(t.attempt, 1, "kept: {t:?}");
+    drop(stream);
+    let stream = first
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
+        .await
+        .expect("the reconnect's task stream")
+        .into_inner();
+    wait_connected(&one.client().await, &["twin"]).await;
+    let refused =
+        second.register_worker(register("twin", "gpu-1", "i-2")).await.expect_err("still streaming");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+
+    // The first process exits (its connection closes): the second's registration is a restart.
+    drop(stream);
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match second.register_worker(register("twin", "gpu-1", "i-2")).await {
+            Ok(_) => break,
+            Err(s) if s.code() == tonic::Code::AlreadyExists && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("the restart never registered: {s:?}"),
+        }
+    }
+    one.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 /// Runs a task pushed by replica A and reported through replica B after `runs`, the report
 /// saying how long the worker held the attempt when `say_held`; returns how long the worker held
 /// it and what the task and attempt rows measure, in ms.

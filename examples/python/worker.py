@@ -154,7 +154,7 @@ class Worker:
         self.stop_heartbeats = threading.Event()
         self.heartbeat_interval = 1.0  # until the coordinator says
         self.deregistered = False
-        self.id_refused = False  # a live worker of another host holds this id (ALREADY_EXISTS)
+        self.id_refused = False  # another live worker holds this id (ALREADY_EXISTS)
         self.deregister_lock = threading.Lock()
         self.stream = None  # the open ReceiveTasks call
         self.stream_ended = threading.Event()
@@ -179,7 +179,7 @@ class Worker:
                 failures += 1
                 delay = backoff(failures)
                 if e.code() == grpc.StatusCode.ALREADY_EXISTS:
-                    # A live worker of another host holds this id: heartbeats under it would keep
+                    # Another live worker holds this id: heartbeats under it would keep
                     # that worker's session alive, so none go out until a registration succeeds.
                     self.registered.clear()
                     self.id_refused = True

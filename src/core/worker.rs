@@ -123,7 +123,28 @@ impl Core {
     /// whose session is suspect, dead, draining or gone register as before. Advisory, not a
     /// fence: two registrations at the same moment may both pass, and the next one of the
     /// replaced process is refused.
+    ///
+    /// On the same host (or without hostnames), a registration naming its process is refused
+    /// while this replica streams tasks to another process under the id
+    /// ([`crate::registry::Registry::streamed_by_another_process`]): a process that exits
+    /// closes its connection, so a restart finds the stream closed (or retries in a moment).
+    /// A second process whose first is connected to another replica is taken for a restart.
     async fn refuse_id_in_use(&self, reg: &WorkerRegistration) -> Result<(), CoreError> {
+        self.refuse_id_on_another_host(reg).await?;
+        let Some(holding) = &reg.holding else { return Ok(()) };
+        if !self.inner.registry.streamed_by_another_process(&reg.id, &holding.instance) {
+            return Ok(());
+        }
+        warn!(worker_id = %reg.id, hostname = %reg.hostname, instance = %holding.instance,
+              "refused a registration: the worker id is in use by another live process connected here");
+        let on = if reg.hostname.is_empty() { String::new() } else { format!(" on host {}", reg.hostname) };
+        Err(CoreError::AlreadyExists(format!(
+            "worker id {} is in use by another live process{on}: give each worker its own id",
+            reg.id
+        )))
+    }
+
+    async fn refuse_id_on_another_host(&self, reg: &WorkerRegistration) -> Result<(), CoreError> {
         if reg.hostname.is_empty() {
             return Ok(());
         }

@@ -282,6 +282,8 @@ struct Session {
     stream: Option<StreamSlot>,
     /// `State::seq` of the latest release from this session's slots (for reconciliation).
     released_seq: u64,
+    /// The worker process that registered it, when the worker names its process.
+    instance: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +517,7 @@ impl Registry {
             heartbeat_written: Instant::now(),
             dead_since: None,
             released_seq: seq,
+            instance: reg.holding.as_ref().map(|h| h.instance.clone()),
             // The previous session's stream (dropped with `previous`) ends; the worker opens a
             // new one after registering, and pushes never go down a connection it gave up.
             stream: None,
@@ -828,6 +831,18 @@ impl Registry {
         }
         let fresh = config.liveness_write_every + config.flush_every() + config.heartbeat_timeout;
         active_by_row && (Utc::now() - row.last_heartbeat_at).to_std().is_ok_and(|ago| ago <= fresh)
+    }
+
+    /// Whether `worker`'s session here is ACTIVE with its task stream open, registered by a
+    /// process other than `instance`: a second process under the id, or (for the few
+    /// milliseconds until the connection's end reaches this replica) a restart of the first.
+    pub fn streamed_by_another_process(&self, worker: &WorkerId, instance: &str) -> bool {
+        let state = self.lock();
+        state.sessions.get(worker).is_some_and(|s| {
+            s.state == WorkerState::Active
+                && s.stream.as_ref().is_some_and(|slot| slot.open().is_some())
+                && s.instance.as_deref().is_some_and(|other| other != instance)
+        })
     }
 
     /// Drops from `delivered` the attempts this registry knows are over: their worker's session

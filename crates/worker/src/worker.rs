@@ -50,7 +50,8 @@ pub struct WorkerOptions {
     /// Token and TLS towards the coordinator.
     pub security: ClientSecurity,
     /// The machine's name, sent at registration (default: this host's). While a worker's
-    /// session is live, the coordinator refuses its id to a registration from another host.
+    /// session is live, the coordinator refuses its id to a registration from another host (and
+    /// from another process of the same host while it streams tasks to the first).
     pub hostname: String,
 }
 
@@ -154,7 +155,8 @@ enum Refusal {
     CertificateMismatch,
     /// The address is a plain HTTP server: the coordinator's HTTP port, not its gRPC port.
     NotGrpc,
-    /// A live worker on another host is registered under this worker id.
+    /// A live worker of another host, or another live process of this one, is registered
+    /// under this worker id.
     IdInUse,
 }
 
@@ -267,7 +269,7 @@ pub struct WorkerCounters {
     /// coordinator shutting down) rather than cleanly.
     pub stream_errors: std::sync::atomic::AtomicU64,
     /// Connections the coordinator refused for a mistake in the worker's settings (a token it
-    /// does not accept, an id a live worker of another host holds); each is retried.
+    /// does not accept, an id another live worker holds); each is retried.
     pub refusals: std::sync::atomic::AtomicU64,
 }
 
@@ -284,7 +286,7 @@ pub struct Worker {
     counters: Arc<WorkerCounters>,
     /// Set once the worker told the coordinator it is draining.
     deregistered: std::sync::atomic::AtomicBool,
-    /// The coordinator refused this worker's id (a live worker of another host holds it):
+    /// The coordinator refused this worker's id (another live worker holds it):
     /// heartbeats under that id would keep the other's session alive, so none go out until a
     /// registration succeeds.
     id_refused: std::sync::atomic::AtomicBool,
