@@ -193,6 +193,19 @@ impl Cluster {
         self.a.slot_corrections().await.unwrap_or(0) + self.b.slot_corrections().await.unwrap_or(0)
     }
 
+    /// Waits until `completed` tasks completed, then kills replica A (`kill -9`) and starts it
+    /// again on its ports 2 s later; returns the tasks completed at the kill and how long after
+    /// it A was up again, in ms.
+    async fn restart_a_killed_after(&mut self, completed: i64) -> (i64, u128) {
+        self.wait_completed(completed, Duration::from_secs(60)).await;
+        self.a.kill9();
+        let killed_at = Instant::now();
+        let completed_at_kill = self.completed().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.a.start().await;
+        (completed_at_kill, killed_at.elapsed().as_millis())
+    }
+
     /// Stops every process it started and drops the schema (dropping it does the same).
     async fn finish(mut self) {
         for w in self.workers.values_mut() {
@@ -339,13 +352,7 @@ async fn replica_killed_under_load_loses_nothing() {
             20,
             Duration::from_millis(150),
         );
-        c.wait_completed(n as i64 / 4, Duration::from_secs(60)).await;
-        c.a.kill9();
-        let killed_at = Instant::now();
-        let completed_at_kill = c.completed().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        c.a.start().await;
-        let restarted_ms = killed_at.elapsed().as_millis();
+        let (completed_at_kill, restarted_ms) = c.restart_a_killed_after(n as i64 / 4).await;
         let submitted = submitter.await.expect("submitter");
         assert_eq!(submitted, n as usize);
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(90)).await;
@@ -533,13 +540,7 @@ async fn pipelines_survive_a_replica_kill_and_ageing() {
             (0..jobs).map(|j| pipeline_job(&format!("pipe-{j}"), chunks)).collect(),
             Duration::from_millis(400),
         ));
-        c.wait_completed(n / 4, Duration::from_secs(60)).await;
-        c.a.kill9();
-        let killed_at = Instant::now();
-        let completed_at_kill = c.completed().await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        c.a.start().await;
-        let restarted_ms = killed_at.elapsed().as_millis();
+        let (completed_at_kill, restarted_ms) = c.restart_a_killed_after(n / 4).await;
         let job_ids = submitter.await.expect("submitter");
         assert_eq!(job_ids.len(), jobs);
         let t = wait_settled(&c.pool, n, Duration::from_secs(90)).await;
