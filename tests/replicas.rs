@@ -178,6 +178,20 @@ fn register(id: &str, host: &str, instance: &str) -> proto::RegisterWorkerReques
     }
 }
 
+/// Sends `req` until it is not refused as an id in use (ALREADY_EXISTS), for at most `limit`.
+async fn register_once_free(client: &mut Client, req: proto::RegisterWorkerRequest, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match client.register_worker(req.clone()).await {
+            Ok(_) => return,
+            Err(s) if s.code() == tonic::Code::AlreadyExists && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(s) => panic!("{} never registered: {s:?}", req.worker_id),
+        }
+    }
+}
+
 /// A worker row a replica left ACTIVE when it stopped (the worker never deregistered) does not
 /// hold the id against a worker of another host once the replica runs again under the same
 /// name: the replica knows its own sessions, and has none.
@@ -209,16 +223,8 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     first.register_worker(register("dup", "gpu-1", "i-1")).await.expect("the first registers");
     // Heartbeats from the start: the session stays ACTIVE however slow the machine.
     let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
-    first.send_heartbeat(beat.clone()).await.expect("a heartbeat");
-    let beats = {
-        let mut client = first.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = client.send_heartbeat(beat.clone()).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    first.send_heartbeat(beat).await.expect("a heartbeat");
+    let beats = keep_alive(first.clone(), "dup", Duration::from_millis(100));
     let mut stream = first
         .receive_tasks(proto::ReceiveTasksRequest { worker_id: "dup".into() })
         .await
@@ -262,16 +268,7 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     beats.abort();
     drop(stream);
     let mut second = client(&b.endpoint()).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        match second.register_worker(register("dup", "gpu-2", "i-2")).await {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::AlreadyExists && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
-            }
-            Err(s) => panic!("the second never registered: {s:?}"),
-        }
-    }
+    register_once_free(&mut second, register("dup", "gpu-2", "i-2"), Duration::from_secs(15)).await;
     // Its own restart (a new process on the same host) is not refused.
     second.register_worker(register("dup", "gpu-2", "i-3")).await.expect("a restart on the same host");
 }
@@ -331,16 +328,7 @@ async fn a_second_process_on_the_same_host_is_refused_while_the_first_streams() 
     // The first process exits (its connection closes): the second's registration is a restart.
     drop(stream);
     drop(first);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match second.register_worker(register("twin", "gpu-1", "i-2")).await {
-            Ok(_) => break,
-            Err(s) if s.code() == tonic::Code::AlreadyExists && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(s) => panic!("the restart never registered: {s:?}"),
-        }
-    }
+    register_once_free(&mut second, register("twin", "gpu-1", "i-2"), Duration::from_secs(10)).await;
     one.stop().await.unwrap();
     db.cleanup().await;
 }

@@ -1569,16 +1569,8 @@ async fn holder_of_dup(db: &TestDb) -> (TestCoordinator, Client, tokio::task::Jo
         .await
         .expect("the holder registers");
     let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
-    client.send_heartbeat(beat.clone()).await.expect("a heartbeat");
-    let holder = {
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = client.send_heartbeat(beat.clone()).await;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    client.send_heartbeat(beat).await.expect("a heartbeat");
+    let holder = keep_alive(client.clone(), "dup", Duration::from_millis(100));
     (c, client, holder)
 }
 

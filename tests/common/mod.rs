@@ -446,22 +446,28 @@ impl RawWorker {
     /// ACTIVE under short heartbeat timeouts. Stops when the handle is aborted or dropped with
     /// the test's runtime.
     pub fn keep_alive(&self, every: Duration) -> JoinHandle<()> {
-        let mut client = self.client.clone();
-        let id = self.id.clone();
-        tokio::spawn(async move {
-            loop {
-                let _ = client
-                    .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), running_tasks: vec![] })
-                    .await;
-                tokio::time::sleep(every).await;
-            }
-        })
+        keep_alive(self.client.clone(), &self.id, every)
     }
 
     /// Drops the stream (as a crashed worker would).
     pub fn disconnect(self) {
         self.reader.abort();
     }
+}
+
+/// Heartbeats worker `id` (with no running tasks) through `client` every `every` in the
+/// background, the first at once; stops when the handle is aborted or dropped with the test's
+/// runtime.
+pub fn keep_alive(mut client: Client, id: &str, every: Duration) -> JoinHandle<()> {
+    let id = id.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let _ = client
+                .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), running_tasks: vec![] })
+                .await;
+            tokio::time::sleep(every).await;
+        }
+    })
 }
 
 pub async fn submit(client: &mut Client, task_type: &str, payload: &[u8]) -> String {
