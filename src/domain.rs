@@ -439,6 +439,11 @@ pub struct WorkerRecord {
     pub hostname: String,
     pub session_id: Uuid,
     pub coordinator_id: String,
+    /// The process that registered the session, when it said.
+    pub instance: Option<String>,
+    /// Whether that process is connected to its replica (`coordinator_id`): set by the
+    /// registration, cleared by the replica when the session's task stream closes.
+    pub connected: bool,
     pub registered_at: DateTime<Utc>,
     /// The last heartbeat the database learned of: written about once a minute, and at each
     /// state change.

@@ -398,6 +398,8 @@ mod tests {
             hostname: String::new(),
             session_id: Uuid::now_v7(),
             coordinator_id: "other".into(),
+            instance: None,
+            connected: true,
             registered_at: Utc::now(),
             last_heartbeat_at: Utc::now(),
             owner_seen_at: Some(Utc::now()),

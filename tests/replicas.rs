@@ -333,6 +333,74 @@ async fn a_second_process_on_the_same_host_is_refused_while_the_first_streams() 
     db.cleanup().await;
 }
 
+/// Two processes on one host under one id, connected to different replicas: while the first
+/// streams from replica A, the second's registration at B is refused (ALREADY_EXISTS) and the
+/// first keeps its task. The first moving to B (a reconnect of the same process, as connection
+/// ageing does) is not refused, and the second is then refused at A. Once the first's process
+/// exits (its stream closes), the second registers: a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_second_process_on_the_other_replica_is_refused_while_the_first_streams() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, |_| {}).await;
+    let mut first = client(&a.endpoint()).await;
+    first.register_worker(register("twin", "gpu-1", "i-1")).await.expect("the first registers");
+    let mut stream = first
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
+        .await
+        .expect("open task stream")
+        .into_inner();
+    wait_connected(&a.client().await, &["twin"]).await;
+    let id = submit(&mut a.client().await, "prove", b"x").await;
+    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("pushed")
+        .expect("stream")
+        .expect("an assignment");
+    assert_eq!(task.task_id, id);
+
+    let mut second = client(&b.endpoint()).await;
+    let refused = second
+        .register_worker(register("twin", "gpu-1", "i-2"))
+        .await
+        .expect_err("another process streams under the id from replica A");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(refused.message().contains("another live process on host gpu-1"), "{}", refused.message());
+    let t = get_task(&mut a.client().await, &id).await;
+    assert_eq!((t.attempt, t.status()), (1, proto::TaskStatus::Assigned), "not taken back: {t:?}");
+
+    // The first process moves to B, listing its task: kept, not refused.
+    let mut first = client(&b.endpoint()).await;
+    let mut again = register("twin", "gpu-1", "i-1");
+    again.running_tasks = vec![proto::RunningTask { task_id: id.clone(), attempt: 1 }];
+    first.register_worker(again).await.expect("the first process's reconnect to B");
+    drop(stream);
+    let stream = first
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
+        .await
+        .expect("the task stream from B")
+        .into_inner();
+    wait_connected(&b.client().await, &["twin"]).await;
+    let refused = client(&a.endpoint())
+        .await
+        .register_worker(register("twin", "gpu-1", "i-2"))
+        .await
+        .expect_err("the first streams from B");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    let t = get_task(&mut a.client().await, &id).await;
+    assert_eq!((t.attempt, t.status()), (1, proto::TaskStatus::Assigned), "still not taken back: {t:?}");
+
+    // The first process exits: its connection closes, and the second's registration at A is
+    // a restart.
+    drop(stream);
+    drop(first);
+    let mut second = client(&a.endpoint()).await;
+    register_once_free(&mut second, register("twin", "gpu-1", "i-2"), Duration::from_secs(10)).await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 /// Runs a task pushed by replica A and reported through replica B after `runs`, the report
 /// saying how long the worker held the attempt when `say_held`; returns how long the worker held
 /// it and what the task and attempt rows measure, in ms.

@@ -138,6 +138,7 @@ store_tests!(
     live_workers_are_active_or_suspect_and_heard_from_lately,
     a_worker_stays_live_while_its_replica_is_seen,
     a_replica_s_row_says_which_process_refreshed_it,
+    a_closed_stream_or_a_stopped_replica_clears_connected_for_its_session_only,
     worker_stats_count_outcomes_and_duration,
     // jobs, listings, counts
     jobs_track_their_tasks_until_done,
@@ -2020,6 +2021,37 @@ mod cases {
         assert_eq!(hb("w2").await, t2, "{b}");
         assert_eq!(hb("w3").await, t1, "{b}");
         assert_eq!(s.flush_heartbeats(&[]).await.expect("flush"), 0, "{b}");
+    }
+
+    /// A registration says the process is connected; a closed stream clears that for its own
+    /// session only (a newer session, registered meanwhile, stays connected), and so does a
+    /// replica that stops, for the rows that still name it.
+    pub async fn a_closed_stream_or_a_stopped_replica_clears_connected_for_its_session_only(s: &Store) {
+        let b = s.backend();
+        let connected =
+            |id: &'static str| async move { s.get_worker(&w(id)).await.unwrap().unwrap().connected };
+        let (old, new) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut reg = registration("w1", old);
+        reg.holding = Some(Holding { instance: "i-1".into(), running: Vec::new() });
+        s.upsert_worker(&reg).await.expect("upsert");
+        let row = s.get_worker(&w("w1")).await.unwrap().unwrap();
+        assert_eq!((row.connected, row.instance.as_deref()), (true, Some("i-1")), "{b}");
+        s.upsert_worker(&registration("w1", new)).await.expect("a newer session");
+        assert_eq!(s.streams_closed(&[(w("w1"), old), (w("ghost"), old)]).await.expect("closed"), 0, "{b}");
+        assert!(connected("w1").await, "{b}: the stale session's stream leaves the newer one connected");
+        assert_eq!(s.streams_closed(&[(w("w1"), new)]).await.expect("closed"), 1, "{b}");
+        assert!(!connected("w1").await, "{b}");
+        s.upsert_worker(&registration("w1", Uuid::now_v7())).await.expect("registers again");
+        assert!(connected("w1").await, "{b}: a registration says connected again");
+
+        let mut elsewhere = registration("w2", Uuid::now_v7());
+        elsewhere.coordinator_id = "coord-b".into();
+        s.upsert_worker(&elsewhere).await.expect("upsert");
+        s.touch_coordinator("coord-a", "first").await.expect("touch");
+        s.forget_coordinator("coord-a").await.expect("forget");
+        assert!(!connected("w1").await, "{b}: its replica stopped");
+        assert!(connected("w2").await, "{b}: another replica's worker is left alone");
+        assert_eq!(s.streams_closed(&[]).await.expect("nothing"), 0, "{b}");
     }
 
     pub async fn live_workers_are_active_or_suspect_and_heard_from_lately(s: &Store) {

@@ -1,6 +1,6 @@
 //! The batched store writes the use cases share: completions (with the effects of each one,
-//! applied in the batch loop right after the commit), lease renewals from heartbeats, and the
-//! delayed `running` marks of delivered assignments. The app spawns their loops and waits for
+//! applied in the batch loop right after the commit), lease renewals from heartbeats, the
+//! delayed `running` marks of delivered assignments, and the closed task streams. The app spawns their loops and waits for
 //! them at shutdown.
 
 use std::{
@@ -9,10 +9,12 @@ use std::{
 };
 
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use super::effects::{Effects, Reported};
 use crate::{
     batch::Batcher,
+    domain::WorkerId,
     scheduler::Refiller,
     store::{Completion, Held, ReportOutcome, Store},
 };
@@ -37,6 +39,8 @@ pub struct Batchers {
     pub renewals: Batcher<Vec<Held>, Vec<Held>>,
     /// Assignments that left on a stream, and when: assigned -> running, a little later.
     pub deliveries: Batcher<(Held, Instant), ()>,
+    /// Sessions whose task stream closed here: their rows stop saying they are connected.
+    pub streams_closed: Batcher<(WorkerId, Uuid), ()>,
 }
 
 /// Starts the batch loops: their senders, and the handles to wait for at shutdown.
@@ -99,7 +103,15 @@ pub fn spawn(
             Ok(answers)
         }
     });
-    (Batchers { completions, renewals, deliveries }, vec![h1, h2, h3])
+    let s = store.clone();
+    let (streams_closed, h4) = Batcher::spawn(BATCH_MAX, move |closed: Vec<(WorkerId, Uuid)>| {
+        let s = s.clone();
+        async move {
+            s.streams_closed(&closed).await?;
+            Ok(vec![(); closed.len()])
+        }
+    });
+    (Batchers { completions, renewals, deliveries, streams_closed }, vec![h1, h2, h3, h4])
 }
 
 #[cfg(test)]

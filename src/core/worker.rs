@@ -116,52 +116,61 @@ impl Core {
         })
     }
 
-    /// Refuses a registration from another host under the id of a worker whose session is
-    /// live ([`crate::registry::Registry::session_live`]): two processes sharing an id would
+    /// Refuses a registration under the id of a worker whose session is live, from another
+    /// host or from another process of the same host: two processes sharing an id would
     /// otherwise replace each other's session in turn, each registration giving back the tasks
-    /// the other runs. A restart on the same host, a worker that sends no hostname, and an id
-    /// whose session is suspect, dead, draining or gone register as before. Advisory, not a
-    /// fence: two registrations at the same moment may both pass, and the next one of the
+    /// the other runs. A restart (the previous process is gone), a reconnect of the same process,
+    /// and an id whose session is suspect, dead, draining or gone register as before. Advisory,
+    /// not a fence: two registrations at the same moment may both pass, and the next one of the
     /// replaced process is refused.
     ///
-    /// On the same host (or without hostnames), a registration naming its process is refused
-    /// while this replica streams tasks to another process under the id
-    /// ([`crate::registry::Registry::streamed_by_another_process`]): a process that exits
-    /// closes its connection, so a restart finds the stream closed (or retries in a moment).
-    /// A second process whose first is connected to another replica is taken for a restart.
+    /// - Another host: the row names another hostname and the session is live
+    ///   ([`crate::registry::Registry::session_live`]).
+    /// - Another process (the registration names its process): this replica streams tasks to
+    ///   another process under the id ([`crate::registry::Registry::streamed_by_another_process`]),
+    ///   or the row says another process is connected to another live replica (that replica
+    ///   clears `connected` when the stream closes). A process that exits closes its connection,
+    ///   so a restart finds the stream closed, or retries a moment later.
     async fn refuse_id_in_use(&self, reg: &WorkerRegistration) -> Result<(), CoreError> {
-        self.refuse_id_on_another_host(reg).await?;
-        let Some(holding) = &reg.holding else { return Ok(()) };
-        if !self.inner.registry.streamed_by_another_process(&reg.id, &holding.instance) {
+        let instance = reg.holding.as_ref().map(|h| h.instance.as_str());
+        if reg.hostname.is_empty() && instance.is_none() {
             return Ok(());
         }
-        warn!(worker_id = %reg.id, hostname = %reg.hostname, instance = %holding.instance,
-              "refused a registration: the worker id is in use by another live process connected here");
-        let on = if reg.hostname.is_empty() { String::new() } else { format!(" on host {}", reg.hostname) };
-        Err(CoreError::AlreadyExists(format!(
-            "worker id {} is in use by another live process{on}: give each worker its own id",
-            reg.id
-        )))
-    }
-
-    async fn refuse_id_on_another_host(&self, reg: &WorkerRegistration) -> Result<(), CoreError> {
-        if reg.hostname.is_empty() {
-            return Ok(());
+        let me = &self.inner.config.coordinator_id;
+        let streamed_here =
+            instance.is_some_and(|mine| self.inner.registry.streamed_by_another_process(&reg.id, mine));
+        let Some(current) = self.inner.store.get_worker(&reg.id).await? else {
+            return match (streamed_here, instance) {
+                (true, Some(mine)) => Err(in_use_by_another_process(reg, mine, me)),
+                _ => Ok(()),
+            };
+        };
+        let another_host =
+            !reg.hostname.is_empty() && !current.hostname.is_empty() && current.hostname != reg.hostname;
+        let connected_elsewhere = instance.is_some_and(|mine| {
+            current.connected
+                && &current.coordinator_id != me
+                && current.instance.as_deref().is_some_and(|theirs| theirs != mine)
+        });
+        let live = (another_host || connected_elsewhere) && {
+            let active_by_row = self.derived_state(&current) == WorkerState::Active;
+            self.inner.registry.session_live(&current, active_by_row)
+        };
+        match instance {
+            _ if another_host && live => {
+                warn!(worker_id = %reg.id, hostname = %reg.hostname, live_on = %current.hostname,
+                      "refused a registration: the worker id is in use by a live worker on another host");
+                Err(CoreError::AlreadyExists(format!(
+                    "worker id {} is in use by a live worker on host {}: give each worker its own id",
+                    reg.id, current.hostname
+                )))
+            }
+            Some(mine) if streamed_here => Err(in_use_by_another_process(reg, mine, me)),
+            Some(mine) if connected_elsewhere && live => {
+                Err(in_use_by_another_process(reg, mine, &current.coordinator_id))
+            }
+            _ => Ok(()),
         }
-        let Some(current) = self.inner.store.get_worker(&reg.id).await? else { return Ok(()) };
-        if current.hostname.is_empty() || current.hostname == reg.hostname {
-            return Ok(());
-        }
-        let active_by_row = self.derived_state(&current) == WorkerState::Active;
-        if !self.inner.registry.session_live(&current, active_by_row) {
-            return Ok(());
-        }
-        warn!(worker_id = %reg.id, hostname = %reg.hostname, live_on = %current.hostname,
-              "refused a registration: the worker id is in use by a live worker on another host");
-        Err(CoreError::AlreadyExists(format!(
-            "worker id {} is in use by a live worker on host {}: give each worker its own id",
-            reg.id, current.hostname
-        )))
     }
 
     /// Marks the worker alive and renews the leases of the attempts it runs; the ones it no
@@ -374,6 +383,18 @@ fn stale(h: &Held, state: TaskState, current: Attempt) -> CoreError {
 
 /// Owns a task stream's receiver. When the stream goes away (worker gone, replaced, shutdown),
 /// it detaches from the registry and puts assignments that never left back to pending.
+/// The refusal of a registration naming process `instance` while another process of the same
+/// host streams under the id from replica `on`.
+fn in_use_by_another_process(reg: &WorkerRegistration, instance: &str, on: &str) -> CoreError {
+    warn!(worker_id = %reg.id, hostname = %reg.hostname, instance, connected_to = on,
+          "refused a registration: the worker id is in use by another live process");
+    let host = if reg.hostname.is_empty() { String::new() } else { format!(" on host {}", reg.hostname) };
+    CoreError::AlreadyExists(format!(
+        "worker id {} is in use by another live process{host}: give each worker its own id",
+        reg.id
+    ))
+}
+
 struct StreamGuard {
     core: Core,
     worker: WorkerId,
@@ -387,7 +408,12 @@ struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let inner = &self.core.inner;
-        inner.registry.detach(&self.worker, self.stream_id);
+        if let Some(session) = inner.registry.detach(&self.worker, self.stream_id) {
+            // Best effort (the queue may be full): the row says the process is connected until
+            // it registers again, is declared suspect, or this replica stops; meanwhile another
+            // replica refuses a new process under the id, which retries.
+            inner.batchers.streams_closed.try_send((self.worker.clone(), session));
+        }
         self.rx.close();
         let mut undelivered = std::mem::take(&mut self.replaced);
         while let Ok(push) = self.rx.try_recv() {

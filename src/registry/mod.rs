@@ -657,14 +657,12 @@ impl Registry {
     }
 
     /// Detaches stream `stream_id` if it is still the worker's current one (a newer stream is
-    /// left alone).
-    pub fn detach(&self, worker: &WorkerId, stream_id: u64) {
+    /// left alone); answers the session whose stream it was, if it was.
+    pub fn detach(&self, worker: &WorkerId, stream_id: u64) -> Option<Uuid> {
         let mut state = self.lock();
-        if let Some(s) = state.sessions.get_mut(worker)
-            && s.stream.as_ref().is_some_and(|slot| slot.id == stream_id)
-        {
-            s.stream = None;
-        }
+        let s = state.sessions.get_mut(worker)?;
+        s.stream.take_if(|slot| slot.id == stream_id)?;
+        Some(s.session_id)
     }
 
     /// Workers that may take work (ACTIVE, stream open), each with the slots it offers now

@@ -287,6 +287,8 @@ pub(super) fn worker(r: &impl Cols) -> Result<WorkerRecord> {
         hostname: r.text("hostname")?,
         session_id: r.uuid("session_id")?,
         coordinator_id: r.text("coordinator_id")?,
+        instance: r.opt_text("instance_id")?,
+        connected: r.flag("connected")?,
         registered_at: r.time("registered_at")?,
         last_heartbeat_at: r.time("last_heartbeat_at")?,
         owner_seen_at: r.opt_time("owner_seen_at")?,

@@ -1218,6 +1218,15 @@ impl Store {
         timed!("forget_coordinator", self, s => s.forget_coordinator(id).await)
     }
 
+    /// Notes that these sessions' task streams closed on this replica (their processes are no
+    /// longer connected to it); a session that was replaced meanwhile is left alone.
+    pub async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
+        if closed.is_empty() {
+            return Ok(0);
+        }
+        timed!("streams_closed", self, s => s.streams_closed(closed).await)
+    }
+
     /// Writes the latest heartbeat time of many workers in one statement.
     pub async fn flush_heartbeats(&self, beats: &[(WorkerId, DateTime<Utc>)]) -> Result<u64> {
         if beats.is_empty() {

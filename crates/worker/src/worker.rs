@@ -51,7 +51,7 @@ pub struct WorkerOptions {
     pub security: ClientSecurity,
     /// The machine's name, sent at registration (default: this host's). While a worker's
     /// session is live, the coordinator refuses its id to a registration from another host (and
-    /// from another process of the same host while it streams tasks to the first).
+    /// from another process of the same host while the first is connected).
     pub hostname: String,
 }
 
@@ -174,6 +174,16 @@ impl Refusal {
         }
     }
 
+    /// The ceiling of the reconnect backoff after `refusal` (`None`: not a refusal). A refused
+    /// id frees the moment the other process exits: it is tried again often enough that a
+    /// restart takes over within seconds of that.
+    fn retry_max(refusal: Option<Self>, backoff_max: Duration) -> Duration {
+        match refusal {
+            Some(Self::IdInUse) => backoff_max.min(ID_IN_USE_RETRY_MAX),
+            _ => backoff_max,
+        }
+    }
+
     fn what(self) -> &'static str {
         match self {
             Self::Unauthenticated => {
@@ -200,6 +210,10 @@ pub fn backoff(base: Duration, max: Duration, n: u32) -> Duration {
     let ceiling = base.saturating_mul(1u32 << n.min(20)).min(max);
     ceiling.mul_f64(rand::random::<f64>())
 }
+
+/// The longest wait between registrations refused because another live process holds the
+/// worker id ([`Refusal::IdInUse`]).
+const ID_IN_USE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A session that had its task stream open at least this long counts as a success: the failure
 /// that ends it starts the backoff over. Long enough that a coordinator that crashes a few
@@ -384,9 +398,11 @@ impl Worker {
                 Ok(SessionEnd::Reconnect) => failures.ended_cleanly(),
                 Err(SessionError { status, held }) => {
                     let failures = failures.failed(held);
-                    let delay = backoff(this.opts.backoff_base, this.opts.backoff_max, failures);
+                    let refusal = Refusal::of(&status);
+                    let max = Refusal::retry_max(refusal, this.opts.backoff_max);
+                    let delay = backoff(this.opts.backoff_base, max, failures);
                     let (worker_id, delay_ms) = (&this.opts.worker_id, delay.as_millis() as u64);
-                    match Refusal::of(&status) {
+                    match refusal {
                         // Retried all the same: a Secret mounted late or a coordinator restarted
                         // with new tokens heals it; meanwhile the line says what to fix.
                         Some(refusal) => {
@@ -908,6 +924,24 @@ mod tests {
         assert!(Refusal::Unauthenticated.what().contains("WORKER_TOKEN"));
         assert!(Refusal::PermissionDenied.what().contains("worker role"));
         assert!(Refusal::NotGrpc.what().contains("grpc_port"));
+    }
+
+    /// A refused id is tried again within seconds however long it has been refused; other
+    /// refusals and outages back off to `backoff_max`.
+    #[test]
+    fn a_refused_id_is_retried_within_seconds() {
+        let max = Duration::from_secs(30);
+        assert_eq!(Refusal::retry_max(Some(Refusal::IdInUse), max), ID_IN_USE_RETRY_MAX);
+        assert!(ID_IN_USE_RETRY_MAX <= Duration::from_secs(5));
+        let short = Duration::from_secs(1);
+        assert_eq!(Refusal::retry_max(Some(Refusal::IdInUse), short), short);
+        assert_eq!(Refusal::retry_max(Some(Refusal::Unauthenticated), max), max);
+        assert_eq!(Refusal::retry_max(None, max), max);
+        for n in 0..30 {
+            let delay =
+                backoff(Duration::from_millis(200), Refusal::retry_max(Some(Refusal::IdInUse), max), n);
+            assert!(delay <= ID_IN_USE_RETRY_MAX, "{n}: {delay:?}");
+        }
     }
 
     #[test]

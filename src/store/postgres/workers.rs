@@ -118,8 +118,29 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn forget_coordinator(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM coordinators WHERE id = $1").bind(id).execute(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM coordinators WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query(sql::DISCONNECT_REPLICA).bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    pub(in crate::store) async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
+        // In id order, as every batch that locks workers' rows (see `flush_heartbeats`).
+        let mut closed: Vec<&(WorkerId, Uuid)> = closed.iter().collect();
+        closed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let ids: Vec<&str> = closed.iter().map(|(w, _)| w.0.as_str()).collect();
+        let sessions: Vec<Uuid> = closed.iter().map(|(_, s)| *s).collect();
+        let r = sqlx::query(
+            "UPDATE workers w SET connected = false
+             FROM unnest($1::text[], $2::uuid[]) AS c(id, session_id)
+             WHERE w.id = c.id AND w.session_id = c.session_id AND w.connected",
+        )
+        .bind(&ids)
+        .bind(&sessions)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
     }
 
     pub(in crate::store) async fn flush_heartbeats(
@@ -149,14 +170,14 @@ async fn upsert_worker<'e>(exec: impl sqlx::PgExecutor<'e>, w: &WorkerRegistrati
     sqlx::query(
         "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
                               session_id, coordinator_id, instance_id, registered_at, last_heartbeat_at,
-                              updated_at)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, now(), now(), now())
+                              updated_at, connected)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, now(), now(), now(), true)
          ON CONFLICT (id) DO UPDATE SET
              state = 'active', max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
              capabilities = EXCLUDED.capabilities, labels = EXCLUDED.labels, version = EXCLUDED.version,
              hostname = EXCLUDED.hostname, session_id = EXCLUDED.session_id,
              coordinator_id = EXCLUDED.coordinator_id, instance_id = EXCLUDED.instance_id,
-             registered_at = now(), last_heartbeat_at = now(), updated_at = now()",
+             registered_at = now(), last_heartbeat_at = now(), updated_at = now(), connected = true",
     )
     .bind(&w.id.0)
     .bind(w.max_concurrent_tasks as i32)

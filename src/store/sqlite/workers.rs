@@ -124,8 +124,28 @@ impl SqliteStore {
     }
 
     pub(in crate::store) async fn forget_coordinator(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM coordinators WHERE id = $1").bind(id).execute(&self.writer).await?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("DELETE FROM coordinators WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query(sql::DISCONNECT_REPLICA).bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    pub(in crate::store) async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
+        let mut tx = self.writer.begin().await?;
+        let mut changed = 0;
+        for (id, session) in closed {
+            changed += sqlx::query(
+                "UPDATE workers SET connected = 0 WHERE id = $1 AND session_id = $2 AND connected",
+            )
+            .bind(&id.0)
+            .bind(session.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
     }
 
     pub(in crate::store) async fn flush_heartbeats(
@@ -153,15 +173,15 @@ async fn upsert_worker<'e>(exec: impl sqlx::SqliteExecutor<'e>, w: &WorkerRegist
     sqlx::query(
         "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
                               session_id, coordinator_id, instance_id, registered_at, last_heartbeat_at,
-                              updated_at)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $10, $9, $9, $9)
+                              updated_at, connected)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $10, $9, $9, $9, 1)
          ON CONFLICT (id) DO UPDATE SET
              state = 'active', max_concurrent_tasks = excluded.max_concurrent_tasks,
              capabilities = excluded.capabilities, labels = excluded.labels, version = excluded.version,
              hostname = excluded.hostname, session_id = excluded.session_id,
              coordinator_id = excluded.coordinator_id, instance_id = excluded.instance_id,
              registered_at = excluded.registered_at, last_heartbeat_at = excluded.last_heartbeat_at,
-             updated_at = excluded.updated_at",
+             updated_at = excluded.updated_at, connected = 1",
     )
     .bind(&w.id.0)
     .bind(i64::from(w.max_concurrent_tasks))
