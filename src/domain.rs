@@ -433,6 +433,8 @@ pub struct WorkerRecord {
     pub id: WorkerId,
     pub state: WorkerState,
     pub max_concurrent_tasks: u32,
+    /// Assignments it queues beyond `max_concurrent_tasks`.
+    pub prefetch: u32,
     pub capabilities: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub version: String,

@@ -392,6 +392,7 @@ mod tests {
             id: id.into(),
             state,
             max_concurrent_tasks: max,
+            prefetch: 0,
             capabilities: caps.iter().map(|s| s.to_string()).collect(),
             labels: Default::default(),
             version: String::new(),

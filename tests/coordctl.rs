@@ -461,7 +461,8 @@ async fn watches_follow_a_task_and_a_job_across_a_replica_restart() {
 }
 
 /// Two replicas: `coordctl workers` through either says which replica holds each worker, and
-/// that its stream is open there, not here.
+/// whether its stream is open there (`open`) or here (`open here`); once the worker's stream
+/// closes, the other replica shows it closed too. A worker's prefetch shows beside its slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
 async fn workers_name_the_replica_that_holds_them() {
@@ -469,7 +470,18 @@ async fn workers_name_the_replica_that_holds_them() {
     let a = TestCoordinator::start(&db, |cfg| cfg.coordinator.id = "replica-a".into()).await;
     let b = TestCoordinator::start(&db, |cfg| cfg.coordinator.id = "replica-b".into()).await;
     let on_b = RawWorker::connect(&b.endpoint(), "w-on-b", 1, &["echo"]).await;
-    wait_connected(&b.client().await, &["w-on-b"]).await;
+    let mut queued = client(&b.endpoint()).await;
+    queued
+        .register_worker(proto::RegisterWorkerRequest {
+            worker_id: "w-queues".into(),
+            max_concurrent_tasks: 2,
+            prefetch: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("register");
+    let _stream = queued.receive_tasks(proto::ReceiveTasksRequest { worker_id: "w-queues".into() }).await;
+    wait_connected(&b.client().await, &["w-on-b", "w-queues"]).await;
     for (replica, here) in [(&a, false), (&b, true)] {
         let out = coordctl_async(&replica.endpoint(), &["--json", "workers"]).await;
         assert!(out.status.success(), "{}", text(&out));
@@ -481,15 +493,33 @@ async fn workers_name_the_replica_that_holds_them() {
             "{listed}"
         );
         assert_eq!(w["connected"].as_bool(), Some(here), "{listed}");
+        assert_eq!(w["connected_elsewhere"].as_bool(), Some(!here), "{listed}");
+        assert_eq!(
+            (listed[1]["prefetch"].as_u64(), listed[1]["max_concurrent_tasks"].as_u64()),
+            (Some(3), Some(2))
+        );
         let out = coordctl_async(&replica.endpoint(), &["workers"]).await;
         let table = String::from_utf8_lossy(&out.stdout);
         let header: Vec<&str> =
             table.lines().next().unwrap().split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
         let row = table.lines().nth(1).unwrap();
         assert!(header.contains(&"REPLICA") && row.contains("replica-b"), "{table}");
-        assert_eq!(row.contains("open here"), here, "{table}");
+        assert!(row.contains(if here { " open here " } else { " open " }), "{table}");
+        assert!(row.contains(" 0/1 "), "{table}");
+        assert!(table.lines().nth(2).unwrap().contains(" 0/2+3 "), "{table}");
     }
-    drop(on_b);
+    // The worker's process exits: replica A learns from the row that its stream closed.
+    on_b.disconnect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = coordctl_async(&a.endpoint(), &["--json", "workers"]).await;
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if listed[0]["connected_elsewhere"].as_bool() == Some(false) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still shown open on replica-b: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     b.stop().await.unwrap();
     a.stop().await.unwrap();
     db.cleanup().await;

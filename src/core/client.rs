@@ -75,6 +75,8 @@ pub struct ListedWorker {
     pub state: WorkerState,
     /// It has a task stream open to this replica.
     pub connected: bool,
+    /// Its process is connected to another replica, by its row (ACTIVE there).
+    pub connected_elsewhere: bool,
     pub last_seen: DateTime<Utc>,
 }
 
@@ -283,7 +285,11 @@ impl Core {
                     Some(s) => (s.state, s.connected, s.last_seen_at),
                     None => (self.derived_state(&w), false, w.last_heartbeat_at),
                 };
-                ListedWorker { record: w, state, connected, last_seen }
+                let connected_elsewhere = live.is_none()
+                    && w.connected
+                    && state == WorkerState::Active
+                    && w.coordinator_id != self.inner.config.coordinator_id;
+                ListedWorker { record: w, state, connected, connected_elsewhere, last_seen }
             })
             .collect())
     }

@@ -847,6 +847,8 @@ impl From<ListedWorker> for proto::WorkerInfo {
             registered_at: Some(timestamp(w.registered_at)),
             connected: l.connected,
             coordinator_id: w.coordinator_id,
+            prefetch: w.prefetch,
+            connected_elsewhere: l.connected_elsewhere,
         }
     }
 }

@@ -281,6 +281,7 @@ pub(super) fn worker(r: &impl Cols) -> Result<WorkerRecord> {
         id: WorkerId(r.text("id")?),
         state: worker_state(&r.text("state")?)?,
         max_concurrent_tasks: r.int("max_concurrent_tasks")? as u32,
+        prefetch: r.int("prefetch")? as u32,
         capabilities: decode_json(&r.text("capabilities")?)?,
         labels: decode_json(&r.text("labels")?)?,
         version: r.text("version")?,

@@ -475,6 +475,21 @@ fn client_cert_hint(line: &str) -> &'static str {
     }
 }
 
+/// A worker's tasks against its slots, and its prefetch queue when it has one: `2/4`, `6/3+3`.
+fn in_flight_text(in_flight: u32, max: u32, prefetch: u32) -> String {
+    if prefetch == 0 { format!("{in_flight}/{max}") } else { format!("{in_flight}/{max}+{prefetch}") }
+}
+
+/// Where a worker's task stream is open: to the replica that answered, to the one its REPLICA
+/// column names (as that replica wrote it to the database), or nowhere.
+fn stream_text(here: bool, elsewhere: bool) -> &'static str {
+    match (here, elsewhere) {
+        (true, _) => "open here",
+        (false, true) => "open",
+        (false, false) => "-",
+    }
+}
+
 /// A worker's labels as `key=value` pairs in key order (what `--requires` names), or `-`.
 fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
     let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -916,8 +931,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|w| {
                         json!({"worker_id": w.worker_id, "state": worker_state_name(w.state),
-                               "max_concurrent_tasks": w.max_concurrent_tasks, "in_flight": w.in_flight,
-                               "capabilities": w.capabilities, "connected": w.connected, "version": w.version,
+                               "max_concurrent_tasks": w.max_concurrent_tasks, "prefetch": w.prefetch,
+                               "in_flight": w.in_flight, "capabilities": w.capabilities,
+                               "connected": w.connected, "connected_elsewhere": w.connected_elsewhere,
+                               "version": w.version,
                                "hostname": w.hostname, "labels": w.labels, "replica": w.coordinator_id,
                                "last_heartbeat": w.last_heartbeat.as_ref().map(ts_string)})
                     })
@@ -925,7 +942,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outln!("{}", serde_json::Value::Array(v));
             } else {
                 outln!(
-                    "{:<28}  {:<9}  {:>9}  {:<20}  {:<9}  {:<25}  CAPABILITIES  LABELS",
+                    "{:<28}  {:<9}  {:>11}  {:<20}  {:<9}  {:<25}  CAPABILITIES  LABELS",
                     "WORKER",
                     "STATE",
                     "IN FLIGHT",
@@ -935,14 +952,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for w in &workers {
                     outln!(
-                        "{:<28}  {:<9}  {:>4}/{:<4}  {:<20}  {:<9}  {:<25}  {}  {}",
+                        "{:<28}  {:<9}  {:>11}  {:<20}  {:<9}  {:<25}  {}  {}",
                         w.worker_id,
                         worker_state_name(w.state),
-                        w.in_flight,
-                        w.max_concurrent_tasks,
+                        in_flight_text(w.in_flight, w.max_concurrent_tasks, w.prefetch),
                         if w.coordinator_id.is_empty() { "-" } else { w.coordinator_id.as_str() },
-                        // Open to the replica that answered; another replica's workers show `-`.
-                        if w.connected { "open here" } else { "-" },
+                        stream_text(w.connected, w.connected_elsewhere),
                         w.last_heartbeat.as_ref().map(ts_string).unwrap_or_default(),
                         if w.capabilities.is_empty() { "(any)".to_owned() } else { w.capabilities.join(",") },
                         labels_text(&w.labels)

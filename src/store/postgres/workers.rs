@@ -170,14 +170,15 @@ async fn upsert_worker<'e>(exec: impl sqlx::PgExecutor<'e>, w: &WorkerRegistrati
     sqlx::query(
         "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
                               session_id, coordinator_id, instance_id, registered_at, last_heartbeat_at,
-                              updated_at, connected)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, now(), now(), now(), true)
+                              updated_at, connected, prefetch)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $9, now(), now(), now(), true, $10)
          ON CONFLICT (id) DO UPDATE SET
              state = 'active', max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
              capabilities = EXCLUDED.capabilities, labels = EXCLUDED.labels, version = EXCLUDED.version,
              hostname = EXCLUDED.hostname, session_id = EXCLUDED.session_id,
              coordinator_id = EXCLUDED.coordinator_id, instance_id = EXCLUDED.instance_id,
-             registered_at = now(), last_heartbeat_at = now(), updated_at = now(), connected = true",
+             registered_at = now(), last_heartbeat_at = now(), updated_at = now(), connected = true,
+             prefetch = EXCLUDED.prefetch",
     )
     .bind(&w.id.0)
     .bind(w.max_concurrent_tasks as i32)
@@ -188,6 +189,7 @@ async fn upsert_worker<'e>(exec: impl sqlx::PgExecutor<'e>, w: &WorkerRegistrati
     .bind(w.session_id)
     .bind(&w.coordinator_id)
     .bind(w.holding.as_ref().map(|h| h.instance.as_str()))
+    .bind(w.prefetch as i32)
     .execute(exec)
     .await?;
     Ok(())

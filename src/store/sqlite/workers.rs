@@ -173,15 +173,15 @@ async fn upsert_worker<'e>(exec: impl sqlx::SqliteExecutor<'e>, w: &WorkerRegist
     sqlx::query(
         "INSERT INTO workers (id, state, max_concurrent_tasks, capabilities, labels, version, hostname,
                               session_id, coordinator_id, instance_id, registered_at, last_heartbeat_at,
-                              updated_at, connected)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $10, $9, $9, $9, 1)
+                              updated_at, connected, prefetch)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, $7, $8, $10, $9, $9, $9, 1, $11)
          ON CONFLICT (id) DO UPDATE SET
              state = 'active', max_concurrent_tasks = excluded.max_concurrent_tasks,
              capabilities = excluded.capabilities, labels = excluded.labels, version = excluded.version,
              hostname = excluded.hostname, session_id = excluded.session_id,
              coordinator_id = excluded.coordinator_id, instance_id = excluded.instance_id,
              registered_at = excluded.registered_at, last_heartbeat_at = excluded.last_heartbeat_at,
-             updated_at = excluded.updated_at, connected = 1",
+             updated_at = excluded.updated_at, connected = 1, prefetch = excluded.prefetch",
     )
     .bind(&w.id.0)
     .bind(i64::from(w.max_concurrent_tasks))
@@ -193,6 +193,7 @@ async fn upsert_worker<'e>(exec: impl sqlx::SqliteExecutor<'e>, w: &WorkerRegist
     .bind(&w.coordinator_id)
     .bind(now)
     .bind(w.holding.as_ref().map(|h| h.instance.as_str()))
+    .bind(i64::from(w.prefetch))
     .execute(exec)
     .await?;
     Ok(())
