@@ -259,7 +259,12 @@ impl App {
                 "listener",
                 liveness.clone(),
                 stop_background.clone(),
-                listen_wakeups.run_listener(wake.clone(), events.clone(), stop_background.clone()),
+                listen_wakeups.run_listener(
+                    wake.clone(),
+                    events.clone(),
+                    registry.clone(),
+                    stop_background.clone(),
+                ),
             ),
         ];
         // The notifier outlives the servers and the loops: it sends what they did last.

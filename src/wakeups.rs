@@ -1,7 +1,9 @@
 //! Wake-ups across replicas: Postgres LISTEN/NOTIFY on one dedicated connection per replica.
 //!
-//! Submissions and requeues say "there is runnable work" (every replica's scheduler wakes), and
-//! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them). The
+//! Submissions and requeues say "there is runnable work" (every replica's scheduler wakes),
+//! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them), and
+//! registrations name their workers (a replica holding an older session of one drops it once
+//! the database confirms the newer one: the worker moved, and it no longer counts it). The
 //! [`Notifier`] coalesces what happened since its last statement into one `pg_notify` call, so
 //! a busy replica sends a few notifications per batch rather than one per task, and finished
 //! tasks at most every [`FINISHED_SPACING`]. The listener
@@ -20,9 +22,10 @@ use tracing::{debug, info, warn};
 use uuid::Uuid;
 
 use crate::{
-    domain::{TaskId, Wake},
+    domain::{TaskId, Wake, WorkerId},
     events::Events,
     metrics,
+    registry::Registry,
     store::Store,
 };
 
@@ -32,6 +35,8 @@ use crate::{
 const FINISHED_SPACING: Duration = Duration::from_millis(5);
 /// Task ids per notification: 36-byte ids stay well under Postgres' 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 150;
+/// Bytes of worker ids per notification, under the same limit.
+const WORKER_BYTES_PER_NOTIFICATION: usize = 7000;
 /// Backoff of the listener's reconnects.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -40,6 +45,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 enum Note {
     Runnable,
     Finished(TaskId),
+    Registered(WorkerId),
 }
 
 /// Sends notifications to the other replicas. Cheap to clone; never blocks.
@@ -66,6 +72,13 @@ impl Notifier {
     pub fn finished(&self, id: TaskId) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Note::Finished(id));
+        }
+    }
+
+    /// A worker registered a new session here.
+    pub fn registered(&self, id: WorkerId) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Note::Registered(id));
         }
     }
 }
@@ -134,11 +147,13 @@ impl Wakeups {
         }
     }
 
-    /// Listens until `shutdown`, waking the scheduler and watchers.
+    /// Listens until `shutdown`, waking the scheduler and watchers, and telling `registry` of
+    /// workers that registered elsewhere.
     pub async fn run_listener(
         self,
         wake: Wake,
         events: Events,
+        registry: Registry,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         if self.store.backend() != "postgres" {
@@ -191,6 +206,12 @@ impl Wakeups {
                                     events.changed(id);
                                 }
                             }
+                            // Checked against the database in a task of its own: the listener
+                            // never waits on a query.
+                            Decoded::Registered(ids) => {
+                                let registry = registry.clone();
+                                tokio::spawn(async move { registry.drop_superseded(ids).await });
+                            }
                             Decoded::Unknown => debug!(payload = n.payload(), "unknown notification ignored"),
                         }
                     }
@@ -211,8 +232,8 @@ impl Wakeups {
     }
 }
 
-/// Waits until `until` for more notes while `notes` holds only finished tasks, adding what
-/// comes to `notes`; returns at once when a runnable note is among them (a submission on this
+/// Waits until `until` for more notes while `notes` holds only finished tasks and workers,
+/// adding what comes to `notes`; returns at once when a runnable note is among them (a submission on this
 /// replica for a worker on another must not wait), at `shutdown`, or when the notifier's
 /// senders are gone.
 async fn gather(
@@ -236,15 +257,20 @@ async fn gather(
     }
 }
 
-/// Payloads: `<origin> r` (runnable work) and `<origin> f <id>,<id>,...` (finished tasks).
+/// Payloads: `<origin> r` (runnable work), `<origin> f <id>,<id>,...` (finished tasks) and
+/// `<origin> w <worker>,<worker>,...` (workers that registered; their ids have no commas).
 fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
     let mut runnable = false;
     let mut finished = BTreeSet::new();
+    let mut registered = BTreeSet::new();
     for n in notes {
         match n {
             Note::Runnable => runnable = true,
             Note::Finished(id) => {
                 finished.insert(id);
+            }
+            Note::Registered(id) => {
+                registered.insert(id);
             }
         }
     }
@@ -256,6 +282,20 @@ fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
     for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
         out.push(format!("{origin} f {}", chunk.join(",")));
     }
+    let mut workers = String::new();
+    for id in registered {
+        if !workers.is_empty() && workers.len() + id.0.len() >= WORKER_BYTES_PER_NOTIFICATION {
+            out.push(format!("{origin} w {workers}"));
+            workers.clear();
+        }
+        if !workers.is_empty() {
+            workers.push(',');
+        }
+        workers.push_str(&id.0);
+    }
+    if !workers.is_empty() {
+        out.push(format!("{origin} w {workers}"));
+    }
     out
 }
 
@@ -264,6 +304,7 @@ enum Decoded {
     Own,
     Runnable,
     Finished(Vec<TaskId>),
+    Registered(Vec<WorkerId>),
     Unknown,
 }
 
@@ -276,6 +317,7 @@ fn decode(origin: &str, payload: &str) -> Decoded {
     match (kind, parts.next()) {
         ("r", None) => Decoded::Runnable,
         ("f", Some(ids)) => Decoded::Finished(ids.split(',').filter_map(|s| s.parse().ok()).collect()),
+        ("w", Some(ids)) => Decoded::Registered(ids.split(',').map(WorkerId::from).collect()),
         _ => Decoded::Unknown,
     }
 }
@@ -309,6 +351,32 @@ mod tests {
         assert_eq!(back, want);
         assert_eq!(decode("a", &payloads[0]), Decoded::Own, "own notifications are ignored");
         assert_eq!(decode("b", "garbage"), Decoded::Unknown);
+    }
+
+    /// Registered workers go out once each, in payloads under Postgres' limit however long
+    /// their ids, and come back as sent.
+    #[test]
+    fn registered_workers_round_trip_in_bounded_payloads() {
+        let long: Vec<WorkerId> = (0..200).map(|i| WorkerId(format!("{i:03}-{}", "x".repeat(120)))).collect();
+        let notes = long
+            .iter()
+            .chain(long.iter().take(5))
+            .map(|id| Note::Registered(id.clone()))
+            .chain([Note::Finished(TaskId::new())]);
+        let payloads = encode("a", notes);
+        let workers: Vec<&String> = payloads.iter().filter(|p| p.starts_with("a w ")).collect();
+        assert!(workers.len() > 1, "split: {}", workers.len());
+        assert!(payloads.iter().all(|p| p.len() < 8000));
+        let mut back = Vec::new();
+        for p in workers {
+            match decode("b", p) {
+                Decoded::Registered(ids) => back.extend(ids),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(back, long, "each once, in order");
+        assert_eq!(decode("b", "a w gpu-1"), Decoded::Registered(vec![WorkerId::from("gpu-1")]));
+        assert_eq!(decode("a", "a w gpu-1"), Decoded::Own);
     }
 
     fn ms(n: u64) -> Duration {

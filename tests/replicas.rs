@@ -401,6 +401,60 @@ async fn a_second_process_on_the_other_replica_is_refused_while_the_first_stream
     db.cleanup().await;
 }
 
+/// A worker that moves to the other replica (as connection ageing makes it) stops counting on
+/// the replica it left at once: its registration there is announced, and the replica it left
+/// drops its older session without waiting for a reconciliation (every `heartbeat_timeout`,
+/// 30 s here) or for that session to go SUSPECT. The task it holds stays its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_worker_that_moved_stops_counting_on_the_replica_it_left() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, |_| {}).await;
+    let total = |addr: std::net::SocketAddr| async move {
+        let (code, body) = http_get(addr, "/health").await.expect("health answers");
+        assert_eq!(code, 200, "{body}");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        health["workers"]["total"].as_u64().expect("a count")
+    };
+    let mut on_a = client(&a.endpoint()).await;
+    on_a.register_worker(register("mover", "gpu-1", "i-1")).await.expect("registers on A");
+    let mut stream = on_a
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "mover".into() })
+        .await
+        .expect("open task stream")
+        .into_inner();
+    wait_connected(&a.client().await, &["mover"]).await;
+    let id = submit(&mut a.client().await, "prove", b"x").await;
+    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("pushed")
+        .expect("stream")
+        .expect("an assignment");
+    assert_eq!((total(a.http).await, total(b.http).await), (1, 0));
+
+    // The same process moves to B, listing its task.
+    let mut on_b = client(&b.endpoint()).await;
+    let mut again = register("mover", "gpu-1", "i-1");
+    again.running_tasks = vec![proto::RunningTask { task_id: task.task_id.clone(), attempt: task.attempt }];
+    on_b.register_worker(again).await.expect("registers on B");
+    drop(stream);
+    let _stream = on_b.receive_tasks(proto::ReceiveTasksRequest { worker_id: "mover".into() }).await;
+    wait_connected(&b.client().await, &["mover"]).await;
+    let left = std::time::Instant::now();
+    wait_until("replica A stops counting the worker", Duration::from_secs(5), || async move {
+        total(a.http).await == 0
+    })
+    .await;
+    eprintln!("replica A dropped the moved worker's session {:?} after B had it", left.elapsed());
+    assert_eq!(total(b.http).await, 1);
+    let t = get_task(&mut b.client().await, &id).await;
+    assert_eq!(t.attempt, 1, "the task stays the worker's: {t:?}");
+    assert!(matches!(t.status(), proto::TaskStatus::Assigned | proto::TaskStatus::Running), "{t:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 /// Runs a task pushed by replica A and reported through replica B after `runs`, the report
 /// saying how long the worker held the attempt when `say_held`; returns how long the worker held
 /// it and what the task and attempt rows measure, in ms.

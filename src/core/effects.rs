@@ -12,7 +12,7 @@ use std::{future::Future, time::Instant};
 use tracing::{Instrument, info, warn};
 
 use crate::{
-    domain::{TaskId, TaskState, Wake},
+    domain::{TaskId, TaskState, Wake, WorkerId},
     events::Events,
     metrics,
     registry::Registry,
@@ -84,6 +84,12 @@ impl Effects {
     pub fn limits_changed(&self) {
         self.wake.wake();
         self.notifier.runnable();
+    }
+
+    /// A worker registered a new session here: another replica holding an older session of it
+    /// drops that one.
+    pub fn registered(&self, worker: &WorkerId) {
+        self.notifier.registered(worker.clone());
     }
 
     /// A worker's report was answered.

@@ -102,6 +102,7 @@ impl Core {
             Ok::<_, crate::store::StoreError>(registered)
         })
         .await??;
+        self.inner.effects.registered(&id);
         if !registered.requeued.is_empty() {
             info!(worker_id = %id, count = registered.requeued.len(), reason = registered.requeued[0].reason.as_str(),
                   "gave back tasks the worker does not hold");

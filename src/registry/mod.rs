@@ -29,7 +29,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
 use self::liveness::{Heartbeat, Observed, Timeouts, Transition};
@@ -1021,6 +1021,42 @@ impl Registry {
     /// Asks the reconciliation to run now (a claim or requeue whose outcome is unknown).
     pub fn request_reconcile(&self) {
         self.shared.reconcile_now.notify_one();
+    }
+
+    /// Drops the sessions of `workers` that a newer registration replaced, as the database says
+    /// (another replica announced the registration): the worker moved, and this replica stops
+    /// counting it at once rather than at its next reconciliation. As there, a session whose
+    /// worker is registering here, or that the database still names, is kept, and its tasks are
+    /// not touched: they belong to the newer session.
+    pub async fn drop_superseded(&self, workers: Vec<WorkerId>) {
+        let mine: Vec<(WorkerId, Uuid)> = {
+            let state = self.lock();
+            workers
+                .into_iter()
+                .filter_map(|id| state.sessions.get(&id).map(|s| s.session_id).map(|s| (id, s)))
+                .collect()
+        };
+        if mine.is_empty() {
+            return;
+        }
+        let ids: Vec<WorkerId> = mine.iter().map(|(id, _)| id.clone()).collect();
+        let own = match self.shared.store.ownership(&ids).await {
+            Ok(own) => own,
+            // The reconciliation drops them later.
+            Err(error) => return debug!(%error, "could not check sessions replaced elsewhere"),
+        };
+        let mut state = self.lock();
+        for (id, session_id) in mine {
+            let replaced = own.sessions.get(&id).is_some_and(|db| *db != session_id);
+            if !replaced
+                || state.registering.contains_key(&id)
+                || state.sessions.get(&id).is_none_or(|s| s.session_id != session_id)
+            {
+                continue;
+            }
+            state.sessions.remove(&id);
+            info!(worker_id = %id, "worker registered a newer session elsewhere; dropped this one");
+        }
     }
 
     /// Compares each live session's in-memory slots with what the database says the worker
