@@ -181,6 +181,8 @@ class Worker:
                 if e.code() == grpc.StatusCode.ALREADY_EXISTS:
                     # Another live worker holds this id: heartbeats under it would keep
                     # that worker's session alive, so none go out until a registration succeeds.
+                    # Tried at least every 5 s: the id frees the moment the other one is gone.
+                    delay = backoff(failures, cap=5.0)
                     self.registered.clear()
                     self.id_refused = True
                     log.error("%s (give each worker its own id: WORKER_ID or --worker-id); retrying in %.2fs", e.details(), delay)
