@@ -233,9 +233,9 @@ impl Wakeups {
 }
 
 /// Waits until `until` for more notes while `notes` holds only finished tasks and workers,
-/// adding what comes to `notes`; returns at once when a runnable note is among them (a submission on this
-/// replica for a worker on another must not wait), at `shutdown`, or when the notifier's
-/// senders are gone.
+/// adding what comes to `notes`; returns at once when a runnable note is among them (a
+/// submission on this replica for a worker on another must not wait), at `shutdown`, or when
+/// the notifier's senders are gone.
 async fn gather(
     rx: &mut mpsc::UnboundedReceiver<Note>,
     notes: &mut Vec<Note>,

@@ -401,6 +401,41 @@ async fn a_second_process_on_the_other_replica_is_refused_while_the_first_stream
     db.cleanup().await;
 }
 
+/// A replica killed while a worker's process was connected to it leaves the worker's row saying
+/// so; once the replica runs again under its name, that row no longer holds the id: the
+/// worker's restarted process registers on the other replica at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_restarted_replica_clears_the_connections_its_killed_process_left() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, quick_liveness).await;
+    client(&a.endpoint())
+        .await
+        .register_worker(register("twin", "gpu-1", "i-1"))
+        .await
+        .expect("registers on A");
+    a.stop().await.unwrap();
+    // What a kill -9 of A leaves instead of a clean stop: the row still says connected, and A's
+    // row was refreshed a moment ago.
+    let coordinator::store::Store::Postgres(pg) = &db.store else { unreachable!() };
+    sqlx::query("UPDATE workers SET connected = true WHERE id = 'twin'").execute(pg.pool()).await.unwrap();
+    db.store.touch_coordinator("replica-a", "killed").await.unwrap();
+    let again = TestCoordinator::start(&db, |c| {
+        c.coordinator.id = "replica-a".into();
+        quick_liveness(c);
+    })
+    .await;
+    assert!(!db.store.get_worker(&"twin".into()).await.unwrap().expect("the row").connected);
+    client(&b.endpoint())
+        .await
+        .register_worker(register("twin", "gpu-1", "i-2"))
+        .await
+        .expect("the restarted worker registers on B at once");
+    again.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 /// A worker that moves to the other replica (as connection ageing makes it) stops counting on
 /// the replica it left at once: its registration there is announced, and the replica it left
 /// drops its older session without waiting for a reconciliation (every `heartbeat_timeout`,

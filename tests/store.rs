@@ -2051,6 +2051,9 @@ mod cases {
         s.forget_coordinator("coord-a").await.expect("forget");
         assert!(!connected("w1").await, "{b}: its replica stopped");
         assert!(connected("w2").await, "{b}: another replica's worker is left alone");
+        s.upsert_worker(&registration("w1", Uuid::now_v7())).await.expect("registers again");
+        assert_eq!(s.disconnect_replica("coord-a").await.expect("a replica starts"), 1, "{b}");
+        assert!(!connected("w1").await && connected("w2").await, "{b}");
         assert_eq!(s.streams_closed(&[]).await.expect("nothing"), 0, "{b}");
     }
 

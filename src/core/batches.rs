@@ -1,7 +1,7 @@
 //! The batched store writes the use cases share: completions (with the effects of each one,
 //! applied in the batch loop right after the commit), lease renewals from heartbeats, the
-//! delayed `running` marks of delivered assignments, and the closed task streams. The app spawns their loops and waits for
-//! them at shutdown.
+//! delayed `running` marks of delivered assignments, and the closed task streams. The app
+//! spawns their loops and waits for them at shutdown.
 
 use std::{
     collections::HashSet,

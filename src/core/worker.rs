@@ -382,8 +382,6 @@ fn stale(h: &Held, state: TaskState, current: Attempt) -> CoreError {
     ))
 }
 
-/// Owns a task stream's receiver. When the stream goes away (worker gone, replaced, shutdown),
-/// it detaches from the registry and puts assignments that never left back to pending.
 /// The refusal of a registration naming process `instance` while another process of the same
 /// host streams under the id from replica `on`.
 fn in_use_by_another_process(reg: &WorkerRegistration, instance: &str, on: &str) -> CoreError {
@@ -396,6 +394,8 @@ fn in_use_by_another_process(reg: &WorkerRegistration, instance: &str, on: &str)
     ))
 }
 
+/// Owns a task stream's receiver. When the stream goes away (worker gone, replaced, shutdown),
+/// it detaches from the registry and puts assignments that never left back to pending.
 struct StreamGuard {
     core: Core,
     worker: WorkerId,

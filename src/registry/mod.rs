@@ -950,7 +950,18 @@ impl Registry {
     /// name still running, or to this replica's previous process, killed moments ago: this
     /// waits a period and a half, and a row refreshed again meanwhile is the other replica's.
     /// (A replica stopped cleanly has removed its row, and one gone longer is not waited for.)
+    ///
+    /// Once the name is this replica's, the workers' rows that say their process is connected to
+    /// it are cleared: a replica that has just started has no connection yet, and a previous
+    /// process of this name that was killed left them set (another replica would otherwise
+    /// take a restarted worker for a second process under its id).
     pub async fn claim_name(&self) -> Result<(), NameError> {
+        self.name_free().await?;
+        self.shared.store.disconnect_replica(&self.shared.config.coordinator_id).await?;
+        Ok(())
+    }
+
+    async fn name_free(&self) -> Result<(), NameError> {
         let (id, every) = (&self.shared.config.coordinator_id, self.shared.config.flush_every());
         let store = &self.shared.store;
         let Some(first) = store.coordinator_row(id).await? else { return Ok(()) };
@@ -1356,6 +1367,34 @@ mod tests {
 
     fn in_flight(r: &Registry, w: &WorkerId) -> u32 {
         r.session(w).map(|s| s.in_flight).unwrap_or_default()
+    }
+
+    /// Told that workers registered elsewhere, a replica drops only its sessions the database
+    /// says a newer registration replaced; one the database still names (the announcement
+    /// was older than its own registration) and an unknown worker are left alone, and the
+    /// moved worker's task stays where the database has it.
+    #[tokio::test]
+    async fn only_sessions_replaced_in_the_database_are_dropped() {
+        let db = TestDb::sqlite().await;
+        let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
+        let mut other_cfg = config();
+        other_cfg.coordinator_id = "other-replica".into();
+        let (other, _other_dead) = Registry::new(other_cfg, db.store.clone(), Wake::default());
+        let (moved, stayed) = (WorkerId::from("moved"), WorkerId::from("stayed"));
+        r.register(registration("moved")).await.unwrap();
+        let task = assign(&db.store, &moved).await;
+        // The other replica registered "stayed" first; it registered here since.
+        other.register(registration("stayed")).await.unwrap();
+        let here = r.register(registration("stayed")).await.unwrap().session_id;
+        let elsewhere = other.register(registration("moved")).await.unwrap().session_id;
+
+        r.drop_superseded(vec![moved.clone(), stayed.clone(), WorkerId::from("nobody")]).await;
+        assert!(r.session(&moved).is_none(), "replaced in the database: dropped");
+        assert_eq!(r.session(&stayed).map(|s| s.session_id), Some(here), "still the database's: kept");
+        let t = db.store.get_task(task.task_id).await.unwrap().unwrap();
+        assert_eq!((t.attempt, t.worker_id.as_ref()), (1, Some(&moved)), "its task untouched");
+        assert_eq!(db.store.get_worker(&moved).await.unwrap().unwrap().session_id, elsewhere);
+        db.cleanup().await;
     }
 
     /// Before their `running` mark, deliveries this registry knows are over are dropped: a

@@ -1218,6 +1218,11 @@ impl Store {
         timed!("forget_coordinator", self, s => s.forget_coordinator(id).await)
     }
 
+    /// Notes that no worker's process is connected to replica `id` (it has just started).
+    pub async fn disconnect_replica(&self, id: &str) -> Result<u64> {
+        timed!("disconnect_replica", self, s => s.disconnect_replica(id).await)
+    }
+
     /// Notes that these sessions' task streams closed on this replica (their processes are no
     /// longer connected to it); a session that was replaced meanwhile is left alone.
     pub async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {

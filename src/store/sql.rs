@@ -40,8 +40,8 @@ pub(super) const CHARGED_TO: &str =
 /// Removes a worker's row if `$2` is still its session.
 pub(super) const DELETE_WORKER: &str = "DELETE FROM workers WHERE id = $1 AND session_id = $2";
 
-/// A replica that stops says its workers' processes are no longer connected to it: another
-/// replica may take a new process under one of their ids for a restart at once.
+/// A replica that stops or starts says no worker's process is connected to it: another replica
+/// may take a new process under one of their ids for a restart at once.
 pub(super) const DISCONNECT_REPLICA: &str =
     "UPDATE workers SET connected = false WHERE coordinator_id = $1 AND connected";
 

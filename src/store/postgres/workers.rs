@@ -125,6 +125,11 @@ impl PgStore {
         Ok(())
     }
 
+    pub(in crate::store) async fn disconnect_replica(&self, id: &str) -> Result<u64> {
+        let r = sqlx::query(sql::DISCONNECT_REPLICA).bind(id).execute(&self.pool).await?;
+        Ok(r.rows_affected())
+    }
+
     pub(in crate::store) async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
         // In id order, as every batch that locks workers' rows (see `flush_heartbeats`).
         let mut closed: Vec<&(WorkerId, Uuid)> = closed.iter().collect();

@@ -131,6 +131,11 @@ impl SqliteStore {
         Ok(())
     }
 
+    pub(in crate::store) async fn disconnect_replica(&self, id: &str) -> Result<u64> {
+        let r = sqlx::query(sql::DISCONNECT_REPLICA).bind(id).execute(&self.writer).await?;
+        Ok(r.rows_affected())
+    }
+
     pub(in crate::store) async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
         let mut tx = self.writer.begin().await?;
         let mut changed = 0;
