@@ -110,6 +110,7 @@ async fn a_replica_the_worker_left_never_takes_its_tasks_back() {
                     .send_heartbeat(proto::HeartbeatRequest {
                         worker_id: "mover".into(),
                         running_tasks: vec![proto::RunningTask { task_id: tid.clone(), attempt }],
+                        ..Default::default()
                     })
                     .await;
                 tokio::time::sleep(Duration::from_millis(150)).await;
@@ -222,7 +223,7 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     let mut first = client(&a.endpoint()).await;
     first.register_worker(register("dup", "gpu-1", "i-1")).await.expect("the first registers");
     // Heartbeats from the start: the session stays ACTIVE however slow the machine.
-    let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
+    let beat = proto::HeartbeatRequest { worker_id: "dup".into(), ..Default::default() };
     first.send_heartbeat(beat).await.expect("a heartbeat");
     let beats = keep_alive(first.clone(), "dup", Duration::from_millis(100));
     let mut stream = first
@@ -329,6 +330,48 @@ async fn a_second_process_on_the_same_host_is_refused_while_the_first_streams() 
     drop(stream);
     drop(first);
     register_once_free(&mut second, register("twin", "gpu-1", "i-2"), Duration::from_secs(10)).await;
+    one.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A heartbeat keeps a worker's session alive only from the process that opened it: once
+/// another process has registered under the id (the first had no stream open: a restart), the
+/// first's heartbeats are answered NOT_FOUND, and the session goes SUSPECT when the second goes
+/// quiet however long the first keeps sending. A heartbeat that names no process is taken as
+/// before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_process_that_opened_a_session_keeps_it_alive() {
+    let db = TestDb::sqlite().await;
+    let one = TestCoordinator::start(&db, quick_liveness).await;
+    let beat = |instance: &str| proto::HeartbeatRequest {
+        worker_id: "twin".into(),
+        instance_id: instance.into(),
+        ..Default::default()
+    };
+    let mut first = client(&one.endpoint()).await;
+    first.register_worker(register("twin", "gpu-1", "i-1")).await.expect("the first registers");
+    first.send_heartbeat(beat("i-1")).await.expect("the session's own process");
+    let mut second = client(&one.endpoint()).await;
+    second.register_worker(register("twin", "gpu-1", "i-2")).await.expect("a restart");
+
+    let refused = first.send_heartbeat(beat("i-1")).await.expect_err("another process's session");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("another process"), "{}", refused.message());
+    second.send_heartbeat(beat("i-2")).await.expect("the session's own process");
+    first.send_heartbeat(beat("")).await.expect("naming no process: not checked");
+
+    // The second goes quiet while the first keeps sending.
+    let stale = tokio::spawn(async move {
+        loop {
+            let _ = first.send_heartbeat(beat("i-1")).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    wait_until("the session goes SUSPECT", Duration::from_secs(10), || async {
+        worker_state(&mut one.client().await, "twin").await == proto::WorkerState::Suspect
+    })
+    .await;
+    stale.abort();
     one.stop().await.unwrap();
     db.cleanup().await;
 }

@@ -521,7 +521,7 @@ async fn a_heartbeat_from_an_unknown_worker_is_not_found(db: &TestDb) {
     let c = TestCoordinator::start(db, |_| {}).await;
     let mut client = c.client().await;
     let e = client
-        .send_heartbeat(proto::HeartbeatRequest { worker_id: "stranger".into(), running_tasks: vec![] })
+        .send_heartbeat(proto::HeartbeatRequest { worker_id: "stranger".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
@@ -1568,7 +1568,7 @@ async fn holder_of_dup(db: &TestDb) -> (TestCoordinator, Client, tokio::task::Jo
         })
         .await
         .expect("the holder registers");
-    let beat = proto::HeartbeatRequest { worker_id: "dup".into(), running_tasks: vec![] };
+    let beat = proto::HeartbeatRequest { worker_id: "dup".into(), ..Default::default() };
     client.send_heartbeat(beat).await.expect("a heartbeat");
     let holder = keep_alive(client.clone(), "dup", Duration::from_millis(100));
     (c, client, holder)

@@ -920,6 +920,7 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     let hb = proto::HeartbeatRequest {
         worker_id: "w1".into(),
         running_tasks: vec![proto::RunningTask { task_id: "nope".into(), attempt: 1 }],
+        ..Default::default()
     };
     case!("heartbeat with a bad running task id", Code::InvalidArgument, "running_tasks[0].task_id", |c| c
         .send_heartbeat(hb));

@@ -337,7 +337,7 @@ class Worker:
             held = self.held()
             try:
                 resp = self.stub.SendHeartbeat(
-                    pb.HeartbeatRequest(worker_id=self.worker_id, running_tasks=held),
+                    pb.HeartbeatRequest(worker_id=self.worker_id, running_tasks=held, instance_id=self.instance_id),
                     metadata=self.metadata, timeout=max(self.heartbeat_interval, 1.0),
                 )
             except grpc.RpcError as e:

@@ -85,6 +85,9 @@ impl From<RegistryError> for CoreError {
             RegistryError::UnknownWorker(id) => {
                 CoreError::NotFound(format!("worker {id} is not registered; call RegisterWorker"))
             }
+            RegistryError::AnotherProcess(id) => CoreError::NotFound(format!(
+                "worker {id}'s session was opened by another process (instance_id); call RegisterWorker"
+            )),
         }
     }
 }

@@ -180,13 +180,14 @@ impl Core {
     pub async fn heartbeat(
         &self,
         worker: &WorkerId,
+        instance: Option<&str>,
         running: Vec<(TaskId, Attempt)>,
     ) -> Result<Beat, CoreError> {
         let reported: Vec<Held> = running
             .into_iter()
             .map(|(task_id, attempt)| Held { task_id, worker_id: worker.clone(), attempt })
             .collect();
-        let state = self.inner.registry.heartbeat(worker).await?;
+        let state = self.inner.registry.heartbeat(worker, instance).await?;
         // Only leases close to their end are renewed in the database (which also revokes what
         // the worker no longer holds); one this replica granted or renewed more recently has
         // at least a third of its term and three heartbeats left ([`CoreConfig::renew_after`]).

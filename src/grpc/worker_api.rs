@@ -32,7 +32,8 @@ pub async fn send_heartbeat(
     let req = request.into_inner();
     let worker = convert::worker_id("worker_id", &req.worker_id)?;
     let running = convert::running_tasks("running_tasks", &req.running_tasks)?;
-    let beat = core.heartbeat(&worker, running).await?;
+    let instance = (!req.instance_id.is_empty()).then_some(req.instance_id.as_str());
+    let beat = core.heartbeat(&worker, instance, running).await?;
     Ok(Response::new(proto::HeartbeatResponse {
         state: convert::worker_state(beat.state) as i32,
         revoked_task_ids: beat.revoked.iter().map(|h| h.task_id.to_string()).collect(),

@@ -65,6 +65,8 @@ pub enum PushError {
 pub enum RegistryError {
     #[error("worker {0} is not registered")]
     UnknownWorker(WorkerId),
+    #[error("worker {0}'s session was opened by another process")]
+    AnotherProcess(WorkerId),
 }
 
 /// Why a replica may not take its name.
@@ -531,14 +533,27 @@ impl Registry {
         Ok(Registered { session_id: reg.session_id, held, requeued })
     }
 
-    /// Records a heartbeat. `Err` when the worker is unknown or already DEAD (it must register
+    /// Records a heartbeat of process `instance` (when it says). `Err` when the worker is
+    /// unknown or already DEAD, or its session was opened by another process (it must register
     /// again). Brings a SUSPECT worker back to ACTIVE.
-    pub async fn heartbeat(&self, worker: &WorkerId) -> Result<WorkerState, RegistryError> {
+    pub async fn heartbeat(
+        &self,
+        worker: &WorkerId,
+        instance: Option<&str>,
+    ) -> Result<WorkerState, RegistryError> {
         let revived = {
             let mut state = self.lock();
             let Some(s) = state.sessions.get_mut(worker) else {
                 return Err(RegistryError::UnknownWorker(worker.clone()));
             };
+            // Only the process that opened the session keeps it alive: a heartbeat of another
+            // one (its session was replaced, or it was refused and ignores it) says nothing of
+            // the session's process.
+            if let (Some(theirs), Some(mine)) = (instance, s.instance.as_deref())
+                && theirs != mine
+            {
+                return Err(RegistryError::AnotherProcess(worker.clone()));
+            }
             let beat = liveness::on_heartbeat(s.state);
             let Some(next) = beat.state_after(s.state) else {
                 return Err(RegistryError::UnknownWorker(worker.clone()));
@@ -1583,7 +1598,7 @@ mod tests {
         assert!(matches!(stream.recv().await, Some(Push::Run(_))), "what was queued");
         assert!(stream.recv().await.is_none(), "then its stream ends");
         assert_eq!(
-            r.heartbeat(&w).await,
+            r.heartbeat(&w, None).await,
             Err(RegistryError::UnknownWorker(w.clone())),
             "it must register again"
         );
@@ -1618,7 +1633,7 @@ mod tests {
         let (_, _stream) = r.attach(&w).unwrap();
         r.check_liveness_at(Instant::now() + Duration::from_secs(31)).await;
         assert_eq!(r.session(&w).unwrap().state, WorkerState::Suspect);
-        assert_eq!(r.heartbeat(&w).await, Ok(WorkerState::Active));
+        assert_eq!(r.heartbeat(&w, None).await, Ok(WorkerState::Active));
         assert_eq!(r.session(&w).unwrap().state, WorkerState::Active);
         let stored = db.store.get_worker(&w).await.unwrap().unwrap().state;
         assert_eq!(stored, WorkerState::Active, "the return is recorded");
@@ -1687,18 +1702,18 @@ mod tests {
         let registered = stored().await.last_heartbeat_at;
         tokio::time::sleep(Duration::from_millis(5)).await;
         for _ in 0..5 {
-            r.heartbeat(&w).await.unwrap();
+            r.heartbeat(&w, None).await.unwrap();
             r.flush_heartbeats().await.unwrap();
         }
         let row = stored().await;
         assert_eq!(row.last_heartbeat_at, registered, "within the interval of the registration: not written");
         assert!(row.owner_seen_at.is_some(), "the replica's row was written");
         tokio::time::sleep(Duration::from_millis(1600)).await;
-        r.heartbeat(&w).await.unwrap();
+        r.heartbeat(&w, None).await.unwrap();
         r.flush_heartbeats().await.unwrap();
         let written = stored().await.last_heartbeat_at;
         assert!(written > registered, "once the interval passed, the latest heartbeat is written");
-        r.heartbeat(&w).await.unwrap();
+        r.heartbeat(&w, None).await.unwrap();
         r.flush_heartbeats().await.unwrap();
         assert_eq!(stored().await.last_heartbeat_at, written, "then not again within the interval");
         db.cleanup().await;
@@ -1792,7 +1807,7 @@ mod tests {
         let held = assign(&db.store, &WorkerId::from("w4")).await;
         r.register(registration("w4")).await.unwrap();
         r.check_liveness_at(Instant::now() + Duration::from_secs(31)).await;
-        r.heartbeat(&WorkerId::from("w3")).await.unwrap();
+        r.heartbeat(&WorkerId::from("w3"), None).await.unwrap();
         r.deregister(&WorkerId::from("w2")).await.unwrap();
 
         let all = r.sessions();

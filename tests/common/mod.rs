@@ -388,6 +388,7 @@ impl RawWorker {
                     .iter()
                     .map(|(t, a)| proto::RunningTask { task_id: t.to_string(), attempt: *a })
                     .collect(),
+                ..Default::default()
             })
             .await
             .map(|r| r.into_inner())
@@ -463,7 +464,7 @@ pub fn keep_alive(mut client: Client, id: &str, every: Duration) -> JoinHandle<(
     tokio::spawn(async move {
         loop {
             let _ = client
-                .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), running_tasks: vec![] })
+                .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), ..Default::default() })
                 .await;
             tokio::time::sleep(every).await;
         }

@@ -234,7 +234,7 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
                 }
                 let t = Instant::now();
                 let ok = client
-                    .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), running_tasks: vec![] })
+                    .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), ..Default::default() })
                     .await
                     .is_ok();
                 if ok && measuring.load(std::sync::atomic::Ordering::Relaxed) {

@@ -739,7 +739,11 @@ impl Worker {
             }
             let running_tasks = self.running_tasks();
             let mut client = self.client.clone();
-            let req = proto::HeartbeatRequest { worker_id: self.opts.worker_id.clone(), running_tasks };
+            let req = proto::HeartbeatRequest {
+                worker_id: self.opts.worker_id.clone(),
+                running_tasks,
+                instance_id: self.instance_id.clone(),
+            };
             // The registration this heartbeat speaks for: an "unknown worker" answer to it means
             // nothing once the worker has registered again meanwhile.
             let session = self.counters.sessions.load(std::sync::atomic::Ordering::SeqCst);
