@@ -274,6 +274,43 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     second.register_worker(register("dup", "gpu-2", "i-3")).await.expect("a restart on the same host");
 }
 
+/// Registers worker `id` on `at` as process i-1 of host gpu-1, opens its task stream and takes
+/// the push of a task submitted there: the worker's client, its stream and the task's id.
+async fn streaming_with_a_task(
+    at: &TestCoordinator,
+    id: &str,
+) -> (Client, tonic::Streaming<proto::TaskAssignment>, String) {
+    let mut worker = client(&at.endpoint()).await;
+    worker.register_worker(register(id, "gpu-1", "i-1")).await.expect("the first process registers");
+    let mut stream = worker
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into() })
+        .await
+        .expect("open task stream")
+        .into_inner();
+    wait_connected(&at.client().await, &[id]).await;
+    let task_id = submit(&mut at.client().await, "prove", b"x").await;
+    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("pushed")
+        .expect("stream")
+        .expect("an assignment");
+    assert_eq!(task.task_id, task_id);
+    (worker, stream, task_id)
+}
+
+/// Process i-2 of host gpu-1 registers "twin" through `client` and is refused as another live
+/// process; the task `task_id` (read through `at`) stays at its first attempt.
+async fn refused_as_another_process(client: &mut Client, at: &TestCoordinator, task_id: &str) {
+    let refused = client
+        .register_worker(register("twin", "gpu-1", "i-2"))
+        .await
+        .expect_err("another process streams under the id");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(refused.message().contains("another live process on host gpu-1"), "{}", refused.message());
+    let t = get_task(&mut at.client().await, task_id).await;
+    assert_eq!((t.attempt, t.status()), (1, proto::TaskStatus::Assigned), "not taken back: {t:?}");
+}
+
 /// Two processes on one host under one id: while the first has its task stream open on this
 /// replica, a registration naming another process is refused (ALREADY_EXISTS) and the first
 /// keeps its task; the first process registering again (a reconnect) is not. Once the first's
@@ -282,32 +319,9 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
 async fn a_second_process_on_the_same_host_is_refused_while_the_first_streams() {
     let db = TestDb::sqlite().await;
     let one = TestCoordinator::start(&db, quick_liveness).await;
-    let mut first = client(&one.endpoint()).await;
-    first.register_worker(register("twin", "gpu-1", "i-1")).await.expect("the first registers");
-    let stream = first
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
-        .await
-        .expect("open task stream")
-        .into_inner();
-    wait_connected(&one.client().await, &["twin"]).await;
-    let mut stream = stream;
-    let id = submit(&mut one.client().await, "prove", b"x").await;
-    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("pushed")
-        .expect("stream")
-        .expect("an assignment");
-    assert_eq!(task.task_id, id);
-
+    let (mut first, stream, id) = streaming_with_a_task(&one, "twin").await;
     let mut second = client(&one.endpoint()).await;
-    let refused = second
-        .register_worker(register("twin", "gpu-1", "i-2"))
-        .await
-        .expect_err("another process streams under the id");
-    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
-    assert!(refused.message().contains("another live process on host gpu-1"), "{}", refused.message());
-    let t = get_task(&mut one.client().await, &id).await;
-    assert_eq!((t.attempt, t.status()), (1, proto::TaskStatus::Assigned), "not taken back: {t:?}");
+    refused_as_another_process(&mut second, &one, &id).await;
 
     // The first process registers again (a reconnect), listing its task: kept, not refused.
     let mut again = register("twin", "gpu-1", "i-1");
@@ -386,31 +400,9 @@ async fn only_the_process_that_opened_a_session_keeps_it_alive() {
 async fn a_second_process_on_the_other_replica_is_refused_while_the_first_streams() {
     let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
     let (a, b) = pair(&db, |_| {}).await;
-    let mut first = client(&a.endpoint()).await;
-    first.register_worker(register("twin", "gpu-1", "i-1")).await.expect("the first registers");
-    let mut stream = first
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
-        .await
-        .expect("open task stream")
-        .into_inner();
-    wait_connected(&a.client().await, &["twin"]).await;
-    let id = submit(&mut a.client().await, "prove", b"x").await;
-    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("pushed")
-        .expect("stream")
-        .expect("an assignment");
-    assert_eq!(task.task_id, id);
-
+    let (_, stream, id) = streaming_with_a_task(&a, "twin").await;
     let mut second = client(&b.endpoint()).await;
-    let refused = second
-        .register_worker(register("twin", "gpu-1", "i-2"))
-        .await
-        .expect_err("another process streams under the id from replica A");
-    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
-    assert!(refused.message().contains("another live process on host gpu-1"), "{}", refused.message());
-    let t = get_task(&mut a.client().await, &id).await;
-    assert_eq!((t.attempt, t.status()), (1, proto::TaskStatus::Assigned), "not taken back: {t:?}");
+    refused_as_another_process(&mut second, &a, &id).await;
 
     // The first process moves to B, listing its task: kept, not refused.
     let mut first = client(&b.endpoint()).await;
@@ -494,26 +486,13 @@ async fn a_worker_that_moved_stops_counting_on_the_replica_it_left() {
         let health: serde_json::Value = serde_json::from_str(&body).unwrap();
         health["workers"]["total"].as_u64().expect("a count")
     };
-    let mut on_a = client(&a.endpoint()).await;
-    on_a.register_worker(register("mover", "gpu-1", "i-1")).await.expect("registers on A");
-    let mut stream = on_a
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "mover".into() })
-        .await
-        .expect("open task stream")
-        .into_inner();
-    wait_connected(&a.client().await, &["mover"]).await;
-    let id = submit(&mut a.client().await, "prove", b"x").await;
-    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
-        .await
-        .expect("pushed")
-        .expect("stream")
-        .expect("an assignment");
+    let (_, stream, id) = streaming_with_a_task(&a, "mover").await;
     assert_eq!((total(a.http).await, total(b.http).await), (1, 0));
 
     // The same process moves to B, listing its task.
     let mut on_b = client(&b.endpoint()).await;
     let mut again = register("mover", "gpu-1", "i-1");
-    again.running_tasks = vec![proto::RunningTask { task_id: task.task_id.clone(), attempt: task.attempt }];
+    again.running_tasks = vec![proto::RunningTask { task_id: id.clone(), attempt: 1 }];
     on_b.register_worker(again).await.expect("registers on B");
     drop(stream);
     let _stream = on_b.receive_tasks(proto::ReceiveTasksRequest { worker_id: "mover".into() }).await;
