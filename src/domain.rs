@@ -457,6 +457,14 @@ pub struct WorkerRecord {
     pub in_flight: u32,
 }
 
+impl WorkerRecord {
+    /// Its row says its process is connected to a replica other than `me`, as that replica last
+    /// wrote it (whether that replica still runs is the reader's to judge).
+    pub fn connected_to_other_replica(&self, me: &str) -> bool {
+        self.connected && self.coordinator_id != me
+    }
+}
+
 /// Per-worker totals from the attempts history.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct WorkerStats {

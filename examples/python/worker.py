@@ -177,12 +177,12 @@ class Worker:
                 if self.stop.is_set():
                     break
                 failures += 1
-                delay = backoff(failures)
-                if e.code() == grpc.StatusCode.ALREADY_EXISTS:
+                id_in_use = e.code() == grpc.StatusCode.ALREADY_EXISTS
+                # A refused id is tried at least every 5 s: it frees the moment the other one is gone.
+                delay = backoff(failures, cap=5.0 if id_in_use else 30.0)
+                if id_in_use:
                     # Another live worker holds this id: heartbeats under it would keep
                     # that worker's session alive, so none go out until a registration succeeds.
-                    # Tried at least every 5 s: the id frees the moment the other one is gone.
-                    delay = backoff(failures, cap=5.0)
                     self.registered.clear()
                     self.id_refused = True
                     log.error("%s (give each worker its own id: WORKER_ID or --worker-id); retrying in %.2fs", e.details(), delay)

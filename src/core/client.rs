@@ -286,9 +286,8 @@ impl Core {
                     None => (self.derived_state(&w), false, w.last_heartbeat_at),
                 };
                 let connected_elsewhere = live.is_none()
-                    && w.connected
                     && state == WorkerState::Active
-                    && w.coordinator_id != self.inner.config.coordinator_id;
+                    && w.connected_to_other_replica(&self.inner.config.coordinator_id);
                 ListedWorker { record: w, state, connected, connected_elsewhere, last_seen }
             })
             .collect())

@@ -141,16 +141,15 @@ impl Core {
         let streamed_here =
             instance.is_some_and(|mine| self.inner.registry.streamed_by_another_process(&reg.id, mine));
         let Some(current) = self.inner.store.get_worker(&reg.id).await? else {
-            return match (streamed_here, instance) {
-                (true, Some(mine)) => Err(in_use_by_another_process(reg, mine, me)),
+            return match instance {
+                Some(mine) if streamed_here => Err(in_use_by_another_process(reg, mine, me)),
                 _ => Ok(()),
             };
         };
         let another_host =
             !reg.hostname.is_empty() && !current.hostname.is_empty() && current.hostname != reg.hostname;
         let connected_elsewhere = instance.is_some_and(|mine| {
-            current.connected
-                && &current.coordinator_id != me
+            current.connected_to_other_replica(me)
                 && current.instance.as_deref().is_some_and(|theirs| theirs != mine)
         });
         let live = (another_host || connected_elsewhere) && {
