@@ -480,7 +480,9 @@ async fn workers_name_the_replica_that_holds_them() {
         })
         .await
         .expect("register");
-    let _stream = queued.receive_tasks(proto::ReceiveTasksRequest { worker_id: "w-queues".into() }).await;
+    let _stream = queued
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "w-queues".into(), ..Default::default() })
+        .await;
     wait_connected(&b.client().await, &["w-on-b", "w-queues"]).await;
     for (replica, here) in [(&a, false), (&b, true)] {
         let out = coordctl_async(&replica.endpoint(), &["--json", "workers"]).await;

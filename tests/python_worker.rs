@@ -196,7 +196,7 @@ async fn python_worker_waits_while_its_id_is_in_use() {
         .expect("the holder registers");
     let beats = keep_alive(holder.clone(), id, Duration::from_millis(200));
     let mut stream = holder
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into() })
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into(), ..Default::default() })
         .await
         .expect("open task stream")
         .into_inner();

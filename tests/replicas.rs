@@ -227,7 +227,7 @@ async fn id_in_use(a: &TestCoordinator, b: &TestCoordinator) {
     first.send_heartbeat(beat).await.expect("a heartbeat");
     let beats = keep_alive(first.clone(), "dup", Duration::from_millis(100));
     let mut stream = first
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "dup".into() })
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "dup".into(), ..Default::default() })
         .await
         .expect("open task stream")
         .into_inner();
@@ -283,7 +283,7 @@ async fn streaming_with_a_task(
     let mut worker = client(&at.endpoint()).await;
     worker.register_worker(register(id, "gpu-1", "i-1")).await.expect("the first process registers");
     let mut stream = worker
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into() })
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into(), ..Default::default() })
         .await
         .expect("open task stream")
         .into_inner();
@@ -331,7 +331,7 @@ async fn a_second_process_on_the_same_host_is_refused_while_the_first_streams() 
     assert_eq!(t.attempt, 1, "kept: {t:?}");
     drop(stream);
     let stream = first
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into(), ..Default::default() })
         .await
         .expect("the reconnect's task stream")
         .into_inner();
@@ -390,6 +390,64 @@ async fn only_the_process_that_opened_a_session_keeps_it_alive() {
     db.cleanup().await;
 }
 
+/// Only the process that opened a worker's session opens its task stream or drains it: a
+/// second process under the id, refused at registration, that opens the stream or deregisters
+/// anyway (naming itself) is answered NOT_FOUND, and the first keeps its stream, its ACTIVE
+/// state and its next task. The first process's own Deregister drains the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_process_that_opened_a_session_streams_or_drains_it() {
+    let db = TestDb::sqlite().await;
+    let one = TestCoordinator::start(&db, quick_liveness).await;
+    let (mut first, mut stream, held) = streaming_with_a_task(&one, "twin").await;
+    let beats = keep_alive(first.clone(), "twin", Duration::from_millis(100));
+    let mut second = client(&one.endpoint()).await;
+    let refused =
+        second.register_worker(register("twin", "gpu-1", "i-2")).await.expect_err("the first streams");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+
+    let named = |instance: &str| proto::ReceiveTasksRequest {
+        worker_id: "twin".into(),
+        instance_id: instance.into(),
+    };
+    let refused = second.receive_tasks(named("i-2")).await.expect_err("another process's stream");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(refused.message().contains("another process"), "{}", refused.message());
+    let drain = |instance: &str| proto::DeregisterRequest {
+        worker_id: "twin".into(),
+        reason: "exit".into(),
+        instance_id: instance.into(),
+    };
+    let refused = second.deregister(drain("i-2")).await.expect_err("another process's session");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert_eq!(worker_state(&mut one.client().await, "twin").await, proto::WorkerState::Active);
+
+    // The first's stream is still the one tasks go down: its slot, once free, takes the next.
+    first
+        .report_completion(proto::ReportCompletionRequest {
+            worker_id: "twin".into(),
+            task_id: held,
+            attempt: 1,
+            result: b"proof".to_vec(),
+            held_ms: 0,
+        })
+        .await
+        .expect("the first completes its task");
+    let next = submit(&mut one.client().await, "prove", b"y").await;
+    let task = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("pushed")
+        .expect("stream")
+        .expect("an assignment, not the stream's end");
+    assert_eq!(task.task_id, next);
+
+    first.deregister(drain("i-1")).await.expect("the session's own process drains it");
+    assert_eq!(worker_state(&mut one.client().await, "twin").await, proto::WorkerState::Draining);
+    beats.abort();
+    drop(stream);
+    one.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 /// Two processes on one host under one id, connected to different replicas: while the first
 /// streams from replica A, the second's registration at B is refused (ALREADY_EXISTS) and the
 /// first keeps its task. The first moving to B (a reconnect of the same process, as connection
@@ -411,7 +469,7 @@ async fn a_second_process_on_the_other_replica_is_refused_while_the_first_stream
     first.register_worker(again).await.expect("the first process's reconnect to B");
     drop(stream);
     let stream = first
-        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into() })
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into(), ..Default::default() })
         .await
         .expect("the task stream from B")
         .into_inner();
@@ -495,7 +553,9 @@ async fn a_worker_that_moved_stops_counting_on_the_replica_it_left() {
     again.running_tasks = vec![proto::RunningTask { task_id: id.clone(), attempt: 1 }];
     on_b.register_worker(again).await.expect("registers on B");
     drop(stream);
-    let _stream = on_b.receive_tasks(proto::ReceiveTasksRequest { worker_id: "mover".into() }).await;
+    let _stream = on_b
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "mover".into(), ..Default::default() })
+        .await;
     wait_connected(&b.client().await, &["mover"]).await;
     let left = std::time::Instant::now();
     wait_until("replica A stops counting the worker", Duration::from_secs(5), || async move {

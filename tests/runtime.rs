@@ -525,8 +525,10 @@ async fn a_heartbeat_from_an_unknown_worker_is_not_found(db: &TestDb) {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e =
-        client.receive_tasks(proto::ReceiveTasksRequest { worker_id: "stranger".into() }).await.unwrap_err();
+    let e = client
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "stranger".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     c.stop().await.unwrap();
 }

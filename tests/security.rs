@@ -157,7 +157,10 @@ async fn open_stream(c: &mut Client, id: &str, max: u32) -> tonic::Streaming<pro
     })
     .await
     .unwrap();
-    c.receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into() }).await.unwrap().into_inner()
+    c.receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 // ---- TLS ----
@@ -278,7 +281,9 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
         w.send_heartbeat(proto::HeartbeatRequest { worker_id: b.clone(), ..Default::default() })
             .await
             .map(|_| ()),
-        w.receive_tasks(proto::ReceiveTasksRequest { worker_id: b.clone() }).await.map(|_| ()),
+        w.receive_tasks(proto::ReceiveTasksRequest { worker_id: b.clone(), ..Default::default() })
+            .await
+            .map(|_| ()),
         w.report_completion(proto::ReportCompletionRequest {
             worker_id: b.clone(),
             task_id: id.clone(),
@@ -310,9 +315,13 @@ async fn mtls_refuses_no_certificate_and_one_worker_acting_for_another() {
         })
         .await
         .map(|_| ()),
-        w.deregister(proto::DeregisterRequest { worker_id: "worker-a-2".into(), reason: String::new() })
-            .await
-            .map(|_| ()),
+        w.deregister(proto::DeregisterRequest {
+            worker_id: "worker-a-2".into(),
+            reason: String::new(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ()),
     ];
     for (i, r) in codes.into_iter().enumerate() {
         assert_eq!(r.unwrap_err().code(), Code::PermissionDenied, "call {i}");
@@ -502,7 +511,10 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
             .await
             .map(|_| ()),
         "ReceiveTasks" => c
-            .receive_tasks(req(proto::ReceiveTasksRequest { worker_id: "never-registered".into() }, who))
+            .receive_tasks(req(
+                proto::ReceiveTasksRequest { worker_id: "never-registered".into(), ..Default::default() },
+                who,
+            ))
             .await
             .map(|_| ()),
         "ReportCompletion" => c
@@ -546,7 +558,11 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
             .map(|_| ()),
         "Deregister" => c
             .deregister(req(
-                proto::DeregisterRequest { worker_id: "never-registered".into(), reason: String::new() },
+                proto::DeregisterRequest {
+                    worker_id: "never-registered".into(),
+                    reason: String::new(),
+                    ..Default::default()
+                },
                 who,
             ))
             .await

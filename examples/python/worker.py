@@ -218,7 +218,9 @@ class Worker:
         )
         if resp.heartbeat_interval_ms > 0:
             self.heartbeat_interval = resp.heartbeat_interval_ms / 1000
-        self.stream = self.stub.ReceiveTasks(pb.ReceiveTasksRequest(worker_id=self.worker_id), metadata=self.metadata)
+        self.stream = self.stub.ReceiveTasks(
+            pb.ReceiveTasksRequest(worker_id=self.worker_id, instance_id=self.instance_id), metadata=self.metadata
+        )
         self.registered.set()
         self.id_refused = False
         # The first heartbeat of a session goes out at once: it renews the leases of tasks
@@ -394,7 +396,9 @@ class Worker:
                 return  # the session under this id is another worker's: Deregister would drain it
             try:
                 resp = self.stub.Deregister(
-                    pb.DeregisterRequest(worker_id=self.worker_id, reason="shutdown"), metadata=self.metadata, timeout=5
+                    pb.DeregisterRequest(worker_id=self.worker_id, reason="shutdown", instance_id=self.instance_id),
+                    metadata=self.metadata,
+                    timeout=5,
                 )
                 log.info("deregistered; %d tasks in flight", resp.in_flight)
             except grpc.RpcError as e:

@@ -136,7 +136,7 @@ mod tests {
         let (registry, _dead) = Registry::new(config, store.clone(), wake.clone());
         let worker = WorkerId::from("w1");
         let session = registry.register(testing::registration("w1", 1)).await.unwrap().session_id;
-        let (_stream, _rx) = registry.attach(&worker).unwrap();
+        let (_stream, _rx) = registry.attach(&worker, None).unwrap();
         store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
         let a = testing::claim_one(&store, &worker).await.remove(0);
         let held = Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt };

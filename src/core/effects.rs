@@ -223,7 +223,7 @@ mod tests {
         let (registry, _dead) = Registry::new(config, db.store.clone(), wake.clone());
         let w = WorkerId::from("w1");
         let session = registry.register(testing::registration("w1", 2)).await.unwrap().session_id;
-        let (_, _rx) = registry.attach(&w).unwrap();
+        let (_, _rx) = registry.attach(&w, None).unwrap();
         db.store.create_tasks(&[testing::new_task("prove")]).await.unwrap();
         let a = testing::claim_one(&db.store, &w).await.remove(0);
         let held = Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };

@@ -211,13 +211,17 @@ impl Core {
     /// newer stream replaces it or the worker is declared dead, cleanly when `draining` fires
     /// (the connection reached its maximum age), and with `Unavailable` when shutdown begins.
     /// Assignments that never left go back to pending when it ends.
+    ///
+    /// `instance`: the process opening it, when it says; another one than the one that
+    /// registered the session is refused and the session's stream stays.
     pub fn receive(
         &self,
         worker: WorkerId,
+        instance: Option<&str>,
         draining: impl Future<Output = ()> + Send + 'static,
     ) -> Result<Updates<Push>, CoreError> {
         self.refuse_if_closing()?;
-        let (stream_id, rx) = self.inner.registry.attach(&worker)?;
+        let (stream_id, rx) = self.inner.registry.attach(&worker, instance)?;
         info!(worker_id = %worker, stream_id, "task stream opened");
         let mut guard = StreamGuard { core: self.clone(), worker, stream_id, rx, replaced: Vec::new() };
         let closing = self.inner.closing.clone();
@@ -336,8 +340,13 @@ impl Core {
     }
 
     /// The worker drains: it gets no new work, and answers how many tasks it still runs.
-    pub async fn deregister(&self, worker: &WorkerId, reason: String) -> Result<u32, CoreError> {
-        let in_flight = self.inner.registry.deregister(worker).await?;
+    pub async fn deregister(
+        &self,
+        worker: &WorkerId,
+        instance: Option<&str>,
+        reason: String,
+    ) -> Result<u32, CoreError> {
+        let in_flight = self.inner.registry.deregister(worker, instance).await?;
         info!(worker_id = %worker, in_flight, reason = %truncate(reason, MAX_REASON_LEN), "worker deregistered");
         Ok(in_flight)
     }

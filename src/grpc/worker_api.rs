@@ -32,8 +32,7 @@ pub async fn send_heartbeat(
     let req = request.into_inner();
     let worker = convert::worker_id("worker_id", &req.worker_id)?;
     let running = convert::running_tasks("running_tasks", &req.running_tasks)?;
-    let instance = (!req.instance_id.is_empty()).then_some(req.instance_id.as_str());
-    let beat = core.heartbeat(&worker, instance, running).await?;
+    let beat = core.heartbeat(&worker, process(&req.instance_id), running).await?;
     Ok(Response::new(proto::HeartbeatResponse {
         state: convert::worker_state(beat.state) as i32,
         revoked_task_ids: beat.revoked.iter().map(|h| h.task_id.to_string()).collect(),
@@ -55,7 +54,8 @@ pub fn receive_tasks(
     // (status OK) and the worker opens a new one on a new connection, so connections
     // rebalance across replicas without cutting a push in half.
     let draining = ConnectionDraining::of(&request);
-    let pushes = core.receive(worker, async move { draining.cancelled().await })?;
+    let instance = process(&request.get_ref().instance_id);
+    let pushes = core.receive(worker, instance, async move { draining.cancelled().await })?;
     let stream = pushes.map(|p| p.map(proto::TaskAssignment::from).map_err(Status::from));
     Ok(Response::new(Box::pin(stream)))
 }
@@ -137,6 +137,12 @@ pub async fn deregister(
     auth::caller(&request).may_act_for(&request.get_ref().worker_id)?;
     let req = request.into_inner();
     let worker = convert::worker_id("worker_id", &req.worker_id)?;
-    let in_flight = core.deregister(&worker, req.reason).await?;
+    let in_flight = core.deregister(&worker, process(&req.instance_id), req.reason).await?;
     Ok(Response::new(proto::DeregisterResponse { in_flight }))
+}
+
+/// The process a worker's call names (`instance_id`), if it names one: calls of another process
+/// than the one that registered the session act for nobody.
+fn process(instance_id: &str) -> Option<&str> {
+    (!instance_id.is_empty()).then_some(instance_id)
 }

@@ -343,6 +343,18 @@ impl StreamSlot {
 }
 
 impl Session {
+    /// `Err` when `instance` names another process than the one that opened this session: a
+    /// process whose session was replaced, or that was refused and goes on, acts for nobody.
+    /// Not checked when either side names no process (older clients).
+    fn opened_by(&self, worker: &WorkerId, instance: Option<&str>) -> Result<(), RegistryError> {
+        match (instance, self.instance.as_deref()) {
+            (Some(theirs), Some(mine)) if theirs != mine => {
+                Err(RegistryError::AnotherProcess(worker.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Assignments the worker takes at most: its slots and its queue.
     fn capacity(&self) -> u32 {
         self.max_concurrent_tasks.saturating_add(self.prefetch)
@@ -549,11 +561,7 @@ impl Registry {
             // Only the process that opened the session keeps it alive: a heartbeat of another
             // one (its session was replaced, or it was refused and ignores it) says nothing of
             // the session's process.
-            if let (Some(theirs), Some(mine)) = (instance, s.instance.as_deref())
-                && theirs != mine
-            {
-                return Err(RegistryError::AnotherProcess(worker.clone()));
-            }
+            s.opened_by(worker, instance)?;
             let beat = liveness::on_heartbeat(s.state);
             let Some(next) = beat.state_after(s.state) else {
                 return Err(RegistryError::UnknownWorker(worker.clone()));
@@ -630,12 +638,15 @@ impl Registry {
 
     /// Drain: the worker takes no new work; it may still report what it runs. Its task stream
     /// sends what is already queued, then ends cleanly.
-    pub async fn deregister(&self, worker: &WorkerId) -> Result<u32, RegistryError> {
+    /// `instance`: the process asking, when it says; another one than the session's drains
+    /// nothing.
+    pub async fn deregister(&self, worker: &WorkerId, instance: Option<&str>) -> Result<u32, RegistryError> {
         let (session, in_flight, from) = {
             let mut state = self.lock();
             let Some(s) = state.sessions.get_mut(worker) else {
                 return Err(RegistryError::UnknownWorker(worker.clone()));
             };
+            s.opened_by(worker, instance)?;
             let from = s.state;
             s.state = WorkerState::Draining;
             if let Some(slot) = &mut s.stream {
@@ -651,9 +662,14 @@ impl Registry {
         Ok(in_flight)
     }
 
-    /// Attaches a task stream; a previous stream of this worker is replaced (its sender dropped,
-    /// so it ends). Returns the stream's id, for [`Registry::detach`].
-    pub fn attach(&self, worker: &WorkerId) -> Result<(u64, mpsc::Receiver<Push>), RegistryError> {
+    /// Attaches a task stream opened by process `instance` (when it says); a previous stream of
+    /// this worker is replaced (its sender dropped, so it ends). Another process than the
+    /// session's replaces nothing. Returns the stream's id, for [`Registry::detach`].
+    pub fn attach(
+        &self,
+        worker: &WorkerId,
+        instance: Option<&str>,
+    ) -> Result<(u64, mpsc::Receiver<Push>), RegistryError> {
         let mut state = self.lock();
         state.next_stream_id += 1;
         let id = state.next_stream_id;
@@ -663,6 +679,7 @@ impl Registry {
         if s.state == WorkerState::Dead {
             return Err(RegistryError::UnknownWorker(worker.clone()));
         }
+        s.opened_by(worker, instance)?;
         // Assignments never exceed the capacity in flight, so this never fills with them.
         let (tx, rx) = mpsc::channel(s.capacity().max(1) as usize);
         s.stream = Some(StreamSlot { id, tx: Some(tx) });
@@ -1421,7 +1438,7 @@ mod tests {
         let r = Registry::new(config(), db.store.clone(), Wake::default()).0;
         let w = WorkerId::from("one");
         let session = r.register(testing::registration("one", 2)).await.unwrap().session_id;
-        let (_, _stream) = r.attach(&w).unwrap();
+        let (_, _stream) = r.attach(&w, None).unwrap();
         let (a, b) = (assign(&db.store, &w).await, assign(&db.store, &w).await);
         let held = |a: &Assignment| Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
         let (held_a, held_b) = (held(&a), held(&b));
@@ -1449,7 +1466,7 @@ mod tests {
         let w = WorkerId::from("one");
         let session = r.register(testing::registration("one", 1)).await.unwrap().session_id;
         // The stream is read as the worker would: a push waiting in it counts against the queue.
-        let (_, mut stream) = r.attach(&w).unwrap();
+        let (_, mut stream) = r.attach(&w, None).unwrap();
         let a = assign(&db.store, &w).await;
         let held_a = Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
         r.push(a, session).unwrap();
@@ -1498,9 +1515,9 @@ mod tests {
         // A third drains here and registers again at another replica before it goes quiet here.
         let moved = WorkerId::from("moved");
         r.register(registration("moved")).await.unwrap();
-        r.deregister(&gone).await.unwrap();
-        r.deregister(&busy).await.unwrap();
-        r.deregister(&moved).await.unwrap();
+        r.deregister(&gone, None).await.unwrap();
+        r.deregister(&busy, None).await.unwrap();
+        r.deregister(&moved, None).await.unwrap();
         let mut other_cfg = config();
         other_cfg.coordinator_id = "other-replica".into();
         let (other, _other_dead) = Registry::new(other_cfg, db.store.clone(), Wake::default());
@@ -1542,7 +1559,7 @@ mod tests {
         let session = r.register(registration("charged")).await.unwrap().session_id;
         // Charged to the session in the store, never pushed: the registry holds nothing.
         let charged = assign(&db.store, &w).await;
-        r.deregister(&w).await.unwrap();
+        r.deregister(&w, None).await.unwrap();
         assert_eq!(in_flight(&r, &w), 0);
         r.check_liveness_at(Instant::now() + Duration::from_millis(1200)).await;
         assert_eq!(r.session(&w).map(|s| s.state), Some(WorkerState::Dead));
@@ -1575,7 +1592,7 @@ mod tests {
         let (r, mut dead) = Registry::new(config(), db.store.clone(), Wake::default());
         let w = WorkerId::from("w1");
         let session = r.register(registration("w1")).await.unwrap().session_id;
-        let (_, mut stream) = r.attach(&w).unwrap();
+        let (_, mut stream) = r.attach(&w, None).unwrap();
         r.push(assign(&db.store, &w).await, session).unwrap();
         let t0 = Instant::now();
         let state = |r: &Registry| r.session(&w).map(|s| s.state);
@@ -1630,7 +1647,7 @@ mod tests {
         let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
         let w = WorkerId::from("w1");
         r.register(registration("w1")).await.unwrap();
-        let (_, _stream) = r.attach(&w).unwrap();
+        let (_, _stream) = r.attach(&w, None).unwrap();
         r.check_liveness_at(Instant::now() + Duration::from_secs(31)).await;
         assert_eq!(r.session(&w).unwrap().state, WorkerState::Suspect);
         assert_eq!(r.heartbeat(&w, None).await, Ok(WorkerState::Active));
@@ -1742,7 +1759,7 @@ mod tests {
         let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
         let w = WorkerId::from("w1");
         let session = r.register(registration("w1")).await.unwrap().session_id;
-        let (_, _stream) = r.attach(&w).unwrap();
+        let (_, _stream) = r.attach(&w, None).unwrap();
         let a = assign(&db.store, &w).await;
         let held = Held { task_id: a.task_id, worker_id: w.clone(), attempt: a.attempt };
         r.push(a, session).unwrap();
@@ -1776,7 +1793,7 @@ mod tests {
         let mut reg = testing::registration("w1", 1);
         reg.prefetch = 4;
         let session = r.register(reg).await.unwrap().session_id;
-        let (_, _stream) = r.attach(&w).unwrap();
+        let (_, _stream) = r.attach(&w, None).unwrap();
         let free = || r.schedulable().0.first().map(|s| s.free);
         assert_eq!(free(), Some(5), "one slot and a queue of four");
         let mut held = Vec::new();
@@ -1803,12 +1820,12 @@ mod tests {
         for id in ["w3", "w1", "w4", "w2", "w0"] {
             r.register(registration(id)).await.unwrap();
         }
-        let (_, _stream) = r.attach(&WorkerId::from("w1")).unwrap();
+        let (_, _stream) = r.attach(&WorkerId::from("w1"), None).unwrap();
         let held = assign(&db.store, &WorkerId::from("w4")).await;
         r.register(registration("w4")).await.unwrap();
         r.check_liveness_at(Instant::now() + Duration::from_secs(31)).await;
         r.heartbeat(&WorkerId::from("w3"), None).await.unwrap();
-        r.deregister(&WorkerId::from("w2")).await.unwrap();
+        r.deregister(&WorkerId::from("w2"), None).await.unwrap();
 
         let all = r.sessions();
         let ids: Vec<&str> = all.iter().map(|s| s.worker_id.0.as_str()).collect();
@@ -1855,7 +1872,7 @@ mod tests {
         let db = TestDb::sqlite().await;
         let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
         r.register(registration("w1")).await.unwrap();
-        let (_, mut old) = r.attach(&WorkerId::from("w1")).unwrap();
+        let (_, mut old) = r.attach(&WorkerId::from("w1"), None).unwrap();
         r.register(registration("w1")).await.unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(5), old.recv()).await;
         assert!(matches!(ended, Ok(None)), "the old stream ends: {ended:?}");
@@ -1871,7 +1888,7 @@ mod tests {
         let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
         let w = WorkerId::from("w1");
         let session = r.register(registration("w1")).await.unwrap().session_id;
-        let (_, _rx) = r.attach(&w).unwrap();
+        let (_, _rx) = r.attach(&w, None).unwrap();
         // A pushed task whose completion the database has but whose release never ran.
         let leaked = assign(&db.store, &w).await;
         let leaked_held = Held { task_id: leaked.task_id, worker_id: w.clone(), attempt: leaked.attempt };

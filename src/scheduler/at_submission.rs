@@ -227,7 +227,7 @@ mod tests {
         let db = testing::TestDb::postgres().await?;
         let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
         registry.register(testing::registration("w", slots)).await.expect("register");
-        let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let (_, stream) = registry.attach(&WorkerId::from("w"), None).expect("attach");
         let placer = super::super::Scheduler::for_tests(db.store.clone(), registry).at_submission();
         let placing = placer.placing.clone();
         Some((db, placer, stream, placing))
@@ -241,7 +241,7 @@ mod tests {
     ) -> (super::super::Scheduler, tokio::sync::mpsc::Receiver<Push>) {
         let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
         registry.register(testing::registration("w", slots)).await.expect("register");
-        let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let (_, stream) = registry.attach(&WorkerId::from("w"), None).expect("attach");
         (super::super::Scheduler::for_tests(db.store.clone(), registry), stream)
     }
 

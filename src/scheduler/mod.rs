@@ -526,7 +526,7 @@ mod tests {
             let registry = registry.clone();
             async move {
                 registry.register(testing::registration(id, 10)).await.expect("register");
-                registry.attach(&WorkerId::from(id)).expect("attach").1
+                registry.attach(&WorkerId::from(id), None).expect("attach").1
             }
         };
         streams.push(connect("a").await);
@@ -572,7 +572,7 @@ mod tests {
         for (id, caps) in [("any", vec![]), ("only-b", vec!["b".to_owned()])] {
             let registration = WorkerRegistration { capabilities: caps, ..testing::registration(id, 1) };
             registry.register(registration).await.expect("register");
-            streams.push(registry.attach(&WorkerId::from(id)).expect("attach").1);
+            streams.push(registry.attach(&WorkerId::from(id), None).expect("attach").1);
         }
         let older: Vec<_> = (0..5).map(|_| testing::new_task("a")).collect();
         db.store.create_tasks(&older).await.expect("submit");

@@ -168,7 +168,7 @@ mod tests {
         let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), db.store.clone(), Wake::default());
         let registration = crate::store::WorkerRegistration { prefetch, ..testing::registration("w", 1) };
         registry.register(registration).await.expect("register");
-        let (_, stream) = registry.attach(&WorkerId::from("w")).expect("attach");
+        let (_, stream) = registry.attach(&WorkerId::from("w"), None).expect("attach");
         let tasks: Vec<_> = (0..n).map(|_| testing::new_task("prove")).collect();
         let ids = tasks.iter().map(|t| t.id).collect();
         db.store.create_tasks(&tasks).await.expect("submit");
@@ -282,7 +282,7 @@ mod tests {
         let second = pushed(&mut stream).expect("the first task");
         let worker = WorkerId::from("w");
         assert_eq!(second.task_id, ids[0]);
-        registry.deregister(&worker).await.expect("drain");
+        registry.deregister(&worker, None).await.expect("drain");
         assert!(matches!(complete(&refiller, &registry, &second).await, ReportOutcome::Applied { .. }));
         assert!(pushed(&mut stream).is_none(), "a draining worker gets nothing");
         let next = db.store.get_task(ids[1]).await.unwrap().unwrap();
@@ -298,7 +298,7 @@ mod tests {
         let labels = [("gpu".to_string(), "a100".to_string())].into();
         let gpu = crate::store::WorkerRegistration { labels, ..testing::registration("g", 1) };
         registry.register(gpu).await.expect("register");
-        let (_, mut on_gpu) = registry.attach(&WorkerId::from("g")).expect("attach");
+        let (_, mut on_gpu) = registry.attach(&WorkerId::from("g"), None).expect("attach");
         db.store.create_tasks(&[testing::new_task("prove")]).await.expect("submit");
         let refiller = scheduler.refiller();
         scheduler.pass().await.expect("pass");

@@ -336,7 +336,7 @@ impl RawWorker {
             .await
             .expect("register");
         let mut stream = client
-            .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into() })
+            .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.into(), ..Default::default() })
             .await
             .expect("open task stream")
             .into_inner();

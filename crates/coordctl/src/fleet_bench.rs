@@ -184,13 +184,18 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
                         max_concurrent_tasks: 1,
                         capabilities: vec![task_type.clone()],
                         hostname: host.clone(),
+                        // Each simulated worker is a process of its own, named by its id.
+                        instance_id: id.clone(),
                         ..Default::default()
                     })
                     .await?
                     .into_inner();
                 interval = r.heartbeat_interval_ms;
                 let mut stream = client
-                    .receive_tasks(proto::ReceiveTasksRequest { worker_id: id.clone() })
+                    .receive_tasks(proto::ReceiveTasksRequest {
+                        worker_id: id.clone(),
+                        instance_id: id.clone(),
+                    })
                     .await?
                     .into_inner();
                 let stop = stop.clone();
@@ -234,7 +239,11 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
                 }
                 let t = Instant::now();
                 let ok = client
-                    .send_heartbeat(proto::HeartbeatRequest { worker_id: id.clone(), ..Default::default() })
+                    .send_heartbeat(proto::HeartbeatRequest {
+                        worker_id: id.clone(),
+                        instance_id: id.clone(),
+                        ..Default::default()
+                    })
                     .await
                     .is_ok();
                 if ok && measuring.load(std::sync::atomic::Ordering::Relaxed) {
@@ -302,6 +311,7 @@ pub async fn run(opts: FleetOptions) -> anyhow::Result<FleetReport> {
             .deregister(proto::DeregisterRequest {
                 worker_id: m.id.clone(),
                 reason: "benchmark ended".into(),
+                instance_id: m.id.clone(),
             })
             .await;
     }

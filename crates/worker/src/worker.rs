@@ -484,7 +484,10 @@ impl Worker {
         }
         self.id_refused.store(false, std::sync::atomic::Ordering::SeqCst);
         let mut stream = client
-            .receive_tasks(proto::ReceiveTasksRequest { worker_id: self.opts.worker_id.clone() })
+            .receive_tasks(proto::ReceiveTasksRequest {
+                worker_id: self.opts.worker_id.clone(),
+                instance_id: self.instance_id.clone(),
+            })
             .await?
             .into_inner();
         info!(worker_id = %self.opts.worker_id, coordinator_id = %resp.coordinator_id,
@@ -785,14 +788,17 @@ impl Worker {
         if self.deregistered.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        // Refused its id: the session under it is another worker's, which Deregister (keyed by
-        // id) would drain.
+        // Refused its id: the session under it is another worker's (a coordinator that checks
+        // the process would refuse the call; an older one would drain that session).
         if self.id_refused.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let mut client = self.client.clone();
-        let req =
-            proto::DeregisterRequest { worker_id: self.opts.worker_id.clone(), reason: "shutdown".into() };
+        let req = proto::DeregisterRequest {
+            worker_id: self.opts.worker_id.clone(),
+            reason: "shutdown".into(),
+            instance_id: self.instance_id.clone(),
+        };
         match tokio::time::timeout(Duration::from_secs(5), client.deregister(req)).await {
             Ok(Ok(_)) => {}
             Ok(Err(s)) => {
