@@ -494,6 +494,51 @@ async fn a_second_process_on_the_other_replica_is_refused_while_the_first_stream
     db.cleanup().await;
 }
 
+/// Waits until replica `at` lists worker `id` as connected to another replica, or not.
+async fn connected_elsewhere(at: &TestCoordinator, id: &str, want: bool) {
+    let client = at.client().await;
+    wait_until(&format!("{id} connected elsewhere: {want}"), Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let Ok(resp) = client.list_workers(proto::ListWorkersRequest::default()).await else {
+                return false;
+            };
+            resp.into_inner().workers.iter().any(|w| w.worker_id == id && w.connected_elsewhere == want)
+        }
+    })
+    .await;
+}
+
+/// A process that opens its task stream again without registering again (its stream closed,
+/// its session lives on) is connected again in the database: the other replica lists it so and
+/// refuses a second process under the id, as it did before the stream closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_stream_opened_again_without_registering_still_holds_the_id() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, |_| {}).await;
+    let (first, stream, id) = streaming_with_a_task(&a, "twin").await;
+    let beats = keep_alive(first.clone(), "twin", Duration::from_millis(100));
+    connected_elsewhere(&b, "twin", true).await;
+    drop(stream);
+    connected_elsewhere(&b, "twin", false).await;
+
+    let stream = first
+        .clone()
+        .receive_tasks(proto::ReceiveTasksRequest { worker_id: "twin".into(), instance_id: "i-1".into() })
+        .await
+        .expect("the same session's stream, opened again")
+        .into_inner();
+    connected_elsewhere(&b, "twin", true).await;
+    let mut second = client(&b.endpoint()).await;
+    refused_as_another_process(&mut second, &a, &id).await;
+    beats.abort();
+    drop(stream);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}
+
 /// A replica killed while a worker's process was connected to it leaves the worker's row saying
 /// so; once the replica runs again under its name, that row no longer holds the id: the
 /// worker's restarted process registers on the other replica at once.

@@ -2024,8 +2024,8 @@ mod cases {
     }
 
     /// A registration says the process is connected; a closed stream clears that for its own
-    /// session only (a newer session, registered meanwhile, stays connected), and so does a
-    /// replica that stops, for the rows that still name it.
+    /// session only (a newer session, registered meanwhile, stays connected) and a stream
+    /// opened again sets it, and a replica that stops clears it for the rows that still name it.
     pub async fn a_closed_stream_or_a_stopped_replica_clears_connected_for_its_session_only(s: &Store) {
         let b = s.backend();
         let connected =
@@ -2037,10 +2037,34 @@ mod cases {
         let row = s.get_worker(&w("w1")).await.unwrap().unwrap();
         assert_eq!((row.connected, row.instance.as_deref()), (true, Some("i-1")), "{b}");
         s.upsert_worker(&registration("w1", new)).await.expect("a newer session");
-        assert_eq!(s.streams_closed(&[(w("w1"), old), (w("ghost"), old)]).await.expect("closed"), 0, "{b}");
+        let closed = |id: &'static str, session| (w(id), session, false);
+        let opened = |id: &'static str, session| (w(id), session, true);
+        assert_eq!(
+            s.streams_changed(&[closed("w1", old), closed("ghost", old)]).await.expect("closed"),
+            0,
+            "{b}"
+        );
         assert!(connected("w1").await, "{b}: the stale session's stream leaves the newer one connected");
-        assert_eq!(s.streams_closed(&[(w("w1"), new)]).await.expect("closed"), 1, "{b}");
+        assert_eq!(s.streams_changed(&[closed("w1", new)]).await.expect("closed"), 1, "{b}");
         assert!(!connected("w1").await, "{b}");
+        // The session's stream opens again (and, in one batch, closes and opens once more): the
+        // last change of the session wins; a stale session's opening changes nothing.
+        assert_eq!(s.streams_changed(&[opened("w1", old)]).await.expect("stale"), 0, "{b}");
+        assert!(!connected("w1").await, "{b}");
+        let again = [closed("w1", new), opened("w1", new), closed("w1", new), opened("w1", new)];
+        assert_eq!(s.streams_changed(&again).await.expect("reopened"), 1, "{b}");
+        assert!(connected("w1").await, "{b}: reopened");
+        assert_eq!(
+            s.streams_changed(&[opened("w1", new)]).await.expect("again"),
+            0,
+            "{b}: no change, no write"
+        );
+        assert_eq!(
+            s.streams_changed(&[opened("w1", new), closed("w1", new)]).await.expect("closed"),
+            1,
+            "{b}"
+        );
+        assert!(!connected("w1").await, "{b}: closed last");
         s.upsert_worker(&registration("w1", Uuid::now_v7())).await.expect("registers again");
         assert!(connected("w1").await, "{b}: a registration says connected again");
 
@@ -2054,7 +2078,7 @@ mod cases {
         s.upsert_worker(&registration("w1", Uuid::now_v7())).await.expect("registers again");
         assert_eq!(s.disconnect_replica("coord-a").await.expect("a replica starts"), 1, "{b}");
         assert!(!connected("w1").await && connected("w2").await, "{b}");
-        assert_eq!(s.streams_closed(&[]).await.expect("nothing"), 0, "{b}");
+        assert_eq!(s.streams_changed(&[]).await.expect("nothing"), 0, "{b}");
     }
 
     pub async fn live_workers_are_active_or_suspect_and_heard_from_lately(s: &Store) {

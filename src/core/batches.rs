@@ -39,8 +39,9 @@ pub struct Batchers {
     pub renewals: Batcher<Vec<Held>, Vec<Held>>,
     /// Assignments that left on a stream, and when: assigned -> running, a little later.
     pub deliveries: Batcher<(Held, Instant), ()>,
-    /// Sessions whose task stream closed here: their rows stop saying they are connected.
-    pub streams_closed: Batcher<(WorkerId, Uuid), ()>,
+    /// Sessions whose task stream closed here (false) or opened again (true): their rows say
+    /// so, the last word for a session winning.
+    pub streams: Batcher<(WorkerId, Uuid, bool), ()>,
 }
 
 /// Starts the batch loops: their senders, and the handles to wait for at shutdown.
@@ -104,14 +105,14 @@ pub fn spawn(
         }
     });
     let s = store.clone();
-    let (streams_closed, h4) = Batcher::spawn(BATCH_MAX, move |closed: Vec<(WorkerId, Uuid)>| {
+    let (streams, h4) = Batcher::spawn(BATCH_MAX, move |changes: Vec<(WorkerId, Uuid, bool)>| {
         let s = s.clone();
         async move {
-            s.streams_closed(&closed).await?;
-            Ok(vec![(); closed.len()])
+            s.streams_changed(&changes).await?;
+            Ok(vec![(); changes.len()])
         }
     });
-    (Batchers { completions, renewals, deliveries, streams_closed }, vec![h1, h2, h3, h4])
+    (Batchers { completions, renewals, deliveries, streams }, vec![h1, h2, h3, h4])
 }
 
 #[cfg(test)]

@@ -282,6 +282,9 @@ struct Session {
     heartbeat_written: Instant,
     dead_since: Option<Instant>,
     stream: Option<StreamSlot>,
+    /// Task streams opened in this session. The registration marks the worker's row connected
+    /// for the first; each later one marks it again (a stream that closed cleared it).
+    streams_opened: u32,
     /// `State::seq` of the latest release from this session's slots (for reconciliation).
     released_seq: u64,
     /// The worker process that registered it, when the worker names its process.
@@ -535,6 +538,7 @@ impl Registry {
             // The previous session's stream (dropped with `previous`) ends; the worker opens a
             // new one after registering, and pushes never go down a connection it gave up.
             stream: None,
+            streams_opened: 0,
         };
         state.sessions.insert(reg.id.clone(), session);
         drop(state);
@@ -683,9 +687,20 @@ impl Registry {
         // Assignments never exceed the capacity in flight, so this never fills with them.
         let (tx, rx) = mpsc::channel(s.capacity().max(1) as usize);
         s.stream = Some(StreamSlot { id, tx: Some(tx) });
+        s.streams_opened = s.streams_opened.saturating_add(1);
         drop(state);
         self.shared.wake.wake();
         Ok((id, rx))
+    }
+
+    /// The session whose stream `stream_id` is, when it is the worker's current stream and
+    /// not the session's first: its row's connected mark is to be set again (the registration
+    /// set it for the first, and a stream that closed since may have cleared it).
+    pub fn reopened(&self, worker: &WorkerId, stream_id: u64) -> Option<Uuid> {
+        let state = self.lock();
+        let s = state.sessions.get(worker)?;
+        (s.streams_opened > 1 && s.stream.as_ref().is_some_and(|slot| slot.id == stream_id))
+            .then_some(s.session_id)
     }
 
     /// Detaches stream `stream_id` if it is still the worker's current one (a newer stream is

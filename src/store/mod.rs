@@ -1223,13 +1223,23 @@ impl Store {
         timed!("disconnect_replica", self, s => s.disconnect_replica(id).await)
     }
 
-    /// Notes that these sessions' task streams closed on this replica (their processes are no
-    /// longer connected to it); a session that was replaced meanwhile is left alone.
-    pub async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
-        if closed.is_empty() {
+    /// Notes that these sessions' task streams closed on this replica (false: their processes
+    /// are no longer connected to it) or opened again (true), in the order given: the last
+    /// change of a session wins. A session that was replaced meanwhile is left alone. Answers
+    /// the rows changed.
+    pub async fn streams_changed(&self, changes: &[(WorkerId, Uuid, bool)]) -> Result<u64> {
+        let mut last: HashMap<(&WorkerId, Uuid), bool> = HashMap::with_capacity(changes.len());
+        for (worker, session, connected) in changes {
+            last.insert((worker, *session), *connected);
+        }
+        if last.is_empty() {
             return Ok(0);
         }
-        timed!("streams_closed", self, s => s.streams_closed(closed).await)
+        // In id order, as every batch that locks workers' rows (see `flush_heartbeats`).
+        let mut changes: Vec<(WorkerId, Uuid, bool)> =
+            last.into_iter().map(|((w, session), connected)| (w.clone(), session, connected)).collect();
+        changes.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        timed!("streams_changed", self, s => s.streams_changed(&changes).await)
     }
 
     /// Writes the latest heartbeat time of many workers in one statement.

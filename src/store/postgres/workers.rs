@@ -130,19 +130,19 @@ impl PgStore {
         Ok(r.rows_affected())
     }
 
-    pub(in crate::store) async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
-        // In id order, as every batch that locks workers' rows (see `flush_heartbeats`).
-        let mut closed: Vec<&(WorkerId, Uuid)> = closed.iter().collect();
-        closed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        let ids: Vec<&str> = closed.iter().map(|(w, _)| w.0.as_str()).collect();
-        let sessions: Vec<Uuid> = closed.iter().map(|(_, s)| *s).collect();
+    /// One change per session, in id order ([`crate::store::Store::streams_changed`]).
+    pub(in crate::store) async fn streams_changed(&self, changes: &[(WorkerId, Uuid, bool)]) -> Result<u64> {
+        let ids: Vec<&str> = changes.iter().map(|(w, _, _)| w.0.as_str()).collect();
+        let sessions: Vec<Uuid> = changes.iter().map(|(_, s, _)| *s).collect();
+        let connected: Vec<bool> = changes.iter().map(|(_, _, c)| *c).collect();
         let r = sqlx::query(
-            "UPDATE workers w SET connected = false
-             FROM unnest($1::text[], $2::uuid[]) AS c(id, session_id)
-             WHERE w.id = c.id AND w.session_id = c.session_id AND w.connected",
+            "UPDATE workers w SET connected = c.connected
+             FROM unnest($1::text[], $2::uuid[], $3::bool[]) AS c(id, session_id, connected)
+             WHERE w.id = c.id AND w.session_id = c.session_id AND w.connected <> c.connected",
         )
         .bind(&ids)
         .bind(&sessions)
+        .bind(&connected)
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected())

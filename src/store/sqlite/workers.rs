@@ -136,15 +136,17 @@ impl SqliteStore {
         Ok(r.rows_affected())
     }
 
-    pub(in crate::store) async fn streams_closed(&self, closed: &[(WorkerId, Uuid)]) -> Result<u64> {
+    /// One change per session ([`crate::store::Store::streams_changed`]).
+    pub(in crate::store) async fn streams_changed(&self, changes: &[(WorkerId, Uuid, bool)]) -> Result<u64> {
         let mut tx = self.writer.begin().await?;
         let mut changed = 0;
-        for (id, session) in closed {
+        for (id, session, connected) in changes {
             changed += sqlx::query(
-                "UPDATE workers SET connected = 0 WHERE id = $1 AND session_id = $2 AND connected",
+                "UPDATE workers SET connected = $3 WHERE id = $1 AND session_id = $2 AND connected <> $3",
             )
             .bind(&id.0)
             .bind(session.to_string())
+            .bind(connected)
             .execute(&mut *tx)
             .await?
             .rows_affected();
