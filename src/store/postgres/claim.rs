@@ -293,9 +293,14 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn mark_running(&self, delivered: &[(Held, Instant)]) -> Result<u64> {
+        // In task id order, as completions and requeues lock tasks' rows: in the order the
+        // assignments left, a batch of marks and a batch of completions could each hold a row
+        // the other waits for, until the deadlock check aborts one of them a second later.
+        let mut delivered = delivered.to_vec();
+        delivered.sort_unstable_by_key(|(h, _)| h.task_id);
         let held: Vec<Held> = delivered.iter().map(|(h, _)| h.clone()).collect();
         let (ids, workers, attempts) = held_arrays(&held);
-        retry_conflicts!(self.mark_running_once(&ids, &workers, &attempts, delivered).await)
+        retry_conflicts!(self.mark_running_once(&ids, &workers, &attempts, &delivered).await)
     }
 
     async fn mark_running_once(
@@ -322,7 +327,10 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn renew_leases(&self, held: &[Held], lease: Duration) -> Result<Vec<Held>> {
-        let (ids, workers, attempts) = held_arrays(held);
+        // In task id order, as every batch that locks tasks' rows (see `mark_running`).
+        let mut held = held.to_vec();
+        held.sort_unstable_by_key(|h| h.task_id);
+        let (ids, workers, attempts) = held_arrays(&held);
         let rows = retry_conflicts!(
             async {
                 let mut tx = self.pool.begin_with(super::BATCH_BEGIN).await?;

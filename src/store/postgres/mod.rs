@@ -277,6 +277,70 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// Running marks and lease renewals lock tasks' rows in task id order, as completions and
+    /// requeues do, whatever order they are given: a transaction that holds the lower of two
+    /// rows and then takes the higher (as a completion of both would) waits for nobody, and the
+    /// mark or renewal goes on once it commits. In the order given (higher first), each held a
+    /// row the other wanted, and Postgres aborted one after its deadlock timeout.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn running_marks_and_lease_renewals_lock_tasks_in_id_order() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let reg = testing::registration("ordered", 4);
+        let worker = reg.id.clone();
+        db.store.register_worker(&reg).await.unwrap();
+        for op in ["mark", "renew"] {
+            let tasks = [testing::new_task("prove"), testing::new_task("prove")];
+            db.store.create_tasks(&tasks).await.unwrap();
+            let mut held: Vec<Held> = Vec::new();
+            for _ in 0..2 {
+                let a = testing::claim_one(&db.store, &worker).await.remove(0);
+                held.push(Held { task_id: a.task_id, worker_id: worker.clone(), attempt: a.attempt });
+            }
+            held.sort_by_key(|h| std::cmp::Reverse(h.task_id));
+            let (high, low) = (held[0].task_id, held[1].task_id);
+
+            // Another transaction holds the lower row; it detects a deadlock first if there is one.
+            let mut other = pg.pool().begin().await.unwrap();
+            sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *other).await.unwrap();
+            let touch = "UPDATE tasks SET updated_at = now() WHERE id = $1";
+            sqlx::query(touch).bind(low.0).execute(&mut *other).await.unwrap();
+            let batch = {
+                let (store, held) = (db.store.clone(), held.clone());
+                tokio::spawn(async move {
+                    match op {
+                        "mark" => {
+                            let now = std::time::Instant::now();
+                            let delivered: Vec<_> = held.into_iter().map(|h| (h, now)).collect();
+                            store.mark_delivered(&delivered).await.map(|n| n as usize)
+                        }
+                        _ => store.renew_leases(&held, Duration::from_secs(60)).await.map(|r| r.len()),
+                    }
+                })
+            };
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%unnest%'",
+                )
+                .fetch_one(pg.pool())
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{op}: the batch never waited for the row");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let r = sqlx::query(touch).bind(high.0).execute(&mut *other).await;
+            assert!(r.is_ok(), "{op}: the higher row was free, not held by the batch: {r:?}");
+            other.commit().await.unwrap();
+            assert_eq!(batch.await.unwrap().unwrap(), 2, "{op}: both rows, once the other committed");
+        }
+        db.cleanup().await;
+    }
+
     /// A batch of completions that refills its workers locks their rows before its tasks' rows,
     /// as a requeue of a worker does (the worker's row, then its tasks): a requeue that holds the
     /// worker's row while such a batch completes one of its tasks takes that task back without
