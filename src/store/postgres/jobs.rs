@@ -84,6 +84,18 @@ impl PgStore {
         {
             return Ok(None);
         }
+        // The job's live tasks locked in id order first, as completions lock tasks: locked in the
+        // order the update below meets them, a cancel and a batch of completions of the job's
+        // tasks could each hold a row the other waits for until the deadlock check aborts one.
+        sqlx::query(
+            "SELECT 1 FROM tasks
+             WHERE id = ANY(ARRAY(SELECT task_id FROM job_members WHERE job_id = $1))
+               AND status IN ('blocked', 'pending', 'assigned', 'running')
+             ORDER BY id::text COLLATE \"C\" FOR NO KEY UPDATE",
+        )
+        .bind(id.0)
+        .execute(&mut *tx)
+        .await?;
         // The same conditional update as a task's cancel, over the job's members.
         let sql = format!(
             "WITH c AS (

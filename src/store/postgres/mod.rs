@@ -341,6 +341,50 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// A job's cancel locks its tasks' rows in task id order, as completions do, whatever the
+    /// order of the job's members: a transaction that holds the lower of two and then takes
+    /// the higher waits for nobody, and the cancel goes on once it commits.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn a_job_cancel_locks_its_tasks_in_id_order() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        let mut tasks = vec![testing::new_task("prove"), testing::new_task("prove")];
+        // The first member has the higher id.
+        tasks.sort_by_key(|t| std::cmp::Reverse(t.id));
+        let (high, low) = (tasks[0].id, tasks[1].id);
+        let (job, _) = db.store.create_job("ordered", tasks).await.unwrap();
+
+        let mut other = pg.pool().begin().await.unwrap();
+        sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *other).await.unwrap();
+        let touch = "UPDATE tasks SET updated_at = now() WHERE id = $1";
+        sqlx::query(touch).bind(low.0).execute(&mut *other).await.unwrap();
+        let cancel = {
+            let store = db.store.clone();
+            tokio::spawn(async move { store.cancel_job(job.id, "stop").await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%job_members%'",
+            )
+            .fetch_one(pg.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the cancel never waited for the row");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = sqlx::query(touch).bind(high.0).execute(&mut *other).await;
+        assert!(r.is_ok(), "the higher row was free, not held by the cancel: {r:?}");
+        other.commit().await.unwrap();
+        let cancelled = cancel.await.unwrap().unwrap().expect("the job exists");
+        assert_eq!(cancelled.iter().filter(|c| c.applied).count(), 2);
+        db.cleanup().await;
+    }
+
     /// A batch of completions that refills its workers locks their rows before its tasks' rows,
     /// as a requeue of a worker does (the worker's row, then its tasks): a requeue that holds the
     /// worker's row while such a batch completes one of its tasks takes that task back without
