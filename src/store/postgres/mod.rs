@@ -223,6 +223,26 @@ mod tests {
         store::{ClaimFilter, Completion, Store, TypeFilter, testing},
     };
 
+    /// Waits until a statement like `like` (a LIKE pattern) waits for a lock; panics with `what`
+    /// after 10 s.
+    async fn waiting_on_a_lock(pg: &PgStore, like: &str, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+            )
+            .bind(like)
+            .fetch_one(pg.pool())
+            .await
+            .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A drained worker's row is removed only while no task is charged to it, as the database
     /// is once the row is locked: a claim that share-locked the row (its session fence) and
     /// assigns a task to the worker commits first, and the removal then sees that task and
@@ -249,21 +269,7 @@ mod tests {
             let (store, worker) = (db.store.clone(), worker.clone());
             tokio::spawn(async move { store.forget_left_worker(&worker, session).await })
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%FROM workers WHERE id = $1%'",
-            )
-            .fetch_one(pg.pool())
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the removal never waited for the claim");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        waiting_on_a_lock(pg, "%FROM workers WHERE id = $1%", "the removal never waited for the claim").await;
         sqlx::query("UPDATE tasks SET status = 'assigned', worker_id = $1, session_id = $2, attempt = 1 WHERE id = $3")
             .bind(&worker.0)
             .bind(session)
@@ -319,20 +325,7 @@ mod tests {
                     }
                 })
             };
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%unnest%'",
-                )
-                .fetch_one(pg.pool())
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "{op}: the batch never waited for the row");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            waiting_on_a_lock(pg, "%unnest%", &format!("{op}: the batch never waited for the row")).await;
             let r = sqlx::query(touch).bind(high.0).execute(&mut *other).await;
             assert!(r.is_ok(), "{op}: the higher row was free, not held by the batch: {r:?}");
             other.commit().await.unwrap();
@@ -363,20 +356,7 @@ mod tests {
             let store = db.store.clone();
             tokio::spawn(async move { store.cancel_job(job.id, "stop").await })
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%job_members%'",
-            )
-            .fetch_one(pg.pool())
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the cancel never waited for the row");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        waiting_on_a_lock(pg, "%job_members%", "the cancel never waited for the row").await;
         let r = sqlx::query(touch).bind(high.0).execute(&mut *other).await;
         assert!(r.is_ok(), "the higher row was free, not held by the cancel: {r:?}");
         other.commit().await.unwrap();
