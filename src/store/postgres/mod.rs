@@ -223,15 +223,20 @@ mod tests {
         store::{ClaimFilter, Completion, Store, TypeFilter, testing},
     };
 
-    /// Waits until a statement like `like` (a LIKE pattern) waits for a lock; panics with `what`
-    /// after 10 s.
-    async fn waiting_on_a_lock(pg: &PgStore, like: &str, what: &str) {
+    /// The backend of `tx`, whose locks the tests below make others wait for.
+    async fn backend_pid(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>) -> i32 {
+        sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut **tx).await.unwrap()
+    }
+
+    /// Waits until a backend waits for a lock `blocker` holds (and so for nothing of another
+    /// test); panics with `what` after 10 s.
+    async fn blocked_by(pg: &PgStore, blocker: i32, what: &str) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
             )
-            .bind(like)
+            .bind(blocker)
             .fetch_one(pg.pool())
             .await
             .unwrap();
@@ -260,6 +265,7 @@ mod tests {
         db.store.create_tasks(&[task]).await.unwrap();
         // A claim in flight: its fence holds the worker's row.
         let mut claim = pg.pool().begin().await.unwrap();
+        let claim_pid = backend_pid(&mut claim).await;
         sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR SHARE")
             .bind(&worker.0)
             .execute(&mut *claim)
@@ -269,7 +275,7 @@ mod tests {
             let (store, worker) = (db.store.clone(), worker.clone());
             tokio::spawn(async move { store.forget_left_worker(&worker, session).await })
         };
-        waiting_on_a_lock(pg, "%FROM workers WHERE id = $1%", "the removal never waited for the claim").await;
+        blocked_by(pg, claim_pid, "the removal never waited for the claim").await;
         sqlx::query("UPDATE tasks SET status = 'assigned', worker_id = $1, session_id = $2, attempt = 1 WHERE id = $3")
             .bind(&worker.0)
             .bind(session)
@@ -309,6 +315,7 @@ mod tests {
 
             // Another transaction holds the lower row; it detects a deadlock first if there is one.
             let mut other = pg.pool().begin().await.unwrap();
+            let other_pid = backend_pid(&mut other).await;
             sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *other).await.unwrap();
             let touch = "UPDATE tasks SET updated_at = now() WHERE id = $1";
             sqlx::query(touch).bind(low.0).execute(&mut *other).await.unwrap();
@@ -325,7 +332,7 @@ mod tests {
                     }
                 })
             };
-            waiting_on_a_lock(pg, "%unnest%", &format!("{op}: the batch never waited for the row")).await;
+            blocked_by(pg, other_pid, &format!("{op}: the batch never waited for the row")).await;
             let r = sqlx::query(touch).bind(high.0).execute(&mut *other).await;
             assert!(r.is_ok(), "{op}: the higher row was free, not held by the batch: {r:?}");
             other.commit().await.unwrap();
@@ -349,6 +356,7 @@ mod tests {
         let (job, _) = db.store.create_job("ordered", tasks).await.unwrap();
 
         let mut other = pg.pool().begin().await.unwrap();
+        let other_pid = backend_pid(&mut other).await;
         sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *other).await.unwrap();
         let touch = "UPDATE tasks SET updated_at = now() WHERE id = $1";
         sqlx::query(touch).bind(low.0).execute(&mut *other).await.unwrap();
@@ -356,7 +364,7 @@ mod tests {
             let store = db.store.clone();
             tokio::spawn(async move { store.cancel_job(job.id, "stop").await })
         };
-        waiting_on_a_lock(pg, "%job_members%", "the cancel never waited for the row").await;
+        blocked_by(pg, other_pid, "the cancel never waited for the row").await;
         let r = sqlx::query(touch).bind(high.0).execute(&mut *other).await;
         assert!(r.is_ok(), "the higher row was free, not held by the cancel: {r:?}");
         other.commit().await.unwrap();
@@ -388,8 +396,7 @@ mod tests {
 
         // A requeue of the worker in flight: it holds the worker's row.
         let mut requeue = pg.pool().begin().await.unwrap();
-        let requeue_pid: i32 =
-            sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *requeue).await.unwrap();
+        let requeue_pid = backend_pid(&mut requeue).await;
         sqlx::query("SELECT 1 FROM workers WHERE id = $1 FOR UPDATE")
             .bind(&worker.0)
             .execute(&mut *requeue)
@@ -405,22 +412,8 @@ mod tests {
                 (done, refill.told)
             })
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            // The batch's backend, blocked by this requeue (and by nothing of another test).
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-            )
-            .bind(requeue_pid)
-            .fetch_one(pg.pool())
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the batch never waited for the requeue");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        // The batch's backend, blocked by this requeue.
+        blocked_by(pg, requeue_pid, "the batch never waited for the requeue").await;
         // The requeue takes the task back. Half the deadlock check's second: a batch holding the
         // task's row would make it wait past that.
         sqlx::query("SET LOCAL lock_timeout = '500ms'").execute(&mut *requeue).await.unwrap();
