@@ -293,7 +293,8 @@ mod tests {
     /// requeues do, whatever order they are given: a transaction that holds the lower of two
     /// rows and then takes the higher (as a completion of both would) waits for nobody, and the
     /// mark or renewal goes on once it commits. In the order given (higher first), each held a
-    /// row the other wanted, and Postgres aborted one after its deadlock timeout.
+    /// row the other wanted, until Postgres aborted one after its deadlock timeout (here the
+    /// other gives up first, at its lock timeout).
     #[tokio::test]
     #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
     async fn running_marks_and_lease_renewals_lock_tasks_in_id_order() {
@@ -313,10 +314,11 @@ mod tests {
             held.sort_by_key(|h| std::cmp::Reverse(h.task_id));
             let (high, low) = (held[0].task_id, held[1].task_id);
 
-            // Another transaction holds the lower row; it detects a deadlock first if there is one.
+            // Another transaction holds the lower row. Half the deadlock check's second for its
+            // next lock: a batch holding the higher row would make it wait past that.
             let mut other = pg.pool().begin().await.unwrap();
             let other_pid = backend_pid(&mut other).await;
-            sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *other).await.unwrap();
+            sqlx::query("SET LOCAL lock_timeout = '500ms'").execute(&mut *other).await.unwrap();
             let touch = "UPDATE tasks SET updated_at = now() WHERE id = $1";
             sqlx::query(touch).bind(low.0).execute(&mut *other).await.unwrap();
             let batch = {
@@ -355,9 +357,10 @@ mod tests {
         let (high, low) = (tasks[0].id, tasks[1].id);
         let (job, _) = db.store.create_job("ordered", tasks).await.unwrap();
 
+        // Half the deadlock check's second for the other's next lock (as above).
         let mut other = pg.pool().begin().await.unwrap();
         let other_pid = backend_pid(&mut other).await;
-        sqlx::query("SET LOCAL deadlock_timeout = '20ms'").execute(&mut *other).await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '500ms'").execute(&mut *other).await.unwrap();
         let touch = "UPDATE tasks SET updated_at = now() WHERE id = $1";
         sqlx::query(touch).bind(low.0).execute(&mut *other).await.unwrap();
         let cancel = {
