@@ -222,10 +222,11 @@ impl Core {
     ) -> Result<Updates<Push>, CoreError> {
         self.refuse_if_closing()?;
         let (stream_id, rx) = self.inner.registry.attach(&worker, instance)?;
-        if let Some(session) = self.inner.registry.reopened(&worker, stream_id) {
-            // Best effort, as the mark a closed stream clears, and after it in the same queue.
-            self.inner.batchers.streams.try_send((worker.clone(), session, true));
-        }
+        // Best effort, as the mark a closed stream clears, and after it in the same queue.
+        let streams = &self.inner.batchers.streams;
+        self.inner.registry.reopened(&worker, stream_id, |session| {
+            streams.try_send((worker.clone(), session, true));
+        });
         info!(worker_id = %worker, stream_id, "task stream opened");
         let mut guard = StreamGuard { core: self.clone(), worker, stream_id, rx, replaced: Vec::new() };
         let closing = self.inner.closing.clone();
@@ -422,12 +423,13 @@ struct StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         let inner = &self.core.inner;
-        if let Some(session) = inner.registry.detach(&self.worker, self.stream_id) {
-            // Best effort (the queue may be full): the row says the process is connected until
-            // it registers again, is declared suspect, or this replica stops; meanwhile another
-            // replica refuses a new process under the id, which retries.
-            inner.batchers.streams.try_send((self.worker.clone(), session, false));
-        }
+        // Best effort (the queue may be full): the row says the process is connected until
+        // it registers again, is declared suspect, or this replica stops; meanwhile another
+        // replica refuses a new process under the id, which retries.
+        let streams = &inner.batchers.streams;
+        inner.registry.detach(&self.worker, self.stream_id, |session| {
+            streams.try_send((self.worker.clone(), session, false));
+        });
         self.rx.close();
         let mut undelivered = std::mem::take(&mut self.replaced);
         while let Ok(push) = self.rx.try_recv() {

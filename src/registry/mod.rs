@@ -693,23 +693,28 @@ impl Registry {
         Ok((id, rx))
     }
 
-    /// The session whose stream `stream_id` is, when it is the worker's current stream and
-    /// not the session's first: its row's connected mark is to be set again (the registration
-    /// set it for the first, and a stream that closed since may have cleared it).
-    pub fn reopened(&self, worker: &WorkerId, stream_id: u64) -> Option<Uuid> {
+    /// Calls `mark` with the session whose stream `stream_id` is, when it is the worker's
+    /// current stream and not the session's first: its row's connected mark is to be set again
+    /// (the registration set it for the first, and a stream that closed since may have cleared
+    /// it). `mark` runs under the registry's lock, as [`Registry::detach`]'s `closed`: a close
+    /// and a reopening of one session are queued in the order they happened here.
+    pub fn reopened(&self, worker: &WorkerId, stream_id: u64, mark: impl FnOnce(Uuid)) {
         let state = self.lock();
-        let s = state.sessions.get(worker)?;
-        (s.streams_opened > 1 && s.stream.as_ref().is_some_and(|slot| slot.id == stream_id))
-            .then_some(s.session_id)
+        let Some(s) = state.sessions.get(worker) else { return };
+        if s.streams_opened > 1 && s.stream.as_ref().is_some_and(|slot| slot.id == stream_id) {
+            mark(s.session_id);
+        }
     }
 
     /// Detaches stream `stream_id` if it is still the worker's current one (a newer stream is
-    /// left alone); answers the session whose stream it was, if it was.
-    pub fn detach(&self, worker: &WorkerId, stream_id: u64) -> Option<Uuid> {
+    /// left alone); if it was, calls `closed` with the session whose stream it was, under the
+    /// registry's lock (see [`Registry::reopened`]).
+    pub fn detach(&self, worker: &WorkerId, stream_id: u64, closed: impl FnOnce(Uuid)) {
         let mut state = self.lock();
-        let s = state.sessions.get_mut(worker)?;
-        s.stream.take_if(|slot| slot.id == stream_id)?;
-        Some(s.session_id)
+        let Some(s) = state.sessions.get_mut(worker) else { return };
+        if s.stream.take_if(|slot| slot.id == stream_id).is_some() {
+            closed(s.session_id);
+        }
     }
 
     /// Workers that may take work (ACTIVE, stream open), each with the slots it offers now
@@ -1414,6 +1419,39 @@ mod tests {
 
     fn in_flight(r: &Registry, w: &WorkerId) -> u32 {
         r.session(w).map(|s| s.in_flight).unwrap_or_default()
+    }
+
+    /// The connected mark's changes, as a session's streams come and go: none for the first
+    /// stream (its registration set the mark), closed when the current stream detaches, opened
+    /// for each later stream; a replaced stream's detach changes nothing, and a new
+    /// registration's first stream is again its first.
+    #[tokio::test]
+    async fn a_sessions_streams_mark_it_closed_and_reopened_in_order() {
+        let db = TestDb::sqlite().await;
+        let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
+        let w = WorkerId::from("w1");
+        let session = r.register(registration("w1")).await.unwrap().session_id;
+        let marks = std::cell::RefCell::new(Vec::new());
+        let open = |r: &Registry| {
+            let (id, rx) = r.attach(&w, None).unwrap();
+            r.reopened(&w, id, |s| marks.borrow_mut().push((s, true)));
+            (id, rx)
+        };
+        let close = |r: &Registry, id| r.detach(&w, id, |s| marks.borrow_mut().push((s, false)));
+        let (first, _rx) = open(&r);
+        assert!(marks.borrow().is_empty(), "the registration marked the first");
+        close(&r, first);
+        let (second, _rx2) = open(&r);
+        let (third, _rx3) = open(&r);
+        close(&r, second);
+        assert_eq!(*marks.borrow(), [(session, false), (session, true), (session, true)]);
+        close(&r, third);
+        assert_eq!(marks.borrow().last(), Some(&(session, false)));
+
+        let again = r.register(registration("w1")).await.unwrap().session_id;
+        marks.borrow_mut().clear();
+        let (_, _rx4) = open(&r);
+        assert!(marks.borrow().is_empty(), "a new session's first stream: {again}");
     }
 
     /// Told that workers registered elsewhere, a replica drops only its sessions the database
