@@ -210,8 +210,9 @@ async fn python_worker_waits_while_its_id_is_in_use() {
     assert_eq!(pushed.task_id, task_id);
 
     let worker = PythonWorker::start(&tc.endpoint(), id, 1).await;
-    // Refused for 4 s (four of its heartbeat intervals): the holder keeps its session and task.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Refused, and refused again when it retries: the holder keeps its session and task.
+    let refused = r#"grpc_server_handled_total{grpc_service="coordinator.CoordinatorService",grpc_method="RegisterWorker",grpc_type="unary",grpc_code="AlreadyExists"}"#;
+    scrape_until(tc.http, "the Python worker is refused twice", |s| sample(s, refused) >= 2.0).await;
     let info = worker_info(&mut client, id).await.expect("listed");
     assert_eq!(info.hostname, "another-host", "still the holder's session: {info:?}");
     assert_eq!(proto::WorkerState::try_from(info.state).unwrap(), proto::WorkerState::Active);
