@@ -958,8 +958,9 @@ impl Store {
     /// which attempts completed and answers how many tasks to claim and of which types (or
     /// nothing), then places the locked candidates. A worker's next tasks are assigned in the
     /// transaction that records its last results, without a claim of their own. A claim that
-    /// fails is rolled back alone (a savepoint): the completions still commit, and `refill` is
-    /// told ([`Refill::claim_failed`]).
+    /// fails does not fail the completions: they still commit (on Postgres in a transaction of
+    /// their own, the first one rolled back; on SQLite past a savepoint), and `refill` is told
+    /// ([`Refill::claim_failed`]).
     pub async fn complete_and_claim(
         &self,
         reports: &[Completion],

@@ -1155,6 +1155,12 @@ mod tests {
                 ("mark_running", BATCH_BEGIN, claim::MARK_RUNNING, "('{}', '{}', '{}', '{}')"),
                 ("renew", BATCH_BEGIN, claim::RENEW, "('{}', '{}', '{}', 60000)"),
                 ("complete", BATCH_BEGIN, report::COMPLETE, "('{}', '{}', '{}', '{}', '{}')"),
+                (
+                    "complete_locking",
+                    claim::CLAIM_BEGIN,
+                    report::COMPLETE_LOCKING,
+                    "('{}', '{}', '{}', '{}', '{}', '{}')",
+                ),
                 ("outcomes", BATCH_BEGIN, report::OUTCOMES, "('{}', '{}', '{}')"),
                 ("release_lock", BATCH_BEGIN, dependents::RELEASE_LOCK, "('{}')"),
                 ("release", BATCH_BEGIN, dependents::RELEASE, "('{}')"),
