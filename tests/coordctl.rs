@@ -195,6 +195,41 @@ async fn db_stats_count_the_rows_of_workers_apart() {
     db.cleanup().await;
 }
 
+/// A row whose backend publishes it late (busy past `STATS_SETTLE` right after writing it, as a
+/// connection whose flush found a counter locked retries 10 s later) is waited for before a
+/// sample: a benchmark would otherwise count it as written in its next phase.
+#[tokio::test]
+async fn db_stats_settle_waits_for_rows_published_late() {
+    use coordinator::store::stats::{DbStats, STATS_SETTLE};
+    use sqlx::Connection;
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let mut stats = DbStats::connect(&db.url).await.unwrap().expect("a Postgres database");
+    let busy_for = STATS_SETTLE + Duration::from_secs(4);
+    let mut writer = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    // Its counters published on going idle; the next statement's are then held for 10 s.
+    sqlx::query("SELECT count(*) FROM jobs").execute(&mut writer).await.unwrap();
+    sqlx::query("INSERT INTO jobs (id, name, total) VALUES (gen_random_uuid(), 'late', 0)")
+        .execute(&mut writer)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let busy = tokio::spawn(async move {
+        sqlx::query("SELECT pg_sleep($1)").bind(busy_for.as_secs_f64()).execute(&mut writer).await.unwrap();
+    });
+    let mut reader = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let jobs_inserted =
+        "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'jobs' AND schemaname = current_schema()";
+    assert!(!stats.inserts_published().await.unwrap(), "the row is not published yet");
+    assert_eq!(sqlx::query_scalar::<_, i64>(jobs_inserted).fetch_one(&mut reader).await.unwrap(), 0);
+
+    assert!(stats.settle().await.unwrap(), "published once its backend went idle");
+    assert!(started.elapsed() >= busy_for, "waited past STATS_SETTLE for it: {:?}", started.elapsed());
+    let counted: i64 = sqlx::query_scalar(jobs_inserted).fetch_one(&mut reader).await.unwrap();
+    assert_eq!(counted, 1, "the late row is counted");
+    busy.await.unwrap();
+    db.cleanup().await;
+}
+
 // ---- WatchTask and coordctl watch ----
 
 /// Collects a watch stream's events until it ends.

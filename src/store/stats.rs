@@ -2,10 +2,10 @@
 //! and after a run to report writes, commits, WAL and statements per task.
 //!
 //! Postgres publishes a backend's counters when it goes idle (at most every second, and within
-//! [`STATS_SETTLE`] at the latest), so a sample taken right after a run misses its last moments:
-//! wait that long before the closing sample.
+//! [`STATS_SETTLE`] of going idle, unless busy or kept from it), so a sample taken right after a
+//! run misses its last moments: [`DbStats::settle`] waits for them before the closing sample.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::{Connection, Row, postgres::PgConnection};
 
@@ -15,6 +15,11 @@ use crate::config::redact_url;
 /// How long after a run its counters are all published (Postgres 15 flushes an idle backend's
 /// statistics within 10 s).
 pub const STATS_SETTLE: Duration = Duration::from_secs(11);
+
+/// The longest [`DbStats::settle`] waits in all for rows still unpublished after
+/// [`STATS_SETTLE`]: a backend busy past it, or whose flush found a counter locked by another
+/// (it tries again 10 s later), publishes late.
+pub const STATS_SETTLE_MAX: Duration = Duration::from_secs(40);
 
 /// Cumulative counters of one database; subtract two samples for what happened between them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,6 +89,37 @@ impl DbStats {
     /// Whether statements are counted (`pg_stat_statements` is loaded and created here).
     pub fn counts_statements(&self) -> bool {
         self.statements
+    }
+
+    /// Waits until what was written before is published: [`STATS_SETTLE`], then until every
+    /// row now in `tasks` and `jobs` is counted as inserted (inserted less deleted at least the
+    /// rows there), [`STATS_SETTLE_MAX`] at most in all. `false`: some were still not counted
+    /// then, and a sample may count them later, as written after it. (Updates cannot be checked
+    /// this way; they are published with the inserts of the same backend, or on their own.)
+    pub async fn settle(&mut self) -> Result<bool> {
+        let deadline = Instant::now() + STATS_SETTLE_MAX;
+        tokio::time::sleep(STATS_SETTLE).await;
+        loop {
+            if self.inserts_published().await? {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Whether every row in `tasks` and `jobs` is counted as inserted.
+    pub async fn inserts_published(&mut self) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(bool_and(s.n_tup_ins - s.n_tup_del >= c.n), true)
+             FROM (SELECT 'tasks' AS rel, count(*) AS n FROM tasks
+                   UNION ALL SELECT 'jobs', count(*) FROM jobs) AS c
+             JOIN pg_stat_user_tables s ON s.relname = c.rel AND s.schemaname = current_schema()",
+        )
+        .fetch_one(&mut self.conn)
+        .await?)
     }
 
     /// The counters now.

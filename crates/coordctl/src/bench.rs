@@ -309,8 +309,8 @@ impl CostMeter {
     /// [`STATS_SETTLE`]: coordinator::store::stats::STATS_SETTLE
     async fn start(&mut self) -> CostStart {
         #[cfg(feature = "embedded")]
-        if self.db.is_some() {
-            tokio::time::sleep(coordinator::store::stats::STATS_SETTLE).await;
+        if let Some(s) = &mut self.db {
+            settle(s, "before", &mut self.notes).await;
         }
         CostStart {
             coordinator_cpu: self.coordinator_pid.and_then(cpu::of),
@@ -344,7 +344,7 @@ impl CostMeter {
         };
         #[cfg(feature = "embedded")]
         if let (Some(s), Some(before)) = (&mut self.db, start.db) {
-            tokio::time::sleep(coordinator::store::stats::STATS_SETTLE).await;
+            settle(s, "after", &mut cost.notes).await;
             match s.sample().await {
                 Ok(after) => {
                     let d = after.since(&before);
@@ -361,6 +361,25 @@ impl CostMeter {
             }
         }
         cost
+    }
+}
+
+/// Waits until the database has published what was written so far ([`DbStats::settle`]);
+/// `notes` says so when it had not by the end of the wait (`when`: before or after the bulk
+/// phase), as the rows would then be counted in the wrong phase.
+///
+/// [`DbStats::settle`]: coordinator::store::stats::DbStats::settle
+#[cfg(feature = "embedded")]
+async fn settle(s: &mut coordinator::store::stats::DbStats, when: &str, notes: &mut Vec<String>) {
+    let limit = coordinator::store::stats::STATS_SETTLE_MAX.as_secs();
+    match s.settle().await {
+        Ok(true) => {}
+        Ok(false) => notes.push(format!(
+            "database figures: rows written {when} the bulk phase were still unpublished after {limit} s"
+        )),
+        Err(e) => notes.push(format!(
+            "database figures: could not check they were published {when} the bulk phase ({e})"
+        )),
     }
 }
 
