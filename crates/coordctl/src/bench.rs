@@ -303,10 +303,9 @@ impl CostMeter {
 
     /// The readings the bulk phase's costs are measured from. The database counters are read
     /// once Postgres has published what came before (the trickle phase's tasks, the workers'
-    /// registrations): a backend publishes within [`STATS_SETTLE`] of its last statement, so
-    /// a sample taken at once would leave some of it to be counted as the bulk phase's.
-    ///
-    /// [`STATS_SETTLE`]: coordinator::store::stats::STATS_SETTLE
+    /// registrations): a backend publishes about 10 s after its last statement, or later when
+    /// busy or when a counter was locked ([`settle`]), so a sample taken at once would leave
+    /// some of it to be counted as the bulk phase's.
     async fn start(&mut self) -> CostStart {
         #[cfg(feature = "embedded")]
         if let Some(s) = &mut self.db {
