@@ -4,7 +4,7 @@
 //!
 //! # Layering
 //! A client of the wire contract (`coordinator-proto`) through the worker SDK's client
-//! (`coordinator-worker`); [`bench`] also runs the SDK's workers. The server crate comes in only
+//! (`coordinator-worker`); [`bench`](mod@bench) also runs the SDK's workers. The server crate comes in only
 //! with the `embedded` feature, for `bench --embedded`.
 
 use std::{io::IsTerminal, path::PathBuf, process::ExitCode, time::Duration};
