@@ -1234,34 +1234,15 @@ mod tests {
             assert_eq!(claimed.len(), 1);
             // The other update, not yet committed: the row's newer version is elsewhere.
             let mut other = pg.pool().begin().await.unwrap();
+            let other_pid = backend_pid(&mut other).await;
             sqlx::query(update).bind(id.0).execute(&mut *other).await.unwrap();
-            let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::xid::text")
-                .fetch_one(&mut *other)
-                .await
-                .unwrap();
             let store = db.store.clone();
             let held = Held { task_id: id, worker_id: worker, attempt: 1 };
             let completion = tokio::spawn(async move {
                 let report = crate::store::Completion { held, result: b"proof".to_vec(), delivered: None };
                 store.complete(&[report]).await
             });
-            // Until the completion waits for the other transaction.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_locks
-                     WHERE locktype = 'transactionid' AND NOT granted AND transactionid::text = $1",
-                )
-                .bind(&xid)
-                .fetch_one(pg.pool())
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    break;
-                }
-                assert!(std::time::Instant::now() < deadline, "the completion never waited ({update})");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            blocked_by(pg, other_pid, &format!("the completion never waited ({update})")).await;
             other.commit().await.unwrap();
             let outcomes = completion.await.unwrap().unwrap();
             let applied = outcomes == [crate::store::ReportOutcome::Applied { state: TaskState::Completed }];

@@ -78,7 +78,7 @@ impl PgStore {
 
     async fn complete_once(&self, reports: &[Completion]) -> Result<Vec<ReportOutcome>> {
         let mut tx = self.pool.begin_with(super::BATCH_BEGIN).await?;
-        let (outcomes, released, _) = self.complete_in(&mut tx, reports, None).await?;
+        let (outcomes, released, _) = self.complete_in(&mut tx, reports, false).await?;
         tx.commit().await?;
         self.settled.send(Settled { released, ended: Vec::new() });
         Ok(outcomes)
@@ -106,10 +106,7 @@ impl PgStore {
         // requeues lock them (worker, then its tasks): a session's tasks taken back while this
         // completes them wait for it or it for them, never both. The claim's fence below
         // share-locks them again.
-        let mut workers: Vec<&str> = reports.iter().map(|c| c.held.worker_id.0.as_str()).collect();
-        workers.sort_unstable();
-        workers.dedup();
-        let (outcomes, released, completed) = self.complete_in(&mut tx, reports, Some(&workers)).await?;
+        let (outcomes, released, completed) = self.complete_in(&mut tx, reports, true).await?;
         let assignments = match refill.wanted(&completed) {
             Some((limit, filter)) => {
                 match claim::claim_in(&mut tx, limit, &filter, lease, |c, a| refill.place(c, a)).await {
@@ -134,28 +131,32 @@ impl PgStore {
     }
 
     /// Applies completions in `tx`: one outcome per report, the tasks their completion
-    /// released (dependents), and the attempts that completed. With `lock_workers` (sorted),
-    /// those workers' rows are share-locked first, in the same statement.
+    /// released (dependents), and the attempts that completed. With `lock_workers`, the
+    /// reporting workers' rows are share-locked first, in id order, in the same statement.
     async fn complete_in(
         &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         reports: &[Completion],
-        lock_workers: Option<&[&str]>,
+        lock_workers: bool,
     ) -> Result<(Vec<ReportOutcome>, Vec<TaskId>, Vec<Held>)> {
         let held: Vec<Held> = reports.iter().map(|c| c.held.clone()).collect();
         let (ids, workers, attempts) = held_arrays(&held);
         let results: Vec<&[u8]> = reports.iter().map(|c| c.result.as_slice()).collect();
         // A task whose `running` mark has not landed yet started when it was delivered.
         let ago: Vec<Option<i64>> = reports.iter().map(|c| c.delivered.map(micros_ago)).collect();
-        let query = sqlx::query(if lock_workers.is_some() { COMPLETE_LOCKING } else { COMPLETE })
+        let query = sqlx::query(if lock_workers { COMPLETE_LOCKING } else { COMPLETE })
             .bind(&ids)
             .bind(&workers)
             .bind(&attempts)
             .bind(&results)
             .bind(&ago);
-        let applied = match lock_workers {
-            Some(lock) => query.bind(lock).fetch_all(&mut **tx).await?,
-            None => query.fetch_all(&mut **tx).await?,
+        let applied = if lock_workers {
+            let mut lock: Vec<&str> = workers.iter().map(String::as_str).collect();
+            lock.sort_unstable();
+            lock.dedup();
+            query.bind(lock).fetch_all(&mut **tx).await?
+        } else {
+            query.fetch_all(&mut **tx).await?
         };
         // A task's `dependents` as this update found it: a submission that named it committed
         // first (and the release below, a statement of its own, sees its edges), or it waits
