@@ -269,6 +269,88 @@ async fn reports_are_fenced_by_worker_and_attempt(db: &TestDb) {
     c.stop().await.unwrap();
 }
 
+on_every_backend!(text_no_database_can_hold_is_refused_where_chosen_and_replaced_where_reported);
+/// U+0000 is valid UTF-8 that no Postgres text column holds. Text a caller chose (a key, a
+/// name, a filter, a worker's hostname) with it is refused as invalid, naming the field, on
+/// both backends; text that says what happened (a failure's error, a cancel's reason) is kept
+/// with the character replaced, so no report or cancel is lost to it. Never `INTERNAL`.
+async fn text_no_database_can_hold_is_refused_where_chosen_and_replaced_where_reported(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let nul = "a\u{0}b";
+    let task = |f: &dyn Fn(&mut proto::SubmitTaskRequest)| {
+        let mut t = proto::SubmitTaskRequest { task_type: "noop".into(), ..Default::default() };
+        f(&mut t);
+        t
+    };
+    fn refused<T>(field: &str, r: Result<tonic::Response<T>, tonic::Status>) {
+        match r {
+            Ok(_) => panic!("{field}: accepted"),
+            Err(e) => {
+                assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+                assert!(
+                    e.message().contains(field) && e.message().contains("U+0000"),
+                    "{field}: {}",
+                    e.message()
+                );
+            }
+        }
+    }
+    refused("idempotency_key", client.submit_task(task(&|t| t.idempotency_key = nul.into())).await);
+    refused("affinity_key", client.submit_task(task(&|t| t.affinity_key = nul.into())).await);
+    let batch = vec![task(&|_| {}), task(&|t| t.idempotency_key = nul.into())];
+    refused(
+        "tasks[1].idempotency_key",
+        client.submit_tasks(proto::SubmitTasksRequest { tasks: batch }).await,
+    );
+    let job = proto::SubmitJobRequest { name: nul.into(), tasks: vec![task(&|_| {})] };
+    refused("name", client.submit_job(job).await);
+    let retry = proto::RetryTasksRequest { error_contains: nul.into(), ..Default::default() };
+    refused("error_contains", client.retry_tasks(retry).await);
+    let schedule = proto::CreateScheduleRequest {
+        name: nul.into(),
+        cron: "0 2 * * *".into(),
+        task: Some(task(&|_| {})),
+        ..Default::default()
+    };
+    refused("name", client.create_schedule(schedule).await);
+    for field in ["hostname", "version", "instance_id"] {
+        let mut r = proto::RegisterWorkerRequest { worker_id: "nul-w".into(), ..Default::default() };
+        match field {
+            "hostname" => r.hostname = nul.into(),
+            "version" => r.version = nul.into(),
+            _ => r.instance_id = nul.into(),
+        }
+        refused(field, client.register_worker(r).await);
+    }
+
+    // Reported text: taken, with U+FFFD in place of U+0000.
+    let mut w = RawWorker::connect(&c.endpoint(), "nul-reporter", 1, &[]).await;
+    wait_connected(&client, &["nul-reporter"]).await;
+    let id = submit(&mut client, "noop", b"x").await;
+    let a = w.next(T).await;
+    let failure = proto::ReportFailureRequest {
+        worker_id: w.id.clone(),
+        task_id: id.clone(),
+        attempt: a.attempt,
+        error: nul.into(),
+        retriable: false,
+        ..Default::default()
+    };
+    w.client.report_failure(failure).await.expect("a failure whose error holds U+0000 is taken");
+    assert_eq!(get_task(&mut client, &id).await.error, "a\u{FFFD}b");
+    let id = submit(&mut client, "nothing-runs-this", b"x").await;
+    client
+        .cancel_task(proto::CancelTaskRequest { task_id: id.clone(), reason: nul.into() })
+        .await
+        .expect("a cancel whose reason holds U+0000 is taken");
+    assert_eq!(get_task(&mut client, &id).await.error, "a\u{FFFD}b");
+    let deregister =
+        proto::DeregisterRequest { worker_id: w.id.clone(), reason: nul.into(), ..Default::default() };
+    w.client.deregister(deregister).await.expect("a deregistration whose reason holds U+0000 is taken");
+    c.stop().await.unwrap();
+}
+
 on_every_backend!(a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are);
 async fn a_batch_of_reports_is_judged_entry_by_entry_as_single_reports_are(db: &TestDb) {
     let c = TestCoordinator::start(db, |_| {}).await;

@@ -898,6 +898,8 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     case!("timeout_ms over 7 days", Code::InvalidArgument, "timeout_ms", |c| c.submit_task(t));
     let t = task(&|t| t.idempotency_key = "k".repeat(257));
     case!("idempotency_key over 256 bytes", Code::InvalidArgument, "idempotency_key", |c| c.submit_task(t));
+    let t = task(&|t| t.idempotency_key = "k\u{0}".into());
+    case!("idempotency_key with U+0000", Code::InvalidArgument, "idempotency_key", |c| c.submit_task(t));
     let t = task(&|t| t.payload = vec![0; 1024 * 1024 + 1]);
     case!("payload over tasks.max_payload_size", Code::OutOfRange, "payload", |c| c.submit_task(t));
     let t = task(&|t| t.payload = vec![0; 11 * 1024 * 1024]);
@@ -928,6 +930,8 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     case!("worker_id over 128 bytes", Code::InvalidArgument, "worker_id", |c| c.register_worker(r));
     let r = reg("w\u{0}1", 1);
     case!("worker_id with a control character", Code::InvalidArgument, "worker_id", |c| c.register_worker(r));
+    let r = proto::RegisterWorkerRequest { hostname: "h\u{0}".into(), ..reg("w1", 1) };
+    case!("hostname with a control character", Code::InvalidArgument, "hostname", |c| c.register_worker(r));
     let r = reg("w1", 10_001);
     case!("max_concurrent_tasks over 10000", Code::InvalidArgument, "max_concurrent_tasks", |c| c
         .register_worker(r));
@@ -959,7 +963,7 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     let workers =
         client.list_workers(proto::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert!(workers.is_empty(), "no worker stored: {workers:?}");
-    assert_eq!(rows, 25);
+    assert_eq!(rows, 27);
 
     // REST: bad JSON, unknown fields, wrong types, unknown routes, wrong methods, big bodies.
     let big = format!(r#"{{"task_type":"echo","payload":"{}"}}"#, "A".repeat(11 * 1024 * 1024));
@@ -972,6 +976,13 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
         ("POST", "/api/v1/tasks", r#"{"task_type":"echo","priority":"high"}"#, 400, "invalid_json"),
         ("POST", "/api/v1/tasks", r#"{"task_type":""}"#, 400, "invalid_argument"),
         ("POST", "/api/v1/tasks", r#"{"task_type":"echo","max_attempts":101}"#, 400, "invalid_argument"),
+        (
+            "POST",
+            "/api/v1/tasks",
+            r#"{"task_type":"echo","idempotency_key":"k\u0000"}"#,
+            400,
+            "invalid_argument",
+        ),
         ("POST", "/api/v1/tasks", big.as_str(), 413, "payload_too_large"),
         ("POST", "/api/v1/tasks", over_payload_limit.as_str(), 413, "payload_too_large"),
         ("GET", "/api/v1/tasks/not-a-uuid", "", 400, "invalid_argument"),

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast;
 use tracing::{info, warn};
 
-use super::{Core, CoreError, Updates, effects::Effects, truncate};
+use super::{Core, CoreError, Updates, effects::Effects, stored_text};
 use crate::{
     domain::{
         Attempt, AttemptRecord, Job, JobId, NewTask, Task, TaskId, TaskState, Waiting, WorkerId,
@@ -169,7 +169,7 @@ impl Core {
     /// Cancels a task; the worker holding it is told to stop. An empty reason says "cancelled
     /// by client".
     pub async fn cancel(&self, id: TaskId, reason: String) -> Result<Cancelled, CoreError> {
-        let reason = match truncate(reason, MAX_REASON_LEN) {
+        let reason = match stored_text(reason, MAX_REASON_LEN) {
             r if r.is_empty() => "cancelled by client".to_owned(),
             r => r,
         };

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use tokio::sync::broadcast;
 use tracing::info;
 
-use super::{Core, CoreError, Updates, effects::Effects, truncate};
+use super::{Core, CoreError, Updates, effects::Effects, stored_text};
 use crate::{
     domain::{Job, JobId, TaskId},
     events::ANY_TASK,
@@ -32,7 +32,7 @@ impl Core {
     /// Cancels every task of a job that has not ended, as a task's cancel does: the worker
     /// holding one is told to stop. An empty reason says "job cancelled by client".
     pub async fn cancel_job(&self, id: JobId, reason: String) -> Result<JobCancelled, CoreError> {
-        let reason = match truncate(reason, MAX_REASON_LEN) {
+        let reason = match stored_text(reason, MAX_REASON_LEN) {
             r if r.is_empty() => "job cancelled by client".to_owned(),
             r => r,
         };

@@ -164,8 +164,11 @@ pub async fn readiness(store: &Store, closing: &CancellationToken) -> Readiness 
     Readiness { shutting_down: closing.is_cancelled(), database_reachable }
 }
 
-/// `s` cut to at most `max` bytes, on a character boundary.
-fn truncate(mut s: String, max: usize) -> String {
+/// Text that says what happened (a failure's error, a cancel's reason), made fit to store: each
+/// U+0000, which no Postgres text column holds, replaced by U+FFFD, then cut to at most `max`
+/// bytes on a character boundary. Such text is kept, never refused: a report is not lost to it.
+fn stored_text(s: String, max: usize) -> String {
+    let mut s = if s.contains('\0') { s.replace('\0', "\u{FFFD}") } else { s };
     if s.len() > max {
         let mut cut = max;
         while !s.is_char_boundary(cut) {
@@ -174,4 +177,29 @@ fn truncate(mut s: String, max: usize) -> String {
         s.truncate(cut);
     }
     s
+}
+
+/// Refuses text a caller chose (a key, a name, a filter) holding U+0000: valid UTF-8 that no
+/// Postgres text column holds. Checked here, so both backends answer alike.
+pub fn storable(field: &str, s: &str) -> Result<(), CoreError> {
+    if s.contains('\0') {
+        return Err(CoreError::invalid(field, "character U+0000 is not allowed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_text_replaces_u0000_then_cuts_on_a_character_boundary() {
+        assert_eq!(stored_text("a\0b".into(), 64), "a\u{FFFD}b");
+        // The replacement is 3 bytes: the cut comes after it, never inside it.
+        assert_eq!(stored_text("ab\0".into(), 4), "ab");
+        assert_eq!(stored_text("é".repeat(3), 5), "éé");
+        assert_eq!(stored_text("plain".into(), 64), "plain");
+        assert!(storable("k", "a\0").is_err_and(|e| e.to_string().contains("k: character U+0000")));
+        assert!(storable("k", "a b").is_ok());
+    }
 }

@@ -44,6 +44,7 @@ impl Core {
         if name.is_empty() || name.len() > MAX_NAME_LEN {
             return Err(CoreError::invalid("name", format!("must be 1 to {MAX_NAME_LEN} bytes")));
         }
+        super::storable("name", name)?;
         let spec =
             CronSpec::parse(&req.cron, &req.timezone).map_err(|(field, m)| CoreError::invalid(field, m))?;
         let new = NewSchedule {

@@ -15,7 +15,7 @@ use super::{
     Core, CoreError, Updates,
     client::task_not_found,
     effects::{Effects, Reported},
-    truncate,
+    stored_text,
 };
 use crate::{
     domain::{Attempt, TaskId, TaskState, WorkerId, WorkerState},
@@ -298,7 +298,7 @@ impl Core {
         let failure = Failure {
             delivered: self.delivered(&held, held_ms),
             held: held.clone(),
-            error: truncate(error, MAX_ERROR_LEN),
+            error: stored_text(error, MAX_ERROR_LEN),
             retriable,
         };
         let retry = self.inner.config.retry;
@@ -352,7 +352,7 @@ impl Core {
         reason: String,
     ) -> Result<u32, CoreError> {
         let in_flight = self.inner.registry.deregister(worker, instance).await?;
-        info!(worker_id = %worker, in_flight, reason = %truncate(reason, MAX_REASON_LEN), "worker deregistered");
+        info!(worker_id = %worker, in_flight, reason = %stored_text(reason, MAX_REASON_LEN), "worker deregistered");
         Ok(in_flight)
     }
 

@@ -10,7 +10,7 @@ use prost_types::Timestamp;
 pub use crate::core::SubmitLimits;
 use crate::{
     core::{
-        CoreError,
+        self, CoreError,
         client::{ListedWorker, Shown, Submitted, SubmittedTask, TaskUpdate},
         schedules::ScheduleRequest,
         worker::{Accepted, Registration},
@@ -270,7 +270,10 @@ fn new_task_in(
                 format!("longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
             ));
         }
-        k => Some(k.to_owned()),
+        k => {
+            core::storable(&format!("{field}idempotency_key"), k)?;
+            Some(k.to_owned())
+        }
     };
     let run_after = run_after(field, req.run_at, req.delay_ms, Utc::now())?;
     let needs = needs(field, req.requires, req.weight, req.affinity_key)?;
@@ -310,6 +313,7 @@ fn needs(field: &str, requires: Vec<String>, weight: u32, affinity_key: String) 
             format!("longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
         ));
     }
+    core::storable(&format!("{field}affinity_key"), &affinity_key)?;
     Ok(Needs {
         requires,
         weight: weight.max(1),
@@ -595,6 +599,7 @@ pub fn job(req: proto::SubmitJobRequest, limits: &SubmitLimits) -> Result<(Strin
     if req.name.len() > MAX_LABEL_LEN {
         return Err(invalid("name", format!("longer than {MAX_LABEL_LEN} bytes")));
     }
+    core::storable("name", &req.name)?;
     let tasks = batch_tasks(req.tasks, limits)?;
     Ok((req.name, tasks))
 }
@@ -649,6 +654,7 @@ pub fn retry_filter(req: proto::RetryTasksRequest) -> Result<(RetryFilter, u32),
     if req.error_contains.len() > MAX_ERROR_FILTER_LEN {
         return Err(invalid("error_contains", format!("must be at most {MAX_ERROR_FILTER_LEN} bytes")));
     }
+    core::storable("error_contains", &req.error_contains)?;
     let finished_after = req.finished_after.as_ref().map(|t| time("finished_after", t)).transpose()?;
     let finished_before = req.finished_before.as_ref().map(|t| time("finished_before", t)).transpose()?;
     if let (Some(a), Some(b)) = (finished_after, finished_before)
@@ -712,6 +718,16 @@ pub fn registration(req: proto::RegisterWorkerRequest) -> Result<Registration, C
     }
     if req.instance_id.len() > MAX_LABEL_LEN {
         return Err(invalid("instance_id", "is at most 256 bytes"));
+    }
+    for (field, s) in
+        [("version", &req.version), ("hostname", &req.hostname), ("instance_id", &req.instance_id)]
+    {
+        if let Some(c) = s.chars().find(|c| c.is_control()) {
+            return Err(invalid(
+                field,
+                format!("character {} is not allowed (no control characters)", shown(c)),
+            ));
+        }
     }
     let holding = if req.instance_id.is_empty() {
         None
