@@ -175,9 +175,35 @@ fn log_output(
         LogFormat::Auto => !tty,
     };
     let writer = tracing_subscriber::fmt::writer::BoxMakeWriter::new(move || -> Box<dyn std::io::Write> {
-        if stderr { Box::new(std::io::stderr()) } else { Box::new(std::io::stdout()) }
+        if stderr {
+            Box::new(PipeClosedIsQuiet(std::io::stderr()))
+        } else {
+            Box::new(PipeClosedIsQuiet(std::io::stdout()))
+        }
     });
     (json, tty, writer)
+}
+
+/// A log stream whose reader went away (a closed pipe: a log collector restarted, `| head`)
+/// takes the lines and drops them: the process goes on without its log. Left to the
+/// formatter, the error is reported on stderr, and a process whose stderr is that same closed
+/// pipe panicked doing so.
+struct PipeClosedIsQuiet<W>(W);
+
+impl<W: std::io::Write> std::io::Write for PipeClosedIsQuiet<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(buf.len()),
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]

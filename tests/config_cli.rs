@@ -1,7 +1,8 @@
 //! The coordinator binary's start-up: every configuration mistake prints exactly one line
 //! `coordinator: ...` on stderr naming the file, key, variable or value at fault and exits
 //! non-zero (no panic, no backtrace); a good configuration starts, logs `coordinator ready`
-//! with its ports, and stops with exit code 0 on SIGTERM.
+//! with its ports, and stops with exit code 0 on SIGTERM. A worker whose log pipes close goes on
+//! and stops the same way.
 //!
 //! Each case runs the real binary in a fresh temporary directory with an environment cleared
 //! of everything but `PATH`, under a deadline: a process that overruns it is killed and the test
@@ -22,6 +23,7 @@ use coordinator::config::{self, Config};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_coordinator");
+const WORKER: &str = env!("CARGO_BIN_EXE_worker");
 /// Longest any single run of the binary may take.
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -63,7 +65,12 @@ impl Drop for Running {
 
 /// The binary with a cleared environment (only `PATH` kept), run in `dir`.
 fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
+    command_of(BIN, dir, args, env)
+}
+
+/// [`command`] for the binary `bin`.
+fn command_of(bin: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.args(args)
         .current_dir(dir)
         .env_clear()
@@ -76,7 +83,7 @@ fn command(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
 }
 
 fn spawn(cmd: &mut Command) -> Running {
-    Running { child: cmd.spawn().unwrap_or_else(|e| panic!("cannot start {BIN}: {e}")) }
+    Running { child: cmd.spawn().unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program())) }
 }
 
 /// Reads a pipe to its end on its own thread, so the child never blocks on a full pipe.
@@ -608,4 +615,28 @@ fn start_with_config(dir: &Path, cfg: &str) -> Running {
             Err(e) => panic!("no `coordinator ready` within {DEADLINE:?} ({e})"),
         }
     }
+}
+
+/// A worker whose log pipes close (its log collector restarted; `worker 2>&1 | head -1`) goes on
+/// without its log and still stops cleanly on SIGTERM. Before, a log line that met the closed
+/// pipe was reported on stderr, the same closed pipe, and the process panicked (exit 101).
+#[test]
+fn a_worker_whose_log_pipes_close_goes_on_and_stops_cleanly() {
+    let dir = tempdir();
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().unwrap().port();
+    let address = format!("http://127.0.0.1:{port}");
+    let mut running = spawn(&mut command_of(WORKER, dir.path(), &["--coordinator", &address], &[]));
+    drop(running.child.stdout.take());
+    drop(running.child.stderr.take());
+    // Nothing listens on the port: the worker logs each attempt to connect, into closed pipes.
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        running.child.try_wait().expect("try_wait").is_none(),
+        "the worker exited: {:?}",
+        running.child.wait()
+    );
+    let kill = Command::new("kill").arg("-TERM").arg(running.pid().to_string()).status().expect("run kill");
+    assert!(kill.success(), "kill -TERM failed: {kill}");
+    let status = running.wait_until(Instant::now() + DEADLINE, "worker after SIGTERM");
+    assert_eq!(status.code(), Some(0), "exit after SIGTERM: {status}");
 }
