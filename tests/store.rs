@@ -3333,3 +3333,80 @@ mod cases {
         assert_eq!(later, Default::default(), "{b}: nothing failed in a later window");
     }
 }
+
+/// Runs `sql` on the database at `url` over a connection of its own.
+async fn raw(url: &str, sql: &str) {
+    use sqlx::Connection;
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.expect("connect sqlite");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut c).await.expect(sql);
+        c.close().await.ok();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.expect("connect postgres");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut c).await.expect(sql);
+        c.close().await.ok();
+    }
+}
+
+/// A database a newer build migrated (migration 9999 here): an earlier build starts on it while
+/// the schema says builds of its migrations run on it (a replica of the earlier version restarted
+/// during an upgrade, every replica after a roll-back), and stops with one line naming the build
+/// to run once a migration has said they cannot. Before, any unknown migration stopped it.
+async fn an_earlier_build_runs_on_a_newer_schema_until_the_schema_says_it_cannot(url: &str) {
+    let cfg = coordinator::store::testing::db_config(url);
+    let open = || async { Store::connect(&cfg).await };
+    let first = open().await.expect("fresh database");
+    first.close().await;
+    drop(first);
+    raw(
+        url,
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         SELECT 9999, 'a later build''s', true, checksum, 0 FROM _sqlx_migrations WHERE version = 1",
+    )
+    .await;
+    let earlier = open().await.expect("an earlier build runs on a newer schema that allows it");
+    earlier.ping().await.expect("and serves");
+    earlier.close().await;
+    drop(earlier);
+    raw(url, "UPDATE schema_compat SET oldest_build = 9999").await;
+    let refused = open().await.expect_err("a schema that earlier builds cannot run on");
+    let line = refused.to_string();
+    assert!(!line.contains('\n'), "{line}");
+    assert!(
+        line.contains("migration 9999") && line.contains("run a build of migration 9999 or newer"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_earlier_build_runs_on_a_newer_schema_sqlite() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("coordinator.db").display());
+    an_earlier_build_runs_on_a_newer_schema_until_the_schema_says_it_cannot(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn an_earlier_build_runs_on_a_newer_schema_postgres() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    db.store.close().await;
+    an_earlier_build_runs_on_a_newer_schema_until_the_schema_says_it_cannot(&db.url).await;
+    db.cleanup().await;
+}
+
+#[test]
+fn schema_check_judges_migrations_a_build_does_not_know() {
+    use coordinator::store::schema_check;
+    let known = [1, 2, 20];
+    assert!(schema_check(&known, &[], None).unwrap().is_none(), "a fresh database");
+    assert!(schema_check(&known, &[1, 2], None).unwrap().is_none(), "an older schema: migrated as usual");
+    assert!(schema_check(&known, &[1, 2, 20], Some(20)).unwrap().is_none());
+    let warning = schema_check(&known, &[1, 2, 20, 21], Some(20)).unwrap().expect("a warning");
+    assert!(warning.contains("migration 21, newer than this build's 20"), "{warning}");
+    let refused = schema_check(&known, &[1, 2, 20, 21], Some(21)).unwrap_err().to_string();
+    assert!(refused.contains("run a build of migration 21 or newer"), "{refused}");
+    let refused = schema_check(&known, &[1, 2, 20, 21], None).unwrap_err().to_string();
+    assert!(refused.contains("does not say which builds run on it"), "{refused}");
+    let refused = schema_check(&known, &[1, 2, 3, 20], Some(20)).unwrap_err().to_string();
+    assert!(refused.contains("migration 3 is applied but unknown to this build"), "{refused}");
+}

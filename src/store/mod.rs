@@ -66,6 +66,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("invalid database url {0:?}")]
     BadUrl(String),
+    /// The database's schema is one this build cannot run on ([`schema_check`]).
+    #[error("{0}")]
+    Schema(String),
     /// A submission named parent tasks that do not exist.
     #[error("unknown parent task{}: {}", if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "))]
     UnknownParents(Vec<TaskId>),
@@ -726,6 +729,38 @@ macro_rules! timed {
         $self.health().note(&r);
         r
     }};
+}
+
+/// Whether a build that knows the migrations `known` may run on a database where `applied` are
+/// applied, `oldest_build` being the schema's (migration 20's `schema_compat`, `None` before it):
+/// `Ok(None)` to migrate as usual, `Ok(Some(warning))` when newer migrations than its own are
+/// applied and it may run on them (a replica of the earlier version restarted during an upgrade,
+/// or every replica after a roll-back), an error when it may not.
+pub fn schema_check(known: &[i64], applied: &[i64], oldest_build: Option<i64>) -> Result<Option<String>> {
+    let newest_known = known.iter().copied().max().unwrap_or(0);
+    let unknown: Vec<i64> = applied.iter().copied().filter(|v| !known.contains(v)).collect();
+    let Some(newest) = unknown.iter().copied().max() else { return Ok(None) };
+    if let Some(v) = unknown.iter().copied().find(|&v| v < newest_known) {
+        return Err(StoreError::Schema(format!(
+            "database migration {v} is applied but unknown to this build, whose migrations go up to \
+             {newest_known}: the database was migrated by a build of other migrations"
+        )));
+    }
+    match oldest_build {
+        Some(oldest) if newest_known >= oldest => Ok(Some(format!(
+            "the database schema is at migration {newest}, newer than this build's {newest_known}: \
+             running on it, as replicas of an earlier version do while an upgrade goes on"
+        ))),
+        Some(oldest) => Err(StoreError::Schema(format!(
+            "the database schema is at migration {newest}, which builds older than migration {oldest} \
+             cannot run on; this build's migrations go up to {newest_known}: run a build of migration \
+             {oldest} or newer"
+        ))),
+        None => Err(StoreError::Schema(format!(
+            "the database schema is at migration {newest}, newer than this build's {newest_known}, and \
+             does not say which builds run on it: run a build of migration {newest} or newer"
+        ))),
+    }
 }
 
 impl Store {

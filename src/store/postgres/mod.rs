@@ -39,7 +39,12 @@ use uuid::Uuid;
 use super::{DbHealth, Held, NOTIFY_CHANNEL, Result};
 use crate::config::DatabaseConfig;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+/// Applied migrations it does not know are [`super::schema_check`]'s to judge, before it runs.
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    let mut m = sqlx::migrate!("migrations/postgres");
+    m.set_ignore_missing(true);
+    m
+});
 
 /// Postgres-backed store. Cheap to clone (the pool is shared).
 #[derive(Debug, Clone)]
@@ -158,6 +163,29 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn migrate(&self) -> Result<()> {
+        let tables: (bool, bool) = sqlx::query_as(
+            "SELECT to_regclass('_sqlx_migrations') IS NOT NULL, to_regclass('schema_compat') IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let applied: Vec<i64> = if tables.0 {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        let oldest: Option<i64> = if tables.1 {
+            sqlx::query_scalar("SELECT oldest_build::bigint FROM schema_compat")
+                .fetch_optional(&self.pool)
+                .await?
+        } else {
+            None
+        };
+        let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+        if let Some(warning) = super::schema_check(&known, &applied, oldest)? {
+            tracing::warn!("{warning}");
+        }
         MIGRATOR.run(&self.pool).await?;
         Ok(())
     }

@@ -33,7 +33,12 @@ use sqlx::{
 use super::{DbHealth, Result, StoreError};
 use crate::config::DatabaseConfig;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+/// Applied migrations it does not know are [`super::schema_check`]'s to judge, before it runs.
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    let mut m = sqlx::migrate!("migrations/sqlite");
+    m.set_ignore_missing(true);
+    m
+});
 
 /// An exclusive advisory lock on `<database>.lock` beside a SQLite database file, held by the
 /// one process that serves that database: a second process on the same file would share its
@@ -124,6 +129,29 @@ impl SqliteStore {
     }
 
     pub(in crate::store) async fn migrate(&self) -> Result<()> {
+        let table = |name: &'static str| {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
+            )
+            .bind(name)
+            .fetch_one(&self.writer)
+        };
+        let applied: Vec<i64> = if table("_sqlx_migrations").await? {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.writer)
+                .await?
+        } else {
+            Vec::new()
+        };
+        let oldest: Option<i64> = if table("schema_compat").await? {
+            sqlx::query_scalar("SELECT oldest_build FROM schema_compat").fetch_optional(&self.writer).await?
+        } else {
+            None
+        };
+        let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+        if let Some(warning) = super::schema_check(&known, &applied, oldest)? {
+            tracing::warn!("{warning}");
+        }
         MIGRATOR.run(&self.writer).await?;
         Ok(())
     }
