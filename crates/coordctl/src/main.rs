@@ -446,12 +446,20 @@ fn main() -> ExitCode {
     };
     let tls = cli.coordinator.starts_with("https://");
     let tls_without_cert = tls && cli.cert_file.is_none();
+    let credentials = Credentials {
+        token: cli.token.is_some() || cli.token_file.is_some(),
+        ca_file: cli.ca_file.is_some(),
+    };
     match rt.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);
             let hint = match scheme_hint(&line, tls) {
-                "" if tls_without_cert => client_cert_hint(&line),
+                "" if tls_without_cert => match client_cert_hint(&line) {
+                    "" => credentials_hint(&line, credentials),
+                    hint => hint,
+                },
+                "" => credentials_hint(&line, credentials),
                 hint => hint,
             };
             eprintln!("coordctl: {line}{hint}");
@@ -470,6 +478,26 @@ fn client_cert_hint(line: &str) -> &'static str {
     } else if coordinator_worker::error::connection_closed(line) {
         " (the coordinator closed the connection; if it requires client certificates, give \
          --cert-file and --key-file)"
+    } else {
+        ""
+    }
+}
+
+/// Which credentials the command line gave (flags or their environment variables).
+#[derive(Debug, Clone, Copy)]
+struct Credentials {
+    token: bool,
+    ca_file: bool,
+}
+
+/// What to add to an error that a credential left out explains: no token where the coordinator
+/// asks for one, no CA file for a certificate signed by a CA of the operator's own.
+fn credentials_hint(line: &str, given: Credentials) -> &'static str {
+    if !given.token && line.starts_with("Unauthenticated: missing") {
+        " (the coordinator requires a token: give --token-file, or set COORDCTL_TOKEN_FILE or COORDCTL_TOKEN)"
+    } else if !given.ca_file && line.contains("UnknownIssuer") {
+        " (the coordinator's certificate is signed by a CA this client does not trust: give --ca-file \
+         with that CA, or set COORDCTL_CA_FILE)"
     } else {
         ""
     }
@@ -845,7 +873,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            outln!("{} tasks failed from {} to {}", f.failed, window(&f.since), window(&f.until));
+            let tasks = if f.failed == 1 { "task" } else { "tasks" };
+            outln!("{} {tasks} failed from {} to {}", f.failed, window(&f.since), window(&f.until));
             let mut by_type: Vec<_> = f.failed_by_type.iter().collect();
             by_type.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
             for (t, n) in by_type {
@@ -1968,6 +1997,20 @@ mod tests {
             assert!(client_cert_hint(line).contains("--cert-file"), "{line}");
         }
         assert_eq!(client_cert_hint("NotFound: task not found"), "");
+    }
+
+    #[test]
+    fn a_missing_token_or_ca_file_is_named_only_when_it_was_left_out() {
+        let none = Credentials { token: false, ca_file: false };
+        let both = Credentials { token: true, ca_file: true };
+        let unauthenticated = "Unauthenticated: missing authorization header";
+        assert!(credentials_hint(unauthenticated, none).contains("--token-file"));
+        assert_eq!(credentials_hint(unauthenticated, both), "");
+        let untrusted = "cannot reach the coordinator at https://127.0.0.1:9091: transport error: invalid \
+                         peer certificate: UnknownIssuer";
+        assert!(credentials_hint(untrusted, none).contains("--ca-file"));
+        assert_eq!(credentials_hint(untrusted, both), "");
+        assert_eq!(credentials_hint("NotFound: task not found", none), "");
     }
 
     #[test]
