@@ -1410,3 +1410,41 @@ async fn aged_connections_are_recycled_and_workers_lose_nothing() {
     run.await.unwrap().unwrap();
     c.stop().await.unwrap();
 }
+
+/// The refusals of calls without a token, as `/metrics` counts them.
+async fn missing_token_refusals(c: &TestCoordinator) -> u64 {
+    let (_, text) = http(c.http, "GET", "/metrics", None, "").await;
+    text.lines()
+        .find(|l| l.starts_with("coordinator_auth_failures_total{reason=\"missing_token\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |n| n.parse::<f64>().unwrap() as u64)
+}
+
+/// A worker whose registration is refused (no token here) retries it, and sends nothing else:
+/// before its first session it has no tasks whose leases a heartbeat would renew, and each
+/// heartbeat was one more refusal in the coordinator's log and counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_never_registered_sends_no_heartbeats() {
+    let db = TestDb::sqlite().await;
+    let c = TestCoordinator::start(&db, auth_on).await;
+    let mut o = WorkerOptions::new(c.endpoint(), "no-token");
+    o.heartbeat_interval = Some(Duration::from_millis(50));
+    o.backoff_base = Duration::from_millis(100);
+    o.backoff_max = Duration::from_millis(200);
+    let worker = Worker::new(o, handler_fn(|ctx| async move { Ok(ctx.payload) })).unwrap();
+    let counters = worker.counters();
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(worker.run(shutdown.clone()));
+    wait_until("three refused registrations", Duration::from_secs(10), || {
+        let n = counters.refusals.load(std::sync::atomic::Ordering::SeqCst);
+        async move { n >= 3 }
+    })
+    .await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    let registrations = counters.refusals.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(counters.sessions.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(missing_token_refusals(&c).await, registrations, "every refused call was a registration");
+    c.stop().await.unwrap();
+    db.cleanup().await;
+}

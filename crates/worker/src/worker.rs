@@ -304,6 +304,9 @@ pub struct Worker {
     /// heartbeats under that id would keep the other's session alive, so none go out until a
     /// registration succeeds.
     id_refused: std::sync::atomic::AtomicBool,
+    /// A registration of this process was accepted once: from then on it heartbeats (between
+    /// sessions too) and deregisters when it stops.
+    registered: std::sync::atomic::AtomicBool,
     /// Fires when the drain begins: queued (prefetched) tasks that have not started are handed
     /// back rather than started.
     draining: CancellationToken,
@@ -345,6 +348,7 @@ impl Worker {
             counters: Arc::default(),
             deregistered: Default::default(),
             id_refused: Default::default(),
+            registered: Default::default(),
             draining: CancellationToken::new(),
             instance_id: uuid::Uuid::now_v7().to_string(),
         })
@@ -378,8 +382,8 @@ impl Worker {
         // Kicked after every registration: the first heartbeat of a session goes out at once,
         // renewing the leases of tasks carried over from before a reconnect.
         let kick = Arc::new(tokio::sync::Notify::new());
-        // Heartbeats run for the whole life of the worker (also while draining) so leases of
-        // running tasks never lapse.
+        // Heartbeats run for the whole life of the worker from its first registration (also
+        // while draining) so leases of running tasks never lapse.
         let stop_heartbeats = CancellationToken::new();
         let hb = tokio::spawn(this.clone().heartbeats(
             heartbeat_interval.clone(),
@@ -483,6 +487,7 @@ impl Worker {
                 Duration::from_millis(resp.heartbeat_interval_ms);
         }
         self.id_refused.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.registered.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut stream = client
             .receive_tasks(proto::ReceiveTasksRequest {
                 worker_id: self.opts.worker_id.clone(),
@@ -740,6 +745,13 @@ impl Worker {
             if self.id_refused.load(std::sync::atomic::Ordering::SeqCst) {
                 continue;
             }
+            // Never registered: no task of this process holds a lease to renew, and the
+            // coordinator would only refuse the heartbeat (it knows no such worker, or not the
+            // credentials its registration was refused for). After a first session, heartbeats
+            // go on between sessions too: they renew the leases of tasks still running.
+            if !self.registered.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
             let running_tasks = self.running_tasks();
             let mut client = self.client.clone();
             let req = proto::HeartbeatRequest {
@@ -789,8 +801,11 @@ impl Worker {
             return;
         }
         // Refused its id: the session under it is another worker's (a coordinator that checks
-        // the process would refuse the call; an older one would drain that session).
-        if self.id_refused.load(std::sync::atomic::Ordering::SeqCst) {
+        // the process would refuse the call; an older one would drain that session). Never
+        // registered: there is no session of this process to end.
+        if self.id_refused.load(std::sync::atomic::Ordering::SeqCst)
+            || !self.registered.load(std::sync::atomic::Ordering::SeqCst)
+        {
             return;
         }
         let mut client = self.client.clone();
