@@ -87,6 +87,17 @@ pub fn scheme_hint(line: &str, tls: bool) -> &'static str {
     }
 }
 
+/// What to add to an error line that shows the coordinator's certificate was signed by a CA
+/// this client does not trust (a CA of the operator's own, not given). Empty for any other line.
+pub fn untrusted_hint(line: &str) -> &'static str {
+    if line.contains("UnknownIssuer") {
+        " (the coordinator's certificate is signed by a CA this worker does not trust: give that \
+         CA's certificate, --ca-file or the CA file of its ClientSecurity)"
+    } else {
+        ""
+    }
+}
+
 /// The coordinator's default gRPC port, named when a client reached its HTTP port instead.
 const DEFAULT_GRPC_PORT: u16 = 9090;
 
@@ -117,7 +128,8 @@ pub fn status_line(s: &tonic::Status) -> String {
             let cause = one_line(cause);
             if cause.is_empty() || m.contains(&cause) {
                 format!("{:?}: {m}", s.code())
-            } else if cause.starts_with(m) {
+            } else if cause.contains(m) {
+                // `tcp connect error` over `transport error: tcp connect error: Connection refused`.
                 format!("{:?}: {cause}", s.code())
             } else {
                 format!("{:?}: {m}: {cause}", s.code())
@@ -169,5 +181,25 @@ mod tests {
         assert!(line.contains("--max-message-size"), "{line}");
         let server = tonic::Status::out_of_range("payload: 5000000 bytes is over the limit of 4194304 bytes");
         assert_eq!(status_line(&server), format!("OutOfRange: {}", server.message()));
+    }
+
+    #[test]
+    fn a_certificate_from_an_untrusted_ca_asks_for_the_ca_file() {
+        let line = "Unavailable: transport error: invalid peer certificate: UnknownIssuer";
+        assert!(untrusted_hint(line).contains("--ca-file"), "{line}");
+        assert_eq!(untrusted_hint("Unavailable: tcp connect error: Connection refused (os error 111)"), "");
+    }
+
+    #[test]
+    fn a_message_its_cause_repeats_is_given_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error: tcp connect error: Connection refused (os error 111)")]
+        struct Cause;
+        let mut s = tonic::Status::unavailable("tcp connect error");
+        s.set_source(std::sync::Arc::new(Cause));
+        assert_eq!(
+            status_line(&s),
+            "Unavailable: transport error: tcp connect error: Connection refused (os error 111)"
+        );
     }
 }

@@ -426,11 +426,19 @@ impl Worker {
                             info!(worker_id = %worker_id, error = %status.message(), attempt = failures, delay_ms,
                                   "task stream ended by the coordinator; reconnecting")
                         }
+                        // The error with its causes: tonic's message alone is "tcp connect
+                        // error" or "transport error", whatever failed.
                         None => {
                             let line = crate::error::status_line(&status);
-                            warn!(worker_id = %worker_id, code = ?status.code(), error = %status.message(),
-                                      attempt = failures, delay_ms, "coordinator unreachable; reconnecting{}",
-                                      crate::error::scheme_hint(&line, this.opts.endpoint.starts_with("https://")))
+                            let hint = match crate::error::scheme_hint(
+                                &line,
+                                this.opts.endpoint.starts_with("https://"),
+                            ) {
+                                "" => crate::error::untrusted_hint(&line),
+                                hint => hint,
+                            };
+                            warn!(worker_id = %worker_id, code = ?status.code(), error = %line,
+                                      attempt = failures, delay_ms, "coordinator unreachable; reconnecting{hint}")
                         }
                     }
                     tokio::select! {
