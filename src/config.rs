@@ -448,7 +448,7 @@ impl Config {
         let config = Self::from_yaml(&text)
             .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })?;
         let config = config.with_env(env)?;
-        config.validate()?;
+        config.validate().map_err(|e| from_env(e, env))?;
         Ok(config)
     }
 
@@ -642,8 +642,11 @@ impl Config {
                 ),
             ));
         }
-        if g.keepalive.interval.is_zero() || g.keepalive.timeout.is_zero() {
-            return Err(invalid("grpc.keepalive", "interval and timeout must be greater than 0"));
+        if g.keepalive.interval.is_zero() {
+            return Err(invalid("grpc.keepalive.interval", "must be greater than 0"));
+        }
+        if g.keepalive.timeout.is_zero() {
+            return Err(invalid("grpc.keepalive.timeout", "must be greater than 0"));
         }
         let tls = &self.tls;
         if tls.enabled {
@@ -845,6 +848,25 @@ pub fn process_env() -> HashMap<String, String> {
     std::env::vars().collect()
 }
 
+/// `e`, naming the variable that set its key when one did: the file may say otherwise. The
+/// variable's value is not repeated (a database URL's password, a token): the message already
+/// shows what may be shown of it.
+fn from_env(e: ConfigError, env: &HashMap<String, String>) -> ConfigError {
+    let ConfigError::Invalid { key, message } = e else { return e };
+    let set: Vec<String> = env_overrides()
+        .into_iter()
+        .filter(|(var, path)| {
+            (path == key || path.strip_prefix(key).is_some_and(|rest| rest.starts_with('.')))
+                && env.contains_key(var)
+        })
+        .map(|(var, _)| var)
+        .collect();
+    match set.as_slice() {
+        [] => ConfigError::Invalid { key, message },
+        vars => ConfigError::Invalid { key, message: format!("{message} (set by {})", vars.join(", ")) },
+    }
+}
+
 /// Variables that override keys, for the reference in docs/configuration.md.
 pub fn env_overrides() -> BTreeMap<String, String> {
     let tree = serde_norway::to_value(Config::default()).expect("config serializes");
@@ -959,6 +981,26 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_value_set_from_the_environment_names_its_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "grpc:\n  keepalive:\n    timeout: 5s\n").unwrap();
+        let env = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let err = Config::load(&path, &env(&[("AUTH_ENABLED", "false"), ("GRPC_KEEPALIVE_INTERVAL", "0s")]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "config key grpc.keepalive.interval: must be greater than 0 (set by GRPC_KEEPALIVE_INTERVAL)"
+        );
+        std::fs::write(&path, "grpc:\n  keepalive:\n    interval: 0s\n").unwrap();
+        let err = Config::load(&path, &env(&[("AUTH_ENABLED", "false")])).unwrap_err().to_string();
+        assert_eq!(err, "config key grpc.keepalive.interval: must be greater than 0", "the file set it");
+    }
+
+    #[test]
     fn env_overrides_every_kind_of_key() {
         let c = Config::default()
             .with_env(&env(&[
@@ -1017,6 +1059,8 @@ mod tests {
             ("retention.workers", Box::new(|c| c.retention.workers = Duration::from_secs(30))),
             ("retention.interval", Box::new(|c| c.retention.interval = Duration::ZERO)),
             ("retention.batch_size", Box::new(|c| c.retention.batch_size = 0)),
+            ("grpc.keepalive.interval", Box::new(|c| c.grpc.keepalive.interval = Duration::ZERO)),
+            ("grpc.keepalive.timeout", Box::new(|c| c.grpc.keepalive.timeout = Duration::ZERO)),
         ];
         for (key, mutate) in cases {
             let mut c = Config::default();
