@@ -763,6 +763,30 @@ pub fn schema_check(known: &[i64], applied: &[i64], oldest_build: Option<i64>) -
     }
 }
 
+/// Runs `migrator` (`run`) on a schema judged by [`schema_check`] from `state` (the migrations
+/// applied, the schema's oldest build) before, so that no migration of this build goes onto a
+/// schema it cannot run on, and after: a replica of a newer build may have migrated meanwhile,
+/// under the lock the run waited for.
+async fn migrate_judged<S, R>(
+    migrator: &sqlx::migrate::Migrator,
+    state: impl Fn() -> S,
+    run: impl FnOnce() -> R,
+) -> Result<()>
+where
+    S: Future<Output = Result<(Vec<i64>, Option<i64>)>>,
+    R: Future<Output = Result<()>>,
+{
+    let known: Vec<i64> = migrator.iter().map(|m| m.version).collect();
+    let (applied, oldest) = state().await?;
+    schema_check(&known, &applied, oldest)?;
+    run().await?;
+    let (applied, oldest) = state().await?;
+    if let Some(warning) = schema_check(&known, &applied, oldest)? {
+        tracing::warn!("{warning}");
+    }
+    Ok(())
+}
+
 impl Store {
     /// Connects, creating the SQLite file if needed, and applies migrations.
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store> {
@@ -1401,5 +1425,20 @@ mod tests {
         assert!(h.unavailable_within(window), "just came back");
         std::thread::sleep(window * 2);
         assert!(!h.unavailable_within(window), "the window after recovery has passed");
+    }
+
+    /// A newer build that migrates while this one waits for the lock to run its own: the schema
+    /// is judged again after the run, and one this build cannot run on stops it then.
+    #[tokio::test]
+    async fn a_schema_migrated_past_this_build_during_its_run_is_judged_after_it() {
+        let migrator = sqlx::migrate::Migrator::DEFAULT;
+        let states = std::sync::Mutex::new(vec![(vec![21], Some(22)), (vec![], None)]);
+        let state = || {
+            let next = states.lock().unwrap().pop().unwrap();
+            async move { Ok(next) }
+        };
+        let err = migrate_judged(&migrator, state, || async { Ok(()) }).await.unwrap_err();
+        assert!(err.to_string().contains("run a build of migration 22 or newer"), "{err}");
+        assert!(states.lock().unwrap().is_empty(), "judged before and after the run");
     }
 }

@@ -163,6 +163,17 @@ impl PgStore {
     }
 
     pub(in crate::store) async fn migrate(&self) -> Result<()> {
+        super::migrate_judged(
+            &MIGRATOR,
+            || self.schema_state(),
+            || async { Ok(MIGRATOR.run(&self.pool).await?) },
+        )
+        .await
+    }
+
+    /// The migrations applied, and the schema's oldest build that runs on it (see
+    /// [`super::schema_check`]).
+    async fn schema_state(&self) -> Result<(Vec<i64>, Option<i64>)> {
         let tables: (bool, bool) = sqlx::query_as(
             "SELECT to_regclass('_sqlx_migrations') IS NOT NULL, to_regclass('schema_compat') IS NOT NULL",
         )
@@ -182,12 +193,7 @@ impl PgStore {
         } else {
             None
         };
-        let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
-        if let Some(warning) = super::schema_check(&known, &applied, oldest)? {
-            tracing::warn!("{warning}");
-        }
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        Ok((applied, oldest))
     }
 
     /// The pool, for tests that inspect rows directly.

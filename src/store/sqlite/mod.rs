@@ -129,6 +129,17 @@ impl SqliteStore {
     }
 
     pub(in crate::store) async fn migrate(&self) -> Result<()> {
+        super::migrate_judged(
+            &MIGRATOR,
+            || self.schema_state(),
+            || async { Ok(MIGRATOR.run(&self.writer).await?) },
+        )
+        .await
+    }
+
+    /// The migrations applied, and the schema's oldest build that runs on it (see
+    /// [`super::schema_check`]).
+    async fn schema_state(&self) -> Result<(Vec<i64>, Option<i64>)> {
         let table = |name: &'static str| {
             sqlx::query_scalar::<_, bool>(
                 "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?",
@@ -148,12 +159,7 @@ impl SqliteStore {
         } else {
             None
         };
-        let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
-        if let Some(warning) = super::schema_check(&known, &applied, oldest)? {
-            tracing::warn!("{warning}");
-        }
-        MIGRATOR.run(&self.writer).await?;
-        Ok(())
+        Ok((applied, oldest))
     }
 
     /// The write pool, for tests that inspect rows directly.
