@@ -454,14 +454,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             let line = one_line(&e);
-            let hint = match scheme_hint(&line, tls) {
-                "" if tls_without_cert => match client_cert_hint(&line) {
-                    "" => credentials_hint(&line, credentials),
-                    hint => hint,
-                },
-                "" => credentials_hint(&line, credentials),
-                hint => hint,
-            };
+            // The first hint that explains the line.
+            let cert = if tls_without_cert { client_cert_hint(&line) } else { "" };
+            let hint = [scheme_hint(&line, tls), cert, credentials_hint(&line, credentials)]
+                .into_iter()
+                .find(|h| !h.is_empty())
+                .unwrap_or_default();
             eprintln!("coordctl: {line}{hint}");
             ExitCode::FAILURE
         }
@@ -495,7 +493,7 @@ struct Credentials {
 fn credentials_hint(line: &str, given: Credentials) -> &'static str {
     if !given.token && line.starts_with("Unauthenticated: missing") {
         " (the coordinator requires a token: give --token-file, or set COORDCTL_TOKEN_FILE or COORDCTL_TOKEN)"
-    } else if !given.ca_file && line.contains("UnknownIssuer") {
+    } else if !given.ca_file && coordinator_worker::error::untrusted_certificate(line) {
         " (the coordinator's certificate is signed by a CA this client does not trust: give --ca-file \
          with that CA, or set COORDCTL_CA_FILE)"
     } else {

@@ -87,10 +87,16 @@ pub fn scheme_hint(line: &str, tls: bool) -> &'static str {
     }
 }
 
-/// What to add to an error line that shows the coordinator's certificate was signed by a CA
-/// this client does not trust (a CA of the operator's own, not given). Empty for any other line.
+/// Whether an error line shows the coordinator's certificate was signed by a CA this client does
+/// not trust (a CA of the operator's own, not given).
+pub fn untrusted_certificate(line: &str) -> bool {
+    line.contains("UnknownIssuer")
+}
+
+/// What to add to a worker's error line that [`untrusted_certificate`] explains. Empty for any
+/// other line.
 pub fn untrusted_hint(line: &str) -> &'static str {
-    if line.contains("UnknownIssuer") {
+    if untrusted_certificate(line) {
         " (the coordinator's certificate is signed by a CA this worker does not trust: give that \
          CA's certificate, --ca-file or the CA file of its ClientSecurity)"
     } else {
