@@ -1,9 +1,11 @@
 //! Wake-ups across replicas: Postgres LISTEN/NOTIFY on one dedicated connection per replica.
 //!
 //! Submissions and requeues say "there is runnable work" (every replica's scheduler wakes),
-//! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them), and
-//! registrations name their workers (a replica holding an older session of one drops it once
-//! the database confirms the newer one: the worker moved, and it no longer counts it). The
+//! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them),
+//! cancellations of held tasks name the attempts they ended (the replica the worker streams
+//! from pushes the `CANCEL` and frees the slot), and registrations name their workers (a
+//! replica holding an older session of one drops it once the database confirms the newer one:
+//! the worker moved, and it no longer counts it). The
 //! [`Notifier`] coalesces what happened since its last statement into one `pg_notify` call, so
 //! a busy replica sends a few notifications per batch rather than one per task, and finished
 //! tasks at most every [`FINISHED_SPACING`]. The listener
@@ -26,7 +28,7 @@ use crate::{
     events::Events,
     metrics,
     registry::Registry,
-    store::Store,
+    store::{Held, Store},
 };
 
 /// Finished tasks are sent at most this often: under load the notifier would otherwise send a
@@ -35,7 +37,7 @@ use crate::{
 const FINISHED_SPACING: Duration = Duration::from_millis(5);
 /// Task ids per notification: 36-byte ids stay well under Postgres' 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 150;
-/// Bytes of worker ids per notification, under the same limit.
+/// Bytes of worker ids (or of cancelled attempts) per notification, under the same limit.
 const WORKER_BYTES_PER_NOTIFICATION: usize = 7000;
 /// Backoff of the listener's reconnects.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
@@ -45,6 +47,7 @@ const RECONNECT_MAX: Duration = Duration::from_secs(5);
 enum Note {
     Runnable,
     Finished(TaskId),
+    Cancelled(Held),
     Registered(WorkerId),
 }
 
@@ -72,6 +75,14 @@ impl Notifier {
     pub fn finished(&self, id: TaskId) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Note::Finished(id));
+        }
+    }
+
+    /// A client cancelled a task that `held` names, the attempt a worker was running: the
+    /// replica that worker streams from tells it to stop.
+    pub fn cancelled(&self, held: &Held) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Note::Cancelled(held.clone()));
         }
     }
 
@@ -206,6 +217,13 @@ impl Wakeups {
                                     events.changed(id);
                                 }
                             }
+                            // A replica without the worker's session has nothing to free
+                            // and no stream to tell.
+                            Decoded::Cancelled(held) => {
+                                for h in held {
+                                    registry.push_cancel(&h.worker_id, h.task_id, h.attempt);
+                                }
+                            }
                             // Checked against the database in a task of its own: the listener
                             // never waits on a query.
                             Decoded::Registered(ids) => {
@@ -257,11 +275,14 @@ async fn gather(
     }
 }
 
-/// Payloads: `<origin> r` (runnable work), `<origin> f <id>,<id>,...` (finished tasks) and
-/// `<origin> w <worker>,<worker>,...` (workers that registered; their ids have no commas).
+/// Payloads: `<origin> r` (runnable work), `<origin> f <id>,<id>,...` (finished tasks),
+/// `<origin> c <task>=<attempt>=<worker>,...` (cancelled attempts) and
+/// `<origin> w <worker>,<worker>,...` (workers that registered; their ids have neither commas
+/// nor `=`).
 fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
     let mut runnable = false;
     let mut finished = BTreeSet::new();
+    let mut cancelled = BTreeSet::new();
     let mut registered = BTreeSet::new();
     for n in notes {
         match n {
@@ -269,8 +290,11 @@ fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
             Note::Finished(id) => {
                 finished.insert(id);
             }
+            Note::Cancelled(h) => {
+                cancelled.insert(format!("{}={}={}", h.task_id, h.attempt, h.worker_id.0));
+            }
             Note::Registered(id) => {
-                registered.insert(id);
+                registered.insert(id.0);
             }
         }
     }
@@ -282,21 +306,27 @@ fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
     for chunk in ids.chunks(IDS_PER_NOTIFICATION) {
         out.push(format!("{origin} f {}", chunk.join(",")));
     }
-    let mut workers = String::new();
-    for id in registered {
-        if !workers.is_empty() && workers.len() + id.0.len() >= WORKER_BYTES_PER_NOTIFICATION {
-            out.push(format!("{origin} w {workers}"));
-            workers.clear();
-        }
-        if !workers.is_empty() {
-            workers.push(',');
-        }
-        workers.push_str(&id.0);
-    }
-    if !workers.is_empty() {
-        out.push(format!("{origin} w {workers}"));
-    }
+    listed(&mut out, origin, "c", cancelled);
+    listed(&mut out, origin, "w", registered);
     out
+}
+
+/// `items` joined by commas into payloads `<origin> <kind> ...` of bounded size.
+fn listed(out: &mut Vec<String>, origin: &str, kind: &str, items: BTreeSet<String>) {
+    let mut list = String::new();
+    for item in items {
+        if !list.is_empty() && list.len() + item.len() >= WORKER_BYTES_PER_NOTIFICATION {
+            out.push(format!("{origin} {kind} {list}"));
+            list.clear();
+        }
+        if !list.is_empty() {
+            list.push(',');
+        }
+        list.push_str(&item);
+    }
+    if !list.is_empty() {
+        out.push(format!("{origin} {kind} {list}"));
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -304,6 +334,7 @@ enum Decoded {
     Own,
     Runnable,
     Finished(Vec<TaskId>),
+    Cancelled(Vec<Held>),
     Registered(Vec<WorkerId>),
     Unknown,
 }
@@ -317,9 +348,19 @@ fn decode(origin: &str, payload: &str) -> Decoded {
     match (kind, parts.next()) {
         ("r", None) => Decoded::Runnable,
         ("f", Some(ids)) => Decoded::Finished(ids.split(',').filter_map(|s| s.parse().ok()).collect()),
+        ("c", Some(list)) => Decoded::Cancelled(list.split(',').filter_map(cancelled_attempt).collect()),
         ("w", Some(ids)) => Decoded::Registered(ids.split(',').map(WorkerId::from).collect()),
         _ => Decoded::Unknown,
     }
+}
+
+/// `<task>=<attempt>=<worker>`.
+fn cancelled_attempt(s: &str) -> Option<Held> {
+    let mut parts = s.splitn(3, '=');
+    let task_id = parts.next()?.parse().ok()?;
+    let attempt = parts.next()?.parse().ok()?;
+    let worker_id = WorkerId::from(parts.next().filter(|w| !w.is_empty())?);
+    Some(Held { task_id, worker_id, attempt })
 }
 
 #[cfg(test)]
@@ -377,6 +418,39 @@ mod tests {
         assert_eq!(back, long, "each once, in order");
         assert_eq!(decode("b", "a w gpu-1"), Decoded::Registered(vec![WorkerId::from("gpu-1")]));
         assert_eq!(decode("a", "a w gpu-1"), Decoded::Own);
+    }
+
+    /// Cancelled attempts go out once each, with worker ids of every allowed character, in
+    /// payloads under Postgres' limit, and come back as sent; a malformed entry is skipped.
+    #[test]
+    fn cancelled_attempts_round_trip_in_bounded_payloads() {
+        let held: Vec<Held> = (0..120)
+            .map(|i| Held {
+                task_id: TaskId::new(),
+                worker_id: WorkerId(format!("gpu-{i}.rack:2@dc/a_{}", "y".repeat(100))),
+                attempt: i + 1,
+            })
+            .collect();
+        let notes = held.iter().chain(held.iter().take(3)).map(|h| Note::Cancelled(h.clone()));
+        let payloads = encode("a", notes);
+        assert!(payloads.len() > 1, "split: {}", payloads.len());
+        assert!(payloads.iter().all(|p| p.len() < 8000));
+        let mut back = Vec::new();
+        for p in &payloads {
+            match decode("b", p) {
+                Decoded::Cancelled(h) => back.extend(h),
+                other => panic!("{other:?}"),
+            }
+        }
+        back.sort_by_key(|h| h.task_id);
+        let mut want = held.clone();
+        want.sort_by_key(|h| h.task_id);
+        assert_eq!(back, want, "each once");
+        let one = TaskId::new();
+        assert_eq!(
+            decode("b", &format!("a c {one}=2=w-1,nonsense,{one}=x=w-1,{one}=3=")),
+            Decoded::Cancelled(vec![Held { task_id: one, worker_id: WorkerId::from("w-1"), attempt: 2 }])
+        );
     }
 
     fn ms(n: u64) -> Duration {

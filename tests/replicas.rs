@@ -1,7 +1,8 @@
 //! Two coordinators on one Postgres database, in this process: a submission to one replica
 //! wakes the other at once (LISTEN/NOTIFY), a watcher on one sees a completion made on the
-//! other, a replica a worker has left never takes that worker's tasks back, and a live worker's
-//! id is refused to another host on either replica. The scheduler tick and the watch poll are
+//! other, a cancel through one reaches a worker streaming from the other, a replica a worker
+//! has left never takes that worker's tasks back, and a live worker's id is refused to another
+//! host on either replica. The scheduler tick and the watch poll are
 //! set to a minute, so only a notification can explain a prompt answer. Postgres only but for
 //! the one-replica SQLite forms of the last: without `TEST_DATABASE_URL` the others are
 //! reported ignored.
@@ -715,5 +716,65 @@ async fn a_second_replica_of_a_running_one_s_name_refuses_to_start() {
     assert!(!line.contains('\n'), "one line: {line}");
     assert_eq!(db.store.coordinator_row("twin").await.unwrap().unwrap().instance, held_by);
     a.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// A cancel made through the replica a worker is not connected to reaches that worker at once,
+/// on its stream, and frees its slot there: the cancelling replica announces the attempt it
+/// ended, and the worker's replica pushes the `CANCEL`. Without it the worker would hear of it
+/// only when its lease came due for renewal (minutes: the lease here is 5 minutes, and this
+/// worker sends no heartbeats), and run a cancelled task, holding its slot, until then. Both
+/// cancels (a task's, a job's) take this path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_cancel_through_the_other_replica_reaches_the_worker_at_once() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let (a, b) = pair(&db, |c| c.coordinator.stale_task_timeout = Duration::from_secs(300)).await;
+    let mut w = RawWorker::connect(&a.endpoint(), "w-cancel", 1, &["prove"]).await;
+    wait_connected(&a.client().await, &["w-cancel"]).await;
+    let mut through_b = b.client().await;
+    let cancelled = |msg: &proto::TaskAssignment, id: &str, attempt: u32| {
+        assert_eq!(msg.kind, proto::AssignmentKind::Cancel as i32, "{msg:?}");
+        assert_eq!((msg.task_id.as_str(), msg.attempt), (id, attempt));
+    };
+
+    let id = submit(&mut through_b, "prove", b"x").await;
+    let got = w.next(Duration::from_secs(10)).await;
+    assert_eq!(got.task_id, id);
+    let r = through_b
+        .cancel_task(proto::CancelTaskRequest { task_id: id.clone(), reason: "not needed".into() })
+        .await
+        .expect("cancel through b")
+        .into_inner();
+    assert!(r.cancelled);
+    cancelled(&w.next(Duration::from_secs(5)).await, &id, got.attempt);
+
+    // Its slot on A is free again: the next task is pushed (A's poll tick is a minute away).
+    let job = through_b
+        .submit_job(proto::SubmitJobRequest {
+            name: "cancelled-job".into(),
+            tasks: vec![proto::SubmitTaskRequest {
+                task_type: "prove".into(),
+                payload: b"y".to_vec(),
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("submit a job through b")
+        .into_inner();
+    let next = w.next(Duration::from_secs(5)).await;
+    assert_eq!(next.task_id, job.task_ids[0], "the freed slot took the next task");
+    let r = through_b
+        .cancel_job(proto::CancelJobRequest { job_id: job.job_id.clone(), reason: String::new() })
+        .await
+        .expect("cancel the job through b")
+        .into_inner();
+    assert_eq!(r.cancelled, 1);
+    cancelled(&w.next(Duration::from_secs(5)).await, &next.task_id, next.attempt);
+    let e = w.complete(&next.task_id, next.attempt, b"too late").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert_eq!(task_status(&mut through_b, &next.task_id).await, proto::TaskStatus::Cancelled);
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
     db.cleanup().await;
 }

@@ -190,9 +190,11 @@ impl Effects {
         self.events.changed(c.task.id);
         self.notifier.finished(c.task.id);
         if let Some(h) = &c.held_by {
-            // Frees the slot of that attempt and tells the worker to stop it. A worker held by
-            // another replica learns from its next heartbeat, whose answer revokes the attempt.
+            // Frees the slot of that attempt and tells the worker to stop it, here or, through
+            // the announcement, on the replica it streams from (a worker that misses both
+            // learns from the heartbeat that renews the attempt's lease: it is revoked).
             let told = self.registry.push_cancel(&h.worker_id, h.task_id, h.attempt);
+            self.notifier.cancelled(h);
             info!(task_id = %h.task_id, worker_id = %h.worker_id, attempt = h.attempt, pushed = told, "cancelled a held task");
         }
     }

@@ -915,8 +915,9 @@ impl Registry {
         if f.attempt == attempt { f.delivered } else { None }
     }
 
-    /// Tells a worker to stop a task (best effort: a worker that misses it learns from its next
-    /// heartbeat, whose answer lists the task as revoked).
+    /// Tells a worker to stop a task and frees the slot of that attempt, if its session is here
+    /// (best effort: a worker that misses it learns from the heartbeat that renews the
+    /// attempt's lease, whose answer lists it as revoked).
     pub fn push_cancel(&self, worker: &WorkerId, task_id: TaskId, attempt: Attempt) -> bool {
         let tx = {
             let mut state = self.lock();
