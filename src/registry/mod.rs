@@ -45,7 +45,8 @@ use crate::{
 pub enum Push {
     /// Run this task.
     Run(Assignment),
-    /// Stop this task: a client cancelled it.
+    /// Stop this attempt of this task: a client cancelled it, or the database no longer gives
+    /// it to the worker (a worker that does not run that attempt ignores it).
     Cancel { task_id: TaskId, attempt: Attempt },
 }
 
@@ -1128,7 +1129,10 @@ impl Registry {
     /// sighting) before it is corrected, so a report or push in progress is never mistaken for
     /// one: a slot whose attempt the database no longer holds is freed; a running task the
     /// database gives the session takes a slot; an assignment that never reached the worker
-    /// goes back to pending, uncharged. A session the database says another registration
+    /// goes back to pending, uncharged. A freed slot's attempt is also cancelled on the worker's
+    /// stream: it may still run it (a cancel whose announcement was lost, a lease another
+    /// replica's sweeper found expired), and would otherwise stop only when the heartbeat that
+    /// renews its lease comes back revoked. A session the database says another registration
     /// replaced (the worker moved to another replica) is dropped without touching its tasks.
     pub async fn reconcile(&self, suspects: &mut HashSet<Suspect>) -> crate::store::Result<Corrections> {
         let (workers, seq0) = {
@@ -1155,6 +1159,7 @@ impl Registry {
         let mut seen: HashSet<Suspect> = HashSet::new();
         let mut orphans = Vec::new();
         let mut superseded = Vec::new();
+        let mut freed = Vec::new();
         {
             let mut state = self.lock();
             let seq = state.next_seq();
@@ -1184,6 +1189,7 @@ impl Registry {
                     if suspects.contains(&key) {
                         s.in_flight.remove(&t);
                         c.stale_slots += 1;
+                        freed.push((id.clone(), t, attempt));
                         warn!(worker_id = %id, task_id = %t, attempt, "reconciliation freed a slot the database no longer holds");
                     } else {
                         seen.insert(key);
@@ -1217,6 +1223,9 @@ impl Registry {
             }
         }
         *suspects = seen;
+        for (id, t, attempt) in &freed {
+            self.push_cancel(id, *t, *attempt);
+        }
         for id in &superseded {
             c.superseded += 1;
             info!(worker_id = %id, "worker registered a newer session elsewhere; dropped this one");
@@ -1942,9 +1951,10 @@ mod tests {
         let (r, _dead) = Registry::new(config(), db.store.clone(), Wake::default());
         let w = WorkerId::from("w1");
         let session = r.register(registration("w1")).await.unwrap().session_id;
-        let (_, _rx) = r.attach(&w, None).unwrap();
+        let (_, mut rx) = r.attach(&w, None).unwrap();
         // A pushed task whose completion the database has but whose release never ran.
         let leaked = assign(&db.store, &w).await;
+        let (leaked_id, leaked_attempt) = (leaked.task_id, leaked.attempt);
         let leaked_held = Held { task_id: leaked.task_id, worker_id: w.clone(), attempt: leaked.attempt };
         r.push(leaked, session).unwrap();
         db.store
@@ -1962,6 +1972,14 @@ mod tests {
         let second = r.reconcile(&mut suspects).await.unwrap();
         assert_eq!((second.stale_slots, second.orphans), (1, 1), "{second:?}");
         assert_eq!(in_flight(&r, &w), 0);
+        // The freed attempt is cancelled on the worker's stream, after the run it was pushed.
+        assert!(matches!(rx.try_recv(), Ok(Push::Run(a)) if a.task_id == leaked_id));
+        match rx.try_recv() {
+            Ok(Push::Cancel { task_id, attempt }) => {
+                assert_eq!((task_id, attempt), (leaked_id, leaked_attempt))
+            }
+            other => panic!("a cancel of the freed attempt: {other:?}"),
+        }
         let t = db.store.get_task(orphan.task_id).await.unwrap().unwrap();
         assert_eq!((t.state, t.failures), (TaskState::Pending, 0), "back to pending, uncharged");
         assert_eq!(r.reconcile(&mut suspects).await.unwrap(), Corrections::default(), "nothing left");
