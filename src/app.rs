@@ -212,6 +212,7 @@ impl App {
             c.cleanup_interval,
             c.heartbeat_timeout * 2,
             dead_rx,
+            c.heartbeat_timeout,
         );
 
         // Every loop is supervised: one that panics or ends early turns /health/live red (the

@@ -395,24 +395,37 @@ pub enum RequeueReason {
     NotReceived,
     /// The worker registered again from a new process: the attempt died with the old one.
     WorkerRestarted,
+    /// Its deadline passed (`timeout` after the assignment) and the worker did not report it
+    /// within a grace after that: the worker ignores deadlines, or its handler hangs.
+    TimedOut,
 }
 
 impl RequeueReason {
-    pub const ALL: [RequeueReason; 6] = [
+    pub const ALL: [RequeueReason; 7] = [
         RequeueReason::LeaseExpired,
         RequeueReason::WorkerDead,
         RequeueReason::Undelivered,
         RequeueReason::Released,
         RequeueReason::NotReceived,
         RequeueReason::WorkerRestarted,
+        RequeueReason::TimedOut,
     ];
 
     /// True when the lost attempt counts against `max_attempts`.
     pub fn charged(self) -> bool {
         matches!(
             self,
-            RequeueReason::LeaseExpired | RequeueReason::WorkerDead | RequeueReason::WorkerRestarted
+            RequeueReason::LeaseExpired
+                | RequeueReason::WorkerDead
+                | RequeueReason::WorkerRestarted
+                | RequeueReason::TimedOut
         )
+    }
+
+    /// True when the worker may still be running the attempt it lost (it is alive and was not
+    /// the one that gave it up): it is told to stop it.
+    pub fn may_still_run(self) -> bool {
+        matches!(self, RequeueReason::LeaseExpired | RequeueReason::TimedOut)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -423,6 +436,7 @@ impl RequeueReason {
             RequeueReason::Released => "released",
             RequeueReason::NotReceived => "not_received",
             RequeueReason::WorkerRestarted => "worker_restarted",
+            RequeueReason::TimedOut => "timed_out",
         }
     }
 }

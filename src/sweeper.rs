@@ -1,7 +1,10 @@
 //! The sweeper: takes work back from workers that can no longer do it. On every
 //! `cleanup_interval` tick it requeues tasks whose lease ran out (no heartbeat renewed them
-//! within `stale_task_timeout`); when the registry declares a worker DEAD it requeues that
-//! worker's tasks at once. A task out of attempts becomes `failed`. Each requeue is a
+//! within `stale_task_timeout`) and tasks still unreported `heartbeat_timeout` after their
+//! deadline (a worker that ignores deadlines, or a handler that hangs while its worker
+//! heartbeats: the lease alone would keep such a task there for good); when the registry
+//! declares a worker DEAD it requeues that worker's tasks at once. A task out of attempts
+//! becomes `failed`. Each requeue is a
 //! conditional update, so it never overwrites a completion that raced it, and running it on
 //! every replica at once is safe.
 
@@ -32,6 +35,18 @@ pub struct Sweeper {
     outage_hold: Duration,
     /// The registry holds the sender: sessions that just went DEAD.
     dead_rx: mpsc::UnboundedReceiver<DeadSession>,
+    /// How long after its deadline an attempt may still be reported before it is taken back:
+    /// a worker that keeps deadlines reports the failure itself well within it.
+    overdue_grace: Duration,
+}
+
+/// What a sweep takes back.
+#[derive(Debug, Clone, Copy)]
+enum Sweep {
+    /// Leases that ran out.
+    Expired,
+    /// Attempts past their deadline and its grace.
+    Overdue,
 }
 
 impl Sweeper {
@@ -41,8 +56,9 @@ impl Sweeper {
         interval: Duration,
         outage_hold: Duration,
         dead_rx: mpsc::UnboundedReceiver<DeadSession>,
+        overdue_grace: Duration,
     ) -> Self {
-        Self { store, effects, interval, outage_hold, dead_rx }
+        Self { store, effects, interval, outage_hold, dead_rx, overdue_grace }
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -74,7 +90,8 @@ impl Sweeper {
         }
     }
 
-    /// Requeues tasks whose lease expired, in batches until none is left.
+    /// Requeues tasks whose lease expired, then those past their deadline, in batches until
+    /// none is left.
     pub async fn sweep_expired(&self) {
         // Leases cannot be renewed during an outage: after one, live workers get time to renew
         // them before any is taken back. A probe first, with a deadline: during an outage calls
@@ -88,12 +105,27 @@ impl Sweeper {
         if health.unavailable_within(self.outage_hold) {
             return;
         }
+        for sweep in [Sweep::Expired, Sweep::Overdue] {
+            self.sweep(sweep).await;
+        }
+    }
+
+    async fn sweep(&self, sweep: Sweep) {
         loop {
-            match self.store.requeue_expired(BATCH).await {
+            let requeued = match sweep {
+                Sweep::Expired => self.store.requeue_expired(BATCH).await,
+                Sweep::Overdue => self.store.requeue_overdue(BATCH, self.overdue_grace).await,
+            };
+            match requeued {
                 Ok(requeued) => {
                     for r in &requeued {
-                        warn!(task_id = %r.task_id, worker_id = %r.worker_id, attempt = r.attempt,
-                              next = %r.state, "lease expired; task taken back");
+                        match sweep {
+                            Sweep::Expired => warn!(task_id = %r.task_id, worker_id = %r.worker_id,
+                                attempt = r.attempt, next = %r.state, "lease expired; task taken back"),
+                            Sweep::Overdue => warn!(task_id = %r.task_id, worker_id = %r.worker_id,
+                                attempt = r.attempt, next = %r.state, grace_ms = self.overdue_grace.as_millis() as u64,
+                                "attempt unreported past its deadline; task taken back"),
+                        }
                     }
                     self.after(&requeued);
                     if (requeued.len() as u32) < BATCH {
@@ -101,7 +133,10 @@ impl Sweeper {
                     }
                 }
                 Err(error) => {
-                    warn!(%error, "failed to requeue expired leases");
+                    match sweep {
+                        Sweep::Expired => warn!(%error, "failed to requeue expired leases"),
+                        Sweep::Overdue => warn!(%error, "failed to requeue attempts past their deadline"),
+                    }
                     return;
                 }
             }

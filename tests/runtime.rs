@@ -223,6 +223,76 @@ async fn a_heartbeating_worker_keeps_a_task_longer_than_the_lease(db: &TestDb) {
     c.stop().await.unwrap();
 }
 
+on_every_backend!(an_attempt_its_worker_never_reports_past_its_deadline_is_taken_back);
+/// A worker that heartbeats but never reports a task past its deadline (it ignores deadlines,
+/// or its handler hangs) does not keep the task for good, as its renewed lease alone would
+/// let it: one `heartbeat_timeout` after the deadline the sweeper takes it back, charged
+/// (`timed_out`), the worker is told to stop it, and the task runs again.
+async fn an_attempt_its_worker_never_reports_past_its_deadline_is_taken_back(db: &TestDb) {
+    let c = TestCoordinator::start(db, |cfg| {
+        cfg.coordinator.heartbeat_timeout = Duration::from_millis(900);
+        cfg.coordinator.stale_task_timeout = Duration::from_secs(60);
+        cfg.coordinator.cleanup_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut client = c.client().await;
+    let mut w = RawWorker::connect(&c.endpoint(), "hung", 1, &["prove"]).await;
+    wait_connected(&client, &["hung"]).await;
+    let id = client
+        .submit_task(proto::SubmitTaskRequest {
+            task_type: "prove".into(),
+            payload: b"x".to_vec(),
+            timeout_ms: 300,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    let first = w.next(T).await;
+    assert_eq!((first.task_id.as_str(), first.attempt), (id.as_str(), 1));
+    let pushed = std::time::Instant::now();
+    // Heartbeats go on, naming the task, while nothing is reported.
+    let beats = {
+        let mut hb = w.client.clone();
+        let running = vec![proto::RunningTask { task_id: id.clone(), attempt: 1 }];
+        tokio::spawn(async move {
+            loop {
+                let beat = proto::HeartbeatRequest {
+                    worker_id: "hung".into(),
+                    running_tasks: running.clone(),
+                    ..Default::default()
+                };
+                let _ = hb.send_heartbeat(beat).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let stop = w.next(Duration::from_secs(10)).await;
+    let after = pushed.elapsed();
+    assert_eq!(stop.kind, proto::AssignmentKind::Cancel as i32, "{stop:?}");
+    assert_eq!((stop.task_id.as_str(), stop.attempt), (id.as_str(), 1));
+    assert!(after >= Duration::from_millis(1200), "not before its deadline and grace: {after:?}");
+    // Its slot is free: the task comes back to the same worker as attempt 2.
+    let again = w.next(Duration::from_secs(10)).await;
+    assert_eq!(
+        (again.task_id.as_str(), again.attempt, again.kind),
+        (id.as_str(), 2, proto::AssignmentKind::Run as i32)
+    );
+    beats.abort();
+    let t = client
+        .get_task(proto::GetTaskRequest { task_id: id.clone(), include_attempts: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(t.failures, 1, "charged: {t:?}");
+    assert_eq!(t.attempts.first().map(|a| a.outcome.as_str()), Some("timed_out"), "{t:?}");
+    let e = w.complete(&id, 1, b"too late").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    w.complete(&id, 2, b"done").await.unwrap();
+    c.stop().await.unwrap();
+}
+
 on_every_backend!(reports_are_fenced_by_worker_and_attempt);
 async fn reports_are_fenced_by_worker_and_attempt(db: &TestDb) {
     let c = TestCoordinator::start(db, |_| {}).await;

@@ -117,6 +117,7 @@ store_tests!(
     requeue_expired_returns_lapsed_leases_to_pending,
     requeue_expired_fails_a_task_out_of_attempts,
     requeue_expired_respects_its_limit,
+    requeue_overdue_takes_back_attempts_past_their_deadline_and_grace,
     requeue_expired_leaves_a_task_completed_before_it,
     requeue_worker_gives_back_every_task_of_that_worker_only,
     // sessions
@@ -1618,6 +1619,83 @@ mod cases {
         assert_eq!(last_attempt(s, t.id).await.outcome.as_deref(), Some("lease_expired"), "{b}");
         let got = s.claim(10, &TypeFilter::Any, LONG_LEASE, |_| panic!("failed is no candidate")).await;
         assert!(got.expect("claim").is_empty(), "{b}");
+    }
+
+    /// An attempt still unreported `grace` after its deadline (its timeout after the
+    /// assignment) is taken back whatever its lease says: charged (`timed_out`), pending again,
+    /// or failed when out of attempts; one within its grace, one with a later deadline and a
+    /// completed one are untouched, and the late report of the one taken back is stale.
+    pub async fn requeue_overdue_takes_back_attempts_past_their_deadline_and_grace(s: &Store) {
+        let b = s.backend();
+        let short = |attempts| {
+            let mut t = with_attempts(new_task("prove"), attempts);
+            t.timeout = Duration::from_millis(100);
+            t
+        };
+        let overdue = create_one(s, short(3)).await;
+        let last_try = create_one(s, short(1)).await;
+        let done = create_one(s, short(3)).await;
+        let later = create_one(s, new_task("prove")).await;
+        let h = claim_one(s, overdue.id, "w1", LONG_LEASE).await;
+        s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running");
+        claim_one(s, last_try.id, "w2", LONG_LEASE).await;
+        let d = claim_one(s, done.id, "w1", LONG_LEASE).await;
+        claim_one(s, later.id, "w1", LONG_LEASE).await;
+        assert_eq!(
+            complete_one(s, &d, b"in time").await,
+            ReportOutcome::Applied { state: TaskState::Completed }
+        );
+        let later_before = get(s, later.id).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+
+        // Past the deadline, within the grace: nothing yet.
+        assert!(
+            s.requeue_overdue(100, Duration::from_secs(60)).await.expect("requeue_overdue").is_empty(),
+            "{b}"
+        );
+        let mut out = s.requeue_overdue(100, Duration::from_millis(100)).await.expect("requeue_overdue");
+        out.sort_by_key(|r| r.worker_id.0.clone());
+        assert_eq!(
+            out,
+            vec![
+                Requeued {
+                    task_id: overdue.id,
+                    task_type: "prove".into(),
+                    worker_id: w("w1"),
+                    attempt: 1,
+                    state: TaskState::Pending,
+                    reason: RequeueReason::TimedOut,
+                },
+                Requeued {
+                    task_id: last_try.id,
+                    task_type: "prove".into(),
+                    worker_id: w("w2"),
+                    attempt: 1,
+                    state: TaskState::Failed,
+                    reason: RequeueReason::TimedOut,
+                },
+            ],
+            "{b}"
+        );
+        let now = get(s, overdue.id).await;
+        assert_eq!(
+            (now.state, now.failures, now.worker_id.clone()),
+            (TaskState::Pending, 1, None),
+            "{b}: charged"
+        );
+        assert_eq!(last_attempt(s, overdue.id).await.outcome.as_deref(), Some("timed_out"), "{b}");
+        let failed = get(s, last_try.id).await;
+        assert_eq!(failed.state, TaskState::Failed, "{b}");
+        let err = failed.error.expect("an error is recorded");
+        assert!(err.contains("timed_out") && err.contains("w2"), "{b}: {err:?}");
+        assert_eq!(get(s, done.id).await.state, TaskState::Completed, "{b}");
+        assert_eq!(get(s, later.id).await, later_before, "{b}: a later deadline is untouched");
+        assert!(s.requeue_overdue(100, Duration::ZERO).await.expect("requeue_overdue").is_empty(), "{b}");
+        assert_eq!(
+            complete_one(s, &h, b"late").await,
+            ReportOutcome::Stale { state: TaskState::Pending, attempt: 1 },
+            "{b}: the late report changes nothing"
+        );
     }
 
     pub async fn requeue_expired_respects_its_limit(s: &Store) {

@@ -127,7 +127,12 @@ impl Effects {
     /// Held tasks were given back (lease expired, worker dead, undelivered, released).
     pub fn requeued(&self, requeued: &[Requeued]) {
         for r in requeued {
-            self.registry.release(&r.worker_id, r.task_id, r.attempt);
+            if r.reason.may_still_run() {
+                // Frees the slot and tells the worker, if it streams from here, to stop it.
+                self.registry.push_cancel(&r.worker_id, r.task_id, r.attempt);
+            } else {
+                self.registry.release(&r.worker_id, r.task_id, r.attempt);
+            }
             metrics::task_requeued(r.reason);
             if r.state == TaskState::Failed {
                 metrics::task_failed(&r.task_type, None);

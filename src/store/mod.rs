@@ -1071,6 +1071,13 @@ impl Store {
         timed!("requeue_expired", self, s => s.requeue_expired(limit).await)
     }
 
+    /// Requeues (or fails, when out of attempts) up to `limit` held tasks still unreported
+    /// `grace` after their deadline (their `timeout` after the assignment), charging an
+    /// attempt (`timed_out`).
+    pub async fn requeue_overdue(&self, limit: u32, grace: Duration) -> Result<Vec<Requeued>> {
+        timed!("requeue_overdue", self, s => s.requeue_overdue(limit, grace).await)
+    }
+
     /// Requeues every task `worker` holds under `session` (it went DEAD), charging an attempt,
     /// but only while `session` is still the worker's current session in the database: a worker
     /// that registered again (here or on another replica) keeps its tasks. Tasks assigned

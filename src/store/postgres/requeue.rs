@@ -1,5 +1,5 @@
-//! Attempts taken back without a report: lease expired, worker dead, undelivered, released,
-//! not held by a worker that registered again. [`policy::after_loss`] decides what each task becomes.
+//! Attempts taken back without a report: lease expired, past the deadline, worker dead,
+//! undelivered, released, not held by a worker that registered again. [`policy::after_loss`] decides what each task becomes.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -18,18 +18,49 @@ impl PgStore {
     }
 
     async fn requeue_expired_once(&self, limit: u32) -> Result<Vec<Requeued>> {
-        let mut tx = self.pool.begin().await?;
         let victims = sqlx::query(
             "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
              WHERE status IN ('assigned', 'running') AND lease_expires_at < now()
              ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(i64::from(limit));
+        self.requeue_selected(victims, RequeueReason::LeaseExpired).await
+    }
+
+    /// Requeues for `reason` what `victims` selects and locks, in a transaction of its own.
+    async fn requeue_selected<'q>(
+        &self,
+        victims: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        reason: RequeueReason,
+    ) -> Result<Vec<Requeued>> {
+        let mut tx = self.pool.begin().await?;
         let mut settled = Settled::default();
-        let out = requeue(&mut tx, victims, RequeueReason::LeaseExpired, &mut settled).await?;
+        let out = requeue(&mut tx, victims, reason, &mut settled).await?;
         tx.commit().await?;
         self.settled.send(settled);
         Ok(out)
+    }
+
+    pub(in crate::store) async fn requeue_overdue(
+        &self,
+        limit: u32,
+        grace: Duration,
+    ) -> Result<Vec<Requeued>> {
+        retry_conflicts!(self.requeue_overdue_once(limit, grace).await)
+    }
+
+    async fn requeue_overdue_once(&self, limit: u32, grace: Duration) -> Result<Vec<Requeued>> {
+        // Among the tasks out on workers (`tasks_worker` holds them all); in numeric, so no
+        // timeout however long overflows.
+        let victims = sqlx::query(
+            "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
+             WHERE status IN ('assigned', 'running')
+               AND EXTRACT(EPOCH FROM now() - assigned_at) * 1000 > timeout_ms::numeric + $2
+             ORDER BY assigned_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(limit))
+        .bind(crate::store::duration_ms(grace));
+        self.requeue_selected(victims, RequeueReason::TimedOut).await
     }
 
     pub(in crate::store) async fn requeue_worker(
@@ -41,7 +72,6 @@ impl PgStore {
     }
 
     async fn requeue_worker_once(&self, worker: &WorkerId, session: Uuid) -> Result<Vec<Requeued>> {
-        let mut tx = self.pool.begin().await?;
         // The worker row is locked first: a registration of a new session (which updates it)
         // either committed before, and nothing here matches, or waits until this is done.
         let victims = sqlx::query(
@@ -53,11 +83,7 @@ impl PgStore {
         )
         .bind(&worker.0)
         .bind(session);
-        let mut settled = Settled::default();
-        let out = requeue(&mut tx, victims, RequeueReason::WorkerDead, &mut settled).await?;
-        tx.commit().await?;
-        self.settled.send(settled);
-        Ok(out)
+        self.requeue_selected(victims, RequeueReason::WorkerDead).await
     }
 
     /// Gives back held tasks named by (task, worker, attempt): `Undelivered` only while still

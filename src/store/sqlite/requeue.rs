@@ -1,5 +1,5 @@
-//! Attempts taken back without a report: lease expired, worker dead, undelivered, released,
-//! not held by a worker that registered again. [`policy::after_loss`] decides what each task becomes.
+//! Attempts taken back without a report: lease expired, past the deadline, worker dead,
+//! undelivered, released, not held by a worker that registered again. [`policy::after_loss`] decides what each task becomes.
 
 use std::collections::HashSet;
 
@@ -30,12 +30,45 @@ impl SqliteStore {
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
+        self.requeue_rows(tx, &victims, RequeueReason::LeaseExpired, now).await
+    }
+
+    /// Requeues for `reason` the held tasks in `victims` (id, attempt, worker_id) and commits.
+    async fn requeue_rows(
+        &self,
+        mut tx: Tx<'_>,
+        victims: &[sqlx::sqlite::SqliteRow],
+        reason: RequeueReason,
+        now: i64,
+    ) -> Result<Vec<Requeued>> {
         let held = victims.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
         let mut settled = Settled::default();
-        let out = requeue(&mut tx, &held, RequeueReason::LeaseExpired, now, &mut settled).await?;
+        let out = requeue(&mut tx, &held, reason, now, &mut settled).await?;
         tx.commit().await?;
         self.settled.send(settled);
         Ok(out)
+    }
+
+    pub(in crate::store) async fn requeue_overdue(
+        &self,
+        limit: u32,
+        grace: std::time::Duration,
+    ) -> Result<Vec<Requeued>> {
+        let now = micros(Utc::now());
+        let mut tx = self.writer.begin().await?;
+        // Times are microseconds; the sum is taken in milliseconds since the assignment, so no
+        // timeout however long overflows it.
+        let victims = sqlx::query(
+            "SELECT id, attempt, worker_id FROM tasks
+             WHERE status IN ('assigned', 'running') AND ($1 - assigned_at) / 1000 - $3 > timeout_ms
+             ORDER BY assigned_at LIMIT $2",
+        )
+        .bind(now)
+        .bind(i64::from(limit))
+        .bind(crate::store::duration_ms(grace))
+        .fetch_all(&mut *tx)
+        .await?;
+        self.requeue_rows(tx, &victims, RequeueReason::TimedOut, now).await
     }
 
     pub(in crate::store) async fn requeue_worker(
@@ -56,12 +89,7 @@ impl SqliteStore {
         .bind(session.to_string())
         .fetch_all(&mut *tx)
         .await?;
-        let held = victims.iter().map(decode::held).collect::<Result<Vec<_>>>()?;
-        let mut settled = Settled::default();
-        let out = requeue(&mut tx, &held, RequeueReason::WorkerDead, now, &mut settled).await?;
-        tx.commit().await?;
-        self.settled.send(settled);
-        Ok(out)
+        self.requeue_rows(tx, &victims, RequeueReason::WorkerDead, now).await
     }
 
     pub(in crate::store) async fn requeue_held(
