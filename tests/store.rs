@@ -1621,10 +1621,11 @@ mod cases {
         assert!(got.expect("claim").is_empty(), "{b}");
     }
 
-    /// An attempt still unreported `grace` after its deadline (its timeout after the
+    /// A running attempt still unreported `grace` after its deadline (its timeout after the
     /// assignment) is taken back whatever its lease says: charged (`timed_out`), pending again,
-    /// or failed when out of attempts; one within its grace, one with a later deadline and a
-    /// completed one are untouched, and the late report of the one taken back is stale.
+    /// or failed when out of attempts; one within its grace, one with a later deadline, a
+    /// completed one and one never delivered (still `assigned`: the slot comparison gives it
+    /// back uncharged) are untouched, and the late report of the one taken back is stale.
     pub async fn requeue_overdue_takes_back_attempts_past_their_deadline_and_grace(s: &Store) {
         let b = s.backend();
         let short = |attempts| {
@@ -1636,16 +1637,19 @@ mod cases {
         let last_try = create_one(s, short(1)).await;
         let done = create_one(s, short(3)).await;
         let later = create_one(s, new_task("prove")).await;
+        let undelivered = create_one(s, short(3)).await;
         let h = claim_one(s, overdue.id, "w1", LONG_LEASE).await;
-        s.mark_running(std::slice::from_ref(&h)).await.expect("mark_running");
-        claim_one(s, last_try.id, "w2", LONG_LEASE).await;
+        let l = claim_one(s, last_try.id, "w2", LONG_LEASE).await;
         let d = claim_one(s, done.id, "w1", LONG_LEASE).await;
-        claim_one(s, later.id, "w1", LONG_LEASE).await;
+        let m = claim_one(s, later.id, "w1", LONG_LEASE).await;
+        claim_one(s, undelivered.id, "w1", LONG_LEASE).await;
+        s.mark_running(&[h.clone(), l, d.clone(), m]).await.expect("mark_running");
         assert_eq!(
             complete_one(s, &d, b"in time").await,
             ReportOutcome::Applied { state: TaskState::Completed }
         );
         let later_before = get(s, later.id).await;
+        let undelivered_before = get(s, undelivered.id).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
 
         // Past the deadline, within the grace: nothing yet.
@@ -1690,6 +1694,11 @@ mod cases {
         assert!(err.contains("timed_out") && err.contains("w2"), "{b}: {err:?}");
         assert_eq!(get(s, done.id).await.state, TaskState::Completed, "{b}");
         assert_eq!(get(s, later.id).await, later_before, "{b}: a later deadline is untouched");
+        assert_eq!(
+            get(s, undelivered.id).await,
+            undelivered_before,
+            "{b}: never delivered: left to the slot comparison"
+        );
         assert!(s.requeue_overdue(100, Duration::ZERO).await.expect("requeue_overdue").is_empty(), "{b}");
         assert_eq!(
             complete_one(s, &h, b"late").await,

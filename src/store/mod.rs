@@ -1071,9 +1071,10 @@ impl Store {
         timed!("requeue_expired", self, s => s.requeue_expired(limit).await)
     }
 
-    /// Requeues (or fails, when out of attempts) up to `limit` held tasks still unreported
+    /// Requeues (or fails, when out of attempts) up to `limit` running tasks still unreported
     /// `grace` after their deadline (their `timeout` after the assignment), charging an
-    /// attempt (`timed_out`).
+    /// attempt (`timed_out`). One still `assigned` never reached its worker: it is left to the
+    /// slot comparison, which gives it back uncharged.
     pub async fn requeue_overdue(&self, limit: u32, grace: Duration) -> Result<Vec<Requeued>> {
         timed!("requeue_overdue", self, s => s.requeue_overdue(limit, grace).await)
     }

@@ -50,11 +50,13 @@ impl PgStore {
     }
 
     async fn requeue_overdue_once(&self, limit: u32, grace: Duration) -> Result<Vec<Requeued>> {
-        // Among the tasks out on workers (`tasks_worker` holds them all); in numeric, so no
-        // timeout however long overflows.
+        // Running only: an attempt still `assigned` never reached its worker (a delivered one is
+        // marked running at once), and goes back uncharged through the slot comparison. Among
+        // the tasks out on workers (`tasks_worker` holds them all); in numeric, so no timeout
+        // however long overflows.
         let victims = sqlx::query(
             "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
-             WHERE status IN ('assigned', 'running')
+             WHERE status = 'running'
                AND EXTRACT(EPOCH FROM now() - assigned_at) * 1000 > timeout_ms::numeric + $2
              ORDER BY assigned_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )

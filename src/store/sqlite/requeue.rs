@@ -56,11 +56,11 @@ impl SqliteStore {
     ) -> Result<Vec<Requeued>> {
         let now = micros(Utc::now());
         let mut tx = self.writer.begin().await?;
-        // Times are microseconds; the sum is taken in milliseconds since the assignment, so no
-        // timeout however long overflows it.
+        // Running only, as on Postgres. Times are microseconds; the sum is taken in milliseconds
+        // since the assignment, so no timeout however long overflows it.
         let victims = sqlx::query(
             "SELECT id, attempt, worker_id FROM tasks
-             WHERE status IN ('assigned', 'running') AND ($1 - assigned_at) / 1000 - $3 > timeout_ms
+             WHERE status = 'running' AND ($1 - assigned_at) / 1000 - $3 > timeout_ms
              ORDER BY assigned_at LIMIT $2",
         )
         .bind(now)
