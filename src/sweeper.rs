@@ -106,11 +106,16 @@ impl Sweeper {
             return;
         }
         for sweep in [Sweep::Expired, Sweep::Overdue] {
-            self.sweep(sweep).await;
+            // A sweep that failed, or an outage that began meanwhile, ends the tick: reports
+            // that could not land during an outage must not be charged as late.
+            if !self.sweep(sweep).await || health.unavailable_within(self.outage_hold) {
+                return;
+            }
         }
     }
 
-    async fn sweep(&self, sweep: Sweep) {
+    /// One kind of sweep, in batches until none is left; false when a batch failed.
+    async fn sweep(&self, sweep: Sweep) -> bool {
         loop {
             let requeued = match sweep {
                 Sweep::Expired => self.store.requeue_expired(BATCH).await,
@@ -129,7 +134,7 @@ impl Sweeper {
                     }
                     self.after(&requeued);
                     if (requeued.len() as u32) < BATCH {
-                        return;
+                        return true;
                     }
                 }
                 Err(error) => {
@@ -137,7 +142,7 @@ impl Sweeper {
                         Sweep::Expired => warn!(%error, "failed to requeue expired leases"),
                         Sweep::Overdue => warn!(%error, "failed to requeue attempts past their deadline"),
                     }
-                    return;
+                    return false;
                 }
             }
         }
