@@ -778,3 +778,52 @@ async fn a_cancel_through_the_other_replica_reaches_the_worker_at_once() {
     b.stop().await.unwrap();
     db.cleanup().await;
 }
+
+/// An attempt another replica's sweeper takes back (here: past its deadline) is announced like
+/// a cancel: the replica the worker streams from pushes the `CANCEL` at once, not after two
+/// slot comparisons (a minute apart here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn an_attempt_the_other_replica_takes_back_is_cancelled_on_the_worker_at_once() {
+    let db = TestDb::postgres().await.expect("TEST_DATABASE_URL is set");
+    let a = TestCoordinator::start(&db, |c| {
+        c.coordinator.id = "replica-a".into();
+        c.coordinator.poll_interval = SLOW_POLL;
+        c.coordinator.heartbeat_timeout = Duration::from_secs(30);
+        c.coordinator.cleanup_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let b = TestCoordinator::start(&db, |c| {
+        c.coordinator.id = "replica-b".into();
+        c.coordinator.poll_interval = SLOW_POLL;
+        c.coordinator.heartbeat_timeout = Duration::from_secs(1);
+        c.coordinator.cleanup_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut w = RawWorker::connect(&a.endpoint(), "w-late", 1, &["prove"]).await;
+    wait_connected(&a.client().await, &["w-late"]).await;
+    let id = a
+        .client()
+        .await
+        .submit_task(proto::SubmitTaskRequest {
+            task_type: "prove".into(),
+            payload: b"x".to_vec(),
+            timeout_ms: 200,
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .task_id;
+    let got = w.next(Duration::from_secs(10)).await;
+    assert_eq!((got.task_id.as_str(), got.attempt), (id.as_str(), 1));
+    // B's sweeper takes it back 1 s past its deadline; A's would not for an hour.
+    let stop = w.next(Duration::from_secs(6)).await;
+    assert_eq!(stop.kind, proto::AssignmentKind::Cancel as i32, "{stop:?}");
+    assert_eq!((stop.task_id.as_str(), stop.attempt), (id.as_str(), 1));
+    let t = get_task(&mut b.client().await, &id).await;
+    assert!(t.attempt >= 1 && t.failures == 1, "taken back, charged: {t:?}");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    db.cleanup().await;
+}

@@ -128,8 +128,14 @@ impl Effects {
     pub fn requeued(&self, requeued: &[Requeued]) {
         for r in requeued {
             if r.reason.may_still_run() {
-                // Frees the slot and tells the worker, if it streams from here, to stop it.
+                // Frees the slot and tells the worker to stop it, here or, through the
+                // announcement, on the replica it streams from.
                 self.registry.push_cancel(&r.worker_id, r.task_id, r.attempt);
+                self.notifier.cancelled(&Held {
+                    task_id: r.task_id,
+                    worker_id: r.worker_id.clone(),
+                    attempt: r.attempt,
+                });
             } else {
                 self.registry.release(&r.worker_id, r.task_id, r.attempt);
             }
