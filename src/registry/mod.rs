@@ -685,8 +685,10 @@ impl Registry {
             return Err(RegistryError::UnknownWorker(worker.clone()));
         }
         s.opened_by(worker, instance)?;
-        // Assignments never exceed the capacity in flight, so this never fills with them.
-        let (tx, rx) = mpsc::channel(s.capacity().max(1) as usize);
+        // Assignments never exceed the capacity in flight. A cancel frees its attempt's slot
+        // before the worker reads it, and that slot may take an assignment at once: room for as
+        // many cancels again, so a cancel waiting here never turns an assignment away.
+        let (tx, rx) = mpsc::channel(2 * s.capacity().max(1) as usize);
         s.stream = Some(StreamSlot { id, tx: Some(tx) });
         s.streams_opened = s.streams_opened.saturating_add(1);
         drop(state);
@@ -1965,21 +1967,23 @@ mod tests {
         let orphan = assign(&db.store, &w).await;
         assert_eq!(in_flight(&r, &w), 1);
 
+        assert!(matches!(rx.try_recv(), Ok(Push::Run(a)) if a.task_id == leaked_id));
         let mut suspects = HashSet::new();
         let first = r.reconcile(&mut suspects).await.unwrap();
         assert_eq!(first, Corrections::default(), "one sighting corrects nothing");
         assert_eq!(in_flight(&r, &w), 1);
+        assert!(rx.try_recv().is_err(), "nor tells the worker anything");
         let second = r.reconcile(&mut suspects).await.unwrap();
         assert_eq!((second.stale_slots, second.orphans), (1, 1), "{second:?}");
         assert_eq!(in_flight(&r, &w), 0);
-        // The freed attempt is cancelled on the worker's stream, after the run it was pushed.
-        assert!(matches!(rx.try_recv(), Ok(Push::Run(a)) if a.task_id == leaked_id));
+        // The freed attempt is cancelled on the worker's stream, once.
         match rx.try_recv() {
             Ok(Push::Cancel { task_id, attempt }) => {
                 assert_eq!((task_id, attempt), (leaked_id, leaked_attempt))
             }
             other => panic!("a cancel of the freed attempt: {other:?}"),
         }
+        assert!(rx.try_recv().is_err(), "one cancel");
         let t = db.store.get_task(orphan.task_id).await.unwrap().unwrap();
         assert_eq!((t.state, t.failures), (TaskState::Pending, 0), "back to pending, uncharged");
         assert_eq!(r.reconcile(&mut suspects).await.unwrap(), Corrections::default(), "nothing left");
