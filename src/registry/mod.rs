@@ -1132,9 +1132,9 @@ impl Registry {
     /// one: a slot whose attempt the database no longer holds is freed; a running task the
     /// database gives the session takes a slot; an assignment that never reached the worker
     /// goes back to pending, uncharged. A freed slot's attempt is also cancelled on the worker's
-    /// stream: it may still run it (a cancel whose announcement was lost, a lease another
-    /// replica's sweeper found expired), and would otherwise stop only when the heartbeat that
-    /// renews its lease comes back revoked. A session the database says another registration
+    /// stream: it may still run it (a cancel whose announcement was lost), and would otherwise
+    /// stop at the answer to its next heartbeat, which renews (and so revokes) an attempt this
+    /// replica no longer counts. A session the database says another registration
     /// replaced (the worker moved to another replica) is dropped without touching its tasks.
     pub async fn reconcile(&self, suspects: &mut HashSet<Suspect>) -> crate::store::Result<Corrections> {
         let (workers, seq0) = {
