@@ -527,6 +527,31 @@ mod tests {
         }
     }
 
+    /// The sweeper's statements read only the tasks out on workers (`tasks_worker`), not the
+    /// table with its finished history, on every `cleanup_interval`.
+    #[tokio::test]
+    #[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+    async fn the_sweeps_read_the_tasks_out_on_workers_only() {
+        let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
+        let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
+        prove_tasks(&db.store, 20_000).await;
+        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
+            .execute(pg.pool())
+            .await
+            .unwrap();
+        sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
+        let explain =
+            |sql: &str| sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
+        let expired = explain(requeue::EXPIRED).bind(500i64).fetch_all(pg.pool()).await.unwrap();
+        let overdue =
+            explain(requeue::OVERDUE).bind(500i64).bind(30_000i64).fetch_all(pg.pool()).await.unwrap();
+        for (name, plan) in [("expired", expired), ("overdue", overdue)] {
+            let plan = plan.join("\n");
+            assert!(plan.contains("tasks_worker"), "the {name} sweep reads every task:\n{plan}");
+        }
+        db.cleanup().await;
+    }
+
     /// The hot path's batch statements find their tasks by key or row even on a table that was
     /// never analyzed (a new database under its first load, or autovacuum off), never through a
     /// partial index on the status: without statistics that index looks like a few rows, and it

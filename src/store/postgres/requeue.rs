@@ -12,18 +12,27 @@ use crate::{
     store::{Held, Requeued, Result, Settled, StoreError, decode, policy},
 };
 
+/// Held tasks whose lease ran out, at most `$1`.
+pub(super) const EXPIRED: &str = "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
+     WHERE status IN ('assigned', 'running') AND lease_expires_at < now()
+     ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Running tasks still unreported `$2` ms after their deadline, at most `$1`. Running only: an
+/// attempt still `assigned` never reached its worker (a delivered one is marked running at
+/// once), and goes back uncharged through the slot comparison. Among the tasks out on workers
+/// (`tasks_worker` holds them all); in numeric, so no timeout however long overflows.
+pub(super) const OVERDUE: &str = "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
+     WHERE status = 'running'
+       AND EXTRACT(EPOCH FROM now() - assigned_at) * 1000 > timeout_ms::numeric + $2
+     ORDER BY assigned_at LIMIT $1 FOR UPDATE SKIP LOCKED";
+
 impl PgStore {
     pub(in crate::store) async fn requeue_expired(&self, limit: u32) -> Result<Vec<Requeued>> {
         retry_conflicts!(self.requeue_expired_once(limit).await)
     }
 
     async fn requeue_expired_once(&self, limit: u32) -> Result<Vec<Requeued>> {
-        let victims = sqlx::query(
-            "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
-             WHERE status IN ('assigned', 'running') AND lease_expires_at < now()
-             ORDER BY lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::from(limit));
+        let victims = sqlx::query(EXPIRED).bind(i64::from(limit));
         self.requeue_selected(victims, RequeueReason::LeaseExpired).await
     }
 
@@ -50,18 +59,7 @@ impl PgStore {
     }
 
     async fn requeue_overdue_once(&self, limit: u32, grace: Duration) -> Result<Vec<Requeued>> {
-        // Running only: an attempt still `assigned` never reached its worker (a delivered one is
-        // marked running at once), and goes back uncharged through the slot comparison. Among
-        // the tasks out on workers (`tasks_worker` holds them all); in numeric, so no timeout
-        // however long overflows.
-        let victims = sqlx::query(
-            "SELECT id, attempt, worker_id, failures, max_attempts FROM tasks
-             WHERE status = 'running'
-               AND EXTRACT(EPOCH FROM now() - assigned_at) * 1000 > timeout_ms::numeric + $2
-             ORDER BY assigned_at LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(i64::from(limit))
-        .bind(crate::store::duration_ms(grace));
+        let victims = sqlx::query(OVERDUE).bind(i64::from(limit)).bind(crate::store::duration_ms(grace));
         self.requeue_selected(victims, RequeueReason::TimedOut).await
     }
 
