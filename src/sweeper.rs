@@ -49,6 +49,15 @@ enum Sweep {
     Overdue,
 }
 
+impl Sweep {
+    fn what(self) -> &'static str {
+        match self {
+            Sweep::Expired => "expired leases",
+            Sweep::Overdue => "attempts past their deadline",
+        }
+    }
+}
+
 impl Sweeper {
     pub fn new(
         store: Store,
@@ -124,13 +133,8 @@ impl Sweeper {
             match requeued {
                 Ok(requeued) => {
                     for r in &requeued {
-                        match sweep {
-                            Sweep::Expired => warn!(task_id = %r.task_id, worker_id = %r.worker_id,
-                                attempt = r.attempt, next = %r.state, "lease expired; task taken back"),
-                            Sweep::Overdue => warn!(task_id = %r.task_id, worker_id = %r.worker_id,
-                                attempt = r.attempt, next = %r.state, grace_ms = self.overdue_grace.as_millis() as u64,
-                                "attempt unreported past its deadline; task taken back"),
-                        }
+                        warn!(task_id = %r.task_id, worker_id = %r.worker_id, attempt = r.attempt,
+                              next = %r.state, reason = r.reason.as_str(), "task taken back from its worker");
                     }
                     self.after(&requeued);
                     if (requeued.len() as u32) < BATCH {
@@ -138,10 +142,7 @@ impl Sweeper {
                     }
                 }
                 Err(error) => {
-                    match sweep {
-                        Sweep::Expired => warn!(%error, "failed to requeue expired leases"),
-                        Sweep::Overdue => warn!(%error, "failed to requeue attempts past their deadline"),
-                    }
+                    warn!(%error, "failed to requeue {}", sweep.what());
                     return false;
                 }
             }

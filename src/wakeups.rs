@@ -2,8 +2,8 @@
 //!
 //! Submissions and requeues say "there is runnable work" (every replica's scheduler wakes),
 //! terminal transitions name their tasks (every replica's `WatchTask` streams re-read them),
-//! cancellations of held tasks name the attempts they ended (the replica the worker streams
-//! from pushes the `CANCEL` and frees the slot), and registrations name their workers (a
+//! cancellations of held tasks and sweepers' take-backs name the attempts they ended (the
+//! replica the worker streams from pushes the `CANCEL` and frees the slot), and registrations name their workers (a
 //! replica holding an older session of one drops it once the database confirms the newer one:
 //! the worker moved, and it no longer counts it). The
 //! [`Notifier`] coalesces what happened since its last statement into one `pg_notify` call, so
@@ -38,7 +38,7 @@ const FINISHED_SPACING: Duration = Duration::from_millis(5);
 /// Task ids per notification: 36-byte ids stay well under Postgres' 8,000-byte payload limit.
 const IDS_PER_NOTIFICATION: usize = 150;
 /// Bytes of worker ids (or of cancelled attempts) per notification, under the same limit.
-const WORKER_BYTES_PER_NOTIFICATION: usize = 7000;
+const LIST_BYTES_PER_NOTIFICATION: usize = 7000;
 /// Backoff of the listener's reconnects.
 const RECONNECT_MIN: Duration = Duration::from_millis(200);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
@@ -78,8 +78,8 @@ impl Notifier {
         }
     }
 
-    /// A client cancelled a task that `held` names, the attempt a worker was running: the
-    /// replica that worker streams from tells it to stop.
+    /// The attempt `held` names is over while its worker may still run it (a client cancelled
+    /// it, or a sweeper took it back): the replica that worker streams from tells it to stop.
     pub fn cancelled(&self, held: &Held) {
         if let Some(tx) = &self.tx {
             let _ = tx.send(Note::Cancelled(held.clone()));
@@ -315,7 +315,7 @@ fn encode(origin: &str, notes: impl Iterator<Item = Note>) -> Vec<String> {
 fn listed(out: &mut Vec<String>, origin: &str, kind: &str, items: BTreeSet<String>) {
     let mut list = String::new();
     for item in items {
-        if !list.is_empty() && list.len() + item.len() >= WORKER_BYTES_PER_NOTIFICATION {
+        if !list.is_empty() && list.len() + item.len() >= LIST_BYTES_PER_NOTIFICATION {
             out.push(format!("{origin} {kind} {list}"));
             list.clear();
         }

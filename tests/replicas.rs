@@ -802,19 +802,7 @@ async fn an_attempt_the_other_replica_takes_back_is_cancelled_on_the_worker_at_o
     .await;
     let mut w = RawWorker::connect(&a.endpoint(), "w-late", 1, &["prove"]).await;
     wait_connected(&a.client().await, &["w-late"]).await;
-    let id = a
-        .client()
-        .await
-        .submit_task(proto::SubmitTaskRequest {
-            task_type: "prove".into(),
-            payload: b"x".to_vec(),
-            timeout_ms: 200,
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .task_id;
+    let id = submit_with_timeout(&mut a.client().await, "prove", 200).await;
     let got = w.next(Duration::from_secs(10)).await;
     assert_eq!((got.task_id.as_str(), got.attempt), (id.as_str(), 1));
     // B's sweeper takes it back 1 s past its deadline; A's would not for an hour.

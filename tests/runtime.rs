@@ -240,17 +240,7 @@ async fn an_attempt_its_worker_never_reports_past_its_deadline_is_taken_back(db:
     wait_connected(&client, &["hung"]).await;
     // Before the submission, so before the assignment the deadline runs from.
     let submitted = std::time::Instant::now();
-    let id = client
-        .submit_task(proto::SubmitTaskRequest {
-            task_type: "prove".into(),
-            payload: b"x".to_vec(),
-            timeout_ms: 300,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task_id;
+    let id = submit_with_timeout(&mut client, "prove", 300).await;
     let first = w.next(T).await;
     assert_eq!((first.task_id.as_str(), first.attempt), (id.as_str(), 1));
     // Heartbeats go on, naming the task, while nothing is reported.

@@ -128,14 +128,7 @@ impl Effects {
     pub fn requeued(&self, requeued: &[Requeued]) {
         for r in requeued {
             if r.reason.may_still_run() {
-                // Frees the slot and tells the worker to stop it, here or, through the
-                // announcement, on the replica it streams from.
-                self.registry.push_cancel(&r.worker_id, r.task_id, r.attempt);
-                self.notifier.cancelled(&Held {
-                    task_id: r.task_id,
-                    worker_id: r.worker_id.clone(),
-                    attempt: r.attempt,
-                });
+                self.stop(&r.held());
             } else {
                 self.registry.release(&r.worker_id, r.task_id, r.attempt);
             }
@@ -192,6 +185,16 @@ impl Effects {
         }
     }
 
+    /// An attempt the worker may still run is over (cancelled, or taken back from it): frees
+    /// its slot and tells the worker to stop it, here or, through the announcement, on the
+    /// replica it streams from. A worker that misses both stops at the answer to its next
+    /// heartbeat, which revokes an attempt its replica no longer counts. True when it was
+    /// pushed here.
+    fn stop(&self, h: &Held) -> bool {
+        self.notifier.cancelled(h);
+        self.registry.push_cancel(&h.worker_id, h.task_id, h.attempt)
+    }
+
     /// A client cancelled a task.
     pub fn cancelled(&self, c: &Cancelled) {
         if !c.applied {
@@ -201,11 +204,7 @@ impl Effects {
         self.events.changed(c.task.id);
         self.notifier.finished(c.task.id);
         if let Some(h) = &c.held_by {
-            // Frees the slot of that attempt and tells the worker to stop it, here or, through
-            // the announcement, on the replica it streams from (a worker that misses both
-            // learns from the heartbeat that renews the attempt's lease: it is revoked).
-            let told = self.registry.push_cancel(&h.worker_id, h.task_id, h.attempt);
-            self.notifier.cancelled(h);
+            let told = self.stop(h);
             info!(task_id = %h.task_id, worker_id = %h.worker_id, attempt = h.attempt, pushed = told, "cancelled a held task");
         }
     }

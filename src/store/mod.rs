@@ -321,6 +321,13 @@ pub struct Requeued {
     pub reason: RequeueReason,
 }
 
+impl Requeued {
+    /// The attempt it took back.
+    pub fn held(&self) -> Held {
+        Held { task_id: self.task_id, worker_id: self.worker_id.clone(), attempt: self.attempt }
+    }
+}
+
 /// The result of a cancel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cancelled {

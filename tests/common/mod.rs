@@ -484,6 +484,12 @@ pub async fn submit(client: &mut Client, task_type: &str, payload: &[u8]) -> Str
         .task_id
 }
 
+/// Submits a task of `task_type` that must end within `timeout_ms` of its assignment; its id.
+pub async fn submit_with_timeout(client: &mut Client, task_type: &str, timeout_ms: u64) -> String {
+    let req = proto::SubmitTaskRequest { task_type: task_type.into(), timeout_ms, ..Default::default() };
+    client.submit_task(req).await.expect("submit").into_inner().task_id
+}
+
 /// Submits `n` tasks of `task_type` in one batch, the i-th with `payload(i)`; their ids, in order.
 pub async fn submit_batch(
     client: &mut Client,

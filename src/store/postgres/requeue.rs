@@ -1,5 +1,6 @@
 //! Attempts taken back without a report: lease expired, past the deadline, worker dead,
-//! undelivered, released, not held by a worker that registered again. [`policy::after_loss`] decides what each task becomes.
+//! undelivered, released, not held by a worker that registered again. [`policy::after_loss`]
+//! decides what each task becomes.
 
 use std::{collections::HashMap, time::Duration};
 
