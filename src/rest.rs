@@ -43,7 +43,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
 use serde_json::{Value, json};
 use tracing::{Instrument as _, error};
 
@@ -259,17 +259,68 @@ fn error_response(e: CoreError) -> Response {
     }
 }
 
-/// A protobuf message as JSON, field names as in the .proto.
+/// A protobuf message as JSON, field names as in the .proto, with every field that has no
+/// presence of its own given even at its default (see [`with_defaults`]).
 fn to_json<M: prost::Message + Named>(msg: &M) -> Value {
     let Some(desc) = POOL.get_message_by_name(M::NAME) else {
         return Value::Null;
     };
-    let mut dm = DynamicMessage::new(desc);
+    let mut dm = DynamicMessage::new(desc.clone());
     if dm.transcode_from(msg).is_err() {
         return Value::Null;
     }
     let opts = SerializeOptions::new().use_proto_field_name(true).stringify_64_bit_integers(false);
-    dm.serialize_with_options(serde_json::value::Serializer, &opts).unwrap_or(Value::Null)
+    let mut value = dm.serialize_with_options(serde_json::value::Serializer, &opts).unwrap_or(Value::Null);
+    with_defaults(&desc, &mut value);
+    value
+}
+
+/// Adds the fields proto3's JSON mapping leaves out at their default: zeros, `false`, empty
+/// strings, lists and maps, and an enum's first value. A client reads `"in_flight": 0` or
+/// `"max_in_flight": 0` (a type held) rather than inferring it from a missing key. Fields with
+/// presence stay out when unset: messages (a task not finished has no `finished_at`), and
+/// members of a oneof or `optional` fields. Well-known types (timestamps, durations) are
+/// left as they serialize.
+fn with_defaults(desc: &MessageDescriptor, value: &mut Value) {
+    let Value::Object(map) = value else { return };
+    for field in desc.fields() {
+        let kind = field.kind();
+        let nested = kind.as_message().filter(|m| !m.full_name().starts_with("google.protobuf."));
+        match map.get_mut(field.name()) {
+            Some(present) => match nested {
+                Some(m) if field.is_map() => {
+                    if let (Some(values), Kind::Message(v)) =
+                        (present.as_object_mut(), m.map_entry_value_field().kind())
+                    {
+                        values.values_mut().for_each(|e| with_defaults(&v, e));
+                    }
+                }
+                Some(m) if field.is_list() => {
+                    present.as_array_mut().into_iter().flatten().for_each(|e| with_defaults(m, e));
+                }
+                Some(m) => with_defaults(m, present),
+                None => {}
+            },
+            None if field.containing_oneof().is_some() => {}
+            None => {
+                let default = if field.is_map() {
+                    Value::Object(serde_json::Map::new())
+                } else if field.is_list() {
+                    Value::Array(Vec::new())
+                } else {
+                    match kind {
+                        Kind::Message(_) => continue,
+                        Kind::Bool => Value::Bool(false),
+                        Kind::String | Kind::Bytes => Value::String(String::new()),
+                        Kind::Double | Kind::Float => json!(0.0),
+                        Kind::Enum(e) => Value::String(e.default_value().name().to_owned()),
+                        _ => json!(0),
+                    }
+                };
+                map.insert(field.name().to_owned(), default);
+            }
+        }
+    }
 }
 
 /// A protobuf message from a JSON body; the error names the field (`tasks[0].priority`) and
@@ -535,7 +586,7 @@ async fn set_type_limit(
 }
 
 async fn clear_type_limit(State(s): State<RestState>, Path(task_type): Path<String>) -> Response {
-    let req = proto::SetTypeLimitRequest { task_type, max_in_flight: 0, clear: true };
+    let req = proto::SetTypeLimitRequest { task_type, max_in_flight: None, clear: true };
     answer(StatusCode::OK, client_api::set_type_limit(&s.core, req).await)
 }
 

@@ -18,6 +18,7 @@ use coordinator::{
     proto,
 };
 use coordinator_worker::{Worker, WorkerOptions, handler_fn};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic_health::pb::{
@@ -1615,6 +1616,48 @@ async fn list_workers_pages_by_id(db: &TestDb) {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("page-w2") && body.contains("page-w3") && !body.contains("page-w1\""), "{body}");
     drop(workers);
+    c.stop().await.unwrap();
+}
+
+on_every_backend!(a_type_limit_must_name_its_maximum_and_a_held_type_reads_zero);
+/// A request to set a type's limit that leaves the maximum out is refused, over REST and gRPC
+/// alike, rather than read as 0 (which holds every task of the type); an explicit 0 holds the
+/// type, and the answer and the listing say `"max_in_flight": 0` and `"in_flight": 0`.
+async fn a_type_limit_must_name_its_maximum_and_a_held_type_reads_zero(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    for body in ["", "{}", r#"{"clear":false}"#] {
+        let (code, answer) = http_request(c.http, "PUT", "/api/v1/limits/prove", body).await.unwrap();
+        assert_eq!(code, 400, "body {body:?}: {answer}");
+        assert!(answer.contains("max_in_flight: required"), "body {body:?}: {answer}");
+    }
+    let err = client
+        .set_type_limit(proto::SetTypeLimitRequest {
+            task_type: "prove".into(),
+            max_in_flight: None,
+            clear: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let (code, listed) = http_get(c.http, "/api/v1/limits").await.unwrap();
+    assert_eq!(
+        (code, serde_json::from_str::<serde_json::Value>(&listed).unwrap()),
+        (200, json!({"limits": []}))
+    );
+
+    let (code, held) =
+        http_request(c.http, "PUT", "/api/v1/limits/prove", r#"{"max_in_flight":0}"#).await.unwrap();
+    assert_eq!(code, 200, "{held}");
+    let expected = json!({"task_type": "prove", "max_in_flight": 0, "source": "admin", "in_flight": 0});
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&held).unwrap(), expected);
+    let (_, listed) = http_get(c.http, "/api/v1/limits").await.unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&listed).unwrap(), json!({"limits": [expected]}));
+
+    let (code, cleared) = http_request(c.http, "DELETE", "/api/v1/limits/prove", "").await.unwrap();
+    assert_eq!(code, 200, "{cleared}");
+    let (_, listed) = http_get(c.http, "/api/v1/limits").await.unwrap();
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&listed).unwrap(), json!({"limits": []}));
     c.stop().await.unwrap();
 }
 

@@ -632,7 +632,11 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
         }
         "SetTypeLimit" => c
             .set_type_limit(req(
-                proto::SetTypeLimitRequest { task_type: "matrix".into(), max_in_flight: 2, clear: false },
+                proto::SetTypeLimitRequest {
+                    task_type: "matrix".into(),
+                    max_in_flight: Some(2),
+                    clear: false,
+                },
                 who,
             ))
             .await

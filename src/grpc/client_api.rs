@@ -164,7 +164,17 @@ pub async fn set_type_limit(
     req: proto::SetTypeLimitRequest,
 ) -> Result<proto::TypeLimit, CoreError> {
     let task_type = convert::task_type("task_type", &req.task_type)?;
-    let max = (!req.clear).then_some(req.max_in_flight);
+    let max = match (req.clear, req.max_in_flight) {
+        (true, _) => None,
+        (false, Some(max)) => Some(max),
+        (false, None) => {
+            return Err(CoreError::invalid(
+                "max_in_flight",
+                "required: the most tasks of the type assigned or running at once (0 holds them all); \
+                 clear removes the limit",
+            ));
+        }
+    };
     Ok(convert::type_limit(core.set_type_limit(&task_type, max).await?))
 }
 

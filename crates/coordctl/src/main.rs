@@ -1651,21 +1651,21 @@ fn worker_state_name(s: i32) -> &'static str {
 }
 
 async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyhow::Result<ExitCode> {
-    let set = |task_type: String, max_in_flight: u32, clear: bool| proto::SetTypeLimitRequest {
+    let set = |task_type: String, max_in_flight: Option<u32>| proto::SetTypeLimitRequest {
         task_type,
+        clear: max_in_flight.is_none(),
         max_in_flight,
-        clear,
     };
     let list = matches!(cmd, LimitsCmd::List);
     let shown = match cmd {
         LimitsCmd::List => c.list_type_limits(proto::ListTypeLimitsRequest {}).await?.into_inner().limits,
         LimitsCmd::Set { task_type, max_in_flight } => {
-            vec![c.set_type_limit(set(task_type, max_in_flight, false)).await?.into_inner()]
+            vec![c.set_type_limit(set(task_type, Some(max_in_flight))).await?.into_inner()]
         }
         LimitsCmd::Clear { task_type } => {
             let before = c.list_type_limits(proto::ListTypeLimitsRequest {}).await?.into_inner().limits;
             let had = before.iter().any(|l| l.task_type == task_type);
-            c.set_type_limit(set(task_type.clone(), 0, true)).await?;
+            c.set_type_limit(set(task_type.clone(), None)).await?;
             if json_out {
                 outln!("{}", json!({"task_type": task_type, "cleared": had}));
             } else if had {
