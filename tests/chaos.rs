@@ -1,8 +1,9 @@
 //! Chaos suite: two coordinator replicas (real processes of the `coordinator` binary) on one
 //! Postgres database, real `worker` processes, and real failures: connections aged every few
-//! seconds so workers move between replicas, `kill -9` of a replica and of workers, a Postgres
-//! restart and a Postgres outage longer than the lease. The outcome is read from the database
-//! itself: every task completed, none accepted twice, no attempt taken from a live worker.
+//! seconds so workers move between replicas, a rolling restart of both replicas (SIGTERM),
+//! `kill -9` of a replica and of workers, a Postgres restart and a Postgres outage longer than
+//! the lease. The outcome is read from the database itself: every task completed, none
+//! accepted twice, no attempt taken from a live worker.
 //!
 //! Runs only with `TEST_DATABASE_URL`, and is reported ignored without it (each scenario gets a
 //! fresh schema there; the Postgres restart and outage run on a server of the test's own,
@@ -308,6 +309,69 @@ async fn aged_connections_short_tasks_complete_exactly_once() {
         assert_eq!(submitted.await.expect("submitter"), n as usize);
         let t = wait_settled(&c.pool, n as i64, Duration::from_secs(90)).await;
         check_aged(c, &t, n as i64, "aged_connections_short_tasks", started).await;
+    })
+    .await;
+}
+
+/// 8. A rolling restart, as `kubectl rollout restart` makes one: SIGTERM to replica A while long
+/// and short tasks run, A started again once it has exited, then the same for B. Each replica
+/// exits 0 within its `shutdown_timeout` (5 s); its workers move to the other replica with the
+/// tasks they run; every task completes exactly once and no attempt is taken back or charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(test_postgres), ignore = "needs TEST_DATABASE_URL")]
+async fn a_rolling_restart_takes_nothing_from_the_workers() {
+    let (_serial, base) = serial().await;
+    bounded("rolling restart", async {
+        let mut c = shared_cluster(&base, Timings::default(), 4, 4).await;
+        let long: u64 = 8;
+        let short: u64 = 300;
+        let started = Instant::now();
+        let long_tasks = sleep_tasks("rolling-long", (0..long).map(|i| 6_000 + i * 250));
+        submit_all(&c.clients, long_tasks, 1, Duration::from_secs(30)).await;
+        c.wait_running(long as i64, Duration::from_secs(20)).await;
+        let submitter = submit_in_background(
+            c.clients.clone(),
+            sleep_tasks("rolling-short", (0..short).map(|i| 20 + i % 40)),
+            10,
+            Duration::from_millis(100),
+        );
+        let mut stops = Vec::new();
+        for replica in [&mut c.a, &mut c.b] {
+            let stop = Instant::now();
+            let status = replica.terminate(Duration::from_secs(10)).await;
+            let stopped_ms = stop.elapsed().as_millis();
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "{} exits 0 within 10 s of SIGTERM: {status:?}",
+                replica.id
+            );
+            replica.start().await;
+            stops.push((stopped_ms, stop.elapsed().as_millis()));
+            // As a rollout waits for the new pod to be ready: work flows through both again.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        assert_eq!(submitter.await.expect("submitter"), short as usize);
+        let n = (long + short) as i64;
+        let t = wait_settled(&c.pool, n, Duration::from_secs(90)).await;
+        let protocol_errors = c.worker_log_lines("protocol error");
+        report(&t.line(
+            "rolling_restart",
+            &format!(
+                "stopped_and_up_again_ms={stops:?} elapsed_ms={} proxied_connections={:?} worker_moves={} \
+                 worker_protocol_errors={protocol_errors}",
+                started.elapsed().as_millis(),
+                c.proxied(),
+                c.moves()
+            ),
+        ));
+        assert!(c.moves() > 0, "the workers moved between the replicas");
+        assert_eq!(
+            protocol_errors, 0,
+            "no task stream or call ended with a protocol error in the workers' logs"
+        );
+        assert_all_completed_once(&t, n);
+        assert_nothing_taken_back(&t);
+        c.finish().await;
     })
     .await;
 }

@@ -59,6 +59,24 @@ impl Proc {
         }
     }
 
+    /// SIGTERM, then waits up to `limit` for the process to exit: its exit status, or `None`
+    /// when it still ran at `limit` (it is then killed).
+    pub async fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        // SAFETY: kill(2) on the pid of a child this guard owns and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill9();
+        None
+    }
+
     /// The last `n` lines of its log.
     pub fn tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -218,6 +236,14 @@ auth:
             p.kill9();
         }
         self.proc = None;
+    }
+
+    /// SIGTERM (a graceful stop, as Kubernetes sends before it replaces a pod) and the exit
+    /// status within `limit` (see [`Proc::terminate`]).
+    pub async fn terminate(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.proc.as_mut()?.terminate(limit).await;
+        self.proc = None;
+        status
     }
 }
 
