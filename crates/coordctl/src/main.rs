@@ -1688,9 +1688,17 @@ async fn limits_command(c: &mut Client, cmd: LimitsCmd, json_out: bool) -> anyho
         return Ok(ExitCode::SUCCESS);
     }
     for l in shown {
-        outln!("{:<24} {:>3} of {:<6} ({})", l.task_type, l.in_flight, l.max_in_flight, l.source);
+        outln!("{}", limit_line(&l));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One limit as `limits` prints it: in flight of the maximum, and where the limit came from; a
+/// maximum of 0 says the type is held.
+fn limit_line(l: &proto::TypeLimit) -> String {
+    let held =
+        if l.max_in_flight == 0 { "; held: its tasks wait until the limit is raised or cleared" } else { "" };
+    format!("{:<24} {:>3} of {:<6} ({}{held})", l.task_type, l.in_flight, l.max_in_flight, l.source)
 }
 
 /// `--json` of a list command: one array, `[]` when empty (as `tasks`, `jobs` and `workers`
@@ -1926,6 +1934,24 @@ mod tests {
 
     /// Every flag of every command says what it does in `--help`, and the options every command
     /// takes are listed apart from the command's own.
+    #[test]
+    fn a_held_type_says_so() {
+        let limit = |max| proto::TypeLimit {
+            task_type: "prove".into(),
+            max_in_flight: max,
+            source: "admin".into(),
+            in_flight: 1,
+        };
+        assert_eq!(limit_line(&limit(4)), format!("{:<24}   1 of 4      (admin)", "prove"));
+        assert_eq!(
+            limit_line(&limit(0)),
+            format!(
+                "{:<24}   1 of 0      (admin; held: its tasks wait until the limit is raised or cleared)",
+                "prove"
+            )
+        );
+    }
+
     #[test]
     fn every_flag_has_help() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
