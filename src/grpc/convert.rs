@@ -333,8 +333,12 @@ fn parents(field: &str, list: &[String], batch: &[TaskId], own: TaskId) -> Resul
             let id = match p.strip_prefix('#') {
                 Some(n) => {
                     let n: usize = n.parse().map_err(|_| invalid(&at(), format!("{p:?} is not #<index>")))?;
-                    *batch.get(n).ok_or_else(|| {
-                        invalid(&at(), format!("{p} is not a task of this request ({} tasks)", batch.len()))
+                    *batch.get(n).ok_or_else(|| match batch.len() {
+                        0 => invalid(
+                            &at(),
+                            format!("{p} names a task of the same request, and only SubmitTasks and SubmitJob hold several"),
+                        ),
+                        len => invalid(&at(), format!("{p} is not a task of this request (#0 to #{})", len - 1)),
                     })?
                 }
                 None => task_id(&at(), p)?,
@@ -962,6 +966,27 @@ mod tests {
         assert!(said("a\u{1}b").contains("character U+0001 is not allowed"), "{}", said("a\u{1}b"));
         assert!(said("a b").contains("character U+0020 is not allowed"), "{}", said("a b"));
         assert!(said("prové").contains("character 'é' (U+00E9) is not allowed"), "{}", said("prové"));
+    }
+
+    #[test]
+    fn a_parent_by_index_names_a_task_of_the_request() {
+        let batch = [TaskId::new(), TaskId::new()];
+        let own = TaskId::new();
+        let said = |list: &[&str], batch: &[TaskId]| {
+            let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+            parents("depends_on", &list, batch, own).map_err(|e| e.to_string())
+        };
+        assert_eq!(said(&["#1", "#0"], &batch), Ok(vec![batch[1], batch[0]]));
+        assert_eq!(
+            said(&["#2"], &batch),
+            Err("depends_on[0]: #2 is not a task of this request (#0 to #1)".into())
+        );
+        assert_eq!(
+            said(&["#0"], &[]),
+            Err("depends_on[0]: #0 names a task of the same request, and only SubmitTasks and SubmitJob hold several"
+                .into())
+        );
+        assert!(said(&["#x"], &batch).unwrap_err().contains("is not #<index>"));
     }
 
     #[test]
