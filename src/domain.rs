@@ -214,6 +214,16 @@ pub struct NewTask {
     pub needs: Needs,
 }
 
+/// A job to create: its name, its idempotency key, and its tasks in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub name: String,
+    /// A job already made with this key is returned instead of a new one; the key lives as
+    /// long as the job.
+    pub idempotency_key: Option<String>,
+    pub tasks: Vec<NewTask>,
+}
+
 /// What a dependent task does when one of its parents (or theirs) fails for good or is
 /// cancelled: it cannot run, so it ends too, with the cause in its error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

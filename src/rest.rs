@@ -489,7 +489,11 @@ async fn submit_job(
     let submitted = client_api::submit_job(&s.core, req, traceparent(&headers))
         .instrument(submit_span("POST /api/v1/jobs", &headers))
         .await;
-    answer(StatusCode::CREATED, submitted)
+    let code = match &submitted {
+        Ok(resp) if !resp.created => StatusCode::OK,
+        _ => StatusCode::CREATED,
+    };
+    answer(code, submitted)
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -531,7 +531,8 @@ async fn killed_workers_tasks_are_reassigned_in_time() {
 }
 
 /// One pipeline job: `chunks` sleep tasks, two batches each depending on half of them (`#N`
-/// references), and a bundle depending on both batches; idempotency keys `<prefix>-<role>`.
+/// references), and a bundle depending on both batches; idempotency keys `<prefix>-<role>`, and
+/// `<prefix>-job` for the job itself.
 fn pipeline_job(prefix: &str, chunks: usize) -> proto::SubmitJobRequest {
     let sleep = |key: String, ms: u64, parents: Vec<String>| proto::SubmitTaskRequest {
         task_type: "sleep".into(),
@@ -551,12 +552,12 @@ fn pipeline_job(prefix: &str, chunks: usize) -> proto::SubmitJobRequest {
         100,
         vec![format!("#{chunks}"), format!("#{}", chunks + 1)],
     ));
-    proto::SubmitJobRequest { name: prefix.to_owned(), tasks }
+    proto::SubmitJobRequest { name: prefix.to_owned(), tasks, idempotency_key: format!("{prefix}-job") }
 }
 
 /// Submits `jobs` one at a time, alternating replicas; a job that meets an unavailable replica
-/// or a broken connection is sent again to the other one (its tasks' idempotency keys return
-/// what an earlier try made). Returns each job's id as the last answer named it.
+/// or a broken connection is sent again to the other one (its idempotency key returns the job
+/// an earlier try made). Returns each job's id.
 async fn submit_jobs(
     clients: Vec<Client>,
     jobs: Vec<proto::SubmitJobRequest>,

@@ -418,6 +418,7 @@ async fn watches_follow_a_task_and_a_job_across_a_replica_restart() {
                 task_type: "nobody-runs-this".into(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -635,7 +636,11 @@ async fn pending_tasks_say_why_they_wait(db: &TestDb) {
     assert!(batch.results.iter().all(|r| r.warnings.is_empty()));
     assert!(batch.results.iter().all(|r| reason(r.task.as_ref().unwrap()) == proto::PendingReason::NoWorker));
     let job = client
-        .submit_job(proto::SubmitJobRequest { name: "j".into(), tasks: vec![submit_request("prime")] })
+        .submit_job(proto::SubmitJobRequest {
+            name: "j".into(),
+            tasks: vec![submit_request("prime")],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -713,6 +718,7 @@ async fn reject_unknown_types_refuses_them_in_one_line() {
         .submit_job(proto::SubmitJobRequest {
             name: "j".into(),
             tasks: vec![submit_request("prime"), submit_request("nope")],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -334,7 +334,7 @@ async fn a_pipeline_job_flows_through_workers_without_a_client_round_trip(db: &T
         ..Default::default()
     });
     let job = client
-        .submit_job(proto::SubmitJobRequest { name: "rollup".into(), tasks })
+        .submit_job(proto::SubmitJobRequest { name: "rollup".into(), tasks, ..Default::default() })
         .await
         .unwrap()
         .into_inner();

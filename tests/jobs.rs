@@ -20,7 +20,7 @@ async fn submit_job(client: &mut Client, name: &str, task_type: &str, n: usize) 
         })
         .collect();
     client
-        .submit_job(proto::SubmitJobRequest { name: name.into(), tasks })
+        .submit_job(proto::SubmitJobRequest { name: name.into(), tasks, ..Default::default() })
         .await
         .expect("submit job")
         .into_inner()
@@ -266,4 +266,62 @@ async fn watch_job_on_one_replica_follows_completions_on_another() {
     b.stop().await.unwrap();
     a.stop().await.unwrap();
     db.cleanup().await;
+}
+
+on_every_backend!(a_job_sent_again_with_its_key_is_made_once);
+/// A client that sends a job again with the same idempotency key (after a timeout, say) gets the
+/// job the first submission made, over gRPC, REST and coordctl alike, and nothing is created
+/// again: the tasks here carry no keys of their own, so before job keys each resend made every
+/// task once more.
+async fn a_job_sent_again_with_its_key_is_made_once(db: &TestDb) {
+    let c = TestCoordinator::start(db, |_| {}).await;
+    let mut client = c.client().await;
+    let job = |key: &str| proto::SubmitJobRequest {
+        name: "nightly".into(),
+        tasks: (0..3)
+            .map(|i| proto::SubmitTaskRequest {
+                task_type: "nobody-runs-this".into(),
+                payload: format!("{i}").into_bytes(),
+                ..Default::default()
+            })
+            .collect(),
+        idempotency_key: key.into(),
+    };
+    let first = client.submit_job(job("nightly-2026-12-07")).await.unwrap().into_inner();
+    let again = client.submit_job(job("nightly-2026-12-07")).await.unwrap().into_inner();
+    assert!(first.created && !again.created, "{first:?} {again:?}");
+    assert_eq!((&again.job_id, &again.task_ids), (&first.job_id, &first.task_ids));
+    let body = r#"{"name":"nightly","idempotency_key":"nightly-2026-12-07","tasks":[{"task_type":"nobody-runs-this"}]}"#;
+    let (code, answer) = http_request(c.http, "POST", "/api/v1/jobs", body).await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(
+        (answer["job_id"].as_str(), answer["created"].as_bool()),
+        (Some(first.job_id.as_str()), Some(false))
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tasks.jsonl");
+    std::fs::write(&file, "{\"type\":\"nobody-runs-this\",\"payload\":\"x\"}\n").unwrap();
+    let file = file.to_str().unwrap();
+    let run =
+        async || coordctl_async(&c.endpoint(), &["job", "submit", file, "--idempotency-key", "cli-1"]).await;
+    let (one, two) = (run().await, run().await);
+    for out in [&one, &two] {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(one.stdout, two.stdout, "the same job id");
+    assert!(
+        String::from_utf8_lossy(&two.stderr).contains("made earlier with this idempotency key"),
+        "{two:?}"
+    );
+
+    let all =
+        client.list_tasks(proto::ListTasksRequest { page_size: 100, ..Default::default() }).await.unwrap();
+    assert_eq!(all.into_inner().tasks.len(), 4, "the three tasks of the first job and the one of coordctl's");
+    let jobs = client.list_jobs(proto::ListJobsRequest::default()).await.unwrap().into_inner();
+    assert_eq!(jobs.jobs.len(), 2);
+    let e = client.submit_job(job(&"k".repeat(257))).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    c.stop().await.unwrap();
 }

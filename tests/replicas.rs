@@ -758,6 +758,7 @@ async fn a_cancel_through_the_other_replica_reaches_the_worker_at_once() {
                 payload: b"y".to_vec(),
                 ..Default::default()
             }],
+            ..Default::default()
         })
         .await
         .expect("submit a job through b")

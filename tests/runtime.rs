@@ -367,7 +367,7 @@ async fn text_no_database_can_hold_is_refused_where_chosen_and_replaced_where_re
         "tasks[1].idempotency_key",
         client.submit_tasks(proto::SubmitTasksRequest { tasks: batch }).await,
     );
-    let job = proto::SubmitJobRequest { name: nul.into(), tasks: vec![task(&|_| {})] };
+    let job = proto::SubmitJobRequest { name: nul.into(), tasks: vec![task(&|_| {})], ..Default::default() };
     refused("name", client.submit_job(job).await);
     let retry = proto::RetryTasksRequest { error_contains: nul.into(), ..Default::default() };
     refused("error_contains", client.retry_tasks(retry).await);
@@ -693,6 +693,7 @@ async fn watch_streams_states_until_terminal_and_jobs_report_progress(db: &TestD
                     ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1699,7 +1700,7 @@ async fn a_prefetching_worker_queues_beyond_its_slots_and_hands_the_queue_back_o
         })
         .collect();
     let ids = client
-        .submit_job(proto::SubmitJobRequest { name: "prefetch".into(), tasks })
+        .submit_job(proto::SubmitJobRequest { name: "prefetch".into(), tasks, ..Default::default() })
         .await
         .unwrap()
         .into_inner()

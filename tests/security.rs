@@ -582,7 +582,10 @@ async fn call(c: &mut Client, method: &str, who: As) -> Code {
             .map(|_| ()),
         "WatchTask" => c.watch_task(req(proto::WatchTaskRequest { task_id: tid() }, who)).await.map(|_| ()),
         "SubmitJob" => c
-            .submit_job(req(proto::SubmitJobRequest { name: "m".into(), tasks: vec![task()] }, who))
+            .submit_job(req(
+                proto::SubmitJobRequest { name: "m".into(), tasks: vec![task()], ..Default::default() },
+                who,
+            ))
             .await
             .map(|_| ()),
         "GetJob" => c
@@ -912,7 +915,11 @@ async fn every_bad_input_is_refused_with_its_code_and_stores_nothing() {
     let batch =
         proto::SubmitTasksRequest { tasks: vec![task(&|_| {}), task(&|t| t.task_type = String::new())] };
     case!("one bad task in a batch", Code::InvalidArgument, "tasks[1].task_type", |c| c.submit_tasks(batch));
-    let job = proto::SubmitJobRequest { name: "j".into(), tasks: vec![task(&|t| t.max_attempts = 1000)] };
+    let job = proto::SubmitJobRequest {
+        name: "j".into(),
+        tasks: vec![task(&|t| t.max_attempts = 1000)],
+        ..Default::default()
+    };
     case!("one bad task in a job", Code::InvalidArgument, "max_attempts", |c| c.submit_job(job));
     case!("empty task_id", Code::InvalidArgument, "task_id", |c| c
         .get_task(proto::GetTaskRequest { task_id: String::new(), ..Default::default() }));

@@ -111,7 +111,7 @@ async fn bench_retention_keeps_tables_bounded() {
                         ..Default::default()
                     })
                     .collect();
-                let req = proto::SubmitJobRequest { name: "soak".into(), tasks };
+                let req = proto::SubmitJobRequest { name: "soak".into(), tasks, ..Default::default() };
                 if client.submit_job(req).await.is_ok() {
                     submitted += per_job as u64;
                 }

@@ -25,7 +25,7 @@ use coordinator::{
     store::{
         ClaimFilter, Completion, Failure, FailureGroup, Fired, Held, Holding, Placement, Pruned,
         ReportOutcome, Requeued, Retention, RetryFilter, RetryOutcome, RetryPolicy, Shapes, Store,
-        TaskFilter, TypeFilter, WorkerRegistration,
+        StoreError, TaskFilter, TypeFilter, WorkerRegistration,
         testing::{RefillOn, TestDb},
     },
 };
@@ -144,6 +144,7 @@ store_tests!(
     // jobs, listings, counts
     jobs_track_their_tasks_until_done,
     job_resubmitted_with_known_idempotency_keys_is_done_when_its_tasks_are,
+    a_job_key_makes_one_job_even_from_submissions_at_once,
     list_tasks_filters_and_pages_in_id_order,
     task_counts_and_pending_by_type,
     // retention
@@ -2376,6 +2377,47 @@ mod cases {
         assert_eq!(s.job_tasks(job.id).await.expect("job_tasks").len(), 3, "{b}");
         assert_eq!(s.get_job(coordinator::domain::JobId::new()).await.expect("get_job"), None, "{b}");
         assert!(s.job_tasks(coordinator::domain::JobId::new()).await.expect("job_tasks").is_empty(), "{b}");
+    }
+
+    /// A job's own idempotency key: a second submission with it creates nothing and names the
+    /// first job, whatever its tasks (here keyless, which would otherwise all be made again);
+    /// eight submissions of one new key at once make one job and one set of tasks, the others
+    /// naming it; a job without a key never collides.
+    pub async fn a_job_key_makes_one_job_even_from_submissions_at_once(s: &Store) {
+        let b = s.backend();
+        let tasks = || vec![new_task("prove"), new_task("prove")];
+        let count =
+            async || s.list_tasks(&TaskFilter { limit: 1000, ..TaskFilter::default() }).await.unwrap().len();
+        let (first, created) =
+            s.create_job_keyed("nightly", Some("night-1"), tasks()).await.expect("create_job");
+        assert_eq!(created.len(), 2, "{b}");
+        assert_eq!(s.job_by_key("night-1").await.expect("job_by_key"), Some(first.id), "{b}");
+        assert_eq!(s.job_by_key("night-2").await.expect("job_by_key"), None, "{b}");
+        match s.create_job_keyed("nightly", Some("night-1"), tasks()).await {
+            Err(StoreError::JobExists(id)) => assert_eq!(id, first.id, "{b}"),
+            other => panic!("{b}: a second job with the key: {other:?}"),
+        }
+        assert_eq!(count().await, 2, "{b}: nothing created by the second submission");
+        let (a, _) = s.create_job_keyed("adhoc", None, tasks()).await.expect("create_job");
+        let (c, _) = s.create_job_keyed("adhoc", None, tasks()).await.expect("create_job");
+        assert_ne!(a.id, c.id, "{b}: jobs without a key are each made");
+
+        let results =
+            futures::future::join_all((0..8).map(|_| s.create_job_keyed("racing", Some("night-2"), tasks())))
+                .await;
+        let made: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(made.len(), 1, "{b}: one submission makes the job: {results:?}");
+        let winner = made[0].0.id;
+        for r in &results {
+            match r {
+                Ok(_) => {}
+                Err(StoreError::JobExists(id)) => assert_eq!(*id, winner, "{b}"),
+                Err(e) => panic!("{b}: {e}"),
+            }
+        }
+        assert_eq!(s.job_by_key("night-2").await.expect("job_by_key"), Some(winner), "{b}");
+        assert_eq!(count().await, 8, "{b}: the job of night-1, the two without a key, and the racing one");
+        assert_eq!(s.job_task_ids(winner).await.expect("job_task_ids").len(), 2, "{b}");
     }
 
     /// A client retries a job submission whose tasks carry idempotency keys: the tasks are not

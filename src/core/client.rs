@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::{Core, CoreError, Updates, effects::Effects, stored_text};
 use crate::{
     domain::{
-        Attempt, AttemptRecord, Job, JobId, NewTask, Task, TaskId, TaskState, Waiting, WorkerId,
+        Attempt, AttemptRecord, Job, JobId, NewJob, NewTask, Task, TaskId, TaskState, Waiting, WorkerId,
         WorkerRecord, WorkerState, WorkerStats,
     },
     events::ANY_TASK,
@@ -56,6 +56,8 @@ pub struct SubmittedJob {
     /// In the order submitted.
     pub task_ids: Vec<TaskId>,
     pub warnings: Vec<String>,
+    /// False when the idempotency key named a job made earlier (returned as it is now).
+    pub created: bool,
 }
 
 /// A change a `WatchTask` stream shows.
@@ -131,21 +133,48 @@ impl Core {
 
     /// Stores a job and its tasks, those a free worker can take now assigned as they are
     /// stored (as [`Core::submit`] does), and wakes the scheduler for the others.
-    pub async fn submit_job(&self, name: &str, tasks: Vec<NewTask>) -> Result<SubmittedJob, CoreError> {
+    ///
+    /// A job with an idempotency key already used is not made again: the job that key made is
+    /// returned (`created` false), whatever the tasks given now. Two submissions with one key at
+    /// once, on one replica or two, make one job: the unique key decides in the database, and
+    /// the other's transaction, its tasks with it, rolls back.
+    pub async fn submit_job(&self, job: NewJob) -> Result<SubmittedJob, CoreError> {
+        let NewJob { name, idempotency_key: key, tasks } = job;
         let (_, warnings) = self.check_types(&tasks).await?;
+        if let Some(key) = &key
+            && let Some(id) = self.inner.store.job_by_key(key).await?
+        {
+            return self.made_earlier(id, warnings).await;
+        }
         let inner = self.inner.clone();
-        let name = name.to_owned();
         // Detached, as a submission of tasks is.
-        let (job, created) = Effects::detached(async move {
+        let made = Effects::detached(async move {
             let (job, created) = match inner.at_submission.get() {
-                Some(placer) => placer.create_job(&name, tasks).await?,
-                None => inner.store.create_job(&name, tasks).await?,
+                Some(placer) => placer.create_job(&name, key.as_deref(), tasks).await?,
+                None => inner.store.create_job_keyed(&name, key.as_deref(), tasks).await?,
             };
             inner.effects.stored(&created);
             Ok::<_, crate::store::StoreError>((job, created))
         })
-        .await??;
-        Ok(SubmittedJob { job, task_ids: created.iter().map(|c| c.task.id).collect(), warnings })
+        .await?;
+        match made {
+            Ok((job, created)) => {
+                let task_ids = created.iter().map(|c| c.task.id).collect();
+                Ok(SubmittedJob { job, task_ids, warnings, created: true })
+            }
+            Err(crate::store::StoreError::JobExists(id)) => self.made_earlier(id, warnings).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The answer to a job submission whose idempotency key made job `id` earlier.
+    async fn made_earlier(&self, id: JobId, warnings: Vec<String>) -> Result<SubmittedJob, CoreError> {
+        // A job is pruned as a whole, with its key; read between the two, it answers as gone.
+        let job = self.inner.store.get_job(id).await?.ok_or_else(|| {
+            CoreError::Unavailable(format!("job {id} of this idempotency key was just pruned; submit again"))
+        })?;
+        let task_ids = self.inner.store.job_task_ids(id).await?;
+        Ok(SubmittedJob { job, task_ids, warnings, created: false })
     }
 
     /// A task, with its attempt history when `with_attempts`.

@@ -87,13 +87,14 @@ pub async fn submit_job(
     req: proto::SubmitJobRequest,
     traceparent: Option<&str>,
 ) -> Result<proto::SubmitJobResponse, CoreError> {
-    let (name, tasks) = convert::job(req, &core.config().limits)?;
-    let tasks = traced(tasks, traceparent);
-    let submitted = core.submit_job(&name, tasks).await?;
+    let mut job = convert::job(req, &core.config().limits)?;
+    job.tasks = traced(job.tasks, traceparent);
+    let submitted = core.submit_job(job).await?;
     Ok(proto::SubmitJobResponse {
         job_id: submitted.job.id.to_string(),
         task_ids: submitted.task_ids.iter().map(ToString::to_string).collect(),
         warnings: submitted.warnings,
+        created: submitted.created,
     })
 }
 

@@ -16,7 +16,7 @@ use crate::{
         worker::{Accepted, Registration},
     },
     domain::{
-        self, Assignment, AttemptRecord, Job, JobId, MAX_REQUIREMENTS, MAX_WEIGHT, MissedRuns, Needs,
+        self, Assignment, AttemptRecord, Job, JobId, MAX_REQUIREMENTS, MAX_WEIGHT, MissedRuns, Needs, NewJob,
         NewTask, ParentFailure, PendingReason, Requirement, Schedule, ScheduleId, Task, TaskId, TaskState,
         TaskTemplate, Waiting, WorkerId, WorkerState, WorkerStats,
     },
@@ -262,19 +262,7 @@ fn new_task_in(
     if timeout > MAX_TIMEOUT {
         return Err(invalid(&format!("{field}timeout_ms"), "must be at most 7 days"));
     }
-    let idempotency_key = match req.idempotency_key.as_str() {
-        "" => None,
-        k if k.len() > MAX_IDEMPOTENCY_KEY_LEN => {
-            return Err(invalid(
-                &format!("{field}idempotency_key"),
-                format!("longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
-            ));
-        }
-        k => {
-            core::storable(&format!("{field}idempotency_key"), k)?;
-            Some(k.to_owned())
-        }
-    };
+    let idempotency_key = idempotency_key(&format!("{field}idempotency_key"), req.idempotency_key)?;
     let run_after = run_after(field, req.run_at, req.delay_ms, Utc::now())?;
     let needs = needs(field, req.requires, req.weight, req.affinity_key)?;
     Ok(NewTask {
@@ -598,14 +586,27 @@ pub fn new_tasks(
 }
 
 /// A job submission: its name and its tasks.
-pub fn job(req: proto::SubmitJobRequest, limits: &SubmitLimits) -> Result<(String, Vec<NewTask>), CoreError> {
+pub fn job(req: proto::SubmitJobRequest, limits: &SubmitLimits) -> Result<NewJob, CoreError> {
     batch_size(req.tasks.len())?;
     if req.name.len() > MAX_LABEL_LEN {
         return Err(invalid("name", format!("longer than {MAX_LABEL_LEN} bytes")));
     }
     core::storable("name", &req.name)?;
+    let idempotency_key = idempotency_key("idempotency_key", req.idempotency_key)?;
     let tasks = batch_tasks(req.tasks, limits)?;
-    Ok((req.name, tasks))
+    Ok(NewJob { name: req.name, idempotency_key, tasks })
+}
+
+/// An idempotency key of a task or a job: empty is none.
+fn idempotency_key(field: &str, key: String) -> Result<Option<String>, CoreError> {
+    if key.is_empty() {
+        return Ok(None);
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(invalid(field, format!("longer than {MAX_IDEMPOTENCY_KEY_LEN} bytes")));
+    }
+    core::storable(field, &key)?;
+    Ok(Some(key))
 }
 
 /// A task listing's filter and page.

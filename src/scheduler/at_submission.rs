@@ -46,10 +46,11 @@ impl AtSubmission {
     pub async fn create_job(
         &self,
         name: &str,
+        key: Option<&str>,
         mut tasks: Vec<NewTask>,
     ) -> store::Result<(Job, Vec<Created>)> {
         let id = store::new_job(&mut tasks);
-        self.place(&tasks, JobOf { id, name }).await
+        self.place(&tasks, JobOf { id, name, key }).await
     }
 
     /// Picks free workers of this replica for `tasks` under placement's turn, stores them with
@@ -190,6 +191,7 @@ impl Insert for Tasks {
 struct JobOf<'a> {
     id: JobId,
     name: &'a str,
+    key: Option<&'a str>,
 }
 
 impl Insert for JobOf<'_> {
@@ -203,7 +205,7 @@ impl Insert for JobOf<'_> {
         lease: Duration,
     ) -> store::Result<((Job, Vec<Created>), Vec<Assignment>)> {
         let (job, created, assigned) =
-            store.create_job_placed(self.id, self.name, tasks, placement, lease).await?;
+            store.create_job_placed(self.id, self.name, self.key, tasks, placement, lease).await?;
         Ok(((job, created), assigned))
     }
 }
@@ -294,7 +296,7 @@ mod tests {
     async fn a_job_is_assigned_to_free_workers_as_it_is_stored() {
         let Some((db, placer, mut stream, _)) = setup(2).await else { panic!("TEST_DATABASE_URL") };
         let tasks: Vec<_> = (0..3).map(|_| testing::new_task("prove")).collect();
-        let (job, created) = placer.create_job("j", tasks.clone()).await.expect("create job");
+        let (job, created) = placer.create_job("j", None, tasks.clone()).await.expect("create job");
         let states: Vec<TaskState> = created.iter().map(|c| c.task.state).collect();
         assert_eq!(states, vec![TaskState::Assigned, TaskState::Assigned, TaskState::Pending]);
         assert!(created.iter().all(|c| c.created && c.task.job_id == Some(job.id)));
@@ -337,7 +339,7 @@ mod tests {
         assert!(pushed(&mut stream).is_empty());
         // A job meets the same fence.
         let tasks: Vec<_> = (0..2).map(|_| testing::new_task("prove")).collect();
-        let (job, created) = placer.create_job("j", tasks).await.expect("create job");
+        let (job, created) = placer.create_job("j", None, tasks).await.expect("create job");
         assert!(created.iter().all(|c| c.task.state == TaskState::Pending), "{created:?}");
         assert_eq!(job.counts.get(&TaskState::Pending), Some(&2));
         assert!(pushed(&mut stream).is_empty());

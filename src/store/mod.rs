@@ -69,6 +69,10 @@ pub enum StoreError {
     /// The database's schema is one this build cannot run on ([`schema_check`]).
     #[error("{0}")]
     Schema(String),
+    /// A job submission's idempotency key names this job, made earlier or by a submission that
+    /// committed first: nothing was created.
+    #[error("job {0} has this idempotency key")]
+    JobExists(JobId),
     /// A submission named parent tasks that do not exist.
     #[error("unknown parent task{}: {}", if .0.len() == 1 { "" } else { "s" }, .0.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", "))]
     UnknownParents(Vec<TaskId>),
@@ -905,11 +909,28 @@ impl Store {
     }
 
     /// Creates a job and its tasks in one transaction.
-    pub async fn create_job(&self, name: &str, mut tasks: Vec<NewTask>) -> Result<(Job, Vec<Created>)> {
+    pub async fn create_job(&self, name: &str, tasks: Vec<NewTask>) -> Result<(Job, Vec<Created>)> {
+        self.create_job_keyed(name, None, tasks).await
+    }
+
+    /// [`Store::create_job`] with the job's idempotency key: when a job with `key` exists (or
+    /// commits first, from a submission racing this one), nothing is created and the answer is
+    /// [`StoreError::JobExists`] naming it.
+    pub async fn create_job_keyed(
+        &self,
+        name: &str,
+        key: Option<&str>,
+        mut tasks: Vec<NewTask>,
+    ) -> Result<(Job, Vec<Created>)> {
         let job_id = new_job(&mut tasks);
         let (job, created, _) =
-            self.create_job_placed(job_id, name, &tasks, &Placement::default(), Duration::ZERO).await?;
+            self.create_job_placed(job_id, name, key, &tasks, &Placement::default(), Duration::ZERO).await?;
         Ok((job, created))
+    }
+
+    /// The job an idempotency key made, while it is kept.
+    pub async fn job_by_key(&self, key: &str) -> Result<Option<JobId>> {
+        timed!("job_by_key", self, s => s.job_by_key(key).await)
     }
 
     /// Creates job `job_id` (each of `tasks` names it: see [`new_job`]) and its tasks in one
@@ -919,11 +940,12 @@ impl Store {
         &self,
         job_id: JobId,
         name: &str,
+        key: Option<&str>,
         tasks: &[NewTask],
         placement: &Placement,
         lease: Duration,
     ) -> Result<(Job, Vec<Created>, Vec<Assignment>)> {
-        timed!("create_job", self, s => s.create_job(job_id, name, tasks, placement, lease).await)
+        timed!("create_job", self, s => s.create_job(job_id, name, key, tasks, placement, lease).await)
     }
 
     pub async fn get_task(&self, id: TaskId) -> Result<Option<Task>> {

@@ -760,7 +760,10 @@ async fn submit(
             (resp.results.into_iter().map(|r| r.task_id).collect(), None)
         }
         Some(name) => {
-            let resp = client.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
+            let resp = client
+                .submit_job(proto::SubmitJobRequest { name, tasks, ..Default::default() })
+                .await?
+                .into_inner();
             (resp.task_ids, Some(resp.job_id))
         }
     })

@@ -405,7 +405,13 @@ enum ScheduleCmd {
 #[derive(Debug, Subcommand)]
 enum JobCmd {
     /// Submit a job from a JSON-lines file: one `{"type":..,"payload":..}` per line.
-    Submit { file: PathBuf },
+    Submit {
+        file: PathBuf,
+        /// Made once: run again with the same key (after an error or a timeout, say), it
+        /// prints the job the first run made and creates nothing.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
     /// Show a job's progress (and results).
     Get {
         job_id: String,
@@ -1016,18 +1022,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Job(JobCmd::Submit { file }) => {
+        Cmd::Job(JobCmd::Submit { file, idempotency_key }) => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("{}", file.display()))?;
             let tasks = job_file::parse(&file.display().to_string(), &text)?;
             let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            let r = c.submit_job(proto::SubmitJobRequest { name, tasks }).await?.into_inner();
+            let r =
+                c.submit_job(proto::SubmitJobRequest { name, tasks, idempotency_key }).await?.into_inner();
             warn_all(&r.warnings);
             if json_out {
-                outln!("{}", json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings}));
+                outln!(
+                    "{}",
+                    json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings, "created": r.created})
+                );
             } else {
                 // The id alone on stdout, so `J=$(coordctl job submit f.jsonl)` works.
                 outln!("{}", r.job_id);
-                eprintln!("{} tasks", r.task_ids.len());
+                if r.created {
+                    eprintln!("{} tasks", r.task_ids.len());
+                } else {
+                    eprintln!(
+                        "{} tasks; made earlier with this idempotency key, nothing created",
+                        r.task_ids.len()
+                    );
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1224,7 +1241,11 @@ async fn primes(
         });
     }
     let job = c
-        .submit_job(proto::SubmitJobRequest { name: format!("primes {low}..{high}"), tasks })
+        .submit_job(proto::SubmitJobRequest {
+            name: format!("primes {low}..{high}"),
+            tasks,
+            ..Default::default()
+        })
         .await?
         .into_inner();
     warn_all(&job.warnings);
@@ -1475,7 +1496,10 @@ async fn is_prime(c: &mut Client, numbers: &[u64], json_out: bool) -> anyhow::Re
             ..Default::default()
         })
         .collect();
-    let job = c.submit_job(proto::SubmitJobRequest { name: "is-prime".into(), tasks }).await?.into_inner();
+    let job = c
+        .submit_job(proto::SubmitJobRequest { name: "is-prime".into(), tasks, ..Default::default() })
+        .await?
+        .into_inner();
     warn_all(&job.warnings);
     let j = wait_job(c, &job.job_id).await?;
     let mut ok = true;

@@ -64,18 +64,28 @@ impl PgStore {
         &self,
         job_id: JobId,
         name: &str,
+        key: Option<&str>,
         tasks: &[NewTask],
         placement: &Placement,
         lease: Duration,
     ) -> Result<(Job, Vec<Created>, Vec<Assignment>)> {
         let direct = (!placement.placed.is_empty()).then(|| Direct::of(tasks, placement, lease));
-        retry_conflicts!(self.create_job_once(job_id, name, tasks, direct.as_ref()).await)
+        retry_conflicts!(self.create_job_once(job_id, name, key, tasks, direct.as_ref()).await)
+    }
+
+    pub(in crate::store) async fn job_by_key(&self, key: &str) -> Result<Option<JobId>> {
+        let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(id.map(JobId))
     }
 
     async fn create_job_once(
         &self,
         job_id: JobId,
         name: &str,
+        key: Option<&str>,
         tasks: &[NewTask],
         direct: Option<&Direct>,
     ) -> Result<(Job, Vec<Created>, Vec<Assignment>)> {
@@ -87,15 +97,28 @@ impl PgStore {
         // The job lists its members, in submission order: the tasks it created and those an
         // idempotency key returned. Its tasks are not indexed by job (see migration 0015).
         let members: Vec<Uuid> = created.iter().map(|c| c.task.id.0).collect();
+        // A key another submission committed first (it waits here for that one's transaction):
+        // no row, and this one rolls back, its tasks with it.
         let row = sqlx::query(
-            "INSERT INTO jobs (id, name, total, members) VALUES ($1, $2, $3, $4) RETURNING created_at",
+            "INSERT INTO jobs (id, name, total, members, idempotency_key) VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+             RETURNING created_at",
         )
         .bind(job_id.0)
         .bind(name)
         .bind(tasks.len() as i32)
         .bind(&members)
-        .fetch_one(&mut *tx)
+        .bind(key)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(row) = row else {
+            let id: Uuid = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.rollback().await?;
+            return Err(StoreError::JobExists(JobId(id)));
+        };
         // A replica of an earlier version reads a job's members from its tasks' rows (job_id,
         // job_position, still written) and from job_tasks for a task an idempotency key returned.
         let (positions, shared): (Vec<i32>, Vec<Uuid>) = created

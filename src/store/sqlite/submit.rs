@@ -27,6 +27,10 @@ impl SqliteStore {
         Ok((self.create_tasks(tasks).await?, Vec::new()))
     }
 
+    pub(in crate::store) async fn job_by_key(&self, key: &str) -> Result<Option<JobId>> {
+        job_by_key(&self.reader, key).await
+    }
+
     pub(in crate::store) async fn create_tasks(&self, tasks: &[NewTask]) -> Result<Vec<Created>> {
         let mut tx = self.writer.begin().await?;
         let (out, settled) = insert_tasks(&mut tx, tasks).await?;
@@ -41,19 +45,29 @@ impl SqliteStore {
         &self,
         job_id: JobId,
         name: &str,
+        key: Option<&str>,
         tasks: &[NewTask],
         _placement: &crate::store::Placement,
         _lease: std::time::Duration,
     ) -> Result<(Job, Vec<Created>, Vec<crate::domain::Assignment>)> {
         let now = Utc::now();
         let mut tx = self.writer.begin().await?;
-        sqlx::query("INSERT INTO jobs (id, name, total, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(job_id.to_string())
-            .bind(name)
-            .bind(tasks.len() as i64)
-            .bind(micros(now))
-            .execute(&mut *tx)
-            .await?;
+        // One writer: nothing commits between this check and the insert.
+        if let Some(key) = key
+            && let Some(id) = job_by_key(&mut *tx, key).await?
+        {
+            return Err(StoreError::JobExists(id));
+        }
+        sqlx::query(
+            "INSERT INTO jobs (id, name, total, created_at, idempotency_key) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(job_id.to_string())
+        .bind(name)
+        .bind(tasks.len() as i64)
+        .bind(micros(now))
+        .bind(key)
+        .execute(&mut *tx)
+        .await?;
         let (created, settled) = insert_tasks(&mut tx, tasks).await?;
         // A task this submission created is a member by its own row (job_id, job_position); a
         // row of its own only for a task an idempotency key returned.
@@ -83,6 +97,18 @@ impl SqliteStore {
             Vec::new(),
         ))
     }
+}
+
+/// The job an idempotency key made.
+pub(super) async fn job_by_key(
+    conn: impl sqlx::Executor<'_, Database = sqlx::Sqlite>,
+    key: &str,
+) -> Result<Option<JobId>> {
+    let id: Option<String> = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(conn)
+        .await?;
+    id.map(|id| id.parse().map_err(|_| StoreError::Corrupt(format!("job id {id:?}")))).transpose()
 }
 
 /// Inserts `tasks` (a task naming parents starts blocked on all of them, then
