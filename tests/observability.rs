@@ -536,7 +536,9 @@ async fn observe(db: &TestDb, backend: &str) {
     let statements = |op: &str| delta(&format!(r#"coordinator_db_query_seconds_count{{op="{op}"}}"#));
     assert_eq!(statements("create_tasks"), (n + 1) as f64, "{scrape}");
     assert_eq!(statements("fail"), 1.0);
-    assert!(statements("complete") >= 1.0 && statements("claim") >= 1.0 && statements("task_counts") >= 1.0);
+    assert!(
+        statements("complete") >= 1.0 && statements("claim") >= 1.0 && statements("live_task_counts") >= 1.0
+    );
 
     stop.cancel();
     run.await.unwrap().unwrap();

@@ -2592,6 +2592,10 @@ mod cases {
             (TaskState::Cancelled, 1),
         ]);
         assert_eq!(counts, want, "{b}");
+        let (live, finished): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            want.into_iter().partition(|(s, _)| !s.is_terminal());
+        assert_eq!(s.live_task_counts().await.expect("live_task_counts"), live, "{b}");
+        assert_eq!(s.finished_task_counts().await.expect("finished_task_counts"), finished, "{b}");
         let pending = s.pending_by_type().await.expect("pending_by_type");
         let counts: BTreeMap<String, u64> = pending.iter().map(|(t, p)| (t.clone(), p.count)).collect();
         let want = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 2)]);

@@ -197,7 +197,10 @@ fn describe() {
         CAPACITY_SLOTS,
         "Task slots of ACTIVE workers, by state (used, available); their sum is the capacity."
     );
-    describe_gauge!(TASKS, "Tasks in the database, by status.");
+    describe_gauge!(
+        TASKS,
+        "Tasks in the database, by status: the live states at each refresh, the finished ones as often as counting them takes under 1% of the time."
+    );
     describe_gauge!(
         TASKS_UNSCHEDULABLE,
         "Pending tasks whose type no registered worker runs, by task_type (undeclared types as other)."

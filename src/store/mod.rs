@@ -1183,9 +1183,21 @@ impl Store {
         timed!("parents", self, s => s.parents(id).await)
     }
 
-    /// Number of tasks in each state.
+    /// Number of tasks in each state (a read of the whole table, finished history included).
     pub async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
         timed!("task_counts", self, s => s.task_counts().await)
+    }
+
+    /// Number of tasks in each live state (blocked, pending, assigned, running), read through
+    /// the partial indexes that hold only them: bounded by the backlog and the fleet, not by
+    /// the kept history.
+    pub async fn live_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        timed!("live_task_counts", self, s => s.live_task_counts().await)
+    }
+
+    /// Number of tasks in each finished state: a read of the whole kept history, for seldom use.
+    pub async fn finished_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        timed!("finished_task_counts", self, s => s.finished_task_counts().await)
     }
 
     /// Whole-table acceptance audit: how many tasks are completed, and how many have more than

@@ -76,6 +76,11 @@ pub(super) const ATTEMPTS: &str =
 /// Tasks counted by state.
 pub(super) const TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks GROUP BY status";
 
+/// Finished tasks counted by state, through `tasks_finished`: the whole kept history (days of
+/// it), so the gauges read it seldom.
+pub(super) const FINISHED_TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks
+     WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY status";
+
 /// Pending tasks counted by type.
 pub(super) const PENDING_BY_TYPE: &str = "SELECT task_type, count(*) AS n, min(run_after) AS since
      FROM tasks WHERE status = 'pending' GROUP BY task_type";

@@ -87,6 +87,16 @@ impl PgStore {
         rows.iter().map(decode::state_count).collect()
     }
 
+    pub(in crate::store) async fn live_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let rows = sqlx::query(LIVE_TASK_COUNTS).fetch_all(&self.pool).await?;
+        rows.iter().map(decode::state_count).collect()
+    }
+
+    pub(in crate::store) async fn finished_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let rows = sqlx::query(sql::FINISHED_TASK_COUNTS).fetch_all(&self.pool).await?;
+        rows.iter().map(decode::state_count).collect()
+    }
+
     pub(in crate::store) async fn audit(&self) -> Result<Audit> {
         decode::audit(&sqlx::query(sql::AUDIT).fetch_one(&self.pool).await?)
     }
@@ -196,3 +206,12 @@ pub(super) fn list_tasks_query(state: Option<TaskState>, by_job: bool) -> String
          ORDER BY id LIMIT $5"
     )
 }
+
+/// Tasks in the live states counted by state, each half through the partial index that holds
+/// exactly it (`tasks_status`: blocked and pending; `tasks_worker`: out on workers), never the
+/// finished history beside them.
+pub(in crate::store) const LIVE_TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks
+     WHERE status IN ('blocked', 'pending') GROUP BY status
+     UNION ALL
+     SELECT status, count(*) AS n FROM tasks
+     WHERE status IN ('assigned', 'running') GROUP BY status";

@@ -97,6 +97,16 @@ impl SqliteStore {
         rows.iter().map(decode::state_count).collect()
     }
 
+    pub(in crate::store) async fn live_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let rows = sqlx::query(LIVE_TASK_COUNTS).fetch_all(&self.reader).await?;
+        rows.iter().map(decode::state_count).collect()
+    }
+
+    pub(in crate::store) async fn finished_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
+        let rows = sqlx::query(sql::FINISHED_TASK_COUNTS).fetch_all(&self.reader).await?;
+        rows.iter().map(decode::state_count).collect()
+    }
+
     pub(in crate::store) async fn audit(&self) -> Result<Audit> {
         decode::audit(&sqlx::query(sql::AUDIT).fetch_one(&self.reader).await?)
     }
@@ -170,3 +180,8 @@ impl SqliteStore {
         rows.iter().map(decode::task).collect()
     }
 }
+
+/// Tasks in the live states counted by state, through `tasks_status` (which holds exactly
+/// them), never the finished history beside them.
+pub(in crate::store) const LIVE_TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks
+     WHERE status IN ('blocked', 'pending', 'assigned', 'running') GROUP BY status";

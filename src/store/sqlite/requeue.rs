@@ -202,4 +202,25 @@ mod tests {
         }
         db.cleanup().await;
     }
+
+    /// The gauges' count of live tasks reads `tasks_status`, which holds only them, not the
+    /// finished history.
+    #[tokio::test]
+    async fn the_live_counts_read_the_live_tasks_only() {
+        let db = TestDb::sqlite().await;
+        let Store::Sqlite(s) = &db.store else { unreachable!("a SQLite test database") };
+        let sql = crate::store::sqlite::read::LIVE_TASK_COUNTS;
+        let plan: Vec<(i64, i64, i64, String)> =
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .fetch_all(s.pool())
+                .await
+                .unwrap();
+        let plan: Vec<String> = plan.into_iter().map(|(_, _, _, detail)| detail).collect();
+        let plan = plan.join("\n");
+        assert!(
+            plan.contains("USING COVERING INDEX tasks_status") || plan.contains("USING INDEX tasks_status"),
+            "{plan}"
+        );
+        db.cleanup().await;
+    }
 }
