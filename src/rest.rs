@@ -490,7 +490,7 @@ async fn submit_job(
         .instrument(submit_span("POST /api/v1/jobs", &headers))
         .await;
     let code = match &submitted {
-        Ok(resp) if !resp.created => StatusCode::OK,
+        Ok(resp) if resp.existing => StatusCode::OK,
         _ => StatusCode::CREATED,
     };
     answer(code, submitted)

@@ -729,6 +729,38 @@ async fn reject_unknown_types_refuses_them_in_one_line() {
     // Nothing of the refused submissions was stored.
     let all = client.list_tasks(proto::ListTasksRequest::default()).await.unwrap().into_inner().tasks;
     assert_eq!(all.iter().map(|t| t.task_type.as_str()).collect::<Vec<_>>(), ["noop"]);
+
+    tc.stop().await.unwrap();
+    db.cleanup().await;
+}
+
+/// With `tasks.reject_unknown_types`, a job made while its type ran and sent again once no live
+/// worker runs it (its first answer lost, say) is answered with the job made earlier, not
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_sent_again_is_not_refused_for_a_type_that_left() {
+    let db = TestDb::sqlite().await;
+    let tc = TestCoordinator::start(&db, |c| {
+        c.tasks.reject_unknown_types = true;
+        c.coordinator.heartbeat_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = tc.client().await;
+    let w = RawWorker::connect(&tc.endpoint(), "w-1", 2, &["echo"]).await;
+    let keyed = || proto::SubmitJobRequest {
+        name: "j".into(),
+        tasks: vec![submit_request("echo")],
+        idempotency_key: "echo-job".into(),
+    };
+    let made = client.submit_job(keyed()).await.unwrap().into_inner();
+    drop(w);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while client.submit_task(submit_request("echo")).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "echo still accepted 15 s after its worker left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = client.submit_job(keyed()).await.expect("the job made earlier").into_inner();
+    assert!(again.existing && again.job_id == made.job_id && again.task_ids == made.task_ids, "{again:?}");
     tc.stop().await.unwrap();
     db.cleanup().await;
 }

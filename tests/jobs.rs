@@ -289,15 +289,15 @@ async fn a_job_sent_again_with_its_key_is_made_once(db: &TestDb) {
     };
     let first = client.submit_job(job("nightly-2026-12-07")).await.unwrap().into_inner();
     let again = client.submit_job(job("nightly-2026-12-07")).await.unwrap().into_inner();
-    assert!(first.created && !again.created, "{first:?} {again:?}");
+    assert!(!first.existing && again.existing, "{first:?} {again:?}");
     assert_eq!((&again.job_id, &again.task_ids), (&first.job_id, &first.task_ids));
     let body = r#"{"name":"nightly","idempotency_key":"nightly-2026-12-07","tasks":[{"task_type":"nobody-runs-this"}]}"#;
     let (code, answer) = http_request(c.http, "POST", "/api/v1/jobs", body).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(
-        (answer["job_id"].as_str(), answer["created"].as_bool()),
-        (Some(first.job_id.as_str()), Some(false))
+        (answer["job_id"].as_str(), answer["existing"].as_bool()),
+        (Some(first.job_id.as_str()), Some(true))
     );
 
     let dir = tempfile::tempdir().unwrap();

@@ -2418,6 +2418,18 @@ mod cases {
         assert_eq!(s.job_by_key("night-2").await.expect("job_by_key"), Some(winner), "{b}");
         assert_eq!(count().await, 8, "{b}: the job of night-1, the two without a key, and the racing one");
         assert_eq!(s.job_task_ids(winner).await.expect("job_task_ids").len(), 2, "{b}");
+
+        // A resend is answered with the job's tasks in submission order, a task its own key
+        // returned among them (SQLite lists those after the others unless told the order).
+        let lone = NewTask { idempotency_key: Some("lone".into()), ..new_task("prove") };
+        s.create_tasks(std::slice::from_ref(&lone)).await.expect("create_tasks");
+        let (mixed, created) = s
+            .create_job_keyed("mixed", Some("night-3"), vec![new_task("prove"), lone, new_task("prove")])
+            .await
+            .expect("create_job");
+        let order: Vec<TaskId> = created.iter().map(|c| c.task.id).collect();
+        assert_eq!(created.iter().map(|c| c.created).collect::<Vec<_>>(), [true, false, true], "{b}");
+        assert_eq!(s.job_task_ids(mixed.id).await.expect("job_task_ids"), order, "{b}: submission order");
     }
 
     /// A client retries a job submission whose tasks carry idempotency keys: the tasks are not

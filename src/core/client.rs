@@ -140,12 +140,13 @@ impl Core {
     /// the other's transaction, its tasks with it, rolls back.
     pub async fn submit_job(&self, job: NewJob) -> Result<SubmittedJob, CoreError> {
         let NewJob { name, idempotency_key: key, tasks } = job;
-        let (_, warnings) = self.check_types(&tasks).await?;
+        // Before the types are checked: the job made earlier stands, whatever runs now.
         if let Some(key) = &key
             && let Some(id) = self.inner.store.job_by_key(key).await?
         {
-            return self.made_earlier(id, warnings).await;
+            return self.made_earlier(id).await;
         }
+        let (_, warnings) = self.check_types(&tasks).await?;
         let inner = self.inner.clone();
         // Detached, as a submission of tasks is.
         let made = Effects::detached(async move {
@@ -162,19 +163,20 @@ impl Core {
                 let task_ids = created.iter().map(|c| c.task.id).collect();
                 Ok(SubmittedJob { job, task_ids, warnings, created: true })
             }
-            Err(crate::store::StoreError::JobExists(id)) => self.made_earlier(id, warnings).await,
+            Err(crate::store::StoreError::JobExists(id)) => self.made_earlier(id).await,
             Err(e) => Err(e.into()),
         }
     }
 
-    /// The answer to a job submission whose idempotency key made job `id` earlier.
-    async fn made_earlier(&self, id: JobId, warnings: Vec<String>) -> Result<SubmittedJob, CoreError> {
+    /// The answer to a job submission whose idempotency key made job `id` earlier: its tasks in
+    /// their order, and no warnings (those were the first answer's).
+    async fn made_earlier(&self, id: JobId) -> Result<SubmittedJob, CoreError> {
         // A job is pruned as a whole, with its key; read between the two, it answers as gone.
         let job = self.inner.store.get_job(id).await?.ok_or_else(|| {
             CoreError::Unavailable(format!("job {id} of this idempotency key was just pruned; submit again"))
         })?;
         let task_ids = self.inner.store.job_task_ids(id).await?;
-        Ok(SubmittedJob { job, task_ids, warnings, created: false })
+        Ok(SubmittedJob { job, task_ids, warnings: Vec::new(), created: false })
     }
 
     /// A task, with its attempt history when `with_attempts`.

@@ -63,6 +63,8 @@ impl From<StoreError> for CoreError {
             CoreError::Unavailable(DATABASE_UNAVAILABLE.into())
         } else if let StoreError::UnknownParents(_) = e {
             CoreError::InvalidArgument(format!("depends_on: {e}"))
+        } else if let StoreError::JobExists(_) = e {
+            CoreError::AlreadyExists(format!("idempotency_key: {e}"))
         } else {
             CoreError::Internal(format!("store error: {e}"))
         }

@@ -105,6 +105,8 @@ impl AtSubmission {
         let (out, assigned) =
             match insert.insert(&self.shared.store, tasks, &placement, self.shared.config.lease).await {
                 Ok(out) => out,
+                // Another submission's job has the key: this one rolled back, certainly.
+                Err(e @ store::StoreError::JobExists(_)) => return Err(e),
                 Err(e) => {
                     // The commit's outcome may be unknown: the reconciliation returns whatever was
                     // assigned to workers that never heard of it.

@@ -1393,7 +1393,8 @@ impl Store {
         timed!("list_jobs", self, s => s.list_jobs(before, limit).await)
     }
 
-    /// The ids of a job's tasks (its membership never changes).
+    /// The ids of a job's tasks in submission order (its membership never changes; on SQLite a
+    /// member retention pruned is left out).
     pub async fn job_task_ids(&self, id: JobId) -> Result<Vec<TaskId>> {
         timed!("job_task_ids", self, s => s.job_task_ids(id).await)
     }

@@ -23,8 +23,8 @@ pub(super) const TASK: &str = concat!("SELECT ", task_columns!(), " FROM tasks W
 pub(super) const TASK_BY_KEY: &str =
     concat!("SELECT ", task_columns!(), " FROM tasks WHERE idempotency_key = $1");
 
-/// The ids of a job's tasks.
-pub(super) const JOB_TASK_IDS: &str = "SELECT task_id FROM job_members WHERE job_id = $1";
+/// The ids of a job's tasks, in submission order.
+pub(super) const JOB_TASK_IDS: &str = "SELECT task_id FROM job_members WHERE job_id = $1 ORDER BY position";
 
 /// A job's header.
 pub(super) const JOB: &str = "SELECT name, total, created_at FROM jobs WHERE id = $1";

@@ -1032,18 +1032,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json_out {
                 outln!(
                     "{}",
-                    json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings, "created": r.created})
+                    json!({"job_id": r.job_id, "task_ids": r.task_ids, "warnings": r.warnings, "existing": r.existing})
                 );
             } else {
                 // The id alone on stdout, so `J=$(coordctl job submit f.jsonl)` works.
                 outln!("{}", r.job_id);
-                if r.created {
-                    eprintln!("{} tasks", r.task_ids.len());
-                } else {
+                if r.existing {
                     eprintln!(
                         "{} tasks; made earlier with this idempotency key, nothing created",
                         r.task_ids.len()
                     );
+                } else {
+                    eprintln!("{} tasks", r.task_ids.len());
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -1956,8 +1956,7 @@ mod tests {
 
     use super::*;
 
-    /// Every flag of every command says what it does in `--help`, and the options every command
-    /// takes are listed apart from the command's own.
+    /// A type held at 0 says so.
     #[test]
     fn a_held_type_says_so() {
         let limit = |max| proto::TypeLimit {
@@ -1976,6 +1975,8 @@ mod tests {
         );
     }
 
+    /// Every flag of every command says what it does in `--help`, and the options every command
+    /// takes are listed apart from the command's own.
     #[test]
     fn every_flag_has_help() {
         fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {

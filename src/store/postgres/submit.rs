@@ -112,12 +112,15 @@ impl PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
-            let id: Uuid = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
+            let id: Option<Uuid> = sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
                 .bind(key)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
             tx.rollback().await?;
-            return Err(StoreError::JobExists(JobId(id)));
+            // Pruned between the two statements (retention deletes old jobs only): worth a retry.
+            return Err(id.map_or(StoreError::Unavailable(sqlx::Error::RowNotFound), |id| {
+                StoreError::JobExists(JobId(id))
+            }));
         };
         // A replica of an earlier version reads a job's members from its tasks' rows (job_id,
         // job_position, still written) and from job_tasks for a task an idempotency key returned.
