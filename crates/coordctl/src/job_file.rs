@@ -34,6 +34,11 @@ pub fn parse(name: &str, text: &str) -> anyhow::Result<Vec<proto::SubmitTaskRequ
         };
         tasks.push(task(&fields).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?);
     }
+    if tasks.is_empty() {
+        anyhow::bail!(
+            "{name} holds no tasks: one JSON object per line, e.g. {{\"type\":\"echo\",\"payload\":\"hi\"}}"
+        );
+    }
     Ok(tasks)
 }
 
@@ -115,6 +120,14 @@ mod tests {
 
     fn one(line: &str) -> anyhow::Result<proto::SubmitTaskRequest> {
         parse("tasks.jsonl", line).map(|mut t| t.remove(0))
+    }
+
+    #[test]
+    fn a_file_without_tasks_says_so() {
+        for text in ["", "\n  \n"] {
+            let e = parse("tasks.jsonl", text).unwrap_err().to_string();
+            assert!(e.starts_with("tasks.jsonl holds no tasks: one JSON object per line"), "{e}");
+        }
     }
 
     fn refused(line: &str) -> String {
