@@ -527,6 +527,15 @@ mod tests {
         }
     }
 
+    /// `n` tasks already finished (completed now): a history beside the live tasks.
+    async fn finished_history(store: &Store, pool: &sqlx::PgPool, n: usize) {
+        prove_tasks(store, n).await;
+        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
     /// The sweeper's statements read only the tasks out on workers (`tasks_worker`), not the
     /// table with its finished history, on every `cleanup_interval`.
     #[tokio::test]
@@ -534,11 +543,7 @@ mod tests {
     async fn the_sweeps_read_the_tasks_out_on_workers_only() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        prove_tasks(&db.store, 20_000).await;
-        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
-            .execute(pg.pool())
-            .await
-            .unwrap();
+        finished_history(&db.store, pg.pool(), 20_000).await;
         sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
         let explain =
             |sql: &str| sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")));
@@ -560,11 +565,7 @@ mod tests {
     async fn the_live_counts_read_the_live_tasks_only() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        prove_tasks(&db.store, 20_000).await;
-        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
-            .execute(pg.pool())
-            .await
-            .unwrap();
+        finished_history(&db.store, pg.pool(), 20_000).await;
         prove_tasks(&db.store, 10).await;
         sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
         let plan: Vec<String> =
@@ -615,11 +616,7 @@ mod tests {
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
         // The statistics stay those of the quiet moment for the whole test.
         sqlx::query("ALTER TABLE tasks SET (autovacuum_enabled = off)").execute(pg.pool()).await.unwrap();
-        prove_tasks(&db.store, 200).await;
-        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
-            .execute(pg.pool())
-            .await
-            .unwrap();
+        finished_history(&db.store, pg.pool(), 200).await;
         sqlx::query("ANALYZE tasks").execute(pg.pool()).await.unwrap();
         prove_tasks(&db.store, 10_000).await;
         let mut tx = pg.pool().begin_with(claim::CLAIM_BEGIN).await.unwrap();
@@ -736,11 +733,7 @@ mod tests {
     async fn listing_by_state_reads_the_index_of_that_state_under_a_generic_plan() {
         let db = testing::TestDb::postgres().await.expect("TEST_DATABASE_URL");
         let Store::Postgres(pg) = &db.store else { unreachable!("a Postgres test database") };
-        prove_tasks(&db.store, 2000).await;
-        sqlx::query("UPDATE tasks SET status = 'completed', finished_at = now()")
-            .execute(pg.pool())
-            .await
-            .unwrap();
+        finished_history(&db.store, pg.pool(), 2000).await;
         prove_tasks(&db.store, 20).await;
         let worker = crate::domain::WorkerId("w1".into());
         db.store
