@@ -251,10 +251,7 @@ impl Core {
                 // Replaced while this push waited: it goes back to the queue (in the guard's
                 // drop) rather than down a stream the worker has given up on.
                 if !inner.registry.is_current_stream(&guard.worker, guard.stream_id) {
-                    if let Push::Run(a) = push {
-                        inner.registry.release(&a.worker_id, a.task_id, a.attempt);
-                        guard.replaced.push(Held { task_id: a.task_id, worker_id: a.worker_id, attempt: a.attempt });
-                    }
+                    guard.replaced.push(push);
                     break;
                 }
                 if let Push::Run(a) = &push {
@@ -416,8 +413,9 @@ struct StreamGuard {
     stream_id: u64,
     /// The registry's session holds the sender.
     rx: mpsc::Receiver<Push>,
-    /// Assignments taken off the channel after this stream was replaced: requeued on drop.
-    replaced: Vec<Held>,
+    /// What was taken off the channel after this stream was replaced: handled on drop with
+    /// what is still queued.
+    replaced: Vec<Push>,
 }
 
 impl Drop for StreamGuard {
@@ -431,11 +429,25 @@ impl Drop for StreamGuard {
             streams.try_send((self.worker.clone(), session, false));
         });
         self.rx.close();
-        let mut undelivered = std::mem::take(&mut self.replaced);
+        let mut left = std::mem::take(&mut self.replaced);
         while let Ok(push) = self.rx.try_recv() {
-            if let Push::Run(a) = push {
-                inner.registry.release(&a.worker_id, a.task_id, a.attempt);
-                undelivered.push(Held { task_id: a.task_id, worker_id: a.worker_id, attempt: a.attempt });
+            left.push(push);
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        let mut undelivered = Vec::new();
+        for push in left {
+            match push {
+                Push::Run(a) => {
+                    inner.registry.release(&a.worker_id, a.task_id, a.attempt);
+                    undelivered.push(Held { task_id: a.task_id, worker_id: a.worker_id, attempt: a.attempt });
+                }
+                // A cancel the worker never read goes down the stream that replaced this one,
+                // when there is one here: the worker hears of it now, not at its next
+                // heartbeat's answer.
+                Push::Cancel { task_id, attempt } if runtime.is_ok() => {
+                    inner.registry.push_cancel(&self.worker, task_id, attempt);
+                }
+                Push::Cancel { .. } => {}
             }
         }
         info!(worker_id = %self.worker, undelivered = undelivered.len(), "task stream closed");
@@ -443,7 +455,7 @@ impl Drop for StreamGuard {
             return;
         }
         let core = self.core.clone();
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if let Ok(rt) = runtime {
             rt.spawn(async move {
                 let inner = &core.inner;
                 match inner.store.requeue_undelivered(&undelivered).await {
@@ -473,6 +485,7 @@ mod tests {
         },
         wakeups::Notifier,
     };
+    use futures::StreamExt as _;
     use tokio_util::sync::CancellationToken;
 
     /// A heartbeat timeout of 30 s and a lease of 60 s.
@@ -513,15 +526,13 @@ mod tests {
     /// Acceptance is exactly-once, straight through the core: the first report of the attempt
     /// wins, a repeat is a duplicate, and a report for an attempt the worker does not hold
     /// changes nothing and says why.
-    #[tokio::test]
-    async fn the_first_report_wins_a_repeat_is_a_duplicate_and_a_stale_one_is_refused() {
-        let db = TestDb::sqlite().await;
-        let store = db.store.clone();
+    /// A core on `store` (its registry, batchers and effects), and worker `w1` of one slot
+    /// registered on it.
+    async fn core_with_a_worker(store: &crate::store::Store) -> (Core, Registry, WorkerId, Joined) {
         let wake = Wake::default();
-        let registry_config = RegistryConfig::for_tests();
-        let (registry, _dead) = Registry::new(registry_config, store.clone(), wake.clone());
+        let (registry, _dead) = Registry::new(RegistryConfig::for_tests(), store.clone(), wake.clone());
         let effects = Effects::new(registry.clone(), wake, Events::new(), Notifier::disabled());
-        let (batchers, _handles) = batches::spawn(&store, Duration::from_secs(60), &effects, None);
+        let (batchers, _handles) = batches::spawn(store, Duration::from_secs(60), &effects, None);
         let core = Core::new(
             config(),
             store.clone(),
@@ -531,7 +542,6 @@ mod tests {
             batchers,
             CancellationToken::new(),
         );
-
         let worker = WorkerId::from("w1");
         let joined = core
             .register(Registration {
@@ -546,6 +556,34 @@ mod tests {
             })
             .await
             .unwrap();
+        (core, registry, worker, joined)
+    }
+
+    /// A cancel still queued on a task stream when the worker opens a new one goes down the new
+    /// one: before, it was dropped with the old stream, and the worker ran the cancelled task
+    /// on until its next heartbeat's answer revoked it.
+    #[tokio::test]
+    async fn a_cancel_queued_on_a_replaced_stream_goes_down_the_new_one() {
+        let db = TestDb::sqlite().await;
+        let (core, registry, worker, _) = core_with_a_worker(&db.store).await;
+        let first = core.receive(worker.clone(), None, std::future::pending()).unwrap();
+        let task = TaskId::new();
+        assert!(registry.push_cancel(&worker, task, 3), "queued on the first stream");
+        let mut second = core.receive(worker.clone(), None, std::future::pending()).unwrap();
+        drop(first);
+        let next = tokio::time::timeout(Duration::from_secs(2), second.next()).await;
+        match next {
+            Ok(Some(Ok(Push::Cancel { task_id, attempt }))) => assert_eq!((task_id, attempt), (task, 3)),
+            other => panic!("the cancel on the new stream: {other:?}"),
+        }
+        db.cleanup().await;
+    }
+
+    #[tokio::test]
+    async fn the_first_report_wins_a_repeat_is_a_duplicate_and_a_stale_one_is_refused() {
+        let db = TestDb::sqlite().await;
+        let store = db.store.clone();
+        let (core, _registry, worker, joined) = core_with_a_worker(&store).await;
         assert_eq!(joined.heartbeat_interval, Duration::from_secs(10));
         let submitted = core.submit(vec![testing::new_task("prove")]).await.unwrap();
         assert!(submitted.tasks[0].created && submitted.warnings.is_empty());
