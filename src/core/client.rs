@@ -56,8 +56,8 @@ pub struct SubmittedJob {
     /// In the order submitted.
     pub task_ids: Vec<TaskId>,
     pub warnings: Vec<String>,
-    /// False when the idempotency key named a job made earlier (returned as it is now).
-    pub created: bool,
+    /// The idempotency key named a job made earlier (returned as it is now): nothing was created.
+    pub existing: bool,
 }
 
 /// A change a `WatchTask` stream shows.
@@ -135,7 +135,7 @@ impl Core {
     /// stored (as [`Core::submit`] does), and wakes the scheduler for the others.
     ///
     /// A job with an idempotency key already used is not made again: the job that key made is
-    /// returned (`created` false), whatever the tasks given now. Two submissions with one key at
+    /// returned (`existing`), whatever the tasks given now. Two submissions with one key at
     /// once, on one replica or two, make one job: the unique key decides in the database, and
     /// the other's transaction, its tasks with it, rolls back.
     pub async fn submit_job(&self, job: NewJob) -> Result<SubmittedJob, CoreError> {
@@ -161,7 +161,7 @@ impl Core {
         match made {
             Ok((job, created)) => {
                 let task_ids = created.iter().map(|c| c.task.id).collect();
-                Ok(SubmittedJob { job, task_ids, warnings, created: true })
+                Ok(SubmittedJob { job, task_ids, warnings, existing: false })
             }
             Err(crate::store::StoreError::JobExists(id)) => self.made_earlier(id).await,
             Err(e) => Err(e.into()),
@@ -176,7 +176,7 @@ impl Core {
             CoreError::Unavailable(format!("job {id} of this idempotency key was just pruned; submit again"))
         })?;
         let task_ids = self.inner.store.job_task_ids(id).await?;
-        Ok(SubmittedJob { job, task_ids, warnings: Vec::new(), created: false })
+        Ok(SubmittedJob { job, task_ids, warnings: Vec::new(), existing: true })
     }
 
     /// A task, with its attempt history when `with_attempts`.

@@ -523,9 +523,6 @@ mod tests {
         assert_eq!(renew_after(3600, 30), 2400);
     }
 
-    /// Acceptance is exactly-once, straight through the core: the first report of the attempt
-    /// wins, a repeat is a duplicate, and a report for an attempt the worker does not hold
-    /// changes nothing and says why.
     /// A core on `store` (its registry, batchers and effects), and worker `w1` of one slot
     /// registered on it.
     async fn core_with_a_worker(store: &crate::store::Store) -> (Core, Registry, WorkerId, Joined) {
@@ -579,6 +576,9 @@ mod tests {
         db.cleanup().await;
     }
 
+    /// Acceptance is exactly-once, straight through the core: the first report of the attempt
+    /// wins, a repeat is a duplicate, and a report for an attempt the worker does not hold
+    /// changes nothing and says why.
     #[tokio::test]
     async fn the_first_report_wins_a_repeat_is_a_duplicate_and_a_stale_one_is_refused() {
         let db = TestDb::sqlite().await;

@@ -94,7 +94,7 @@ pub async fn submit_job(
         job_id: submitted.job.id.to_string(),
         task_ids: submitted.task_ids.iter().map(ToString::to_string).collect(),
         warnings: submitted.warnings,
-        existing: !submitted.created,
+        existing: submitted.existing,
     })
 }
 

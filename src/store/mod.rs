@@ -1183,9 +1183,12 @@ impl Store {
         timed!("parents", self, s => s.parents(id).await)
     }
 
-    /// Number of tasks in each state (a read of the whole table, finished history included).
+    /// Number of tasks in each state: the live counts and the finished ones, the latter a read
+    /// of the whole kept history.
     pub async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
-        timed!("task_counts", self, s => s.task_counts().await)
+        let mut counts = self.live_task_counts().await?;
+        counts.extend(self.finished_task_counts().await?);
+        Ok(counts)
     }
 
     /// Number of tasks in each live state (blocked, pending, assigned, running), read through

@@ -73,9 +73,6 @@ pub(super) const ATTEMPTS: &str =
      ) AS history
      ORDER BY attempt";
 
-/// Tasks counted by state.
-pub(super) const TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks GROUP BY status";
-
 /// Finished tasks counted by state, through `tasks_finished`: the whole kept history (days of
 /// it), so the gauges read it seldom.
 pub(super) const FINISHED_TASK_COUNTS: &str = "SELECT status, count(*) AS n FROM tasks

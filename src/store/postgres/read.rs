@@ -82,11 +82,6 @@ impl PgStore {
         rows.iter().map(decode::parent).collect()
     }
 
-    pub(in crate::store) async fn task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
-        let rows = sqlx::query(sql::TASK_COUNTS).fetch_all(&self.pool).await?;
-        rows.iter().map(decode::state_count).collect()
-    }
-
     pub(in crate::store) async fn live_task_counts(&self) -> Result<BTreeMap<TaskState, u64>> {
         let rows = sqlx::query(LIVE_TASK_COUNTS).fetch_all(&self.pool).await?;
         rows.iter().map(decode::state_count).collect()
